@@ -1,0 +1,974 @@
+//! The reporting client: one QUIC connection at a time to one server, a
+//! queue of reports not yet acknowledged, and the reconnect loop.
+//!
+//! ```text
+//!            new()                     handshake done
+//!   ┌────────────────► Connecting ──────────────────────► Connected
+//!   │                     │  connect deadline,               │ idle timeout, reset,
+//!   │ backoff deadline    │  handshake failed,               │ peer close, no answer,
+//!   │                     │  unreachable                     │ unreachable
+//!   │                     ▼                                  ▼
+//!   └──────────────── Waiting ◄──────────────────────────────┘
+//!
+//!   close() from any state ──► Closing (CONNECTION_CLOSE queued) ──► Closed
+//!   certificate rejected   ──► Failed (no retry: it would fail the same way)
+//! ```
+//!
+//! Every sample handed to [`Client::submit`] becomes a report with the next
+//! `seq` and waits in the [`ReportQueue`] until the server acknowledges it.
+//! Each report goes on a fresh client-initiated bidirectional stream (IDs
+//! 0, 4, 8, ...). Reports in flight when a connection ends go back to the
+//! queue and are sent again, oldest first, on the next connection: delivery
+//! is at-least-once, and the server drops duplicates by `(client, seq)`.
+//!
+//! The client keeps the latest TLS session ticket and offers it on every
+//! reconnect, so reports queued during an outage go out in 0-RTT.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::config::{ClientConfig, codes};
+use crate::error::{ConfigError, DatagramError};
+use crate::queue::{ReportQueue, Seq};
+use crate::report::{Response, Sample};
+use crate::rng::CoreRng;
+use crate::timer::{self, Deadline, TimerKind};
+use crate::{LOCAL_CID_LEN, Transmit, hex};
+
+/// What the client can tell its application.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// A connection attempt started (1 for the first).
+    Connecting {
+        /// Attempts since the client started.
+        attempt: u32,
+    },
+    /// The handshake completed.
+    Connected {
+        /// Hex of our source connection ID (the reports' `id`).
+        conn_id: String,
+        /// The TLS session was resumed from a ticket.
+        resumed: bool,
+        /// The server accepted our 0-RTT data.
+        early_data: bool,
+    },
+    /// The server recorded a report.
+    Acknowledged {
+        /// The report.
+        seq: Seq,
+        /// It had been recorded before (a resend whose first answer was lost).
+        duplicate: bool,
+        /// The server's full answer.
+        response: Response,
+    },
+    /// The server refused a report for good (it is malformed); it is dropped.
+    Rejected {
+        /// The report.
+        seq: Seq,
+        /// The server's error code.
+        code: String,
+        /// The server's reason.
+        reason: String,
+    },
+    /// A report was not recorded this time; it stays queued and is sent again.
+    Retrying {
+        /// The report.
+        seq: Seq,
+        /// Why.
+        reason: String,
+    },
+    /// The connection ended.
+    Disconnected {
+        /// Why.
+        reason: DisconnectReason,
+    },
+    /// The next attempt is scheduled.
+    ReconnectScheduled {
+        /// When it starts.
+        at: Instant,
+        /// Its attempt number.
+        attempt: u32,
+    },
+    /// The queue was full: the oldest report was dropped and is lost.
+    ReportDropped {
+        /// The lost report.
+        seq: Seq,
+    },
+    /// [`Client::close`] finished: CONNECTION_CLOSE sent (if connected).
+    Closed,
+    /// The client stopped for good: retrying cannot help.
+    Failed {
+        /// Why.
+        reason: DisconnectReason,
+    },
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// Nothing was heard for the idle timeout.
+    IdleTimeout,
+    /// The server closed the connection.
+    PeerClosed {
+        /// Its error code.
+        code: u64,
+        /// Its reason phrase.
+        reason: String,
+    },
+    /// The server no longer knows the connection (stateless reset: it
+    /// restarted).
+    Reset,
+    /// The handshake did not finish within the connect timeout.
+    ConnectTimeout,
+    /// The handshake failed for a reason other than the certificate.
+    HandshakeFailed(String),
+    /// The server's certificate was refused; the string names the problem.
+    Certificate(String),
+    /// The oldest report had no answer within the response timeout.
+    NoResponse,
+    /// The network said the server is unreachable (ICMP).
+    Unreachable,
+    /// quiche closed the connection on a protocol error of its own.
+    Protocol(String),
+    /// We closed it ([`Client::close`]).
+    Closed,
+}
+
+impl DisconnectReason {
+    /// Whether reconnecting cannot help (the certificate will be refused again).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DisconnectReason::Certificate(_))
+    }
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
+            DisconnectReason::PeerClosed { code, reason } => {
+                write!(f, "server closed the connection (code {code:#x}")?;
+                if !reason.is_empty() {
+                    write!(f, ": {reason}")?;
+                }
+                f.write_str(")")
+            }
+            DisconnectReason::Reset => f.write_str("stateless reset: the server restarted"),
+            DisconnectReason::ConnectTimeout => {
+                f.write_str("no handshake within the connect timeout")
+            }
+            DisconnectReason::HandshakeFailed(why) => write!(f, "handshake failed: {why}"),
+            DisconnectReason::Certificate(why) => write!(f, "server certificate refused: {why}"),
+            DisconnectReason::NoResponse => f.write_str("no answer within the response timeout"),
+            DisconnectReason::Unreachable => f.write_str("server unreachable"),
+            DisconnectReason::Protocol(why) => write!(f, "protocol error: {why}"),
+            DisconnectReason::Closed => f.write_str("closed by us"),
+        }
+    }
+}
+
+/// The client's state, as in the module's diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Waiting out a backoff delay.
+    Waiting,
+    /// Handshake in progress.
+    Connecting,
+    /// Connected: reports flow.
+    Connected,
+    /// [`Client::close`] called; CONNECTION_CLOSE not yet sent.
+    Closing,
+    /// Closed by [`Client::close`].
+    Closed,
+    /// Stopped for good (see [`ClientEvent::Failed`]).
+    Failed,
+}
+
+/// Counters for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connection attempts.
+    pub attempts: u32,
+    /// Handshakes completed.
+    pub connections: u32,
+    /// Handshakes that resumed a session.
+    pub resumed: u32,
+    /// Connections whose 0-RTT data the server accepted.
+    pub early_data_accepted: u32,
+    /// Reports acknowledged (including duplicates).
+    pub acknowledged: u64,
+    /// Reports sent (including resends).
+    pub sent: u64,
+    /// Reports rejected for good.
+    pub rejected: u64,
+}
+
+/// One report on its stream, waiting for its answer.
+#[derive(Debug)]
+struct InFlight {
+    seq: Seq,
+    sent_at: Instant,
+    /// Bytes quiche has not taken yet (flow control); written on writable.
+    unsent: Vec<u8>,
+    /// The answer so far.
+    response: Vec<u8>,
+}
+
+struct Conn {
+    quic: quiche::Connection,
+    id_hex: String,
+    connect_deadline: Instant,
+    in_flight: BTreeMap<u64, InFlight>,
+    next_stream: u64,
+    last_send: Instant,
+    /// Do not send reports before this (the server could not record one).
+    hold_until: Option<Instant>,
+}
+
+enum State {
+    Waiting { until: Instant },
+    Connecting(Box<Conn>),
+    Connected(Box<Conn>),
+    Closing(Box<Conn>),
+    Closed,
+    Failed,
+}
+
+/// BoringSSL's `ssl_early_data_accepted` (`ssl_early_data_reason_t`).
+const SSL_EARLY_DATA_ACCEPTED: u32 = 2;
+
+/// How long to wait before sending again after a retryable answer.
+const RETRY_HOLD: Duration = Duration::from_millis(500);
+
+/// The Sans-IO reporting client.
+///
+/// Methods, by kind (as quinn-proto sorts them):
+/// - inputs, each taking `now`: [`Client::handle_datagram`],
+///   [`Client::handle_timeout`], [`Client::handle_unreachable`],
+///   [`Client::submit`], [`Client::close`];
+/// - outputs, drained after every input in this order:
+///   [`Client::poll_transmit`] until `None`, [`Client::poll_event`] until
+///   `None`, then [`Client::poll_timeout`];
+/// - getters: [`Client::state`], [`Client::stats`], [`Client::queued`], ...
+pub struct Client {
+    cfg: ClientConfig,
+    quic_cfg: quiche::Config,
+    rng: CoreRng,
+    client_id: String,
+    queue: ReportQueue,
+    backoff: Backoff,
+    state: State,
+    /// An abandoned connection whose CONNECTION_CLOSE is still to be sent.
+    retiring: Option<quiche::Connection>,
+    events: VecDeque<ClientEvent>,
+    session: Option<Vec<u8>>,
+    stats: ClientStats,
+    scratch: Vec<u8>,
+    keylog: Option<Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.client_id)
+            .field("state", &self.state())
+            .field("queued", &self.queue.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client that starts its first connection attempt at once: drain
+    /// [`Client::poll_transmit`] after this.
+    pub fn new(cfg: ClientConfig, mut rng: CoreRng, now: Instant) -> Result<Client, ConfigError> {
+        let quic_cfg = cfg.quiche_config()?;
+        let client_id = match &cfg.client_id {
+            Some(id) if !id.is_empty() => id.clone(),
+            Some(_) => return Err(ConfigError::Invalid("client id must not be empty".into())),
+            None => {
+                let mut b = [0u8; 8];
+                rng.fill(&mut b);
+                hex(&b)
+            }
+        };
+        let mut client = Client {
+            queue: ReportQueue::new(cfg.queue_limit, 1),
+            backoff: Backoff::new(cfg.backoff),
+            cfg,
+            quic_cfg,
+            rng,
+            client_id,
+            state: State::Waiting { until: now },
+            retiring: None,
+            events: VecDeque::new(),
+            session: None,
+            stats: ClientStats::default(),
+            scratch: vec![0; 64 * 1024],
+            keylog: None,
+        };
+        client.start_connect(now);
+        Ok(client)
+    }
+
+    /// Sets a factory for TLS key-log writers (`SSLKEYLOGFILE`), called for
+    /// each new connection. Needs [`ClientConfig::log_keys`].
+    #[allow(clippy::type_complexity)]
+    pub fn set_keylog(
+        &mut self,
+        factory: Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>,
+    ) {
+        self.keylog = Some(factory);
+    }
+
+    /// The `client` field of every report: random hex unless configured.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Where the client is in its life (see the module's diagram).
+    pub fn state(&self) -> ClientState {
+        match self.state {
+            State::Waiting { .. } => ClientState::Waiting,
+            State::Connecting(_) => ClientState::Connecting,
+            State::Connected(_) => ClientState::Connected,
+            State::Closing(_) => ClientState::Closing,
+            State::Closed => ClientState::Closed,
+            State::Failed => ClientState::Failed,
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ClientStats {
+        self.stats
+    }
+
+    /// Reports not yet acknowledged (waiting or in flight).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Reports dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
+    /// Smoothed RTT of the current connection, if connected.
+    pub fn rtt(&self) -> Option<Duration> {
+        let conn = self.conn()?;
+        conn.quic.path_stats().next().map(|p| p.rtt)
+    }
+
+    /// Whether the client is finished ([`ClientState::Closed`] or
+    /// [`ClientState::Failed`]): the caller may stop driving it.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Closed | State::Failed)
+    }
+
+    // ----- inputs ---------------------------------------------------------
+
+    /// Queues a fetched sample as the next report and sends it if connected.
+    /// Returns its `seq`. May emit [`ClientEvent::ReportDropped`].
+    pub fn submit(&mut self, now: Instant, sample: Sample) -> Seq {
+        let (seq, dropped) = self.queue.push(sample);
+        if let Some(old) = dropped {
+            self.events
+                .push_back(ClientEvent::ReportDropped { seq: old });
+        }
+        self.pump(now);
+        seq
+    }
+
+    /// A UDP datagram arrived from `from` on our local address `to`.
+    ///
+    /// A datagram that is not for us or that quiche refuses is reported as
+    /// an error and changes nothing else.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DatagramError> {
+        if from != self.cfg.server {
+            return Err(DatagramError::UnexpectedPeer);
+        }
+        let Some(conn) = self.conn_mut() else {
+            return Err(DatagramError::NoConnection);
+        };
+        let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
+        self.pump(now);
+        match res {
+            Ok(_) | Err(quiche::Error::Done) => Ok(()),
+            Err(e) => Err(DatagramError::Quic(e)),
+        }
+    }
+
+    /// The deadline from [`Client::poll_timeout`] passed (calling it early
+    /// is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.state {
+            State::Waiting { until } if *until <= now => {
+                self.start_connect(now);
+                return;
+            }
+            State::Connecting(c) | State::Connected(c) | State::Closing(c) => {
+                if c.quic.timeout_instant().is_some_and(|t| t <= now) {
+                    c.quic.on_timeout();
+                }
+            }
+            _ => {}
+        }
+        let mut abandon = None;
+        match &mut self.state {
+            State::Connecting(c) if c.connect_deadline <= now && !c.quic.is_closed() => {
+                abandon = Some(DisconnectReason::ConnectTimeout);
+            }
+            State::Connected(c) => {
+                let oldest = c.in_flight.values().map(|f| f.sent_at).min();
+                if oldest.is_some_and(|t| t + self.cfg.response_timeout <= now) {
+                    abandon = Some(DisconnectReason::NoResponse);
+                } else if let Some(ka) = self.cfg.keep_alive {
+                    if c.in_flight.is_empty() && c.last_send + ka <= now {
+                        // Cannot fail on an established connection.
+                        let _ = c.quic.send_ack_eliciting();
+                        c.last_send = now;
+                    }
+                }
+                if c.hold_until.is_some_and(|t| t <= now) {
+                    c.hold_until = None;
+                }
+            }
+            _ => {}
+        }
+        if let Some(reason) = abandon {
+            self.abandon(now, reason);
+        } else {
+            self.pump(now);
+        }
+    }
+
+    /// The network reported the server unreachable (an ICMP error on a
+    /// connected socket, e.g. `ECONNREFUSED`). A hint: the current attempt
+    /// or connection is abandoned at once rather than timing out.
+    pub fn handle_unreachable(&mut self, now: Instant) {
+        if matches!(self.state, State::Connecting(_) | State::Connected(_)) {
+            self.abandon(now, DisconnectReason::Unreachable);
+        }
+    }
+
+    /// Closes the connection cleanly (CONNECTION_CLOSE, code 0) and stops.
+    /// Reports not yet acknowledged are given up. Drain [`Client::poll_transmit`]
+    /// to send the close, then [`Client::poll_event`] shows
+    /// [`ClientEvent::Closed`].
+    pub fn close(&mut self, now: Instant) {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        match state {
+            State::Connecting(mut c) | State::Connected(mut c) => {
+                match c.quic.close(true, codes::NO_ERROR, b"client closing") {
+                    Ok(()) => self.state = State::Closing(c),
+                    Err(_) => self.events.push_back(ClientEvent::Closed),
+                }
+            }
+            State::Closing(c) => self.state = State::Closing(c),
+            State::Waiting { .. } => self.events.push_back(ClientEvent::Closed),
+            State::Closed => {}
+            State::Failed => self.state = State::Failed,
+        }
+        let _ = now;
+    }
+
+    // ----- outputs --------------------------------------------------------
+
+    /// The next datagram to send, written into `buf` (at least
+    /// [`crate::config::MAX_DATAGRAM_SIZE`] bytes). Call until `None`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some(old) = &mut self.retiring {
+            match old.send(buf) {
+                Ok((len, info)) => {
+                    return Some(Transmit {
+                        len,
+                        to: info.to,
+                        from: info.from,
+                    });
+                }
+                Err(_) => self.retiring = None,
+            }
+        }
+        loop {
+            let closing = matches!(self.state, State::Closing(_));
+            let conn = match &mut self.state {
+                State::Connecting(c) | State::Connected(c) | State::Closing(c) => c,
+                _ => return None,
+            };
+            match conn.quic.send(buf) {
+                Ok((len, info)) => {
+                    return Some(Transmit {
+                        len,
+                        to: info.to,
+                        from: info.from,
+                    });
+                }
+                Err(e) => {
+                    if closing {
+                        // CONNECTION_CLOSE is out: no need to wait for draining.
+                        self.state = State::Closed;
+                        self.events.push_back(ClientEvent::Closed);
+                        return None;
+                    }
+                    // `Done`, or a local error on which quiche closed.
+                    if conn.quic.is_closed()
+                        || (e != quiche::Error::Done && conn.quic.is_draining())
+                    {
+                        self.on_closed(now);
+                        continue;
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next event for the application. Call until `None`.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// The earliest time [`Client::handle_timeout`] wants to run, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline().map(|d| d.at)
+    }
+
+    /// The earliest deadline with its reason.
+    #[must_use]
+    pub fn deadline(&self) -> Option<Deadline> {
+        match &self.state {
+            State::Waiting { until } => timer::at(Some(*until), TimerKind::Backoff),
+            State::Connecting(c) => timer::earliest(
+                timer::at(c.quic.timeout_instant(), TimerKind::Quic),
+                timer::at(Some(c.connect_deadline), TimerKind::Connect),
+            ),
+            State::Connected(c) => {
+                let mut d = timer::at(c.quic.timeout_instant(), TimerKind::Quic);
+                let oldest = c.in_flight.values().map(|f| f.sent_at).min();
+                d = timer::earliest(
+                    d,
+                    timer::at(
+                        oldest.map(|t| t + self.cfg.response_timeout),
+                        TimerKind::AckWait,
+                    ),
+                );
+                if c.in_flight.is_empty() {
+                    let ka = self.cfg.keep_alive.map(|ka| c.last_send + ka);
+                    d = timer::earliest(d, timer::at(ka, TimerKind::KeepAlive));
+                }
+                timer::earliest(d, timer::at(c.hold_until, TimerKind::AckWait))
+            }
+            State::Closing(c) => timer::at(c.quic.timeout_instant(), TimerKind::Quic),
+            State::Closed | State::Failed => None,
+        }
+    }
+
+    // ----- internals ------------------------------------------------------
+
+    fn conn(&self) -> Option<&Conn> {
+        match &self.state {
+            State::Connecting(c) | State::Connected(c) | State::Closing(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn conn_mut(&mut self) -> Option<&mut Conn> {
+        match &mut self.state {
+            State::Connecting(c) | State::Connected(c) | State::Closing(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn start_connect(&mut self, now: Instant) {
+        self.stats.attempts += 1;
+        let attempt = self.stats.attempts;
+        let mut scid = [0u8; LOCAL_CID_LEN];
+        self.rng.fill(&mut scid);
+        let cid = quiche::ConnectionId::from_ref(&scid);
+        let res = quiche::connect(
+            Some(&self.cfg.server_name),
+            &cid,
+            self.cfg.local,
+            self.cfg.server,
+            &mut self.quic_cfg,
+        );
+        self.events.push_back(ClientEvent::Connecting { attempt });
+        let mut quic = match res {
+            Ok(q) => q,
+            Err(e) => {
+                // Only a bad server name gets here; it will not get better.
+                let reason = DisconnectReason::HandshakeFailed(format!("cannot connect: {e}"));
+                self.events.push_back(ClientEvent::Failed { reason });
+                self.state = State::Failed;
+                return;
+            }
+        };
+        if let Some(session) = &self.session {
+            // A stale or foreign ticket only costs the resumption.
+            let _ = quic.set_session(session);
+        }
+        if let Some(factory) = &mut self.keylog {
+            if let Some(w) = factory() {
+                quic.set_keylog(w);
+            }
+        }
+        let conn = Conn {
+            quic,
+            id_hex: hex(&scid),
+            connect_deadline: now + self.cfg.connect_timeout,
+            in_flight: BTreeMap::new(),
+            next_stream: 0,
+            last_send: now,
+            hold_until: None,
+        };
+        self.state = State::Connecting(Box::new(conn));
+        self.pump(now);
+    }
+
+    /// After any input: notice the handshake, read answers, send reports,
+    /// notice a closed connection.
+    fn pump(&mut self, now: Instant) {
+        let Some(conn) = self.conn_mut() else { return };
+        if conn.quic.is_closed() {
+            self.on_closed(now);
+            return;
+        }
+        if let State::Connecting(c) = &self.state {
+            if c.quic.is_established() {
+                let State::Connecting(c) = std::mem::replace(&mut self.state, State::Closed) else {
+                    unreachable!("matched Connecting just above");
+                };
+                let resumed = c.quic.is_resumed();
+                let early_data = c.quic.early_data_reason() == SSL_EARLY_DATA_ACCEPTED;
+                self.stats.connections += 1;
+                self.stats.resumed += u32::from(resumed);
+                self.stats.early_data_accepted += u32::from(early_data);
+                self.backoff.reset();
+                self.events.push_back(ClientEvent::Connected {
+                    conn_id: c.id_hex.clone(),
+                    resumed,
+                    early_data,
+                });
+                self.state = State::Connected(c);
+            }
+        }
+        self.save_session();
+        self.read_answers(now);
+        self.write_reports(now);
+    }
+
+    fn save_session(&mut self) {
+        let Some(conn) = self.conn() else { return };
+        if let Some(s) = conn.quic.session() {
+            if self.session.as_deref() != Some(s) {
+                self.session = Some(s.to_vec());
+            }
+        }
+    }
+
+    fn read_answers(&mut self, now: Instant) {
+        let (conn, events, queue, stats, scratch) = match &mut self.state {
+            State::Connecting(c) | State::Connected(c) => (
+                c,
+                &mut self.events,
+                &mut self.queue,
+                &mut self.stats,
+                &mut self.scratch,
+            ),
+            _ => return,
+        };
+        let mut hold = false;
+        let readable: Vec<u64> = conn.quic.readable().collect();
+        for sid in readable {
+            loop {
+                let (n, fin) = match conn.quic.stream_recv(sid, scratch) {
+                    Ok(r) => r,
+                    Err(quiche::Error::Done) => break,
+                    Err(_) => {
+                        // Reset by the server without an answer: send again.
+                        if let Some(f) = conn.in_flight.remove(&sid) {
+                            queue.requeue(f.seq);
+                            events.push_back(ClientEvent::Retrying {
+                                seq: f.seq,
+                                reason: "stream reset by the server".into(),
+                            });
+                        }
+                        break;
+                    }
+                };
+                let Some(f) = conn.in_flight.get_mut(&sid) else {
+                    continue;
+                };
+                f.response.extend_from_slice(&scratch[..n]);
+                let line_end = f.response.iter().position(|&b| b == b'\n');
+                if line_end.is_none() && !fin {
+                    if f.response.len() > 1024 * 1024 {
+                        // Garbage without end: give up this answer.
+                        let seq = f.seq;
+                        conn.in_flight.remove(&sid);
+                        queue.requeue(seq);
+                        hold = true;
+                    }
+                    continue;
+                }
+                let f = conn.in_flight.remove(&sid).expect("looked up just above");
+                let line = &f.response[..line_end.unwrap_or(f.response.len())];
+                match Response::parse(line) {
+                    Ok(response) if response.is_retryable() => {
+                        queue.requeue(f.seq);
+                        hold = true;
+                        let reason = match response {
+                            Response::Error { error, .. } => error,
+                            Response::Ok { .. } => String::new(),
+                        };
+                        events.push_back(ClientEvent::Retrying { seq: f.seq, reason });
+                    }
+                    Ok(response) => {
+                        if queue.ack(f.seq).is_some() {
+                            events.push_back(match response {
+                                Response::Ok { duplicate, .. } => {
+                                    stats.acknowledged += 1;
+                                    ClientEvent::Acknowledged {
+                                        seq: f.seq,
+                                        duplicate,
+                                        response,
+                                    }
+                                }
+                                Response::Error { code, error } => {
+                                    stats.rejected += 1;
+                                    ClientEvent::Rejected {
+                                        seq: f.seq,
+                                        code,
+                                        reason: error,
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        queue.requeue(f.seq);
+                        hold = true;
+                        events.push_back(ClientEvent::Retrying {
+                            seq: f.seq,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                // Nothing more is expected on this stream.
+                let _ = conn
+                    .quic
+                    .stream_shutdown(sid, quiche::Shutdown::Read, codes::NO_ERROR);
+                break;
+            }
+        }
+        if hold {
+            conn.hold_until = Some(now + RETRY_HOLD);
+        }
+    }
+
+    fn write_reports(&mut self, now: Instant) {
+        let (conn, queue, stats) = match &mut self.state {
+            State::Connected(c) => (c, &mut self.queue, &mut self.stats),
+            State::Connecting(c) if c.quic.is_in_early_data() => {
+                (c, &mut self.queue, &mut self.stats)
+            }
+            _ => return,
+        };
+        // Finish reports that flow control cut short.
+        let writable: Vec<u64> = conn.quic.writable().collect();
+        for sid in writable {
+            if let Some(f) = conn.in_flight.get_mut(&sid) {
+                if !f.unsent.is_empty() {
+                    if let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true) {
+                        f.unsent.drain(..n);
+                        conn.last_send = now;
+                    }
+                }
+            }
+        }
+        if conn.hold_until.is_some_and(|t| t > now) {
+            return;
+        }
+        while conn.in_flight.len() < self.cfg.max_in_flight
+            && conn.quic.peer_streams_left_bidi() > 0
+        {
+            let Some(entry) = queue.take_waiting() else {
+                break;
+            };
+            let seq = entry.seq;
+            let mut body = Vec::with_capacity(128);
+            entry
+                .sample
+                .encode_report(&conn.id_hex, &self.client_id, seq, &mut body);
+            let sid = conn.next_stream;
+            match conn.quic.stream_send(sid, &body, true) {
+                Ok(n) => {
+                    body.drain(..n);
+                }
+                Err(quiche::Error::Done) => {}
+                Err(_) => {
+                    queue.requeue(seq);
+                    break;
+                }
+            }
+            conn.next_stream += 4;
+            conn.last_send = now;
+            stats.sent += 1;
+            conn.in_flight.insert(
+                sid,
+                InFlight {
+                    seq,
+                    sent_at: now,
+                    unsent: body,
+                    response: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// Gives up the current connection (closing it politely if it was up)
+    /// and schedules the next attempt.
+    fn abandon(&mut self, now: Instant, reason: DisconnectReason) {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let (conn, was_connected) = match state {
+            State::Connecting(c) => (*c, false),
+            State::Connected(c) => (*c, true),
+            other => {
+                self.state = other;
+                return;
+            }
+        };
+        self.requeue_in_flight(&conn);
+        if was_connected {
+            // Tell the server, so it frees the connection at once.
+            let mut quic = conn.quic;
+            if quic
+                .close(true, codes::NO_RESPONSE, b"client gives up")
+                .is_ok()
+            {
+                self.retiring = Some(quic);
+            }
+        }
+        self.disconnected(now, reason);
+    }
+
+    fn requeue_in_flight(&mut self, conn: &Conn) {
+        for f in conn.in_flight.values() {
+            self.queue.requeue(f.seq);
+        }
+    }
+
+    /// quiche says the connection is closed: find out why and move on.
+    fn on_closed(&mut self, now: Instant) {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let (conn, was_established) = match state {
+            State::Connecting(c) => (c, false),
+            State::Connected(c) => (c, true),
+            State::Closing(_) => {
+                self.events.push_back(ClientEvent::Closed);
+                return;
+            }
+            other => {
+                self.state = other;
+                return;
+            }
+        };
+        let reason = classify_close(&conn.quic, was_established);
+        self.save_session_from(&conn);
+        self.requeue_in_flight(&conn);
+        self.disconnected(now, reason);
+    }
+
+    fn save_session_from(&mut self, conn: &Conn) {
+        if let Some(s) = conn.quic.session() {
+            self.session = Some(s.to_vec());
+        }
+    }
+
+    fn disconnected(&mut self, now: Instant, reason: DisconnectReason) {
+        let permanent = reason.is_permanent();
+        self.events.push_back(ClientEvent::Disconnected {
+            reason: reason.clone(),
+        });
+        if permanent {
+            self.state = State::Failed;
+            self.events.push_back(ClientEvent::Failed { reason });
+            return;
+        }
+        let at = now + self.backoff.next_delay(&mut self.rng);
+        self.state = State::Waiting { until: at };
+        self.events.push_back(ClientEvent::ReconnectScheduled {
+            at,
+            attempt: self.stats.attempts + 1,
+        });
+    }
+}
+
+/// Why quiche closed a connection, in our words.
+fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectReason {
+    if q.is_timed_out() {
+        return if was_established {
+            DisconnectReason::IdleTimeout
+        } else {
+            DisconnectReason::ConnectTimeout
+        };
+    }
+    if let Some(e) = q.local_error() {
+        if !e.is_app {
+            if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
+                if let Some(name) = certificate_alert(alert) {
+                    return DisconnectReason::Certificate(name.into());
+                }
+                return DisconnectReason::HandshakeFailed(format!("TLS alert {alert}"));
+            }
+            return DisconnectReason::Protocol(format!(
+                "error {:#x} {}",
+                e.error_code,
+                String::from_utf8_lossy(&e.reason)
+            ));
+        }
+    }
+    if let Some(e) = q.peer_error() {
+        let reason = String::from_utf8_lossy(&e.reason).into_owned();
+        if !was_established {
+            return DisconnectReason::HandshakeFailed(format!(
+                "server closed with code {:#x} {reason}",
+                e.error_code
+            ));
+        }
+        return DisconnectReason::PeerClosed {
+            code: e.error_code,
+            reason,
+        };
+    }
+    // Closed with no error on either side and not timed out: quiche's
+    // signature of a stateless reset.
+    DisconnectReason::Reset
+}
+
+/// The TLS alerts (RFC 8446 6.2) that mean "your certificate is not
+/// acceptable", named for a person.
+fn certificate_alert(alert: u64) -> Option<&'static str> {
+    Some(match alert {
+        42 => "bad certificate (e.g. the name does not match)",
+        43 => "unsupported certificate",
+        44 => "certificate revoked",
+        45 => "certificate expired",
+        46 => "certificate unknown (e.g. the name does not match)",
+        48 => "unknown issuer (not signed by the trusted CA)",
+        _ => return None,
+    })
+}

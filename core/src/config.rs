@@ -1,0 +1,234 @@
+//! [`ClientConfig`] and [`ServerConfig`]: every knob with its default, and
+//! their translation into a `quiche::Config` (ALPN `quic-report/1`, limits).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::backoff::BackoffConfig;
+use crate::dedup::DedupConfig;
+use crate::error::ConfigError;
+
+/// The ALPN of protocol `quic-report/1`.
+pub const ALPN: &[u8] = b"quic-report/1";
+
+/// Largest UDP payload we send or accept.
+pub const MAX_DATAGRAM_SIZE: usize = 1350;
+
+/// Default largest report object, bytes.
+pub const DEFAULT_MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// Application error codes (CONNECTION_CLOSE and STOP_SENDING), listed in the
+/// README's protocol section.
+pub mod codes {
+    /// Normal close: the client is done, or it abandons a connection.
+    pub const NO_ERROR: u64 = 0x0;
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: u64 = 0x1;
+    /// The client gave up waiting for an answer and will reconnect.
+    pub const NO_RESPONSE: u64 = 0x2;
+    /// STOP_SENDING: the object on this stream is over the size limit.
+    pub const REPORT_TOO_LARGE: u64 = 0x10;
+    /// STOP_SENDING: the stream had a fatal error; the rest is not read.
+    pub const STREAM_REJECTED: u64 = 0x11;
+}
+
+/// How the client checks the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// Verify the chain against the CA certificates in this PEM file, and the
+    /// server name.
+    CaFile(PathBuf),
+    /// Do not verify (development only; the caller should warn).
+    Insecure,
+}
+
+/// Everything a [`crate::Client`] needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server's address.
+    pub server: SocketAddr,
+    /// Our local address (the socket the caller sends from).
+    pub local: SocketAddr,
+    /// The name to verify in the server's certificate (and to send as SNI).
+    pub server_name: String,
+    /// Certificate verification.
+    pub verify: Verify,
+    /// quiche's idle timeout (default 10 s, as the seed's client).
+    pub idle_timeout: Duration,
+    /// Give up a handshake not complete after this long (default 1 s).
+    pub connect_timeout: Duration,
+    /// Give up a connection whose oldest report has no answer after this
+    /// long (default 5 s).
+    pub response_timeout: Duration,
+    /// Send a keep-alive after this long without sending (default: half the
+    /// idle timeout; `None` disables it).
+    pub keep_alive: Option<Duration>,
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
+    /// Reports kept for resending at most (default 10000).
+    pub queue_limit: usize,
+    /// Reports in flight on one connection at most (default 64).
+    pub max_in_flight: usize,
+    /// The `client` field; random hex when `None`.
+    pub client_id: Option<String>,
+    /// Log TLS secrets (the caller sets the writer on each connection).
+    pub log_keys: bool,
+}
+
+impl ClientConfig {
+    /// Defaults for a client of `server`, sending from `local`, verifying
+    /// against the CA in `ca`.
+    pub fn new(server: SocketAddr, local: SocketAddr, verify: Verify) -> ClientConfig {
+        let idle = Duration::from_secs(10);
+        ClientConfig {
+            server,
+            local,
+            server_name: default_server_name(server),
+            verify,
+            idle_timeout: idle,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(5),
+            keep_alive: Some(idle / 2),
+            backoff: BackoffConfig::default(),
+            queue_limit: 10_000,
+            max_in_flight: 64,
+            client_id: None,
+            log_keys: false,
+        }
+    }
+
+    pub(crate) fn quiche_config(&self) -> Result<quiche::Config, ConfigError> {
+        let mut c = base_config(self.idle_timeout)?;
+        // The server opens no streams towards us.
+        c.set_initial_max_streams_bidi(0);
+        c.set_initial_max_streams_uni(0);
+        c.set_initial_max_stream_data_bidi_local(256 * 1024);
+        c.set_initial_max_stream_data_bidi_remote(0);
+        c.set_initial_max_data(4 * 1024 * 1024);
+        match &self.verify {
+            Verify::CaFile(path) => {
+                c.verify_peer(true);
+                let p = path.to_str().ok_or_else(|| {
+                    ConfigError::Invalid(format!("CA path {} is not UTF-8", path.display()))
+                })?;
+                c.load_verify_locations_from_file(p)
+                    .map_err(|err| ConfigError::Quiche {
+                        what: "loading the CA file",
+                        err,
+                    })?;
+            }
+            Verify::Insecure => c.verify_peer(false),
+        }
+        if self.log_keys {
+            c.log_keys();
+        }
+        Ok(c)
+    }
+}
+
+/// The default certificate name for a server address: `localhost` for a
+/// loopback address (the development certificate's name), else the address.
+pub fn default_server_name(server: SocketAddr) -> String {
+    if server.ip().is_loopback() {
+        "localhost".into()
+    } else {
+        server.ip().to_string()
+    }
+}
+
+/// Everything a [`crate::Server`] needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// PEM certificate chain.
+    pub cert_chain: PathBuf,
+    /// PEM private key.
+    pub private_key: PathBuf,
+    /// quiche's idle timeout (default 30 s, as the seed's server).
+    pub idle_timeout: Duration,
+    /// Connections at most (default 10000).
+    pub max_connections: usize,
+    /// Concurrent client streams per connection (default 100).
+    pub max_streams: u64,
+    /// Largest report object in bytes (default 64 KiB).
+    pub max_report_bytes: usize,
+    /// Reap a connection whose handshake is not done after this long
+    /// (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Memory bounds of the duplicate filter.
+    pub dedup: DedupConfig,
+    /// Log TLS secrets (the caller sets the writer on each connection).
+    pub log_keys: bool,
+}
+
+impl ServerConfig {
+    /// Defaults around a certificate chain and its key.
+    pub fn new(cert_chain: PathBuf, private_key: PathBuf) -> ServerConfig {
+        ServerConfig {
+            cert_chain,
+            private_key,
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_streams: 100,
+            max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            dedup: DedupConfig::default(),
+            log_keys: false,
+        }
+    }
+
+    pub(crate) fn quiche_config(&self) -> Result<quiche::Config, ConfigError> {
+        if self.max_report_bytes == 0 || self.max_streams == 0 || self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max report bytes, streams and connections must be at least 1".into(),
+            ));
+        }
+        let mut c = base_config(self.idle_timeout)?;
+        let path = |p: &PathBuf| {
+            p.to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ConfigError::Invalid(format!("path {} is not UTF-8", p.display())))
+        };
+        c.load_cert_chain_from_pem_file(&path(&self.cert_chain)?)
+            .map_err(|err| ConfigError::Quiche {
+                what: "loading the certificate chain",
+                err,
+            })?;
+        c.load_priv_key_from_pem_file(&path(&self.private_key)?)
+            .map_err(|err| ConfigError::Quiche {
+                what: "loading the private key",
+                err,
+            })?;
+        c.set_initial_max_streams_bidi(self.max_streams);
+        c.set_initial_max_streams_uni(0);
+        // A stream's window holds one whole report; the connection's a few.
+        let stream_window = (self.max_report_bytes as u64 + 1024).max(16 * 1024);
+        c.set_initial_max_stream_data_bidi_remote(stream_window);
+        c.set_initial_max_stream_data_bidi_local(0);
+        c.set_initial_max_data((stream_window * 4).max(1024 * 1024));
+        c.set_max_stream_window(stream_window);
+        if self.log_keys {
+            c.log_keys();
+        }
+        Ok(c)
+    }
+}
+
+fn base_config(idle: Duration) -> Result<quiche::Config, ConfigError> {
+    let mut c =
+        quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|err| ConfigError::Quiche {
+            what: "creating the QUIC config",
+            err,
+        })?;
+    c.set_application_protos(&[ALPN])
+        .map_err(|err| ConfigError::Quiche {
+            what: "setting the ALPN",
+            err,
+        })?;
+    c.set_max_idle_timeout(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
+    c.set_max_recv_udp_payload_size(MAX_DATAGRAM_SIZE);
+    c.set_max_send_udp_payload_size(MAX_DATAGRAM_SIZE);
+    c.set_initial_max_stream_data_uni(0);
+    c.set_disable_active_migration(true);
+    Ok(c)
+}

@@ -1,0 +1,93 @@
+//! # quic-report core: the Sans-IO protocol
+//!
+//! Two state machines, [`Client`] and [`Server`], each wrapping quiche
+//! connections. They never touch a socket, read a clock, spawn a thread or
+//! print: the caller passes `now`, feeds datagrams in, and drains what comes
+//! out. Any event loop can drive them (the `quic-report-mio` crate is one;
+//! the simulation in `quic-report-tests` is another, on virtual time).
+//!
+//! **The contract: after any `handle_*`, `submit`, `respond` or `close`,
+//! drain `poll_transmit` until `None`, then `poll_event` until `None`, then
+//! read `poll_timeout` and call `handle_timeout` when it passes.**
+//!
+//! ```text
+//! loop {
+//!     wait for a datagram or until core.poll_timeout()
+//!     now = Instant::now()
+//!     datagram   -> core.handle_datagram(now, from, to, &mut buf)
+//!     deadline   -> core.handle_timeout(now)
+//!     while let Some(t) = core.poll_transmit(now, &mut out) { send out[..t.len] to t.to }
+//!     while let Some(e) = core.poll_event() { handle e }
+//! }
+//! ```
+//!
+//! ## Two clocks
+//!
+//! quiche reads `Instant::now()` itself (recv, send, its timers) and no API
+//! takes a time. So the core's own timers (backoff, connect deadline,
+//! response deadline, keep-alive, handshake deadline) follow the caller's
+//! `now`, while quiche's (loss recovery, idle timeout, draining) follow
+//! `Instant::now()`; [`Client::poll_timeout`] and [`Server::poll_timeout`]
+//! give the earlier of both. In production the two are the same clock. The
+//! simulation makes them the same clock too, by giving its test binary a
+//! `clock_gettime` that returns virtual time.
+//!
+//! ## Randomness
+//!
+//! Connection IDs, backoff jitter and client IDs come from a [`CoreRng`]
+//! the caller seeds: the same seed takes the same path. (TLS randomness is
+//! BoringSSL's own, so packet bytes differ between runs; timings and
+//! decisions do not.)
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod backoff;
+pub mod client;
+pub mod config;
+pub mod dedup;
+pub mod error;
+pub mod queue;
+pub mod report;
+pub mod rng;
+pub mod server;
+pub mod stream;
+pub mod timer;
+
+use std::net::SocketAddr;
+
+pub use client::{Client, ClientEvent, ClientState, ClientStats, DisconnectReason};
+pub use config::{ALPN, ClientConfig, MAX_DATAGRAM_SIZE, ServerConfig, Verify};
+pub use error::{ConfigError, DatagramError, RespondError, StreamError};
+pub use queue::Seq;
+pub use report::{Report, Response, Sample};
+pub use rng::CoreRng;
+pub use server::{
+    CloseReason, ConnKey, ConnStats, Outcome, ReportHandle, Server, ServerEvent, ServerStats,
+};
+pub use timer::{Deadline, TimerKind};
+
+/// Length of the connection IDs we issue.
+pub const LOCAL_CID_LEN: usize = 16;
+
+/// A datagram to send: its bytes are `buf[..len]` of the buffer passed to
+/// `poll_transmit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Transmit {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// Destination.
+    pub to: SocketAddr,
+    /// Local address to send from.
+    pub from: SocketAddr,
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}

@@ -1,0 +1,193 @@
+//! The client's bounded queue of reports not yet acknowledged.
+//!
+//! Every submitted sample gets the next `seq` and waits here until the
+//! server acknowledges it. Each entry is either *waiting* (to be sent on the
+//! current or next connection) or *in flight* (sent on the current
+//! connection, answer pending). A lost connection puts every in-flight entry
+//! back to waiting, oldest first, so reports are sent again in `seq` order.
+//!
+//! Overflow policy: when the queue is full, the **oldest** report is dropped
+//! (and the caller says so out loud). It is the only way a report is lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::report::Sample;
+
+/// A report number, unique per client process.
+pub type Seq = u64;
+
+/// One queued report.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// What it reports.
+    pub sample: Sample,
+    /// How many times it was sent.
+    pub sends: u32,
+}
+
+/// Bounded, seq-ordered queue of unacknowledged reports.
+#[derive(Debug)]
+pub struct ReportQueue {
+    entries: BTreeMap<Seq, Entry>,
+    waiting: BTreeSet<Seq>,
+    limit: usize,
+    next_seq: Seq,
+    dropped: u64,
+}
+
+impl ReportQueue {
+    /// An empty queue holding at most `limit` reports (at least 1); the first
+    /// report gets `first_seq`.
+    pub fn new(limit: usize, first_seq: Seq) -> ReportQueue {
+        ReportQueue {
+            entries: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            limit: limit.max(1),
+            next_seq: first_seq,
+            dropped: 0,
+        }
+    }
+
+    /// Queues a sample as the next report. Returns its seq, and the seq of
+    /// the oldest report if it had to be dropped to make room.
+    pub fn push(&mut self, sample: Sample) -> (Seq, Option<Seq>) {
+        let mut dropped = None;
+        if self.entries.len() >= self.limit {
+            if let Some((old, _)) = self.entries.pop_first() {
+                self.waiting.remove(&old);
+                self.dropped += 1;
+                dropped = Some(old);
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.insert(
+            seq,
+            Entry {
+                seq,
+                sample,
+                sends: 0,
+            },
+        );
+        self.waiting.insert(seq);
+        (seq, dropped)
+    }
+
+    /// Takes the oldest waiting report to send it; it is in flight until
+    /// [`ReportQueue::ack`] or [`ReportQueue::requeue`].
+    pub fn take_waiting(&mut self) -> Option<&mut Entry> {
+        let seq = self.waiting.pop_first()?;
+        let e = self
+            .entries
+            .get_mut(&seq)
+            .expect("every waiting seq has an entry");
+        e.sends += 1;
+        Some(e)
+    }
+
+    /// The server acknowledged (or permanently rejected) `seq`: forget it.
+    /// Returns the entry, or `None` if it was not queued (acknowledged before,
+    /// or dropped).
+    pub fn ack(&mut self, seq: Seq) -> Option<Entry> {
+        self.waiting.remove(&seq);
+        self.entries.remove(&seq)
+    }
+
+    /// Puts an in-flight report back to waiting (its connection was lost, or
+    /// the server could not record it).
+    pub fn requeue(&mut self, seq: Seq) {
+        if self.entries.contains_key(&seq) {
+            self.waiting.insert(seq);
+        }
+    }
+
+    /// Reports queued (waiting or in flight).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Reports waiting to be sent.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Reports dropped for lack of room since the start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The seq the next pushed report will get.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn sample(n: u64) -> Sample {
+        Sample {
+            fields: Map::new(),
+            sampled_at_ms: n,
+        }
+    }
+
+    #[test]
+    fn sends_in_seq_order_and_forgets_on_ack() {
+        let mut q = ReportQueue::new(10, 1);
+        for i in 0..3 {
+            assert_eq!(q.push(sample(i)), (i + 1, None));
+        }
+        let a = q.take_waiting().expect("1").seq;
+        let b = q.take_waiting().expect("2").seq;
+        assert_eq!((a, b), (1, 2));
+        assert_eq!(q.waiting(), 1);
+        assert!(q.ack(1).is_some());
+        assert!(q.ack(1).is_none(), "a second ack finds nothing");
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn requeued_reports_go_out_first_again() {
+        let mut q = ReportQueue::new(10, 1);
+        for i in 0..3 {
+            q.push(sample(i));
+        }
+        while q.take_waiting().is_some() {}
+        q.requeue(2);
+        q.requeue(1);
+        assert_eq!(q.take_waiting().map(|e| (e.seq, e.sends)), Some((1, 2)));
+        assert_eq!(q.take_waiting().map(|e| e.seq), Some(2));
+        assert!(q.take_waiting().is_none());
+    }
+
+    #[test]
+    fn overflow_drops_the_oldest_and_counts_it() {
+        let mut q = ReportQueue::new(2, 1);
+        q.push(sample(0));
+        q.push(sample(1));
+        assert_eq!(q.push(sample(2)), (3, Some(1)));
+        assert_eq!(q.dropped(), 1);
+        assert_eq!(q.take_waiting().map(|e| e.seq), Some(2));
+        q.requeue(1); // dropped: nothing to requeue
+        assert_eq!(q.take_waiting().map(|e| e.seq), Some(3));
+        assert!(q.take_waiting().is_none());
+    }
+
+    #[test]
+    fn seq_is_never_reused() {
+        let mut q = ReportQueue::new(1, 5);
+        let seqs: Vec<_> = (0..4).map(|i| q.push(sample(i)).0).collect();
+        assert_eq!(seqs, vec![5, 6, 7, 8]);
+        assert_eq!(q.next_seq(), 9);
+    }
+}

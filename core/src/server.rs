@@ -1,0 +1,984 @@
+//! The collecting server: many QUIC connections, routed by destination
+//! connection ID, each carrying report streams.
+//!
+//! ```text
+//!  datagram ──► parse header ──► known DCID? ──yes──► conn.recv ──► read streams
+//!                                   │ no                               │ objects
+//!                                   ▼                                  ▼
+//!             long header, unknown version ─► Version Negotiation   dedup ─► Report event
+//!             Initial >= 1200 bytes ─► accept (limit: max connections)    │ app writes it,
+//!             anything else ─► dropped                                    ▼ then respond()
+//!                                                             answers in order per stream, FIN
+//! ```
+//!
+//! Per connection: handshake (reaped after the handshake timeout) ->
+//! established ([`ServerEvent::ConnectionOpened`]) -> closed (idle timeout,
+//! peer close, [`Server::close_all`]; [`ServerEvent::ConnectionClosed`] with
+//! quiche's stats).
+//!
+//! Per stream: an [`ObjectSplitter`] cuts the bytes into JSON objects. Each
+//! object takes the next *slot*; slots are answered strictly in order, so a
+//! client that writes several objects on one stream reads its answers in the
+//! same order. A slot is answered by the core (duplicates, bad fields, fatal
+//! stream errors) or by the application through [`Server::respond`] after it
+//! recorded the report. The server FINs its side once the client's FIN
+//! arrived and every slot is answered.
+//!
+//! Connections live in a `BTreeMap` keyed by a counter (deterministic order);
+//! their deadlines in a `BTreeSet<(Instant, ConnKey)>`, so finding what is due
+//! costs O(log n) and nothing is scanned per datagram.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::{ServerConfig, codes};
+use crate::dedup::Dedup;
+use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
+use crate::report::{CODE_NOT_RECORDED, Report, Response};
+use crate::rng::CoreRng;
+use crate::stream::ObjectSplitter;
+use crate::timer::{Deadline, TimerKind};
+use crate::{LOCAL_CID_LEN, Transmit};
+
+/// Names a connection for the lifetime of the [`Server`] (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnKey(pub u64);
+
+impl fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// Names one report waiting for [`Server::respond`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReportHandle {
+    /// Its connection.
+    pub conn: ConnKey,
+    /// Its stream.
+    pub stream: u64,
+    /// Its position on the stream (0 for the first object).
+    pub index: u64,
+}
+
+/// What the application did with a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written to the sink: acknowledge it.
+    Recorded,
+    /// Could not be written: the client keeps it and sends it again.
+    NotRecorded(String),
+}
+
+/// Transport counters of a connection, from quiche, when it closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Packets sent.
+    pub sent: usize,
+    /// Packets received.
+    pub recv: usize,
+    /// Packets declared lost.
+    pub lost: usize,
+    /// Bytes sent.
+    pub sent_bytes: u64,
+    /// Bytes received.
+    pub recv_bytes: u64,
+    /// Smoothed RTT of the active path.
+    pub rtt: Option<Duration>,
+    /// Reports received on the connection (objects, including rejected).
+    pub reports: u64,
+}
+
+/// Why a connection closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Idle timeout.
+    IdleTimeout,
+    /// The handshake did not finish within the handshake timeout.
+    HandshakeTimeout,
+    /// The client closed it.
+    PeerClosed {
+        /// Its error code.
+        code: u64,
+        /// Its reason phrase.
+        reason: String,
+    },
+    /// We closed it (shutdown, protocol error); code and reason as sent.
+    LocalClosed {
+        /// The error code.
+        code: u64,
+        /// The reason phrase.
+        reason: String,
+    },
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::HandshakeTimeout => f.write_str("handshake timeout"),
+            CloseReason::PeerClosed { code, reason } => {
+                write!(f, "closed by peer ({code:#x} {reason})")
+            }
+            CloseReason::LocalClosed { code, reason } => {
+                write!(f, "closed by us ({code:#x} {reason})")
+            }
+        }
+    }
+}
+
+/// What the server can tell its application.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// A handshake completed.
+    ConnectionOpened {
+        /// The connection.
+        conn: ConnKey,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The TLS session was resumed.
+        resumed: bool,
+    },
+    /// A report to record; answer it with [`Server::respond`] once written.
+    Report {
+        /// Pass it to [`Server::respond`].
+        handle: ReportHandle,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The report.
+        report: Report,
+    },
+    /// An object or a stream was refused (already answered with an error).
+    StreamRejected {
+        /// The connection.
+        conn: ConnKey,
+        /// The stream.
+        stream: u64,
+        /// Why.
+        error: StreamError,
+    },
+    /// A report seen before arrived again; answered `"duplicate":true`.
+    Duplicate {
+        /// The connection.
+        conn: ConnKey,
+        /// The report's client.
+        client: String,
+        /// The report's seq.
+        seq: u64,
+    },
+    /// A connection is gone.
+    ConnectionClosed {
+        /// The connection.
+        conn: ConnKey,
+        /// The client's last address.
+        peer: SocketAddr,
+        /// Whether its handshake had completed.
+        established: bool,
+        /// Why it closed.
+        reason: CloseReason,
+        /// quiche's counters.
+        stats: ConnStats,
+    },
+}
+
+/// Server-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections accepted since the start.
+    pub connections_total: u64,
+    /// Reports handed to the application.
+    pub reports: u64,
+    /// Reports answered as duplicates.
+    pub duplicates: u64,
+    /// Objects or streams refused.
+    pub rejected: u64,
+    /// Datagrams dropped.
+    pub dropped_datagrams: u64,
+    /// Version negotiation packets sent.
+    pub version_negotiations: u64,
+}
+
+/// One answer slot on a stream.
+#[derive(Debug)]
+enum Slot {
+    /// Waiting for the application (or for the first copy of a duplicate).
+    Pending,
+    /// The encoded answer.
+    Ready(Vec<u8>),
+}
+
+#[derive(Debug)]
+struct StreamState {
+    splitter: ObjectSplitter,
+    /// Answers in stream order; `slots[0]` is object number `first_index`.
+    slots: VecDeque<Slot>,
+    first_index: u64,
+    next_index: u64,
+    /// Encoded answers quiche has not taken yet.
+    out: Vec<u8>,
+    /// The client's side is done (FIN, reset, or we stopped reading).
+    read_done: bool,
+    /// Our FIN is sent (or the client stopped our side): nothing more to do.
+    write_done: bool,
+}
+
+impl StreamState {
+    fn new(max: usize) -> StreamState {
+        StreamState {
+            splitter: ObjectSplitter::new(max),
+            slots: VecDeque::new(),
+            first_index: 0,
+            next_index: 0,
+            out: Vec::new(),
+            read_done: false,
+            write_done: false,
+        }
+    }
+}
+
+/// A report handed to the application, waiting for [`Server::respond`].
+#[derive(Debug)]
+struct Awaiting {
+    key: Option<(String, u64)>,
+    received: Vec<u8>,
+}
+
+struct Conn {
+    quic: quiche::Connection,
+    peer: SocketAddr,
+    /// Routing entries to remove when the connection goes.
+    cids: Vec<quiche::ConnectionId<'static>>,
+    opened: bool,
+    handshake_deadline: Instant,
+    streams: BTreeMap<u64, StreamState>,
+    /// The entry in `Server::timers`, if any.
+    deadline: Option<Deadline>,
+    dirty: bool,
+    reports: u64,
+}
+
+/// The Sans-IO collecting server.
+///
+/// Methods, by kind:
+/// - inputs, each taking `now`: [`Server::handle_datagram`],
+///   [`Server::handle_timeout`], [`Server::respond`], [`Server::close_all`];
+/// - outputs, drained after every input in this order:
+///   [`Server::poll_transmit`] until `None`, [`Server::poll_event`] until
+///   `None`, then [`Server::poll_timeout`];
+/// - getters: [`Server::stats`], [`Server::connections`], ...
+pub struct Server {
+    cfg: ServerConfig,
+    quic_cfg: quiche::Config,
+    rng: CoreRng,
+    conns: BTreeMap<ConnKey, Conn>,
+    routes: HashMap<quiche::ConnectionId<'static>, ConnKey>,
+    timers: BTreeSet<(Instant, ConnKey)>,
+    dirty: VecDeque<ConnKey>,
+    events: VecDeque<ServerEvent>,
+    /// Version negotiation and other endpoint packets: bytes and addresses.
+    endpoint_out: VecDeque<(Vec<u8>, SocketAddr, SocketAddr)>,
+    dedup: Dedup,
+    awaiting: BTreeMap<ReportHandle, Awaiting>,
+    /// Copies of a report that arrived while its first copy was with the
+    /// application: answered when it is.
+    parked: HashMap<(String, u64), Vec<ReportHandle>>,
+    next_key: u64,
+    stats: ServerStats,
+    scratch: Vec<u8>,
+    /// Reused list of objects read in one pass.
+    items: Vec<(u64, crate::stream::Item)>,
+    keylog: Option<KeylogFactory>,
+}
+
+type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>;
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Most endpoint packets (version negotiation) queued at once.
+const MAX_ENDPOINT_QUEUE: usize = 1024;
+
+impl Server {
+    /// A server with no connections.
+    pub fn new(cfg: ServerConfig, rng: CoreRng) -> Result<Server, ConfigError> {
+        let quic_cfg = cfg.quiche_config()?;
+        Ok(Server {
+            dedup: Dedup::new(cfg.dedup),
+            cfg,
+            quic_cfg,
+            rng,
+            conns: BTreeMap::new(),
+            routes: HashMap::new(),
+            timers: BTreeSet::new(),
+            dirty: VecDeque::new(),
+            events: VecDeque::new(),
+            endpoint_out: VecDeque::new(),
+            awaiting: BTreeMap::new(),
+            parked: HashMap::new(),
+            next_key: 0,
+            stats: ServerStats::default(),
+            scratch: vec![0; 64 * 1024],
+            items: Vec::new(),
+            keylog: None,
+        })
+    }
+
+    /// Sets a factory for TLS key-log writers, called per new connection.
+    /// Needs [`ServerConfig::log_keys`].
+    pub fn set_keylog(&mut self, factory: KeylogFactory) {
+        self.keylog = Some(factory);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ServerStats {
+        self.stats
+    }
+
+    /// Open connections (including handshakes in progress).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Marks `(client, seq)` as recorded before this server started (e.g.
+    /// read back from its sink), so a resend is answered as a duplicate.
+    pub fn mark_recorded(&mut self, client: &str, seq: u64) {
+        self.dedup.insert(client, seq);
+    }
+
+    /// Whether every connection has sent its CONNECTION_CLOSE after
+    /// [`Server::close_all`] (or there are none).
+    pub fn is_closed(&self) -> bool {
+        self.conns
+            .values()
+            .all(|c| c.quic.is_draining() || c.quic.is_closed())
+    }
+
+    // ----- inputs ---------------------------------------------------------
+
+    /// A UDP datagram arrived from `from` on our local address `to`.
+    ///
+    /// Unusable datagrams are dropped (and reported as an error); they never
+    /// disturb other connections and are never answered with more bytes
+    /// than they carried.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DatagramError> {
+        let res = self.route(now, from, to, data);
+        if res.is_err() {
+            self.stats.dropped_datagrams += 1;
+        }
+        res
+    }
+
+    fn route(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DatagramError> {
+        let len = data.len();
+        let hdr = quiche::Header::from_slice(data, LOCAL_CID_LEN)
+            .map_err(|_| DatagramError::BadHeader)?;
+        if let Some(&key) = self.routes.get(&hdr.dcid) {
+            return self.recv_on(now, key, from, to, data);
+        }
+        if hdr.ty == quiche::Type::Short {
+            return Err(DatagramError::UnknownConnection);
+        }
+        if !quiche::version_is_supported(hdr.version) {
+            // Only a datagram the size of a client's Initial earns an answer,
+            // and the answer is smaller than it (no amplification).
+            if len >= 1200 && hdr.ty != quiche::Type::VersionNegotiation {
+                let mut out = vec![0u8; 256];
+                if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
+                    out.truncate(n);
+                    self.queue_endpoint(out, from, to);
+                    self.stats.version_negotiations += 1;
+                }
+            }
+            return Err(DatagramError::UnsupportedVersion(hdr.version));
+        }
+        if hdr.ty != quiche::Type::Initial {
+            return Err(DatagramError::UnknownConnection);
+        }
+        if len < 1200 {
+            return Err(DatagramError::InitialTooSmall(len));
+        }
+        if self.conns.len() >= self.cfg.max_connections {
+            return Err(DatagramError::TooManyConnections);
+        }
+        let odcid = hdr.dcid.into_owned();
+        let key = self.accept(now, &odcid, from, to)?;
+        self.recv_on(now, key, from, to, data)
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        odcid: &quiche::ConnectionId<'static>,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<ConnKey, DatagramError> {
+        let mut scid = [0u8; LOCAL_CID_LEN];
+        self.rng.fill(&mut scid);
+        let scid = quiche::ConnectionId::from_vec(scid.to_vec());
+        let mut quic = quiche::accept(&scid, None, to, from, &mut self.quic_cfg)
+            .map_err(DatagramError::Quic)?;
+        if let Some(factory) = &mut self.keylog {
+            if let Some(w) = factory() {
+                quic.set_keylog(w);
+            }
+        }
+        let key = ConnKey(self.next_key);
+        self.next_key += 1;
+        self.stats.connections_total += 1;
+        self.routes.insert(scid.clone(), key);
+        self.routes.insert(odcid.clone(), key);
+        self.conns.insert(
+            key,
+            Conn {
+                quic,
+                peer: from,
+                cids: vec![scid, odcid.clone()],
+                opened: false,
+                handshake_deadline: now + self.cfg.handshake_timeout,
+                streams: BTreeMap::new(),
+                deadline: None,
+                dirty: false,
+                reports: 0,
+            },
+        );
+        Ok(key)
+    }
+
+    fn recv_on(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        from: SocketAddr,
+        to: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DatagramError> {
+        let conn = self
+            .conns
+            .get_mut(&key)
+            .expect("routes only name live connections");
+        let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
+        if res.is_ok() {
+            conn.peer = from;
+        }
+        self.after_io(now, key);
+        match res {
+            Ok(_) | Err(quiche::Error::Done) => Ok(()),
+            Err(e) => Err(DatagramError::Quic(e)),
+        }
+    }
+
+    /// A deadline from [`Server::poll_timeout`] passed (early is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.deadline = None;
+            if conn.quic.timeout_instant().is_some_and(|t| t <= now) {
+                conn.quic.on_timeout();
+            }
+            if !conn.opened && conn.handshake_deadline <= now && !conn.quic.is_closed() {
+                // Half-open: reap it without a word (the client may be a spoofer).
+                self.reap(key, CloseReason::HandshakeTimeout);
+                continue;
+            }
+            self.after_io(now, key);
+        }
+    }
+
+    /// Answers a report the application has handled: `Recorded` once it is
+    /// written (the client then forgets it), `NotRecorded` if it could not
+    /// be (the client sends it again later). Drain [`Server::poll_transmit`]
+    /// afterwards.
+    ///
+    /// A report whose connection is gone still counts as recorded for the
+    /// duplicate filter, so the client's resend is not recorded twice.
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        handle: ReportHandle,
+        outcome: Outcome,
+    ) -> Result<(), RespondError> {
+        let aw = self
+            .awaiting
+            .remove(&handle)
+            .ok_or(RespondError::UnknownReport)?;
+        let mut answer = Vec::with_capacity(aw.received.len() + 32);
+        match &outcome {
+            Outcome::Recorded => {
+                answer.extend_from_slice(b"{\"ok\":true,\"received\":");
+                answer.extend_from_slice(&aw.received);
+                answer.extend_from_slice(b"}\n");
+            }
+            Outcome::NotRecorded(why) => not_recorded(why).encode(&mut answer),
+        }
+        let mut touched = vec![handle.conn];
+        if let Some(k) = aw.key {
+            if outcome == Outcome::Recorded {
+                self.dedup.insert(&k.0, k.1);
+            }
+            // Copies that waited on this one get the same fate.
+            for h in self.parked.remove(&k).unwrap_or_default() {
+                let Some(copy) = self.awaiting.remove(&h) else {
+                    continue;
+                };
+                let mut a = Vec::new();
+                match &outcome {
+                    Outcome::Recorded => {
+                        self.stats.duplicates += 1;
+                        a.extend_from_slice(b"{\"ok\":true,\"duplicate\":true,\"received\":");
+                        a.extend_from_slice(&copy.received);
+                        a.extend_from_slice(b"}\n");
+                    }
+                    Outcome::NotRecorded(why) => not_recorded(why).encode(&mut a),
+                }
+                self.fill_slot(h, a);
+                touched.push(h.conn);
+            }
+        }
+        let delivered = self.fill_slot(handle, answer);
+        for key in touched {
+            self.after_io(now, key);
+        }
+        if delivered {
+            Ok(())
+        } else {
+            Err(RespondError::ConnectionGone)
+        }
+    }
+
+    /// Closes every connection (CONNECTION_CLOSE, [`codes::SHUTTING_DOWN`]).
+    /// Drain [`Server::poll_transmit`]; then [`Server::is_closed`] is true.
+    pub fn close_all(&mut self, now: Instant) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(&key) {
+                let _ = c
+                    .quic
+                    .close(true, codes::SHUTTING_DOWN, b"server shutting down");
+            }
+            self.after_io(now, key);
+        }
+    }
+
+    // ----- outputs --------------------------------------------------------
+
+    /// The next datagram to send, written into `buf`. Call until `None`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some((bytes, to, from)) = self.endpoint_out.pop_front() {
+            let len = bytes.len().min(buf.len());
+            buf[..len].copy_from_slice(&bytes[..len]);
+            return Some(Transmit { len, to, from });
+        }
+        while let Some(&key) = self.dirty.front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                self.dirty.pop_front();
+                continue;
+            };
+            match conn.quic.send(buf) {
+                Ok((len, info)) => {
+                    return Some(Transmit {
+                        len,
+                        to: info.to,
+                        from: info.from,
+                    });
+                }
+                Err(_) => {
+                    conn.dirty = false;
+                    self.dirty.pop_front();
+                    self.settle(now, key);
+                }
+            }
+        }
+        None
+    }
+
+    /// The next event for the application. Call until `None`.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// The earliest time [`Server::handle_timeout`] wants to run, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.endpoint_out.is_empty() {
+            return None;
+        }
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    // ----- internals ------------------------------------------------------
+
+    fn queue_endpoint(&mut self, bytes: Vec<u8>, to: SocketAddr, from: SocketAddr) {
+        if self.endpoint_out.len() < MAX_ENDPOINT_QUEUE {
+            self.endpoint_out.push_back((bytes, to, from));
+        }
+    }
+
+    /// After any input on a connection: notice the handshake, read and
+    /// answer streams, queue it for sending, reap it if closed, re-arm its
+    /// timer.
+    fn after_io(&mut self, now: Instant, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !conn.opened && conn.quic.is_established() {
+            conn.opened = true;
+            let (peer, resumed) = (conn.peer, conn.quic.is_resumed());
+            self.events.push_back(ServerEvent::ConnectionOpened {
+                conn: key,
+                peer,
+                resumed,
+            });
+        }
+        self.read_streams(key);
+        self.write_streams(key);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push_back(key);
+        }
+        self.settle(now, key);
+    }
+
+    /// Reaps a closed connection, or re-arms its timer.
+    fn settle(&mut self, now: Instant, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.quic.is_closed() {
+            let reason = close_reason(&conn.quic);
+            self.reap(key, reason);
+            return;
+        }
+        let mut next = conn.quic.timeout_instant().map(|at| Deadline {
+            at,
+            kind: TimerKind::Quic,
+        });
+        if !conn.opened {
+            let hs = Deadline {
+                at: conn.handshake_deadline,
+                kind: TimerKind::Handshake,
+            };
+            next = Some(match next {
+                Some(d) if d.at <= hs.at => d,
+                _ => hs,
+            });
+        }
+        if next != conn.deadline {
+            if let Some(old) = conn.deadline {
+                self.timers.remove(&(old.at, key));
+            }
+            if let Some(d) = next {
+                self.timers.insert((d.at, key));
+            }
+            conn.deadline = next;
+        }
+        let _ = now;
+    }
+
+    fn reap(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(conn) = self.conns.remove(&key) else {
+            return;
+        };
+        if let Some(d) = conn.deadline {
+            self.timers.remove(&(d.at, key));
+        }
+        for cid in &conn.cids {
+            if self.routes.get(cid) == Some(&key) {
+                self.routes.remove(cid);
+            }
+        }
+        let s = conn.quic.stats();
+        let rtt = conn.quic.path_stats().next().map(|p| p.rtt);
+        self.events.push_back(ServerEvent::ConnectionClosed {
+            conn: key,
+            peer: conn.peer,
+            established: conn.opened,
+            reason,
+            stats: ConnStats {
+                sent: s.sent,
+                recv: s.recv,
+                lost: s.lost,
+                sent_bytes: s.sent_bytes,
+                recv_bytes: s.recv_bytes,
+                rtt,
+                reports: conn.reports,
+            },
+        });
+    }
+
+    /// Reads every readable stream of `key` and turns its objects into
+    /// slots and events.
+    fn read_streams(&mut self, key: ConnKey) {
+        let max = self.cfg.max_report_bytes;
+        let mut items = std::mem::take(&mut self.items);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let peer = conn.peer;
+        for sid in conn.quic.readable() {
+            if sid % 4 != 0 {
+                // Only client-initiated bidirectional streams carry reports
+                // (the transport parameters allow no others).
+                let _ =
+                    conn.quic
+                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+                continue;
+            }
+            let st = conn
+                .streams
+                .entry(sid)
+                .or_insert_with(|| StreamState::new(max));
+            while !st.read_done {
+                match conn.quic.stream_recv(sid, &mut self.scratch) {
+                    Ok((n, fin)) => {
+                        st.splitter.push(&self.scratch[..n]);
+                        if fin {
+                            st.splitter.finish();
+                            st.read_done = true;
+                        }
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(_) => {
+                        // Reset by the client: what came is answered, no more comes.
+                        st.read_done = true;
+                    }
+                }
+                if st.splitter.is_failed() {
+                    break;
+                }
+            }
+            while let Some(item) = st.splitter.next_item() {
+                items.push((sid, item));
+            }
+        }
+        for (sid, item) in items.drain(..) {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                break;
+            };
+            let Some(st) = conn.streams.get_mut(&sid) else {
+                continue;
+            };
+            let index = st.next_index;
+            st.next_index += 1;
+            conn.reports += 1;
+            let handle = ReportHandle {
+                conn: key,
+                stream: sid,
+                index,
+            };
+            let slot = match item.and_then(Report::from_object) {
+                Ok(report) => self.take_report(handle, peer, report),
+                Err(error) => self.reject(key, sid, error),
+            };
+            if let Some(st) = self
+                .conns
+                .get_mut(&key)
+                .and_then(|c| c.streams.get_mut(&sid))
+            {
+                st.slots.push_back(slot);
+            }
+        }
+        self.items = items;
+    }
+
+    /// An object or a stream the protocol refuses: the error answer, and
+    /// for a fatal error, no more reading (STOP_SENDING if the client is
+    /// still sending).
+    fn reject(&mut self, key: ConnKey, sid: u64, error: StreamError) -> Slot {
+        self.stats.rejected += 1;
+        let mut answer = Vec::new();
+        Response::from_stream_error(&error).encode(&mut answer);
+        if error.is_fatal() {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                if let Some(st) = conn.streams.get_mut(&sid) {
+                    if !st.read_done {
+                        let code = match error {
+                            StreamError::TooLarge { .. } => codes::REPORT_TOO_LARGE,
+                            _ => codes::STREAM_REJECTED,
+                        };
+                        let _ = conn.quic.stream_shutdown(sid, quiche::Shutdown::Read, code);
+                    }
+                    st.read_done = true;
+                }
+            }
+        }
+        self.events.push_back(ServerEvent::StreamRejected {
+            conn: key,
+            stream: sid,
+            error,
+        });
+        Slot::Ready(answer)
+    }
+
+    /// A well-formed report: answer a duplicate at once, park a copy of one
+    /// the application holds, or hand it to the application.
+    fn take_report(&mut self, handle: ReportHandle, peer: SocketAddr, report: Report) -> Slot {
+        let received = serde_json::to_vec(&report.fields).expect("a JSON map always serialises");
+        let key = report.key().map(|(c, s)| (c.to_owned(), s));
+        if let Some((client, seq)) = &key {
+            if self.dedup.contains(client, *seq) {
+                self.stats.duplicates += 1;
+                let mut a = Vec::with_capacity(received.len() + 40);
+                a.extend_from_slice(b"{\"ok\":true,\"duplicate\":true,\"received\":");
+                a.extend_from_slice(&received);
+                a.extend_from_slice(b"}\n");
+                self.events.push_back(ServerEvent::Duplicate {
+                    conn: handle.conn,
+                    client: client.clone(),
+                    seq: *seq,
+                });
+                return Slot::Ready(a);
+            }
+            if let Some(waiting) = self.parked.get_mut(&(client.clone(), *seq)) {
+                waiting.push(handle);
+                self.awaiting.insert(
+                    handle,
+                    Awaiting {
+                        key: None,
+                        received,
+                    },
+                );
+                return Slot::Pending;
+            }
+            self.parked.insert((client.clone(), *seq), Vec::new());
+        }
+        self.stats.reports += 1;
+        self.awaiting.insert(handle, Awaiting { key, received });
+        self.events.push_back(ServerEvent::Report {
+            handle,
+            peer,
+            report,
+        });
+        Slot::Pending
+    }
+
+    /// Puts an answer in its slot. Returns false if the stream is gone.
+    fn fill_slot(&mut self, h: ReportHandle, answer: Vec<u8>) -> bool {
+        let Some(st) = self
+            .conns
+            .get_mut(&h.conn)
+            .and_then(|c| c.streams.get_mut(&h.stream))
+        else {
+            return false;
+        };
+        let Some(pos) = h.index.checked_sub(st.first_index) else {
+            return false;
+        };
+        match st.slots.get_mut(pos as usize) {
+            Some(slot @ Slot::Pending) => {
+                *slot = Slot::Ready(answer);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves ready answers (in order) into quiche, sends FIN when all is
+    /// answered, and forgets finished streams.
+    fn write_streams(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let mut finished = Vec::new();
+        for (&sid, st) in conn.streams.iter_mut() {
+            while let Some(Slot::Ready(_)) = st.slots.front() {
+                if let Some(Slot::Ready(a)) = st.slots.pop_front() {
+                    if st.out.is_empty() {
+                        st.out = a;
+                    } else {
+                        st.out.extend_from_slice(&a);
+                    }
+                }
+                st.first_index += 1;
+            }
+            let all_answered = st.read_done && st.slots.is_empty() && st.splitter_done();
+            if !st.write_done && (!st.out.is_empty() || all_answered) {
+                match conn.quic.stream_send(sid, &st.out, all_answered) {
+                    Ok(n) => {
+                        st.out.drain(..n);
+                        if all_answered && st.out.is_empty() {
+                            st.write_done = true;
+                        }
+                    }
+                    Err(quiche::Error::Done) => {}
+                    Err(_) => {
+                        // The client stopped reading (STOP_SENDING) or the
+                        // stream is gone: nothing more to write.
+                        st.out.clear();
+                        st.write_done = true;
+                    }
+                }
+            }
+            if st.write_done && st.read_done && st.slots.is_empty() {
+                finished.push(sid);
+            }
+        }
+        for sid in finished {
+            conn.streams.remove(&sid);
+        }
+    }
+}
+
+impl StreamState {
+    fn splitter_done(&self) -> bool {
+        self.splitter.is_done() || self.splitter.is_failed()
+    }
+}
+
+fn not_recorded(why: &str) -> Response {
+    Response::Error {
+        code: CODE_NOT_RECORDED.into(),
+        error: format!("not recorded: {why}"),
+    }
+}
+
+fn close_reason(q: &quiche::Connection) -> CloseReason {
+    if q.is_timed_out() {
+        return CloseReason::IdleTimeout;
+    }
+    if let Some(e) = q.peer_error() {
+        return CloseReason::PeerClosed {
+            code: e.error_code,
+            reason: String::from_utf8_lossy(&e.reason).into_owned(),
+        };
+    }
+    if let Some(e) = q.local_error() {
+        return CloseReason::LocalClosed {
+            code: e.error_code,
+            reason: String::from_utf8_lossy(&e.reason).into_owned(),
+        };
+    }
+    CloseReason::IdleTimeout
+}

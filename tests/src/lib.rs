@@ -1,0 +1,483 @@
+//! The simulation harness: client and server cores joined by an in-memory
+//! network, on virtual time.
+//!
+//! [`Sim`] is a discrete-event loop: it jumps the virtual clock to the
+//! earliest of every peer's `poll_timeout()`, every packet's arrival and
+//! every scheduled report, delivers what is due, and drains every peer (the
+//! core's contract: transmits, then events). It never sleeps, so a 30 s idle
+//! timeout costs microseconds of real time. quiche's own timers follow the
+//! same virtual clock (see [`clock`]).
+//!
+//! Same seed, same outcome: the reports recorded, every event and its
+//! virtual time, and every network decision repeat. Packet bytes do not
+//! (BoringSSL draws its own randomness). Every failing assertion should
+//! print the seed: use [`Sim::context`].
+
+pub mod clock;
+pub mod net;
+pub mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use quic_report_core::{
+    Client, ClientConfig, ClientEvent, CoreRng, Outcome, Sample, Seq, Server, ServerConfig,
+    ServerEvent, Verify,
+};
+use serde_json::{Map, Value};
+
+pub use clock::VirtualClock;
+pub use net::{Net, NetConfig};
+pub use raw::RawPeer;
+
+/// Path of a file in the repository's `certs/`.
+pub fn cert_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("certs")
+        .join(name)
+}
+
+/// The server's address in every simulation.
+pub const SERVER_ADDR: &str = "127.0.0.1:4433";
+
+/// A report as the simulated sink recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// `client` field.
+    pub client: Option<String>,
+    /// `seq` field.
+    pub seq: Option<u64>,
+    /// The whole object.
+    pub fields: Map<String, Value>,
+    /// Virtual time of the record.
+    pub at: Duration,
+}
+
+/// One simulated reporting client and what it saw.
+pub struct SimClient {
+    /// The core.
+    pub client: Client,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Seqs submitted, in order.
+    pub submitted: Vec<Seq>,
+    /// Seqs acknowledged (including as duplicate), in order of arrival.
+    pub acked: Vec<Seq>,
+    /// Every event with its virtual time.
+    pub events: Vec<(Duration, ClientEvent)>,
+    schedule: Option<(Duration, Instant, usize)>,
+}
+
+impl SimClient {
+    /// Whether every submitted report was acknowledged.
+    pub fn all_acked(&self) -> bool {
+        let acked: BTreeSet<_> = self.acked.iter().collect();
+        self.schedule.is_none_or(|(_, _, left)| left == 0)
+            && self.submitted.iter().all(|s| acked.contains(s))
+    }
+}
+
+/// The simulated world.
+pub struct Sim {
+    /// The seed everything follows.
+    pub seed: u64,
+    /// Virtual time.
+    pub clock: VirtualClock,
+    /// The network.
+    pub net: Net,
+    /// The server, while it runs.
+    pub server: Option<Server>,
+    /// Its address.
+    pub server_addr: SocketAddr,
+    /// Config for (re)starting the server.
+    pub server_cfg: ServerConfig,
+    /// What the sink recorded, in order.
+    pub records: Vec<Record>,
+    /// While set, the sink fails every write.
+    pub sink_failing: bool,
+    /// The reporting clients.
+    pub clients: Vec<SimClient>,
+    /// Raw quiche peers (for protocol tests).
+    pub raws: Vec<RawPeer>,
+    /// Every event of every peer with its virtual time, one line each.
+    pub trace: Vec<String>,
+    rng: CoreRng,
+    servers_started: u64,
+    buf: Vec<u8>,
+    steps: u64,
+}
+
+impl Sim {
+    /// A world with a running server, on a fresh virtual clock.
+    pub fn new(seed: u64, net: NetConfig) -> Sim {
+        let clock = VirtualClock::install();
+        let server_cfg = ServerConfig::new(cert_path("localhost.pem"), cert_path("localhost.key"));
+        let mut sim = Sim {
+            seed,
+            clock,
+            net: Net::new(net, seed),
+            server: None,
+            server_addr: SERVER_ADDR.parse().expect("a valid address"),
+            server_cfg,
+            records: Vec::new(),
+            sink_failing: false,
+            clients: Vec::new(),
+            raws: Vec::new(),
+            trace: Vec::new(),
+            rng: CoreRng::from_seed(seed),
+            servers_started: 0,
+            buf: vec![0; 65536],
+            steps: 0,
+        };
+        sim.start_server();
+        sim
+    }
+
+    /// A line to end every assertion message with: the seed and the trace tail.
+    pub fn context(&self) -> String {
+        let mut s = format!(
+            "\nseed = {} (rerun with SIM_SEED={})\nlast events:\n",
+            self.seed, self.seed
+        );
+        for line in self.trace.iter().rev().take(30).rev() {
+            let _ = writeln!(s, "  {line}");
+        }
+        s
+    }
+
+    /// Starts (or restarts) the server: a new `Server` object, nothing
+    /// remembered from the last one.
+    pub fn start_server(&mut self) {
+        self.servers_started += 1;
+        let rng = CoreRng::from_seed(self.seed.wrapping_add(self.servers_started * 0x9e37_79b9));
+        let server = Server::new(self.server_cfg.clone(), rng).expect("server config is valid");
+        let n = self.servers_started;
+        self.log("server", format_args!("started (#{n})"));
+        self.server = Some(server);
+    }
+
+    /// Kills the server: its state is gone, packets to it are dropped.
+    pub fn kill_server(&mut self) {
+        self.server = None;
+        self.log("server", format_args!("killed"));
+    }
+
+    /// Adds a client with default settings, adjusted by `adjust`.
+    pub fn add_client(&mut self, adjust: impl FnOnce(&mut ClientConfig)) -> usize {
+        let i = self.clients.len();
+        let addr: SocketAddr = format!("127.0.0.{}:{}", 2 + i / 1000, 5000 + i % 1000)
+            .parse()
+            .expect("a valid address");
+        let mut cfg =
+            ClientConfig::new(self.server_addr, addr, Verify::CaFile(cert_path("ca.pem")));
+        cfg.client_id = Some(format!("client{i}"));
+        adjust(&mut cfg);
+        let rng = self.rng.fork();
+        let now = self.clock.now();
+        let client = Client::new(cfg, rng, now).expect("client config is valid");
+        self.clients.push(SimClient {
+            client,
+            addr,
+            submitted: Vec::new(),
+            acked: Vec::new(),
+            events: Vec::new(),
+            schedule: None,
+        });
+        self.drain();
+        i
+    }
+
+    /// Adds a raw quiche peer (see [`RawPeer`]).
+    pub fn add_raw(&mut self, alpn: &[&[u8]]) -> usize {
+        let i = self.raws.len();
+        let addr: SocketAddr = format!("127.0.1.1:{}", 6000 + i)
+            .parse()
+            .expect("a valid address");
+        let raw = RawPeer::connect(addr, self.server_addr, alpn, &mut self.rng);
+        self.raws.push(raw);
+        self.drain();
+        i
+    }
+
+    /// Client `i` submits `count` samples, one every `interval`, the first now.
+    pub fn schedule_reports(&mut self, i: usize, count: usize, interval: Duration) {
+        let now = self.clock.now();
+        self.clients[i].schedule = Some((interval, now, count));
+    }
+
+    /// Whether every client had every report acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.clients.iter().all(SimClient::all_acked)
+    }
+
+    /// Runs until `done(self)` holds, at most `limit` of virtual time and
+    /// 1,000,000 steps. Returns whether `done` held.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.clock.now() + limit;
+        for _ in 0..1_000_000 {
+            if done(self) {
+                return true;
+            }
+            if !self.step(end) {
+                return done(self);
+            }
+        }
+        done(self)
+    }
+
+    /// Runs for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(d, |_| false);
+    }
+
+    /// One step: jump to the next event (not past `end`), deliver, drain.
+    /// Returns false when `end` is reached.
+    pub fn step(&mut self, end: Instant) -> bool {
+        self.steps += 1;
+        let mut next: Option<Instant> = self.net.next_arrival();
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        if let Some(s) = &self.server {
+            consider(s.poll_timeout());
+        }
+        for c in &self.clients {
+            consider(c.client.poll_timeout());
+            if let Some((_, at, left)) = c.schedule {
+                if left > 0 {
+                    consider(Some(at));
+                }
+            }
+        }
+        for r in &self.raws {
+            consider(r.poll_timeout());
+        }
+        let now_before = self.clock.now();
+        let t = match next {
+            Some(t) if t <= end => t.max(now_before),
+            _ => {
+                self.clock.advance_to(end);
+                return false;
+            }
+        };
+        self.clock.advance_to(t);
+        let now = self.clock.now();
+        while let Some(p) = self.net.pop_due(now) {
+            self.deliver(now, p);
+        }
+        for i in 0..self.clients.len() {
+            let c = &mut self.clients[i];
+            if let Some((interval, at, left)) = c.schedule {
+                if left > 0 && at <= now {
+                    c.schedule = Some((interval, at + interval, left - 1));
+                    let value = self.rng.unit_f64();
+                    let mut fields = Map::new();
+                    fields.insert("value".into(), Value::from(value));
+                    let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(0);
+                    let sample = Sample {
+                        fields,
+                        sampled_at_ms: 1_700_000_000_000 + ms,
+                    };
+                    let seq = self.clients[i].client.submit(now, sample);
+                    self.clients[i].submitted.push(seq);
+                }
+            }
+        }
+        if let Some(s) = &mut self.server {
+            if s.poll_timeout().is_some_and(|d| d <= now) {
+                s.handle_timeout(now);
+            }
+        }
+        for c in &mut self.clients {
+            if c.client.poll_timeout().is_some_and(|d| d <= now) {
+                c.client.handle_timeout(now);
+            }
+        }
+        for r in &mut self.raws {
+            if r.poll_timeout().is_some_and(|d| d <= now) {
+                r.handle_timeout();
+            }
+        }
+        self.drain();
+        true
+    }
+
+    fn deliver(&mut self, now: Instant, mut p: net::Packet) {
+        if p.to == self.server_addr {
+            if let Some(s) = &mut self.server {
+                let _ = s.handle_datagram(now, p.from, p.to, &mut p.data);
+            }
+            return;
+        }
+        if let Some(c) = self.clients.iter_mut().find(|c| c.addr == p.to) {
+            let _ = c.client.handle_datagram(now, p.from, p.to, &mut p.data);
+            return;
+        }
+        if let Some(r) = self.raws.iter_mut().find(|r| r.addr == p.to) {
+            r.handle_datagram(p.from, p.to, &mut p.data);
+        }
+    }
+
+    /// Drains every peer until nothing moves (the core's contract).
+    pub fn drain(&mut self) {
+        let now = self.clock.now();
+        loop {
+            let mut moved = false;
+            if let Some(s) = &mut self.server {
+                while let Some(t) = s.poll_transmit(now, &mut self.buf) {
+                    self.net.send(now, t.from, t.to, &self.buf[..t.len]);
+                    moved = true;
+                }
+            }
+            while let Some(ev) = self.server.as_mut().and_then(Server::poll_event) {
+                moved = true;
+                self.on_server_event(now, ev);
+            }
+            for i in 0..self.clients.len() {
+                let c = &mut self.clients[i];
+                while let Some(t) = c.client.poll_transmit(now, &mut self.buf) {
+                    self.net.send(now, t.from, t.to, &self.buf[..t.len]);
+                    moved = true;
+                }
+                while let Some(ev) = self.clients[i].client.poll_event() {
+                    moved = true;
+                    self.on_client_event(i, ev);
+                }
+            }
+            for r in &mut self.raws {
+                while let Some((len, to)) = r.poll_transmit(&mut self.buf) {
+                    self.net.send(now, r.addr, to, &self.buf[..len]);
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn on_server_event(&mut self, now: Instant, ev: ServerEvent) {
+        match &ev {
+            ServerEvent::Report { handle, report, .. } => {
+                let outcome = if self.sink_failing {
+                    Outcome::NotRecorded("sink failing".into())
+                } else {
+                    self.records.push(Record {
+                        client: report.client.clone(),
+                        seq: report.seq,
+                        fields: report.fields.clone(),
+                        at: self.clock.elapsed(),
+                    });
+                    Outcome::Recorded
+                };
+                self.log(
+                    "server",
+                    format_args!("report {:?} {:?} -> {outcome:?}", report.client, report.seq),
+                );
+                if let Some(s) = &mut self.server {
+                    let _ = s.respond(now, *handle, outcome);
+                }
+            }
+            ServerEvent::ConnectionClosed {
+                conn,
+                established,
+                reason,
+                stats,
+                ..
+            } => {
+                self.log(
+                    "server",
+                    format_args!(
+                        "closed {conn} established={established} reason={reason} reports={}",
+                        stats.reports
+                    ),
+                );
+            }
+            other => self.log("server", format_args!("{other:?}")),
+        }
+    }
+
+    fn on_client_event(&mut self, i: usize, ev: ClientEvent) {
+        let elapsed = self.clock.elapsed();
+        let line = match &ev {
+            ClientEvent::Acknowledged { seq, duplicate, .. } => {
+                self.clients[i].acked.push(*seq);
+                format!("acknowledged seq={seq} duplicate={duplicate}")
+            }
+            ClientEvent::ReconnectScheduled { at, attempt } => {
+                let in_ms = at.saturating_duration_since(self.clock.now()).as_secs_f64() * 1e3;
+                format!("reconnect #{attempt} in {in_ms:.3}ms")
+            }
+            other => format!("{other:?}"),
+        };
+        self.log(&format!("client{i}"), format_args!("{line}"));
+        self.clients[i].events.push((elapsed, ev));
+    }
+
+    /// Appends a line to the trace, stamped with virtual time.
+    pub fn log(&mut self, who: &str, what: std::fmt::Arguments<'_>) {
+        let t = self.clock.elapsed().as_secs_f64() * 1e3;
+        self.trace.push(format!("{t:>12.3}ms {who:<8} {what}"));
+    }
+
+    /// `(client, seq)` of every record, in order.
+    pub fn recorded_keys(&self) -> Vec<(String, u64)> {
+        self.records
+            .iter()
+            .filter_map(|r| Some((r.client.clone()?, r.seq?)))
+            .collect()
+    }
+
+    /// Asserts that every submitted report of every client was recorded
+    /// exactly once and nothing else was recorded.
+    pub fn assert_exactly_once(&self) {
+        let mut counts: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        for k in self.recorded_keys() {
+            *counts.entry(k).or_default() += 1;
+        }
+        let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            dups.is_empty(),
+            "recorded more than once: {dups:?}{}",
+            self.context()
+        );
+        let mut expected = BTreeSet::new();
+        for c in &self.clients {
+            for s in &c.submitted {
+                expected.insert((c.client.client_id().to_owned(), *s));
+            }
+        }
+        let got: BTreeSet<_> = counts.keys().cloned().collect();
+        let missing: Vec<_> = expected.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&expected).collect();
+        assert!(
+            missing.is_empty(),
+            "never recorded: {missing:?}{}",
+            self.context()
+        );
+        assert!(
+            extra.is_empty(),
+            "recorded but never submitted: {extra:?}{}",
+            self.context()
+        );
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+}
+
+/// The seed for a test: `SIM_SEED` from the environment, else `default`.
+pub fn seed_or(default: u64) -> u64 {
+    std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}

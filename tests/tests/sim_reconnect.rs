@@ -1,0 +1,72 @@
+//! Outages on a simulated network: the client reconnects by itself and
+//! every report still arrives, once.
+
+use std::time::Duration;
+
+use quic_report_core::{ClientEvent, DisconnectReason};
+use quic_report_tests::{NetConfig, Sim, seed_or};
+
+#[test]
+fn client_reconnects_after_server_gone_longer_than_idle_timeout() {
+    let mut sim = Sim::new(seed_or(10), NetConfig::default());
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 60, Duration::from_secs(2));
+    sim.run_for(Duration::from_secs(20));
+    let before = sim.records.len();
+    assert!(
+        before >= 9,
+        "reports flowed before the outage{}",
+        sim.context()
+    );
+    sim.kill_server();
+    // Five virtual minutes with no server: far past the 10 s idle timeout.
+    sim.run_for(Duration::from_secs(300));
+    assert_eq!(
+        sim.records.len(),
+        before,
+        "nothing recorded while down{}",
+        sim.context()
+    );
+    sim.start_server();
+    let ok = sim.run_until(Duration::from_secs(120), Sim::all_acked);
+    assert!(
+        ok,
+        "not every report was acknowledged after the restart{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+    let events = &sim.clients[c].events;
+    let disconnects = events
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::Disconnected { .. }))
+        .count();
+    let connects = events
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::Connected { .. }))
+        .count();
+    assert!(
+        disconnects >= 1 && connects >= 2,
+        "reconnected{}",
+        sim.context()
+    );
+    let reasons: Vec<_> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::Disconnected { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons.iter().all(|r| !r.is_permanent()),
+        "no permanent failure: {reasons:?}{}",
+        sim.context()
+    );
+    assert!(
+        reasons.iter().any(|r| matches!(
+            r,
+            DisconnectReason::NoResponse | DisconnectReason::IdleTimeout
+        )),
+        "the dead server was noticed by timeout: {reasons:?}{}",
+        sim.context()
+    );
+}
