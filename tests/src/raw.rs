@@ -85,12 +85,14 @@ impl RawPeer {
 
     /// Queues bytes for stream `sid` (written once the handshake is done).
     pub fn write(&mut self, sid: u64, data: &[u8], fin: bool) {
+        self.streams.entry(sid).or_default();
         self.writes.push_back((sid, data.to_vec(), fin));
     }
 
     /// Queues `data` on `sid` as 1-byte chunks, each in its own packet, then FIN.
     pub fn write_bytewise(&mut self, sid: u64, data: &[u8]) {
         self.one_chunk_per_packet = true;
+        self.streams.entry(sid).or_default();
         for (i, b) in data.iter().enumerate() {
             self.writes.push_back((sid, vec![*b], i + 1 == data.len()));
         }
@@ -121,20 +123,9 @@ impl RawPeer {
     }
 
     fn read(&mut self) {
-        let readable: Vec<u64> = self.conn.readable().collect();
-        for sid in readable {
-            loop {
-                match self.conn.stream_recv(sid, &mut self.scratch) {
-                    Ok((n, fin)) => {
-                        let s = self.streams.entry(sid).or_default();
-                        s.data.extend_from_slice(&self.scratch[..n]);
-                        s.fin |= fin;
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        // STOP_SENDING from the server shows up as an error on write.
+        // STOP_SENDING shows up as an error on write; look before reading,
+        // since reading the FIN lets quiche forget a stream whose sending
+        // side was stopped.
         let ids: Vec<u64> = self
             .streams
             .keys()
@@ -142,10 +133,17 @@ impl RawPeer {
             .chain(self.writes.iter().map(|w| w.0))
             .collect();
         for sid in ids {
-            if let Err(quiche::Error::StreamStopped(code)) = self.conn.stream_send(sid, b"", false)
-            {
+            if let Err(quiche::Error::StreamStopped(code)) = self.conn.stream_writable(sid, 0) {
                 self.streams.entry(sid).or_default().stopped = Some(code);
                 self.writes.retain(|w| w.0 != sid);
+            }
+        }
+        let readable: Vec<u64> = self.conn.readable().collect();
+        for sid in readable {
+            while let Ok((n, fin)) = self.conn.stream_recv(sid, &mut self.scratch) {
+                let s = self.streams.entry(sid).or_default();
+                s.data.extend_from_slice(&self.scratch[..n]);
+                s.fin |= fin;
             }
         }
     }

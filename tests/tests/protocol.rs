@@ -1,0 +1,214 @@
+//! Protocol `quic-report/1` as the server speaks it, driven by a raw quiche
+//! client on the simulated network: answers in order, every bad-input case,
+//! and the connection surviving each of them.
+
+use std::time::Duration;
+
+use quic_report_core::ALPN;
+use quic_report_tests::{NetConfig, Sim, seed_or};
+use serde_json::Value;
+
+fn sim_with_raw(seed: u64) -> (Sim, usize) {
+    let mut sim = Sim::new(seed_or(seed), NetConfig::default());
+    let r = sim.add_raw(&[ALPN]);
+    (sim, r)
+}
+
+fn run(sim: &mut Sim, r: usize, streams: &[u64], answers_each: usize) {
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        streams.iter().all(|sid| {
+            let seen = s.raws[r].seen(*sid);
+            seen.fin && seen.answers().len() >= answers_each
+        })
+    });
+    assert!(
+        ok,
+        "answers and FIN on streams {streams:?}{}",
+        sim.context()
+    );
+}
+
+fn code(v: &Value) -> &str {
+    v.get("code").and_then(Value::as_str).unwrap_or("<none>")
+}
+
+#[test]
+fn several_objects_on_one_stream_without_fin_are_answered_in_order() {
+    let (mut sim, r) = sim_with_raw(20);
+    // The seed's client: one stream, an object every 2 s, never a FIN.
+    for i in 0..5u64 {
+        let obj = format!(r#"{{"value":0.{i},"id":"abc","client":"seedlike","seq":{i}}}"#);
+        sim.raws[r].write(0, obj.as_bytes(), false);
+        let want = (i + 1) as usize;
+        let ok = sim.run_until(Duration::from_secs(2), |s| {
+            s.raws[r].seen(0).answers().len() >= want
+        });
+        assert!(
+            ok,
+            "answer {i} arrived before the next object{}",
+            sim.context()
+        );
+    }
+    let seen = sim.raws[r].seen(0);
+    assert!(!seen.fin, "no FIN while the client keeps its side open");
+    let answers = seen.answers();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["ok"], true, "{a}");
+        assert_eq!(a["received"]["seq"], i as u64, "answers in order: {a}");
+    }
+    assert_eq!(sim.records.len(), 5);
+    // FIN now: the server FINs its side.
+    sim.raws[r].write(0, b"", true);
+    run(&mut sim, r, &[0], 5);
+}
+
+#[test]
+fn objects_back_to_back_with_fin_each_get_an_answer() {
+    let (mut sim, r) = sim_with_raw(21);
+    sim.raws[r].write(
+        0,
+        br#"{"value":1}{"value":2}
+{"value":3}"#,
+        true,
+    );
+    run(&mut sim, r, &[0], 3);
+    let values: Vec<_> = sim.raws[r]
+        .seen(0)
+        .answers()
+        .iter()
+        .map(|a| a["received"]["value"].clone())
+        .collect();
+    assert_eq!(values, vec![Value::from(1), Value::from(2), Value::from(3)]);
+}
+
+#[test]
+fn every_bad_input_gets_its_error_and_the_connection_carries_on() {
+    let (mut sim, r) = sim_with_raw(22);
+    let cases: &[(&[u8], &str)] = &[
+        (b"", "empty"),
+        (b"   \n ", "empty"),
+        (b"{\"value\":\"\xff\"}", "not_utf8"),
+        (b"hello", "invalid_json"),
+        (b"{\"value\":NaN}", "invalid_json"),
+        (b"{\"value\":Infinity}", "invalid_json"),
+        (b"[1,2]", "not_object"),
+        (b"42", "not_object"),
+        (b"\"text\"", "not_object"),
+        (b"{\"value\":1", "truncated"),
+        (b"{\"seq\":-1}", "invalid_field"),
+    ];
+    for (i, (bytes, _)) in cases.iter().enumerate() {
+        sim.raws[r].write(4 * i as u64, bytes, true);
+    }
+    let ids: Vec<u64> = (0..cases.len() as u64).map(|i| 4 * i).collect();
+    run(&mut sim, r, &ids, 1);
+    for (i, (bytes, want)) in cases.iter().enumerate() {
+        let answers = sim.raws[r].seen(4 * i as u64).answers();
+        assert_eq!(
+            answers.len(),
+            1,
+            "one answer for {:?}: {answers:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(
+            answers[0]["ok"],
+            false,
+            "{:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(
+            code(&answers[0]),
+            *want,
+            "{:?}: {}",
+            String::from_utf8_lossy(bytes),
+            answers[0]
+        );
+        assert!(answers[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert!(sim.records.is_empty(), "nothing bad was recorded");
+    // Same connection, a good report still goes through.
+    let good = 4 * cases.len() as u64;
+    sim.raws[r].write(good, br#"{"value":0.5,"client":"x","seq":1}"#, true);
+    run(&mut sim, r, &[good], 1);
+    assert_eq!(sim.raws[r].seen(good).answers()[0]["ok"], true);
+    assert_eq!(sim.records.len(), 1);
+}
+
+#[test]
+fn good_object_then_garbage_answers_both_in_order() {
+    let (mut sim, r) = sim_with_raw(23);
+    sim.raws[r].write(0, br#"{"value":1} nonsense"#, true);
+    run(&mut sim, r, &[0], 2);
+    let a = sim.raws[r].seen(0).answers();
+    assert_eq!(a[0]["ok"], true);
+    assert_eq!(code(&a[1]), "invalid_json");
+    assert_eq!(sim.records.len(), 1);
+}
+
+#[test]
+fn object_split_into_one_byte_frames_is_reassembled() {
+    let (mut sim, r) = sim_with_raw(24);
+    let obj = br#"{"value":0.25,"note":"split {into} \"bytes\"","client":"b","seq":9}"#;
+    sim.raws[r].write_bytewise(0, obj);
+    let ok = sim.run_until(Duration::from_secs(60), |s| s.raws[r].seen(0).fin);
+    assert!(ok, "answered{}", sim.context());
+    let a = sim.raws[r].seen(0).answers();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0]["received"]["note"], "split {into} \"bytes\"");
+    assert!(
+        sim.net.stats.sent > obj.len() as u64,
+        "one packet per byte at least"
+    );
+}
+
+#[test]
+fn oversized_report_is_refused_with_stop_sending_and_others_continue() {
+    let (mut sim, r) = sim_with_raw(25);
+    let mut big = br#"{"value":1,"pad":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'x', 70 * 1024));
+    big.extend_from_slice(br#""}"#);
+    sim.raws[r].write(0, &big, false);
+    sim.raws[r].write(4, br#"{"value":2}"#, true);
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        let big = s.raws[r].seen(0);
+        big.fin && big.stopped.is_some() && s.raws[r].seen(4).fin
+    });
+    assert!(
+        ok,
+        "error answer, FIN and STOP_SENDING on the big stream{}",
+        sim.context()
+    );
+    let a = sim.raws[r].seen(0).answers();
+    assert_eq!(code(&a[0]), "too_large");
+    assert_eq!(
+        sim.raws[r].seen(0).stopped,
+        Some(quic_report_core::config::codes::REPORT_TOO_LARGE)
+    );
+    assert_eq!(sim.raws[r].seen(4).answers()[0]["ok"], true);
+    assert_eq!(sim.records.len(), 1);
+}
+
+#[test]
+fn duplicate_seq_acknowledged_not_recorded() {
+    let (mut sim, r) = sim_with_raw(26);
+    sim.raws[r].write(0, br#"{"value":1,"client":"d","seq":7}"#, true);
+    run(&mut sim, r, &[0], 1);
+    sim.raws[r].write(4, br#"{"value":1,"client":"d","seq":7}"#, true);
+    run(&mut sim, r, &[4], 1);
+    let again = &sim.raws[r].seen(4).answers()[0];
+    assert_eq!(again["ok"], true);
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(sim.records.len(), 1, "recorded once");
+}
+
+#[test]
+fn unknown_alpn_is_refused() {
+    let mut sim = Sim::new(seed_or(27), NetConfig::default());
+    let r = sim.add_raw(&[b"not-our-protocol"]);
+    sim.run_for(Duration::from_secs(5));
+    assert!(
+        !sim.raws[r].conn.is_established(),
+        "no handshake without our ALPN"
+    );
+    assert!(sim.raws[r].conn.is_closed() || sim.raws[r].conn.peer_error().is_some());
+}
