@@ -36,7 +36,7 @@ use crate::queue::{ReportQueue, Seq};
 use crate::report::{Response, Sample};
 use crate::rng::CoreRng;
 use crate::timer::{self, Deadline, TimerKind};
-use crate::{LOCAL_CID_LEN, Transmit, hex};
+use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit, hex};
 
 /// What the client can tell its application.
 #[derive(Debug, Clone, PartialEq)]
@@ -268,7 +268,7 @@ pub struct Client {
     session: Option<Vec<u8>>,
     stats: ClientStats,
     scratch: Vec<u8>,
-    keylog: Option<Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>>,
+    keylog: Option<KeylogFactory>,
 }
 
 impl fmt::Debug for Client {
@@ -317,11 +317,7 @@ impl Client {
 
     /// Sets a factory for TLS key-log writers (`SSLKEYLOGFILE`), called for
     /// each new connection. Needs [`ClientConfig::log_keys`].
-    #[allow(clippy::type_complexity)]
-    pub fn set_keylog(
-        &mut self,
-        factory: Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>,
-    ) {
+    pub fn set_keylog(&mut self, factory: KeylogFactory) {
         self.keylog = Some(factory);
     }
 
@@ -416,11 +412,10 @@ impl Client {
                 self.start_connect(now);
                 return;
             }
-            State::Connecting(c) | State::Connected(c) | State::Closing(c) => {
-                if c.quic.timeout_instant().is_some_and(|t| t <= now) {
+            State::Connecting(c) | State::Connected(c) | State::Closing(c)
+                if c.quic.timeout_instant().is_some_and(|t| t <= now) => {
                     c.quic.on_timeout();
                 }
-            }
             _ => {}
         }
         let mut abandon = None;
@@ -432,13 +427,12 @@ impl Client {
                 let oldest = c.in_flight.values().map(|f| f.sent_at).min();
                 if oldest.is_some_and(|t| t + self.cfg.response_timeout <= now) {
                     abandon = Some(DisconnectReason::NoResponse);
-                } else if let Some(ka) = self.cfg.keep_alive {
-                    if c.in_flight.is_empty() && c.last_send + ka <= now {
+                } else if let Some(ka) = self.cfg.keep_alive
+                    && c.in_flight.is_empty() && c.last_send + ka <= now {
                         // Cannot fail on an established connection.
                         let _ = c.quic.send_ack_eliciting();
                         c.last_send = now;
                     }
-                }
                 if c.hold_until.is_some_and(|t| t <= now) {
                     c.hold_until = None;
                 }
@@ -620,11 +614,10 @@ impl Client {
             // A stale or foreign ticket only costs the resumption.
             let _ = quic.set_session(session);
         }
-        if let Some(factory) = &mut self.keylog {
-            if let Some(w) = factory() {
+        if let Some(factory) = &mut self.keylog
+            && let Some(w) = factory() {
                 quic.set_keylog(w);
             }
-        }
         let conn = Conn {
             quic,
             id_hex: hex(&scid),
@@ -646,8 +639,8 @@ impl Client {
             self.on_closed(now);
             return;
         }
-        if let State::Connecting(c) = &self.state {
-            if c.quic.is_established() {
+        if let State::Connecting(c) = &self.state
+            && c.quic.is_established() {
                 let State::Connecting(c) = std::mem::replace(&mut self.state, State::Closed) else {
                     unreachable!("matched Connecting just above");
                 };
@@ -664,7 +657,6 @@ impl Client {
                 });
                 self.state = State::Connected(c);
             }
-        }
         self.save_session();
         self.read_answers(now);
         self.write_reports(now);
@@ -672,11 +664,10 @@ impl Client {
 
     fn save_session(&mut self) {
         let Some(conn) = self.conn() else { return };
-        if let Some(s) = conn.quic.session() {
-            if self.session.as_deref() != Some(s) {
+        if let Some(s) = conn.quic.session()
+            && self.session.as_deref() != Some(s) {
                 self.session = Some(s.to_vec());
             }
-        }
     }
 
     fn read_answers(&mut self, now: Instant) {
@@ -790,14 +781,12 @@ impl Client {
         // Finish reports that flow control cut short.
         let writable: Vec<u64> = conn.quic.writable().collect();
         for sid in writable {
-            if let Some(f) = conn.in_flight.get_mut(&sid) {
-                if !f.unsent.is_empty() {
-                    if let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true) {
+            if let Some(f) = conn.in_flight.get_mut(&sid)
+                && !f.unsent.is_empty()
+                    && let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true) {
                         f.unsent.drain(..n);
                         conn.last_send = now;
                     }
-                }
-            }
         }
         if conn.hold_until.is_some_and(|t| t > now) {
             return;
@@ -926,8 +915,8 @@ fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectRe
             DisconnectReason::ConnectTimeout
         };
     }
-    if let Some(e) = q.local_error() {
-        if !e.is_app {
+    if let Some(e) = q.local_error()
+        && !e.is_app {
             if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
                 if let Some(name) = certificate_alert(alert) {
                     return DisconnectReason::Certificate(name.into());
@@ -940,7 +929,6 @@ fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectRe
                 String::from_utf8_lossy(&e.reason)
             ));
         }
-    }
     if let Some(e) = q.peer_error() {
         let reason = String::from_utf8_lossy(&e.reason).into_owned();
         if !was_established {

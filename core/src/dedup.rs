@@ -95,11 +95,10 @@ impl Dedup {
             seen.touched = tick;
             seen.insert(seq, cap);
         } else {
-            if self.clients.len() >= self.cfg.max_clients.max(1) {
-                if let Some((_, oldest)) = self.by_age.pop_first() {
+            if self.clients.len() >= self.cfg.max_clients.max(1)
+                && let Some((_, oldest)) = self.by_age.pop_first() {
                     self.clients.remove(&oldest);
                 }
-            }
             let mut seen = Seen {
                 touched: tick,
                 ..Seen::default()

@@ -65,6 +65,10 @@ pub use server::{
 };
 pub use timer::{Deadline, TimerKind};
 
+/// Makes a TLS key-log writer (`SSLKEYLOGFILE`) for each new connection;
+/// `None` skips that connection.
+pub type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>;
+
 /// Length of the connection IDs we issue.
 pub const LOCAL_CID_LEN: usize = 16;
 

@@ -40,7 +40,7 @@ use crate::report::{CODE_NOT_RECORDED, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
 use crate::timer::{Deadline, TimerKind};
-use crate::{LOCAL_CID_LEN, Transmit};
+use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit};
 
 /// Names a connection for the lifetime of the [`Server`] (never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -294,7 +294,6 @@ pub struct Server {
     keylog: Option<KeylogFactory>,
 }
 
-type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>;
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -439,11 +438,10 @@ impl Server {
         let scid = quiche::ConnectionId::from_vec(scid.to_vec());
         let mut quic = quiche::accept(&scid, None, to, from, &mut self.quic_cfg)
             .map_err(DatagramError::Quic)?;
-        if let Some(factory) = &mut self.keylog {
-            if let Some(w) = factory() {
+        if let Some(factory) = &mut self.keylog
+            && let Some(w) = factory() {
                 quic.set_keylog(w);
             }
-        }
         let key = ConnKey(self.next_key);
         self.next_key += 1;
         self.stats.connections_total += 1;
@@ -820,9 +818,9 @@ impl Server {
         self.stats.rejected += 1;
         let mut answer = Vec::new();
         Response::from_stream_error(&error).encode(&mut answer);
-        if error.is_fatal() {
-            if let Some(conn) = self.conns.get_mut(&key) {
-                if let Some(st) = conn.streams.get_mut(&sid) {
+        if error.is_fatal()
+            && let Some(conn) = self.conns.get_mut(&key)
+                && let Some(st) = conn.streams.get_mut(&sid) {
                     if !st.read_done {
                         let code = match error {
                             StreamError::TooLarge { .. } => codes::REPORT_TOO_LARGE,
@@ -832,8 +830,6 @@ impl Server {
                     }
                     st.read_done = true;
                 }
-            }
-        }
         self.events.push_back(ServerEvent::StreamRejected {
             conn: key,
             stream: sid,

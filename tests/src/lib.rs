@@ -249,11 +249,10 @@ impl Sim {
         }
         for c in &self.clients {
             consider(c.client.poll_timeout());
-            if let Some((_, at, left)) = c.schedule {
-                if left > 0 {
+            if let Some((_, at, left)) = c.schedule
+                && left > 0 {
                     consider(Some(at));
                 }
-            }
         }
         for r in &self.raws {
             consider(r.poll_timeout());
@@ -273,8 +272,8 @@ impl Sim {
         }
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];
-            if let Some((interval, at, left)) = c.schedule {
-                if left > 0 && at <= now {
+            if let Some((interval, at, left)) = c.schedule
+                && left > 0 && at <= now {
                     c.schedule = Some((interval, at + interval, left - 1));
                     let value = self.rng.unit_f64();
                     let mut fields = Map::new();
@@ -287,13 +286,11 @@ impl Sim {
                     let seq = self.clients[i].client.submit(now, sample);
                     self.clients[i].submitted.push(seq);
                 }
-            }
         }
-        if let Some(s) = &mut self.server {
-            if s.poll_timeout().is_some_and(|d| d <= now) {
+        if let Some(s) = &mut self.server
+            && s.poll_timeout().is_some_and(|d| d <= now) {
                 s.handle_timeout(now);
             }
-        }
         for c in &mut self.clients {
             if c.client.poll_timeout().is_some_and(|d| d <= now) {
                 c.client.handle_timeout(now);

@@ -1,0 +1,41 @@
+# quic-report: make deps | demo | test | bench
+#
+# quiche builds BoringSSL, which needs cmake and libclang: `deps` installs
+# them with apt-get when they are missing (as root, or through sudo), and
+# every other target depends on it.
+
+CARGO ?= cargo
+SHELL := /bin/bash
+
+.PHONY: deps demo test bench build fmt clean
+
+deps:
+	@missing=""; \
+	command -v cmake >/dev/null 2>&1 || missing="$$missing cmake"; \
+	ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace
+
+# The whole system on loopback: source + server + client, labelled output.
+# Ctrl-C stops it. DEMO_ARGS="--count 5" stops after five reports.
+demo: deps
+	$(CARGO) run -q -p quic-report -- demo $(DEMO_ARGS)
+
+# Every test, plus the lints CI holds us to.
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
