@@ -221,7 +221,9 @@ struct InFlight {
 struct Conn {
     quic: quiche::Connection,
     id_hex: String,
-    connect_deadline: Instant,
+    /// Give up the attempt then if the server has said nothing; once it
+    /// answers, quiche's own timers govern the handshake.
+    connect_deadline: Option<Instant>,
     in_flight: BTreeMap<u64, InFlight>,
     next_stream: u64,
     last_send: Instant,
@@ -397,6 +399,9 @@ impl Client {
             return Err(DatagramError::NoConnection);
         };
         let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
+        if res.is_ok() {
+            conn.connect_deadline = None;
+        }
         self.pump(now);
         match res {
             Ok(_) | Err(quiche::Error::Done) => Ok(()),
@@ -413,14 +418,17 @@ impl Client {
                 return;
             }
             State::Connecting(c) | State::Connected(c) | State::Closing(c)
-                if c.quic.timeout_instant().is_some_and(|t| t <= now) => {
-                    c.quic.on_timeout();
-                }
+                if c.quic.timeout_instant().is_some_and(|t| t <= now) =>
+            {
+                c.quic.on_timeout();
+            }
             _ => {}
         }
         let mut abandon = None;
         match &mut self.state {
-            State::Connecting(c) if c.connect_deadline <= now && !c.quic.is_closed() => {
+            State::Connecting(c)
+                if c.connect_deadline.is_some_and(|d| d <= now) && !c.quic.is_closed() =>
+            {
                 abandon = Some(DisconnectReason::ConnectTimeout);
             }
             State::Connected(c) => {
@@ -428,11 +436,13 @@ impl Client {
                 if oldest.is_some_and(|t| t + self.cfg.response_timeout <= now) {
                     abandon = Some(DisconnectReason::NoResponse);
                 } else if let Some(ka) = self.cfg.keep_alive
-                    && c.in_flight.is_empty() && c.last_send + ka <= now {
-                        // Cannot fail on an established connection.
-                        let _ = c.quic.send_ack_eliciting();
-                        c.last_send = now;
-                    }
+                    && c.in_flight.is_empty()
+                    && c.last_send + ka <= now
+                {
+                    // Cannot fail on an established connection.
+                    let _ = c.quic.send_ack_eliciting();
+                    c.last_send = now;
+                }
                 if c.hold_until.is_some_and(|t| t <= now) {
                     c.hold_until = None;
                 }
@@ -547,7 +557,7 @@ impl Client {
             State::Waiting { until } => timer::at(Some(*until), TimerKind::Backoff),
             State::Connecting(c) => timer::earliest(
                 timer::at(c.quic.timeout_instant(), TimerKind::Quic),
-                timer::at(Some(c.connect_deadline), TimerKind::Connect),
+                timer::at(c.connect_deadline, TimerKind::Connect),
             ),
             State::Connected(c) => {
                 let mut d = timer::at(c.quic.timeout_instant(), TimerKind::Quic);
@@ -615,13 +625,14 @@ impl Client {
             let _ = quic.set_session(session);
         }
         if let Some(factory) = &mut self.keylog
-            && let Some(w) = factory() {
-                quic.set_keylog(w);
-            }
+            && let Some(w) = factory()
+        {
+            quic.set_keylog(w);
+        }
         let conn = Conn {
             quic,
             id_hex: hex(&scid),
-            connect_deadline: now + self.cfg.connect_timeout,
+            connect_deadline: Some(now + self.cfg.connect_timeout),
             in_flight: BTreeMap::new(),
             next_stream: 0,
             last_send: now,
@@ -640,23 +651,24 @@ impl Client {
             return;
         }
         if let State::Connecting(c) = &self.state
-            && c.quic.is_established() {
-                let State::Connecting(c) = std::mem::replace(&mut self.state, State::Closed) else {
-                    unreachable!("matched Connecting just above");
-                };
-                let resumed = c.quic.is_resumed();
-                let early_data = c.quic.early_data_reason() == SSL_EARLY_DATA_ACCEPTED;
-                self.stats.connections += 1;
-                self.stats.resumed += u32::from(resumed);
-                self.stats.early_data_accepted += u32::from(early_data);
-                self.backoff.reset();
-                self.events.push_back(ClientEvent::Connected {
-                    conn_id: c.id_hex.clone(),
-                    resumed,
-                    early_data,
-                });
-                self.state = State::Connected(c);
-            }
+            && c.quic.is_established()
+        {
+            let State::Connecting(c) = std::mem::replace(&mut self.state, State::Closed) else {
+                unreachable!("matched Connecting just above");
+            };
+            let resumed = c.quic.is_resumed();
+            let early_data = c.quic.early_data_reason() == SSL_EARLY_DATA_ACCEPTED;
+            self.stats.connections += 1;
+            self.stats.resumed += u32::from(resumed);
+            self.stats.early_data_accepted += u32::from(early_data);
+            self.backoff.reset();
+            self.events.push_back(ClientEvent::Connected {
+                conn_id: c.id_hex.clone(),
+                resumed,
+                early_data,
+            });
+            self.state = State::Connected(c);
+        }
         self.save_session();
         self.read_answers(now);
         self.write_reports(now);
@@ -665,9 +677,10 @@ impl Client {
     fn save_session(&mut self) {
         let Some(conn) = self.conn() else { return };
         if let Some(s) = conn.quic.session()
-            && self.session.as_deref() != Some(s) {
-                self.session = Some(s.to_vec());
-            }
+            && self.session.as_deref() != Some(s)
+        {
+            self.session = Some(s.to_vec());
+        }
     }
 
     fn read_answers(&mut self, now: Instant) {
@@ -783,10 +796,11 @@ impl Client {
         for sid in writable {
             if let Some(f) = conn.in_flight.get_mut(&sid)
                 && !f.unsent.is_empty()
-                    && let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true) {
-                        f.unsent.drain(..n);
-                        conn.last_send = now;
-                    }
+                && let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true)
+            {
+                f.unsent.drain(..n);
+                conn.last_send = now;
+            }
         }
         if conn.hold_until.is_some_and(|t| t > now) {
             return;
@@ -897,7 +911,13 @@ impl Client {
             self.events.push_back(ClientEvent::Failed { reason });
             return;
         }
-        let at = now + self.backoff.next_delay(&mut self.rng);
+        // A stateless reset proves the server is up (it restarted): come
+        // back at once. Anything else waits out the backoff.
+        let at = if reason == DisconnectReason::Reset {
+            now
+        } else {
+            now + self.backoff.next_delay(&mut self.rng)
+        };
         self.state = State::Waiting { until: at };
         self.events.push_back(ClientEvent::ReconnectScheduled {
             at,
@@ -916,19 +936,20 @@ fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectRe
         };
     }
     if let Some(e) = q.local_error()
-        && !e.is_app {
-            if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
-                if let Some(name) = certificate_alert(alert) {
-                    return DisconnectReason::Certificate(name.into());
-                }
-                return DisconnectReason::HandshakeFailed(format!("TLS alert {alert}"));
+        && !e.is_app
+    {
+        if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
+            if let Some(name) = certificate_alert(alert) {
+                return DisconnectReason::Certificate(name.into());
             }
-            return DisconnectReason::Protocol(format!(
-                "error {:#x} {}",
-                e.error_code,
-                String::from_utf8_lossy(&e.reason)
-            ));
+            return DisconnectReason::HandshakeFailed(format!("TLS alert {alert}"));
         }
+        return DisconnectReason::Protocol(format!(
+            "error {:#x} {}",
+            e.error_code,
+            String::from_utf8_lossy(&e.reason)
+        ));
+    }
     if let Some(e) = q.peer_error() {
         let reason = String::from_utf8_lossy(&e.reason).into_owned();
         if !was_established {

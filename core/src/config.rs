@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::backoff::BackoffConfig;
 use crate::dedup::DedupConfig;
 use crate::error::ConfigError;
+use crate::token::ServerSecret;
 
 /// The ALPN of protocol `quic-report/1`.
 pub const ALPN: &[u8] = b"quic-report/1";
@@ -56,7 +57,9 @@ pub struct ClientConfig {
     pub verify: Verify,
     /// quiche's idle timeout (default 10 s, as the seed's client).
     pub idle_timeout: Duration,
-    /// Give up a handshake not complete after this long (default 1 s).
+    /// Give up a connection attempt the server has not answered at all
+    /// after this long (default 1 s). Once it answers, the handshake has
+    /// until the idle timeout.
     pub connect_timeout: Duration,
     /// Give up a connection whose oldest report has no answer after this
     /// long (default 5 s).
@@ -120,6 +123,7 @@ impl ClientConfig {
             }
             Verify::Insecure => c.verify_peer(false),
         }
+        c.enable_early_data();
         if self.log_keys {
             c.log_keys();
         }
@@ -159,6 +163,12 @@ pub struct ServerConfig {
     pub dedup: DedupConfig,
     /// Log TLS secrets (the caller sets the writer on each connection).
     pub log_keys: bool,
+    /// The long-lived secret (reset tokens, ticket key, retry tokens). The
+    /// binary derives it from the private key; `None` draws a random one
+    /// (then nothing survives a restart).
+    pub secret: Option<ServerSecret>,
+    /// Stateless resets sent per second at most (burst of the same size).
+    pub max_resets_per_sec: u32,
 }
 
 impl ServerConfig {
@@ -174,6 +184,8 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             dedup: DedupConfig::default(),
             log_keys: false,
+            secret: None,
+            max_resets_per_sec: 100,
         }
     }
 
@@ -207,6 +219,7 @@ impl ServerConfig {
         c.set_initial_max_stream_data_bidi_local(0);
         c.set_initial_max_data((stream_window * 4).max(1024 * 1024));
         c.set_max_stream_window(stream_window);
+        c.enable_early_data();
         if self.log_keys {
             c.log_keys();
         }

@@ -96,9 +96,10 @@ impl Dedup {
             seen.insert(seq, cap);
         } else {
             if self.clients.len() >= self.cfg.max_clients.max(1)
-                && let Some((_, oldest)) = self.by_age.pop_first() {
-                    self.clients.remove(&oldest);
-                }
+                && let Some((_, oldest)) = self.by_age.pop_first()
+            {
+                self.clients.remove(&oldest);
+            }
             let mut seen = Seen {
                 touched: tick,
                 ..Seen::default()

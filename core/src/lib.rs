@@ -51,6 +51,7 @@ pub mod rng;
 pub mod server;
 pub mod stream;
 pub mod timer;
+pub mod token;
 
 use std::net::SocketAddr;
 
@@ -64,6 +65,7 @@ pub use server::{
     CloseReason, ConnKey, ConnStats, Outcome, ReportHandle, Server, ServerEvent, ServerStats,
 };
 pub use timer::{Deadline, TimerKind};
+pub use token::ServerSecret;
 
 /// Makes a TLS key-log writer (`SSLKEYLOGFILE`) for each new connection;
 /// `None` skips that connection.

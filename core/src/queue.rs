@@ -55,11 +55,12 @@ impl ReportQueue {
     pub fn push(&mut self, sample: Sample) -> (Seq, Option<Seq>) {
         let mut dropped = None;
         if self.entries.len() >= self.limit
-            && let Some((old, _)) = self.entries.pop_first() {
-                self.waiting.remove(&old);
-                self.dropped += 1;
-                dropped = Some(old);
-            }
+            && let Some((old, _)) = self.entries.pop_first()
+        {
+            self.waiting.remove(&old);
+            self.dropped += 1;
+            dropped = Some(old);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.entries.insert(

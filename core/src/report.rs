@@ -97,21 +97,23 @@ impl Report {
     pub fn from_object(fields: Map<String, Value>) -> Result<Report, StreamError> {
         for name in [FIELD_ID, FIELD_CLIENT] {
             if let Some(v) = fields.get(name)
-                && !v.is_string() {
-                    return Err(StreamError::InvalidField {
-                        field: name,
-                        expected: "a string",
-                    });
-                }
+                && !v.is_string()
+            {
+                return Err(StreamError::InvalidField {
+                    field: name,
+                    expected: "a string",
+                });
+            }
         }
         for name in [FIELD_SEQ, FIELD_SAMPLED_AT] {
             if let Some(v) = fields.get(name)
-                && !v.is_u64() {
-                    return Err(StreamError::InvalidField {
-                        field: name,
-                        expected: "an unsigned integer",
-                    });
-                }
+                && !v.is_u64()
+            {
+                return Err(StreamError::InvalidField {
+                    field: name,
+                    expected: "an unsigned integer",
+                });
+            }
         }
         let client = fields
             .get(FIELD_CLIENT)

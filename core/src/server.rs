@@ -40,6 +40,7 @@ use crate::report::{CODE_NOT_RECORDED, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
 use crate::timer::{Deadline, TimerKind};
+use crate::token::{SecretKeys, ServerSecret, stateless_reset};
 use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit};
 
 /// Names a connection for the lifetime of the [`Server`] (never reused).
@@ -200,6 +201,8 @@ pub struct ServerStats {
     pub dropped_datagrams: u64,
     /// Version negotiation packets sent.
     pub version_negotiations: u64,
+    /// Stateless resets sent.
+    pub resets_sent: u64,
 }
 
 /// One answer slot on a stream.
@@ -292,8 +295,10 @@ pub struct Server {
     /// Reused list of objects read in one pass.
     items: Vec<(u64, crate::stream::Item)>,
     keylog: Option<KeylogFactory>,
+    keys: SecretKeys,
+    /// Token bucket for stateless resets: tokens left, and when last refilled.
+    reset_budget: (f64, Option<Instant>),
 }
-
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -309,9 +314,22 @@ const MAX_ENDPOINT_QUEUE: usize = 1024;
 
 impl Server {
     /// A server with no connections.
-    pub fn new(cfg: ServerConfig, rng: CoreRng) -> Result<Server, ConfigError> {
-        let quic_cfg = cfg.quiche_config()?;
+    pub fn new(cfg: ServerConfig, mut rng: CoreRng) -> Result<Server, ConfigError> {
+        let mut quic_cfg = cfg.quiche_config()?;
+        let secret = cfg
+            .secret
+            .clone()
+            .unwrap_or_else(|| ServerSecret::random(&mut rng));
+        let keys = secret.keys();
+        quic_cfg
+            .set_ticket_key(keys.ticket_key())
+            .map_err(|err| ConfigError::Quiche {
+                what: "setting the session ticket key",
+                err,
+            })?;
         Ok(Server {
+            keys,
+            reset_budget: (f64::from(cfg.max_resets_per_sec), None),
             dedup: Dedup::new(cfg.dedup),
             cfg,
             quic_cfg,
@@ -397,6 +415,14 @@ impl Server {
             return self.recv_on(now, key, from, to, data);
         }
         if hdr.ty == quiche::Type::Short {
+            // A connection we do not know (we restarted, or it is long
+            // gone): tell the client at once with a stateless reset.
+            if self.take_reset_budget(now) {
+                if let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng) {
+                    self.stats.resets_sent += 1;
+                    self.queue_endpoint(p, from, to);
+                }
+            }
             return Err(DatagramError::UnknownConnection);
         }
         if !quiche::version_is_supported(hdr.version) {
@@ -436,12 +462,15 @@ impl Server {
         let mut scid = [0u8; LOCAL_CID_LEN];
         self.rng.fill(&mut scid);
         let scid = quiche::ConnectionId::from_vec(scid.to_vec());
+        self.quic_cfg
+            .set_stateless_reset_token(Some(self.keys.reset_token(&scid)));
         let mut quic = quiche::accept(&scid, None, to, from, &mut self.quic_cfg)
             .map_err(DatagramError::Quic)?;
         if let Some(factory) = &mut self.keylog
-            && let Some(w) = factory() {
-                quic.set_keylog(w);
-            }
+            && let Some(w) = factory()
+        {
+            quic.set_keylog(w);
+        }
         let key = ConnKey(self.next_key);
         self.next_key += 1;
         self.stats.connections_total += 1;
@@ -635,6 +664,53 @@ impl Server {
 
     // ----- internals ------------------------------------------------------
 
+    fn take_reset_budget(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.cfg.max_resets_per_sec);
+        let (tokens, last) = &mut self.reset_budget;
+        if let Some(last) = last.replace(now) {
+            *tokens =
+                (*tokens + now.saturating_duration_since(last).as_secs_f64() * rate).min(rate);
+        }
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives an established connection spare connection IDs (each with its
+    /// reset token) so the client can change address, and forgets retired
+    /// ones.
+    fn manage_cids(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        while let Some(cid) = conn.quic.retired_scid_next() {
+            if self.routes.get(&cid) == Some(&key) {
+                self.routes.remove(&cid);
+            }
+            conn.cids.retain(|c| *c != cid);
+        }
+        if !conn.quic.is_established() {
+            return;
+        }
+        while conn.quic.scids_left() > 0 && conn.cids.len() < 8 {
+            let mut b = [0u8; LOCAL_CID_LEN];
+            self.rng.fill(&mut b);
+            let cid = quiche::ConnectionId::from_vec(b.to_vec());
+            if conn
+                .quic
+                .new_scid(&cid, self.keys.reset_token(&cid), false)
+                .is_err()
+            {
+                break;
+            }
+            self.routes.insert(cid.clone(), key);
+            conn.cids.push(cid);
+        }
+    }
+
     fn queue_endpoint(&mut self, bytes: Vec<u8>, to: SocketAddr, from: SocketAddr) {
         if self.endpoint_out.len() < MAX_ENDPOINT_QUEUE {
             self.endpoint_out.push_back((bytes, to, from));
@@ -657,6 +733,7 @@ impl Server {
                 resumed,
             });
         }
+        self.manage_cids(key);
         self.read_streams(key);
         self.write_streams(key);
         let Some(conn) = self.conns.get_mut(&key) else {
@@ -820,16 +897,17 @@ impl Server {
         Response::from_stream_error(&error).encode(&mut answer);
         if error.is_fatal()
             && let Some(conn) = self.conns.get_mut(&key)
-                && let Some(st) = conn.streams.get_mut(&sid) {
-                    if !st.read_done {
-                        let code = match error {
-                            StreamError::TooLarge { .. } => codes::REPORT_TOO_LARGE,
-                            _ => codes::STREAM_REJECTED,
-                        };
-                        let _ = conn.quic.stream_shutdown(sid, quiche::Shutdown::Read, code);
-                    }
-                    st.read_done = true;
-                }
+            && let Some(st) = conn.streams.get_mut(&sid)
+        {
+            if !st.read_done {
+                let code = match error {
+                    StreamError::TooLarge { .. } => codes::REPORT_TOO_LARGE,
+                    _ => codes::STREAM_REJECTED,
+                };
+                let _ = conn.quic.stream_shutdown(sid, quiche::Shutdown::Read, code);
+            }
+            st.read_done = true;
+        }
         self.events.push_back(ServerEvent::StreamRejected {
             conn: key,
             stream: sid,

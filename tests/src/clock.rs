@@ -37,15 +37,14 @@ pub unsafe extern "C" fn clock_gettime(
             | libc::CLOCK_MONOTONIC_RAW
             | libc::CLOCK_BOOTTIME
     );
-    if monotonic
-        && let Some(ns) = VIRTUAL_NS.try_with(Cell::get).ok().flatten() {
-            // SAFETY: the caller passes a valid timespec pointer (libc contract).
-            unsafe {
-                (*tp).tv_sec = (ns / 1_000_000_000) as libc::time_t;
-                (*tp).tv_nsec = (ns % 1_000_000_000) as libc::c_long;
-            }
-            return 0;
+    if monotonic && let Some(ns) = VIRTUAL_NS.try_with(Cell::get).ok().flatten() {
+        // SAFETY: the caller passes a valid timespec pointer (libc contract).
+        unsafe {
+            (*tp).tv_sec = (ns / 1_000_000_000) as libc::time_t;
+            (*tp).tv_nsec = (ns % 1_000_000_000) as libc::c_long;
         }
+        return 0;
+    }
     // SAFETY: forwarding the caller's arguments to the real system call.
     unsafe { libc::syscall(libc::SYS_clock_gettime, clk, tp) as libc::c_int }
 }

@@ -105,6 +105,9 @@ pub struct Sim {
     pub raws: Vec<RawPeer>,
     /// Every event of every peer with its virtual time, one line each.
     pub trace: Vec<String>,
+    /// Address rewriting (a NAT): a client's local address -> the address
+    /// the server sees.
+    pub nat: BTreeMap<SocketAddr, SocketAddr>,
     rng: CoreRng,
     servers_started: u64,
     buf: Vec<u8>,
@@ -128,6 +131,7 @@ impl Sim {
             clients: Vec::new(),
             raws: Vec::new(),
             trace: Vec::new(),
+            nat: BTreeMap::new(),
             rng: CoreRng::from_seed(seed),
             servers_started: 0,
             buf: vec![0; 65536],
@@ -164,6 +168,19 @@ impl Sim {
     pub fn kill_server(&mut self) {
         self.server = None;
         self.log("server", format_args!("killed"));
+    }
+
+    /// Client `i`'s NAT binding changes: the server sees it at `public` from
+    /// now on (a NAT rebinding, or a move to another network).
+    pub fn rebind(&mut self, i: usize, public: SocketAddr) {
+        let local = self.clients[i].addr;
+        self.nat.insert(local, public);
+        self.log(&format!("client{i}"), format_args!("rebound to {public}"));
+    }
+
+    /// Virtual time of the first record after `t`, minus `t`.
+    pub fn first_record_after(&self, t: Duration) -> Option<Duration> {
+        self.records.iter().find(|r| r.at > t).map(|r| r.at - t)
     }
 
     /// Adds a client with default settings, adjusted by `adjust`.
@@ -250,9 +267,10 @@ impl Sim {
         for c in &self.clients {
             consider(c.client.poll_timeout());
             if let Some((_, at, left)) = c.schedule
-                && left > 0 {
-                    consider(Some(at));
-                }
+                && left > 0
+            {
+                consider(Some(at));
+            }
         }
         for r in &self.raws {
             consider(r.poll_timeout());
@@ -273,24 +291,27 @@ impl Sim {
         for i in 0..self.clients.len() {
             let c = &mut self.clients[i];
             if let Some((interval, at, left)) = c.schedule
-                && left > 0 && at <= now {
-                    c.schedule = Some((interval, at + interval, left - 1));
-                    let value = self.rng.unit_f64();
-                    let mut fields = Map::new();
-                    fields.insert("value".into(), Value::from(value));
-                    let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(0);
-                    let sample = Sample {
-                        fields,
-                        sampled_at_ms: 1_700_000_000_000 + ms,
-                    };
-                    let seq = self.clients[i].client.submit(now, sample);
-                    self.clients[i].submitted.push(seq);
-                }
+                && left > 0
+                && at <= now
+            {
+                c.schedule = Some((interval, at + interval, left - 1));
+                let value = self.rng.unit_f64();
+                let mut fields = Map::new();
+                fields.insert("value".into(), Value::from(value));
+                let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(0);
+                let sample = Sample {
+                    fields,
+                    sampled_at_ms: 1_700_000_000_000 + ms,
+                };
+                let seq = self.clients[i].client.submit(now, sample);
+                self.clients[i].submitted.push(seq);
+            }
         }
         if let Some(s) = &mut self.server
-            && s.poll_timeout().is_some_and(|d| d <= now) {
-                s.handle_timeout(now);
-            }
+            && s.poll_timeout().is_some_and(|d| d <= now)
+        {
+            s.handle_timeout(now);
+        }
         for c in &mut self.clients {
             if c.client.poll_timeout().is_some_and(|d| d <= now) {
                 c.client.handle_timeout(now);
@@ -312,8 +333,16 @@ impl Sim {
             }
             return;
         }
-        if let Some(c) = self.clients.iter_mut().find(|c| c.addr == p.to) {
-            let _ = c.client.handle_datagram(now, p.from, p.to, &mut p.data);
+        let nat = &self.nat;
+        let local = nat
+            .iter()
+            .find(|(_, public)| **public == p.to)
+            .map_or(p.to, |(l, _)| *l);
+        if nat.get(&p.to).is_some_and(|public| *public != p.to) {
+            return; // the old address: the NAT no longer maps it
+        }
+        if let Some(c) = self.clients.iter_mut().find(|c| c.addr == local) {
+            let _ = c.client.handle_datagram(now, p.from, local, &mut p.data);
             return;
         }
         if let Some(r) = self.raws.iter_mut().find(|r| r.addr == p.to) {
@@ -339,7 +368,8 @@ impl Sim {
             for i in 0..self.clients.len() {
                 let c = &mut self.clients[i];
                 while let Some(t) = c.client.poll_transmit(now, &mut self.buf) {
-                    self.net.send(now, t.from, t.to, &self.buf[..t.len]);
+                    let from = self.nat.get(&t.from).copied().unwrap_or(t.from);
+                    self.net.send(now, from, t.to, &self.buf[..t.len]);
                     moved = true;
                 }
                 while let Some(ev) = self.clients[i].client.poll_event() {
