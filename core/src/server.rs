@@ -417,11 +417,11 @@ impl Server {
         if hdr.ty == quiche::Type::Short {
             // A connection we do not know (we restarted, or it is long
             // gone): tell the client at once with a stateless reset.
-            if self.take_reset_budget(now) {
-                if let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng) {
-                    self.stats.resets_sent += 1;
-                    self.queue_endpoint(p, from, to);
-                }
+            if self.take_reset_budget(now)
+                && let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng)
+            {
+                self.stats.resets_sent += 1;
+                self.queue_endpoint(p, from, to);
             }
             return Err(DatagramError::UnknownConnection);
         }
