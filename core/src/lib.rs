@@ -69,7 +69,7 @@ pub use token::ServerSecret;
 
 /// Makes a TLS key-log writer (`SSLKEYLOGFILE`) for each new connection;
 /// `None` skips that connection.
-pub type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>>>;
+pub type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>> + Send>;
 
 /// Length of the connection IDs we issue.
 pub const LOCAL_CID_LEN: usize = 16;

@@ -1,0 +1,216 @@
+//! The command line: one clap struct per subcommand, the value parsers they
+//! share, and small helpers that turn flags into driver options.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use quic_report_core::{ClientEvent, config::default_server_name};
+
+/// A telemetry reporter and collector over QUIC.
+///
+/// `demo` runs everything in one process on loopback. The other commands run
+/// one part each: `source` hands out random values over HTTP, `client`
+/// fetches them and reports them over QUIC, `server` records them as JSON
+/// lines on stdout. Logs go to stderr (`RUST_LOG=debug` for more).
+#[derive(Debug, Parser)]
+#[command(name = "quic-report", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Source, server and client in one process on loopback, with labelled output.
+    Demo(DemoArgs),
+    /// Receive reports over QUIC and write each one to stdout as a JSON line.
+    Server(ServerArgs),
+    /// Fetch a value from the source every interval and report it to the server.
+    Client(ClientArgs),
+    /// HTTP endpoint: `GET /` answers `{"value": <random number in [0, 1)>}`.
+    Source(SourceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// UDP address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4433")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain (with --key). Default: the built-in development
+    /// certificate for localhost, 127.0.0.1 and ::1.
+    #[arg(long, requires = "key", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, requires = "cert", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Close a connection after this long without traffic (e.g. 500ms, 30s, 1m).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// Most connections at once; further handshakes are ignored.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Most concurrent report streams per connection.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams: u64,
+    /// Largest report object in bytes; larger ones are refused.
+    #[arg(long, value_name = "N", default_value_t = quic_report_core::config::DEFAULT_MAX_REPORT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_report_bytes: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's UDP address, `host:port` (a hostname is resolved, and is
+    /// the name checked in the certificate unless --server-name says otherwise).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
+    pub server: String,
+    /// URL of the source to GET a JSON object from (http only).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
+    pub source: String,
+    /// Time between two fetches (e.g. 200ms, 2s, 1m).
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
+    pub interval: Duration,
+    /// Stop (and exit 0) after this many reports are acknowledged. Default: run until Ctrl-C.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// PEM file of the CA that signs the server's certificate. Default: the
+    /// built-in development CA.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Name to check in the server's certificate (and send as SNI). Default:
+    /// `localhost` for a loopback address, the hostname of --server, else its IP.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Do not verify the server's certificate (development only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Close the connection after this long without traffic (a keep-alive is
+    /// sent after half of it).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// Give up a handshake that takes longer than this, and retry.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = positive_duration)]
+    pub connect_timeout: Duration,
+    /// Give up a connection whose oldest report has no answer after this long, and reconnect.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub response_timeout: Duration,
+    /// Most reports kept for (re)sending; past that the oldest is dropped.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// TCP address to serve HTTP on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop everything (and exit 0) after this many acknowledged reports.
+    /// Default: run until Ctrl-C.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Time between two fetches (e.g. 200ms, 2s, 1m).
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
+    pub interval: Duration,
+}
+
+/// A duration such as `200ms`, `2s`, `1m` (humantime), not zero.
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 200ms, 2s, 1m)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// `--server` as an address and the default certificate name: an IP
+/// address gives [`default_server_name`], a hostname itself.
+pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr, default_server_name(addr)));
+    }
+    let addr = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve --server {s:?} (expected host:port): {e}"))?
+        .next()
+        .ok_or_else(|| format!("--server {s:?} resolves to no address"))?;
+    let host = s.rsplit_once(':').map_or(s, |(h, _)| h);
+    Ok((
+        addr,
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    ))
+}
+
+/// How to show a client event: its importance and a readable line.
+pub enum Shown {
+    /// An acknowledged report (the client's stdout line).
+    Ack(String),
+    /// Something to log at info.
+    Info(String),
+    /// Something to log as a warning.
+    Warn(String),
+    /// Only for debug logs.
+    Debug(String),
+}
+
+/// The readable line for a client event.
+pub fn show_client_event(ev: &ClientEvent) -> Shown {
+    match ev {
+        ClientEvent::Connecting { attempt } => {
+            Shown::Debug(format!("connecting (attempt {attempt})"))
+        }
+        ClientEvent::Connected {
+            conn_id,
+            resumed,
+            early_data,
+        } => Shown::Info(format!(
+            "connected, id {conn_id}, resumed={resumed} 0-rtt={early_data}"
+        )),
+        ClientEvent::Acknowledged {
+            seq,
+            duplicate,
+            response,
+        } => {
+            let mut s = format!("ack seq={seq}");
+            if let quic_report_core::Response::Ok { received, .. } = response {
+                match received.get("value") {
+                    Some(serde_json::Value::Number(n)) => match n.as_f64() {
+                        Some(f) if n.is_f64() => s.push_str(&format!(" value={f:.4}")),
+                        _ => s.push_str(&format!(" value={n}")),
+                    },
+                    Some(other) => s.push_str(&format!(" value={other}")),
+                    None => {}
+                }
+            }
+            if *duplicate {
+                s.push_str(" (duplicate)");
+            }
+            Shown::Ack(s)
+        }
+        ClientEvent::Rejected { seq, code, reason } => Shown::Warn(format!(
+            "report seq={seq} rejected by the server ({code}): {reason}"
+        )),
+        ClientEvent::Retrying { seq, reason } => {
+            Shown::Info(format!("report seq={seq} will be sent again: {reason}"))
+        }
+        ClientEvent::Disconnected { reason } => Shown::Info(format!("disconnected: {reason}")),
+        ClientEvent::ReconnectScheduled { at, attempt } => {
+            let ms = at.saturating_duration_since(Instant::now()).as_millis();
+            Shown::Info(format!("reconnecting in {ms} ms (attempt {attempt})"))
+        }
+        ClientEvent::ReportDropped { seq } => {
+            Shown::Warn(format!("queue full: report seq={seq} dropped"))
+        }
+        ClientEvent::Closed => Shown::Info("closed".into()),
+        // The driver returns it as an error, which main prints.
+        ClientEvent::Failed { reason } => Shown::Debug(format!("failed: {reason}")),
+        other => Shown::Debug(format!("{other:?}")),
+    }
+}

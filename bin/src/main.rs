@@ -1,0 +1,161 @@
+//! `quic-report`: argument parsing and wiring only. The protocol lives in
+//! `quic-report-core`, the event loops in `quic-report-mio`.
+//!
+//! - `server`: records reports as JSON lines on stdout.
+//! - `client`: one line per acknowledged report on stdout.
+//! - `source`: the HTTP endpoint of random values.
+//! - `demo`: all three on loopback, labelled lines on stdout.
+//!
+//! Logs go to stderr (`RUST_LOG`; default `info`, `warn` for the demo).
+
+mod cli;
+mod demo;
+mod devcerts;
+mod source;
+
+use std::io;
+use std::process::ExitCode;
+
+use clap::Parser;
+use quic_report_core::Verify;
+use quic_report_mio::{
+    ClientOptions, FetchOptions, ServerOptions, WriterSink, run_client, run_server,
+};
+
+use crate::cli::{Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event};
+use crate::devcerts::DevCerts;
+use crate::source::Source;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let res = match &cli.command {
+        Command::Server(args) => server(args),
+        Command::Client(args) => client(args),
+        Command::Source(args) => source(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quic-report: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn server(args: &ServerArgs) -> Result<(), Error> {
+    let mut _dev = None;
+    let (cert, key) = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            readable(cert, "--cert")?;
+            readable(key, "--key")?;
+            (cert.clone(), key.clone())
+        }
+        (None, None) => {
+            log::warn!(
+                "no --cert/--key: using the built-in development certificate \
+                 (localhost, 127.0.0.1, ::1; its key is public, not for production)"
+            );
+            let dev = _dev.insert(DevCerts::write()?);
+            (dev.cert(), dev.key())
+        }
+        _ => return Err("--cert and --key go together".into()),
+    };
+    let mut opts = ServerOptions::new(args.listen, cert, key);
+    opts.config.idle_timeout = args.idle_timeout;
+    opts.config.max_connections = to_usize(args.max_connections, "--max-connections")?;
+    opts.config.max_streams = args.max_streams;
+    opts.config.max_report_bytes = to_usize(args.max_report_bytes, "--max-report-bytes")?;
+    let mut sink = WriterSink::new(io::stdout().lock());
+    run_server(opts, &mut sink, &mut |_| {})?;
+    Ok(())
+}
+
+fn client(args: &ClientArgs) -> Result<(), Error> {
+    let (server, default_name) = cli::resolve_server(&args.server)?;
+    let mut _dev = None;
+    let verify = if args.insecure {
+        log::warn!("--insecure: the server's certificate is NOT verified");
+        Verify::Insecure
+    } else if let Some(ca) = &args.ca {
+        readable(ca, "--ca")?;
+        Verify::CaFile(ca.clone())
+    } else {
+        Verify::CaFile(_dev.insert(DevCerts::write()?).ca())
+    };
+    let mut opts = ClientOptions::new(server, verify);
+    opts.config.server_name = args.server_name.clone().unwrap_or(default_name);
+    opts.config.idle_timeout = args.idle_timeout;
+    opts.config.keep_alive = Some(args.idle_timeout / 2);
+    opts.config.connect_timeout = args.connect_timeout;
+    opts.config.response_timeout = args.response_timeout;
+    opts.config.queue_limit = to_usize(args.queue, "--queue")?;
+    opts.fetch = Some(FetchOptions {
+        url: args.source.clone(),
+        interval: args.interval,
+        count: args.count,
+    });
+    opts.count = args.count;
+    log::info!(
+        "reporting {} every {} to {server} (certificate name {:?})",
+        args.source,
+        humantime::format_duration(args.interval),
+        opts.config.server_name
+    );
+    let summary = run_client(opts, &mut |ev, _| match show_client_event(ev) {
+        Shown::Ack(line) => println!("{line}"),
+        Shown::Info(line) => log::info!("{line}"),
+        Shown::Warn(line) => log::warn!("{line}"),
+        Shown::Debug(line) => log::debug!("{line}"),
+    })?;
+    log::info!(
+        "done: {} acknowledged, {} not acknowledged, {} connection(s), {} attempt(s)",
+        summary.stats.acknowledged,
+        summary.unacknowledged,
+        summary.stats.connections,
+        summary.stats.attempts
+    );
+    Ok(())
+}
+
+fn source(args: &SourceArgs) -> Result<(), Error> {
+    let source = Source::bind(args.listen)?;
+    let stopper = source.stopper();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("{}: stopping", quic_report_mio::signal::signal_name(sig));
+                stopper.stop();
+            }
+        })?;
+    log::info!("serving GET / on http://{}/", source.addr());
+    source.serve(&mut |a| log::info!("{}", a.long()));
+    Ok(())
+}
+
+/// Checks that a file named by a flag can be opened, for a clearer message
+/// than the TLS library gives.
+fn readable(path: &std::path::Path, flag: &str) -> Result<(), Error> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()).into())
+}
+
+fn to_usize(v: u64, flag: &str) -> Result<usize, Error> {
+    usize::try_from(v).map_err(|_| format!("{flag} {v} is too large for this platform").into())
+}

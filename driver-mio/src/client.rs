@@ -1,0 +1,440 @@
+//! The client loop: one connected UDP socket, the sample channel from the
+//! fetch thread, SIGINT/SIGTERM, and a [`quic_report_core::Client`] driven
+//! per the core's contract.
+//!
+//! ```text
+//!  fetch thread ──Sample──► channel ──► Waker ──┐
+//!  StopHandle::stop ─────────────────► Waker ──┤
+//!  SIGINT / SIGTERM ─────────────────► Signals ┼──► mio::Poll ──► Client (core) ──► UDP socket
+//!  UDP socket (datagrams, ECONNREFUSED) ────────┘        ▲  poll_timeout           │
+//!                                                        └─────────────────────────┘
+//! ```
+//!
+//! The loop ends when the core is finished: `Closed` after a stop request,
+//! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
+//! server's certificate was refused; returns [`DriverError::ClientFailed`]).
+//! A second signal while closing ends the loop at once, and so does a close
+//! that takes longer than [`ClientOptions::close_grace`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token, Waker};
+use quic_report_core::{
+    Client, ClientConfig, ClientEvent, ClientState, ClientStats, CoreRng, DisconnectReason,
+    MAX_DATAGRAM_SIZE, Sample, Verify,
+};
+
+use crate::fetch::{FetchOptions, Fetcher};
+use crate::signal::SignalSource;
+use crate::udp::{Recv, Sent, UdpIo};
+use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Datagrams read per wake-up before the loop services timers and sends
+/// (the rest are read on the next turn, without sleeping).
+const RECV_BUDGET: usize = 256;
+
+/// What the client loop needs.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The core's configuration. `config.local` is overwritten with the
+    /// socket's address once bound.
+    pub config: ClientConfig,
+    /// Where and how often to fetch samples (`None`: samples only come
+    /// through [`ClientDriver::sample_sender`]).
+    pub fetch: Option<FetchOptions>,
+    /// Close the client once this many reports are settled: acknowledged
+    /// (duplicates included), or rejected or dropped (those are logged).
+    pub count: Option<u64>,
+    /// Catch SIGINT and SIGTERM and close gracefully (default `true`).
+    pub handle_signals: bool,
+    /// Stops the loop from another thread (closes gracefully).
+    pub stop: StopHandle,
+    /// Longest wait for the CONNECTION_CLOSE to go out after a stop request
+    /// (default 2 s).
+    pub close_grace: Duration,
+}
+
+impl ClientOptions {
+    /// Defaults for a client of `server`, verifying as `verify` says, with
+    /// no fetching, no count, and signals caught.
+    pub fn new(server: SocketAddr, verify: Verify) -> ClientOptions {
+        let local: SocketAddr = if server.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        ClientOptions {
+            config: ClientConfig::new(server, local, verify),
+            fetch: None,
+            count: None,
+            handle_signals: true,
+            stop: StopHandle::new(),
+            close_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a client run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSummary {
+    /// The `client` field of its reports.
+    pub client_id: String,
+    /// The core's counters.
+    pub stats: ClientStats,
+    /// Reports settled in this run (acknowledged, rejected or dropped).
+    pub settled: u64,
+    /// Reports never acknowledged (given up at close).
+    pub unacknowledged: usize,
+    /// Reports dropped because the queue was full.
+    pub dropped: u64,
+}
+
+/// Hands samples to a running client loop from any thread (for callers
+/// that fetch samples themselves).
+#[derive(Debug, Clone)]
+pub struct SampleSender {
+    tx: Sender<Sample>,
+    waker: Arc<Waker>,
+}
+
+impl SampleSender {
+    /// Queues `sample` for the loop and wakes it. Gives the sample back if
+    /// the loop is gone.
+    pub fn send(&self, sample: Sample) -> Result<(), Sample> {
+        self.tx.send(sample).map_err(|e| e.0)?;
+        if let Err(e) = self.waker.wake() {
+            log::warn!("cannot wake the client loop: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// A client loop, bound and ready to run.
+#[derive(Debug)]
+pub struct ClientDriver {
+    opts: ClientOptions,
+    poll: Poll,
+    io: UdpIo,
+    waker: Arc<Waker>,
+    signals: Option<SignalSource>,
+    samples_tx: Sender<Sample>,
+    samples_rx: Receiver<Sample>,
+}
+
+/// Binds, then runs the client until it is finished (see [`ClientDriver`]).
+/// `handler` sees every event the core emits, with the client for context.
+pub fn run_client(
+    opts: ClientOptions,
+    handler: &mut dyn FnMut(&ClientEvent, &Client),
+) -> Result<ClientSummary, DriverError> {
+    ClientDriver::new(opts)?.run(handler)
+}
+
+impl ClientDriver {
+    /// Binds a UDP socket on an ephemeral port of the server's family,
+    /// connects it to the server, and sets up the poll (socket, waker,
+    /// signals). Nothing is sent yet.
+    pub fn new(mut opts: ClientOptions) -> Result<ClientDriver, DriverError> {
+        if let Some(f) = &opts.fetch {
+            f.validate().map_err(DriverError::InvalidOption)?;
+        }
+        let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
+        let io = UdpIo::connect(opts.config.server, poll.registry(), SOCKET)?;
+        opts.config.local = io.local_addr();
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER).map_err(DriverError::io("creating the waker"))?,
+        );
+        opts.stop.attach(Arc::clone(&waker));
+        let signals = if opts.handle_signals {
+            Some(
+                SignalSource::register(poll.registry(), SIGNALS)
+                    .map_err(DriverError::io("catching SIGINT and SIGTERM"))?,
+            )
+        } else {
+            None
+        };
+        let (samples_tx, samples_rx) = mpsc::channel();
+        Ok(ClientDriver {
+            opts,
+            poll,
+            io,
+            waker,
+            signals,
+            samples_tx,
+            samples_rx,
+        })
+    }
+
+    /// The local address of the socket.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.io.local_addr()
+    }
+
+    /// A handle that stops the loop from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.opts.stop.clone()
+    }
+
+    /// A way to hand samples to the loop from another thread.
+    pub fn sample_sender(&self) -> SampleSender {
+        SampleSender {
+            tx: self.samples_tx.clone(),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Runs the loop until the client is finished. `Ok` when it closed
+    /// (stop, signal, `count`); [`DriverError::ClientFailed`] when it failed
+    /// for good.
+    pub fn run(
+        mut self,
+        handler: &mut dyn FnMut(&ClientEvent, &Client),
+    ) -> Result<ClientSummary, DriverError> {
+        let seed = os_seed()?;
+        let client = Client::new(
+            self.opts.config.clone(),
+            CoreRng::from_seed_bytes(seed),
+            Instant::now(),
+        )?;
+        log::debug!(
+            "client {} on {} -> {} ({})",
+            client.client_id(),
+            self.io.local_addr(),
+            self.opts.config.server,
+            self.opts.config.server_name
+        );
+        let fetcher = match self.opts.fetch.clone() {
+            Some(f) => Some(
+                Fetcher::spawn(f, self.samples_tx.clone(), Arc::clone(&self.waker))
+                    .map_err(DriverError::io("starting the fetch thread"))?,
+            ),
+            None => None,
+        };
+        let mut state = Loop {
+            client,
+            handler,
+            settled: 0,
+            closing_since: None,
+            failure: None,
+            out: vec![0u8; MAX_DATAGRAM_SIZE],
+        };
+        let res = state.run(&mut self);
+        drop(fetcher); // stops the fetch thread without waiting for it
+        res?;
+        let Loop {
+            client,
+            settled,
+            failure,
+            ..
+        } = state;
+        if client.state() == ClientState::Failed {
+            let reason =
+                failure.unwrap_or_else(|| DisconnectReason::HandshakeFailed("unknown".into()));
+            return Err(DriverError::ClientFailed(reason));
+        }
+        Ok(ClientSummary {
+            client_id: client.client_id().to_owned(),
+            stats: client.stats(),
+            settled,
+            unacknowledged: client.queued(),
+            dropped: client.dropped(),
+        })
+    }
+}
+
+/// The loop's state besides the driver's sources.
+struct Loop<'h> {
+    client: Client,
+    handler: &'h mut dyn FnMut(&ClientEvent, &Client),
+    settled: u64,
+    closing_since: Option<Instant>,
+    failure: Option<DisconnectReason>,
+    out: Vec<u8>,
+}
+
+impl Loop<'_> {
+    fn run(&mut self, d: &mut ClientDriver) -> Result<(), DriverError> {
+        let mut events = Events::with_capacity(64);
+        let mut buf = vec![0u8; RECV_BUF_SIZE];
+        let mut more_to_read = false;
+        let mut warned_stuck = false;
+        // Client::new started the first attempt: send it.
+        self.drain(d, Instant::now());
+        if d.opts.count == Some(0) {
+            self.close(Instant::now(), "count reached");
+            self.drain(d, Instant::now());
+        }
+        let mut floor = Duration::ZERO;
+        while !self.client.is_finished() {
+            let now = Instant::now();
+            let mut timeout = self
+                .client
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now).max(floor));
+            if let Some(since) = self.closing_since {
+                let left = (since + d.opts.close_grace).saturating_duration_since(now);
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
+            if more_to_read {
+                timeout = Some(Duration::ZERO);
+            }
+            if let Err(e) = d.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DriverError::Io {
+                    what: "waiting for events",
+                    source: e,
+                });
+            }
+            let now = Instant::now();
+            let (mut readable, mut writable, mut woken, mut signalled) =
+                (more_to_read, false, false, false);
+            for ev in events.iter() {
+                match ev.token() {
+                    SOCKET => {
+                        readable |= ev.is_readable() || ev.is_error();
+                        writable |= ev.is_writable();
+                    }
+                    WAKER => woken = true,
+                    SIGNALS => signalled = true,
+                    t => log::warn!("event for an unknown token {t:?}"),
+                }
+            }
+            if writable && d.io.flush(d.poll.registry()) {
+                self.client.handle_unreachable(now);
+            }
+            more_to_read = readable && self.read(d, now, &mut buf);
+            if woken {
+                while let Ok(sample) = d.samples_rx.try_recv() {
+                    if self.closing_since.is_none() {
+                        let seq = self.client.submit(now, sample);
+                        log::debug!("sample queued as seq {seq}");
+                    }
+                }
+            }
+            if signalled
+                && let Some(sig) = d
+                    .signals
+                    .as_mut()
+                    .and_then(|s| s.pending().first().copied())
+            {
+                if self.closing_since.is_some() {
+                    log::warn!("{sig} again: stopping without waiting for the close");
+                    break;
+                }
+                log::info!("{sig}: closing the connection");
+                self.close(now, sig);
+            }
+            if d.opts.stop.is_stopped() && self.closing_since.is_none() {
+                self.close(now, "stop requested");
+            }
+            let due = self.client.poll_timeout().filter(|t| *t <= now);
+            if due.is_some() {
+                self.client.handle_timeout(now);
+            }
+            self.drain(d, now);
+            // A deadline that stays in the past after handle_timeout would
+            // make the loop spin: wait at least 1 ms then (and say so once).
+            floor = Duration::ZERO;
+            if due.is_some() && self.client.poll_timeout() == due {
+                floor = Duration::from_millis(1);
+                if !warned_stuck {
+                    warned_stuck = true;
+                    log::warn!(
+                        "core deadline {:?} did not move after handle_timeout; polling at 1 ms",
+                        self.client.deadline().map(|d| d.kind)
+                    );
+                }
+            }
+            if let Some(since) = self.closing_since
+                && !self.client.is_finished()
+                && now.duration_since(since) >= d.opts.close_grace
+            {
+                log::warn!(
+                    "close did not finish within {:?}; stopping",
+                    d.opts.close_grace
+                );
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads datagrams into the core until WouldBlock or the budget is
+    /// spent. Returns whether datagrams may be left.
+    fn read(&mut self, d: &mut ClientDriver, now: Instant, buf: &mut [u8]) -> bool {
+        let local = d.io.local_addr();
+        for _ in 0..RECV_BUDGET {
+            match d.io.recv(buf) {
+                Ok(None) => return false,
+                Ok(Some(Recv::Datagram { len, from })) => {
+                    if let Err(e) = self
+                        .client
+                        .handle_datagram(now, from, local, &mut buf[..len])
+                    {
+                        log::debug!("datagram of {len} bytes from {from} dropped: {e}");
+                    }
+                }
+                Ok(Some(Recv::Unreachable(e))) => {
+                    log::debug!("server unreachable: {e}");
+                    self.client.handle_unreachable(now);
+                }
+                Err(e) => {
+                    log::warn!("receiving on the UDP socket: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends every datagram the core has, then hands its events to the
+    /// handler; again if handling them closed the client.
+    fn drain(&mut self, d: &mut ClientDriver, now: Instant) {
+        loop {
+            while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
+                if d.io.send(d.poll.registry(), &self.out[..t.len], t.to) == Sent::Unreachable {
+                    self.client.handle_unreachable(now);
+                }
+            }
+            let closing_before = self.closing_since.is_some();
+            while let Some(ev) = self.client.poll_event() {
+                self.on_event(&ev, d.opts.count, now);
+                (self.handler)(&ev, &self.client);
+            }
+            if self.closing_since.is_some() == closing_before {
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: &ClientEvent, count: Option<u64>, now: Instant) {
+        log::debug!("client event: {ev:?}");
+        match ev {
+            ClientEvent::Acknowledged { .. }
+            | ClientEvent::Rejected { .. }
+            | ClientEvent::ReportDropped { .. } => {
+                self.settled += 1;
+                if count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
+                    self.close(now, "count reached");
+                }
+            }
+            ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
+            _ => {}
+        }
+    }
+
+    fn close(&mut self, now: Instant, why: &str) {
+        log::debug!("closing the client: {why}");
+        self.closing_since = Some(now);
+        self.client.close(now);
+    }
+}

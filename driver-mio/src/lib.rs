@@ -1,0 +1,66 @@
+//! # quic-report-mio: the core over real UDP
+//!
+//! Single-threaded [mio] loops that drive the Sans-IO core
+//! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
+//! UDP socket. Each loop owns one `mio::Poll` with three sources: the UDP
+//! socket, a `mio::Waker` (samples from the fetch thread, stop requests from
+//! other threads) and, optionally, SIGINT/SIGTERM through signal-hook-mio.
+//!
+//! ```text
+//! loop:
+//!   wait = core.poll_timeout() minus Instant::now(), floored at 0 (None = block)
+//!   poll.poll(&mut events, wait); on Interrupted, retry
+//!   now = Instant::now()
+//!   for ev in events:  SOCKET readable -> recv until WouldBlock -> core.handle_datagram(now, ..)
+//!                                         (ECONNREFUSED on the client -> core.handle_unreachable(now))
+//!                      SOCKET writable -> flush held datagrams
+//!                      WAKER           -> drain sample channel -> core.submit(now, s); stop request?
+//!                      SIGNAL          -> core.close(now) / server.close_all(now)
+//!   if the deadline has passed: core.handle_timeout(now)
+//!   drain core.poll_transmit(now, &mut out) -> send (WouldBlock: hold it, add WRITABLE interest)
+//!   drain core.poll_event() -> app   (server: write to the sink first, then core.respond(..),
+//!                                     then drain poll_transmit / poll_event again)
+//!   exit once closing is finished
+//! ```
+//!
+//! The client's HTTP fetch (ureq, blocking) runs on a helper thread
+//! ([`fetch`]) that sends each sample over a channel and wakes the loop.
+//! Nothing spins: an idle loop sleeps until the core's next deadline.
+//!
+//! Entry points: [`run_client`] / [`ClientDriver`] and [`run_server`] /
+//! [`ServerDriver`]. The `*Driver` forms bind first, so the caller can learn
+//! the bound address and take a [`StopHandle`] (to stop the loop from another
+//! thread) before running it.
+//!
+//! [mio]: https://docs.rs/mio
+
+pub mod client;
+pub mod error;
+pub mod fetch;
+pub mod server;
+pub mod signal;
+pub mod stop;
+pub mod udp;
+
+pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
+pub use error::DriverError;
+pub use fetch::{FetchOptions, Fetcher};
+pub use server::{ReportSink, ServerDriver, ServerOptions, WriterSink, run_server};
+pub use stop::StopHandle;
+
+use rand::TryRngCore;
+
+/// 32 bytes of OS randomness to seed a [`quic_report_core::CoreRng`].
+pub fn os_seed() -> Result<[u8; 32], DriverError> {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut seed)
+        .map_err(|e| DriverError::Io {
+            what: "reading OS randomness",
+            source: std::io::Error::other(e),
+        })?;
+    Ok(seed)
+}
+
+/// Size of the receive buffer: the largest UDP payload.
+pub const RECV_BUF_SIZE: usize = 65535;

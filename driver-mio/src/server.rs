@@ -1,0 +1,455 @@
+//! The server loop: one UDP socket, SIGINT/SIGTERM, a [`StopHandle`], a
+//! [`quic_report_core::Server`] driven per the core's contract, and a
+//! [`ReportSink`] that records reports.
+//!
+//! **An acknowledgement means "recorded":** for each
+//! [`ServerEvent::Report`] the loop calls [`ReportSink::record`] and
+//! [`ReportSink::flush`], and only then [`Server::respond`] with
+//! [`Outcome::Recorded`] (or [`Outcome::NotRecorded`] with the error if the
+//! write failed, so the client sends it again). Responding makes more to
+//! send and maybe more events, so the loop drains `poll_transmit` and
+//! `poll_event` again until both are empty.
+//!
+//! Shutdown (signal or [`StopHandle::stop`]): [`Server::close_all`], send the
+//! CONNECTION_CLOSEs, and return `Ok` once [`Server::is_closed`], or after
+//! [`ServerOptions::shutdown_grace`] at most. A second signal returns at once.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token, Waker};
+use quic_report_core::{
+    CoreRng, MAX_DATAGRAM_SIZE, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent,
+    ServerSecret,
+};
+
+use crate::signal::SignalSource;
+use crate::udp::{Recv, UdpIo};
+use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Datagrams read per wake-up before the loop services timers and sends.
+const RECV_BUDGET: usize = 1024;
+
+/// Where recorded reports go. A report is acknowledged only after
+/// [`ReportSink::record`] and [`ReportSink::flush`] both succeeded.
+pub trait ReportSink {
+    /// Writes one report.
+    fn record(&mut self, report: &Report) -> io::Result<()>;
+    /// Makes what was recorded durable (as far as the sink can).
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Any `FnMut(&Report) -> io::Result<()>` is a sink (handy in tests).
+impl<F: FnMut(&Report) -> io::Result<()>> ReportSink for F {
+    fn record(&mut self, report: &Report) -> io::Result<()> {
+        self(report)
+    }
+}
+
+/// A sink writing each report as one JSON line ([`Report::to_json_line`]).
+#[derive(Debug)]
+pub struct WriterSink<W: Write> {
+    writer: W,
+}
+
+impl<W: Write> WriterSink<W> {
+    /// Writes to `writer` (e.g. stdout, a file).
+    pub fn new(writer: W) -> WriterSink<W> {
+        WriterSink { writer }
+    }
+
+    /// The writer back.
+    pub fn into_inner(self) -> W {
+        self.writer
+    }
+}
+
+impl<W: Write> ReportSink for WriterSink<W> {
+    fn record(&mut self, report: &Report) -> io::Result<()> {
+        self.writer.write_all(&report.to_json_line())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// What the server loop needs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The UDP address to listen on (port 0: any free port; see
+    /// [`ServerDriver::local_addr`]).
+    pub listen: SocketAddr,
+    /// The core's configuration.
+    pub config: ServerConfig,
+    /// Catch SIGINT and SIGTERM and shut down gracefully (default `true`).
+    pub handle_signals: bool,
+    /// Stops the loop from another thread (shuts down gracefully).
+    pub stop: StopHandle,
+    /// Longest wait for connections to close at shutdown (default 1 s).
+    pub shutdown_grace: Duration,
+    /// When `config.secret` is `None`, derive it from the private key file
+    /// ([`ServerSecret::from_private_key`]) so stateless resets and session
+    /// tickets survive a restart (default `true`; `false` leaves the core to
+    /// draw a random secret).
+    pub derive_secret: bool,
+}
+
+impl ServerOptions {
+    /// Defaults for a server on `listen` with this certificate chain and key.
+    pub fn new(listen: SocketAddr, cert_chain: PathBuf, private_key: PathBuf) -> ServerOptions {
+        ServerOptions {
+            listen,
+            config: ServerConfig::new(cert_chain, private_key),
+            handle_signals: true,
+            stop: StopHandle::new(),
+            shutdown_grace: Duration::from_secs(1),
+            derive_secret: true,
+        }
+    }
+}
+
+/// A server loop, bound and ready to run.
+#[derive(Debug)]
+pub struct ServerDriver {
+    opts: ServerOptions,
+    poll: Poll,
+    io: UdpIo,
+    signals: Option<SignalSource>,
+    _waker: Arc<Waker>,
+}
+
+/// Binds, then runs the server until it is stopped (see [`ServerDriver`]).
+/// `on_event` sees every core event after the loop handled it (a report is
+/// recorded and answered by then).
+pub fn run_server(
+    opts: ServerOptions,
+    sink: &mut dyn ReportSink,
+    on_event: &mut dyn FnMut(&ServerEvent),
+) -> Result<(), DriverError> {
+    ServerDriver::bind(opts)?.run(sink, on_event)
+}
+
+impl ServerDriver {
+    /// Binds the UDP socket, checks the configuration (certificate and key
+    /// load), and sets up the poll (socket, waker, signals).
+    pub fn bind(mut opts: ServerOptions) -> Result<ServerDriver, DriverError> {
+        if opts.derive_secret && opts.config.secret.is_none() {
+            let key =
+                std::fs::read(&opts.config.private_key).map_err(|source| DriverError::File {
+                    path: opts.config.private_key.clone(),
+                    source,
+                })?;
+            opts.config.secret = Some(ServerSecret::from_private_key(&key));
+        }
+        // Fail here rather than in `run`, which often runs on another thread.
+        drop(Server::new(opts.config.clone(), CoreRng::from_seed(0))?);
+        let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
+        let io = UdpIo::bind(opts.listen, poll.registry(), SOCKET)?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER).map_err(DriverError::io("creating the waker"))?,
+        );
+        opts.stop.attach(Arc::clone(&waker));
+        let signals = if opts.handle_signals {
+            Some(
+                SignalSource::register(poll.registry(), SIGNALS)
+                    .map_err(DriverError::io("catching SIGINT and SIGTERM"))?,
+            )
+        } else {
+            None
+        };
+        Ok(ServerDriver {
+            opts,
+            poll,
+            io,
+            signals,
+            _waker: waker,
+        })
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.io.local_addr()
+    }
+
+    /// A handle that stops the loop from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.opts.stop.clone()
+    }
+
+    /// Runs the loop until stopped (signal or [`StopHandle::stop`]) and every
+    /// connection is closed (bounded by [`ServerOptions::shutdown_grace`]).
+    pub fn run(
+        mut self,
+        sink: &mut dyn ReportSink,
+        on_event: &mut dyn FnMut(&ServerEvent),
+    ) -> Result<(), DriverError> {
+        let seed = os_seed()?;
+        let server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
+        log::info!("listening on {}", self.io.local_addr());
+        let mut state = Loop {
+            server,
+            sink,
+            on_event,
+            out: vec![0u8; MAX_DATAGRAM_SIZE],
+        };
+        state.run(&mut self)
+    }
+}
+
+struct Loop<'a> {
+    server: Server,
+    sink: &'a mut dyn ReportSink,
+    on_event: &'a mut dyn FnMut(&ServerEvent),
+    out: Vec<u8>,
+}
+
+impl Loop<'_> {
+    fn run(&mut self, d: &mut ServerDriver) -> Result<(), DriverError> {
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; RECV_BUF_SIZE];
+        let mut more_to_read = false;
+        let mut shutting_down: Option<Instant> = None;
+        let mut floor = Duration::ZERO;
+        let mut warned_stuck = false;
+        loop {
+            let now = Instant::now();
+            let mut timeout = self
+                .server
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now).max(floor));
+            if let Some(since) = shutting_down {
+                let left = (since + d.opts.shutdown_grace).saturating_duration_since(now);
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
+            if more_to_read {
+                timeout = Some(Duration::ZERO);
+            }
+            if let Err(e) = d.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DriverError::Io {
+                    what: "waiting for events",
+                    source: e,
+                });
+            }
+            let now = Instant::now();
+            let (mut readable, mut writable, mut signalled) = (more_to_read, false, false);
+            for ev in events.iter() {
+                match ev.token() {
+                    SOCKET => {
+                        readable |= ev.is_readable() || ev.is_error();
+                        writable |= ev.is_writable();
+                    }
+                    WAKER => {} // the stop flag is checked below
+                    SIGNALS => signalled = true,
+                    t => log::warn!("event for an unknown token {t:?}"),
+                }
+            }
+            if writable {
+                d.io.flush(d.poll.registry());
+            }
+            more_to_read = readable && self.read(d, now, &mut buf);
+            if signalled
+                && let Some(sig) = d
+                    .signals
+                    .as_mut()
+                    .and_then(|s| s.pending().first().copied())
+            {
+                if shutting_down.is_some() {
+                    log::warn!("{sig} again: stopping without waiting for connections to close");
+                    return Ok(());
+                }
+                log::info!("{sig}: closing {} connection(s)", self.server.connections());
+                shutting_down = Some(now);
+                self.server.close_all(now);
+            }
+            if d.opts.stop.is_stopped() && shutting_down.is_none() {
+                log::info!(
+                    "stop requested: closing {} connection(s)",
+                    self.server.connections()
+                );
+                shutting_down = Some(now);
+                self.server.close_all(now);
+            }
+            let due = self.server.poll_timeout().filter(|t| *t <= now);
+            if due.is_some() {
+                self.server.handle_timeout(now);
+            }
+            self.drain(d, now);
+            floor = Duration::ZERO;
+            if due.is_some() && self.server.poll_timeout() == due {
+                floor = Duration::from_millis(1);
+                if !warned_stuck {
+                    warned_stuck = true;
+                    log::warn!("core deadline did not move after handle_timeout; polling at 1 ms");
+                }
+            }
+            if let Some(since) = shutting_down {
+                if self.server.is_closed() && d.io.held() == 0 {
+                    log::info!("all connections closed");
+                    return Ok(());
+                }
+                if now.duration_since(since) >= d.opts.shutdown_grace {
+                    log::warn!(
+                        "{} connection(s) not closed within {:?}; stopping anyway",
+                        self.server.connections(),
+                        d.opts.shutdown_grace
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Reads datagrams into the core until WouldBlock or the budget is
+    /// spent. Returns whether datagrams may be left.
+    fn read(&mut self, d: &mut ServerDriver, now: Instant, buf: &mut [u8]) -> bool {
+        let local = d.io.local_addr();
+        for _ in 0..RECV_BUDGET {
+            match d.io.recv(buf) {
+                Ok(None) => return false,
+                Ok(Some(Recv::Datagram { len, from })) => {
+                    if let Err(e) = self
+                        .server
+                        .handle_datagram(now, from, local, &mut buf[..len])
+                    {
+                        log::debug!("datagram of {len} bytes from {from} dropped: {e}");
+                    }
+                }
+                // Unconnected sockets rarely see these; nothing to do.
+                Ok(Some(Recv::Unreachable(e))) => log::debug!("ICMP error on the socket: {e}"),
+                Err(e) => {
+                    log::warn!("receiving on the UDP socket: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Transmits, then events (recording and answering reports), until the
+    /// core has neither.
+    fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
+        loop {
+            while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
+                d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
+            }
+            let mut any = false;
+            while let Some(ev) = self.server.poll_event() {
+                any = true;
+                self.handle_event(&ev);
+                (self.on_event)(&ev);
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    fn handle_event(&mut self, ev: &ServerEvent) {
+        match ev {
+            ServerEvent::ConnectionOpened {
+                conn,
+                peer,
+                resumed,
+            } => {
+                let resumed = if *resumed { " (resumed session)" } else { "" };
+                log::info!("{conn}: connection opened from {peer}{resumed}");
+            }
+            ServerEvent::Report {
+                handle,
+                peer,
+                report,
+            } => {
+                let written = self.sink.record(report).and_then(|()| self.sink.flush());
+                let outcome = match &written {
+                    Ok(()) => {
+                        log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));
+                        Outcome::Recorded
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "{}: could not record {}: {e}",
+                            handle.conn,
+                            describe(report)
+                        );
+                        Outcome::NotRecorded(e.to_string())
+                    }
+                };
+                // The sink may have taken a while: answer with a fresh `now`.
+                match self.server.respond(Instant::now(), *handle, outcome) {
+                    Ok(()) => {}
+                    Err(RespondError::ConnectionGone) => {
+                        log::debug!("{}: connection gone before the answer", handle.conn);
+                    }
+                    Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
+                }
+            }
+            ServerEvent::Duplicate { conn, client, seq } => {
+                log::info!(
+                    "{conn}: duplicate report client={client} seq={seq} (not recorded again)"
+                );
+            }
+            ServerEvent::StreamRejected {
+                conn,
+                stream,
+                error,
+            } => {
+                log::info!("{conn}: stream {stream} rejected: {error}");
+            }
+            ServerEvent::ConnectionClosed {
+                conn,
+                peer,
+                established,
+                reason,
+                stats,
+            } => {
+                let rtt = stats
+                    .rtt
+                    .map(|r| format!("{r:?}"))
+                    .unwrap_or_else(|| "-".into());
+                let what = if *established {
+                    "connection"
+                } else {
+                    "handshake"
+                };
+                log::info!(
+                    "{conn}: {what} from {peer} closed: {reason}; reports={} packets sent={} recv={} lost={} bytes sent={} recv={} rtt={rtt}",
+                    stats.reports,
+                    stats.sent,
+                    stats.recv,
+                    stats.lost,
+                    stats.sent_bytes,
+                    stats.recv_bytes,
+                );
+            }
+            other => log::debug!("server event: {other:?}"),
+        }
+    }
+}
+
+/// `client=.. seq=.. value=..` for a log line.
+fn describe(report: &Report) -> String {
+    let mut s = String::from("report");
+    if let Some(c) = &report.client {
+        s.push_str(&format!(" client={c}"));
+    }
+    if let Some(seq) = report.seq {
+        s.push_str(&format!(" seq={seq}"));
+    }
+    if let Some(v) = report.fields.get("value") {
+        s.push_str(&format!(" value={v}"));
+    }
+    s
+}

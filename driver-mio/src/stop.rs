@@ -1,0 +1,66 @@
+//! [`StopHandle`]: asks a running driver loop, from any thread, to shut
+//! down gracefully (the client closes its connection, the server closes
+//! all of its connections), as SIGINT would.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mio::Waker;
+
+/// A cloneable request to stop a driver loop. Create one, put it in the
+/// options (or take it from a `*Driver`), and call [`StopHandle::stop`] from
+/// any thread. Stopping before the loop runs is fine: the loop stops as soon
+/// as it starts.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    stopped: AtomicBool,
+    waker: Mutex<Option<Arc<Waker>>>,
+}
+
+impl StopHandle {
+    /// A handle not yet stopped and not yet attached to a loop.
+    pub fn new() -> StopHandle {
+        StopHandle::default()
+    }
+
+    /// Asks the loop to stop, and wakes it if it is running.
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        let waker = self
+            .inner
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = waker.as_ref()
+            && let Err(e) = w.wake()
+        {
+            log::warn!("cannot wake the driver loop to stop it: {e}");
+        }
+    }
+
+    /// Whether [`StopHandle::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Attaches the loop's waker. A stop requested before (or while) it is
+    /// attached wakes the loop at once, so it is not lost.
+    pub(crate) fn attach(&self, waker: Arc<Waker>) {
+        let mut slot = self
+            .inner
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.is_stopped()
+            && let Err(e) = waker.wake()
+        {
+            log::warn!("cannot wake the driver loop to stop it: {e}");
+        }
+        *slot = Some(waker);
+    }
+}
