@@ -28,6 +28,11 @@ pub mod codes {
     pub const SHUTTING_DOWN: u64 = 0x1;
     /// The client gave up waiting for an answer and will reconnect.
     pub const NO_RESPONSE: u64 = 0x2;
+    /// The server closed the connection because it holds too many bytes
+    /// for it: answers the client does not read (its flow control keeps
+    /// them from being sent) plus reports not yet complete, over
+    /// `ServerConfig::max_unanswered_bytes`. Other connections carry on.
+    pub const EXCESSIVE_LOAD: u64 = 0x3;
     /// STOP_SENDING: the object on this stream is over the size limit.
     pub const REPORT_TOO_LARGE: u64 = 0x10;
     /// STOP_SENDING: the stream had a fatal error; the rest is not read.
@@ -141,6 +146,34 @@ pub fn default_server_name(server: SocketAddr) -> String {
     }
 }
 
+/// When the server asks a new client to prove its address with a Retry
+/// round trip (RFC 9000 8.1.2) before it creates any state for it.
+///
+/// Whatever the mode, an Initial that carries a token is accepted only if
+/// the token is valid (minted by this server process for this client
+/// address, unexpired); otherwise it is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryMode {
+    /// Only while at least `threshold` handshakes are in progress
+    /// (connections not yet established): under a flood of Initials, most
+    /// likely from spoofed addresses, each costs a round trip and no state.
+    Auto {
+        /// Handshakes in progress from which on new clients get a Retry.
+        threshold: usize,
+    },
+    /// Every new connection (one extra round trip each).
+    Always,
+    /// Never.
+    Never,
+}
+
+impl Default for RetryMode {
+    /// `Auto { threshold: 1000 }`.
+    fn default() -> Self {
+        RetryMode::Auto { threshold: 1000 }
+    }
+}
+
 /// Everything a [`crate::Server`] needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -169,6 +202,16 @@ pub struct ServerConfig {
     pub secret: Option<ServerSecret>,
     /// Stateless resets sent per second at most (burst of the same size).
     pub max_resets_per_sec: u32,
+    /// Address validation with Retry (default `Auto { threshold: 1000 }`).
+    pub retry: RetryMode,
+    /// How long a Retry token stays valid (default 10 s).
+    pub retry_token_lifetime: Duration,
+    /// Bytes the server holds for one connection at most: answers encoded
+    /// but not yet taken by quiche (the client does not read them) plus
+    /// the bytes of reports not yet complete. Over it, the connection is
+    /// closed with [`codes::EXCESSIVE_LOAD`] (default 1 MiB; at least
+    /// `max_report_bytes`).
+    pub max_unanswered_bytes: usize,
 }
 
 impl ServerConfig {
@@ -186,6 +229,9 @@ impl ServerConfig {
             log_keys: false,
             secret: None,
             max_resets_per_sec: 100,
+            retry: RetryMode::default(),
+            retry_token_lifetime: Duration::from_secs(10),
+            max_unanswered_bytes: 1024 * 1024,
         }
     }
 
@@ -193,6 +239,17 @@ impl ServerConfig {
         if self.max_report_bytes == 0 || self.max_streams == 0 || self.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max report bytes, streams and connections must be at least 1".into(),
+            ));
+        }
+        if self.max_unanswered_bytes < self.max_report_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "max unanswered bytes ({}) must be at least the max report bytes ({})",
+                self.max_unanswered_bytes, self.max_report_bytes
+            )));
+        }
+        if self.retry_token_lifetime.is_zero() {
+            return Err(ConfigError::Invalid(
+                "the retry token lifetime must be more than zero".into(),
             ));
         }
         let mut c = base_config(self.idle_timeout)?;

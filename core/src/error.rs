@@ -54,6 +54,14 @@ pub enum DatagramError {
     Quic(quiche::Error),
     /// The datagram arrived while there is no connection to give it to.
     NoConnection,
+    /// A client Initial carried an address-validation token we cannot
+    /// accept (not ours, for another address, or expired). No connection is
+    /// created and nothing is sent.
+    InvalidToken(TokenError),
+    /// A client Initial we or quiche could not use (a destination
+    /// connection ID under 8 bytes, undecryptable, or nothing in it was
+    /// processed). No connection is created and nothing is sent.
+    InvalidInitial,
 }
 
 impl fmt::Display for DatagramError {
@@ -69,11 +77,38 @@ impl fmt::Display for DatagramError {
             DatagramError::UnexpectedPeer => f.write_str("datagram from an unexpected peer"),
             DatagramError::Quic(e) => write!(f, "quic: {e}"),
             DatagramError::NoConnection => f.write_str("no connection to receive it"),
+            DatagramError::InvalidToken(e) => write!(f, "invalid retry token: {e}"),
+            DatagramError::InvalidInitial => f.write_str("client Initial could not be used"),
         }
     }
 }
 
 impl std::error::Error for DatagramError {}
+
+/// Why a Retry token was refused (see [`crate::token::RetryTokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Not in our token format (wrong length or version byte).
+    Malformed,
+    /// The tag does not match: not minted by this server process, or for
+    /// another client address, port or connection ID, or altered.
+    Forged,
+    /// Ours and intact, but past its expiry.
+    Expired,
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenError::Malformed => "malformed token",
+            TokenError::Forged => "token not issued by this server for this address",
+            TokenError::Expired => "token expired",
+        })
+    }
+}
+
+impl std::error::Error for TokenError {}
 
 /// [`crate::Server::respond`] could not deliver the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

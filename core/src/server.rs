@@ -5,11 +5,35 @@
 //!  datagram ──► parse header ──► known DCID? ──yes──► conn.recv ──► read streams
 //!                                   │ no                               │ objects
 //!                                   ▼                                  ▼
-//!             long header, unknown version ─► Version Negotiation   dedup ─► Report event
-//!             Initial >= 1200 bytes ─► accept (limit: max connections)    │ app writes it,
-//!             anything else ─► dropped                                    ▼ then respond()
-//!                                                             answers in order per stream, FIN
+//!             short header ─► stateless reset                      dedup ─► Report event
+//!             long header, unknown version ─► Version Negotiation         │ app writes it,
+//!             Initial >= 1200 bytes ─► limit: max connections              ▼ then respond()
+//!                 with a token ─► valid? accept : drop         answers in order per stream, FIN
+//!                 no token, retry required ─► Retry
+//!                 no token ─► accept
+//!             anything else ─► dropped
 //! ```
+//!
+//! ## Hostile input
+//!
+//! Nothing a peer sends is answered with more bytes than it carried unless
+//! it is a client Initial (which quiche answers within its 3x
+//! anti-amplification limit): a Version Negotiation or a Retry is far
+//! smaller than the 1200-byte Initial that earns it, a stateless reset is
+//! smaller than the packet that caused it (and rate limited), everything
+//! else is dropped. An Initial quiche cannot use leaves no connection behind
+//! and is not answered. [`RetryMode`] decides when a new client must first
+//! prove its address (the Retry token is HMAC-signed; see
+//! [`crate::token::RetryTokens`]).
+//!
+//! Every configured limit that is hit is counted in [`ServerStats::limits`]
+//! and reported as [`ServerEvent::LimitHit`]: connections
+//! ([`ServerConfig::max_connections`]), streams per connection
+//! ([`ServerConfig::max_streams`], enforced by quiche, which closes a
+//! connection that opens more with STREAM_LIMIT_ERROR), bytes per report,
+//! unanswered bytes per connection ([`ServerConfig::max_unanswered_bytes`],
+//! closed with [`codes::EXCESSIVE_LOAD`]), the handshake deadline and the
+//! idle timeout.
 //!
 //! Per connection: handshake (reaped after the handshake timeout) ->
 //! established ([`ServerEvent::ConnectionOpened`]) -> closed (idle timeout,
@@ -33,14 +57,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{ServerConfig, codes};
+use crate::config::{RetryMode, ServerConfig, codes};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
 use crate::report::{CODE_NOT_RECORDED, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
 use crate::timer::{Deadline, TimerKind};
-use crate::token::{SecretKeys, ServerSecret, stateless_reset};
+use crate::token::{RetryTokens, SecretKeys, ServerSecret, stateless_reset};
 use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit};
 
 /// Names a connection for the lifetime of the [`Server`] (never reused).
@@ -131,6 +155,86 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// A configured limit of the server (see [`ServerEvent::LimitHit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// [`ServerConfig::max_connections`]: a new connection was refused.
+    Connections,
+    /// [`ServerConfig::max_streams`]: the client opened more streams than
+    /// it was allowed; quiche closed the connection (STREAM_LIMIT_ERROR).
+    Streams,
+    /// [`ServerConfig::max_report_bytes`]: an object over the limit was
+    /// refused (error answer, STOP_SENDING); the connection carries on.
+    ReportBytes,
+    /// [`ServerConfig::max_unanswered_bytes`]: the connection was closed
+    /// with [`codes::EXCESSIVE_LOAD`].
+    UnansweredBytes,
+    /// [`ServerConfig::handshake_timeout`]: a half-open connection was
+    /// reaped.
+    HandshakeTimeout,
+    /// [`ServerConfig::idle_timeout`]: an idle connection was closed.
+    IdleTimeout,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limit::Connections => "connection limit reached: new connection refused",
+            Limit::Streams => "stream limit exceeded: connection closed",
+            Limit::ReportBytes => "report over the size limit: refused",
+            Limit::UnansweredBytes => "too many unanswered bytes: connection closed",
+            Limit::HandshakeTimeout => "handshake not done in time: connection reaped",
+            Limit::IdleTimeout => "idle timeout: connection closed",
+        })
+    }
+}
+
+/// How often each [`Limit`] was hit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitCounts {
+    /// [`Limit::Connections`]: new connections refused (every refused
+    /// Initial counts).
+    pub connections: u64,
+    /// [`Limit::Streams`]: connections closed for opening too many streams.
+    pub streams: u64,
+    /// [`Limit::ReportBytes`]: objects refused as too large.
+    pub report_bytes: u64,
+    /// [`Limit::UnansweredBytes`]: connections closed with
+    /// [`codes::EXCESSIVE_LOAD`].
+    pub unanswered_bytes: u64,
+    /// [`Limit::HandshakeTimeout`]: half-open connections reaped.
+    pub handshake_timeouts: u64,
+    /// [`Limit::IdleTimeout`]: connections closed by the idle timeout.
+    pub idle_timeouts: u64,
+}
+
+impl LimitCounts {
+    /// The count of one limit.
+    pub fn get(&self, limit: Limit) -> u64 {
+        match limit {
+            Limit::Connections => self.connections,
+            Limit::Streams => self.streams,
+            Limit::ReportBytes => self.report_bytes,
+            Limit::UnansweredBytes => self.unanswered_bytes,
+            Limit::HandshakeTimeout => self.handshake_timeouts,
+            Limit::IdleTimeout => self.idle_timeouts,
+        }
+    }
+
+    fn bump(&mut self, limit: Limit) {
+        let n = match limit {
+            Limit::Connections => &mut self.connections,
+            Limit::Streams => &mut self.streams,
+            Limit::ReportBytes => &mut self.report_bytes,
+            Limit::UnansweredBytes => &mut self.unanswered_bytes,
+            Limit::HandshakeTimeout => &mut self.handshake_timeouts,
+            Limit::IdleTimeout => &mut self.idle_timeouts,
+        };
+        *n += 1;
+    }
+}
+
 /// What the server can tell its application.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -171,6 +275,20 @@ pub enum ServerEvent {
         /// The report's seq.
         seq: u64,
     },
+    /// A configured limit was hit (also counted in
+    /// [`ServerStats::limits`]); the event that describes the consequence
+    /// ([`ServerEvent::StreamRejected`], [`ServerEvent::ConnectionClosed`])
+    /// follows as usual. [`Limit::Connections`] is reported once each time
+    /// the server reaches its limit, not for every refused packet, so a
+    /// flood does not flood the log.
+    LimitHit {
+        /// The connection, if the limit is about one.
+        conn: Option<ConnKey>,
+        /// The client's address.
+        peer: SocketAddr,
+        /// Which limit.
+        limit: Limit,
+    },
     /// A connection is gone.
     ConnectionClosed {
         /// The connection.
@@ -203,6 +321,12 @@ pub struct ServerStats {
     pub version_negotiations: u64,
     /// Stateless resets sent.
     pub resets_sent: u64,
+    /// Retry packets sent.
+    pub retries_sent: u64,
+    /// Initials dropped for an invalid or expired Retry token.
+    pub invalid_tokens: u64,
+    /// How often each configured limit was hit.
+    pub limits: LimitCounts,
 }
 
 /// One answer slot on a stream.
@@ -223,6 +347,8 @@ struct StreamState {
     next_index: u64,
     /// Encoded answers quiche has not taken yet.
     out: Vec<u8>,
+    /// Bytes of the `Ready` slots still in `slots`.
+    ready_bytes: usize,
     /// The client's side is done (FIN, reset, or we stopped reading).
     read_done: bool,
     /// Our FIN is sent (or the client stopped our side): nothing more to do.
@@ -237,10 +363,28 @@ impl StreamState {
             first_index: 0,
             next_index: 0,
             out: Vec::new(),
+            ready_bytes: 0,
             read_done: false,
             write_done: false,
         }
     }
+}
+
+/// How a new connection came to be.
+enum Origin {
+    /// A client's first Initial: we pick a fresh connection ID, and route
+    /// the destination the client picked too (it sends there until it
+    /// hears from us).
+    Fresh {
+        first_dcid: quiche::ConnectionId<'static>,
+    },
+    /// A client that answered our Retry with a valid token: its destination
+    /// is the connection ID we chose in the Retry (the token binds it),
+    /// which becomes the connection's own; `odcid` is its first pick.
+    Retried {
+        scid: quiche::ConnectionId<'static>,
+        odcid: quiche::ConnectionId<'static>,
+    },
 }
 
 /// A report handed to the application, waiting for [`Server::respond`].
@@ -296,6 +440,12 @@ pub struct Server {
     items: Vec<(u64, crate::stream::Item)>,
     keylog: Option<KeylogFactory>,
     keys: SecretKeys,
+    tokens: RetryTokens,
+    /// Connections whose handshake is in progress.
+    handshaking: usize,
+    /// [`Limit::Connections`] was reported and the server has not been
+    /// below the limit since.
+    conn_limit_reported: bool,
     /// Token bucket for stateless resets: tokens left, and when last refilled.
     reset_budget: (f64, Option<Instant>),
 }
@@ -321,6 +471,9 @@ impl Server {
             .clone()
             .unwrap_or_else(|| ServerSecret::random(&mut rng));
         let keys = secret.keys();
+        let mut instance = [0u8; 16];
+        rng.fill(&mut instance);
+        let tokens = RetryTokens::new(&keys, instance, cfg.retry_token_lifetime);
         quic_cfg
             .set_ticket_key(keys.ticket_key())
             .map_err(|err| ConfigError::Quiche {
@@ -329,6 +482,9 @@ impl Server {
             })?;
         Ok(Server {
             keys,
+            tokens,
+            handshaking: 0,
+            conn_limit_reported: false,
             reset_budget: (f64::from(cfg.max_resets_per_sec), None),
             dedup: Dedup::new(cfg.dedup),
             cfg,
@@ -364,6 +520,12 @@ impl Server {
     /// Open connections (including handshakes in progress).
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Connections whose handshake is in progress (what
+    /// [`RetryMode::Auto`] compares with its threshold).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshaking
     }
 
     /// Marks `(client, seq)` as recorded before this server started (e.g.
@@ -409,6 +571,29 @@ impl Server {
         data: &mut [u8],
     ) -> Result<(), DatagramError> {
         let len = data.len();
+        if let Some((version, dcid, scid)) = long_header_invariants(data)
+            && !quiche::version_is_supported(version)
+        {
+            // Only the invariants (RFC 8999) of a version we do not speak
+            // are read: quiche would parse the rest as if it were ours. Only
+            // a datagram the size of a client's Initial earns an answer, and
+            // the answer is smaller than it (no amplification): at most
+            // 7 + 2 * 255 + 4 bytes. Never to a Version Negotiation.
+            if len >= 1200 && version != 0 {
+                let mut out = vec![0u8; 600];
+                let (scid, dcid) = (
+                    quiche::ConnectionId::from_ref(scid),
+                    quiche::ConnectionId::from_ref(dcid),
+                );
+                if let Ok(n) = quiche::negotiate_version(&scid, &dcid, &mut out) {
+                    out.truncate(n);
+                    if self.queue_endpoint(out, from, to) {
+                        self.stats.version_negotiations += 1;
+                    }
+                }
+            }
+            return Err(DatagramError::UnsupportedVersion(version));
+        }
         let hdr = quiche::Header::from_slice(data, LOCAL_CID_LEN)
             .map_err(|_| DatagramError::BadHeader)?;
         if let Some(&key) = self.routes.get(&hdr.dcid) {
@@ -416,27 +601,16 @@ impl Server {
         }
         if hdr.ty == quiche::Type::Short {
             // A connection we do not know (we restarted, or it is long
-            // gone): tell the client at once with a stateless reset.
-            if self.take_reset_budget(now)
+            // gone): tell the client at once with a stateless reset. Not
+            // for junk without QUIC's fixed bit.
+            if data[0] & 0x40 != 0
+                && self.take_reset_budget(now)
                 && let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng)
+                && self.queue_endpoint(p, from, to)
             {
                 self.stats.resets_sent += 1;
-                self.queue_endpoint(p, from, to);
             }
             return Err(DatagramError::UnknownConnection);
-        }
-        if !quiche::version_is_supported(hdr.version) {
-            // Only a datagram the size of a client's Initial earns an answer,
-            // and the answer is smaller than it (no amplification).
-            if len >= 1200 && hdr.ty != quiche::Type::VersionNegotiation {
-                let mut out = vec![0u8; 256];
-                if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
-                    out.truncate(n);
-                    self.queue_endpoint(out, from, to);
-                    self.stats.version_negotiations += 1;
-                }
-            }
-            return Err(DatagramError::UnsupportedVersion(hdr.version));
         }
         if hdr.ty != quiche::Type::Initial {
             return Err(DatagramError::UnknownConnection);
@@ -445,43 +619,139 @@ impl Server {
             return Err(DatagramError::InitialTooSmall(len));
         }
         if self.conns.len() >= self.cfg.max_connections {
+            self.stats.limits.bump(Limit::Connections);
+            if !self.conn_limit_reported {
+                self.conn_limit_reported = true;
+                self.events.push_back(ServerEvent::LimitHit {
+                    conn: None,
+                    peer: from,
+                    limit: Limit::Connections,
+                });
+            }
             return Err(DatagramError::TooManyConnections);
         }
-        let odcid = hdr.dcid.into_owned();
-        let key = self.accept(now, &odcid, from, to)?;
-        self.recv_on(now, key, from, to, data)
+        self.conn_limit_reported = false;
+        let token = hdr.token.as_deref().unwrap_or_default();
+        if !token.is_empty() {
+            // The client answers our Retry: its address is proven if the
+            // token is ours, for this address, and fresh. Its destination
+            // is the connection ID we chose in the Retry (the token binds
+            // it), which becomes the connection's own.
+            let odcid = match self.tokens.verify(now, from, &hdr.dcid, token) {
+                Ok(odcid) => quiche::ConnectionId::from_vec(odcid),
+                Err(e) => {
+                    self.stats.invalid_tokens += 1;
+                    return Err(DatagramError::InvalidToken(e));
+                }
+            };
+            let scid = hdr.dcid.into_owned();
+            return self.accept(now, Origin::Retried { scid, odcid }, from, to, data);
+        }
+        if hdr.dcid.len() < 8 {
+            // RFC 9000 7.2: a client's first destination has 8 bytes or more.
+            return Err(DatagramError::InvalidInitial);
+        }
+        if self.retry_required() {
+            return self.send_retry(now, &hdr, from, to);
+        }
+        // Until it hears from us, the client still sends to the
+        // destination it picked: route that too.
+        let first_dcid = hdr.dcid.into_owned();
+        self.accept(now, Origin::Fresh { first_dcid }, from, to, data)
     }
 
+    /// Whether a new client must prove its address first.
+    fn retry_required(&self) -> bool {
+        match self.cfg.retry {
+            RetryMode::Always => true,
+            RetryMode::Never => false,
+            RetryMode::Auto { threshold } => self.handshaking >= threshold,
+        }
+    }
+
+    /// Answers a token-less Initial with a Retry (about 120 bytes, for an
+    /// Initial of at least 1200): no state is kept.
+    fn send_retry(
+        &mut self,
+        now: Instant,
+        hdr: &quiche::Header<'_>,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<(), DatagramError> {
+        let mut new_scid = [0u8; LOCAL_CID_LEN];
+        self.rng.fill(&mut new_scid);
+        let token = self
+            .tokens
+            .mint(now, from, &hdr.dcid, &new_scid)
+            .ok_or(DatagramError::BadHeader)?;
+        let mut out = vec![0u8; 256];
+        let n = quiche::retry(
+            &hdr.scid,
+            &hdr.dcid,
+            &quiche::ConnectionId::from_ref(&new_scid),
+            &token,
+            hdr.version,
+            &mut out,
+        )
+        .map_err(DatagramError::Quic)?;
+        out.truncate(n);
+        if self.queue_endpoint(out, from, to) {
+            self.stats.retries_sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Creates a connection for a client Initial and feeds it the datagram.
+    /// If quiche can use nothing in the datagram, the connection is
+    /// forgotten at once without a word (no event, nothing sent, no timer):
+    /// junk costs no state.
     fn accept(
         &mut self,
         now: Instant,
-        odcid: &quiche::ConnectionId<'static>,
+        origin: Origin,
         from: SocketAddr,
         to: SocketAddr,
-    ) -> Result<ConnKey, DatagramError> {
-        let mut scid = [0u8; LOCAL_CID_LEN];
-        self.rng.fill(&mut scid);
-        let scid = quiche::ConnectionId::from_vec(scid.to_vec());
+        data: &mut [u8],
+    ) -> Result<(), DatagramError> {
+        let (scid, odcid, also_route) = match origin {
+            Origin::Fresh { first_dcid } => {
+                let mut scid = [0u8; LOCAL_CID_LEN];
+                self.rng.fill(&mut scid);
+                let scid = quiche::ConnectionId::from_vec(scid.to_vec());
+                (scid, None, Some(first_dcid))
+            }
+            Origin::Retried { scid, odcid } => (scid, Some(odcid), None),
+        };
         self.quic_cfg
             .set_stateless_reset_token(Some(self.keys.reset_token(&scid)));
-        let mut quic = quiche::accept(&scid, None, to, from, &mut self.quic_cfg)
+        let mut quic = quiche::accept(&scid, odcid.as_ref(), to, from, &mut self.quic_cfg)
             .map_err(DatagramError::Quic)?;
         if let Some(factory) = &mut self.keylog
             && let Some(w) = factory()
         {
             quic.set_keylog(w);
         }
+        let res = quic.recv(data, quiche::RecvInfo { from, to });
+        match res {
+            Err(e) => return Err(DatagramError::Quic(e)),
+            Ok(_) if quic.stats().recv == 0 => return Err(DatagramError::InvalidInitial),
+            Ok(_) => {}
+        }
         let key = ConnKey(self.next_key);
         self.next_key += 1;
         self.stats.connections_total += 1;
-        self.routes.insert(scid.clone(), key);
-        self.routes.insert(odcid.clone(), key);
+        self.handshaking += 1;
+        let mut cids = vec![scid];
+        cids.extend(also_route);
+        for cid in &cids {
+            self.routes.insert(cid.clone(), key);
+        }
         self.conns.insert(
             key,
             Conn {
                 quic,
                 peer: from,
-                cids: vec![scid, odcid.clone()],
+                cids,
                 opened: false,
                 handshake_deadline: now + self.cfg.handshake_timeout,
                 streams: BTreeMap::new(),
@@ -490,7 +760,8 @@ impl Server {
                 reports: 0,
             },
         );
-        Ok(key)
+        self.after_io(now, key);
+        Ok(())
     }
 
     fn recv_on(
@@ -506,14 +777,29 @@ impl Server {
             .get_mut(&key)
             .expect("routes only name live connections");
         let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
-        if res.is_ok() {
-            conn.peer = from;
+        if from != conn.peer {
+            // Undecryptable junk from anywhere is "received" too: believe
+            // only the path quiche uses.
+            if let Some(p) = conn.quic.path_stats().find(|p| p.active) {
+                conn.peer = p.peer_addr;
+            }
+        }
+        if res == Err(quiche::Error::StreamLimit) {
+            let peer = conn.peer;
+            self.limit_hit(Some(key), peer, Limit::Streams);
         }
         self.after_io(now, key);
         match res {
             Ok(_) | Err(quiche::Error::Done) => Ok(()),
             Err(e) => Err(DatagramError::Quic(e)),
         }
+    }
+
+    /// Counts a limit hit and reports it.
+    fn limit_hit(&mut self, conn: Option<ConnKey>, peer: SocketAddr, limit: Limit) {
+        self.stats.limits.bump(limit);
+        self.events
+            .push_back(ServerEvent::LimitHit { conn, peer, limit });
     }
 
     /// A deadline from [`Server::poll_timeout`] passed (early is harmless).
@@ -532,6 +818,8 @@ impl Server {
             }
             if !conn.opened && conn.handshake_deadline <= now && !conn.quic.is_closed() {
                 // Half-open: reap it without a word (the client may be a spoofer).
+                let peer = conn.peer;
+                self.limit_hit(Some(key), peer, Limit::HandshakeTimeout);
                 self.reap(key, CloseReason::HandshakeTimeout);
                 continue;
             }
@@ -711,9 +999,13 @@ impl Server {
         }
     }
 
-    fn queue_endpoint(&mut self, bytes: Vec<u8>, to: SocketAddr, from: SocketAddr) {
+    /// Queues an endpoint packet; false if the queue is full (dropped).
+    fn queue_endpoint(&mut self, bytes: Vec<u8>, to: SocketAddr, from: SocketAddr) -> bool {
         if self.endpoint_out.len() < MAX_ENDPOINT_QUEUE {
             self.endpoint_out.push_back((bytes, to, from));
+            true
+        } else {
+            false
         }
     }
 
@@ -726,6 +1018,7 @@ impl Server {
         };
         if !conn.opened && conn.quic.is_established() {
             conn.opened = true;
+            self.handshaking -= 1;
             let (peer, resumed) = (conn.peer, conn.quic.is_resumed());
             self.events.push_back(ServerEvent::ConnectionOpened {
                 conn: key,
@@ -736,6 +1029,7 @@ impl Server {
         self.manage_cids(key);
         self.read_streams(key);
         self.write_streams(key);
+        self.check_unanswered(key);
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -753,6 +1047,10 @@ impl Server {
         };
         if conn.quic.is_closed() {
             let reason = close_reason(&conn.quic);
+            if conn.quic.is_timed_out() {
+                let peer = conn.peer;
+                self.limit_hit(Some(key), peer, Limit::IdleTimeout);
+            }
             self.reap(key, reason);
             return;
         }
@@ -786,6 +1084,9 @@ impl Server {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
+        if !conn.opened {
+            self.handshaking -= 1;
+        }
         if let Some(d) = conn.deadline {
             self.timers.remove(&(d.at, key));
         }
@@ -821,6 +1122,12 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        if conn.quic.local_error().is_some() {
+            // We are closing it (shutdown, a limit, a protocol error): no
+            // answer could reach the client, which sends again elsewhere.
+            self.items = items;
+            return;
+        }
         let peer = conn.peer;
         for sid in conn.quic.readable() {
             if sid % 4 != 0 {
@@ -882,6 +1189,9 @@ impl Server {
                 .get_mut(&key)
                 .and_then(|c| c.streams.get_mut(&sid))
             {
+                if let Slot::Ready(a) = &slot {
+                    st.ready_bytes += a.len();
+                }
                 st.slots.push_back(slot);
             }
         }
@@ -895,6 +1205,12 @@ impl Server {
         self.stats.rejected += 1;
         let mut answer = Vec::new();
         Response::from_stream_error(&error).encode(&mut answer);
+        if let StreamError::TooLarge { .. } = error
+            && let Some(conn) = self.conns.get(&key)
+        {
+            let peer = conn.peer;
+            self.limit_hit(Some(key), peer, Limit::ReportBytes);
+        }
         if error.is_fatal()
             && let Some(conn) = self.conns.get_mut(&key)
             && let Some(st) = conn.streams.get_mut(&sid)
@@ -972,11 +1288,36 @@ impl Server {
         };
         match st.slots.get_mut(pos as usize) {
             Some(slot @ Slot::Pending) => {
+                st.ready_bytes += answer.len();
                 *slot = Slot::Ready(answer);
                 true
             }
             _ => false,
         }
+    }
+
+    /// Closes a connection that makes us hold more than
+    /// [`ServerConfig::max_unanswered_bytes`] (a client that sends reports
+    /// but does not read the answers, or keeps many half-sent reports):
+    /// CONNECTION_CLOSE with [`codes::EXCESSIVE_LOAD`], and its buffers are
+    /// freed at once.
+    fn check_unanswered(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.quic.local_error().is_some() {
+            return;
+        }
+        let held: usize = conn.streams.values().map(StreamState::unanswered).sum();
+        if held <= self.cfg.max_unanswered_bytes {
+            return;
+        }
+        let _ = conn
+            .quic
+            .close(true, codes::EXCESSIVE_LOAD, b"too many unanswered bytes");
+        conn.streams.clear();
+        let peer = conn.peer;
+        self.limit_hit(Some(key), peer, Limit::UnansweredBytes);
     }
 
     /// Moves ready answers (in order) into quiche, sends FIN when all is
@@ -989,6 +1330,7 @@ impl Server {
         for (&sid, st) in conn.streams.iter_mut() {
             while let Some(Slot::Ready(_)) = st.slots.front() {
                 if let Some(Slot::Ready(a)) = st.slots.pop_front() {
+                    st.ready_bytes -= a.len();
                     if st.out.is_empty() {
                         st.out = a;
                     } else {
@@ -1029,6 +1371,26 @@ impl StreamState {
     fn splitter_done(&self) -> bool {
         self.splitter.is_done() || self.splitter.is_failed()
     }
+
+    /// Bytes held for this stream: answers not yet taken by quiche, and
+    /// the report in progress.
+    fn unanswered(&self) -> usize {
+        self.out.len() + self.ready_bytes + self.splitter.buffered()
+    }
+}
+
+/// Version and connection IDs of a long-header packet (the invariants of
+/// RFC 8999, the same for every QUIC version), if `data` starts with one.
+fn long_header_invariants(data: &[u8]) -> Option<(u32, &[u8], &[u8])> {
+    if data.first()? & 0x80 == 0 {
+        return None;
+    }
+    let version = u32::from_be_bytes(data.get(1..5)?.try_into().ok()?);
+    let dcid_len = usize::from(*data.get(5)?);
+    let dcid = data.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*data.get(6 + dcid_len)?);
+    let scid = data.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+    Some((version, dcid, scid))
 }
 
 fn not_recorded(why: &str) -> Response {

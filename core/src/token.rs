@@ -16,9 +16,12 @@
 //! (with 0-RTT) because the ticket key is the same too.
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use ring::{hkdf, hmac};
 
+use crate::error::TokenError;
 use crate::rng::CoreRng;
 
 /// Domain separation for deriving the secret from a private key.
@@ -123,6 +126,141 @@ impl SecretKeys {
     }
 }
 
+/// Mints and checks the address-validation tokens the server puts in its
+/// Retry packets (RFC 9000 8.1.2).
+///
+/// ```text
+/// token = 0x01 | expiry (u64 BE) | odcid len (u8) | odcid | tag (32)
+/// tag   = HMAC-SHA256(retry key, instance | client IP (16, v4 mapped) | client port
+///                                | retry SCID len | retry SCID | token[..10 + len])
+/// ```
+///
+/// `expiry` counts milliseconds from this minter's *epoch*, the first `now`
+/// it was given (the core has no wall clock). `instance` is drawn at random
+/// for each minter, so a token is only good for the server process that made
+/// it: a restarted server refuses it and the client simply connects again.
+/// The tag binds the client's address and port, the original destination
+/// connection ID (handed back to quiche), the connection ID we chose in the
+/// Retry (the client's next destination, which becomes the connection's own
+/// ID) and the expiry.
+#[derive(Clone)]
+pub struct RetryTokens {
+    key: hmac::Key,
+    instance: [u8; 16],
+    epoch: Option<Instant>,
+    lifetime: Duration,
+}
+
+impl fmt::Debug for RetryTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryTokens")
+            .field("epoch", &self.epoch)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Token format version (the first byte).
+const TOKEN_FORMAT: u8 = 1;
+/// Bytes before the original destination connection ID.
+const TOKEN_HEAD: usize = 1 + 8 + 1;
+/// Length of the HMAC-SHA256 tag.
+const TOKEN_TAG: usize = 32;
+/// Longest connection ID in QUIC version 1.
+const MAX_CID: usize = 20;
+
+impl RetryTokens {
+    /// A minter signing with `keys`' retry key; `instance` separates this
+    /// process's tokens from every other's (draw it at random).
+    pub fn new(keys: &SecretKeys, instance: [u8; 16], lifetime: Duration) -> RetryTokens {
+        RetryTokens {
+            key: keys.retry.clone(),
+            instance,
+            epoch: None,
+            lifetime,
+        }
+    }
+
+    /// Milliseconds from the epoch to `now` (the first call fixes the epoch).
+    fn millis(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// What the tag signs.
+    fn message(&self, peer: SocketAddr, retry_scid: &[u8], body: &[u8]) -> Vec<u8> {
+        let ip = match peer.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        let mut m = Vec::with_capacity(16 + 16 + 2 + 1 + retry_scid.len() + body.len());
+        m.extend_from_slice(&self.instance);
+        m.extend_from_slice(&ip.octets());
+        m.extend_from_slice(&peer.port().to_be_bytes());
+        // A connection ID is at most 20 bytes (quiche checks), so its
+        // length fits a byte.
+        m.push(retry_scid.len().min(255) as u8);
+        m.extend_from_slice(retry_scid);
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// A token for a client at `peer` whose first Initial was addressed to
+    /// `odcid`, told in our Retry to use `retry_scid` from now on. Returns
+    /// `None` if `odcid` is longer than QUIC allows (20 bytes).
+    pub fn mint(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        odcid: &[u8],
+        retry_scid: &[u8],
+    ) -> Option<Vec<u8>> {
+        if odcid.len() > MAX_CID {
+            return None;
+        }
+        let lifetime = u64::try_from(self.lifetime.as_millis()).unwrap_or(u64::MAX);
+        let expiry = self.millis(now).saturating_add(lifetime);
+        let mut t = Vec::with_capacity(TOKEN_HEAD + odcid.len() + TOKEN_TAG);
+        t.push(TOKEN_FORMAT);
+        t.extend_from_slice(&expiry.to_be_bytes());
+        t.push(odcid.len() as u8);
+        t.extend_from_slice(odcid);
+        let tag = hmac::sign(&self.key, &self.message(peer, retry_scid, &t));
+        t.extend_from_slice(tag.as_ref());
+        Some(t)
+    }
+
+    /// Checks a token that came in an Initial from `peer` addressed to
+    /// `retry_scid`; returns the original destination connection ID it
+    /// carries. The tag is checked before the expiry, so
+    /// [`TokenError::Expired`] means "ours, but too old".
+    pub fn verify(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        retry_scid: &[u8],
+        token: &[u8],
+    ) -> Result<Vec<u8>, TokenError> {
+        if token.len() < TOKEN_HEAD + TOKEN_TAG || token[0] != TOKEN_FORMAT {
+            return Err(TokenError::Malformed);
+        }
+        let odcid_len = usize::from(token[TOKEN_HEAD - 1]);
+        if odcid_len > MAX_CID || token.len() != TOKEN_HEAD + odcid_len + TOKEN_TAG {
+            return Err(TokenError::Malformed);
+        }
+        let (body, tag) = token.split_at(TOKEN_HEAD + odcid_len);
+        // Constant time.
+        hmac::verify(&self.key, &self.message(peer, retry_scid, body), tag)
+            .map_err(|_| TokenError::Forged)?;
+        let mut expiry = [0u8; 8];
+        expiry.copy_from_slice(&body[1..9]);
+        if self.millis(now) > u64::from_be_bytes(expiry) {
+            return Err(TokenError::Expired);
+        }
+        Ok(body[TOKEN_HEAD..].to_vec())
+    }
+}
+
 /// Smallest stateless reset we send (RFC 9000 10.3: at least 21 bytes).
 pub const MIN_RESET_LEN: usize = 21;
 
@@ -173,6 +311,86 @@ mod tests {
             hmac::sign(k.retry_key(), b"x").as_ref(),
             hmac::sign(&k.reset, b"x").as_ref()
         );
+    }
+
+    /// Any instant: the tests only ever add to it.
+    #[allow(clippy::disallowed_methods)]
+    fn base_instant() -> Instant {
+        Instant::now()
+    }
+
+    fn minter(instance: u8, secs: u64) -> RetryTokens {
+        let keys = ServerSecret::from_bytes([3; 32]).keys();
+        RetryTokens::new(&keys, [instance; 16], Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn retry_token_round_trip_and_bindings() {
+        let t0 = base_instant();
+        let peer: SocketAddr = "192.0.2.1:4000".parse().expect("address");
+        let mut m = minter(1, 10);
+        let tok = m
+            .mint(t0, peer, b"original-dcid", b"retry-scid")
+            .expect("minted");
+        assert_eq!(
+            m.verify(t0, peer, b"retry-scid", &tok),
+            Ok(b"original-dcid".to_vec())
+        );
+        let later = t0 + Duration::from_secs(10);
+        assert!(
+            m.verify(later, peer, b"retry-scid", &tok).is_ok(),
+            "valid up to the expiry"
+        );
+        let other_port: SocketAddr = "192.0.2.1:4001".parse().expect("address");
+        let other_ip: SocketAddr = "192.0.2.2:4000".parse().expect("address");
+        assert_eq!(
+            m.verify(t0, other_port, b"retry-scid", &tok),
+            Err(TokenError::Forged)
+        );
+        assert_eq!(
+            m.verify(t0, other_ip, b"retry-scid", &tok),
+            Err(TokenError::Forged)
+        );
+        assert_eq!(
+            m.verify(t0, peer, b"retry-scie", &tok),
+            Err(TokenError::Forged)
+        );
+        let mut flipped = tok.clone();
+        flipped[3] ^= 1; // the expiry
+        assert_eq!(
+            m.verify(t0, peer, b"retry-scid", &flipped),
+            Err(TokenError::Forged)
+        );
+        let mut other = minter(2, 10);
+        other.millis(t0);
+        assert_eq!(
+            other.verify(t0, peer, b"retry-scid", &tok),
+            Err(TokenError::Forged),
+            "another process (instance) refuses it"
+        );
+        assert_eq!(
+            m.verify(t0, peer, b"retry-scid", &tok[..tok.len() - 1]),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            m.verify(t0, peer, b"retry-scid", b""),
+            Err(TokenError::Malformed)
+        );
+        assert!(m.mint(t0, peer, &[0; 21], b"x").is_none(), "odcid too long");
+    }
+
+    #[test]
+    fn retry_token_expires() {
+        let t0 = base_instant();
+        let peer: SocketAddr = "[2001:db8::1]:443".parse().expect("address");
+        let mut m = minter(1, 1);
+        m.millis(t0); // the epoch
+        let minted_at = t0 + Duration::from_secs(5);
+        let tok = m.mint(minted_at, peer, b"o", b"s").expect("minted");
+        let ok = minted_at + Duration::from_millis(1000);
+        assert!(m.verify(ok, peer, b"s", &tok).is_ok());
+        let late = minted_at + Duration::from_millis(1001);
+        assert_eq!(m.verify(late, peer, b"s", &tok), Err(TokenError::Expired));
     }
 
     #[test]

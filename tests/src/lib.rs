@@ -24,8 +24,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use quic_report_core::{
-    Client, ClientConfig, ClientEvent, CoreRng, Outcome, Sample, Seq, Server, ServerConfig,
-    ServerEvent, Verify,
+    ALPN, Client, ClientConfig, ClientEvent, CoreRng, DatagramError, Outcome, Sample, Seq, Server,
+    ServerConfig, ServerEvent, Verify,
 };
 use serde_json::{Map, Value};
 
@@ -108,6 +108,11 @@ pub struct Sim {
     /// Address rewriting (a NAT): a client's local address -> the address
     /// the server sees.
     pub nat: BTreeMap<SocketAddr, SocketAddr>,
+    /// Bytes the server sent, by destination address.
+    pub server_sent: BTreeMap<SocketAddr, u64>,
+    /// While `Some`, a copy of every datagram the network delivers to the
+    /// server is kept here (e.g. to replay or mutate real packets).
+    pub captured: Option<Vec<net::Packet>>,
     rng: CoreRng,
     servers_started: u64,
     buf: Vec<u8>,
@@ -132,6 +137,8 @@ impl Sim {
             raws: Vec::new(),
             trace: Vec::new(),
             nat: BTreeMap::new(),
+            server_sent: BTreeMap::new(),
+            captured: None,
             rng: CoreRng::from_seed(seed),
             servers_started: 0,
             buf: vec![0; 65536],
@@ -210,14 +217,47 @@ impl Sim {
 
     /// Adds a raw quiche peer (see [`RawPeer`]).
     pub fn add_raw(&mut self, alpn: &[&[u8]]) -> usize {
+        self.add_raw_with(alpn, |_| {}, None)
+    }
+
+    /// Adds a raw quiche peer whose config `adjust` changes, offering
+    /// `session` for resumption (see [`RawPeer::connect_with`]).
+    pub fn add_raw_with(
+        &mut self,
+        alpn: &[&[u8]],
+        adjust: impl FnOnce(&mut quiche::Config),
+        session: Option<&[u8]>,
+    ) -> usize {
         let i = self.raws.len();
         let addr: SocketAddr = format!("127.0.1.1:{}", 6000 + i)
             .parse()
             .expect("a valid address");
-        let raw = RawPeer::connect(addr, self.server_addr, alpn, &mut self.rng);
+        let raw =
+            RawPeer::connect_with(addr, self.server_addr, alpn, &mut self.rng, adjust, session);
         self.raws.push(raw);
         self.drain();
         i
+    }
+
+    /// A raw quiche peer at `addr` that is not part of the world: the test
+    /// carries its packets by hand ([`RawPeer::next_datagram`],
+    /// [`Sim::inject`]).
+    pub fn detached_raw(&mut self, addr: SocketAddr) -> RawPeer {
+        RawPeer::connect(addr, self.server_addr, &[ALPN], &mut self.rng)
+    }
+
+    /// Hands the server a datagram from `from` now, as if it had just
+    /// arrived (no network), and drains. Returns what the server said.
+    pub fn inject(
+        &mut self,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) -> Option<Result<(), DatagramError>> {
+        let now = self.clock.now();
+        let to = self.server_addr;
+        let res = self.server.as_mut()?.handle_datagram(now, from, to, data);
+        self.drain();
+        Some(res)
     }
 
     /// Client `i` submits `count` samples, one every `interval`, the first now.
@@ -328,6 +368,9 @@ impl Sim {
 
     fn deliver(&mut self, now: Instant, mut p: net::Packet) {
         if p.to == self.server_addr {
+            if let Some(c) = &mut self.captured {
+                c.push(p.clone());
+            }
             if let Some(s) = &mut self.server {
                 let _ = s.handle_datagram(now, p.from, p.to, &mut p.data);
             }
@@ -357,6 +400,7 @@ impl Sim {
             let mut moved = false;
             if let Some(s) = &mut self.server {
                 while let Some(t) = s.poll_transmit(now, &mut self.buf) {
+                    *self.server_sent.entry(t.to).or_default() += t.len as u64;
                     self.net.send(now, t.from, t.to, &self.buf[..t.len]);
                     moved = true;
                 }
