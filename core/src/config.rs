@@ -121,8 +121,9 @@ impl ClientConfig {
                     ConfigError::Invalid(format!("CA path {} is not UTF-8", path.display()))
                 })?;
                 c.load_verify_locations_from_file(p)
-                    .map_err(|err| ConfigError::Quiche {
-                        what: "loading the CA file",
+                    .map_err(|err| ConfigError::File {
+                        what: "CA file",
+                        path: path.clone(),
                         err,
                     })?;
             }
@@ -259,13 +260,15 @@ impl ServerConfig {
                 .ok_or_else(|| ConfigError::Invalid(format!("path {} is not UTF-8", p.display())))
         };
         c.load_cert_chain_from_pem_file(&path(&self.cert_chain)?)
-            .map_err(|err| ConfigError::Quiche {
-                what: "loading the certificate chain",
+            .map_err(|err| ConfigError::File {
+                what: "certificate chain",
+                path: self.cert_chain.clone(),
                 err,
             })?;
         c.load_priv_key_from_pem_file(&path(&self.private_key)?)
-            .map_err(|err| ConfigError::Quiche {
-                what: "loading the private key",
+            .map_err(|err| ConfigError::File {
+                what: "private key",
+                path: self.private_key.clone(),
                 err,
             })?;
         c.set_initial_max_streams_bidi(self.max_streams);

@@ -17,6 +17,15 @@ pub enum ConfigError {
         /// quiche's error.
         err: quiche::Error,
     },
+    /// A certificate, key or CA file could not be loaded.
+    File {
+        /// Which file it is ("CA file", "private key", ...).
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// quiche's (BoringSSL's) error.
+        err: quiche::Error,
+    },
     /// A value is out of range; the string says which and why.
     Invalid(String),
 }
@@ -25,6 +34,11 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Quiche { what, err } => write!(f, "{what}: {err}"),
+            ConfigError::File { what, path, err } => write!(
+                f,
+                "cannot load the {what} {}: missing, unreadable or not PEM ({err})",
+                path.display()
+            ),
             ConfigError::Invalid(why) => f.write_str(why),
         }
     }

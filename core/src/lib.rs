@@ -56,13 +56,14 @@ pub mod token;
 use std::net::SocketAddr;
 
 pub use client::{Client, ClientEvent, ClientState, ClientStats, DisconnectReason};
-pub use config::{ALPN, ClientConfig, MAX_DATAGRAM_SIZE, ServerConfig, Verify};
-pub use error::{ConfigError, DatagramError, RespondError, StreamError};
+pub use config::{ALPN, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify};
+pub use error::{ConfigError, DatagramError, RespondError, StreamError, TokenError};
 pub use queue::Seq;
 pub use report::{Report, Response, Sample};
 pub use rng::CoreRng;
 pub use server::{
-    CloseReason, ConnKey, ConnStats, Outcome, ReportHandle, Server, ServerEvent, ServerStats,
+    CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle, Server,
+    ServerEvent, ServerStats,
 };
 pub use timer::{Deadline, TimerKind};
 pub use token::ServerSecret;

@@ -439,6 +439,8 @@ pub struct Server {
     /// Reused list of objects read in one pass.
     items: Vec<(u64, crate::stream::Item)>,
     keylog: Option<KeylogFactory>,
+    /// [`Server::close_all`] was called.
+    shutting_down: bool,
     keys: SecretKeys,
     tokens: RetryTokens,
     /// Connections whose handshake is in progress.
@@ -482,6 +484,7 @@ impl Server {
             })?;
         Ok(Server {
             keys,
+            shutting_down: false,
             tokens,
             handshaking: 0,
             conn_limit_reported: false,
@@ -534,12 +537,11 @@ impl Server {
         self.dedup.insert(client, seq);
     }
 
-    /// Whether every connection has sent its CONNECTION_CLOSE after
-    /// [`Server::close_all`] (or there are none).
+    /// Whether every connection is gone after [`Server::close_all`]: each
+    /// sent its CONNECTION_CLOSE and was reported in
+    /// [`ServerEvent::ConnectionClosed`] (or there were none).
     pub fn is_closed(&self) -> bool {
-        self.conns
-            .values()
-            .all(|c| c.quic.is_draining() || c.quic.is_closed())
+        self.conns.is_empty()
     }
 
     // ----- inputs ---------------------------------------------------------
@@ -891,6 +893,7 @@ impl Server {
     /// Closes every connection (CONNECTION_CLOSE, [`codes::SHUTTING_DOWN`]).
     /// Drain [`Server::poll_transmit`]; then [`Server::is_closed`] is true.
     pub fn close_all(&mut self, now: Instant) {
+        self.shutting_down = true;
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for key in keys {
             if let Some(c) = self.conns.get_mut(&key) {
@@ -944,9 +947,6 @@ impl Server {
     /// The earliest time [`Server::handle_timeout`] wants to run, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.endpoint_out.is_empty() {
-            return None;
-        }
         self.timers.first().map(|(at, _)| *at)
     }
 
@@ -1045,7 +1045,10 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if conn.quic.is_closed() {
+        // Shutting down, a connection is done once its CONNECTION_CLOSE is
+        // out: nobody waits out the draining period.
+        let closed_by_shutdown = self.shutting_down && conn.quic.is_draining() && !conn.dirty;
+        if conn.quic.is_closed() || closed_by_shutdown {
             let reason = close_reason(&conn.quic);
             if conn.quic.is_timed_out() {
                 let peer = conn.peer;

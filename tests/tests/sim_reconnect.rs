@@ -70,3 +70,56 @@ fn client_reconnects_after_server_gone_longer_than_idle_timeout() {
         sim.context()
     );
 }
+
+#[test]
+fn graceful_shutdown_closes_every_connection_and_clients_come_back() {
+    use quic_report_core::config::codes;
+    let mut sim = Sim::new(seed_or(11), NetConfig::default());
+    for _ in 0..3 {
+        let c = sim.add_client(|_| {});
+        sim.schedule_reports(c, 10, Duration::from_secs(1));
+    }
+    sim.run_for(Duration::from_secs(3));
+    let now = sim.clock.now();
+    let server = sim.server.as_mut().expect("running");
+    assert_eq!(server.connections(), 3);
+    server.close_all(now);
+    sim.drain();
+    let server = sim.server.as_ref().expect("running");
+    assert!(
+        server.is_closed(),
+        "every CONNECTION_CLOSE sent and reported{}",
+        sim.context()
+    );
+    let closed = sim
+        .trace
+        .iter()
+        .filter(|l| l.contains("closed c") && l.contains("closed by us (0x1"))
+        .count();
+    assert_eq!(
+        closed,
+        3,
+        "one ConnectionClosed per connection{}",
+        sim.context()
+    );
+    sim.kill_server();
+    sim.run_for(Duration::from_millis(500));
+    sim.start_server();
+    let ok = sim.run_until(Duration::from_secs(60), Sim::all_acked);
+    assert!(
+        ok,
+        "every report acknowledged after the restart{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+    for c in &sim.clients {
+        let told = c.events.iter().any(|(_, e)| {
+            matches!(e, ClientEvent::Disconnected { reason: DisconnectReason::PeerClosed { code, .. } } if *code == codes::SHUTTING_DOWN)
+        });
+        assert!(
+            told,
+            "each client was told the server is shutting down{}",
+            sim.context()
+        );
+    }
+}
