@@ -13,6 +13,10 @@ use crate::token::ServerSecret;
 /// The ALPN of protocol `quic-report/1`.
 pub const ALPN: &[u8] = b"quic-report/1";
 
+/// The ALPN of HTTP/0.9 over QUIC (the interop runner's `hq-interop`), which
+/// the server also speaks, read-only, on the same port.
+pub const HQ_ALPN: &[u8] = b"hq-interop";
+
 /// Largest UDP payload we send or accept.
 pub const MAX_DATAGRAM_SIZE: usize = 1350;
 
@@ -201,6 +205,9 @@ pub struct ServerConfig {
     /// binary derives it from the private key; `None` draws a random one
     /// (then nothing survives a restart).
     pub secret: Option<ServerSecret>,
+    /// Also speak HTTP/0.9 (`hq-interop`: `GET /path`) for reading the
+    /// server's state (default `true`).
+    pub http09: bool,
     /// Stateless resets sent per second at most (burst of the same size).
     pub max_resets_per_sec: u32,
     /// Address validation with Retry (default `Auto { threshold: 1000 }`).
@@ -230,6 +237,7 @@ impl ServerConfig {
             log_keys: false,
             secret: None,
             max_resets_per_sec: 100,
+            http09: true,
             retry: RetryMode::default(),
             retry_token_lifetime: Duration::from_secs(10),
             max_unanswered_bytes: 1024 * 1024,
@@ -254,6 +262,13 @@ impl ServerConfig {
             ));
         }
         let mut c = base_config(self.idle_timeout)?;
+        if self.http09 {
+            c.set_application_protos(&[ALPN, HQ_ALPN])
+                .map_err(|err| ConfigError::Quiche {
+                    what: "setting the ALPNs",
+                    err,
+                })?;
+        }
         let path = |p: &PathBuf| {
             p.to_str()
                 .map(str::to_owned)

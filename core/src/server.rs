@@ -57,7 +57,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{RetryMode, ServerConfig, codes};
+use crate::config::{HQ_ALPN, RetryMode, ServerConfig, codes};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
 use crate::report::{CODE_NOT_RECORDED, Report, Response};
@@ -289,6 +289,16 @@ pub enum ServerEvent {
         /// Which limit.
         limit: Limit,
     },
+    /// An HTTP/0.9 (`hq-interop`) request; answer it with
+    /// [`Server::respond_request`].
+    Request {
+        /// Pass it to [`Server::respond_request`].
+        handle: ReportHandle,
+        /// The client's address.
+        peer: SocketAddr,
+        /// The requested path (e.g. `/latest`), without the query string.
+        path: String,
+    },
     /// A connection is gone.
     ConnectionClosed {
         /// The connection.
@@ -349,6 +359,8 @@ struct StreamState {
     out: Vec<u8>,
     /// Bytes of the `Ready` slots still in `slots`.
     ready_bytes: usize,
+    /// On an HTTP/0.9 connection: the request line so far.
+    request: Option<Vec<u8>>,
     /// The client's side is done (FIN, reset, or we stopped reading).
     read_done: bool,
     /// Our FIN is sent (or the client stopped our side): nothing more to do.
@@ -364,6 +376,7 @@ impl StreamState {
             next_index: 0,
             out: Vec::new(),
             ready_bytes: 0,
+            request: None,
             read_done: false,
             write_done: false,
         }
@@ -890,6 +903,24 @@ impl Server {
         }
     }
 
+    /// Answers an HTTP/0.9 request ([`ServerEvent::Request`]) with `body`;
+    /// the stream is FINed after it. Drain [`Server::poll_transmit`] after.
+    pub fn respond_request(
+        &mut self,
+        now: Instant,
+        handle: ReportHandle,
+        body: Vec<u8>,
+    ) -> Result<(), RespondError> {
+        if !self.conns.contains_key(&handle.conn) {
+            return Err(RespondError::ConnectionGone);
+        }
+        if !self.fill_slot(handle, body) {
+            return Err(RespondError::UnknownReport);
+        }
+        self.after_io(now, handle.conn);
+        Ok(())
+    }
+
     /// Closes every connection (CONNECTION_CLOSE, [`codes::SHUTTING_DOWN`]).
     /// Drain [`Server::poll_transmit`]; then [`Server::is_closed`] is true.
     pub fn close_all(&mut self, now: Instant) {
@@ -1132,6 +1163,11 @@ impl Server {
             return;
         }
         let peer = conn.peer;
+        if conn.quic.application_proto() == HQ_ALPN {
+            self.items = items;
+            self.read_requests(key);
+            return;
+        }
         for sid in conn.quic.readable() {
             if sid % 4 != 0 {
                 // Only client-initiated bidirectional streams carry reports
@@ -1199,6 +1235,77 @@ impl Server {
             }
         }
         self.items = items;
+    }
+
+    /// HTTP/0.9 streams: read the request line (up to FIN) and hand
+    /// `GET /path` to the application as [`ServerEvent::Request`]; anything
+    /// else is answered `bad request` at once.
+    fn read_requests(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let peer = conn.peer;
+        for sid in conn.quic.readable() {
+            if sid % 4 != 0 {
+                let _ =
+                    conn.quic
+                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+                continue;
+            }
+            let st = conn.streams.entry(sid).or_insert_with(|| {
+                let mut st = StreamState::new(0);
+                st.request = Some(Vec::new());
+                st
+            });
+            let Some(req) = st.request.as_mut() else {
+                continue;
+            };
+            let mut too_long = false;
+            while !st.read_done {
+                match conn.quic.stream_recv(sid, &mut self.scratch) {
+                    Ok((n, fin)) => {
+                        req.extend_from_slice(&self.scratch[..n]);
+                        st.read_done = fin;
+                        if req.len() > MAX_REQUEST_BYTES {
+                            too_long = true;
+                            break;
+                        }
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(_) => st.read_done = true,
+                }
+            }
+            if !st.read_done && !too_long {
+                continue;
+            }
+            if st.next_index > 0 {
+                continue; // answered already
+            }
+            st.next_index = 1;
+            if !st.read_done {
+                let _ =
+                    conn.quic
+                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+                st.read_done = true;
+            }
+            match parse_request(req) {
+                Some(path) => {
+                    st.slots.push_back(Slot::Pending);
+                    let handle = ReportHandle {
+                        conn: key,
+                        stream: sid,
+                        index: 0,
+                    };
+                    self.events
+                        .push_back(ServerEvent::Request { handle, peer, path });
+                }
+                None => {
+                    let answer = b"bad request: expected GET /path\n".to_vec();
+                    st.ready_bytes += answer.len();
+                    st.slots.push_back(Slot::Ready(answer));
+                }
+            }
+        }
     }
 
     /// An object or a stream the protocol refuses: the error answer, and
@@ -1372,7 +1479,7 @@ impl Server {
 
 impl StreamState {
     fn splitter_done(&self) -> bool {
-        self.splitter.is_done() || self.splitter.is_failed()
+        self.request.is_some() || self.splitter.is_done() || self.splitter.is_failed()
     }
 
     /// Bytes held for this stream: answers not yet taken by quiche, and
@@ -1401,6 +1508,25 @@ fn not_recorded(why: &str) -> Response {
         code: CODE_NOT_RECORDED.into(),
         error: format!("not recorded: {why}"),
     }
+}
+
+/// Longest HTTP/0.9 request line we read.
+const MAX_REQUEST_BYTES: usize = 4096;
+
+/// `GET /path` (with `\r\n`, `\n` or nothing after it) -> the path, without a
+/// query string.
+fn parse_request(req: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(req).ok()?;
+    let line = line.lines().next()?.trim_end();
+    let mut words = line.split(' ');
+    let (method, target) = (words.next()?, words.next()?);
+    if method != "GET"
+        || !target.starts_with('/')
+        || words.next().is_some_and(|w| !w.starts_with("HTTP/"))
+    {
+        return None;
+    }
+    Some(target.split('?').next().unwrap_or(target).to_owned())
 }
 
 fn close_reason(q: &quiche::Connection) -> CloseReason {

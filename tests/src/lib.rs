@@ -470,7 +470,31 @@ impl Sim {
                     ),
                 );
             }
+            ServerEvent::Request { handle, path, .. } => {
+                let body = self.http_body(path);
+                self.log("server", format_args!("GET {path} -> {} bytes", body.len()));
+                if let Some(s) = &mut self.server {
+                    let _ = s.respond_request(now, *handle, body);
+                }
+            }
             other => self.log("server", format_args!("{other:?}")),
+        }
+    }
+
+    /// What the simulated application serves over HTTP/0.9: `/latest` (the
+    /// latest record of each client), `/stats`, else `not found`.
+    fn http_body(&self, path: &str) -> Vec<u8> {
+        match path {
+            "/latest" => {
+                let mut latest = Map::new();
+                for r in &self.records {
+                    let c = r.client.clone().unwrap_or_default();
+                    latest.insert(c, Value::Object(r.fields.clone()));
+                }
+                serde_json::to_vec(&latest).unwrap_or_default()
+            }
+            "/stats" => format!("{{\"reports\":{}}}", self.records.len()).into_bytes(),
+            _ => b"not found\n".to_vec(),
         }
     }
 

@@ -212,3 +212,43 @@ fn unknown_alpn_is_refused() {
     );
     assert!(sim.raws[r].conn.is_closed() || sim.raws[r].conn.peer_error().is_some());
 }
+
+#[test]
+fn http09_get_reads_the_servers_state_on_the_same_port() {
+    let mut sim = Sim::new(seed_or(28), NetConfig::default());
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 3, Duration::from_secs(1));
+    assert!(
+        sim.run_until(Duration::from_secs(30), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    let r = sim.add_raw(&[quic_report_core::config::HQ_ALPN]);
+    sim.raws[r].write(0, b"GET /latest\r\n", true);
+    sim.raws[r].write(4, b"GET /nothing-here\r\n", true);
+    sim.raws[r].write(8, b"POST /latest\r\n", true);
+    run(&mut sim, r, &[0, 4, 8], 0);
+    assert_eq!(
+        sim.raws[r].conn.application_proto(),
+        quic_report_core::config::HQ_ALPN
+    );
+    let latest: Value = serde_json::from_slice(&sim.raws[r].seen(0).data).expect("JSON body");
+    assert_eq!(
+        latest["client0"]["seq"], 3,
+        "the latest report of client0: {latest}"
+    );
+    assert_eq!(sim.raws[r].seen(4).data, b"not found\n");
+    assert!(sim.raws[r].seen(8).data.starts_with(b"bad request"));
+    assert_eq!(sim.records.len(), 3, "reading records nothing");
+}
+
+#[test]
+fn server_picks_the_protocol_the_client_offers_first() {
+    let mut sim = Sim::new(seed_or(29), NetConfig::default());
+    let hq = quic_report_core::config::HQ_ALPN;
+    let a = sim.add_raw(&[hq, ALPN]);
+    let b = sim.add_raw(&[ALPN, hq]);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.raws[a].conn.application_proto(), hq);
+    assert_eq!(sim.raws[b].conn.application_proto(), ALPN);
+}
