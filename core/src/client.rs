@@ -36,7 +36,7 @@ use crate::queue::{ReportQueue, Seq};
 use crate::report::{Response, Sample};
 use crate::rng::CoreRng;
 use crate::timer::{self, Deadline, TimerKind};
-use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit, hex};
+use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs, hex};
 
 /// What the client can tell its application.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,7 +270,7 @@ pub struct Client {
     session: Option<Vec<u8>>,
     stats: ClientStats,
     scratch: Vec<u8>,
-    keylog: Option<KeylogFactory>,
+    debug_logs: Option<Box<dyn DebugLogs>>,
 }
 
 impl fmt::Debug for Client {
@@ -311,16 +311,17 @@ impl Client {
             session: None,
             stats: ClientStats::default(),
             scratch: vec![0; 64 * 1024],
-            keylog: None,
+            debug_logs: None,
         };
         client.start_connect(now);
         Ok(client)
     }
 
-    /// Sets a factory for TLS key-log writers (`SSLKEYLOGFILE`), called for
-    /// each new connection. Needs [`ClientConfig::log_keys`].
-    pub fn set_keylog(&mut self, factory: KeylogFactory) {
-        self.keylog = Some(factory);
+    /// Installs debugging hooks (TLS key log, qlog) for every connection
+    /// made from now on.
+    pub fn set_debug_logs(&mut self, logs: Box<dyn DebugLogs>) {
+        self.quic_cfg.log_keys();
+        self.debug_logs = Some(logs);
     }
 
     /// The `client` field of every report: random hex unless configured.
@@ -624,11 +625,7 @@ impl Client {
             // A stale or foreign ticket only costs the resumption.
             let _ = quic.set_session(session);
         }
-        if let Some(factory) = &mut self.keylog
-            && let Some(w) = factory()
-        {
-            quic.set_keylog(w);
-        }
+        attach_debug_logs(&mut self.debug_logs, &mut quic);
         let conn = Conn {
             quic,
             id_hex: hex(&scid),

@@ -84,8 +84,6 @@ pub struct ClientConfig {
     pub max_in_flight: usize,
     /// The `client` field; random hex when `None`.
     pub client_id: Option<String>,
-    /// Log TLS secrets (the caller sets the writer on each connection).
-    pub log_keys: bool,
 }
 
 impl ClientConfig {
@@ -106,7 +104,6 @@ impl ClientConfig {
             queue_limit: 10_000,
             max_in_flight: 64,
             client_id: None,
-            log_keys: false,
         }
     }
 
@@ -134,9 +131,6 @@ impl ClientConfig {
             Verify::Insecure => c.verify_peer(false),
         }
         c.enable_early_data();
-        if self.log_keys {
-            c.log_keys();
-        }
         Ok(c)
     }
 }
@@ -199,8 +193,6 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Memory bounds of the duplicate filter.
     pub dedup: DedupConfig,
-    /// Log TLS secrets (the caller sets the writer on each connection).
-    pub log_keys: bool,
     /// The long-lived secret (reset tokens, ticket key, retry tokens). The
     /// binary derives it from the private key; `None` draws a random one
     /// (then nothing survives a restart).
@@ -234,7 +226,6 @@ impl ServerConfig {
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             handshake_timeout: Duration::from_secs(10),
             dedup: DedupConfig::default(),
-            log_keys: false,
             secret: None,
             max_resets_per_sec: 100,
             http09: true,
@@ -295,9 +286,6 @@ impl ServerConfig {
         c.set_initial_max_data((stream_window * 4).max(1024 * 1024));
         c.set_max_stream_window(stream_window);
         c.enable_early_data();
-        if self.log_keys {
-            c.log_keys();
-        }
         Ok(c)
     }
 }

@@ -68,9 +68,46 @@ pub use server::{
 pub use timer::{Deadline, TimerKind};
 pub use token::ServerSecret;
 
-/// Makes a TLS key-log writer (`SSLKEYLOGFILE`) for each new connection;
-/// `None` skips that connection.
-pub type KeylogFactory = Box<dyn FnMut() -> Option<Box<dyn std::io::Write + Send + Sync>> + Send>;
+/// Where a connection's debugging output goes.
+pub type LogWriter = Box<dyn std::io::Write + Send + Sync>;
+
+/// Debugging hooks, as quiche's own apps have them: the application decides
+/// where each new connection's TLS key log (`SSLKEYLOGFILE`, so Wireshark
+/// can decrypt a capture) and qlog (`QLOGDIR`, JSON-SEQ) go. The core only
+/// hands the writers to quiche; it opens no file itself.
+pub trait DebugLogs: Send {
+    /// The TLS key-log writer for a new connection, or `None`.
+    fn keylog(&mut self) -> Option<LogWriter> {
+        None
+    }
+    /// The qlog writer for a new connection (`trace_id` is quiche's, hex of
+    /// our connection ID), or `None`.
+    fn qlog(&mut self, trace_id: &str, is_server: bool) -> Option<LogWriter> {
+        let _ = (trace_id, is_server);
+        None
+    }
+}
+
+/// Installs the hooks on a new connection.
+pub(crate) fn attach_debug_logs(
+    logs: &mut Option<Box<dyn DebugLogs>>,
+    quic: &mut quiche::Connection,
+) {
+    let Some(logs) = logs else { return };
+    if let Some(w) = logs.keylog() {
+        quic.set_keylog(w);
+    }
+    let trace_id = quic.trace_id().to_owned();
+    let is_server = quic.is_server();
+    if let Some(w) = logs.qlog(&trace_id, is_server) {
+        let role = if is_server { "server" } else { "client" };
+        quic.set_qlog(
+            w,
+            format!("quic-report {role}"),
+            format!("quic-report {role} {trace_id}"),
+        );
+    }
+}
 
 /// Length of the connection IDs we issue.
 pub const LOCAL_CID_LEN: usize = 16;

@@ -65,7 +65,7 @@ use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
 use crate::timer::{Deadline, TimerKind};
 use crate::token::{RetryTokens, SecretKeys, ServerSecret, stateless_reset};
-use crate::{KeylogFactory, LOCAL_CID_LEN, Transmit};
+use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
 
 /// Names a connection for the lifetime of the [`Server`] (never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -451,7 +451,7 @@ pub struct Server {
     scratch: Vec<u8>,
     /// Reused list of objects read in one pass.
     items: Vec<(u64, crate::stream::Item)>,
-    keylog: Option<KeylogFactory>,
+    debug_logs: Option<Box<dyn DebugLogs>>,
     /// [`Server::close_all`] was called.
     shutting_down: bool,
     keys: SecretKeys,
@@ -518,14 +518,15 @@ impl Server {
             stats: ServerStats::default(),
             scratch: vec![0; 64 * 1024],
             items: Vec::new(),
-            keylog: None,
+            debug_logs: None,
         })
     }
 
-    /// Sets a factory for TLS key-log writers, called per new connection.
-    /// Needs [`ServerConfig::log_keys`].
-    pub fn set_keylog(&mut self, factory: KeylogFactory) {
-        self.keylog = Some(factory);
+    /// Installs debugging hooks (TLS key log, qlog) for every connection
+    /// made from now on.
+    pub fn set_debug_logs(&mut self, logs: Box<dyn DebugLogs>) {
+        self.quic_cfg.log_keys();
+        self.debug_logs = Some(logs);
     }
 
     /// Counters.
@@ -741,11 +742,7 @@ impl Server {
             .set_stateless_reset_token(Some(self.keys.reset_token(&scid)));
         let mut quic = quiche::accept(&scid, odcid.as_ref(), to, from, &mut self.quic_cfg)
             .map_err(DatagramError::Quic)?;
-        if let Some(factory) = &mut self.keylog
-            && let Some(w) = factory()
-        {
-            quic.set_keylog(w);
-        }
+        attach_debug_logs(&mut self.debug_logs, &mut quic);
         let res = quic.recv(data, quiche::RecvInfo { from, to });
         match res {
             Err(e) => return Err(DatagramError::Quic(e)),
