@@ -924,7 +924,7 @@ impl Client {
 }
 
 /// Why quiche closed a connection, in our words.
-fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectReason {
+pub(crate) fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectReason {
     if q.is_timed_out() {
         return if was_established {
             DisconnectReason::IdleTimeout

@@ -115,24 +115,30 @@ impl ClientConfig {
         c.set_initial_max_stream_data_bidi_local(256 * 1024);
         c.set_initial_max_stream_data_bidi_remote(0);
         c.set_initial_max_data(4 * 1024 * 1024);
-        match &self.verify {
-            Verify::CaFile(path) => {
-                c.verify_peer(true);
-                let p = path.to_str().ok_or_else(|| {
-                    ConfigError::Invalid(format!("CA path {} is not UTF-8", path.display()))
-                })?;
-                c.load_verify_locations_from_file(p)
-                    .map_err(|err| ConfigError::File {
-                        what: "CA file",
-                        path: path.clone(),
-                        err,
-                    })?;
-            }
-            Verify::Insecure => c.verify_peer(false),
-        }
+        tls_verify(&mut c, &self.verify)?;
         c.enable_early_data();
         Ok(c)
     }
+}
+
+/// Sets up certificate verification on a quiche config.
+pub(crate) fn tls_verify(c: &mut quiche::Config, verify: &Verify) -> Result<(), ConfigError> {
+    match verify {
+        Verify::CaFile(path) => {
+            c.verify_peer(true);
+            let p = path.to_str().ok_or_else(|| {
+                ConfigError::Invalid(format!("CA path {} is not UTF-8", path.display()))
+            })?;
+            c.load_verify_locations_from_file(p)
+                .map_err(|err| ConfigError::File {
+                    what: "CA file",
+                    path: path.clone(),
+                    err,
+                })?;
+        }
+        Verify::Insecure => c.verify_peer(false),
+    }
+    Ok(())
 }
 
 /// The default certificate name for a server address: `localhost` for a

@@ -24,8 +24,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use quic_report_core::{
-    ALPN, Client, ClientConfig, ClientEvent, CoreRng, DatagramError, Outcome, Sample, Seq, Server,
-    ServerConfig, ServerEvent, Verify,
+    ALPN, Client, ClientConfig, ClientEvent, CoreRng, DatagramError, GetConfig, HqGet, Outcome,
+    Sample, Seq, Server, ServerConfig, ServerEvent, Verify,
 };
 use serde_json::{Map, Value};
 
@@ -103,6 +103,8 @@ pub struct Sim {
     pub clients: Vec<SimClient>,
     /// Raw quiche peers (for protocol tests).
     pub raws: Vec<RawPeer>,
+    /// HTTP/0.9 GETs, with their addresses.
+    pub gets: Vec<(SocketAddr, HqGet)>,
     /// Every event of every peer with its virtual time, one line each.
     pub trace: Vec<String>,
     /// Address rewriting (a NAT): a client's local address -> the address
@@ -135,6 +137,7 @@ impl Sim {
             sink_failing: false,
             clients: Vec::new(),
             raws: Vec::new(),
+            gets: Vec::new(),
             trace: Vec::new(),
             nat: BTreeMap::new(),
             server_sent: BTreeMap::new(),
@@ -260,6 +263,26 @@ impl Sim {
         Some(res)
     }
 
+    /// Starts an HTTP/0.9 GET of `path` (see [`HqGet`]); returns its index.
+    pub fn add_get(&mut self, path: &str) -> usize {
+        let i = self.gets.len();
+        let addr: SocketAddr = format!("127.0.2.1:{}", 7000 + i)
+            .parse()
+            .expect("a valid address");
+        let cfg = GetConfig {
+            server: self.server_addr,
+            local: addr,
+            server_name: "localhost".into(),
+            verify: Verify::CaFile(cert_path("ca.pem")),
+            path: path.into(),
+            timeout: Duration::from_secs(5),
+        };
+        let get = HqGet::new(cfg, self.rng.fork(), self.clock.now(), None).expect("valid GET");
+        self.gets.push((addr, get));
+        self.drain();
+        i
+    }
+
     /// Client `i` submits `count` samples, one every `interval`, the first now.
     pub fn schedule_reports(&mut self, i: usize, count: usize, interval: Duration) {
         let now = self.clock.now();
@@ -315,6 +338,9 @@ impl Sim {
         for r in &self.raws {
             consider(r.poll_timeout());
         }
+        for (_, g) in &self.gets {
+            consider(g.poll_timeout());
+        }
         let now_before = self.clock.now();
         let t = match next {
             Some(t) if t <= end => t.max(now_before),
@@ -362,6 +388,11 @@ impl Sim {
                 r.handle_timeout();
             }
         }
+        for (_, g) in &mut self.gets {
+            if g.poll_timeout().is_some_and(|d| d <= now) {
+                g.handle_timeout(now);
+            }
+        }
         self.drain();
         true
     }
@@ -390,6 +421,10 @@ impl Sim {
         }
         if let Some(r) = self.raws.iter_mut().find(|r| r.addr == p.to) {
             r.handle_datagram(p.from, p.to, &mut p.data);
+            return;
+        }
+        if let Some((_, g)) = self.gets.iter_mut().find(|(a, _)| *a == p.to) {
+            let _ = g.handle_datagram(now, p.from, p.to, &mut p.data);
         }
     }
 
@@ -424,6 +459,12 @@ impl Sim {
             for r in &mut self.raws {
                 while let Some((len, to)) = r.poll_transmit(&mut self.buf) {
                     self.net.send(now, r.addr, to, &self.buf[..len]);
+                    moved = true;
+                }
+            }
+            for (addr, g) in &mut self.gets {
+                while let Some(t) = g.poll_transmit(&mut self.buf) {
+                    self.net.send(now, *addr, t.to, &self.buf[..t.len]);
                     moved = true;
                 }
             }

@@ -252,3 +252,41 @@ fn server_picks_the_protocol_the_client_offers_first() {
     assert_eq!(sim.raws[a].conn.application_proto(), hq);
     assert_eq!(sim.raws[b].conn.application_proto(), ALPN);
 }
+
+#[test]
+fn our_hq_get_fetches_latest_and_stats() {
+    use quic_report_core::GetOutcome;
+    let mut sim = Sim::new(
+        seed_or(30),
+        NetConfig {
+            loss: 0.05,
+            ..NetConfig::default()
+        },
+    );
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 2, Duration::from_secs(1));
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    let latest = sim.add_get("/latest");
+    let missing = sim.add_get("/missing");
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        s.gets.iter().all(|(_, g)| g.is_finished())
+    });
+    assert!(ok, "both GETs finished{}", sim.context());
+    let Some(GetOutcome::Done(body)) = sim.gets[latest].1.outcome().cloned() else {
+        panic!(
+            "GET /latest: {:?}{}",
+            sim.gets[latest].1.outcome(),
+            sim.context()
+        );
+    };
+    let v: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["client0"]["seq"], 2);
+    assert_eq!(
+        sim.gets[missing].1.outcome(),
+        Some(&GetOutcome::Done(b"not found\n".to_vec()))
+    );
+}
