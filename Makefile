@@ -33,6 +33,7 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
+	$(CARGO) run -q -p quic-report-core --example embed
 
 fmt:
 	$(CARGO) fmt --all
