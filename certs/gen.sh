@@ -40,3 +40,31 @@ cp "$tmp/ca.pem" ca.pem
 cp "$tmp/localhost.pem" localhost.pem
 cp "$tmp/localhost.key" localhost.key
 openssl verify -CAfile ca.pem localhost.pem
+
+# Test certificates (for the certificate-refusal tests; never for use):
+#   test/expired.pem/.key     signed by the dev CA, expired in 2021
+#   test/untrusted.pem/.key   self-signed "localhost", not signed by the dev CA
+mkdir -p test
+cat > "$tmp/ca.cnf" <<CNF
+[ca]
+default_ca = dev
+[dev]
+database = $tmp/index.txt
+new_certs_dir = $tmp
+serial = $tmp/serial
+default_md = sha256
+policy = any
+copy_extensions = copy
+[any]
+commonName = supplied
+CNF
+: > "$tmp/index.txt"; echo 1000 > "$tmp/serial"
+openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt -out test/expired.key
+openssl req -new -key test/expired.key -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" -out "$tmp/expired.csr"
+openssl ca -batch -config "$tmp/ca.cnf" -cert ca.pem -keyfile ca.key -in "$tmp/expired.csr" \
+  -startdate 20200101000000Z -enddate 20210101000000Z -out "$tmp/expired.pem" 2>/dev/null
+openssl x509 -in "$tmp/expired.pem" -out test/expired.pem
+openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt -out test/untrusted.key
+openssl req -x509 -new -key test/untrusted.key -sha256 -days "$days" -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" -out test/untrusted.pem

@@ -886,7 +886,7 @@ impl Client {
                 return;
             }
         };
-        let reason = classify_close(&conn.quic, was_established);
+        let reason = classify_close(&conn.quic, was_established, &self.cfg.server_name);
         self.save_session_from(&conn);
         self.requeue_in_flight(&conn);
         self.disconnected(now, reason);
@@ -924,7 +924,11 @@ impl Client {
 }
 
 /// Why quiche closed a connection, in our words.
-pub(crate) fn classify_close(q: &quiche::Connection, was_established: bool) -> DisconnectReason {
+pub(crate) fn classify_close(
+    q: &quiche::Connection,
+    was_established: bool,
+    server_name: &str,
+) -> DisconnectReason {
     if q.is_timed_out() {
         return if was_established {
             DisconnectReason::IdleTimeout
@@ -936,8 +940,8 @@ pub(crate) fn classify_close(q: &quiche::Connection, was_established: bool) -> D
         && !e.is_app
     {
         if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
-            if let Some(name) = certificate_alert(alert) {
-                return DisconnectReason::Certificate(name.into());
+            if let Some(why) = certificate_alert(alert, server_name) {
+                return DisconnectReason::Certificate(why);
             }
             return DisconnectReason::HandshakeFailed(format!("TLS alert {alert}"));
         }
@@ -966,15 +970,19 @@ pub(crate) fn classify_close(q: &quiche::Connection, was_established: bool) -> D
 }
 
 /// The TLS alerts (RFC 8446 6.2) that mean "your certificate is not
-/// acceptable", named for a person.
-fn certificate_alert(alert: u64) -> Option<&'static str> {
+/// acceptable", named for a person. BoringSSL sends `bad_certificate` when
+/// the certificate does not name the server, `unknown_ca` when no trusted CA
+/// signed it, and `certificate_expired` when it is out of date.
+fn certificate_alert(alert: u64, server_name: &str) -> Option<String> {
     Some(match alert {
-        42 => "bad certificate (e.g. the name does not match)",
-        43 => "unsupported certificate",
-        44 => "certificate revoked",
-        45 => "certificate expired",
-        46 => "certificate unknown (e.g. the name does not match)",
-        48 => "unknown issuer (not signed by the trusted CA)",
+        42 => format!(
+            "name mismatch: the certificate is not valid for \"{server_name}\" (TLS alert bad_certificate)"
+        ),
+        43 => "unsupported certificate (TLS alert unsupported_certificate)".into(),
+        44 => "certificate revoked (TLS alert certificate_revoked)".into(),
+        45 => "certificate expired or not yet valid (TLS alert certificate_expired)".into(),
+        46 => "certificate unknown (TLS alert certificate_unknown)".into(),
+        48 => "unknown issuer: not signed by a trusted CA (TLS alert unknown_ca)".into(),
         _ => return None,
     })
 }

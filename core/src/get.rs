@@ -54,6 +54,7 @@ pub enum GetOutcome {
 pub struct HqGet {
     quic: quiche::Connection,
     path: String,
+    server_name: String,
     deadline: Instant,
     sent: bool,
     body: Vec<u8>,
@@ -120,6 +121,7 @@ impl HqGet {
         Ok(HqGet {
             quic,
             path: cfg.path,
+            server_name: cfg.server_name,
             deadline: now + cfg.timeout,
             sent: false,
             body: Vec::new(),
@@ -202,7 +204,7 @@ impl HqGet {
 
     fn progress(&mut self, _now: Instant) {
         if self.quic.is_closed() && self.outcome.is_none() {
-            let reason = classify_close(&self.quic, self.quic.is_established());
+            let reason = classify_close(&self.quic, self.quic.is_established(), &self.server_name);
             self.outcome = Some(GetOutcome::Failed(reason));
             return;
         }
