@@ -495,13 +495,7 @@ impl Client {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         if let Some(old) = &mut self.retiring {
             match old.send(buf) {
-                Ok((len, info)) => {
-                    return Some(Transmit {
-                        len,
-                        to: info.to,
-                        from: info.from,
-                    });
-                }
+                Ok((len, info)) => return Some(Transmit::sent(len, &info)),
                 Err(_) => self.retiring = None,
             }
         }
@@ -512,13 +506,7 @@ impl Client {
                 _ => return None,
             };
             match conn.quic.send(buf) {
-                Ok((len, info)) => {
-                    return Some(Transmit {
-                        len,
-                        to: info.to,
-                        from: info.from,
-                    });
-                }
+                Ok((len, info)) => return Some(Transmit::sent(len, &info)),
                 Err(e) => {
                     if closing {
                         // CONNECTION_CLOSE is out: no need to wait for draining.

@@ -108,7 +108,7 @@ impl ClientConfig {
     }
 
     pub(crate) fn quiche_config(&self) -> Result<quiche::Config, ConfigError> {
-        let mut c = base_config(self.idle_timeout)?;
+        let mut c = base_config(self.idle_timeout, &[ALPN])?;
         // The server opens no streams towards us.
         c.set_initial_max_streams_bidi(0);
         c.set_initial_max_streams_uni(0);
@@ -258,7 +258,7 @@ impl ServerConfig {
                 "the retry token lifetime must be more than zero".into(),
             ));
         }
-        let mut c = base_config(self.idle_timeout)?;
+        let mut c = base_config(self.idle_timeout, &[ALPN])?;
         if self.http09 {
             c.set_application_protos(&[ALPN, HQ_ALPN])
                 .map_err(|err| ConfigError::Quiche {
@@ -296,13 +296,15 @@ impl ServerConfig {
     }
 }
 
-fn base_config(idle: Duration) -> Result<quiche::Config, ConfigError> {
+/// What every config of ours shares: version 1, the ALPNs, idle timeout,
+/// datagram sizes, no unidirectional streams, no active migration.
+pub(crate) fn base_config(idle: Duration, alpns: &[&[u8]]) -> Result<quiche::Config, ConfigError> {
     let mut c =
         quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|err| ConfigError::Quiche {
             what: "creating the QUIC config",
             err,
         })?;
-    c.set_application_protos(&[ALPN])
+    c.set_application_protos(alpns)
         .map_err(|err| ConfigError::Quiche {
             what: "setting the ALPN",
             err,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::client::{DisconnectReason, classify_close};
-use crate::config::{HQ_ALPN, MAX_DATAGRAM_SIZE, Verify, tls_verify};
+use crate::config::{HQ_ALPN, Verify, base_config, tls_verify};
 use crate::error::{ConfigError, DatagramError};
 use crate::rng::CoreRng;
 use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
@@ -85,19 +85,7 @@ impl HqGet {
                 cfg.path
             )));
         }
-        let mut qc =
-            quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|err| ConfigError::Quiche {
-                what: "creating the QUIC config",
-                err,
-            })?;
-        qc.set_application_protos(&[HQ_ALPN])
-            .map_err(|err| ConfigError::Quiche {
-                what: "setting the ALPN",
-                err,
-            })?;
-        qc.set_max_idle_timeout(u64::try_from(cfg.timeout.as_millis()).unwrap_or(u64::MAX));
-        qc.set_max_recv_udp_payload_size(MAX_DATAGRAM_SIZE);
-        qc.set_max_send_udp_payload_size(MAX_DATAGRAM_SIZE);
+        let mut qc = base_config(cfg.timeout, &[HQ_ALPN])?;
         qc.set_initial_max_data(MAX_BODY as u64);
         qc.set_initial_max_stream_data_bidi_local(MAX_BODY as u64);
         qc.set_initial_max_streams_bidi(0);
@@ -161,11 +149,7 @@ impl HqGet {
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
         match self.quic.send(buf) {
-            Ok((len, info)) => Some(Transmit {
-                len,
-                to: info.to,
-                from: info.from,
-            }),
+            Ok((len, info)) => Some(Transmit::sent(len, &info)),
             Err(_) => None,
         }
     }

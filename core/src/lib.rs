@@ -127,6 +127,17 @@ pub struct Transmit {
     pub from: SocketAddr,
 }
 
+impl Transmit {
+    /// The datagram quiche just wrote: `len` bytes, addressed by `info`.
+    pub(crate) fn sent(len: usize, info: &quiche::SendInfo) -> Transmit {
+        Transmit {
+            len,
+            to: info.to,
+            from: info.from,
+        }
+    }
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -949,13 +949,7 @@ impl Server {
                 continue;
             };
             match conn.quic.send(buf) {
-                Ok((len, info)) => {
-                    return Some(Transmit {
-                        len,
-                        to: info.to,
-                        from: info.from,
-                    });
-                }
+                Ok((len, info)) => return Some(Transmit::sent(len, &info)),
                 Err(_) => {
                     conn.dirty = false;
                     self.dirty.pop_front();
