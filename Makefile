@@ -2,7 +2,8 @@
 #
 # quiche builds BoringSSL, which needs cmake and libclang: `deps` installs
 # them with apt-get when they are missing (as root, or through sudo), and
-# every other target depends on it.
+# every other target depends on it. The interop tests (bin/tests/interop.rs)
+# need python3 with venv too: they pip-install aioquic into target/interop-venv.
 
 CARGO ?= cargo
 SHELL := /bin/bash
@@ -14,6 +15,7 @@ deps:
 	command -v cmake >/dev/null 2>&1 || missing="$$missing cmake"; \
 	ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
+	python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3 python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "make deps: installing$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
@@ -34,6 +36,13 @@ test: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
 	$(CARGO) run -q -p quic-report-core --example embed
+
+# Figures on loopback as one table (about 3 minutes; README "Benchmarks").
+# It reports and never fails on a figure. `scripts/bench.sh profile` runs the
+# server under callgrind instead.
+bench: deps
+	$(CARGO) build --release -p quic-report
+	scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all

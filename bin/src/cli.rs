@@ -31,6 +31,9 @@ pub enum Command {
     Client(ClientArgs),
     /// HTTP endpoint: `GET /` answers `{"value": <random number in [0, 1)>}`.
     Source(SourceArgs),
+    /// Load generator: reports/s, handshakes/s, memory per connection, and the
+    /// raw UDP echo limit they are compared with (see the README's Benchmarks).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +61,50 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = quic_report_core::config::DEFAULT_MAX_REPORT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_report_bytes: u64,
+    /// Append each recorded report to FILE as a JSON line, instead of
+    /// stdout (created if missing, locked against a second server). At
+    /// start the (client, seq) of every line already in FILE is loaded, so
+    /// a report recorded before a restart is answered as a duplicate, not
+    /// recorded twice.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// When to fsync --out. Every report is written to the OS before it is
+    /// acknowledged, so it survives a crash of the server. `always`: fsync
+    /// before acknowledging (once per batch), it survives a power loss too;
+    /// `interval`: fsync at most every 100 ms and within 100 ms of a write,
+    /// after acknowledging (a power loss can lose the last 100 ms); `never`:
+    /// leave it to the OS.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "out")]
+    pub fsync: FsyncArg,
+    /// File with the server's 32-byte secret (raw, or 64 hex digits), from
+    /// which stateless-reset tokens, session-ticket and retry-token keys are
+    /// derived; keep it across restarts. Make one with
+    /// `head -c 32 /dev/urandom > FILE`. Default: derived from the private key.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// `--fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncArg {
+    /// Before every acknowledgement.
+    Always,
+    /// At most every 100 ms, within 100 ms of a write.
+    Interval,
+    /// Never (the OS decides).
+    Never,
+}
+
+impl From<FsyncArg> for quic_report_mio::Fsync {
+    fn from(f: FsyncArg) -> Self {
+        match f {
+            FsyncArg::Always => quic_report_mio::Fsync::Always,
+            FsyncArg::Interval => {
+                quic_report_mio::Fsync::Interval(quic_report_mio::DEFAULT_FSYNC_INTERVAL)
+            }
+            FsyncArg::Never => quic_report_mio::Fsync::Never,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -96,9 +143,39 @@ pub struct ClientArgs {
     /// Give up a connection whose oldest report has no answer after this long, and reconnect.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
     pub response_timeout: Duration,
-    /// Most reports kept for (re)sending; past that the oldest is dropped.
+    /// Most reports kept for (re)sending; past that the oldest is dropped
+    /// (and lost), with a warning that counts the drops.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue: u64,
+    /// Send a keep-alive after this long without sending, so the connection
+    /// survives quiet periods. `0s` disables it. Default: half of --idle-timeout.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub keep_alive: Option<Duration>,
+    /// Longest wait between two reconnection attempts (exponential backoff
+    /// from 100 ms, with jitter).
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = positive_duration)]
+    pub backoff_max: Duration,
+}
+
+/// Which server to talk to and how to verify it: the flags of the same
+/// names on `client`, for commands that connect (`bench`).
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// The server's UDP address, `host:port` (a hostname is resolved, and is
+    /// the name checked in the certificate unless --server-name says otherwise).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
+    pub server: String,
+    /// PEM file of the CA that signs the server's certificate. Default: the
+    /// built-in development CA.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Name to check in the server's certificate (and send as SNI). Default:
+    /// `localhost` for a loopback address, the hostname of --server, else its IP.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Do not verify the server's certificate (development only).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +194,16 @@ pub struct DemoArgs {
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
     pub interval: Duration,
+    /// Kill and restart the server at random (every 5-15 s, down for
+    /// 0.5-3 s, once longer than the client's idle timeout, lowered to 3 s),
+    /// abruptly or gracefully, and check that every seq is recorded once.
+    #[arg(long)]
+    pub chaos: bool,
+}
+
+/// A duration such as `200ms`, `2s`, `1m` (humantime); zero allowed.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0s, 200ms, 2s, 1m)"))
 }
 
 /// A duration such as `200ms`, `2s`, `1m` (humantime), not zero.

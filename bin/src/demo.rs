@@ -5,14 +5,33 @@
 //! The source and the server run on their own threads; the client runs on
 //! the main thread and catches Ctrl-C. When the client is done (`--count`
 //! reached, or Ctrl-C), the server and the source are stopped and joined.
+//!
+//! The server's sink is a [`Ledger`] in memory, kept across server restarts
+//! as `server --out FILE` keeps its file: each new server is given its keys
+//! ([`ServerOptions::recorded`]). It says out loud when a report is
+//! recorded twice, and notes a seq that overtakes an earlier one.
+//!
+//! `--chaos`: a controller thread kills the server every 5-15 s, abruptly
+//! ([`StopHandle::abort`]: no CONNECTION_CLOSE, as a crash) or gracefully,
+//! keeps it down 0.5-3 s (one of the first two outages outlasts the
+//! client's idle timeout, lowered to 3 s), and binds a new server on the
+//! same address. At the end the ledger is checked against the client's
+//! acknowledgements: every acknowledged seq recorded exactly once.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::thread;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use quic_report_core::{ClientEvent, Report, ServerEvent, Verify};
 use quic_report_mio::{
-    ClientOptions, FetchOptions, ServerDriver, ServerOptions, StopHandle, run_client,
+    ClientOptions, DriverError, FetchOptions, RecordedKeys, ServerDriver, ServerOptions,
+    StopHandle, run_client,
 };
+use rand::Rng;
 
 use crate::cli::{DemoArgs, Shown, show_client_event};
 use crate::devcerts::DevCerts;
@@ -83,6 +102,234 @@ fn client_line(ev: &ClientEvent, server: SocketAddr) -> Option<String> {
     }
 }
 
+/// The client's idle timeout under `--chaos`.
+const CHAOS_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the server recorded, per client, across its restarts (the demo's
+/// stand-in for `--out FILE`).
+#[derive(Debug, Default)]
+struct Ledger {
+    seqs: BTreeMap<String, BTreeSet<u64>>,
+    duplicates: u64,
+}
+
+impl Ledger {
+    /// Records `report`; returns an alarm if it was recorded before, or a
+    /// note if it skips seqs. (Reports travel on separate streams, so after
+    /// a reconnect one may overtake another: a gap is only a loss if it is
+    /// still there at the end, which [`check`] says.)
+    fn record(&mut self, report: &Report) -> Option<String> {
+        let (client, seq) = report.key()?;
+        let seqs = self.seqs.entry(client.to_owned()).or_default();
+        let next = seqs.last().map_or(1, |m| m + 1);
+        if !seqs.insert(seq) {
+            self.duplicates += 1;
+            return Some(format!(
+                "!!! DUPLICATE: seq={seq} from client {client} recorded a second time"
+            ));
+        }
+        (seq > next).then(|| {
+            let missing = if seq - 1 == next {
+                format!("seq={next}")
+            } else {
+                format!("seq={next}..={}", seq - 1)
+            };
+            format!("gap: seq={seq} arrived before {missing} (overtaken; still on its way)")
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.seqs.values().map(BTreeSet::len).sum()
+    }
+
+    /// The keys, for the next server.
+    fn keys(&self) -> RecordedKeys {
+        let mut keys = RecordedKeys::new();
+        for (client, seqs) in &self.seqs {
+            for seq in seqs {
+                keys.insert(client, *seq);
+            }
+        }
+        keys
+    }
+}
+
+type SharedLedger = Arc<Mutex<Ledger>>;
+
+fn lock(ledger: &SharedLedger) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A server loop on its own thread.
+struct RunningServer {
+    stop: StopHandle,
+    thread: JoinHandle<Result<(), DriverError>>,
+}
+
+impl RunningServer {
+    /// Stops it (abruptly: no CONNECTION_CLOSE) and joins it.
+    fn end(self, abrupt: bool) -> Result<(), Error> {
+        if abrupt {
+            self.stop.abort();
+        } else {
+            self.stop.stop();
+        }
+        match self.thread.join() {
+            Ok(res) => res.map_err(Into::into),
+            Err(_) => Err("the server thread panicked".into()),
+        }
+    }
+}
+
+/// How to start a server, again and again.
+#[derive(Clone)]
+struct ServerPlan {
+    cert: PathBuf,
+    key: PathBuf,
+    ledger: SharedLedger,
+    /// Stopped when a server fails, so the demo ends.
+    on_failure: StopHandle,
+}
+
+impl ServerPlan {
+    /// Binds a server on `addr` (retrying briefly if the old socket is not
+    /// gone yet) that knows every report in the ledger, and runs it.
+    fn start(&self, addr: SocketAddr) -> Result<(RunningServer, SocketAddr), Error> {
+        let mut opts = ServerOptions::new(addr, self.cert.clone(), self.key.clone());
+        opts.handle_signals = false; // the client catches Ctrl-C, then stops us
+        opts.recorded = lock(&self.ledger).keys();
+        let give_up = Instant::now() + Duration::from_secs(2);
+        let server = loop {
+            match ServerDriver::bind(opts.clone()) {
+                Ok(s) => break s,
+                Err(DriverError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && Instant::now() < give_up =>
+                {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let bound = server.local_addr();
+        let stop = server.stop_handle();
+        let ledger = Arc::clone(&self.ledger);
+        let on_failure = self.on_failure.clone();
+        let thread = thread::Builder::new()
+            .name("server".into())
+            .spawn(move || {
+                // The demo's "sink": the ledger, written before the answer is sent.
+                let mut sink = |r: &Report| {
+                    if let Some(alarm) = lock(&ledger).record(r) {
+                        println!("[server] {alarm}");
+                    }
+                    Ok(())
+                };
+                let res = server.run(&mut sink, &mut |ev| {
+                    if let Some(line) = server_line(ev) {
+                        println!("[server] {line}");
+                    }
+                });
+                if res.is_err() {
+                    on_failure.stop();
+                }
+                res
+            })?;
+        Ok((RunningServer { stop, thread }, bound))
+    }
+}
+
+/// Waits `d`; `true` if the demo is ending (the sender is gone).
+fn ending(quit: &mpsc::Receiver<()>, d: Duration) -> bool {
+    !matches!(quit.recv_timeout(d), Err(RecvTimeoutError::Timeout))
+}
+
+/// The server's life until the demo ends: without chaos, just run; with
+/// chaos, kill and restart it at random. Returns the last server's result.
+fn control(
+    plan: &ServerPlan,
+    addr: SocketAddr,
+    first: RunningServer,
+    chaos: bool,
+    quit: &mpsc::Receiver<()>,
+) -> Result<(), Error> {
+    let mut server = first;
+    if !chaos {
+        let _ = quit.recv();
+        return server.end(false);
+    }
+    let mut rng = rand::rng();
+    // One of the first two outages outlasts the client's idle timeout.
+    let long_outage = rng.random_range(1..=2u32);
+    for outage in 1u32.. {
+        let up = Duration::from_millis(rng.random_range(5_000..=15_000));
+        if ending(quit, up) {
+            break;
+        }
+        let long = outage == long_outage;
+        let abrupt = long || rng.random_bool(0.5);
+        let down = if long {
+            CHAOS_IDLE_TIMEOUT + Duration::from_secs(1)
+        } else {
+            Duration::from_millis(rng.random_range(500..=3_000))
+        };
+        server.end(abrupt)?;
+        let how = if abrupt {
+            "killed abruptly (no CONNECTION_CLOSE)"
+        } else {
+            "stopped gracefully (CONNECTION_CLOSE sent)"
+        };
+        let longer = if long {
+            " (longer than the client's idle timeout)"
+        } else {
+            ""
+        };
+        println!(
+            "[server] {how}; down for {:.1} s{longer}",
+            down.as_secs_f64()
+        );
+        if ending(quit, down) {
+            return Ok(());
+        }
+        let (next, _) = plan.start(addr).inspect_err(|_| plan.on_failure.stop())?;
+        server = next;
+        println!(
+            "[server] restarted on {addr} (restart {outage}; remembers {} recorded reports)",
+            lock(&plan.ledger).len()
+        );
+    }
+    server.end(false)
+}
+
+/// Checks the ledger against the client's acknowledgements: every
+/// acknowledged seq recorded, none twice. Prints the verdict.
+fn check(ledger: &Ledger, client: &str, acked: &BTreeSet<u64>) -> Result<(), Error> {
+    let recorded = ledger.seqs.get(client).cloned().unwrap_or_default();
+    let lost: Vec<u64> = acked.difference(&recorded).copied().collect();
+    let (first, last) = (
+        recorded.first().copied().unwrap_or(0),
+        recorded.last().copied().unwrap_or(0),
+    );
+    let holes: Vec<u64> = (first..=last).filter(|s| !recorded.contains(s)).collect();
+    if lost.is_empty() && ledger.duplicates == 0 {
+        let holes = if holes.is_empty() {
+            String::new()
+        } else {
+            format!(" (not acknowledged when the client stopped: {holes:?})")
+        };
+        println!(
+            "[server] check: {} reports recorded, seq {first}..={last}, each exactly once{holes}",
+            recorded.len()
+        );
+        return Ok(());
+    }
+    println!(
+        "[server] !!! CHECK FAILED: {} duplicate(s); acknowledged but not recorded: {lost:?}",
+        ledger.duplicates
+    );
+    Err("the server recorded a report twice or lost one".into())
+}
+
 /// Runs the demo until `--count` acknowledgements or Ctrl-C.
 pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let certs = DevCerts::write()?;
@@ -92,14 +339,23 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let source_url = format!("http://{}/", source.addr());
     let source_stop = source.stopper();
 
-    let mut server_opts = ServerOptions::new(loopback, certs.cert(), certs.key());
-    server_opts.handle_signals = false; // the client catches Ctrl-C, then stops us
-    let server = ServerDriver::bind(server_opts)?;
-    let server_addr = server.local_addr();
-    let server_stop = server.stop_handle();
+    let client_stop = StopHandle::new();
+    let plan = ServerPlan {
+        cert: certs.cert(),
+        key: certs.key(),
+        ledger: Arc::default(),
+        on_failure: client_stop.clone(),
+    };
+    let (server, server_addr) = plan.start(loopback)?;
 
     println!("[source] listening on {source_url}");
     println!("[server] listening on {server_addr} (development certificate)");
+    if args.chaos {
+        println!(
+            "[server] chaos: killed and restarted at random; the client's idle timeout is {}",
+            humantime::format_duration(CHAOS_IDLE_TIMEOUT)
+        );
+    }
 
     let source_thread = thread::Builder::new()
         .name("source".into())
@@ -107,21 +363,14 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             source.serve(&mut |a| println!("[source] {}", a.short()));
         })?;
 
-    let client_stop = StopHandle::new();
-    let stop_client_on_failure = client_stop.clone();
-    let server_thread = thread::Builder::new()
-        .name("server".into())
-        .spawn(move || {
-            let res = server.run(&mut |_: &Report| Ok(()), &mut |ev| {
-                if let Some(line) = server_line(ev) {
-                    println!("[server] {line}");
-                }
-            });
-            if res.is_err() {
-                stop_client_on_failure.stop();
-            }
-            res
-        })?;
+    let (quit_tx, quit_rx) = mpsc::channel::<()>();
+    let controller = {
+        let plan = plan.clone();
+        let chaos = args.chaos;
+        thread::Builder::new()
+            .name("chaos".into())
+            .spawn(move || control(&plan, server_addr, server, chaos, &quit_rx))?
+    };
 
     let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(certs.ca()));
     client_opts.fetch = Some(FetchOptions {
@@ -131,9 +380,21 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     });
     client_opts.count = args.count;
     client_opts.stop = client_stop;
-    let client_res = run_client(client_opts, &mut |ev, _| {
+    if args.chaos {
+        client_opts.config.idle_timeout = CHAOS_IDLE_TIMEOUT;
+        client_opts.config.keep_alive = Some(CHAOS_IDLE_TIMEOUT / 2);
+    }
+    let mut acked = BTreeSet::new();
+    let client_res = run_client(client_opts, &mut |ev, c| {
+        if let ClientEvent::Acknowledged { seq, .. } = ev {
+            acked.insert(*seq);
+        }
         if let Some(line) = client_line(ev, server_addr) {
-            println!("[client] {line}");
+            if matches!(ev, ClientEvent::ReportDropped { .. }) {
+                println!("[client] {line} and lost ({} dropped so far)", c.dropped());
+            } else {
+                println!("[client] {line}");
+            }
         }
     });
     if let Ok(summary) = &client_res {
@@ -143,10 +404,10 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         );
     }
 
-    server_stop.stop();
-    let server_res: Result<(), Error> = match server_thread.join() {
-        Ok(res) => res.map_err(Into::into),
-        Err(_) => Err("the server thread panicked".into()),
+    drop(quit_tx);
+    let server_res: Result<(), Error> = match controller.join() {
+        Ok(res) => res,
+        Err(_) => Err("the server controller panicked".into()),
     };
     source_stop.stop();
     if source_thread.join().is_err() {
@@ -156,7 +417,10 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     println!("[source] stopped");
     drop(certs);
 
-    client_res?;
+    let summary = client_res?;
     server_res?;
+    if args.chaos {
+        check(&lock(&plan.ledger), &summary.client_id, &acked)?;
+    }
     Ok(())
 }

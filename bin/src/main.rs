@@ -8,6 +8,7 @@
 //!
 //! Logs go to stderr (`RUST_LOG`; default `info`, `warn` for the demo).
 
+mod bench;
 mod cli;
 mod demo;
 mod devcerts;
@@ -17,9 +18,10 @@ use std::io;
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_core::Verify;
+use quic_report_core::{ClientEvent, Verify};
 use quic_report_mio::{
-    ClientOptions, FetchOptions, ServerOptions, WriterSink, run_client, run_server,
+    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
+    read_secret_file, run_client, run_server,
 };
 
 use crate::cli::{Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event};
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server(args),
         Command::Client(args) => client(args),
         Command::Source(args) => source(args),
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match res {
@@ -76,9 +79,42 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     opts.config.max_connections = to_usize(args.max_connections, "--max-connections")?;
     opts.config.max_streams = args.max_streams;
     opts.config.max_report_bytes = to_usize(args.max_report_bytes, "--max-report-bytes")?;
-    let mut sink = WriterSink::new(io::stdout().lock());
-    run_server(opts, &mut sink, &mut |_| {})?;
+    if let Some(path) = &args.secret_file {
+        opts.config.secret = Some(read_secret_file(path)?);
+        log::info!("server secret read from {}", path.display());
+    }
+    match &args.out {
+        Some(path) => {
+            let mut sink = FileSink::open(path, args.fsync.into())?;
+            opts.recorded = load_recorded(&mut sink)?;
+            run_server(opts, &mut sink, &mut |_| {})?;
+        }
+        None => run_server(opts, &mut WriterSink::new(io::stdout().lock()), &mut |_| {})?,
+    }
     Ok(())
+}
+
+/// The keys of the reports already in `--out`, with a log line (and one
+/// warning for unparseable lines, such as a line torn by a crash).
+fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
+    let keys = sink.read_recorded()?;
+    let path = sink.path().display();
+    if keys.unparseable() > 0 {
+        log::warn!(
+            "{path}: {} line(s) that are not JSON objects skipped (first: line {}; a line torn by a crash?)",
+            keys.unparseable(),
+            keys.first_unparseable_line().unwrap_or_default()
+        );
+    }
+    log::info!(
+        "{path}: {} recorded report key(s) of {} client(s) loaded from {} line(s); \
+         they will be answered as duplicates ({})",
+        keys.len(),
+        keys.clients(),
+        keys.lines(),
+        sink.fsync()
+    );
+    Ok(keys)
 }
 
 fn client(args: &ClientArgs) -> Result<(), Error> {
@@ -96,7 +132,20 @@ fn client(args: &ClientArgs) -> Result<(), Error> {
     let mut opts = ClientOptions::new(server, verify);
     opts.config.server_name = args.server_name.clone().unwrap_or(default_name);
     opts.config.idle_timeout = args.idle_timeout;
-    opts.config.keep_alive = Some(args.idle_timeout / 2);
+    opts.config.keep_alive = match args.keep_alive {
+        None => Some(args.idle_timeout / 2),
+        Some(d) if d.is_zero() => None,
+        Some(d) => {
+            if d >= args.idle_timeout {
+                log::warn!(
+                    "--keep-alive is not below --idle-timeout: idle connections will time out"
+                );
+            }
+            Some(d)
+        }
+    };
+    opts.config.backoff.max = args.backoff_max;
+    opts.config.backoff.initial = opts.config.backoff.initial.min(args.backoff_max);
     opts.config.connect_timeout = args.connect_timeout;
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
@@ -112,16 +161,22 @@ fn client(args: &ClientArgs) -> Result<(), Error> {
         humantime::format_duration(args.interval),
         opts.config.server_name
     );
-    let summary = run_client(opts, &mut |ev, _| match show_client_event(ev) {
+    let queue = args.queue;
+    let summary = run_client(opts, &mut |ev, c| match show_client_event(ev) {
         Shown::Ack(line) => println!("{line}"),
         Shown::Info(line) => log::info!("{line}"),
+        Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
+            "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
+            c.dropped()
+        ),
         Shown::Warn(line) => log::warn!("{line}"),
         Shown::Debug(line) => log::debug!("{line}"),
     })?;
     log::info!(
-        "done: {} acknowledged, {} not acknowledged, {} connection(s), {} attempt(s)",
+        "done: {} acknowledged, {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
         summary.stats.acknowledged,
         summary.unacknowledged,
+        summary.dropped,
         summary.stats.connections,
         summary.stats.attempts
     );

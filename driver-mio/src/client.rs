@@ -14,7 +14,8 @@
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
 //! server's certificate was refused; returns [`DriverError::ClientFailed`]).
 //! A second signal while closing ends the loop at once, and so does a close
-//! that takes longer than [`ClientOptions::close_grace`].
+//! that takes longer than [`ClientOptions::close_grace`] or
+//! [`StopHandle::abort`] (which sends nothing more).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -293,6 +294,10 @@ impl Loop<'_> {
                     what: "waiting for events",
                     source: e,
                 });
+            }
+            if d.opts.stop.is_aborted() {
+                log::info!("aborted: stopping without closing the connection");
+                break;
             }
             let now = Instant::now();
             let (mut readable, mut writable, mut woken, mut signalled) =

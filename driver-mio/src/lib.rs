@@ -32,20 +32,29 @@
 //! the bound address and take a [`StopHandle`] (to stop the loop from another
 //! thread) before running it.
 //!
+//! Sinks ([`sink`]): [`WriterSink`] (stdout) and [`FileSink`] (an
+//! append-only JSON-lines file with an [`Fsync`] policy, read back at start
+//! into [`RecordedKeys`] so a restarted server does not record a report
+//! twice). [`read_secret_file`] reads a `--secret-file`.
+//!
 //! [mio]: https://docs.rs/mio
 
 pub mod client;
 pub mod error;
 pub mod fetch;
+pub mod secret;
 pub mod server;
 pub mod signal;
+pub mod sink;
 pub mod stop;
 pub mod udp;
 
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
 pub use error::DriverError;
 pub use fetch::{FetchOptions, Fetcher};
-pub use server::{ReportSink, ServerDriver, ServerOptions, WriterSink, run_server};
+pub use secret::read_secret_file;
+pub use server::{ServerDriver, ServerOptions, run_server};
+pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};
 pub use stop::StopHandle;
 
 use rand::TryRngCore;

@@ -2,19 +2,27 @@
 //! [`quic_report_core::Server`] driven per the core's contract, and a
 //! [`ReportSink`] that records reports.
 //!
-//! **An acknowledgement means "recorded":** for each
-//! [`ServerEvent::Report`] the loop calls [`ReportSink::record`] and
-//! [`ReportSink::flush`], and only then [`Server::respond`] with
-//! [`Outcome::Recorded`] (or [`Outcome::NotRecorded`] with the error if the
-//! write failed, so the client sends it again). Responding makes more to
-//! send and maybe more events, so the loop drains `poll_transmit` and
-//! `poll_event` again until both are empty.
+//! **An acknowledgement means "recorded":** the loop collects the core's
+//! events, calls [`ReportSink::record`] for every [`ServerEvent::Report`]
+//! among them, then [`ReportSink::flush`] once, and only then
+//! [`Server::respond`] with [`Outcome::Recorded`] (or
+//! [`Outcome::NotRecorded`] with the error if the write or the flush failed,
+//! so the client sends it again). Responding makes more to send and maybe
+//! more events, so the loop drains `poll_transmit` and `poll_event` again
+//! until both are empty. The sink's own deadline
+//! ([`ReportSink::sync_deadline`], e.g. a periodic fsync) is part of the
+//! loop's wait, and the sink is synced once more when the loop ends.
+//!
+//! Before serving, the keys in [`ServerOptions::recorded`] (reports a
+//! previous process recorded, read back from its file) are marked recorded
+//! in the core, so their resends are answered `duplicate`.
 //!
 //! Shutdown (signal or [`StopHandle::stop`]): [`Server::close_all`], send the
 //! CONNECTION_CLOSEs, and return `Ok` once [`Server::is_closed`], or after
-//! [`ServerOptions::shutdown_grace`] at most. A second signal returns at once.
+//! [`ServerOptions::shutdown_grace`] at most. A second signal returns at
+//! once, and so does [`StopHandle::abort`] (without closing anything).
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +35,8 @@ use quic_report_core::{
 };
 
 use crate::signal::SignalSource;
+use crate::sink::RecordedKeys;
+pub use crate::sink::{ReportSink, WriterSink};
 use crate::udp::{Recv, UdpIo};
 use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 
@@ -36,52 +46,6 @@ const SIGNALS: Token = Token(2);
 
 /// Datagrams read per wake-up before the loop services timers and sends.
 const RECV_BUDGET: usize = 1024;
-
-/// Where recorded reports go. A report is acknowledged only after
-/// [`ReportSink::record`] and [`ReportSink::flush`] both succeeded.
-pub trait ReportSink {
-    /// Writes one report.
-    fn record(&mut self, report: &Report) -> io::Result<()>;
-    /// Makes what was recorded durable (as far as the sink can).
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Any `FnMut(&Report) -> io::Result<()>` is a sink (handy in tests).
-impl<F: FnMut(&Report) -> io::Result<()>> ReportSink for F {
-    fn record(&mut self, report: &Report) -> io::Result<()> {
-        self(report)
-    }
-}
-
-/// A sink writing each report as one JSON line ([`Report::to_json_line`]).
-#[derive(Debug)]
-pub struct WriterSink<W: Write> {
-    writer: W,
-}
-
-impl<W: Write> WriterSink<W> {
-    /// Writes to `writer` (e.g. stdout, a file).
-    pub fn new(writer: W) -> WriterSink<W> {
-        WriterSink { writer }
-    }
-
-    /// The writer back.
-    pub fn into_inner(self) -> W {
-        self.writer
-    }
-}
-
-impl<W: Write> ReportSink for WriterSink<W> {
-    fn record(&mut self, report: &Report) -> io::Result<()> {
-        self.writer.write_all(&report.to_json_line())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.writer.flush()
-    }
-}
 
 /// What the server loop needs.
 #[derive(Debug, Clone)]
@@ -102,6 +66,11 @@ pub struct ServerOptions {
     /// tickets survive a restart (default `true`; `false` leaves the core to
     /// draw a random secret).
     pub derive_secret: bool,
+    /// Reports recorded before this server started (e.g. read back from its
+    /// file with [`crate::FileSink::read_recorded`]): marked recorded in the
+    /// core before serving, so a resend is answered `duplicate` and not
+    /// recorded twice (default: none).
+    pub recorded: RecordedKeys,
 }
 
 impl ServerOptions {
@@ -114,6 +83,7 @@ impl ServerOptions {
             stop: StopHandle::new(),
             shutdown_grace: Duration::from_secs(1),
             derive_secret: true,
+            recorded: RecordedKeys::new(),
         }
     }
 }
@@ -194,15 +164,26 @@ impl ServerDriver {
         on_event: &mut dyn FnMut(&ServerEvent),
     ) -> Result<(), DriverError> {
         let seed = os_seed()?;
-        let server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
+        let mut server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
+        let recorded = std::mem::take(&mut self.opts.recorded);
+        if !recorded.is_empty() {
+            let (keys, clients) = (recorded.len(), recorded.clients());
+            recorded.mark_recorded(&mut server);
+            log::debug!("{keys} report key(s) of {clients} client(s) marked as recorded");
+        }
         log::info!("listening on {}", self.io.local_addr());
         let mut state = Loop {
             server,
             sink,
             on_event,
             out: vec![0u8; MAX_DATAGRAM_SIZE],
+            batch: Vec::new(),
         };
-        state.run(&mut self)
+        let res = state.run(&mut self);
+        if let Err(e) = state.sink.sync(Instant::now()) {
+            log::error!("{e}");
+        }
+        res
     }
 }
 
@@ -211,6 +192,8 @@ struct Loop<'a> {
     sink: &'a mut dyn ReportSink,
     on_event: &'a mut dyn FnMut(&ServerEvent),
     out: Vec<u8>,
+    /// The events of one drain, reused.
+    batch: Vec<ServerEvent>,
 }
 
 impl Loop<'_> {
@@ -231,6 +214,10 @@ impl Loop<'_> {
                 let left = (since + d.opts.shutdown_grace).saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
+            if let Some(t) = self.sink.sync_deadline() {
+                let left = t.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
             if more_to_read {
                 timeout = Some(Duration::ZERO);
             }
@@ -242,6 +229,13 @@ impl Loop<'_> {
                     what: "waiting for events",
                     source: e,
                 });
+            }
+            if d.opts.stop.is_aborted() {
+                log::info!(
+                    "aborted: dropping {} connection(s) without closing them",
+                    self.server.connections()
+                );
+                return Ok(());
             }
             let now = Instant::now();
             let (mut readable, mut writable, mut signalled) = (more_to_read, false, false);
@@ -287,6 +281,12 @@ impl Loop<'_> {
                 self.server.handle_timeout(now);
             }
             self.drain(d, now);
+            let now = Instant::now();
+            if self.sink.sync_deadline().is_some_and(|t| t <= now)
+                && let Err(e) = self.sink.sync(now)
+            {
+                log::error!("{e}");
+            }
             floor = Duration::ZERO;
             if due.is_some() && self.server.poll_timeout() == due {
                 floor = Duration::from_millis(1);
@@ -341,101 +341,132 @@ impl Loop<'_> {
     /// Transmits, then events (recording and answering reports), until the
     /// core has neither.
     fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
+        let mut batch = std::mem::take(&mut self.batch);
         loop {
             while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
                 d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
             }
-            let mut any = false;
+            batch.clear();
             while let Some(ev) = self.server.poll_event() {
-                any = true;
-                self.handle_event(&ev);
-                (self.on_event)(&ev);
+                batch.push(ev);
             }
-            if !any {
-                return;
+            if batch.is_empty() {
+                break;
+            }
+            self.record(&batch);
+            for ev in &batch {
+                log_event(ev);
+                (self.on_event)(ev);
             }
         }
+        self.batch = batch;
     }
 
-    fn handle_event(&mut self, ev: &ServerEvent) {
-        match ev {
-            ServerEvent::ConnectionOpened {
-                conn,
-                peer,
-                resumed,
-            } => {
-                let resumed = if *resumed { " (resumed session)" } else { "" };
-                log::info!("{conn}: connection opened from {peer}{resumed}");
-            }
-            ServerEvent::Report {
+    /// Records every report of `batch`, flushes the sink once, then answers
+    /// each: recorded, or not recorded if its write or the flush failed.
+    fn record(&mut self, batch: &[ServerEvent]) {
+        let mut answers = Vec::new();
+        let mut written = 0usize;
+        for ev in batch {
+            let ServerEvent::Report {
                 handle,
                 peer,
                 report,
-            } => {
-                let written = self.sink.record(report).and_then(|()| self.sink.flush());
-                let outcome = match &written {
-                    Ok(()) => {
-                        log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));
-                        Outcome::Recorded
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "{}: could not record {}: {e}",
-                            handle.conn,
-                            describe(report)
-                        );
-                        Outcome::NotRecorded(e.to_string())
-                    }
-                };
-                // The sink may have taken a while: answer with a fresh `now`.
-                match self.server.respond(Instant::now(), *handle, outcome) {
-                    Ok(()) => {}
-                    Err(RespondError::ConnectionGone) => {
-                        log::debug!("{}: connection gone before the answer", handle.conn);
-                    }
-                    Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
+            } = ev
+            else {
+                continue;
+            };
+            let outcome = match self.sink.record(report) {
+                Ok(()) => {
+                    written += 1;
+                    Outcome::Recorded
+                }
+                Err(e) => Outcome::NotRecorded(e.to_string()),
+            };
+            answers.push((*handle, *peer, report, outcome));
+        }
+        if written > 0
+            && let Err(e) = self.sink.flush()
+        {
+            for (_, _, _, outcome) in &mut answers {
+                if *outcome == Outcome::Recorded {
+                    *outcome = Outcome::NotRecorded(e.to_string());
                 }
             }
-            ServerEvent::Duplicate { conn, client, seq } => {
-                log::info!(
-                    "{conn}: duplicate report client={client} seq={seq} (not recorded again)"
-                );
-            }
-            ServerEvent::StreamRejected {
-                conn,
-                stream,
-                error,
-            } => {
-                log::info!("{conn}: stream {stream} rejected: {error}");
-            }
-            ServerEvent::ConnectionClosed {
-                conn,
-                peer,
-                established,
-                reason,
-                stats,
-            } => {
-                let rtt = stats
-                    .rtt
-                    .map(|r| format!("{r:?}"))
-                    .unwrap_or_else(|| "-".into());
-                let what = if *established {
-                    "connection"
-                } else {
-                    "handshake"
-                };
-                log::info!(
-                    "{conn}: {what} from {peer} closed: {reason}; reports={} packets sent={} recv={} lost={} bytes sent={} recv={} rtt={rtt}",
-                    stats.reports,
-                    stats.sent,
-                    stats.recv,
-                    stats.lost,
-                    stats.sent_bytes,
-                    stats.recv_bytes,
-                );
-            }
-            other => log::debug!("server event: {other:?}"),
         }
+        // The sink may have taken a while: answer with a fresh `now`.
+        let now = Instant::now();
+        for (handle, peer, report, outcome) in answers {
+            match &outcome {
+                Outcome::Recorded => {
+                    log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));
+                }
+                Outcome::NotRecorded(e) => log::warn!(
+                    "{}: could not record {}: {e}; the client will send it again",
+                    handle.conn,
+                    describe(report)
+                ),
+            }
+            match self.server.respond(now, handle, outcome) {
+                Ok(()) => {}
+                Err(RespondError::ConnectionGone) => {
+                    log::debug!("{}: connection gone before the answer", handle.conn);
+                }
+                Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
+            }
+        }
+    }
+}
+
+/// The log line of a core event (reports are logged when answered).
+fn log_event(ev: &ServerEvent) {
+    match ev {
+        ServerEvent::ConnectionOpened {
+            conn,
+            peer,
+            resumed,
+        } => {
+            let resumed = if *resumed { " (resumed session)" } else { "" };
+            log::info!("{conn}: connection opened from {peer}{resumed}");
+        }
+        ServerEvent::Report { .. } => {}
+        ServerEvent::Duplicate { conn, client, seq } => {
+            log::info!("{conn}: duplicate report client={client} seq={seq} (not recorded again)");
+        }
+        ServerEvent::StreamRejected {
+            conn,
+            stream,
+            error,
+        } => {
+            log::info!("{conn}: stream {stream} rejected: {error}");
+        }
+        ServerEvent::ConnectionClosed {
+            conn,
+            peer,
+            established,
+            reason,
+            stats,
+        } => {
+            let rtt = stats
+                .rtt
+                .map(|r| format!("{r:?}"))
+                .unwrap_or_else(|| "-".into());
+            let what = if *established {
+                "connection"
+            } else {
+                "handshake"
+            };
+            log::info!(
+                "{conn}: {what} from {peer} closed: {reason}; reports={} packets sent={} recv={} lost={} bytes sent={} recv={} rtt={rtt}",
+                stats.reports,
+                stats.sent,
+                stats.recv,
+                stats.lost,
+                stats.sent_bytes,
+                stats.recv_bytes,
+            );
+        }
+        other => log::debug!("server event: {other:?}"),
     }
 }
 

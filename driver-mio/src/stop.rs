@@ -1,6 +1,9 @@
 //! [`StopHandle`]: asks a running driver loop, from any thread, to shut
 //! down gracefully (the client closes its connection, the server closes
-//! all of its connections), as SIGINT would.
+//! all of its connections), as SIGINT would; or, with
+//! [`StopHandle::abort`], to return at once without closing anything, as
+//! if the process had crashed (the peers learn it from a stateless reset,
+//! an ICMP error or their idle timeout).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,6 +22,7 @@ pub struct StopHandle {
 #[derive(Debug, Default)]
 struct Inner {
     stopped: AtomicBool,
+    aborted: AtomicBool,
     waker: Mutex<Option<Arc<Waker>>>,
 }
 
@@ -43,9 +47,22 @@ impl StopHandle {
         }
     }
 
-    /// Whether [`StopHandle::stop`] was called.
+    /// Asks the loop to return at once, sending nothing more (no
+    /// CONNECTION_CLOSE), and wakes it: a crash, for tests and the demo's
+    /// chaos mode. A server's sink is still synced.
+    pub fn abort(&self) {
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    /// Whether [`StopHandle::stop`] (or [`StopHandle::abort`]) was called.
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`StopHandle::abort`] was called.
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
     }
 
     /// Attaches the loop's waker. A stop requested before (or while) it is

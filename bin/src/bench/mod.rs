@@ -1,0 +1,302 @@
+//! `quic-report bench`: a load generator on our own core, and the raw UDP
+//! echo it is compared with.
+//!
+//! One thread, one `mio::Poll`, like the driver; one connected UDP socket
+//! per connection. Modes:
+//!
+//! - **reports** (default): C connections, each a [`quic_report_core::Client`]
+//!   with `max_in_flight = K`, each kept at K reports outstanding (a new
+//!   sample is submitted whenever one is acknowledged). Every answer must
+//!   echo its report (`Acknowledged`, not a duplicate, right `seq`, `client`
+//!   and `value`); anything else counts as an error. Counting starts once
+//!   every connection is established and the warm-up is over. Prints
+//!   `reports_per_s=.. acked=.. errors=.. p50_ms=.. p99_ms=..`.
+//! - **handshakes** (`--handshakes`): C workers each repeating connect (a
+//!   fresh client, so a full handshake, no resumption), one report, close.
+//!   Prints `handshakes_per_s=..`.
+//! - **idle** (`--idle-connections N --hold D`): N connections, one report
+//!   each, then held open; with `--server-pid`, the server's VmRSS growth
+//!   per connection. Prints `idle_connections=.. server_kb_per_conn=..
+//!   client_kb_per_conn=..`.
+//! - **udp-echo** (`--udp-echo`): the same shape (C sockets, K in flight,
+//!   60-byte payloads) over plain UDP against a trivial echo server: the
+//!   machine's limit for small request/response round trips. Prints
+//!   `round_trips_per_s=.. p50_ms=.. p99_ms=..`.
+//! - **echo server** (`--echo-server ADDR`): just that echo server, as its own
+//!   process (to pin it to a CPU); until killed.
+//!
+//! Latency is per request, from submit to acknowledgement, sorted (nearest
+//! rank), never averaged. With `--server-pid`, one more line on stderr,
+//! `detail: key=value ...`, gives the server's CPU time per operation (from
+//! `/proc/PID/task/*/schedstat`, nanoseconds), both processes' CPU
+//! utilisation and the datagrams per operation.
+
+mod echo;
+mod quic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args};
+use quic_report_core::Verify;
+
+use crate::cli::{TargetArgs, positive_duration, resolve_server};
+use crate::devcerts::DevCerts;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// `quic-report bench`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("mode").args(["handshakes", "udp_echo", "idle_connections", "echo_server"])))]
+pub struct BenchArgs {
+    /// The server to load, and how to verify it (as for `client`).
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Connections (reports, udp-echo) or parallel workers (handshakes).
+    #[arg(long, short = 'c', value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+    /// Reports (or datagrams) kept in flight on each connection.
+    #[arg(long, short = 'k', value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub in_flight: u32,
+    /// How long to measure (after the warm-up).
+    #[arg(long, short = 'd', default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
+    pub duration: Duration,
+    /// Load applied but not counted, once every connection is up.
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Stop measuring after this many acknowledged reports (or handshakes)
+    /// instead of after --duration (fixed work, e.g. under callgrind).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Measure this process (the server): CPU time per operation from
+    /// /proc/PID/task/*/schedstat, and VmRSS in --idle-connections mode.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Handshake mode: C workers each repeating connect (full handshake),
+    /// one report, close. Prints `handshakes_per_s=`.
+    #[arg(long)]
+    pub handshakes: bool,
+    /// Idle mode: open N connections, one report each, hold them for --hold,
+    /// and report memory per connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub idle_connections: Option<u32>,
+    /// How long --idle-connections holds its connections open.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
+    pub hold: Duration,
+    /// Raw UDP instead of QUIC: the same shape against an echo server (one
+    /// started on a thread, unless --echo-addr names one).
+    #[arg(long)]
+    pub udp_echo: bool,
+    /// With --udp-echo: the address of an echo server run separately
+    /// (`quic-report bench --echo-server ADDR`).
+    #[arg(long, value_name = "ADDR", requires = "udp_echo")]
+    pub echo_addr: Option<SocketAddr>,
+    /// Run only a UDP echo server on ADDR, until killed.
+    #[arg(long, value_name = "ADDR")]
+    pub echo_server: Option<SocketAddr>,
+    /// The echo server reads and writes with recvmmsg/sendmmsg (batches of
+    /// 64) instead of one recvfrom/sendto per datagram.
+    #[arg(long)]
+    pub echo_batch: bool,
+    /// The echo server's socket sets SO_REUSEPORT (run several on one port).
+    #[arg(long)]
+    pub reuseport: bool,
+    /// UDP payload of --udp-echo, bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 60, value_parser = clap::value_parser!(u16).range(16..=1400))]
+    pub payload: u16,
+}
+
+/// Runs the mode the arguments name.
+pub fn run(args: &BenchArgs) -> Result<(), Error> {
+    raise_fd_limit(u64::from(args.idle_connections.unwrap_or(0)) + 256);
+    if let Some(addr) = args.echo_server {
+        return echo::serve_forever(addr, args.echo_batch, args.reuseport);
+    }
+    if args.udp_echo {
+        return echo::run_client(args);
+    }
+    // quiche's `Config::new` calls `SSL_CTX_set_default_verify_paths`, which
+    // with SSL_CERT_FILE set parses the whole system CA bundle: ~5.6 ms of
+    // CPU per Config, so per `Client`. A real client pays that once per
+    // process; the generator makes a `Client` per handshake, so it points
+    // BoringSSL at no default roots (it verifies against --ca or the
+    // development CA only, which is what it means to do anyway).
+    // SAFETY: no other thread exists yet (main has only set up logging).
+    unsafe {
+        std::env::set_var("SSL_CERT_FILE", "/nonexistent/quic-report-bench");
+        std::env::set_var("SSL_CERT_DIR", "/nonexistent/quic-report-bench");
+    }
+    let (server, default_name) = resolve_server(&args.target.server)?;
+    let mut dev = None;
+    let verify = if args.target.insecure {
+        Verify::Insecure
+    } else if let Some(ca) = &args.target.ca {
+        std::fs::File::open(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+        Verify::CaFile(ca.clone())
+    } else {
+        let certs: &DevCerts = dev.insert(DevCerts::write()?);
+        Verify::CaFile(certs.ca())
+    };
+    let target = Target {
+        server,
+        server_name: args.target.server_name.clone().unwrap_or(default_name),
+        verify,
+    };
+    let res = quic::run(args, &target);
+    drop(dev);
+    res
+}
+
+/// Where the QUIC modes connect, and how they verify the server.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) server: SocketAddr,
+    pub(crate) server_name: String,
+    pub(crate) verify: Verify,
+}
+
+/// Per-request latencies in nanoseconds. Both ends of a latency read the
+/// clock when the request is sent and when its answer is handled (not the
+/// loop's `now`, which can predate a reply handled in the same pass).
+#[derive(Debug, Default)]
+pub(crate) struct Latencies(Vec<u64>);
+
+impl Latencies {
+    pub(crate) fn push(&mut self, d: Duration) {
+        self.0.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Sorts, then the nearest-rank percentiles, in milliseconds.
+    pub(crate) fn percentiles_ms(&mut self, ps: &[f64]) -> Vec<f64> {
+        self.0.sort_unstable();
+        ps.iter()
+            .map(|&p| {
+                if self.0.is_empty() {
+                    return f64::NAN;
+                }
+                let rank = (p * self.0.len() as f64).ceil() as usize;
+                let i = rank.clamp(1, self.0.len()) - 1;
+                self.0[i] as f64 / 1e6
+            })
+            .collect()
+    }
+}
+
+/// CPU time (ns) of every thread of a process, from schedstat.
+pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path: PathBuf = entry.ok()?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Some(ns) = s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            total += ns;
+        }
+    }
+    Some(total)
+}
+
+/// VmRSS of a process, KiB.
+pub(crate) fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Busy CPU time of the whole machine (every CPU), ns, from /proc/stat:
+/// user, nice, system, irq, softirq and steal.
+fn machine_busy_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(busy * (1_000_000_000 / hz))
+}
+
+/// Samples the CPU time of this process, of the server if given, and of the
+/// whole machine (to tell how much CPU other processes took).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    at: std::time::Instant,
+    own: Option<u64>,
+    server: Option<u64>,
+    machine: Option<u64>,
+}
+
+impl CpuSample {
+    pub(crate) fn take(server_pid: Option<u32>) -> CpuSample {
+        CpuSample {
+            at: std::time::Instant::now(),
+            own: cpu_ns(std::process::id()),
+            server: server_pid.and_then(cpu_ns),
+            machine: machine_busy_ns(),
+        }
+    }
+
+    /// `server_cpu_us_per_op`, both utilisations, and `other_cpu_util`
+    /// (CPUs' worth taken by other processes: machine busy time minus ours
+    /// and the server's; /proc/stat counts in clock ticks, so +-0.01 or so),
+    /// since `self`.
+    pub(crate) fn detail(&self, end: &CpuSample, ops: u64) -> String {
+        let wall = end.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let mut s = String::new();
+        if let (Some(a), Some(b)) = (self.machine, end.machine) {
+            let ours = |x: Option<u64>, y: Option<u64>| match (x, y) {
+                (Some(x), Some(y)) => y.saturating_sub(x),
+                _ => 0,
+            };
+            let other = b.saturating_sub(a) as f64
+                - ours(self.own, end.own) as f64
+                - ours(self.server, end.server) as f64;
+            s.push_str(&format!(" other_cpu_util={:.3}", (other / 1e9 / wall).max(0.0)));
+        }
+        if let (Some(a), Some(b)) = (self.server, end.server) {
+            let ns = b.saturating_sub(a) as f64;
+            s.push_str(&format!(
+                " server_cpu_us_per_op={:.2} server_cpu_util={:.3}",
+                ns / 1e3 / ops.max(1) as f64,
+                ns / 1e9 / wall
+            ));
+        }
+        if let (Some(a), Some(b)) = (self.own, end.own) {
+            let ns = b.saturating_sub(a) as f64;
+            s.push_str(&format!(
+                " generator_cpu_us_per_op={:.2} generator_cpu_util={:.3}",
+                ns / 1e3 / ops.max(1) as f64,
+                ns / 1e9 / wall
+            ));
+        }
+        s
+    }
+}
+
+/// Lifts the soft limit on open files towards the hard one (a socket per
+/// connection).
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::warn!("cannot raise the open-file limit to {want}");
+            }
+        }
+    }
+}
