@@ -692,7 +692,6 @@ fn aioquic_h0_client_reads_latest() {
 /// of them (the stream limit) the connection can open no stream at all.
 /// Run with `cargo test -p quic-report --test interop -- --ignored`.
 #[test]
-#[ignore = "known bug: streams reset by the client are never released (see the doc comment)"]
 fn aioquic_client_reset_streams_are_released() {
     python(); // made (or checked) before the clock starts
     let end = Instant::now() + LIMIT;

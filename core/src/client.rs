@@ -756,10 +756,13 @@ impl Client {
                         });
                     }
                 }
-                // Nothing more is expected on this stream.
-                let _ = conn
-                    .quic
-                    .stream_shutdown(sid, quiche::Shutdown::Read, codes::NO_ERROR);
+                // Nothing more is expected on this stream; if the server's
+                // FIN has not come with the answer, say so.
+                if !fin {
+                    let _ = conn
+                        .quic
+                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::NO_ERROR);
+                }
                 break;
             }
         }

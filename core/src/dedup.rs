@@ -1,8 +1,8 @@
 //! The server's memory of recorded reports, keyed by `(client, seq)`, with
 //! bounded memory.
 //!
-//! Per client: a *floor* (every seq below it was recorded) and the set of
-//! recorded seqs above it. Recording the floor's seq advances the floor over
+//! Per client: a *floor* (every seq below it was recorded; seqs start at
+//! 1, so a new client's floor is 1) and the set of recorded seqs above it. Recording the floor's seq advances the floor over
 //! the contiguous run, so a client that reports in order costs a few bytes.
 //! When a client's set grows past `per_client` entries, the floor jumps to
 //! the smallest entry (gaps below it are then taken as seen). At most
@@ -29,11 +29,22 @@ impl Default for DedupConfig {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Seen {
     floor: u64,
     above: BTreeSet<u64>,
     touched: u64,
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        // The protocol's first seq is 1 (report.rs refuses 0).
+        Seen {
+            floor: 1,
+            above: BTreeSet::new(),
+            touched: 0,
+        }
+    }
 }
 
 impl Seen {
@@ -123,10 +134,10 @@ mod tests {
     #[test]
     fn remembers_in_and_out_of_order() {
         let mut d = Dedup::new(DedupConfig::default());
-        for s in [0, 1, 2, 5, 4] {
+        for s in [1, 2, 5, 4] {
             d.insert("a", s);
         }
-        for s in [0, 1, 2, 4, 5] {
+        for s in [1, 2, 4, 5] {
             assert!(d.contains("a", s), "{s}");
         }
         assert!(!d.contains("a", 3));
@@ -138,17 +149,20 @@ mod tests {
     #[test]
     fn in_order_reports_cost_no_set_entries() {
         let mut d = Dedup::new(DedupConfig::default());
-        for s in 1..10_000 {
+        for s in 2..10_000 {
             d.insert("a", s);
         }
-        // seq 0 never came: everything above waits in the set, up to the cap.
+        // seq 1 never came: everything above waits in the set, up to the cap.
         let seen = d.clients.get("a").expect("known client");
         assert!(seen.above.len() <= 4096);
         let mut d = Dedup::new(DedupConfig::default());
-        for s in 0..10_000 {
+        for s in 1..10_000 {
             d.insert("a", s);
         }
-        assert!(d.clients.get("a").expect("known").above.is_empty());
+        assert!(
+            d.clients.get("a").expect("known").above.is_empty(),
+            "a client that reports in order costs no set entries"
+        );
     }
 
     #[test]

@@ -105,15 +105,21 @@ impl Report {
                 });
             }
         }
-        for name in [FIELD_SEQ, FIELD_SAMPLED_AT] {
-            if let Some(v) = fields.get(name)
-                && !v.is_u64()
-            {
-                return Err(StreamError::InvalidField {
-                    field: name,
-                    expected: "an unsigned integer",
-                });
-            }
+        if let Some(v) = fields.get(FIELD_SEQ)
+            && v.as_u64().is_none_or(|s| s == 0)
+        {
+            return Err(StreamError::InvalidField {
+                field: FIELD_SEQ,
+                expected: "a positive integer (the first seq is 1)",
+            });
+        }
+        if let Some(v) = fields.get(FIELD_SAMPLED_AT)
+            && !v.is_u64()
+        {
+            return Err(StreamError::InvalidField {
+                field: FIELD_SAMPLED_AT,
+                expected: "an unsigned integer",
+            });
         }
         let client = fields
             .get(FIELD_CLIENT)
@@ -287,13 +293,12 @@ mod tests {
     #[test]
     fn known_fields_are_checked() {
         let e = Report::from_object(obj(r#"{"seq":-1}"#)).expect_err("negative seq");
-        assert_eq!(
-            e,
-            StreamError::InvalidField {
-                field: "seq",
-                expected: "an unsigned integer"
-            }
-        );
+        assert!(matches!(e, StreamError::InvalidField { field: "seq", .. }));
+        let zero = Report::from_object(obj(r#"{"seq":0}"#)).expect_err("seq starts at 1");
+        assert!(matches!(
+            zero,
+            StreamError::InvalidField { field: "seq", .. }
+        ));
         assert!(Report::from_object(obj(r#"{"client":5}"#)).is_err());
         assert!(Report::from_object(obj(r#"{"sampled_at_ms":1.5}"#)).is_err());
         let r = Report::from_object(obj(r#"{"value":1}"#)).expect("no known fields is fine");

@@ -1183,7 +1183,10 @@ impl Server {
                     }
                     Err(quiche::Error::Done) => break,
                     Err(_) => {
-                        // Reset by the client: what came is answered, no more comes.
+                        // Reset by the client: what came complete is
+                        // answered, the partial object is dropped, and our
+                        // FIN follows, so quiche can free the stream.
+                        st.splitter.abandon();
                         st.read_done = true;
                     }
                 }

@@ -184,6 +184,16 @@ impl ObjectSplitter {
         }
     }
 
+    /// The peer abandoned the stream (RESET_STREAM): the value in progress
+    /// is dropped without an error item (nobody is left to read one), its
+    /// bytes are freed, and no more input is taken. Items already complete
+    /// stay ready.
+    pub fn abandon(&mut self) {
+        self.finished = true;
+        self.buf = Vec::new();
+        self.scan = Scan::Idle;
+    }
+
     /// The next complete item, in stream order, or None if none is ready yet.
     pub fn next_item(&mut self) -> Option<Item> {
         self.ready.pop_front()
@@ -829,6 +839,26 @@ mod tests {
         assert_eq!(s.objects(), 1);
         s.finish();
         assert!(s.is_done());
+    }
+
+    #[test]
+    fn abandon_frees_the_partial_value_and_ends_quietly() {
+        let mut s = ObjectSplitter::new(1024);
+        s.push(br#"{"a":1}{"b":"unfinis"#);
+        assert!(s.buffered() > 0);
+        s.abandon();
+        assert_eq!(s.buffered(), 0);
+        assert!(
+            matches!(s.next_item(), Some(Ok(_))),
+            "the complete object stays"
+        );
+        assert!(
+            s.next_item().is_none(),
+            "no error item for the abandoned one"
+        );
+        assert!(s.is_done() && !s.is_failed());
+        s.push(b"{}");
+        assert!(s.next_item().is_none(), "no input after abandon");
     }
 
     #[test]

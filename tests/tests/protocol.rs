@@ -37,7 +37,8 @@ fn several_objects_on_one_stream_without_fin_are_answered_in_order() {
     let (mut sim, r) = sim_with_raw(20);
     // The seed's client: one stream, an object every 2 s, never a FIN.
     for i in 0..5u64 {
-        let obj = format!(r#"{{"value":0.{i},"id":"abc","client":"seedlike","seq":{i}}}"#);
+        let seq = i + 1;
+        let obj = format!(r#"{{"value":0.{i},"id":"abc","client":"seedlike","seq":{seq}}}"#);
         sim.raws[r].write(0, obj.as_bytes(), false);
         let want = (i + 1) as usize;
         let ok = sim.run_until(Duration::from_secs(2), |s| {
@@ -54,7 +55,7 @@ fn several_objects_on_one_stream_without_fin_are_answered_in_order() {
     let answers = seen.answers();
     for (i, a) in answers.iter().enumerate() {
         assert_eq!(a["ok"], true, "{a}");
-        assert_eq!(a["received"]["seq"], i as u64, "answers in order: {a}");
+        assert_eq!(a["received"]["seq"], i as u64 + 1, "answers in order: {a}");
     }
     assert_eq!(sim.records.len(), 5);
     // FIN now: the server FINs its side.
@@ -96,6 +97,7 @@ fn every_bad_input_gets_its_error_and_the_connection_carries_on() {
         (b"\"text\"", "not_object"),
         (b"{\"value\":1", "truncated"),
         (b"{\"seq\":-1}", "invalid_field"),
+        (b"{\"seq\":0}", "invalid_field"),
     ];
     for (i, (bytes, _)) in cases.iter().enumerate() {
         sim.raws[r].write(4 * i as u64, bytes, true);
