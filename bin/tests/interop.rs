@@ -683,14 +683,12 @@ fn aioquic_h0_client_reads_latest() {
     assert!(nope.contains("not found"), "/nope: {nope:?}");
 }
 
-/// Known bug (core/src/server.rs, `read_streams`): a stream the client
-/// resets (RESET_STREAM) before its FIN is never released by the server.
-/// Its unfinished bytes keep counting as unanswered, so 20 streams reset
-/// after 60 KB each get the whole connection closed with EXCESSIVE_LOAD
-/// (0x3); and the server never ends its own side of such a stream, so
-/// quiche never frees it and its stream credit never returns: after 100
-/// of them (the stream limit) the connection can open no stream at all.
-/// Run with `cargo test -p quic-report --test interop -- --ignored`.
+/// Streams the client resets (RESET_STREAM) before their FIN are released
+/// by the server: their unfinished bytes no longer count as unanswered (20
+/// streams reset after 60 KB each used to get the connection closed with
+/// EXCESSIVE_LOAD), and the server ends its side, so quiche frees them and
+/// their stream credit returns (after 100 of them, the stream limit, the
+/// connection used to be unable to open a stream).
 #[test]
 fn aioquic_client_reset_streams_are_released() {
     python(); // made (or checked) before the clock starts
