@@ -31,6 +31,9 @@ pub enum Command {
     Client(ClientArgs),
     /// HTTP endpoint: `GET /` answers `{"value": <random number in [0, 1)>}`.
     Source(SourceArgs),
+    /// Fetch a path from a server over HTTP/0.9 on QUIC (ALPN hq-interop):
+    /// `/latest` (the latest report of each client) or `/stats` (counters).
+    Get(GetArgs),
     /// Load generator: reports/s, handshakes/s, memory per connection, and the
     /// raw UDP echo limit they are compared with (see the README's Benchmarks).
     Bench(crate::bench::BenchArgs),
@@ -82,6 +85,76 @@ pub struct ServerArgs {
     /// `head -c 32 /dev/urandom > FILE`. Default: derived from the private key.
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP on ADDR (`GET /metrics`):
+    /// connections, reports, duplicates, rejections by reason, resets,
+    /// retries, bytes, handshake and report latency histograms.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Address validation: `auto` sends a Retry only while at least
+    /// --retry-threshold handshakes are in progress (under load or attack);
+    /// `always` validates every client (one extra round trip); `never`.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = RetryArg::Auto)]
+    pub retry: RetryArg,
+    /// Handshakes in progress from which `--retry auto` sends Retries.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub retry_threshold: usize,
+    /// Most bytes held for one connection (answers not yet sent, a report in
+    /// progress); beyond it the connection is closed with EXCESSIVE_LOAD.
+    #[arg(long, value_name = "N", default_value_t = 1024 * 1024)]
+    pub max_unanswered_bytes: usize,
+    /// Drop a connection whose handshake is not done after this long.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+}
+
+/// `--retry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RetryArg {
+    /// Only while many handshakes are in progress.
+    Auto,
+    /// Every new client.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// `quic-report get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to fetch: `https://HOST:PORT/PATH`, e.g.
+    /// `https://127.0.0.1:4433/latest` (the scheme may be left out).
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// PEM file of the CA that signs the server's certificate. Default: the
+    /// built-in development CA.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Name to check in the server's certificate. Default: `localhost` for a
+    /// loopback address, the hostname of the URL, else its IP.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Do not verify the server's certificate (development only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub timeout: Duration,
+}
+
+/// `https://host:port/path` (or `host:port/path`) -> (`host:port`, `/path`).
+pub fn split_url(url: &str) -> Result<(&str, String), String> {
+    let rest = url.strip_prefix("https://").unwrap_or(url);
+    if rest.contains("://") {
+        return Err(format!("{url:?}: only https:// URLs (QUIC) are supported"));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_owned()),
+        None => (rest, "/".to_owned()),
+    };
+    if authority.is_empty() || !authority.contains(':') {
+        return Err(format!("{url:?}: expected https://HOST:PORT/PATH"));
+    }
+    Ok((authority, path))
 }
 
 /// `--fsync`.

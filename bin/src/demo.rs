@@ -63,6 +63,7 @@ fn server_line(ev: &ServerEvent) -> Option<String> {
             conn,
             peer,
             resumed,
+            ..
         } => {
             let resumed = if *resumed { " (session resumed)" } else { "" };
             format!("connection {conn} opened from {peer}{resumed}")

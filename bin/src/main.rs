@@ -14,11 +14,11 @@ mod demo;
 mod devcerts;
 mod source;
 
-use std::io;
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_core::{ClientEvent, Verify};
+use quic_report_core::{ClientEvent, RetryMode, Verify};
 use quic_report_mio::{
     ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
     read_secret_file, run_client, run_server,
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server(args),
         Command::Client(args) => client(args),
         Command::Source(args) => source(args),
+        Command::Get(args) => get(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
     };
@@ -79,6 +80,16 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     opts.config.max_connections = to_usize(args.max_connections, "--max-connections")?;
     opts.config.max_streams = args.max_streams;
     opts.config.max_report_bytes = to_usize(args.max_report_bytes, "--max-report-bytes")?;
+    opts.config.max_unanswered_bytes = args.max_unanswered_bytes;
+    opts.config.handshake_timeout = args.handshake_timeout;
+    opts.config.retry = match args.retry {
+        cli::RetryArg::Auto => RetryMode::Auto {
+            threshold: args.retry_threshold,
+        },
+        cli::RetryArg::Always => RetryMode::Always,
+        cli::RetryArg::Never => RetryMode::Never,
+    };
+    opts.metrics = args.metrics;
     if let Some(path) = &args.secret_file {
         opts.config.secret = Some(read_secret_file(path)?);
         log::info!("server secret read from {}", path.display());
@@ -115,6 +126,33 @@ fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
         sink.fsync()
     );
     Ok(keys)
+}
+
+/// `quic-report get URL`: the body on stdout.
+fn get(args: &cli::GetArgs) -> Result<(), Error> {
+    let (authority, path) = cli::split_url(&args.url)?;
+    let (server, default_name) = cli::resolve_server(authority)?;
+    let mut _dev = None;
+    let verify = if args.insecure {
+        log::warn!("--insecure: the server's certificate is NOT verified");
+        Verify::Insecure
+    } else if let Some(ca) = &args.ca {
+        readable(ca, "--ca")?;
+        Verify::CaFile(ca.clone())
+    } else {
+        Verify::CaFile(_dev.insert(DevCerts::write()?).ca())
+    };
+    let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
+        server,
+        server_name: args.server_name.clone().unwrap_or(default_name),
+        verify,
+        path,
+        timeout: args.timeout,
+    })?;
+    let mut out = io::stdout().lock();
+    out.write_all(&body)?;
+    out.flush()?;
+    Ok(())
 }
 
 fn client(args: &ClientArgs) -> Result<(), Error> {

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, lines_of, records, spawn, stderr_of, wait};
+use common::{free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, stderr_of, wait};
 use serde_json::Value;
 
 #[test]
@@ -83,24 +82,4 @@ fn source_serves_values_and_404s() {
     assert!((0.0..1.0).contains(&x));
     let (status, _) = get("/nope").expect("source answers");
     assert_eq!(status, 404);
-}
-
-/// A minimal HTTP/1.0 GET over std's TcpStream: (status, body).
-fn http_get(url: &str) -> Option<(u16, String)> {
-    use std::io::Write;
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
 }

@@ -287,7 +287,18 @@ impl fmt::Debug for Client {
 impl Client {
     /// A client that starts its first connection attempt at once: drain
     /// [`Client::poll_transmit`] after this.
-    pub fn new(cfg: ClientConfig, mut rng: CoreRng, now: Instant) -> Result<Client, ConfigError> {
+    pub fn new(cfg: ClientConfig, rng: CoreRng, now: Instant) -> Result<Client, ConfigError> {
+        Client::with_debug_logs(cfg, rng, now, None)
+    }
+
+    /// [`Client::new`], with debugging hooks (TLS key log, qlog) installed
+    /// before the first connection starts.
+    pub fn with_debug_logs(
+        cfg: ClientConfig,
+        mut rng: CoreRng,
+        now: Instant,
+        logs: Option<Box<dyn DebugLogs>>,
+    ) -> Result<Client, ConfigError> {
         let quic_cfg = cfg.quiche_config()?;
         let client_id = match &cfg.client_id {
             Some(id) if !id.is_empty() => id.clone(),
@@ -313,6 +324,9 @@ impl Client {
             scratch: vec![0; 64 * 1024],
             debug_logs: None,
         };
+        if let Some(logs) = logs {
+            client.set_debug_logs(logs);
+        }
         client.start_connect(now);
         Ok(client)
     }

@@ -247,6 +247,8 @@ pub enum ServerEvent {
         peer: SocketAddr,
         /// The TLS session was resumed.
         resumed: bool,
+        /// From the client's first Initial to the end of the handshake.
+        handshake: Duration,
     },
     /// A report to record; answer it with [`Server::respond`] once written.
     Report {
@@ -532,6 +534,19 @@ impl Server {
     /// Counters.
     pub fn stats(&self) -> ServerStats {
         self.stats
+    }
+
+    /// The mean smoothed RTT over established connections (for a summary
+    /// line; walks every connection).
+    pub fn mean_rtt(&self) -> Option<Duration> {
+        let (mut sum, mut n) = (Duration::ZERO, 0u32);
+        for c in self.conns.values().filter(|c| c.opened) {
+            if let Some(p) = c.quic.path_stats().next() {
+                sum += p.rtt;
+                n += 1;
+            }
+        }
+        sum.checked_div(n)
     }
 
     /// Open connections (including handshakes in progress).
@@ -1042,10 +1057,12 @@ impl Server {
             conn.opened = true;
             self.handshaking -= 1;
             let (peer, resumed) = (conn.peer, conn.quic.is_resumed());
+            let started = conn.handshake_deadline - self.cfg.handshake_timeout;
             self.events.push_back(ServerEvent::ConnectionOpened {
                 conn: key,
                 peer,
                 resumed,
+                handshake: now.saturating_duration_since(started),
             });
         }
         self.manage_cids(key);

@@ -28,7 +28,9 @@ use quic_report_core::{
     MAX_DATAGRAM_SIZE, Sample, Verify,
 };
 
+use crate::debuglog;
 use crate::fetch::{FetchOptions, Fetcher};
+use crate::observe::SUMMARY_EVERY;
 use crate::signal::SignalSource;
 use crate::udp::{Recv, Sent, UdpIo};
 use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
@@ -60,6 +62,9 @@ pub struct ClientOptions {
     /// Longest wait for the CONNECTION_CLOSE to go out after a stop request
     /// (default 2 s).
     pub close_grace: Duration,
+    /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
+    /// [`crate::debuglog`]).
+    pub env_debug_logs: bool,
 }
 
 impl ClientOptions {
@@ -78,6 +83,7 @@ impl ClientOptions {
             handle_signals: true,
             stop: StopHandle::new(),
             close_grace: Duration::from_secs(2),
+            env_debug_logs: true,
         }
     }
 }
@@ -199,10 +205,16 @@ impl ClientDriver {
         handler: &mut dyn FnMut(&ClientEvent, &Client),
     ) -> Result<ClientSummary, DriverError> {
         let seed = os_seed()?;
-        let client = Client::new(
+        let logs = if self.opts.env_debug_logs {
+            debuglog::from_env().map_err(DriverError::io("opening debug logs"))?
+        } else {
+            None
+        };
+        let client = Client::with_debug_logs(
             self.opts.config.clone(),
             CoreRng::from_seed_bytes(seed),
             Instant::now(),
+            logs,
         )?;
         log::debug!(
             "client {} on {} -> {} ({})",
@@ -261,6 +273,28 @@ struct Loop<'h> {
 }
 
 impl Loop<'_> {
+    /// The line logged every [`SUMMARY_EVERY`]; returns the acked count.
+    fn summary(&self, last_acked: u64) -> u64 {
+        let c = &self.client;
+        let s = c.stats();
+        let rtt = c
+            .rtt()
+            .map_or_else(|| "-".into(), |r| format!("{:.1}ms", r.as_secs_f64() * 1e3));
+        log::info!(
+            "summary: {:?}, {} acknowledged (+{} in {}s), {} queued, {} dropped, rtt {rtt}, {} connection(s) ({} resumed, {} with 0-RTT)",
+            c.state(),
+            s.acknowledged,
+            s.acknowledged - last_acked,
+            SUMMARY_EVERY.as_secs(),
+            c.queued(),
+            c.dropped(),
+            s.connections,
+            s.resumed,
+            s.early_data_accepted,
+        );
+        s.acknowledged
+    }
+
     fn run(&mut self, d: &mut ClientDriver) -> Result<(), DriverError> {
         let mut events = Events::with_capacity(64);
         let mut buf = vec![0u8; RECV_BUF_SIZE];
@@ -273,12 +307,20 @@ impl Loop<'_> {
             self.drain(d, Instant::now());
         }
         let mut floor = Duration::ZERO;
+        let mut next_summary = Instant::now() + SUMMARY_EVERY;
+        let mut last_acked = 0;
         while !self.client.is_finished() {
             let now = Instant::now();
+            if now >= next_summary {
+                last_acked = self.summary(last_acked);
+                next_summary = now + SUMMARY_EVERY;
+            }
             let mut timeout = self
                 .client
                 .poll_timeout()
                 .map(|t| t.saturating_duration_since(now).max(floor));
+            let left = next_summary.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
             if let Some(since) = self.closing_since {
                 let left = (since + d.opts.close_grace).saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));

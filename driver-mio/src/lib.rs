@@ -40,8 +40,11 @@
 //! [mio]: https://docs.rs/mio
 
 pub mod client;
+pub mod debuglog;
 pub mod error;
 pub mod fetch;
+pub mod get;
+pub mod observe;
 pub mod secret;
 pub mod server;
 pub mod signal;
@@ -52,6 +55,8 @@ pub mod udp;
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
 pub use error::DriverError;
 pub use fetch::{FetchOptions, Fetcher};
+pub use get::{GetOptions, run_get};
+pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;
 pub use server::{ServerDriver, ServerOptions, run_server};
 pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};

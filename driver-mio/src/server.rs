@@ -34,6 +34,8 @@ use quic_report_core::{
     ServerSecret,
 };
 
+use crate::debuglog;
+use crate::observe::{MetricsServer, Observer};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
@@ -71,6 +73,11 @@ pub struct ServerOptions {
     /// core before serving, so a resend is answered `duplicate` and not
     /// recorded twice (default: none).
     pub recorded: RecordedKeys,
+    /// Serve Prometheus metrics over plain HTTP on this address (`/metrics`).
+    pub metrics: Option<SocketAddr>,
+    /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
+    /// [`crate::debuglog`]).
+    pub env_debug_logs: bool,
 }
 
 impl ServerOptions {
@@ -84,6 +91,8 @@ impl ServerOptions {
             shutdown_grace: Duration::from_secs(1),
             derive_secret: true,
             recorded: RecordedKeys::new(),
+            metrics: None,
+            env_debug_logs: true,
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct ServerDriver {
     io: UdpIo,
     signals: Option<SignalSource>,
     _waker: Arc<Waker>,
+    observer: Observer,
+    metrics: Option<MetricsServer>,
 }
 
 /// Binds, then runs the server until it is stopped (see [`ServerDriver`]).
@@ -137,13 +148,28 @@ impl ServerDriver {
         } else {
             None
         };
+        let observer = Observer::new(Instant::now());
+        let metrics = match opts.metrics {
+            Some(addr) => Some(
+                MetricsServer::start(addr, observer.shared())
+                    .map_err(DriverError::io("starting the metrics endpoint"))?,
+            ),
+            None => None,
+        };
         Ok(ServerDriver {
             opts,
             poll,
             io,
             signals,
             _waker: waker,
+            observer,
+            metrics,
         })
+    }
+
+    /// The address of the `--metrics` endpoint, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     /// The address the socket is bound to.
@@ -165,6 +191,12 @@ impl ServerDriver {
     ) -> Result<(), DriverError> {
         let seed = os_seed()?;
         let mut server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
+        if self.opts.env_debug_logs
+            && let Some(logs) =
+                debuglog::from_env().map_err(DriverError::io("opening debug logs"))?
+        {
+            server.set_debug_logs(logs);
+        }
         let recorded = std::mem::take(&mut self.opts.recorded);
         if !recorded.is_empty() {
             let (keys, clients) = (recorded.len(), recorded.clients());
@@ -172,12 +204,14 @@ impl ServerDriver {
             log::debug!("{keys} report key(s) of {clients} client(s) marked as recorded");
         }
         log::info!("listening on {}", self.io.local_addr());
+        let observer = std::mem::replace(&mut self.observer, Observer::new(Instant::now()));
         let mut state = Loop {
             server,
             sink,
             on_event,
             out: vec![0u8; MAX_DATAGRAM_SIZE],
             batch: Vec::new(),
+            observer,
         };
         let res = state.run(&mut self);
         if let Err(e) = state.sink.sync(Instant::now()) {
@@ -194,6 +228,7 @@ struct Loop<'a> {
     out: Vec<u8>,
     /// The events of one drain, reused.
     batch: Vec<ServerEvent>,
+    observer: Observer,
 }
 
 impl Loop<'_> {
@@ -204,6 +239,7 @@ impl Loop<'_> {
         let mut shutting_down: Option<Instant> = None;
         let mut floor = Duration::ZERO;
         let mut warned_stuck = false;
+        let mut next_tick = Instant::now();
         loop {
             let now = Instant::now();
             let mut timeout = self
@@ -218,6 +254,8 @@ impl Loop<'_> {
                 let left = t.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
+            let left = next_tick.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
             if more_to_read {
                 timeout = Some(Duration::ZERO);
             }
@@ -282,6 +320,12 @@ impl Loop<'_> {
             }
             self.drain(d, now);
             let now = Instant::now();
+            let server = &self.server;
+            next_tick = self
+                .observer
+                .tick(now, server.stats(), server.connections(), || {
+                    server.mean_rtt()
+                });
             if self.sink.sync_deadline().is_some_and(|t| t <= now)
                 && let Err(e) = self.sink.sync(now)
             {
@@ -320,6 +364,7 @@ impl Loop<'_> {
             match d.io.recv(buf) {
                 Ok(None) => return false,
                 Ok(Some(Recv::Datagram { len, from })) => {
+                    self.observer.bytes(len, 0);
                     if let Err(e) = self
                         .server
                         .handle_datagram(now, from, local, &mut buf[..len])
@@ -345,6 +390,7 @@ impl Loop<'_> {
         loop {
             while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
                 d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
+                self.observer.bytes(0, t.len);
             }
             batch.clear();
             while let Some(ev) = self.server.poll_event() {
@@ -353,8 +399,16 @@ impl Loop<'_> {
             if batch.is_empty() {
                 break;
             }
-            self.record(&batch);
+            self.record(now, &batch);
             for ev in &batch {
+                self.observer.event(ev);
+                if let ServerEvent::Request { handle, peer, path } = ev {
+                    log::info!("{}: GET {path} from {peer}", handle.conn);
+                    let body = self.observer.http_body(path);
+                    if let Err(e) = self.server.respond_request(now, *handle, body) {
+                        log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                    }
+                }
                 log_event(ev);
                 (self.on_event)(ev);
             }
@@ -364,7 +418,7 @@ impl Loop<'_> {
 
     /// Records every report of `batch`, flushes the sink once, then answers
     /// each: recorded, or not recorded if its write or the flush failed.
-    fn record(&mut self, batch: &[ServerEvent]) {
+    fn record(&mut self, turn: Instant, batch: &[ServerEvent]) {
         let mut answers = Vec::new();
         let mut written = 0usize;
         for ev in batch {
@@ -397,6 +451,9 @@ impl Loop<'_> {
         // The sink may have taken a while: answer with a fresh `now`.
         let now = Instant::now();
         for (handle, peer, report, outcome) in answers {
+            let took = now.saturating_duration_since(turn);
+            self.observer
+                .answered(report, outcome == Outcome::Recorded, took);
             match &outcome {
                 Outcome::Recorded => {
                     log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));
@@ -425,9 +482,13 @@ fn log_event(ev: &ServerEvent) {
             conn,
             peer,
             resumed,
+            handshake,
         } => {
-            let resumed = if *resumed { " (resumed session)" } else { "" };
-            log::info!("{conn}: connection opened from {peer}{resumed}");
+            let resumed = if *resumed { ", resumed session" } else { "" };
+            log::info!(
+                "{conn}: connection opened from {peer} (handshake {:.1}ms{resumed})",
+                handshake.as_secs_f64() * 1e3
+            );
         }
         ServerEvent::Report { .. } => {}
         ServerEvent::Duplicate { conn, client, seq } => {

@@ -261,7 +261,10 @@ impl CpuSample {
             let other = b.saturating_sub(a) as f64
                 - ours(self.own, end.own) as f64
                 - ours(self.server, end.server) as f64;
-            s.push_str(&format!(" other_cpu_util={:.3}", (other / 1e9 / wall).max(0.0)));
+            s.push_str(&format!(
+                " other_cpu_util={:.3}",
+                (other / 1e9 / wall).max(0.0)
+            ));
         }
         if let (Some(a), Some(b)) = (self.server, end.server) {
             let ns = b.saturating_sub(a) as f64;

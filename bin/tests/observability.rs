@@ -1,0 +1,113 @@
+//! What a person running the real server can see: `quic-report get` over
+//! HTTP/0.9, Prometheus metrics that move, and qlog files from QLOGDIR.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    EXE, free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, stderr_of, wait,
+};
+use serde_json::Value;
+
+#[test]
+fn get_metrics_and_qlog_show_the_servers_state() {
+    let (sp, qp, mp) = (free_tcp_port(), free_udp_port(), free_tcp_port());
+    let (source, server, metrics) = (
+        format!("127.0.0.1:{sp}"),
+        format!("127.0.0.1:{qp}"),
+        format!("127.0.0.1:{mp}"),
+    );
+    let _source = spawn("source", &["source", "--listen", &source]);
+    let mut srv = spawn(
+        "server",
+        &["server", "--listen", &server, "--metrics", &metrics],
+    );
+    let rx = lines_of(&mut srv);
+    let scrape = |what: &str| -> Option<u64> {
+        let (_, body) = http_get(&format!("http://{metrics}/metrics"))?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while scrape("quic_report_reports_recorded_total ").is_none() && std::time::Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = scrape("quic_report_reports_recorded_total ");
+    assert_eq!(before, Some(0), "the metrics endpoint answers");
+
+    let qlogdir = std::env::temp_dir().join(format!("quic-report-qlog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&qlogdir);
+    let url = format!("http://{source}/");
+    let client = std::process::Command::new(EXE)
+        .args([
+            "client",
+            "--server",
+            &server,
+            "--source",
+            &url,
+            "--interval",
+            "200ms",
+            "--count",
+            "3",
+        ])
+        .env("QLOGDIR", &qlogdir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client starts");
+    let mut client_proc = common::Proc {
+        child: client,
+        name: "client",
+    };
+    let status = wait(&mut client_proc, Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        stderr_of(&mut client_proc)
+    );
+    let mut got = Vec::new();
+    records(&rx, &mut got, 3, Duration::from_secs(5));
+    assert_eq!(got.len(), 3);
+
+    // quic-report get, over our own core.
+    let out = std::process::Command::new(EXE)
+        .args(["get", &format!("https://{server}/latest")])
+        .output()
+        .expect("get runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let client_id = got[0]["client"].as_str().expect("client id");
+    assert_eq!(latest[client_id]["seq"], 3, "{latest}");
+
+    // The counters moved.
+    std::thread::sleep(Duration::from_millis(200)); // published every 100 ms
+    assert_eq!(scrape("quic_report_reports_recorded_total "), Some(3));
+    assert!(scrape("quic_report_handshake_seconds_count ").is_some_and(|n| n >= 1));
+    assert!(scrape("quic_report_bytes_received_total ").is_some_and(|n| n > 0));
+
+    // One qlog per connection, JSON-SEQ.
+    let files: Vec<_> = std::fs::read_dir(&qlogdir)
+        .expect("QLOGDIR made")
+        .flatten()
+        .collect();
+    assert!(!files.is_empty(), "qlog files in {}", qlogdir.display());
+    for f in &files {
+        let text = std::fs::read_to_string(f.path()).expect("readable");
+        let records: Vec<_> = text
+            .split('\u{1e}')
+            .filter(|r| !r.trim().is_empty())
+            .collect();
+        assert!(records.len() > 5, "{} has events", f.path().display());
+        for r in records {
+            let _: Value =
+                serde_json::from_str(r).unwrap_or_else(|e| panic!("not JSON-SEQ ({e}): {r}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&qlogdir);
+}

@@ -1,0 +1,110 @@
+//! `quic-report get`: one HTTP/0.9 GET over our own core ([`HqGet`]) on a
+//! connected UDP socket, blocking until the body or a failure.
+//!
+//! One request, one connection: a plain loop over a `std` socket with a
+//! read timeout is all it needs (the core's contract is the same as
+//! anywhere: feed, drain `poll_transmit`, wait until `poll_timeout`).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use quic_report_core::{CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Verify};
+
+use crate::{DriverError, RECV_BUF_SIZE, debuglog, os_seed};
+
+/// What to fetch.
+#[derive(Debug, Clone)]
+pub struct GetOptions {
+    /// The server.
+    pub server: SocketAddr,
+    /// The name to verify in its certificate.
+    pub server_name: String,
+    /// Certificate verification.
+    pub verify: Verify,
+    /// The path (`/latest`, `/stats`, ...).
+    pub path: String,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// Fetches `opts.path`; the body, or an error naming what went wrong.
+pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
+    let any: SocketAddr = if opts.server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any).map_err(|source| DriverError::Bind { addr: any, source })?;
+    sock.connect(opts.server)
+        .map_err(DriverError::io("connecting the UDP socket"))?;
+    let local = sock
+        .local_addr()
+        .map_err(DriverError::io("reading the socket address"))?;
+    let cfg = GetConfig {
+        server: opts.server,
+        local,
+        server_name: opts.server_name,
+        verify: opts.verify,
+        path: opts.path,
+        timeout: opts.timeout,
+    };
+    let logs = debuglog::from_env().map_err(DriverError::io("opening debug logs"))?;
+    let mut get = HqGet::new(
+        cfg,
+        CoreRng::from_seed_bytes(os_seed()?),
+        Instant::now(),
+        logs,
+    )?;
+    let (mut buf, mut out) = (vec![0u8; RECV_BUF_SIZE], vec![0u8; MAX_DATAGRAM_SIZE]);
+    while !get.is_finished() {
+        while let Some(t) = get.poll_transmit(&mut out) {
+            // A lost send is QUIC's to repair; an unreachable server shows
+            // up as a receive error below.
+            let _ = sock.send(&out[..t.len]);
+        }
+        if get.is_finished() {
+            break;
+        }
+        let wait = get.poll_timeout().map_or(Duration::from_millis(100), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .map_err(DriverError::io("setting the read timeout"))?;
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let _ = get.handle_datagram(Instant::now(), opts.server, local, &mut buf[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                get.handle_timeout(Instant::now());
+            }
+            Err(e) if crate::udp::is_unreachable(&e) => {
+                return Err(DriverError::Io {
+                    what: "reaching the server",
+                    source: e,
+                });
+            }
+            Err(e) => {
+                return Err(DriverError::Io {
+                    what: "receiving",
+                    source: e,
+                });
+            }
+        }
+    }
+    // Send the CONNECTION_CLOSE before returning.
+    while let Some(t) = get.poll_transmit(&mut out) {
+        let _ = sock.send(&out[..t.len]);
+    }
+    match get.outcome() {
+        Some(GetOutcome::Done(body)) => Ok(body.clone()),
+        Some(GetOutcome::Failed(reason)) => Err(DriverError::ClientFailed(reason.clone())),
+        None => Err(DriverError::InvalidOption(
+            "the GET ended without an outcome".into(),
+        )),
+    }
+}

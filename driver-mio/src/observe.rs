@@ -1,0 +1,468 @@
+//! What the server knows about itself, for people and tools:
+//!
+//! - the latest report of each client (HTTP/0.9 `GET /latest`),
+//! - counters and latency histograms (`GET /stats` as JSON, and Prometheus
+//!   text on `--metrics ADDR` at `/metrics`),
+//! - the summary line logged every 10 s.
+//!
+//! The loop owns an [`Observer`] and tells it what happened; the metrics
+//! HTTP thread only reads a snapshot the loop publishes (one mutex, taken
+//! once per loop turn at most every 100 ms), so the loop never waits on a
+//! scraper.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use quic_report_core::{Report, ServerEvent, ServerStats};
+use serde_json::{Map, Value};
+
+/// Clients whose latest report is kept at most (the least recently
+/// reporting is forgotten first).
+const MAX_LATEST: usize = 10_000;
+
+/// How often the summary line is logged.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// Upper bounds of the latency histograms' buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A Prometheus-style cumulative histogram.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    /// Adds one observation.
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += s;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn write_prometheus(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (le, n) in BUCKETS.iter().zip(self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+/// Everything `/stats` and `/metrics` show, as of the last publish.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The core's counters.
+    pub core: ServerStats,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Reports written to the sink.
+    pub recorded: u64,
+    /// Reports the sink could not write.
+    pub not_recorded: u64,
+    /// Objects or streams refused, by code (`invalid_json`, ...).
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// UDP bytes received.
+    pub bytes_in: u64,
+    /// UDP bytes sent.
+    pub bytes_out: u64,
+    /// Handshake durations.
+    pub handshake: Histogram,
+    /// From the loop turn that read a report to its answer (sink included).
+    pub report: Histogram,
+    /// Seconds since the server started.
+    pub uptime: Duration,
+}
+
+/// The loop's bookkeeping.
+#[derive(Debug)]
+pub struct Observer {
+    started: Instant,
+    snap: Snapshot,
+    latest: BTreeMap<String, (u64, Map<String, Value>)>,
+    by_age: BTreeMap<u64, String>,
+    tick: u64,
+    shared: Arc<Mutex<Snapshot>>,
+    published: Option<Instant>,
+    next_summary: Instant,
+    last_summary: (u64, u64),
+}
+
+impl Observer {
+    /// A fresh observer, its first summary due [`SUMMARY_EVERY`] from `now`.
+    pub fn new(now: Instant) -> Observer {
+        Observer {
+            started: now,
+            snap: Snapshot::default(),
+            latest: BTreeMap::new(),
+            by_age: BTreeMap::new(),
+            tick: 0,
+            shared: Arc::new(Mutex::new(Snapshot::default())),
+            published: None,
+            next_summary: now + SUMMARY_EVERY,
+            last_summary: (0, 0),
+        }
+    }
+
+    /// The snapshot the metrics thread reads.
+    pub fn shared(&self) -> Arc<Mutex<Snapshot>> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Datagram bytes in and out.
+    pub fn bytes(&mut self, received: usize, sent: usize) {
+        self.snap.bytes_in += received as u64;
+        self.snap.bytes_out += sent as u64;
+    }
+
+    /// A core event (reports are counted by [`Observer::answered`]).
+    pub fn event(&mut self, ev: &ServerEvent) {
+        match ev {
+            ServerEvent::ConnectionOpened { handshake, .. } => {
+                self.snap.handshake.observe(*handshake)
+            }
+            ServerEvent::StreamRejected { error, .. } => {
+                *self.snap.rejected.entry(error.code()).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// A report was answered, `took` after its loop turn began.
+    pub fn answered(&mut self, report: &Report, recorded: bool, took: Duration) {
+        self.snap.report.observe(took);
+        if !recorded {
+            self.snap.not_recorded += 1;
+            return;
+        }
+        self.snap.recorded += 1;
+        let client = report.client.clone().unwrap_or_else(|| "-".into());
+        self.tick += 1;
+        if let Some((old, _)) = self.latest.get(&client) {
+            self.by_age.remove(old);
+        } else if self.latest.len() >= MAX_LATEST
+            && let Some((_, oldest)) = self.by_age.pop_first()
+        {
+            self.latest.remove(&oldest);
+        }
+        self.by_age.insert(self.tick, client.clone());
+        self.latest
+            .insert(client, (self.tick, report.fields.clone()));
+    }
+
+    /// Publishes the counters for the metrics thread (at most every 100 ms)
+    /// and logs the summary line when it is due. Returns when it next wants
+    /// to run.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        core: ServerStats,
+        open: usize,
+        rtt: impl FnOnce() -> Option<Duration>,
+    ) -> Instant {
+        self.snap.core = core;
+        self.snap.connections_open = open as u64;
+        self.snap.uptime = now.saturating_duration_since(self.started);
+        if self
+            .published
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(100))
+        {
+            if let Ok(mut s) = self.shared.lock() {
+                *s = self.snap.clone();
+            }
+            self.published = Some(now);
+        }
+        if now >= self.next_summary {
+            let (rec, conns) = (self.snap.recorded, core.connections_total);
+            let rtt =
+                rtt().map_or_else(|| "-".into(), |r| format!("{:.1}ms", r.as_secs_f64() * 1e3));
+            log::info!(
+                "summary: {open} connection(s) open (+{} in {}s), {} report(s) recorded (+{}), {} duplicate(s), {} rejected, {} not recorded, mean rtt {rtt}",
+                conns - self.last_summary.1,
+                SUMMARY_EVERY.as_secs(),
+                rec,
+                rec - self.last_summary.0,
+                core.duplicates,
+                core.rejected,
+                self.snap.not_recorded,
+            );
+            self.last_summary = (rec, conns);
+            self.next_summary = now + SUMMARY_EVERY;
+        }
+        self.next_summary
+    }
+
+    /// The body for an HTTP/0.9 path: `/latest`, `/stats`, else `not found`.
+    pub fn http_body(&self, path: &str) -> Vec<u8> {
+        match path {
+            "/latest" => {
+                let mut obj = Map::new();
+                for (client, (_, fields)) in &self.latest {
+                    obj.insert(client.clone(), Value::Object(fields.clone()));
+                }
+                let mut body = serde_json::to_vec(&obj).unwrap_or_default();
+                body.push(b'\n');
+                body
+            }
+            "/stats" => {
+                let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
+                body.push(b'\n');
+                body
+            }
+            _ => b"not found\n".to_vec(),
+        }
+    }
+}
+
+/// The counters as a JSON object (`/stats`).
+pub fn stats_json(s: &Snapshot) -> Value {
+    let c = &s.core;
+    serde_json::json!({
+        "uptime_s": s.uptime.as_secs(),
+        "connections_open": s.connections_open,
+        "connections_total": c.connections_total,
+        "reports_recorded": s.recorded,
+        "reports_not_recorded": s.not_recorded,
+        "duplicates": c.duplicates,
+        "rejected": s.rejected,
+        "stateless_resets_sent": c.resets_sent,
+        "retries_sent": c.retries_sent,
+        "invalid_tokens": c.invalid_tokens,
+        "version_negotiations": c.version_negotiations,
+        "datagrams_dropped": c.dropped_datagrams,
+        "bytes_in": s.bytes_in,
+        "bytes_out": s.bytes_out,
+    })
+}
+
+/// The counters in Prometheus text exposition format (`/metrics`).
+pub fn prometheus(s: &Snapshot) -> String {
+    let c = &s.core;
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP quic_report_{name} {help}\n# TYPE quic_report_{name} {kind}\nquic_report_{name} {value}"
+        );
+    };
+    metric(
+        "connections_open",
+        "gauge",
+        "Connections open now (handshakes included).",
+        s.connections_open,
+    );
+    metric(
+        "connections_total",
+        "counter",
+        "Connections accepted since the start.",
+        c.connections_total,
+    );
+    metric(
+        "reports_recorded_total",
+        "counter",
+        "Reports written to the sink and acknowledged.",
+        s.recorded,
+    );
+    metric(
+        "reports_not_recorded_total",
+        "counter",
+        "Reports the sink could not write (the client resends).",
+        s.not_recorded,
+    );
+    metric(
+        "duplicates_total",
+        "counter",
+        "Reports seen before, answered duplicate and not recorded.",
+        c.duplicates,
+    );
+    metric(
+        "stateless_resets_sent_total",
+        "counter",
+        "Stateless resets sent.",
+        c.resets_sent,
+    );
+    metric(
+        "retries_sent_total",
+        "counter",
+        "Retry packets sent (address validation).",
+        c.retries_sent,
+    );
+    metric(
+        "invalid_tokens_total",
+        "counter",
+        "Initials with a bad or expired token.",
+        c.invalid_tokens,
+    );
+    metric(
+        "version_negotiations_total",
+        "counter",
+        "Version negotiation packets sent.",
+        c.version_negotiations,
+    );
+    metric(
+        "datagrams_dropped_total",
+        "counter",
+        "Datagrams the server could not use.",
+        c.dropped_datagrams,
+    );
+    metric(
+        "bytes_received_total",
+        "counter",
+        "UDP payload bytes received.",
+        s.bytes_in,
+    );
+    metric(
+        "bytes_sent_total",
+        "counter",
+        "UDP payload bytes sent.",
+        s.bytes_out,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP quic_report_rejected_total Objects or streams refused, by reason.\n# TYPE quic_report_rejected_total counter"
+    );
+    for (code, n) in &s.rejected {
+        let _ = writeln!(out, "quic_report_rejected_total{{reason=\"{code}\"}} {n}");
+    }
+    s.handshake.write_prometheus(
+        &mut out,
+        "quic_report_handshake_seconds",
+        "Handshake durations.",
+    );
+    s.report.write_prometheus(
+        &mut out,
+        "quic_report_report_seconds",
+        "From reading a report to answering it (the sink write included).",
+    );
+    out
+}
+
+/// The `--metrics` HTTP endpoint: `GET /metrics` (Prometheus text), on a
+/// thread of its own. Stops when dropped.
+pub struct MetricsServer {
+    http: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for MetricsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl MetricsServer {
+    /// Listens on `addr` and serves `snapshot`.
+    pub fn start(
+        addr: SocketAddr,
+        snapshot: Arc<Mutex<Snapshot>>,
+    ) -> std::io::Result<MetricsServer> {
+        let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+        let addr = http.server_addr().to_ip().unwrap_or(addr);
+        let http = Arc::new(http);
+        let server = Arc::clone(&http);
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for req in server.incoming_requests() {
+                    let (status, body, ctype) = match (req.method(), req.url()) {
+                        (tiny_http::Method::Get, "/metrics") => {
+                            let text = snapshot.lock().map(|s| prometheus(&s)).unwrap_or_default();
+                            (200, text, "text/plain; version=0.0.4")
+                        }
+                        (tiny_http::Method::Get, "/") => (
+                            200,
+                            "quic-report metrics: GET /metrics\n".into(),
+                            "text/plain",
+                        ),
+                        _ => (404, "not found\n".into(), "text/plain"),
+                    };
+                    let header =
+                        tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
+                            .expect("a static header is valid");
+                    let resp = tiny_http::Response::from_string(body)
+                        .with_status_code(status)
+                        .with_header(header);
+                    let _ = req.respond(resp);
+                }
+            })?;
+        log::info!("metrics on http://{addr}/metrics");
+        Ok(MetricsServer {
+            http,
+            thread: Some(thread),
+            addr,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.http.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(5));
+        assert_eq!(h.count(), 3);
+        assert_eq!(h.counts[0], 1, "<= 100us");
+        assert_eq!(h.counts[5], 2, "<= 5ms");
+        assert_eq!(h.counts[BUCKETS.len() - 1], 2, "<= 1s; 5 s only in +Inf");
+    }
+
+    #[test]
+    fn prometheus_text_has_every_family() {
+        let mut s = Snapshot {
+            recorded: 7,
+            ..Snapshot::default()
+        };
+        s.rejected.insert("invalid_json", 2);
+        s.handshake.observe(Duration::from_millis(1));
+        let text = prometheus(&s);
+        for needle in [
+            "quic_report_reports_recorded_total 7",
+            "quic_report_rejected_total{reason=\"invalid_json\"} 2",
+            "quic_report_handshake_seconds_count 1",
+            "quic_report_report_seconds_bucket{le=\"+Inf\"} 0",
+            "# TYPE quic_report_connections_open gauge",
+        ] {
+            assert!(text.contains(needle), "{needle} in:\n{text}");
+        }
+    }
+}
