@@ -399,6 +399,11 @@ impl Loop<'_> {
             if batch.is_empty() {
                 break;
             }
+            // Log in the core's order ("connection opened" before the
+            // reports it carried), then record the batch with one flush.
+            for ev in &batch {
+                log_event(ev);
+            }
             self.record(now, &batch);
             for ev in &batch {
                 self.observer.event(ev);
@@ -409,7 +414,6 @@ impl Loop<'_> {
                         log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                     }
                 }
-                log_event(ev);
                 (self.on_event)(ev);
             }
         }
