@@ -694,8 +694,7 @@ impl Client {
             _ => return,
         };
         let mut hold = false;
-        let readable: Vec<u64> = conn.quic.readable().collect();
-        for sid in readable {
+        for sid in conn.quic.readable() {
             loop {
                 let (n, fin) = match conn.quic.stream_recv(sid, scratch) {
                     Ok(r) => r,
@@ -794,8 +793,7 @@ impl Client {
             _ => return,
         };
         // Finish reports that flow control cut short.
-        let writable: Vec<u64> = conn.quic.writable().collect();
-        for sid in writable {
+        for sid in conn.quic.writable() {
             if let Some(f) = conn.in_flight.get_mut(&sid)
                 && !f.unsent.is_empty()
                 && let Ok(n) = conn.quic.stream_send(sid, &f.unsent, true)

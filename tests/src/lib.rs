@@ -14,6 +14,7 @@
 //! print the seed: use [`Sim::context`].
 
 pub mod clock;
+pub mod fuzz;
 pub mod net;
 pub mod raw;
 

@@ -216,3 +216,4 @@ fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
         })
         .collect()
 }
+
