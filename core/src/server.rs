@@ -17,8 +17,8 @@
 //! ## Hostile input
 //!
 //! Nothing a peer sends is answered with more bytes than it carried unless
-//! it is a client Initial (which quiche answers within its 3x
-//! anti-amplification limit): a Version Negotiation or a Retry is far
+//! it reaches a connection, whose answers quiche bounds to 3x everything
+//! received from that address until the address is validated: a Version Negotiation or a Retry is far
 //! smaller than the 1200-byte Initial that earns it, a stateless reset is
 //! smaller than the packet that caused it (and rate limited), everything
 //! else is dropped. An Initial quiche cannot use leaves no connection behind

@@ -6,9 +6,12 @@
 //!   virtual time) gets the input as a sequence of datagrams from a few
 //!   peers; every transmit and event is drained, every report answered,
 //!   and at the end every connection is closed.
+//! - [`server_streams`] (in [`streams`]): a real client completes its
+//!   handshake with a fresh server, and the input says what it does on its
+//!   streams; answers are checked against what it wrote.
 //! - [`stream_parser`]: an [`ObjectSplitter`] gets the input in chunks.
 //!
-//! Both panic when an invariant breaks (see each function), which libFuzzer
+//! Each panics when an invariant breaks (see each function), which libFuzzer
 //! reports as a crash.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,12 +21,16 @@ use std::time::Duration;
 use quic_report_core::config::RetryMode;
 use quic_report_core::stream::{Item, ObjectSplitter};
 use quic_report_core::{
-    CoreRng, MAX_DATAGRAM_SIZE, Outcome, Report, RespondError, Response, Server,
+    CoreRng, MAX_DATAGRAM_SIZE, Outcome, Report, ReportHandle, RespondError, Response, Server,
     ServerConfig, ServerEvent,
 };
 use serde_json::{Map, Value};
 
 use crate::{SERVER_ADDR, VirtualClock, cert_path};
+
+pub mod streams;
+
+pub use streams::{Op, encode_ops, server_streams};
 
 /// The seed of the simulation that captures the `server_datagram` corpus.
 pub const CORPUS_SIM_SEED: u64 = 0x0f22_5eed;
@@ -134,9 +141,56 @@ struct Harness {
     /// their Initial and Handshake packets. (Until a handshake completes the
     /// server issues no others.)
     cids: BTreeSet<Vec<u8>>,
+    /// Datagrams the server sent and their destinations, when a peer is
+    /// to get them (`server_streams`); else they are only counted.
+    outbox: Option<Vec<(Vec<u8>, SocketAddr)>>,
+    /// Reports are held (answered by `answer_held`) instead of answered at
+    /// once.
+    hold: bool,
+    held: Vec<ReportHandle>,
+    /// How reports are answered.
+    outcome: Outcome,
+    /// Check the answers to datagrams no connection saw. Off when a client
+    /// completes its handshake: it may then use connection IDs `cids` does
+    /// not know (issued in encrypted NEW_CONNECTION_ID frames).
+    endpoint_checks: bool,
 }
 
 impl Harness {
+    /// A fresh server on virtual time.
+    fn new(cfg: ServerConfig, seed: u64) -> Harness {
+        let clock = VirtualClock::install();
+        let server = Server::new(cfg, CoreRng::from_seed(seed)).expect("a valid config");
+        Harness {
+            server,
+            clock,
+            server_addr: addr(SERVER_ADDR),
+            buf: vec![0; 65536],
+            traffic: BTreeMap::new(),
+            opened: BTreeSet::new(),
+            closed: BTreeSet::new(),
+            cids: BTreeSet::new(),
+            outbox: None,
+            hold: false,
+            held: Vec::new(),
+            outcome: Outcome::Recorded,
+            endpoint_checks: true,
+        }
+    }
+
+    /// Answers every held report with `outcome`.
+    fn answer_held(&mut self, outcome: &Outcome) {
+        let now = self.clock.now();
+        for handle in std::mem::take(&mut self.held) {
+            let res = self.server.respond(now, handle, outcome.clone());
+            assert!(
+                !matches!(res, Err(RespondError::UnknownReport)),
+                "respond to a held report: {res:?}"
+            );
+        }
+        self.drain();
+    }
+
     /// Drains transmits, then events (answering reports), until nothing
     /// moves. Returns the bytes sent.
     fn drain(&mut self) -> u64 {
@@ -159,6 +213,9 @@ impl Harness {
                     .unwrap_or_else(|| panic!("sent to {}, which never sent anything", t.to));
                 tr.sent += t.len as u64;
                 sent += t.len as u64;
+                if let Some(out) = &mut self.outbox {
+                    out.push((self.buf[..t.len].to_vec(), t.to));
+                }
                 if let Some((ty, _, _)) = header(&self.buf[..t.len])
                     && let Some(scid) = ty
                 {
@@ -192,8 +249,9 @@ impl Harness {
             ServerEvent::ConnectionClosed { conn, .. } => {
                 assert!(self.closed.insert(conn.0), "{conn} closed twice");
             }
+            ServerEvent::Report { handle, .. } if self.hold => self.held.push(handle),
             ServerEvent::Report { handle, .. } => {
-                let res = self.server.respond(now, handle, Outcome::Recorded);
+                let res = self.server.respond(now, handle, self.outcome.clone());
                 assert!(
                     !matches!(res, Err(RespondError::UnknownReport)),
                     "respond to a fresh Report event: {res:?}"
@@ -251,7 +309,9 @@ impl Harness {
         let len = data.len() as u64;
         self.traffic.entry(from).or_default().recv += len;
         let mut d = data.to_vec();
-        let res = self.server.handle_datagram(now, from, self.server_addr, &mut d);
+        let res = self
+            .server
+            .handle_datagram(now, from, self.server_addr, &mut d);
         let after = self.server.stats();
         let created = after.connections_total > before.connections_total;
         if created && let Some((_, dcid, token)) = hdr {
@@ -265,7 +325,7 @@ impl Harness {
             }
         }
         let answered = self.drain();
-        if !created && !routed {
+        if self.endpoint_checks && !created && !routed {
             // No connection saw it: dropped, or answered (Version
             // Negotiation, Retry, stateless reset) with fewer bytes than it
             // carried. (What a connection sends is bounded per address, in
@@ -316,8 +376,8 @@ impl Harness {
 fn header(data: &[u8]) -> Option<(Option<Vec<u8>>, Vec<u8>, bool)> {
     let mut d = data.to_vec();
     let h = quiche::Header::from_slice(&mut d, quic_report_core::LOCAL_CID_LEN).ok()?;
-    let scid = matches!(h.ty, quiche::Type::Initial | quiche::Type::Handshake)
-        .then(|| h.scid.to_vec());
+    let scid =
+        matches!(h.ty, quiche::Type::Initial | quiche::Type::Handshake).then(|| h.scid.to_vec());
     let token = h.ty == quiche::Type::Initial && h.token.as_ref().is_some_and(|t| !t.is_empty());
     Some((scid, h.dcid.to_vec(), token))
 }
@@ -342,7 +402,6 @@ pub fn server_datagram(input: &[u8]) {
     let Some((&flags, rest)) = input.split_first() else {
         return;
     };
-    let clock = VirtualClock::install();
     let mut cfg = ServerConfig::new(cert_path("localhost.pem"), cert_path("localhost.key"));
     if flags & FLAG_RETRY != 0 {
         cfg.retry = RetryMode::Always;
@@ -354,18 +413,7 @@ pub fn server_datagram(input: &[u8]) {
         cfg.http09 = false;
     }
     let nth = if flags & FLAG_RETRY != 0 { 2 } else { 1 };
-    let rng = CoreRng::from_seed(server_seed(nth));
-    let server = Server::new(cfg, rng).expect("a valid config");
-    let mut h = Harness {
-        server,
-        clock,
-        server_addr: addr(SERVER_ADDR),
-        buf: vec![0; 65536],
-        traffic: BTreeMap::new(),
-        opened: BTreeSet::new(),
-        closed: BTreeSet::new(),
-        cids: BTreeSet::new(),
-    };
+    let mut h = Harness::new(cfg, server_seed(nth));
     for r in decode_datagrams(rest) {
         h.clock
             .advance(Duration::from_millis(ADVANCE_MS[r.advance]));

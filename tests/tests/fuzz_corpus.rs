@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use quic_report_core::Sample;
 use quic_report_core::config::RetryMode;
+use quic_report_tests::fuzz::streams::{FLAG_HOLD, FLAG_HQ, FLAG_NOT_RECORDED, FLAG_SMALL};
 use quic_report_tests::fuzz::{
-    self, ADVANCE_MS, CORPUS_SIM_SEED, FLAG_ONE_CONN, FLAG_RETRY, PEERS, Record,
+    self, ADVANCE_MS, CORPUS_SIM_SEED, FLAG_ONE_CONN, FLAG_RETRY, Op, PEERS, Record,
 };
 use quic_report_tests::raw::put_varint;
 use quic_report_tests::{NetConfig, Sim};
@@ -290,6 +291,164 @@ fn stream_parser_seeds() -> Vec<Seed> {
         .collect()
 }
 
+/// Every `server_streams` seed: what a client does on its streams once
+/// connected, one protocol case each.
+fn server_streams_seeds() -> Vec<Seed> {
+    let report = |stream: u8, client: u8, seq: u8, fin: bool| Op::Report {
+        stream,
+        client,
+        seq,
+        fin,
+    };
+    let write = |stream: u8, data: &'static [u8], fin: bool| Op::Write { stream, data, fin };
+    let big: &'static [u8] = b"{\"k\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}";
+    let object: &'static [u8] = br#"{"client":"b","seq":7,"v":[1,{"s":"}{\"]["}],"e":"\u00e9"}"#;
+    let mut bytewise: Vec<Op<'static>> = object
+        .chunks(1)
+        .map(|c| Op::Write {
+            stream: 2,
+            data: c,
+            fin: false,
+        })
+        .collect();
+    bytewise.push(write(2, b"", true));
+    let cases: Vec<(&str, u8, Vec<Op<'static>>)> = vec![
+        ("report", 0, vec![report(0, 1, 1, true)]),
+        (
+            "reports-one-stream",
+            0,
+            vec![
+                report(0, 1, 1, false),
+                report(0, 1, 2, false),
+                report(0, 1, 3, true),
+            ],
+        ),
+        (
+            "duplicate",
+            0,
+            vec![report(0, 2, 3, true), report(1, 2, 3, true)],
+        ),
+        (
+            "duplicate-held",
+            FLAG_HOLD,
+            vec![
+                report(0, 1, 5, true),
+                report(1, 1, 5, true),
+                Op::Answer {
+                    not_recorded: false,
+                },
+            ],
+        ),
+        (
+            "held-not-recorded",
+            FLAG_HOLD,
+            vec![
+                report(0, 1, 5, true),
+                report(1, 1, 5, true),
+                Op::Answer { not_recorded: true },
+            ],
+        ),
+        (
+            "not-recorded",
+            FLAG_NOT_RECORDED,
+            vec![report(0, 3, 1, true)],
+        ),
+        (
+            "errors",
+            0,
+            vec![
+                write(0, b"{\"a\":}", true),
+                write(1, b"[1]", true),
+                write(2, b"{\"a\":\"\xff\"}", true),
+                write(3, b"{\"a\":1", true),
+                write(4, b" \n", true),
+                write(5, b"{\"seq\":-1}{\"client\":1}{\"a\":1}", true),
+                write(6, b"{\"a\":1}x", true),
+                write(7, b"{\"seq\":0}", true),
+            ],
+        ),
+        ("object-bytewise", 0, bytewise),
+        (
+            "too-large",
+            FLAG_SMALL,
+            vec![write(0, big, true), report(1, 1, 1, true)],
+        ),
+        (
+            // Answers to bad fields queue behind a held report.
+            "unanswered-load",
+            FLAG_SMALL | FLAG_HOLD,
+            vec![
+                report(0, 1, 1, false),
+                write(0, b"{\"seq\":-1}{\"seq\":-2}", false),
+                write(0, b"{\"seq\":-3}{\"seq\":-4}", false),
+                report(1, 1, 2, true),
+                Op::Answer {
+                    not_recorded: false,
+                },
+            ],
+        ),
+        (
+            "streams-over-limit",
+            FLAG_SMALL,
+            (0..8).map(|s| report(s, 4, s + 1, true)).collect(),
+        ),
+        (
+            "reset-mid-object",
+            0,
+            vec![
+                write(0, b"{\"client\":\"r\",\"seq\":1}{\"a\":", false),
+                Op::Reset(0),
+                report(1, 1, 1, true),
+            ],
+        ),
+        (
+            "stop-sending",
+            0,
+            vec![report(0, 1, 1, false), Op::Stop(0), write(0, b"", true)],
+        ),
+        (
+            "paused-reader",
+            0,
+            vec![
+                Op::Pause,
+                report(0, 1, 1, true),
+                report(1, 1, 2, true),
+                Op::Time(2),
+                Op::Pause,
+            ],
+        ),
+        (
+            "idle-timeout",
+            0,
+            vec![report(0, 1, 1, false), Op::Time(7), write(0, b"", true)],
+        ),
+        (
+            "handshake-time",
+            0,
+            vec![Op::Time(6), report(0, 1, 1, true)],
+        ),
+        ("client-close", 0, vec![report(0, 1, 1, false), Op::Close]),
+        (
+            "http09",
+            FLAG_HQ,
+            vec![
+                write(0, b"GET /latest\r\n", true),
+                write(1, b"POST /x\r\n", true),
+                write(2, b"GET /stats", false),
+                write(3, b"GET /stats HTTP/1.1\n", true),
+            ],
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, flags, ops)| {
+            let mut v = Vec::new();
+            fuzz::encode_ops(flags, &ops, &mut v);
+            (format!("seed-{name}"), v)
+        })
+        .collect()
+}
+
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -391,6 +550,21 @@ fn stream_parser_seed_corpus() {
     }
 }
 
+#[test]
+fn server_streams_seed_corpus() {
+    let seeds = server_streams_seeds();
+    let mut checked = 0;
+    for (name, bytes) in &seeds {
+        let n = fuzz::server_streams(bytes);
+        println!("{name}: {} bytes, {n} answers checked", bytes.len());
+        checked += n;
+    }
+    assert!(checked >= 30, "{checked} answers checked");
+    if writing() {
+        write("server_streams", &seeds);
+    }
+}
+
 /// Replays every file of `fuzz/corpus/<target>` (seeds, and inputs that
 /// once crashed a target) through its harness.
 #[test]
@@ -398,6 +572,9 @@ fn checked_in_corpus_replays() {
     for (target, run) in [
         ("server_datagram", fuzz::server_datagram as fn(&[u8])),
         ("stream_parser", fuzz::stream_parser),
+        ("server_streams", |b| {
+            fuzz::server_streams(b);
+        }),
     ] {
         let Ok(dir) = std::fs::read_dir(corpus_dir(target)) else {
             continue;

@@ -216,4 +216,3 @@ fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
         })
         .collect()
 }
-
