@@ -280,6 +280,12 @@ EPORT=$(free_port)
 ECHO=$!
 PIDS+=("$ECHO")
 wait_udp "$EPORT" || true
+# The same echo with recvmmsg/sendmmsg: what batching the syscalls is worth.
+EPORT_B=$(free_port)
+"${SRV_PIN[@]}" "$B" bench --echo-server "127.0.0.1:$EPORT_B" --echo-batch 2>>"$TMP/echo.log" &
+ECHO_B=$!
+PIDS+=("$ECHO_B")
+wait_udp "$EPORT_B" || true
 
 # Key exchange group and signature of the handshakes (quiche logs them at trace).
 GROUP=$(RUST_LOG=warn,quiche=trace "$B" bench --server "127.0.0.1:$PORT" --handshakes -c 1 \
@@ -316,6 +322,9 @@ for rep in $(seq "$REPS"); do
     add "dg_$id" "$(detail dgrams_out_per_op)/$(detail dgrams_in_per_op)"
     add "ratio_$id" "$(awk -v a="$ours" -v b="$raw" 'BEGIN { if (b > 0) printf "%.3f", a / b }')"
     if [[ $id == 16x8 ]]; then
+      trial --udp-echo --echo-addr "127.0.0.1:$EPORT_B" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "$ECHO_B"
+      add "rawb_$id" "$(kv round_trips_per_s "$OUT")"
+      add "rawbcpu_$id" "$(detail server_cpu_us_per_op)"
       trial --server "127.0.0.1:$PORT_INFO" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "$SRV_INFO"
       add "info_$id" "$(kv reports_per_s "$OUT")"
       add "infocpu_$id" "$(detail server_cpu_us_per_op)"
@@ -398,7 +407,7 @@ IDLE_THREADS=$(join "$TMP/threads0" "$TMP/threads1" | awk -v n="$IDLE_REPORTS" '
 CLK=$(getconf CLK_TCK)
 IDLE=$(awk -v ns=$((ns1 - ns0)) -v v=$((vcs1 - vcs0)) -v t=$((t1 - t0)) -v n="$IDLE_REPORTS" -v s="$IDLE_SECS" -v hz="$CLK" \
   'BEGIN { if (n < 1) n = 1
-           printf "%.0f us CPU/report (schedstat), %.0f us (utime+stime, %d Hz ticks), %.1f voluntary switches/report, %.4f%% of a core", ns / 1e3 / n, t * 1e6 / hz / n, hz, v / n, 100 * ns / 1e9 / s }')
+           printf "%.0f us CPU/report (schedstat; utime+stime: %d ticks of %.0f ms in %d s), %.1f voluntary switches/report, %.4f%% of a core", ns / 1e3 / n, t, 1000 / hz, s, v / n, 100 * ns / 1e9 / s }')
 
 # The machine's own cost of one handshake's crypto.
 CRYPTO="openssl not found"
@@ -436,8 +445,10 @@ for shape in "${SHAPES[@]}"; do
     "$(m sutil_$id)" "$(m gutil_$id)" "$(echo ${R[dg_$id]} | cut -d' ' -f1)" "$(m rawp50_$id) / $(m rawp99_$id)" \
     "$(m oth_$id) / $(m rawoth_$id)"
 done
-printf '%-34s %-14s\n' "reports C=16 K=8, RUST_LOG=info" "$(m infocpu_16x8)"
+printf '%-34s %-14s %-16s\n' "reports C=16 K=8, RUST_LOG=info" "$(m infocpu_16x8)" ""
 echo "  (the server's default log level: one log line per report; $(m info_16x8) reports/s vs $(m ours_16x8) at warn)"
+printf '%-34s %-14s %-16s\n' "raw echo C=16 K=8, recvmmsg/sendmmsg" "" "$(m rawbcpu_16x8)"
+echo "  (batched echo: $(m rawb_16x8) RT/s vs $(m raw_16x8) with one recvfrom/sendto per datagram)"
 echo
 printf '%-34s %-26s %-14s %-12s %-10s %-16s %-10s %-10s\n' "handshakes (connect+report+close)" "handshakes/s" "server us/hs" "gen us/hs" "gen util" "p50 / p99 ms" "errors" "other CPUs"
 for w in 1 4; do
