@@ -383,41 +383,56 @@ impl Loop<'_> {
         true
     }
 
-    /// Transmits, then events (recording and answering reports), until the
+    /// Events (recording and answering reports), then transmits, until the
     /// core has neither.
+    ///
+    /// Events go first: a report read in this turn is recorded and answered
+    /// before anything is sent, so quiche puts its ACK and the answer in one
+    /// packet (one datagram per report instead of two, and one wake-up less
+    /// for the client). Then everything the core has to send goes out, and
+    /// the two repeat until the core has neither.
     fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
         let mut batch = std::mem::take(&mut self.batch);
         loop {
-            while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
-                d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
-                self.observer.bytes(0, t.len);
-            }
             batch.clear();
             while let Some(ev) = self.server.poll_event() {
                 batch.push(ev);
             }
-            if batch.is_empty() {
+            if !batch.is_empty() {
+                self.handle_batch(now, &batch);
+            }
+            let mut sent = false;
+            while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
+                d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
+                self.observer.bytes(0, t.len);
+                sent = true;
+            }
+            if batch.is_empty() && !sent {
                 break;
-            }
-            // Log in the core's order ("connection opened" before the
-            // reports it carried), then record the batch with one flush.
-            for ev in &batch {
-                log_event(ev);
-            }
-            self.record(now, &batch);
-            for ev in &batch {
-                self.observer.event(ev);
-                if let ServerEvent::Request { handle, peer, path } = ev {
-                    log::info!("{}: GET {path} from {peer}", handle.conn);
-                    let body = self.observer.http_body(path);
-                    if let Err(e) = self.server.respond_request(now, *handle, body) {
-                        log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
-                    }
-                }
-                (self.on_event)(ev);
             }
         }
         self.batch = batch;
+    }
+
+    /// Logs a batch of events in the core's order ("connection opened"
+    /// before the reports it carried), records its reports with one flush,
+    /// answers its HTTP/0.9 requests, and shows every event to `on_event`.
+    fn handle_batch(&mut self, now: Instant, batch: &[ServerEvent]) {
+        for ev in batch {
+            log_event(ev);
+        }
+        self.record(now, batch);
+        for ev in batch {
+            self.observer.event(ev);
+            if let ServerEvent::Request { handle, peer, path } = ev {
+                log::info!("{}: GET {path} from {peer}", handle.conn);
+                let body = self.observer.http_body(path);
+                if let Err(e) = self.server.respond_request(now, *handle, body) {
+                    log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                }
+            }
+            (self.on_event)(ev);
+        }
     }
 
     /// Records every report of `batch`, flushes the sink once, then answers
