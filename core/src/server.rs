@@ -436,7 +436,9 @@ pub struct Server {
     cfg: ServerConfig,
     quic_cfg: quiche::Config,
     rng: CoreRng,
-    conns: BTreeMap<ConnKey, Conn>,
+    /// Boxed: a quiche connection is about 8 KB, and the map moves its
+    /// entries on every insert and removal.
+    conns: BTreeMap<ConnKey, Box<Conn>>,
     routes: HashMap<quiche::ConnectionId<'static>, ConnKey>,
     timers: BTreeSet<(Instant, ConnKey)>,
     dirty: VecDeque<ConnKey>,
@@ -775,7 +777,7 @@ impl Server {
         }
         self.conns.insert(
             key,
-            Conn {
+            Box::new(Conn {
                 quic,
                 peer: from,
                 cids,
@@ -785,7 +787,7 @@ impl Server {
                 deadline: None,
                 dirty: false,
                 reports: 0,
-            },
+            }),
         );
         self.after_io(now, key);
         Ok(())
