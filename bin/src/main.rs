@@ -100,7 +100,12 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
             opts.recorded = load_recorded(&mut sink)?;
             run_server(opts, &mut sink, &mut |_| {})?;
         }
-        None => run_server(opts, &mut WriterSink::new(io::stdout().lock()), &mut |_| {})?,
+        None => {
+            // Buffered: the loop flushes once per batch of reports, before
+            // it acknowledges them (one write instead of one per report).
+            let mut sink = WriterSink::new(io::BufWriter::new(io::stdout().lock()));
+            run_server(opts, &mut sink, &mut |_| {})?;
+        }
     }
     Ok(())
 }
