@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use quic_report_core::{Report, ServerEvent, ServerStats};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Clients whose latest report is kept at most (the least recently
 /// reporting is forgotten first).
@@ -98,7 +98,8 @@ pub struct Snapshot {
 pub struct Observer {
     started: Instant,
     snap: Snapshot,
-    latest: BTreeMap<String, (u64, Map<String, Value>)>,
+    /// Per client: when it last reported (a tick) and that report's JSON line.
+    latest: BTreeMap<String, (u64, Vec<u8>)>,
     by_age: BTreeMap<u64, String>,
     tick: u64,
     shared: Arc<Mutex<Snapshot>>,
@@ -147,26 +148,31 @@ impl Observer {
         }
     }
 
-    /// A report was answered, `took` after its loop turn began.
-    pub fn answered(&mut self, report: &Report, recorded: bool, took: Duration) {
+    /// A report was answered, `took` after its loop turn began; `line` is
+    /// its JSON line (kept as the client's latest).
+    pub fn answered(&mut self, report: &Report, line: Vec<u8>, recorded: bool, took: Duration) {
         self.snap.report.observe(took);
         if !recorded {
             self.snap.not_recorded += 1;
             return;
         }
         self.snap.recorded += 1;
-        let client = report.client.clone().unwrap_or_else(|| "-".into());
+        let client = report.client.as_deref().unwrap_or("-");
         self.tick += 1;
-        if let Some((old, _)) = self.latest.get(&client) {
-            self.by_age.remove(old);
-        } else if self.latest.len() >= MAX_LATEST
+        let tick = self.tick;
+        if let Some(entry) = self.latest.get_mut(client) {
+            self.by_age.remove(&entry.0);
+            self.by_age.insert(tick, client.to_owned());
+            *entry = (tick, line);
+            return;
+        }
+        if self.latest.len() >= MAX_LATEST
             && let Some((_, oldest)) = self.by_age.pop_first()
         {
             self.latest.remove(&oldest);
         }
-        self.by_age.insert(self.tick, client.clone());
-        self.latest
-            .insert(client, (self.tick, report.fields.clone()));
+        self.by_age.insert(tick, client.to_owned());
+        self.latest.insert(client.to_owned(), (tick, line));
     }
 
     /// Publishes the counters for the metrics thread (at most every 100 ms)
@@ -215,12 +221,19 @@ impl Observer {
     pub fn http_body(&self, path: &str) -> Vec<u8> {
         match path {
             "/latest" => {
-                let mut obj = Map::new();
-                for (client, (_, fields)) in &self.latest {
-                    obj.insert(client.clone(), Value::Object(fields.clone()));
+                // {"<client>": <its latest line>, ...}: the lines are JSON
+                // objects already.
+                let mut body = vec![b'{'];
+                for (i, (client, (_, line))) in self.latest.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    let key = serde_json::to_vec(client).unwrap_or_default();
+                    body.extend_from_slice(&key);
+                    body.push(b':');
+                    body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
                 }
-                let mut body = serde_json::to_vec(&obj).unwrap_or_default();
-                body.push(b'\n');
+                body.extend_from_slice(b"}\n");
                 body
             }
             "/stats" => {

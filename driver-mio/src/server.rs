@@ -449,19 +449,21 @@ impl Loop<'_> {
             else {
                 continue;
             };
-            let outcome = match self.sink.record(report) {
+            // Serialised once: the sink writes it, /latest keeps it.
+            let line = report.to_json_line();
+            let outcome = match self.sink.record_line(report, &line) {
                 Ok(()) => {
                     written += 1;
                     Outcome::Recorded
                 }
                 Err(e) => Outcome::NotRecorded(e.to_string()),
             };
-            answers.push((*handle, *peer, report, outcome));
+            answers.push((*handle, *peer, report, line, outcome));
         }
         if written > 0
             && let Err(e) = self.sink.flush()
         {
-            for (_, _, _, outcome) in &mut answers {
+            for (_, _, _, _, outcome) in &mut answers {
                 if *outcome == Outcome::Recorded {
                     *outcome = Outcome::NotRecorded(e.to_string());
                 }
@@ -469,10 +471,10 @@ impl Loop<'_> {
         }
         // The sink may have taken a while: answer with a fresh `now`.
         let now = Instant::now();
-        for (handle, peer, report, outcome) in answers {
+        for (handle, peer, report, line, outcome) in answers {
             let took = now.saturating_duration_since(turn);
             self.observer
-                .answered(report, outcome == Outcome::Recorded, took);
+                .answered(report, line, outcome == Outcome::Recorded, took);
             match &outcome {
                 Outcome::Recorded => {
                     log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));

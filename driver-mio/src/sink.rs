@@ -32,6 +32,14 @@ pub trait ReportSink {
     /// Writes one report.
     fn record(&mut self, report: &Report) -> io::Result<()>;
 
+    /// Writes one report whose JSON line (`report.to_json_line()`) the
+    /// caller already made; sinks that write lines use it rather than
+    /// serialising the report again.
+    fn record_line(&mut self, report: &Report, line: &[u8]) -> io::Result<()> {
+        let _ = line;
+        self.record(report)
+    }
+
     /// Makes what was recorded since the last flush as durable as the sink
     /// promises before an acknowledgement. On an error none of those
     /// reports counts as recorded (the sink undoes them if it can).
@@ -82,6 +90,10 @@ impl<W: Write> WriterSink<W> {
 impl<W: Write> ReportSink for WriterSink<W> {
     fn record(&mut self, report: &Report) -> io::Result<()> {
         self.writer.write_all(&report.to_json_line())
+    }
+
+    fn record_line(&mut self, _report: &Report, line: &[u8]) -> io::Result<()> {
+        self.writer.write_all(line)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -256,6 +268,10 @@ impl FileSink {
 
 impl ReportSink for FileSink {
     fn record(&mut self, report: &Report) -> io::Result<()> {
+        self.record_line(report, &report.to_json_line())
+    }
+
+    fn record_line(&mut self, _report: &Report, line: &[u8]) -> io::Result<()> {
         if let Some(len) = self.repair {
             self.truncate(len);
             if self.repair.is_some() {
@@ -265,8 +281,7 @@ impl ReportSink for FileSink {
                 ));
             }
         }
-        let line = report.to_json_line();
-        match self.file.write_all(&line) {
+        match self.file.write_all(line) {
             Ok(()) => {
                 self.written += line.len() as u64;
                 self.unsynced = true;
