@@ -20,8 +20,9 @@ pub const SSLKEYLOGFILE: &str = "SSLKEYLOGFILE";
 /// The environment variable naming the qlog directory.
 pub const QLOGDIR: &str = "QLOGDIR";
 
-/// Key log and qlog destinations.
-#[derive(Debug)]
+/// Key log and qlog destinations (cheap to clone: one per connection, all
+/// writing to the same key-log file).
+#[derive(Debug, Clone)]
 pub struct EnvDebugLogs {
     keylog: Option<SharedFile>,
     qlog_dir: Option<PathBuf>,
@@ -53,6 +54,18 @@ impl Write for SharedFile {
 /// The hooks `SSLKEYLOGFILE` and `QLOGDIR` ask for, or `None` when neither
 /// is set. A file or directory that cannot be opened is an error naming it.
 pub fn from_env() -> io::Result<Option<Box<dyn DebugLogs>>> {
+    Ok(EnvDebugLogs::from_env()?.map(|l| Box::new(l) as Box<dyn DebugLogs>))
+}
+
+impl EnvDebugLogs {
+    /// As [`from_env`], for a program that makes many connections (clone
+    /// it for each).
+    pub fn from_env() -> io::Result<Option<EnvDebugLogs>> {
+        env_logs()
+    }
+}
+
+fn env_logs() -> io::Result<Option<EnvDebugLogs>> {
     let keylog = match std::env::var_os(SSLKEYLOGFILE).filter(|v| !v.is_empty()) {
         Some(path) => {
             let f = OpenOptions::new()
@@ -87,7 +100,7 @@ pub fn from_env() -> io::Result<Option<Box<dyn DebugLogs>>> {
     if keylog.is_none() && qlog_dir.is_none() {
         return Ok(None);
     }
-    Ok(Some(Box::new(EnvDebugLogs { keylog, qlog_dir })))
+    Ok(Some(EnvDebugLogs { keylog, qlog_dir }))
 }
 
 impl DebugLogs for EnvDebugLogs {

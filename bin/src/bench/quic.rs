@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use quic_report_core::{
-    Client, ClientConfig, ClientEvent, CoreRng, MAX_DATAGRAM_SIZE, Response, Sample, Seq,
+    Client, ClientConfig, ClientEvent, CoreRng, DebugLogs, MAX_DATAGRAM_SIZE, Response, Sample, Seq,
 };
+use quic_report_mio::debuglog::EnvDebugLogs;
 use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
@@ -89,6 +90,8 @@ struct Gen<'a> {
     poll: Poll,
     slots: Vec<Slot>,
     rng: CoreRng,
+    /// SSLKEYLOGFILE / QLOGDIR, for every connection.
+    debug_logs: Option<EnvDebugLogs>,
     out: Vec<u8>,
     buf: Vec<u8>,
     dirty: Vec<usize>,
@@ -130,6 +133,7 @@ pub(super) fn run(args: &BenchArgs, target: &Target) -> Result<(), Error> {
         poll: Poll::new()?,
         slots: Vec::new(),
         rng: CoreRng::from_seed_bytes(seed),
+        debug_logs: EnvDebugLogs::from_env()?,
         out: vec![0u8; MAX_DATAGRAM_SIZE],
         buf: vec![0u8; 65535],
         dirty: Vec::new(),
@@ -179,7 +183,11 @@ impl Gen<'_> {
         // A loaded (or valgrind-slowed) server may take a while to answer.
         cfg.connect_timeout = Duration::from_secs(5);
         cfg.response_timeout = Duration::from_secs(10);
-        Ok(Client::new(cfg, self.rng.fork(), now)?)
+        let logs = self
+            .debug_logs
+            .clone()
+            .map(|l| Box::new(l) as Box<dyn DebugLogs>);
+        Ok(Client::with_debug_logs(cfg, self.rng.fork(), now, logs)?)
     }
 
     fn open_slot(&mut self, now: Instant) -> Result<(), Error> {
