@@ -125,17 +125,8 @@ pub struct GetArgs {
     /// `https://127.0.0.1:4433/latest` (the scheme may be left out).
     #[arg(value_name = "URL")]
     pub url: String,
-    /// PEM file of the CA that signs the server's certificate. Default: the
-    /// built-in development CA.
-    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
-    pub ca: Option<PathBuf>,
-    /// Name to check in the server's certificate. Default: `localhost` for a
-    /// loopback address, the hostname of the URL, else its IP.
-    #[arg(long, value_name = "NAME")]
-    pub server_name: Option<String>,
-    /// Do not verify the server's certificate (development only).
-    #[arg(long)]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Give up after this long.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
     pub timeout: Duration,
@@ -182,10 +173,8 @@ impl From<FsyncArg> for quic_report_mio::Fsync {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The server's UDP address, `host:port` (a hostname is resolved, and is
-    /// the name checked in the certificate unless --server-name says otherwise).
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
-    pub server: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// URL of the source to GET a JSON object from (http only).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
     pub source: String,
@@ -195,17 +184,6 @@ pub struct ClientArgs {
     /// Stop (and exit 0) after this many reports are acknowledged. Default: run until Ctrl-C.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// PEM file of the CA that signs the server's certificate. Default: the
-    /// built-in development CA.
-    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
-    pub ca: Option<PathBuf>,
-    /// Name to check in the server's certificate (and send as SNI). Default:
-    /// `localhost` for a loopback address, the hostname of --server, else its IP.
-    #[arg(long, value_name = "NAME")]
-    pub server_name: Option<String>,
-    /// Do not verify the server's certificate (development only).
-    #[arg(long)]
-    pub insecure: bool,
     /// Close the connection after this long without traffic (a keep-alive is
     /// sent after half of it).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
@@ -230,20 +208,27 @@ pub struct ClientArgs {
     pub backoff_max: Duration,
 }
 
-/// Which server to talk to and how to verify it: the flags of the same
-/// names on `client`, for commands that connect (`bench`).
+/// Which server to talk to and how to verify it (`client`, `bench`).
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// The server's UDP address, `host:port` (a hostname is resolved, and is
     /// the name checked in the certificate unless --server-name says otherwise).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How to verify the server's certificate (`client`, `bench`, `get`).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
     /// PEM file of the CA that signs the server's certificate. Default: the
     /// built-in development CA.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub ca: Option<PathBuf>,
     /// Name to check in the server's certificate (and send as SNI). Default:
-    /// `localhost` for a loopback address, the hostname of --server, else its IP.
+    /// `localhost` for a loopback address, else the server's hostname, else
+    /// its IP.
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
     /// Do not verify the server's certificate (development only).

@@ -13,12 +13,13 @@ mod cli;
 mod demo;
 mod devcerts;
 mod source;
+mod tls;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_core::{ClientEvent, RetryMode, Verify};
+use quic_report_core::{ClientEvent, RetryMode};
 use quic_report_mio::{
     ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
     read_secret_file, run_client, run_server,
@@ -138,18 +139,10 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
     let (server, default_name) = cli::resolve_server(authority)?;
     let mut _dev = None;
-    let verify = if args.insecure {
-        log::warn!("--insecure: the server's certificate is NOT verified");
-        Verify::Insecure
-    } else if let Some(ca) = &args.ca {
-        readable(ca, "--ca")?;
-        Verify::CaFile(ca.clone())
-    } else {
-        Verify::CaFile(_dev.insert(DevCerts::write()?).ca())
-    };
+    let (verify, server_name) = tls::verification(&args.tls, default_name, &mut _dev)?;
     let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
         server,
-        server_name: args.server_name.clone().unwrap_or(default_name),
+        server_name,
         verify,
         path,
         timeout: args.timeout,
@@ -161,19 +154,11 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
 }
 
 fn client(args: &ClientArgs) -> Result<(), Error> {
-    let (server, default_name) = cli::resolve_server(&args.server)?;
+    let (server, default_name) = cli::resolve_server(&args.target.server)?;
     let mut _dev = None;
-    let verify = if args.insecure {
-        log::warn!("--insecure: the server's certificate is NOT verified");
-        Verify::Insecure
-    } else if let Some(ca) = &args.ca {
-        readable(ca, "--ca")?;
-        Verify::CaFile(ca.clone())
-    } else {
-        Verify::CaFile(_dev.insert(DevCerts::write()?).ca())
-    };
+    let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut _dev)?;
     let mut opts = ClientOptions::new(server, verify);
-    opts.config.server_name = args.server_name.clone().unwrap_or(default_name);
+    opts.config.server_name = server_name;
     opts.config.idle_timeout = args.idle_timeout;
     opts.config.keep_alive = match args.keep_alive {
         None => Some(args.idle_timeout / 2),

@@ -42,7 +42,6 @@ use clap::{ArgGroup, Args};
 use quic_report_core::Verify;
 
 use crate::cli::{TargetArgs, positive_duration, resolve_server};
-use crate::devcerts::DevCerts;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -129,18 +128,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     }
     let (server, default_name) = resolve_server(&args.target.server)?;
     let mut dev = None;
-    let verify = if args.target.insecure {
-        Verify::Insecure
-    } else if let Some(ca) = &args.target.ca {
-        std::fs::File::open(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
-        Verify::CaFile(ca.clone())
-    } else {
-        let certs: &DevCerts = dev.insert(DevCerts::write()?);
-        Verify::CaFile(certs.ca())
-    };
+    let (verify, server_name) = crate::tls::verification(&args.target.tls, default_name, &mut dev)?;
     let target = Target {
         server,
-        server_name: args.target.server_name.clone().unwrap_or(default_name),
+        server_name,
         verify,
     };
     let res = quic::run(args, &target);
