@@ -3,114 +3,21 @@
 //! logs), and the demo. Every process is bounded in time and killed if it
 //! overstays; the tests assert on what the server recorded.
 
+mod common;
+
+use common::{LIMIT, Logged};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_quic-report");
-const LIMIT: Duration = Duration::from_secs(30);
-
-/// A child process that is killed when dropped.
-struct Proc {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let err = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  [{}] {line}", child_name(&line));
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, stderr: rx }
-    }
-
-    /// Waits for a log line containing `marker`; returns the text after it.
-    fn wait_for(&self, marker: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .stderr
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
-            if let Some(i) = line.find(marker) {
-                return line[i + marker.len()..].trim().to_owned();
-            }
-        }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-        // SAFETY: kill(2) with our own child's pid has no memory effects.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
-
-    /// Waits (bounded) for the exit; returns the status and all of stdout.
-    fn finish(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the process did not exit within {LIMIT:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let mut out = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            o.read_to_string(&mut out).expect("stdout is UTF-8");
-        }
-        (status, out)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn child_name(line: &str) -> &'static str {
-    if line.contains("quic_report_mio::server") {
-        "server"
-    } else if line.contains("quic_report_mio::client") {
-        "client"
-    } else {
-        "log"
-    }
-}
-
-fn start_source() -> (Proc, String) {
-    let source = Proc::spawn(&["source", "--listen", "127.0.0.1:0"]);
+fn start_source() -> (Logged, String) {
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
     let url = source.wait_for("serving GET / on ");
     (source, url)
 }
 
-fn start_server(listen: &str) -> (Proc, String) {
-    let server = Proc::spawn(&["server", "--listen", listen]);
+fn start_server(listen: &str) -> (Logged, String) {
+    let server = Logged::spawn("server", &["server", "--listen", listen]);
     let addr = server.wait_for("listening on ");
     (server, addr)
 }
@@ -134,17 +41,20 @@ fn recorded(jsonl: &str) -> Vec<u64> {
 fn sigint_stops_server_and_source_with_status_zero() {
     let (source, url) = start_source();
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Proc::spawn(&[
+    let client = Logged::spawn(
         "client",
-        "--server",
-        &addr,
-        "--source",
-        &url,
-        "--interval",
-        "100ms",
-        "--count",
-        "3",
-    ]);
+        &[
+            "client",
+            "--server",
+            &addr,
+            "--source",
+            &url,
+            "--interval",
+            "100ms",
+            "--count",
+            "3",
+        ],
+    );
     let (status, out) = client.finish();
     assert!(status.success(), "client: {status}");
     assert_eq!(
@@ -167,17 +77,20 @@ fn sigint_stops_server_and_source_with_status_zero() {
 fn client_delivers_everything_across_a_server_restart() {
     let (_source, url) = start_source();
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Proc::spawn(&[
+    let client = Logged::spawn(
         "client",
-        "--server",
-        &addr,
-        "--source",
-        &url,
-        "--interval",
-        "100ms",
-        "--count",
-        "20",
-    ]);
+        &[
+            "client",
+            "--server",
+            &addr,
+            "--source",
+            &url,
+            "--interval",
+            "100ms",
+            "--count",
+            "20",
+        ],
+    );
     client.wait_for("connected");
     thread::sleep(Duration::from_millis(500));
     server.signal(libc::SIGKILL);
@@ -203,15 +116,18 @@ fn client_delivers_everything_across_a_server_restart() {
 #[test]
 fn client_fails_with_a_message_when_the_certificate_is_refused() {
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Proc::spawn(&[
+    let client = Logged::spawn(
         "client",
-        "--server",
-        &addr,
-        "--source",
-        "http://127.0.0.1:9/",
-        "--server-name",
-        "wrong.example",
-    ]);
+        &[
+            "client",
+            "--server",
+            &addr,
+            "--source",
+            "http://127.0.0.1:9/",
+            "--server-name",
+            "wrong.example",
+        ],
+    );
     let started = Instant::now();
     // The message is on stderr: wait for it before the process is reaped.
     let msg = client.wait_for("error: ");
@@ -225,7 +141,7 @@ fn client_fails_with_a_message_when_the_certificate_is_refused() {
 
 #[test]
 fn demo_with_count_prints_labelled_lines_and_exits_zero() {
-    let demo = Proc::spawn(&["demo", "--count", "2", "--interval", "100ms"]);
+    let demo = Logged::spawn("demo", &["demo", "--count", "2", "--interval", "100ms"]);
     let (status, out) = demo.finish();
     assert!(status.success(), "demo: {status}\n{out}");
     for label in [

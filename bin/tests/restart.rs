@@ -5,94 +5,14 @@
 //! `--out`, and the client's warning when its queue overflows. Every wait
 //! is bounded; every child is killed when its test ends.
 
+mod common;
+
+use common::{LIMIT, Logged};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_quic-report");
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// A child process, killed when dropped, whose stderr lines are collected.
-struct Proc {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let err = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  [{name}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, stderr: rx }
-    }
-
-    /// Waits for a stderr line containing `marker`; returns the text after it.
-    fn wait_for(&self, marker: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .stderr
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
-            if let Some(i) = line.find(marker) {
-                return line[i + marker.len()..].trim().to_owned();
-            }
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// SIGKILL, and reap it (so its port is free again).
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-
-    /// Waits (bounded) for the exit.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the process did not exit within {limit:?}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A file in the temporary directory, removed when dropped.
 struct TempFile(PathBuf);
@@ -128,8 +48,8 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-fn start_source() -> (Proc, String) {
-    let source = Proc::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+fn start_source() -> (Logged, String) {
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
     let url = source.wait_for("serving GET / on ");
     (source, url)
 }
@@ -165,9 +85,9 @@ fn every_seq_is_recorded_once_across_sigkilled_servers() {
     let out = TempFile::new("restart.jsonl");
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let server_args = ["server", "--listen", &listen, "--out", out.arg()];
-    let server = Proc::spawn("server 1", &server_args);
+    let server = Logged::spawn("server 1", &server_args);
     server.wait_for("listening on ");
-    let mut client = Proc::spawn(
+    let mut client = Logged::spawn(
         "client",
         &[
             "client",
@@ -197,7 +117,7 @@ fn every_seq_is_recorded_once_across_sigkilled_servers() {
         );
         let recorded = seqs(&out.0).len();
         let started = Instant::now();
-        let next = Proc::spawn(
+        let next = Logged::spawn(
             if round == 2 { "server 2" } else { "server 3" },
             &server_args,
         );
@@ -233,12 +153,12 @@ fn every_seq_is_recorded_once_across_sigkilled_servers() {
 #[test]
 fn a_second_server_on_the_same_out_file_is_refused() {
     let out = TempFile::new("locked.jsonl");
-    let first = Proc::spawn(
+    let first = Logged::spawn(
         "server 1",
         &["server", "--listen", "127.0.0.1:0", "--out", out.arg()],
     );
     first.wait_for("listening on ");
-    let mut second = Proc::spawn(
+    let mut second = Logged::spawn(
         "server 2",
         &["server", "--listen", "127.0.0.1:0", "--out", out.arg()],
     );
@@ -251,7 +171,7 @@ fn a_second_server_on_the_same_out_file_is_refused() {
 fn secret_file_is_raw_or_hex_and_checked() {
     let secret = TempFile::new("secret");
     std::fs::write(&secret.0, format!("{}\n", "ab".repeat(32))).expect("write");
-    let ok = Proc::spawn(
+    let ok = Logged::spawn(
         "server",
         &[
             "server",
@@ -264,7 +184,7 @@ fn secret_file_is_raw_or_hex_and_checked() {
     ok.wait_for("listening on ");
 
     std::fs::write(&secret.0, [7u8; 31]).expect("write");
-    let mut bad = Proc::spawn(
+    let mut bad = Logged::spawn(
         "server",
         &[
             "server",
@@ -278,7 +198,7 @@ fn secret_file_is_raw_or_hex_and_checked() {
     assert!(!bad.wait(LIMIT).success());
     assert!(msg.contains("32 bytes") && msg.contains("31"), "{msg}");
 
-    let mut missing = Proc::spawn(
+    let mut missing = Logged::spawn(
         "server",
         &["server", "--secret-file", "/nonexistent/quic-report-secret"],
     );
@@ -292,7 +212,7 @@ fn a_full_queue_is_said_out_loud_with_a_count() {
     let (_source, url) = start_source();
     // Nobody listens on this port: every report stays queued.
     let nowhere = format!("127.0.0.1:{}", free_udp_port());
-    let client = Proc::spawn(
+    let client = Logged::spawn(
         "client",
         &[
             "client",

@@ -120,3 +120,104 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((status, body))
 }
+
+/// How long a test waits for a log line or an exit by default.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// A child run with `RUST_LOG=info` whose stderr lines are collected (and
+/// echoed to the test's stderr as `[name] line`), stdout piped; killed
+/// when dropped.
+pub struct Logged {
+    pub child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Logged {
+    pub fn spawn(name: &'static str, args: &[&str]) -> Logged {
+        let mut child = Command::new(EXE)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let err = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("  [{name}] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logged { child, stderr: rx }
+    }
+
+    /// Waits (at most [`LIMIT`]) for a stderr line containing `marker`;
+    /// returns the text after it.
+    pub fn wait_for(&self, marker: &str) -> String {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
+            if let Some(i) = line.find(marker) {
+                return line[i + marker.len()..].trim().to_owned();
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill(2) with our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGKILL, and reap it (so its port is free again).
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// Waits (at most `limit`, else panics) for the exit.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process did not exit within {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most [`LIMIT`]) for the exit; the status and all of stdout.
+    pub fn finish(mut self) -> (ExitStatus, String) {
+        let status = self.wait(LIMIT);
+        let mut out = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            o.read_to_string(&mut out).expect("stdout is UTF-8");
+        }
+        (status, out)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
