@@ -10,6 +10,12 @@
 //! drain `poll_transmit` until `None`, then `poll_event` until `None`, then
 //! read `poll_timeout` and call `handle_timeout` when it passes.**
 //!
+//! Handling an event can make more to send (a server's `respond`), so a
+//! loop repeats the two drains until both are empty. Either may come first;
+//! our server loop takes the events first, so a report read in this turn is
+//! answered before anything is sent and quiche puts its ACK and the answer
+//! in one packet (half the datagrams per report at one in flight).
+//!
 //! ```text
 //! loop {
 //!     wait for a datagram or until core.poll_timeout()
