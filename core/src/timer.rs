@@ -1,4 +1,4 @@
-//! Why the core wants to wake up: [`TimerKind`] and [`Deadlines`].
+//! Why the core wants to wake up: [`TimerKind`] and [`Deadline`].
 
 use std::time::Instant;
 
