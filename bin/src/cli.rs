@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use quic_report_core::{ClientEvent, config::default_server_name};
+use quic_report_core::{ClientEvent, ClientStats, config::default_server_name};
 
 /// A telemetry reporter and collector over QUIC.
 ///
@@ -305,8 +305,9 @@ pub enum Shown {
     Debug(String),
 }
 
-/// The readable line for a client event.
-pub fn show_client_event(ev: &ClientEvent) -> Shown {
+/// The readable line for a client event; `stats` are the client's counters
+/// (the line per connection counts resumed and 0-RTT connections).
+pub fn show_client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
     match ev {
         ClientEvent::Connecting { attempt } => {
             Shown::Debug(format!("connecting (attempt {attempt})"))
@@ -316,7 +317,9 @@ pub fn show_client_event(ev: &ClientEvent) -> Shown {
             resumed,
             early_data,
         } => Shown::Info(format!(
-            "connected, id {conn_id}, resumed={resumed} 0-rtt={early_data}"
+            "connected, id {conn_id}, resumed={resumed} 0-rtt={early_data} \
+             ({} of {} connection(s) resumed, 0-RTT accepted on {})",
+            stats.resumed, stats.connections, stats.early_data_accepted
         )),
         ClientEvent::Acknowledged {
             seq,

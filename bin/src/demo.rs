@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use quic_report_core::{ClientEvent, Report, ServerEvent, Verify};
+use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
 use quic_report_mio::{
     ClientOptions, DriverError, FetchOptions, RecordedKeys, ServerDriver, ServerOptions,
     StopHandle, run_client,
@@ -93,8 +93,8 @@ fn server_line(ev: &ServerEvent) -> Option<String> {
     })
 }
 
-fn client_line(ev: &ClientEvent, server: SocketAddr) -> Option<String> {
-    match (ev, show_client_event(ev)) {
+fn client_line(ev: &ClientEvent, stats: &ClientStats, server: SocketAddr) -> Option<String> {
+    match (ev, show_client_event(ev, stats)) {
         (ClientEvent::Connecting { attempt }, _) => {
             Some(format!("connecting to {server} (attempt {attempt})"))
         }
@@ -390,7 +390,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         if let ClientEvent::Acknowledged { seq, .. } = ev {
             acked.insert(*seq);
         }
-        if let Some(line) = client_line(ev, server_addr) {
+        if let Some(line) = client_line(ev, &c.stats(), server_addr) {
             if matches!(ev, ClientEvent::ReportDropped { .. }) {
                 println!("[client] {line} and lost ({} dropped so far)", c.dropped());
             } else {

@@ -190,7 +190,7 @@ fn client(args: &ClientArgs) -> Result<(), Error> {
         opts.config.server_name
     );
     let queue = args.queue;
-    let summary = run_client(opts, &mut |ev, c| match show_client_event(ev) {
+    let summary = run_client(opts, &mut |ev, c| match show_client_event(ev, &c.stats()) {
         Shown::Ack(line) => println!("{line}"),
         Shown::Info(line) => log::info!("{line}"),
         Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
