@@ -873,16 +873,6 @@ impl Server {
             .awaiting
             .remove(&handle)
             .ok_or(RespondError::UnknownReport)?;
-        let mut answer = Vec::with_capacity(aw.received.len() + 32);
-        match &outcome {
-            Outcome::Recorded => {
-                answer.extend_from_slice(b"{\"ok\":true,\"received\":");
-                answer.extend_from_slice(&aw.received);
-                answer.extend_from_slice(b"}\n");
-            }
-            Outcome::NotRecorded(why) => not_recorded(why).encode(&mut answer),
-        }
-        let mut touched = vec![handle.conn];
         if let Some(k) = aw.key {
             if outcome == Outcome::Recorded {
                 self.dedup.insert(&k.0, k.1);
@@ -892,24 +882,15 @@ impl Server {
                 let Some(copy) = self.awaiting.remove(&h) else {
                     continue;
                 };
-                let mut a = Vec::new();
-                match &outcome {
-                    Outcome::Recorded => {
-                        self.stats.duplicates += 1;
-                        a.extend_from_slice(b"{\"ok\":true,\"duplicate\":true,\"received\":");
-                        a.extend_from_slice(&copy.received);
-                        a.extend_from_slice(b"}\n");
-                    }
-                    Outcome::NotRecorded(why) => not_recorded(why).encode(&mut a),
+                if outcome == Outcome::Recorded {
+                    self.stats.duplicates += 1;
                 }
-                self.fill_slot(h, a);
-                touched.push(h.conn);
+                self.fill_slot(h, answer(&outcome, &copy.received, true));
+                self.after_io(now, h.conn);
             }
         }
-        let delivered = self.fill_slot(handle, answer);
-        for key in touched {
-            self.after_io(now, key);
-        }
+        let delivered = self.fill_slot(handle, answer(&outcome, &aw.received, false));
+        self.after_io(now, handle.conn);
         if delivered {
             Ok(())
         } else {
@@ -1179,12 +1160,7 @@ impl Server {
             return;
         }
         for sid in conn.quic.readable() {
-            if sid % 4 != 0 {
-                // Only client-initiated bidirectional streams carry reports
-                // (the transport parameters allow no others).
-                let _ =
-                    conn.quic
-                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+            if refuse_unless_client_bidi(&mut conn.quic, sid) {
                 continue;
             }
             let st = conn
@@ -1259,10 +1235,7 @@ impl Server {
         };
         let peer = conn.peer;
         for sid in conn.quic.readable() {
-            if sid % 4 != 0 {
-                let _ =
-                    conn.quic
-                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+            if refuse_unless_client_bidi(&mut conn.quic, sid) {
                 continue;
             }
             let st = conn.streams.entry(sid).or_insert_with(|| {
@@ -1363,10 +1336,7 @@ impl Server {
         if let Some((client, seq)) = &key {
             if self.dedup.contains(client, *seq) {
                 self.stats.duplicates += 1;
-                let mut a = Vec::with_capacity(received.len() + 40);
-                a.extend_from_slice(b"{\"ok\":true,\"duplicate\":true,\"received\":");
-                a.extend_from_slice(&received);
-                a.extend_from_slice(b"}\n");
+                let a = ok_answer(&received, true);
                 self.events.push_back(ServerEvent::Duplicate {
                     conn: handle.conn,
                     client: client.clone(),
@@ -1514,6 +1484,44 @@ fn long_header_invariants(data: &[u8]) -> Option<(u32, &[u8], &[u8])> {
     let scid_len = usize::from(*data.get(6 + dcid_len)?);
     let scid = data.get(7 + dcid_len..7 + dcid_len + scid_len)?;
     Some((version, dcid, scid))
+}
+
+/// Only client-initiated bidirectional streams carry reports or requests
+/// (the transport parameters allow no others): stop reading any other.
+/// Returns whether `sid` was refused.
+fn refuse_unless_client_bidi(quic: &mut quiche::Connection, sid: u64) -> bool {
+    if sid.is_multiple_of(4) {
+        return false;
+    }
+    let _ = quic.stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
+    true
+}
+
+/// The answer to a report: `{"ok":true,["duplicate":true,]"received":..}`
+/// around the report's JSON as received, or the `not_recorded` error.
+fn answer(outcome: &Outcome, received: &[u8], duplicate: bool) -> Vec<u8> {
+    match outcome {
+        Outcome::Recorded => ok_answer(received, duplicate),
+        Outcome::NotRecorded(why) => {
+            let mut a = Vec::new();
+            not_recorded(why).encode(&mut a);
+            a
+        }
+    }
+}
+
+/// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
+fn ok_answer(received: &[u8], duplicate: bool) -> Vec<u8> {
+    let head: &[u8] = if duplicate {
+        b"{\"ok\":true,\"duplicate\":true,\"received\":"
+    } else {
+        b"{\"ok\":true,\"received\":"
+    };
+    let mut a = Vec::with_capacity(head.len() + received.len() + 2);
+    a.extend_from_slice(head);
+    a.extend_from_slice(received);
+    a.extend_from_slice(b"}\n");
+    a
 }
 
 fn not_recorded(why: &str) -> Response {
