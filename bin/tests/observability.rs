@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    EXE, free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, stderr_of, wait,
+    EXE, free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, spawn_env, stderr_of,
+    wait,
 };
 use serde_json::Value;
 
@@ -40,8 +41,9 @@ fn get_metrics_and_qlog_show_the_servers_state() {
     let qlogdir = std::env::temp_dir().join(format!("quic-report-qlog-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&qlogdir);
     let url = format!("http://{source}/");
-    let client = std::process::Command::new(EXE)
-        .args([
+    let mut client_proc = spawn_env(
+        "client",
+        &[
             "client",
             "--server",
             &server,
@@ -51,16 +53,9 @@ fn get_metrics_and_qlog_show_the_servers_state() {
             "200ms",
             "--count",
             "3",
-        ])
-        .env("QLOGDIR", &qlogdir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("client starts");
-    let mut client_proc = common::Proc {
-        child: client,
-        name: "client",
-    };
+        ],
+        &[("QLOGDIR", qlogdir.as_os_str())],
+    );
     let status = wait(&mut client_proc, Duration::from_secs(60));
     assert!(
         status.is_some_and(|s| s.success()),

@@ -28,8 +28,14 @@ impl Drop for Proc {
 }
 
 pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
+    spawn_env(name, args, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(name: &'static str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Proc {
     let child = Command::new(EXE)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
