@@ -328,7 +328,15 @@ pub fn show_client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
         } => {
             let mut s = format!("ack seq={seq}");
             if let quic_report_core::Response::Ok { received, .. } = response {
-                match received.get("value") {
+                /// The one field the line shows.
+                #[derive(serde::Deserialize)]
+                struct Shown {
+                    value: Option<serde_json::Value>,
+                }
+                let value = serde_json::from_str::<Shown>(received)
+                    .ok()
+                    .and_then(|s| s.value);
+                match value.as_ref() {
                     Some(serde_json::Value::Number(n)) => match n.as_f64() {
                         Some(f) if n.is_f64() => s.push_str(&format!(" value={f:.4}")),
                         _ => s.push_str(&format!(" value={n}")),

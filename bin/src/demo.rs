@@ -56,7 +56,7 @@ fn server_line(ev: &ServerEvent) -> Option<String> {
         ServerEvent::Report { peer, report, .. } => {
             let seq = report.seq.map_or_else(|| "-".to_owned(), |s| s.to_string());
             let client = report.client.as_deref().unwrap_or("-");
-            let value = show_value(report.fields.get("value"));
+            let value = show_value(report.fields().get("value"));
             format!("recorded seq={seq} value={value} from client {client} ({peer})")
         }
         ServerEvent::ConnectionOpened {

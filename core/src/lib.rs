@@ -52,6 +52,7 @@ pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod get;
+pub mod object;
 pub mod queue;
 pub mod report;
 pub mod rng;
@@ -66,6 +67,7 @@ pub use client::{Client, ClientEvent, ClientState, ClientStats, DisconnectReason
 pub use config::{ALPN, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify};
 pub use error::{ConfigError, DatagramError, RespondError, StreamError, TokenError};
 pub use get::{GetConfig, GetOutcome, HqGet};
+pub use object::JsonObject;
 pub use queue::Seq;
 pub use report::{Report, Response, Sample};
 pub use rng::CoreRng;

@@ -16,6 +16,13 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::error::StreamError;
+use std::borrow::Cow;
+use std::io::Write as _;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::object::{JsonObject, Seen, SeenSeed, is_whitespace};
 
 /// Field: hex of the source connection ID of the connection that carried it.
 pub const FIELD_ID: &str = "id";
@@ -70,21 +77,31 @@ impl Sample {
     /// Writes the report object for this sample: the source's fields plus
     /// `id`, `client`, `seq` and `sampled_at_ms` (ours win over the source's).
     pub fn encode_report(&self, conn_id: &str, client: &str, seq: u64, out: &mut Vec<u8>) {
-        let mut obj = self.fields.clone();
-        obj.insert(FIELD_ID.into(), Value::from(conn_id));
-        obj.insert(FIELD_CLIENT.into(), Value::from(client));
-        obj.insert(FIELD_SEQ.into(), Value::from(seq));
-        obj.insert(FIELD_SAMPLED_AT.into(), Value::from(self.sampled_at_ms));
-        serde_json::to_writer(out, &obj).expect("writing JSON into a Vec cannot fail");
+        out.push(b'{');
+        for (k, v) in &self.fields {
+            if [FIELD_ID, FIELD_CLIENT, FIELD_SEQ, FIELD_SAMPLED_AT].contains(&k.as_str()) {
+                continue; // ours win
+            }
+            write_json_str(out, k);
+            out.push(b':');
+            serde_json::to_writer(&mut *out, v).expect("writing JSON into a Vec cannot fail");
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"id\":");
+        write_json_str(out, conn_id);
+        out.extend_from_slice(b",\"client\":");
+        write_json_str(out, client);
+        write!(out, ",\"seq\":{seq},\"sampled_at_ms\":{}}}", self.sampled_at_ms)
+            .expect("writing into a Vec cannot fail");
     }
 }
 
-/// A report as the server received it: the whole object, with the fields the
-/// protocol defines checked and pulled out.
+/// A report as the server received it: the object's bytes as sent (without
+/// whitespace between tokens), with the fields the protocol defines checked
+/// and the dedup key pulled out. The server never builds a map of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
-    /// The object as received.
-    pub fields: Map<String, Value>,
+    json: Vec<u8>,
     /// `client`, when present.
     pub client: Option<String>,
     /// `seq`, when present.
@@ -93,44 +110,50 @@ pub struct Report {
 
 impl Report {
     /// Checks the fields the protocol defines: `id` and `client` must be
-    /// strings, `seq` and `sampled_at_ms` unsigned integers. Others are free.
-    pub fn from_object(fields: Map<String, Value>) -> Result<Report, StreamError> {
-        for name in [FIELD_ID, FIELD_CLIENT] {
-            if let Some(v) = fields.get(name)
-                && !v.is_string()
-            {
+    /// strings, `seq` a positive integer and `sampled_at_ms` an unsigned
+    /// integer. Others are free.
+    pub fn from_json_object(object: JsonObject) -> Result<Report, StreamError> {
+        let (json, known) = object.into_parts();
+        for (name, seen) in [(FIELD_ID, &known.id), (FIELD_CLIENT, &known.client)] {
+            if seen.as_ref().is_some_and(|s| !matches!(s, Seen::Str(_))) {
                 return Err(StreamError::InvalidField {
                     field: name,
                     expected: "a string",
                 });
             }
         }
-        if let Some(v) = fields.get(FIELD_SEQ)
-            && v.as_u64().is_none_or(|s| s == 0)
-        {
-            return Err(StreamError::InvalidField {
-                field: FIELD_SEQ,
-                expected: "a positive integer (the first seq is 1)",
-            });
-        }
-        if let Some(v) = fields.get(FIELD_SAMPLED_AT)
-            && !v.is_u64()
+        let seq = match known.seq {
+            None => None,
+            Some(Seen::UInt(s)) if s > 0 => Some(s),
+            Some(_) => {
+                return Err(StreamError::InvalidField {
+                    field: FIELD_SEQ,
+                    expected: "a positive integer (the first seq is 1)",
+                });
+            }
+        };
+        if known
+            .sampled_at
+            .as_ref()
+            .is_some_and(|s| !matches!(s, Seen::UInt(_)))
         {
             return Err(StreamError::InvalidField {
                 field: FIELD_SAMPLED_AT,
                 expected: "an unsigned integer",
             });
         }
-        let client = fields
-            .get(FIELD_CLIENT)
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let seq = fields.get(FIELD_SEQ).and_then(Value::as_u64);
-        Ok(Report {
-            fields,
-            client,
-            seq,
-        })
+        let client = match known.client {
+            Some(Seen::Str(c)) => c,
+            _ => None,
+        };
+        Ok(Report { json, client, seq })
+    }
+
+    /// [`Report::from_json_object`] for an object given as a map (tests,
+    /// tools; the server parses bytes with [`JsonObject::parse`]).
+    pub fn from_object(fields: Map<String, Value>) -> Result<Report, StreamError> {
+        let bytes = serde_json::to_vec(&fields).expect("a JSON map always serialises");
+        Report::from_json_object(JsonObject::parse(&bytes)?)
     }
 
     /// The dedup key, when the report carries both `client` and `seq`.
@@ -138,9 +161,21 @@ impl Report {
         Some((self.client.as_deref()?, self.seq?))
     }
 
+    /// The report object's bytes as received (no whitespace between tokens,
+    /// no newline).
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
+    /// The report as a map (parses its bytes again: not for the hot path).
+    pub fn fields(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.json).expect("a report holds a valid object")
+    }
+
     /// The report as one JSON line (with `\n`), as the server's sink writes it.
     pub fn to_json_line(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(&self.fields).expect("a JSON map always serialises");
+        let mut out = Vec::with_capacity(self.json.len() + 1);
+        out.extend_from_slice(&self.json);
         out.push(b'\n');
         out
     }
@@ -153,8 +188,10 @@ pub enum Response {
     Ok {
         /// The report had been recorded before; not recorded again.
         duplicate: bool,
-        /// The report as the server received it.
-        received: Value,
+        /// The report as the server received it: its JSON text, exactly as
+        /// the answer carried it (`null` if the answer had none). Parse it
+        /// with [`Response::received_fields`] when you need its fields.
+        received: String,
     },
     /// Not recorded.
     Error {
@@ -188,56 +225,65 @@ impl Response {
 
     /// Appends the response and its `\n` to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let mut obj = Map::new();
         match self {
             Response::Ok {
                 duplicate,
                 received,
             } => {
-                obj.insert("ok".into(), Value::Bool(true));
-                if *duplicate {
-                    obj.insert("duplicate".into(), Value::Bool(true));
-                }
-                obj.insert("received".into(), received.clone());
+                out.extend_from_slice(if *duplicate {
+                    b"{\"ok\":true,\"duplicate\":true,\"received\":"
+                } else {
+                    b"{\"ok\":true,\"received\":"
+                });
+                out.extend_from_slice(received.as_bytes());
             }
             Response::Error { code, error } => {
-                obj.insert("ok".into(), Value::Bool(false));
-                obj.insert("code".into(), Value::from(code.as_str()));
-                obj.insert("error".into(), Value::from(error.as_str()));
+                out.extend_from_slice(b"{\"ok\":false,\"code\":");
+                write_json_str(out, code);
+                out.extend_from_slice(b",\"error\":");
+                write_json_str(out, error);
             }
         }
-        serde_json::to_writer(&mut *out, &obj).expect("writing JSON into a Vec cannot fail");
-        out.push(b'\n');
+        out.extend_from_slice(b"}\n");
     }
 
-    /// Parses one response line (trailing whitespace allowed).
+    /// Parses one response line (trailing whitespace allowed). One typed
+    /// pass: the echoed report is kept as text, not built into a map.
     pub fn parse(line: &[u8]) -> Result<Response, ResponseError> {
-        let v: Value =
-            serde_json::from_slice(line).map_err(|e| ResponseError(format!("not JSON: {e}")))?;
-        let Value::Object(mut obj) = v else {
-            return Err(ResponseError("not a JSON object".into()));
+        if line.iter().copied().find(|b| !is_whitespace(*b)) != Some(b'{') {
+            return Err(match serde_json::from_slice::<IgnoredAny>(line) {
+                Ok(_) => ResponseError("not a JSON object".into()),
+                Err(e) => ResponseError(format!("not JSON: {e}")),
+            });
+        }
+        let mut de = serde_json::Deserializer::from_slice(line);
+        let wire = de
+            .deserialize_map(WireVisitor)
+            .and_then(|w| de.end().map(|()| w))
+            .map_err(|e| ResponseError(format!("not JSON: {e}")))?;
+        let text = |s: Option<Seen>| match s {
+            Some(Seen::Str(Some(t))) => Some(t),
+            _ => None,
         };
-        match obj.get("ok") {
-            Some(Value::Bool(true)) => Ok(Response::Ok {
-                duplicate: obj
-                    .get("duplicate")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                received: obj.remove("received").unwrap_or(Value::Null),
+        match wire.ok {
+            Some(Seen::Bool(true)) => Ok(Response::Ok {
+                duplicate: wire.duplicate == Some(Seen::Bool(true)),
+                received: wire.received.unwrap_or_else(|| "null".into()),
             }),
-            Some(Value::Bool(false)) => Ok(Response::Error {
-                code: obj
-                    .get("code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                error: obj
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
+            Some(Seen::Bool(false)) => Ok(Response::Error {
+                code: text(wire.code).unwrap_or_else(|| "unknown".into()),
+                error: text(wire.error).unwrap_or_default(),
             }),
             _ => Err(ResponseError("no boolean \"ok\"".into())),
+        }
+    }
+
+    /// The echoed report's fields, for an `Ok` answer whose `received` is
+    /// an object (parses it: not for a hot path).
+    pub fn received_fields(&self) -> Option<Map<String, Value>> {
+        match self {
+            Response::Ok { received, .. } => serde_json::from_str(received).ok(),
+            Response::Error { .. } => None,
         }
     }
 
@@ -245,6 +291,77 @@ impl Response {
     /// could not record it) rather than give it up (the report itself is bad).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Response::Error { code, .. } if code == CODE_NOT_RECORDED)
+    }
+}
+
+/// `s` as a JSON string literal.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing JSON into a Vec cannot fail");
+}
+
+/// The fields of a response line that matter.
+#[derive(Default)]
+struct Wire {
+    ok: Option<Seen>,
+    duplicate: Option<Seen>,
+    code: Option<Seen>,
+    error: Option<Seen>,
+    received: Option<String>,
+}
+
+/// Visits a response object: `received` is kept as text, the rest noted.
+struct WireVisitor;
+
+impl<'de> Visitor<'de> for WireVisitor {
+    type Value = Wire;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a response object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Wire, A::Error> {
+        let mut w = Wire::default();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let slot = match key.0.as_ref() {
+                "ok" => &mut w.ok,
+                "duplicate" => &mut w.duplicate,
+                "code" => &mut w.code,
+                "error" => &mut w.error,
+                "received" => {
+                    let raw: &RawValue = map.next_value()?;
+                    w.received = Some(raw.get().to_owned());
+                    continue;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value_seed(SeenSeed { keep: true })?);
+        }
+        Ok(w)
+    }
+}
+
+/// A key, borrowed from the line unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -278,9 +395,11 @@ mod tests {
         s.encode_report("abcd", "c1", 7, &mut out);
         let r = Report::from_object(obj(std::str::from_utf8(&out).expect("utf8"))).expect("valid");
         assert_eq!(r.key(), Some(("c1", 7)));
-        assert_eq!(r.fields["value"], 0.5);
-        assert_eq!(r.fields["id"], "abcd");
-        assert_eq!(r.fields["sampled_at_ms"], 1234);
+        let fields = r.fields();
+        assert_eq!(fields["value"], 0.5);
+        assert_eq!(fields["id"], "abcd");
+        assert_eq!(fields["sampled_at_ms"], 1234);
+        assert_eq!(r.json(), &out[..]);
     }
 
     #[test]
@@ -310,11 +429,11 @@ mod tests {
         let cases = [
             Response::Ok {
                 duplicate: false,
-                received: Value::from(1),
+                received: "1".into(),
             },
             Response::Ok {
                 duplicate: true,
-                received: Value::from("x"),
+                received: r#"{"a":"x"}"#.into(),
             },
             Response::from_stream_error(&StreamError::Truncated),
         ];
@@ -327,10 +446,46 @@ mod tests {
         let mut line = Vec::new();
         Response::Ok {
             duplicate: false,
-            received: Value::Null,
+            received: "null".into(),
         }
         .encode(&mut line);
         assert_eq!(line, b"{\"ok\":true,\"received\":null}\n");
+    }
+
+    #[test]
+    fn responses_keep_the_echo_as_sent_and_tolerate_extras() {
+        let line = br#"{"extra":[1,{"x":2}],"ok":true,"duplicate":"yes","received": {"seq":3, "value":0.50}}"#;
+        let r = Response::parse(line).expect("parses");
+        assert_eq!(
+            r,
+            Response::Ok {
+                duplicate: false,
+                received: r#"{"seq":3, "value":0.50}"#.into()
+            }
+        );
+        let fields = r.received_fields().expect("an object");
+        assert_eq!(fields["seq"], 3);
+        let e = Response::parse(br#"{"ok":false,"code":5}"#).expect("parses");
+        assert_eq!(
+            e,
+            Response::Error {
+                code: "unknown".into(),
+                error: String::new()
+            }
+        );
+        let r = Response::parse(br#"{"ok":true}"#).expect("parses");
+        assert!(matches!(r, Response::Ok { ref received, .. } if received == "null"));
+    }
+
+    #[test]
+    fn reports_are_encoded_without_a_map() {
+        let s = Sample::from_json(br#"{"value":0.5,"id":"theirs","note":"a\"b"}"#, 9).expect("object");
+        let mut out = Vec::new();
+        s.encode_report("ab", "c\"1", 2, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).expect("utf8"),
+            r#"{"value":0.5,"note":"a\"b","id":"ab","client":"c\"1","seq":2,"sampled_at_ms":9}"#
+        );
     }
 
     #[test]
@@ -342,6 +497,8 @@ mod tests {
         assert!(r.is_retryable());
         assert!(!Response::from_stream_error(&StreamError::Empty).is_retryable());
         assert!(Response::parse(b"{\"ok\":1}").is_err());
+        assert!(Response::parse(b"[1]").is_err());
+        assert!(Response::parse(b"{\"ok\":true").is_err());
         assert!(Response::parse(b"garbage").is_err());
     }
 }

@@ -406,7 +406,9 @@ enum Origin {
 #[derive(Debug)]
 struct Awaiting {
     key: Option<(String, u64)>,
-    received: Vec<u8>,
+    /// The answer if it is recorded (built when the report arrived, around
+    /// its bytes; `duplicate` for a parked copy).
+    ok: Vec<u8>,
 }
 
 struct Conn {
@@ -885,11 +887,11 @@ impl Server {
                 if outcome == Outcome::Recorded {
                     self.stats.duplicates += 1;
                 }
-                self.fill_slot(h, answer(&outcome, &copy.received, true));
+                self.fill_slot(h, answer(&outcome, copy.ok));
                 self.after_io(now, h.conn);
             }
         }
-        let delivered = self.fill_slot(handle, answer(&outcome, &aw.received, false));
+        let delivered = self.fill_slot(handle, answer(&outcome, aw.ok));
         self.after_io(now, handle.conn);
         if delivered {
             Ok(())
@@ -1208,7 +1210,7 @@ impl Server {
                 stream: sid,
                 index,
             };
-            let slot = match item.and_then(Report::from_object) {
+            let slot = match item.and_then(Report::from_json_object) {
                 Ok(report) => self.take_report(handle, peer, report),
                 Err(error) => self.reject(key, sid, error),
             };
@@ -1331,12 +1333,11 @@ impl Server {
     /// A well-formed report: answer a duplicate at once, park a copy of one
     /// the application holds, or hand it to the application.
     fn take_report(&mut self, handle: ReportHandle, peer: SocketAddr, report: Report) -> Slot {
-        let received = serde_json::to_vec(&report.fields).expect("a JSON map always serialises");
         let key = report.key().map(|(c, s)| (c.to_owned(), s));
         if let Some((client, seq)) = &key {
             if self.dedup.contains(client, *seq) {
                 self.stats.duplicates += 1;
-                let a = ok_answer(&received, true);
+                let a = ok_answer(report.json(), true);
                 self.events.push_back(ServerEvent::Duplicate {
                     conn: handle.conn,
                     client: client.clone(),
@@ -1350,7 +1351,7 @@ impl Server {
                     handle,
                     Awaiting {
                         key: None,
-                        received,
+                        ok: ok_answer(report.json(), true),
                     },
                 );
                 return Slot::Pending;
@@ -1358,7 +1359,8 @@ impl Server {
             self.parked.insert((client.clone(), *seq), Vec::new());
         }
         self.stats.reports += 1;
-        self.awaiting.insert(handle, Awaiting { key, received });
+        let ok = ok_answer(report.json(), false);
+        self.awaiting.insert(handle, Awaiting { key, ok });
         self.events.push_back(ServerEvent::Report {
             handle,
             peer,
@@ -1497,11 +1499,11 @@ fn refuse_unless_client_bidi(quic: &mut quiche::Connection, sid: u64) -> bool {
     true
 }
 
-/// The answer to a report: `{"ok":true,["duplicate":true,]"received":..}`
-/// around the report's JSON as received, or the `not_recorded` error.
-fn answer(outcome: &Outcome, received: &[u8], duplicate: bool) -> Vec<u8> {
+/// The answer to a report: `ok` (its answer if recorded, from
+/// [`ok_answer`]), or the `not_recorded` error.
+fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     match outcome {
-        Outcome::Recorded => ok_answer(received, duplicate),
+        Outcome::Recorded => ok,
         Outcome::NotRecorded(why) => {
             let mut a = Vec::new();
             not_recorded(why).encode(&mut a);

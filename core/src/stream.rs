@@ -8,7 +8,8 @@
 //! `max_object_len`.
 //!
 //! Every byte is looked at once by a small scanner; the complete bytes of a
-//! value are handed to `serde_json` exactly once, when its last byte arrives.
+//! value are checked exactly once, when its last byte arrives, by
+//! [`JsonObject::parse`] (one `serde_json` pass, no map built).
 //!
 //! ```text
 //!   Idle --first byte that is not whitespace--> Value --its last byte--> Idle, Ok item
@@ -18,7 +19,8 @@
 //!     v                                           | FIN inside it
 //!   Failed <--------------------------------------+
 //!
-//!   Value:  object/array  ends when the depth over {[ and }] (outside strings) is 0
+//!   Value:  object/array  ends when the depth over {[ and }] (outside strings) is 0;
+//!                         nesting deeper than MAX_DEPTH is invalid JSON at once
 //!           string        ends at its closing quote (escapes skipped)
 //!           bare scalar   ends at whitespace, at one of {}[]",: or at FIN
 //!   Failed: one Err item, the last ever; the buffer is freed, input is ignored
@@ -26,12 +28,11 @@
 
 use std::collections::VecDeque;
 
-use serde_json::{Map, Value};
-
 use crate::error::StreamError;
+use crate::object::{Hints, JsonObject, MAX_DEPTH, is_whitespace};
 
 /// One item the splitter produced.
-pub type Item = Result<Map<String, Value>, StreamError>;
+pub type Item = Result<JsonObject, StreamError>;
 
 /// Buffer capacity kept for the next value after one completes; a larger
 /// buffer is freed so an idle stream does not hold on to a big allocation.
@@ -80,6 +81,8 @@ pub struct ObjectSplitter {
     failed: bool,
     /// Ok items produced so far.
     objects: u64,
+    /// What the scanner saw in the value in progress, for its parse.
+    hints: Hints,
 }
 
 impl ObjectSplitter {
@@ -94,6 +97,7 @@ impl ObjectSplitter {
             finished: false,
             failed: false,
             objects: 0,
+            hints: Hints::default(),
         }
     }
 
@@ -125,6 +129,7 @@ impl ObjectSplitter {
                     break;
                 }
                 self.buf.push(first);
+                self.hints = Hints::default();
                 self.scan = match first {
                     b'{' | b'[' => Scan::Container {
                         depth: 1,
@@ -255,28 +260,47 @@ impl ObjectSplitter {
                 in_string,
                 escape,
             } => {
-                for (i, &b) in data.iter().enumerate() {
+                let mut i = 0;
+                while i < data.len() {
                     if *in_string {
                         if *escape {
                             *escape = false;
-                        } else if b == b'\\' {
+                            self.hints.unicode_escape |= data[i] == b'u';
+                            i += 1;
+                            continue;
+                        }
+                        // Strings are most of a report: jump to the next
+                        // quote or backslash.
+                        let Some(j) = memchr::memchr2(b'"', b'\\', &data[i..]) else {
+                            return (data.len(), false);
+                        };
+                        i += j;
+                        if data[i] == b'\\' {
                             *escape = true;
-                        } else if b == b'"' {
+                        } else {
                             *in_string = false;
                         }
+                        i += 1;
                         continue;
                     }
-                    match b {
+                    match data[i] {
                         b'"' => *in_string = true,
-                        b'{' | b'[' => *depth += 1,
+                        b'{' | b'[' => {
+                            *depth += 1;
+                            if *depth > MAX_DEPTH {
+                                return (i + 1, true);
+                            }
+                        }
                         b'}' | b']' => {
                             *depth -= 1;
                             if *depth == 0 {
                                 return (i + 1, true);
                             }
                         }
+                        b' ' | b'\t' | b'\n' | b'\r' => self.hints.loose = true,
                         _ => {}
                     }
+                    i += 1;
                 }
                 (data.len(), false)
             }
@@ -286,7 +310,12 @@ impl ObjectSplitter {
     /// The value in `buf` is complete: classify it, queue the item, and get
     /// ready for the next value.
     fn complete(&mut self) {
-        let item = classify(&self.buf);
+        let item = match self.scan {
+            Scan::Container { depth, .. } if depth > MAX_DEPTH => Err(StreamError::InvalidJson(
+                format!("nested deeper than {MAX_DEPTH} levels"),
+            )),
+            _ => JsonObject::parse_hinted(&self.buf, self.hints),
+        };
         self.scan = Scan::Idle;
         if self.buf.capacity() > KEEP_CAPACITY {
             self.buf = Vec::new();
@@ -294,9 +323,9 @@ impl ObjectSplitter {
             self.buf.clear();
         }
         match item {
-            Ok(map) => {
+            Ok(object) => {
                 self.objects += 1;
-                self.ready.push_back(Ok(map));
+                self.ready.push_back(Ok(object));
             }
             Err(err) => self.fail(err),
         }
@@ -312,36 +341,23 @@ impl ObjectSplitter {
     }
 }
 
-/// JSON whitespace (RFC 8259 `ws`).
-fn is_whitespace(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-}
-
 /// A byte that ends a bare scalar (and is not part of it).
 fn is_delimiter(b: u8) -> bool {
     matches!(b, b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':')
 }
 
-/// Classifies the complete bytes of one top-level value.
-fn classify(bytes: &[u8]) -> Item {
-    if std::str::from_utf8(bytes).is_err() {
-        return Err(StreamError::NotUtf8);
-    }
-    match serde_json::from_slice::<Value>(bytes) {
-        Err(e) => Err(StreamError::InvalidJson(e.to_string())),
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(Value::Array(_)) => Err(StreamError::NotAnObject("array")),
-        Ok(Value::String(_)) => Err(StreamError::NotAnObject("string")),
-        Ok(Value::Number(_)) => Err(StreamError::NotAnObject("number")),
-        Ok(Value::Bool(_)) => Err(StreamError::NotAnObject("boolean")),
-        Ok(Value::Null) => Err(StreamError::NotAnObject("null")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Map, Value, json};
+
+    /// An item with the object as a map, to compare with `json!` values.
+    type MapItem = Result<Map<String, Value>, StreamError>;
+
+    /// The next item, its object as a map.
+    fn next(s: &mut ObjectSplitter) -> Option<MapItem> {
+        s.next_item().map(|i| i.map(|o| o.to_map()))
+    }
 
     const LIMIT: usize = 64 * 1024;
 
@@ -354,12 +370,12 @@ mod tests {
     }
 
     /// Takes every item that is ready.
-    fn drain(s: &mut ObjectSplitter) -> Vec<Item> {
-        std::iter::from_fn(|| s.next_item()).collect()
+    fn drain(s: &mut ObjectSplitter) -> Vec<MapItem> {
+        std::iter::from_fn(|| next(s)).collect()
     }
 
     /// Pushes each chunk (taking items after each), then FIN; every item.
-    fn run_chunks(chunks: &[&[u8]], limit: usize) -> Vec<Item> {
+    fn run_chunks(chunks: &[&[u8]], limit: usize) -> Vec<MapItem> {
         let mut s = ObjectSplitter::new(limit);
         let mut items = Vec::new();
         for c in chunks {
@@ -369,20 +385,20 @@ mod tests {
         s.finish();
         items.extend(drain(&mut s));
         assert!(s.is_done(), "not done after FIN and draining");
-        assert!(s.next_item().is_none());
+        assert!(next(&mut s).is_none());
         items
     }
 
-    fn run(data: &[u8]) -> Vec<Item> {
+    fn run(data: &[u8]) -> Vec<MapItem> {
         run_chunks(&[data], LIMIT)
     }
 
-    fn run_bytewise(data: &[u8], limit: usize) -> Vec<Item> {
+    fn run_bytewise(data: &[u8], limit: usize) -> Vec<MapItem> {
         let chunks: Vec<&[u8]> = data.chunks(1).collect();
         run_chunks(&chunks, limit)
     }
 
-    fn is_invalid_json(items: &[Item]) -> bool {
+    fn is_invalid_json(items: &[MapItem]) -> bool {
         matches!(items, [Err(StreamError::InvalidJson(_))])
     }
 
@@ -392,7 +408,7 @@ mod tests {
 	{"x":"\\\"}","y":[[],{}],"z":"\u007b\u00e9\ud83d\ude00"}  
 {"n":-1.5e3,"t":true,"f":false,"u":null,"e":"","s":"a\\\\\"b{"}"#;
 
-    fn three_expected() -> Vec<Item> {
+    fn three_expected() -> Vec<MapItem> {
         vec![
             Ok(obj(json!({"a":{"b":[1,{"c":"}{]["}]},"q":"say \"hi\" \\"}))),
             Ok(obj(json!({"x":"\\\"}","y":[[],{}],"z":"{\u{e9}\u{1f600}"}))),
@@ -482,17 +498,17 @@ mod tests {
     fn objects_are_ready_before_fin() {
         let mut s = ObjectSplitter::new(LIMIT);
         s.push(br#"{"a":1}{"b""#);
-        assert_eq!(s.next_item(), Some(Ok(obj(json!({"a":1})))));
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), Some(Ok(obj(json!({"a":1})))));
+        assert_eq!(next(&mut s), None);
         assert_eq!(s.buffered(), 4);
         s.push(br#":2}"#);
-        assert_eq!(s.next_item(), Some(Ok(obj(json!({"b":2})))));
+        assert_eq!(next(&mut s), Some(Ok(obj(json!({"b":2})))));
         assert_eq!(s.buffered(), 0);
         assert!(!s.is_done());
         assert!(!s.is_failed());
         s.finish();
         assert!(s.is_done());
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
     }
 
     #[test]
@@ -551,14 +567,14 @@ mod tests {
         let mut s = ObjectSplitter::new(LIMIT);
         s.push(b"hello ");
         assert!(matches!(
-            s.next_item(),
+            next(&mut s),
             Some(Err(StreamError::InvalidJson(_)))
         ));
         assert!(s.is_failed());
         let mut s = ObjectSplitter::new(LIMIT);
         s.push(b"{\"a\":NaN}");
         assert!(matches!(
-            s.next_item(),
+            next(&mut s),
             Some(Err(StreamError::InvalidJson(_)))
         ));
     }
@@ -606,10 +622,10 @@ mod tests {
         // A bare scalar cannot end before FIN or a delimiter: 42 may be 420.
         let mut s = ObjectSplitter::new(LIMIT);
         s.push(b"42");
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         s.push(b"0");
         s.finish();
-        assert_eq!(s.next_item(), Some(Err(StreamError::NotAnObject("number"))));
+        assert_eq!(next(&mut s), Some(Err(StreamError::NotAnObject("number"))));
     }
 
     #[test]
@@ -680,8 +696,8 @@ mod tests {
         let mut s = ObjectSplitter::new(limit);
         s.push(&object_of_len(limit));
         s.push(&o);
-        assert!(matches!(s.next_item(), Some(Ok(_))));
-        assert_eq!(s.next_item(), Some(Err(StreamError::TooLarge { limit })));
+        assert!(matches!(next(&mut s), Some(Ok(_))));
+        assert_eq!(next(&mut s), Some(Err(StreamError::TooLarge { limit })));
     }
 
     #[test]
@@ -698,12 +714,12 @@ mod tests {
         }
         assert!(s.is_failed());
         assert_eq!(s.buffered(), 0);
-        assert_eq!(s.next_item(), Some(Err(StreamError::TooLarge { limit })));
+        assert_eq!(next(&mut s), Some(Err(StreamError::TooLarge { limit })));
         assert!(s.is_done());
         // A huge chunk: caught without waiting for FIN.
         let mut s = ObjectSplitter::new(limit);
         s.push(&vec![b'['; 1 << 20]);
-        assert_eq!(s.next_item(), Some(Err(StreamError::TooLarge { limit })));
+        assert_eq!(next(&mut s), Some(Err(StreamError::TooLarge { limit })));
         assert_eq!(s.buffered(), 0);
     }
 
@@ -734,16 +750,16 @@ mod tests {
         s.push(b"{\"a\":1}[1]{\"b\":2}");
         assert!(s.is_failed());
         assert!(!s.is_done(), "items are still waiting");
-        assert_eq!(s.next_item(), Some(Ok(obj(json!({"a":1})))));
-        assert_eq!(s.next_item(), Some(Err(StreamError::NotAnObject("array"))));
+        assert_eq!(next(&mut s), Some(Ok(obj(json!({"a":1})))));
+        assert_eq!(next(&mut s), Some(Err(StreamError::NotAnObject("array"))));
         assert!(s.is_done());
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         s.push(b"{\"c\":3}");
         s.push(b"garbage");
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         assert_eq!(s.buffered(), 0);
         s.finish();
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         assert!(s.is_failed());
         assert!(s.is_done());
         assert_eq!(s.objects(), 1);
@@ -755,11 +771,11 @@ mod tests {
         s.push(b"{\"a\":1");
         s.finish();
         assert!(s.is_failed());
-        assert_eq!(s.next_item(), Some(Err(StreamError::Truncated)));
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), Some(Err(StreamError::Truncated)));
+        assert_eq!(next(&mut s), None);
         s.finish();
         s.push(b"}");
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         assert!(s.is_done());
     }
 
@@ -772,8 +788,8 @@ mod tests {
         // Before FIN only the object is out: `x` may still become `xyz`.
         let mut s = ObjectSplitter::new(LIMIT);
         s.push(b"{\"a\":1}x");
-        assert!(matches!(s.next_item(), Some(Ok(_))));
-        assert_eq!(s.next_item(), None);
+        assert!(matches!(next(&mut s), Some(Ok(_))));
+        assert_eq!(next(&mut s), None);
         assert!(!s.is_failed());
     }
 
@@ -790,9 +806,9 @@ mod tests {
         s.push(b"{\"a\":1}");
         s.push(b"\n\r\t ".repeat(1 << 18).as_slice());
         assert_eq!(s.buffered(), 0);
-        assert_eq!(s.next_item(), Some(Ok(obj(json!({"a":1})))));
+        assert_eq!(next(&mut s), Some(Ok(obj(json!({"a":1})))));
         s.finish();
-        assert_eq!(s.next_item(), None);
+        assert_eq!(next(&mut s), None);
         assert!(s.is_done());
         assert!(!s.is_failed());
     }
@@ -803,7 +819,7 @@ mod tests {
         s.push(&vec![b'\n'; 1 << 20]);
         assert_eq!(s.buffered(), 0);
         s.finish();
-        assert_eq!(s.next_item(), Some(Err(StreamError::Empty)));
+        assert_eq!(next(&mut s), Some(Err(StreamError::Empty)));
     }
 
     #[test]
@@ -823,13 +839,13 @@ mod tests {
 
         let mut s = ObjectSplitter::new(LIMIT);
         for (n, b) in o.iter().enumerate() {
-            assert_eq!(s.next_item(), None);
+            assert_eq!(next(&mut s), None);
             s.push(std::slice::from_ref(b));
             if n + 1 < o.len() {
                 assert_eq!(s.buffered(), n + 1);
             }
         }
-        let map = match s.next_item() {
+        let map = match next(&mut s) {
             Some(Ok(map)) => map,
             other => panic!("{other:?}"),
         };
@@ -849,16 +865,16 @@ mod tests {
         s.abandon();
         assert_eq!(s.buffered(), 0);
         assert!(
-            matches!(s.next_item(), Some(Ok(_))),
+            matches!(next(&mut s), Some(Ok(_))),
             "the complete object stays"
         );
         assert!(
-            s.next_item().is_none(),
+            next(&mut s).is_none(),
             "no error item for the abandoned one"
         );
         assert!(s.is_done() && !s.is_failed());
         s.push(b"{}");
-        assert!(s.next_item().is_none(), "no input after abandon");
+        assert!(next(&mut s).is_none(), "no input after abandon");
     }
 
     #[test]
@@ -883,9 +899,31 @@ mod tests {
         assert!(!s.is_done());
         s.finish();
         assert!(!s.is_done(), "an item is still waiting");
-        assert_eq!(s.next_item(), Some(Ok(Map::new())));
+        assert_eq!(next(&mut s), Some(Ok(Map::new())));
         assert!(s.is_done());
         assert!(!s.is_failed());
+    }
+
+    #[test]
+    fn objects_are_kept_compact_and_fully_checked() {
+        let data = b"{ \"a\" : \"x \\u0041\" ,\n \"b\":[1, 2] }{\"c\":\"\\ud800\"}";
+        for size in [1, 2, 3, 7, data.len()] {
+            let mut s = ObjectSplitter::new(LIMIT);
+            for c in data.chunks(size) {
+                s.push(c);
+            }
+            let first = s.next_item().expect("first item").expect("a valid object");
+            assert_eq!(
+                first.json(),
+                br#"{"a":"x \u0041","b":[1,2]}"#,
+                "chunks of {size}"
+            );
+            // A lone surrogate is caught even though the scan skips strings.
+            assert!(
+                matches!(s.next_item(), Some(Err(StreamError::InvalidJson(_)))),
+                "chunks of {size}"
+            );
+        }
     }
 
     #[test]
@@ -894,10 +932,27 @@ mod tests {
         let mut v = vec![b'['; depth];
         v.extend(vec![b']'; depth]);
         assert!(is_invalid_json(&run_chunks(&[&v], 1 << 20)));
-        assert_eq!(
-            run_chunks(&[&v[..depth]], 1 << 20),
-            vec![Err(StreamError::Truncated)]
-        );
+        // Refused as soon as it is too deep, without waiting for the rest.
+        let mut s = ObjectSplitter::new(1 << 20);
+        s.push(&v[..depth]);
+        assert!(matches!(
+            next(&mut s),
+            Some(Err(StreamError::InvalidJson(_)))
+        ));
+        // The same limit as serde_json's: 127 levels parse, 128 do not.
+        for (levels, ok) in [(MAX_DEPTH, true), (MAX_DEPTH + 1, false)] {
+            let mut v = b"{\"a\":".to_vec();
+            v.extend(vec![b'['; levels - 1]);
+            v.extend(vec![b']'; levels - 1]);
+            v.push(b'}');
+            let full = serde_json::from_slice::<Value>(&v).is_ok();
+            assert_eq!(full, ok, "serde_json at {levels} levels");
+            assert_eq!(
+                run(&v).first().is_some_and(Result::is_ok),
+                ok,
+                "{levels} levels"
+            );
+        }
         // Unbalanced closers at the top level are garbage, not an underflow.
         assert!(is_invalid_json(&run(b"]]]]")));
     }

@@ -561,7 +561,7 @@ fn describe(report: &Report) -> String {
     if let Some(seq) = report.seq {
         s.push_str(&format!(" seq={seq}"));
     }
-    if let Some(v) = report.fields.get("value") {
+    if let Some(v) = report.fields().get("value") {
         s.push_str(&format!(" value={v}"));
     }
     s

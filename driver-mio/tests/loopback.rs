@@ -108,7 +108,7 @@ fn reports_are_recorded_once_and_client_closes_after_count() {
     assert_eq!(seqs, acks);
     let mut values: Vec<f64> = reports
         .iter()
-        .filter_map(|r| r.fields["value"].as_f64())
+        .filter_map(|r| r.fields()["value"].as_f64())
         .collect();
     values.sort_by(f64::total_cmp);
     assert_eq!(values, [0.25, 0.5, 0.75]);

@@ -484,7 +484,7 @@ impl Sim {
                     self.records.push(Record {
                         client: report.client.clone(),
                         seq: report.seq,
-                        fields: report.fields.clone(),
+                        fields: report.fields(),
                         at: self.clock.elapsed(),
                     });
                     Outcome::Recorded

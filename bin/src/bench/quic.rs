@@ -24,6 +24,16 @@ use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
 
+/// The fields of an echoed report the generator checks (one typed parse;
+/// the rest of the object is skipped).
+#[derive(serde::Deserialize)]
+struct Echo<'a> {
+    seq: Option<u64>,
+    value: Option<u64>,
+    #[serde(borrow)]
+    client: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// Handshakes in progress at once while opening idle connections.
 const IDLE_OPEN_CONCURRENCY: usize = 32;
 /// How long the idle connections settle before memory is read.
@@ -461,10 +471,11 @@ impl Gen<'_> {
                 let ok = match (&found, &response) {
                     (Some((_, value, _)), Response::Ok { received, .. }) => {
                         !duplicate
-                            && received.get("seq").and_then(Value::as_u64) == Some(seq)
-                            && received.get("value").and_then(Value::as_u64) == Some(*value)
-                            && received.get("client").and_then(Value::as_str)
-                                == Some(slot.client.client_id())
+                            && serde_json::from_str::<Echo>(received).is_ok_and(|e| {
+                                e.seq == Some(seq)
+                                    && e.value == Some(*value)
+                                    && e.client.as_deref() == Some(slot.client.client_id())
+                            })
                     }
                     _ => false,
                 };

@@ -289,12 +289,12 @@ fn check_answer(sid: u64, i: usize, line: &[u8], item: &Item) {
     let ok = v.get("ok").and_then(Value::as_bool);
     let code = v.get("code").and_then(Value::as_str);
     let want_code = match item {
-        Ok(map) => match Report::from_object(map.clone()) {
+        Ok(object) => match Report::from_json_object(object.clone()) {
             Ok(_) => {
                 if ok == Some(true) {
                     assert_eq!(
                         v.get("received"),
-                        Some(&Value::Object(map.clone())),
+                        Some(&Value::Object(object.to_map())),
                         "stream {sid} answer {i} echoes the report: {text}"
                     );
                     return;
