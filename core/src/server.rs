@@ -63,7 +63,6 @@ use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
 use crate::report::{CODE_NOT_RECORDED, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
-use crate::timer::{Deadline, TimerKind};
 use crate::token::{RetryTokens, SecretKeys, ServerSecret, stateless_reset};
 use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
 
@@ -419,8 +418,11 @@ struct Conn {
     opened: bool,
     handshake_deadline: Instant,
     streams: BTreeMap<u64, StreamState>,
-    /// The entry in `Server::timers`, if any.
-    deadline: Option<Deadline>,
+    /// When the connection next needs [`Server::handle_timeout`].
+    deadline: Option<Instant>,
+    /// Its entry in `Server::timers`, if any: never later than `deadline`
+    /// (see `Server::settle`).
+    indexed: Option<Instant>,
     dirty: bool,
     reports: u64,
 }
@@ -787,6 +789,7 @@ impl Server {
                 handshake_deadline: now + self.cfg.handshake_timeout,
                 streams: BTreeMap::new(),
                 deadline: None,
+                indexed: None,
                 dirty: false,
                 reports: 0,
             }),
@@ -843,7 +846,13 @@ impl Server {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
-            conn.deadline = None;
+            conn.indexed = None;
+            // An entry left early by a deadline that moved later: re-file it.
+            if let Some(later) = conn.deadline.filter(|d| *d > now) {
+                conn.indexed = Some(later);
+                self.timers.insert((later, key));
+                continue;
+            }
             if conn.quic.timeout_instant().is_some_and(|t| t <= now) {
                 conn.quic.on_timeout();
             }
@@ -1081,28 +1090,23 @@ impl Server {
             self.reap(key, reason);
             return;
         }
-        let mut next = conn.quic.timeout_instant().map(|at| Deadline {
-            at,
-            kind: TimerKind::Quic,
-        });
+        let mut next = conn.quic.timeout_instant();
         if !conn.opened {
-            let hs = Deadline {
-                at: conn.handshake_deadline,
-                kind: TimerKind::Handshake,
-            };
-            next = Some(match next {
-                Some(d) if d.at <= hs.at => d,
-                _ => hs,
-            });
+            let hs = conn.handshake_deadline;
+            next = Some(next.map_or(hs, |q| q.min(hs)));
         }
-        if next != conn.deadline {
-            if let Some(old) = conn.deadline {
-                self.timers.remove(&(old.at, key));
+        conn.deadline = next;
+        // The index is only touched when the deadline comes earlier than its
+        // entry. quiche's deadline moves later with almost every packet; the
+        // entry then stays where it is, fires early once, and is re-filed by
+        // handle_timeout, instead of a remove and an insert per datagram.
+        if let Some(at) = next
+            && conn.indexed.is_none_or(|i| at < i)
+        {
+            if let Some(old) = conn.indexed.replace(at) {
+                self.timers.remove(&(old, key));
             }
-            if let Some(d) = next {
-                self.timers.insert((d.at, key));
-            }
-            conn.deadline = next;
+            self.timers.insert((at, key));
         }
         let _ = now;
     }
@@ -1114,8 +1118,8 @@ impl Server {
         if !conn.opened {
             self.handshaking -= 1;
         }
-        if let Some(d) = conn.deadline {
-            self.timers.remove(&(d.at, key));
+        if let Some(at) = conn.indexed {
+            self.timers.remove(&(at, key));
         }
         for cid in &conn.cids {
             if self.routes.get(cid) == Some(&key) {
