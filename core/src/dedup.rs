@@ -102,9 +102,14 @@ impl Dedup {
         let tick = self.tick;
         let cap = self.cfg.per_client.max(1);
         if let Some(seen) = self.clients.get_mut(client) {
-            self.by_age.remove(&seen.touched);
+            // Re-touch: the name moves to its new age, no allocation.
+            let name = self
+                .by_age
+                .remove(&seen.touched)
+                .unwrap_or_else(|| client.to_owned());
             seen.touched = tick;
             seen.insert(seq, cap);
+            self.by_age.insert(tick, name);
         } else {
             if self.clients.len() >= self.cfg.max_clients.max(1)
                 && let Some((_, oldest)) = self.by_age.pop_first()
@@ -117,8 +122,8 @@ impl Dedup {
             };
             seen.insert(seq, cap);
             self.clients.insert(client.to_owned(), seen);
+            self.by_age.insert(tick, client.to_owned());
         }
-        self.by_age.insert(tick, client.to_owned());
     }
 
     /// Clients remembered.

@@ -161,8 +161,12 @@ impl Observer {
         self.tick += 1;
         let tick = self.tick;
         if let Some(entry) = self.latest.get_mut(client) {
-            self.by_age.remove(&entry.0);
-            self.by_age.insert(tick, client.to_owned());
+            // The name moves to its new age: no allocation per report.
+            let name = self
+                .by_age
+                .remove(&entry.0)
+                .unwrap_or_else(|| client.to_owned());
+            self.by_age.insert(tick, name);
             *entry = (tick, line);
             return;
         }
