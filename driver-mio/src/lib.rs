@@ -39,6 +39,7 @@
 //!
 //! [mio]: https://docs.rs/mio
 
+pub mod batch;
 pub mod client;
 pub mod debuglog;
 pub mod error;

@@ -30,17 +30,18 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use quic_report_core::{
-    CoreRng, MAX_DATAGRAM_SIZE, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent,
+    CoreRng, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent,
     ServerSecret,
 };
 
+use crate::batch::{BATCH, RECV_SLOT, RecvBatch, SendBatch};
 use crate::debuglog;
 use crate::observe::{MetricsServer, Observer};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
-use crate::udp::{Recv, UdpIo};
-use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
+use crate::udp::{UdpIo, is_unreachable};
+use crate::{DriverError, StopHandle, os_seed};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -209,7 +210,8 @@ impl ServerDriver {
             server,
             sink,
             on_event,
-            out: vec![0u8; MAX_DATAGRAM_SIZE],
+            sends: SendBatch::new(),
+            recvs: RecvBatch::new(),
             batch: Vec::new(),
             observer,
         };
@@ -225,7 +227,8 @@ struct Loop<'a> {
     server: Server,
     sink: &'a mut dyn ReportSink,
     on_event: &'a mut dyn FnMut(&ServerEvent),
-    out: Vec<u8>,
+    sends: SendBatch,
+    recvs: RecvBatch,
     /// The events of one drain, reused.
     batch: Vec<ServerEvent>,
     observer: Observer,
@@ -234,7 +237,6 @@ struct Loop<'a> {
 impl Loop<'_> {
     fn run(&mut self, d: &mut ServerDriver) -> Result<(), DriverError> {
         let mut events = Events::with_capacity(256);
-        let mut buf = vec![0u8; RECV_BUF_SIZE];
         let mut more_to_read = false;
         let mut shutting_down: Option<Instant> = None;
         let mut floor = Duration::ZERO;
@@ -291,7 +293,7 @@ impl Loop<'_> {
             if writable {
                 d.io.flush(d.poll.registry());
             }
-            more_to_read = readable && self.read(d, now, &mut buf);
+            more_to_read = readable && self.read(d, now);
             if signalled
                 && let Some(sig) = d
                     .signals
@@ -356,28 +358,38 @@ impl Loop<'_> {
         }
     }
 
-    /// Reads datagrams into the core until WouldBlock or the budget is
-    /// spent. Returns whether datagrams may be left.
-    fn read(&mut self, d: &mut ServerDriver, now: Instant, buf: &mut [u8]) -> bool {
+    /// Reads datagrams into the core, a batch per system call, until none
+    /// is waiting or the budget is spent. Returns whether datagrams may be
+    /// left.
+    fn read(&mut self, d: &mut ServerDriver, now: Instant) -> bool {
         let local = d.io.local_addr();
-        for _ in 0..RECV_BUDGET {
-            match d.io.recv(buf) {
-                Ok(None) => return false,
-                Ok(Some(Recv::Datagram { len, from })) => {
-                    self.observer.bytes(len, 0);
-                    if let Err(e) = self
-                        .server
-                        .handle_datagram(now, from, local, &mut buf[..len])
-                    {
-                        log::debug!("datagram of {len} bytes from {from} dropped: {e}");
-                    }
-                }
+        for _ in 0..RECV_BUDGET / BATCH {
+            let n = match d.io.recv_batch(&mut self.recvs) {
+                Ok(n) => n,
                 // Unconnected sockets rarely see these; nothing to do.
-                Ok(Some(Recv::Unreachable(e))) => log::debug!("ICMP error on the socket: {e}"),
+                Err(e) if is_unreachable(&e) => {
+                    log::debug!("ICMP error on the socket: {e}");
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("receiving on the UDP socket: {e}");
                     return false;
                 }
+            };
+            for i in 0..n {
+                let (data, from, cut) = self.recvs.get(i);
+                let len = data.len();
+                self.observer.bytes(len, 0);
+                if cut {
+                    log::debug!("datagram from {from} over {RECV_SLOT} bytes dropped");
+                    continue;
+                }
+                if let Err(e) = self.server.handle_datagram(now, from, local, data) {
+                    log::debug!("datagram of {len} bytes from {from} dropped: {e}");
+                }
+            }
+            if n < BATCH {
+                return false;
             }
         }
         true
@@ -402,10 +414,16 @@ impl Loop<'_> {
                 self.handle_batch(now, &batch);
             }
             let mut sent = false;
-            while let Some(t) = self.server.poll_transmit(now, &mut self.out) {
-                d.io.send(d.poll.registry(), &self.out[..t.len], t.to);
+            while let Some(t) = self.server.poll_transmit(now, self.sends.slot()) {
+                self.sends.push(t.len, t.to);
                 self.observer.bytes(0, t.len);
                 sent = true;
+                if self.sends.is_full() {
+                    d.io.send_batch(d.poll.registry(), &mut self.sends);
+                }
+            }
+            if !self.sends.is_empty() {
+                d.io.send_batch(d.poll.registry(), &mut self.sends);
             }
             if batch.is_empty() && !sent {
                 break;

@@ -18,6 +18,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
 use crate::DriverError;
+use crate::batch::{RecvBatch, SendBatch};
 
 /// Most datagrams held while the socket is not writable.
 pub const MAX_HELD: usize = 1024;
@@ -149,6 +150,27 @@ impl UdpIo {
         }
     }
 
+    /// Reads up to [`crate::batch::BATCH`] datagrams into `batch` (one
+    /// `recvmmsg` on Linux): how many, 0 when none is waiting. An error is
+    /// the socket's (an ICMP report, say); the next call reads on.
+    pub fn recv_batch(&mut self, batch: &mut RecvBatch) -> io::Result<usize> {
+        loop {
+            #[cfg(target_os = "linux")]
+            let r = {
+                use std::os::fd::AsRawFd;
+                crate::batch::recvmmsg(self.socket.as_raw_fd(), batch)
+            };
+            #[cfg(not(target_os = "linux"))]
+            let r = batch.fill_from(&self.socket);
+            match r {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Sends `data` to `to`, or holds it if the socket is not writable (or
     /// datagrams are already held, to keep the order).
     pub fn send(&mut self, registry: &Registry, data: &[u8], to: SocketAddr) -> Sent {
@@ -174,6 +196,48 @@ impl UdpIo {
                 }
             }
         }
+    }
+
+    /// Sends every datagram of `batch`, in order, and empties it: one
+    /// `sendmmsg` per call on Linux. What the socket cannot take now is
+    /// held (see [`UdpIo::send`]); a datagram the kernel refuses is dropped
+    /// (logged at debug), as with `send`.
+    pub fn send_batch(&mut self, registry: &Registry, batch: &mut SendBatch) {
+        let mut i = 0;
+        if self.held.is_empty() {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                let fd = self.socket.as_raw_fd();
+                while i < batch.len() {
+                    match crate::batch::sendmmsg(fd, batch, i) {
+                        Ok(n) => i += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            let (data, to) = batch.get(i);
+                            log::debug!("send of {} bytes to {to} failed, dropped: {e}", data.len());
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            while i < batch.len() {
+                let (data, to) = batch.get(i);
+                let data = data.to_vec();
+                i += 1;
+                if self.send(registry, &data, to) == Sent::Held {
+                    break;
+                }
+            }
+        }
+        for j in i..batch.len() {
+            let (data, to) = batch.get(j);
+            let data = data.to_vec();
+            self.hold(registry, &data, to);
+        }
+        batch.clear();
     }
 
     /// Sends held datagrams until the socket would block again (call on a
