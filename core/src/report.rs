@@ -91,8 +91,12 @@ impl Sample {
         write_json_str(out, conn_id);
         out.extend_from_slice(b",\"client\":");
         write_json_str(out, client);
-        write!(out, ",\"seq\":{seq},\"sampled_at_ms\":{}}}", self.sampled_at_ms)
-            .expect("writing into a Vec cannot fail");
+        write!(
+            out,
+            ",\"seq\":{seq},\"sampled_at_ms\":{}}}",
+            self.sampled_at_ms
+        )
+        .expect("writing into a Vec cannot fail");
     }
 }
 
@@ -479,7 +483,8 @@ mod tests {
 
     #[test]
     fn reports_are_encoded_without_a_map() {
-        let s = Sample::from_json(br#"{"value":0.5,"id":"theirs","note":"a\"b"}"#, 9).expect("object");
+        let s =
+            Sample::from_json(br#"{"value":0.5,"id":"theirs","note":"a\"b"}"#, 9).expect("object");
         let mut out = Vec::new();
         s.encode_report("ab", "c\"1", 2, &mut out);
         assert_eq!(

@@ -372,7 +372,8 @@ mod tests {
         let mut r = RecvBatch::new();
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         for i in 0..3u8 {
-            tx4.send_to(&[i; 10], rx.local_addr().expect("addr")).expect("send");
+            tx4.send_to(&[i; 10], rx.local_addr().expect("addr"))
+                .expect("send");
         }
         tx4.send_to(&[9; RECV_SLOT + 1], rx.local_addr().expect("addr"))
             .expect("send a long one");
@@ -381,7 +382,10 @@ mod tests {
         assert_eq!(recvmmsg(rx.as_raw_fd(), &mut r).expect("recvmmsg"), 4);
         for i in 0..3u8 {
             let (data, from, cut) = r.get(usize::from(i));
-            assert_eq!((&*data, from, cut), (&[i; 10][..], tx4.local_addr().expect("addr"), false));
+            assert_eq!(
+                (&*data, from, cut),
+                (&[i; 10][..], tx4.local_addr().expect("addr"), false)
+            );
         }
         assert!(r.get(3).2, "a datagram over RECV_SLOT is marked cut short");
         let e = recvmmsg(rx.as_raw_fd(), &mut r).expect_err("nothing left");

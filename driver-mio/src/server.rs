@@ -30,8 +30,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use quic_report_core::{
-    CoreRng, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent,
-    ServerSecret,
+    CoreRng, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent, ServerSecret,
 };
 
 use crate::batch::{BATCH, RECV_SLOT, RecvBatch, SendBatch};

@@ -216,7 +216,10 @@ impl UdpIo {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             let (data, to) = batch.get(i);
-                            log::debug!("send of {} bytes to {to} failed, dropped: {e}", data.len());
+                            log::debug!(
+                                "send of {} bytes to {to} failed, dropped: {e}",
+                                data.len()
+                            );
                             i += 1;
                         }
                     }
