@@ -2,10 +2,10 @@
 //! bytes: [`JsonObject`].
 //!
 //! The server never builds a map of a report. One `serde_json` pass over the
-//! object's bytes validates all of it (syntax, UTF-8, that it is an object)
-//! and notes what the four protocol fields (`id`, `client`, `seq`,
-//! `sampled_at_ms`) hold; every other value is skipped without being
-//! allocated. The bytes themselves, with any whitespace between tokens
+//! object's bytes validates all of it as a full parse would (syntax, UTF-8,
+//! escapes, numbers in range, that it is an object) and notes what the four
+//! protocol fields (`id`, `client`, `seq`, `sampled_at_ms`) hold; every
+//! other value is checked ([`Checked`]) without being allocated. The bytes themselves, with any whitespace between tokens
 //! removed, are what the sink records and what the answer echoes, so a report
 //! is written exactly as it was sent (numbers keep their spelling).
 //!
@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::StreamError;
@@ -58,8 +58,6 @@ pub(crate) struct Known {
 pub(crate) struct Hints {
     /// Whitespace may occur between tokens (the bytes need compacting).
     pub(crate) loose: bool,
-    /// A `\u` escape may occur in a string.
-    pub(crate) unicode_escape: bool,
 }
 
 /// The deepest nesting `serde_json` parses (its recursion limit); the
@@ -75,7 +73,6 @@ impl JsonObject {
     pub fn parse(bytes: &[u8]) -> Result<JsonObject, StreamError> {
         let hints = Hints {
             loose: bytes.iter().any(|b| is_whitespace(*b)),
-            unicode_escape: memchr::memmem::find(bytes, b"\\u").is_some(),
         };
         JsonObject::parse_hinted(bytes, hints)
     }
@@ -95,12 +92,6 @@ impl JsonObject {
             .deserialize_map(ObjectVisitor)
             .and_then(|k| de.end().map(|()| k))
             .map_err(|e| StreamError::InvalidJson(e.to_string()))?;
-        // Skipped strings are not checked for lone surrogates (`"\ud800"`),
-        // which a full parse refuses: objects with `\u` escapes get one.
-        if hints.unicode_escape {
-            serde_json::from_slice::<Value>(bytes)
-                .map_err(|e| StreamError::InvalidJson(e.to_string()))?;
-        }
         Ok(JsonObject {
             json: if hints.loose {
                 compact(bytes)
@@ -184,7 +175,7 @@ impl<'de> Visitor<'de> for ObjectVisitor {
                 FieldName::Seq => &mut known.seq,
                 FieldName::SampledAt => &mut known.sampled_at,
                 FieldName::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                     continue;
                 }
             };
@@ -276,13 +267,68 @@ impl<'de> Visitor<'de> for SeenSeed {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Seen, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Checked>()?.is_some() {}
         Ok(Seen::Other)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
         Ok(Seen::Other)
+    }
+}
+
+/// Any JSON value, checked as a full parse checks it (numbers in range,
+/// escapes and surrogate pairs in strings) but never built: strings are
+/// borrowed, numbers parsed and dropped. (`serde::de::IgnoredAny` would skip
+/// `1e999` and `"\ud800"`, which no parser reads back.) Nesting is bounded
+/// by `serde_json`'s recursion limit.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
     }
 }
 

@@ -265,7 +265,6 @@ impl ObjectSplitter {
                     if *in_string {
                         if *escape {
                             *escape = false;
-                            self.hints.unicode_escape |= data[i] == b'u';
                             i += 1;
                             continue;
                         }
