@@ -494,12 +494,12 @@ impl Loop<'_> {
                 .answered(report, line, outcome == Outcome::Recorded, took);
             match &outcome {
                 Outcome::Recorded => {
-                    log::info!("{}: recorded {} from {peer}", handle.conn, describe(report));
+                    log::info!("{}: recorded {} from {peer}", handle.conn, Describe(report));
                 }
                 Outcome::NotRecorded(e) => log::warn!(
                     "{}: could not record {}: {e}; the client will send it again",
                     handle.conn,
-                    describe(report)
+                    Describe(report)
                 ),
             }
             match self.server.respond(now, handle, outcome) {
@@ -569,17 +569,30 @@ fn log_event(ev: &ServerEvent) {
     }
 }
 
-/// `client=.. seq=.. value=..` for a log line.
-fn describe(report: &Report) -> String {
-    let mut s = String::from("report");
-    if let Some(c) = &report.client {
-        s.push_str(&format!(" client={c}"));
+/// `report client=.. seq=.. value=..` for a log line, written straight
+/// into the log record (no string built when the line is not logged, and
+/// only the `value` field parsed when it is).
+struct Describe<'a>(&'a Report);
+
+impl std::fmt::Display for Describe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        /// The one field shown, as it was sent.
+        #[derive(serde::Deserialize)]
+        struct Shown<'a> {
+            #[serde(borrow)]
+            value: Option<&'a serde_json::value::RawValue>,
+        }
+        let r = self.0;
+        f.write_str("report")?;
+        if let Some(c) = &r.client {
+            write!(f, " client={c}")?;
+        }
+        if let Some(seq) = r.seq {
+            write!(f, " seq={seq}")?;
+        }
+        if let Ok(Shown { value: Some(v) }) = serde_json::from_slice::<Shown>(r.json()) {
+            write!(f, " value={}", v.get())?;
+        }
+        Ok(())
     }
-    if let Some(seq) = report.seq {
-        s.push_str(&format!(" seq={seq}"));
-    }
-    if let Some(v) = report.fields().get("value") {
-        s.push_str(&format!(" value={v}"));
-    }
-    s
 }
