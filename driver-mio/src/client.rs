@@ -1,14 +1,21 @@
-//! The client loop: one connected UDP socket, the sample channel from the
-//! fetch thread, SIGINT/SIGTERM, and a [`quic_report_core::Client`] driven
-//! per the core's contract.
+//! The client loop: one connected UDP socket, the HTTP fetch of the samples
+//! (a [`crate::fetch::Fetch`] on a TCP connection in the same poll),
+//! SIGINT/SIGTERM, and a [`quic_report_core::Client`] driven per the core's
+//! contract.
 //!
 //! ```text
-//!  fetch thread ──Sample──► channel ──► Waker ──┐
-//!  StopHandle::stop ─────────────────► Waker ──┤
-//!  SIGINT / SIGTERM ─────────────────► Signals ┼──► mio::Poll ──► Client (core) ──► UDP socket
-//!  UDP socket (datagrams, ECONNREFUSED) ────────┘        ▲  poll_timeout           │
-//!                                                        └─────────────────────────┘
+//!  source (TCP: tick, response) ──────► Fetch ─Sample─┐
+//!  SampleSender ──Sample──► channel ──► Waker ───────┤
+//!  StopHandle::stop / host lookups ───► Waker ───────┤
+//!  SIGINT / SIGTERM ──────────────────► Signals ─────┼──► mio::Poll ──► Client (core) ──► UDP socket
+//!  UDP socket (datagrams, ECONNREFUSED) ─────────────┘        ▲  poll_timeout           │
+//!                                                             └─────────────────────────┘
 //! ```
+//!
+//! A fetched sample is submitted and its report sent in the same turn of
+//! the loop that read the HTTP response: no thread hand-off. The loop wakes
+//! for the earliest of the core's deadline, the fetch's (next tick or
+//! request timeout) and, when info logs are on, the summary line.
 //!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
@@ -29,7 +36,8 @@ use quic_report_core::{
 };
 
 use crate::debuglog;
-use crate::fetch::{FetchOptions, Fetcher};
+use crate::fetch::{FetchEvent, FetchOptions};
+use crate::fetch_io::FetchIo;
 use crate::observe::SUMMARY_EVERY;
 use crate::signal::SignalSource;
 use crate::udp::{Recv, Sent, UdpIo};
@@ -38,6 +46,7 @@ use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+const FETCH: Token = Token(3);
 
 /// Datagrams read per wake-up before the loop services timers and sends
 /// (the rest are read on the next turn, without sleeping).
@@ -223,15 +232,16 @@ impl ClientDriver {
             self.opts.config.server,
             self.opts.config.server_name
         );
-        let fetcher = match self.opts.fetch.clone() {
+        let fetch = match &self.opts.fetch {
             Some(f) => Some(
-                Fetcher::spawn(f, self.samples_tx.clone(), Arc::clone(&self.waker))
-                    .map_err(DriverError::io("starting the fetch thread"))?,
+                FetchIo::new(f, FETCH, Arc::clone(&self.waker), Instant::now())
+                    .map_err(DriverError::InvalidOption)?,
             ),
             None => None,
         };
         let mut state = Loop {
             client,
+            fetch,
             handler,
             settled: 0,
             closing_since: None,
@@ -239,7 +249,7 @@ impl ClientDriver {
             out: vec![0u8; MAX_DATAGRAM_SIZE],
         };
         let res = state.run(&mut self);
-        drop(fetcher); // stops the fetch thread without waiting for it
+        state.stop_fetching(&self);
         res?;
         let Loop {
             client,
@@ -265,6 +275,8 @@ impl ClientDriver {
 /// The loop's state besides the driver's sources.
 struct Loop<'h> {
     client: Client,
+    /// The HTTP fetch (until `count` samples, or the client closes).
+    fetch: Option<FetchIo>,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
     closing_since: Option<Instant>,
@@ -307,20 +319,30 @@ impl Loop<'_> {
             self.drain(d, Instant::now());
         }
         let mut floor = Duration::ZERO;
-        let mut next_summary = Instant::now() + SUMMARY_EVERY;
+        // No summary line to log: no wake-up for it either.
+        let mut next_summary =
+            log::log_enabled!(log::Level::Info).then(|| Instant::now() + SUMMARY_EVERY);
         let mut last_acked = 0;
         while !self.client.is_finished() {
             let now = Instant::now();
-            if now >= next_summary {
+            if let Some(next) = &mut next_summary
+                && now >= *next
+            {
                 last_acked = self.summary(last_acked);
-                next_summary = now + SUMMARY_EVERY;
+                *next = now + SUMMARY_EVERY;
             }
             let mut timeout = self
                 .client
                 .poll_timeout()
                 .map(|t| t.saturating_duration_since(now).max(floor));
-            let left = next_summary.saturating_duration_since(now);
-            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            let deadlines = [
+                next_summary,
+                self.fetch.as_ref().and_then(FetchIo::poll_timeout),
+            ];
+            for left in deadlines.into_iter().flatten() {
+                let left = left.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
             if let Some(since) = self.closing_since {
                 let left = (since + d.opts.close_grace).saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
@@ -344,11 +366,17 @@ impl Loop<'_> {
             let now = Instant::now();
             let (mut readable, mut writable, mut woken, mut signalled) =
                 (more_to_read, false, false, false);
+            let mut fetch_ready = (false, false, false);
             for ev in events.iter() {
                 match ev.token() {
                     SOCKET => {
                         readable |= ev.is_readable() || ev.is_error();
                         writable |= ev.is_writable();
+                    }
+                    FETCH => {
+                        fetch_ready.0 |= ev.is_readable();
+                        fetch_ready.1 |= ev.is_writable();
+                        fetch_ready.2 |= ev.is_read_closed() || ev.is_error();
                     }
                     WAKER => woken = true,
                     SIGNALS => signalled = true,
@@ -361,12 +389,10 @@ impl Loop<'_> {
             more_to_read = readable && self.read(d, now, &mut buf);
             if woken {
                 while let Ok(sample) = d.samples_rx.try_recv() {
-                    if self.closing_since.is_none() {
-                        let seq = self.client.submit(now, sample);
-                        log::debug!("sample queued as seq {seq}");
-                    }
+                    self.submit(now, sample);
                 }
             }
+            self.fetch(d, now, woken, fetch_ready);
             if signalled
                 && let Some(sig) = d
                     .signals
@@ -388,6 +414,9 @@ impl Loop<'_> {
                 self.client.handle_timeout(now);
             }
             self.drain(d, now);
+            if self.closing_since.is_some() {
+                self.stop_fetching(d);
+            }
             // A deadline that stays in the past after handle_timeout would
             // make the loop spin: wait at least 1 ms then (and say so once).
             floor = Duration::ZERO;
@@ -413,6 +442,55 @@ impl Loop<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Services the HTTP fetch: lookups that finished (`woken`), the
+    /// connection's readiness (readable, writable, closed or failed), its
+    /// deadline; submits the samples it got.
+    fn fetch(
+        &mut self,
+        d: &mut ClientDriver,
+        now: Instant,
+        woken: bool,
+        (readable, writable, closed): (bool, bool, bool),
+    ) {
+        let Some(f) = &mut self.fetch else {
+            return;
+        };
+        let reg = d.poll.registry();
+        if woken {
+            f.handle_woken(reg, now);
+        }
+        if readable || writable || closed {
+            f.handle_ready(reg, now, readable, writable, closed);
+        }
+        f.handle_timeout(reg, now);
+        while let Some(ev) = f.poll_event() {
+            if let FetchEvent::Sample(s) = ev
+                && self.closing_since.is_none()
+            {
+                let seq = self.client.submit(now, s);
+                log::debug!("sample queued as seq {seq}");
+            }
+        }
+        if f.is_done() {
+            self.stop_fetching(d);
+        }
+    }
+
+    /// Drops the fetch and its connection.
+    fn stop_fetching(&mut self, d: &ClientDriver) {
+        if let Some(mut f) = self.fetch.take() {
+            f.shutdown(d.poll.registry());
+        }
+    }
+
+    /// Queues a sample for the core (dropped once closing).
+    fn submit(&mut self, now: Instant, sample: Sample) {
+        if self.closing_since.is_none() {
+            let seq = self.client.submit(now, sample);
+            log::debug!("sample queued as seq {seq}");
+        }
     }
 
     /// Reads datagrams into the core until WouldBlock or the budget is

@@ -3,8 +3,9 @@
 //! Single-threaded [mio] loops that drive the Sans-IO core
 //! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
 //! UDP socket. Each loop owns one `mio::Poll` with three sources: the UDP
-//! socket, a `mio::Waker` (samples from the fetch thread, stop requests from
-//! other threads) and, optionally, SIGINT/SIGTERM through signal-hook-mio.
+//! socket, a `mio::Waker` (samples handed in from other threads, stop
+//! requests) and, optionally, SIGINT/SIGTERM through signal-hook-mio; the
+//! client's adds the TCP connection to its HTTP source.
 //!
 //! ```text
 //! loop:
@@ -23,8 +24,9 @@
 //!   exit once closing is finished
 //! ```
 //!
-//! The client's HTTP fetch (ureq, blocking) runs on a helper thread
-//! ([`fetch`]) that sends each sample over a channel and wakes the loop.
+//! The client's HTTP fetch ([`fetch`], a Sans-IO state machine over
+//! ureq-proto) runs in the client loop itself, on a non-blocking TCP
+//! connection kept alive between fetches.
 //! Nothing spins: an idle loop sleeps until the core's next deadline.
 //!
 //! Entry points: [`run_client`] / [`ClientDriver`] and [`run_server`] /
@@ -44,6 +46,7 @@ pub mod client;
 pub mod debuglog;
 pub mod error;
 pub mod fetch;
+mod fetch_io;
 pub mod get;
 pub mod observe;
 pub mod secret;
@@ -55,7 +58,7 @@ pub mod udp;
 
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
 pub use error::DriverError;
-pub use fetch::{FetchOptions, Fetcher};
+pub use fetch::FetchOptions;
 pub use get::{GetOptions, run_get};
 pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;

@@ -7,14 +7,14 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use quic_report_core::{ClientEvent, DisconnectReason, Report, Sample, Verify};
 use quic_report_mio::{
-    ClientDriver, ClientOptions, DriverError, FetchOptions, Fetcher, ServerDriver, ServerOptions,
-    StopHandle,
+    ClientDriver, ClientOptions, DriverError, FetchOptions, ServerDriver, ServerOptions, StopHandle,
 };
 
 fn certs() -> PathBuf {
@@ -181,60 +181,143 @@ fn missing_certificate_is_a_bind_time_error() {
     assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
 }
 
-/// A one-connection-per-request HTTP server answering `bodies` in turn.
-fn http_server(bodies: Vec<(&'static str, &'static str)>) -> SocketAddr {
+/// An HTTP/1.1 server answering `answers` in turn, one connection at a
+/// time, keeping each connection open across requests unless the answer
+/// says `Connection: close` (`close`). Counts connections and requests.
+struct HttpSource {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+fn http_source(answers: Vec<(&'static str, &'static str, bool)>) -> HttpSource {
     let listener = TcpListener::bind(loopback()).expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
     thread::spawn(move || {
-        for (status, body) in bodies {
+        let mut answers = answers.into_iter();
+        'accept: loop {
             let Ok((mut conn, _)) = listener.accept() else {
                 return;
             };
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut buf = Vec::new();
+            loop {
+                // One request: up to the blank line (GETs have no body).
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 1024];
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => continue 'accept,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.clear();
+                r.fetch_add(1, Ordering::SeqCst);
+                let Some((status, body, close)) = answers.next() else {
+                    return;
+                };
+                let connection = if close { "close" } else { "keep-alive" };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+                    body.len()
+                );
+                if close {
+                    continue 'accept;
+                }
+            }
         }
     });
-    addr
+    HttpSource {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+/// Runs a client that fetches `url` every 20 ms until `count` reports are
+/// acknowledged; returns the values the server recorded, sorted.
+fn fetch_and_report(url: String, count: u64) -> Vec<f64> {
+    let (addr, server_stop, recorded, server) = start_server();
+    let mut opts = client_options(addr);
+    let fetch = FetchOptions {
+        url,
+        interval: Duration::from_millis(20),
+        count: Some(count),
+    };
+    fetch.validate().expect("valid options");
+    opts.fetch = Some(fetch);
+    opts.count = Some(count);
+    let driver = ClientDriver::new(opts).expect("client binds");
+    let _dog = watchdog(driver.stop_handle(), Duration::from_secs(20));
+    let summary = driver.run(&mut |_, _| {}).expect("client closes cleanly");
+    server_stop.stop();
+    server.join().expect("server thread").expect("server ok");
+    assert_eq!(
+        summary.stats.acknowledged, count,
+        "stopped by the watchdog?"
+    );
+    let mut values: Vec<f64> = recorded
+        .try_iter()
+        .filter_map(|r| r.fields()["value"].as_f64())
+        .collect();
+    values.sort_by(f64::total_cmp);
+    values
 }
 
 #[test]
-fn fetcher_skips_bad_answers_and_stops_after_count() {
-    let addr = http_server(vec![
-        ("200 OK", "[1, 2]"),
-        ("500 Internal Server Error", "{}"),
-        ("200 OK", "not json"),
-        ("200 OK", r#"{"value": 0.5}"#),
-        ("200 OK", r#"{"value": 0.25}"#),
-        ("200 OK", r#"{"value": 0.125}"#),
+fn the_client_fetches_on_its_schedule_skips_bad_answers_and_stops_after_count() {
+    let source = http_source(vec![
+        ("200 OK", "[1, 2]", false),
+        ("500 Internal Server Error", "{}", false),
+        ("200 OK", "not json", true),
+        ("200 OK", r#"{"value": 0.5}"#, false),
+        ("200 OK", r#"{"value": 0.25}"#, false),
+        ("200 OK", r#"{"value": 0.125}"#, false),
     ]);
-    let poll = mio::Poll::new().expect("poll");
-    let waker =
-        std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
-    let (tx, rx) = mpsc::channel();
-    let opts = FetchOptions {
-        url: format!("http://{addr}/"),
+    let values = fetch_and_report(format!("http://{}/", source.addr), 2);
+    assert_eq!(values, [0.25, 0.5]);
+    // Each bad answer took a tick; nothing was fetched after the count.
+    assert_eq!(source.requests.load(Ordering::SeqCst), 5);
+    // Kept alive except after the 500 (the client closes) and the
+    // `Connection: close`: requests 1-2, 3, 4-5.
+    assert_eq!(source.connections.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_source_given_by_host_name_is_looked_up_and_kept_alive() {
+    let source = http_source(vec![
+        ("200 OK", r#"{"value": 1.5}"#, false),
+        ("200 OK", r#"{"value": 2.5}"#, false),
+        ("200 OK", r#"{"value": 3.5}"#, false),
+    ]);
+    let url = format!("http://localhost:{}/value", source.addr.port());
+    assert_eq!(fetch_and_report(url, 3), [1.5, 2.5, 3.5]);
+    assert_eq!(source.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(source.connections.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_client_whose_source_refuses_keeps_running_until_stopped() {
+    let (addr, server_stop, recorded, server) = start_server();
+    let closed = TcpListener::bind(loopback()).expect("bind");
+    let url = format!("http://{}/", closed.local_addr().expect("addr"));
+    drop(closed);
+    let mut opts = client_options(addr);
+    opts.fetch = Some(FetchOptions {
+        url,
         interval: Duration::from_millis(20),
-        count: Some(2),
-    };
-    opts.validate().expect("valid options");
-    let _fetcher = Fetcher::spawn(opts, tx, waker).expect("spawn");
-    // The thread drops its sender when it is done: collect until then.
-    let mut values = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(s) => values.extend(s.fields["value"].as_f64()),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("the fetcher did not stop after its count")
-            }
-        }
-    }
-    assert_eq!(values, [0.5, 0.25]);
+        count: Some(1),
+    });
+    let driver = ClientDriver::new(opts).expect("client binds");
+    let _dog = watchdog(driver.stop_handle(), Duration::from_millis(300));
+    let summary = driver.run(&mut |_, _| {}).expect("a stop is a clean end");
+    server_stop.stop();
+    server.join().expect("server thread").expect("server ok");
+    assert_eq!(summary.stats.acknowledged, 0);
+    assert_eq!(recorded.try_iter().count(), 0);
 }
 
 #[test]
