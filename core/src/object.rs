@@ -71,35 +71,22 @@ impl JsonObject {
     /// Errors: [`StreamError::NotUtf8`], [`StreamError::InvalidJson`],
     /// [`StreamError::NotAnObject`] (with the kind of value it is).
     pub fn parse(bytes: &[u8]) -> Result<JsonObject, StreamError> {
-        let hints = Hints {
-            loose: bytes.iter().any(|b| is_whitespace(*b)),
+        let known = check(bytes)?;
+        let json = if bytes.iter().any(|b| is_whitespace(*b)) {
+            compact(bytes)
+        } else {
+            bytes.to_vec()
         };
-        JsonObject::parse_hinted(bytes, hints)
+        Ok(JsonObject { json, known })
     }
 
     /// [`JsonObject::parse`] for bytes whose scan gave `hints` (the stream
-    /// splitter's scanner sees every byte anyway).
-    pub(crate) fn parse_hinted(bytes: &[u8], hints: Hints) -> Result<JsonObject, StreamError> {
-        if std::str::from_utf8(bytes).is_err() {
-            return Err(StreamError::NotUtf8);
-        }
-        let first = bytes.iter().copied().find(|b| !is_whitespace(*b));
-        if first != Some(b'{') {
-            return Err(not_an_object(bytes));
-        }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let known = de
-            .deserialize_map(ObjectVisitor)
-            .and_then(|k| de.end().map(|()| k))
-            .map_err(|e| StreamError::InvalidJson(e.to_string()))?;
-        Ok(JsonObject {
-            json: if hints.loose {
-                compact(bytes)
-            } else {
-                bytes.to_vec()
-            },
-            known,
-        })
+    /// splitter's scanner sees every byte anyway), taking them: bytes that
+    /// need no compacting are kept as they are, without a copy.
+    pub(crate) fn parse_hinted(bytes: Vec<u8>, hints: Hints) -> Result<JsonObject, StreamError> {
+        let known = check(&bytes)?;
+        let json = if hints.loose { compact(&bytes) } else { bytes };
+        Ok(JsonObject { json, known })
     }
 
     /// The object's bytes, without whitespace between tokens.
@@ -117,6 +104,22 @@ impl JsonObject {
     pub(crate) fn into_parts(self) -> (Vec<u8>, Known) {
         (self.json, self.known)
     }
+}
+
+/// The one pass: `bytes` must be exactly one JSON object; what its
+/// protocol fields hold.
+fn check(bytes: &[u8]) -> Result<Known, StreamError> {
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(StreamError::NotUtf8);
+    }
+    let first = bytes.iter().copied().find(|b| !is_whitespace(*b));
+    if first != Some(b'{') {
+        return Err(not_an_object(bytes));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.deserialize_map(ObjectVisitor)
+        .and_then(|k| de.end().map(|()| k))
+        .map_err(|e| StreamError::InvalidJson(e.to_string()))
 }
 
 /// The error for bytes that do not start with `{`: invalid JSON, or the

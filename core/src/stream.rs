@@ -128,6 +128,14 @@ impl ObjectSplitter {
                     self.fail(StreamError::TooLarge { limit: 0 });
                     break;
                 }
+                if self.buf.capacity() == 0 {
+                    // One allocation for a report that came in one chunk,
+                    // instead of a doubling series from 8 bytes; never more
+                    // than the bytes in hand (no memory for a peer that
+                    // sends nothing).
+                    let want = (rest.len() + 1).min(KEEP_CAPACITY);
+                    self.buf.reserve(want.min(self.max_object_len));
+                }
                 self.buf.push(first);
                 self.hints = Hints::default();
                 self.scan = match first {
@@ -313,7 +321,8 @@ impl ObjectSplitter {
             Scan::Container { depth, .. } if depth > MAX_DEPTH => Err(StreamError::InvalidJson(
                 format!("nested deeper than {MAX_DEPTH} levels"),
             )),
-            _ => JsonObject::parse_hinted(&self.buf, self.hints),
+            // The value's bytes become the object's: no copy.
+            _ => JsonObject::parse_hinted(std::mem::take(&mut self.buf), self.hints),
         };
         self.scan = Scan::Idle;
         if self.buf.capacity() > KEEP_CAPACITY {
