@@ -358,7 +358,7 @@ impl Loop<'_> {
     }
 
     /// Reads datagrams into the core, a batch per system call, until none
-    /// is waiting or the budget is spent. Returns whether datagrams may be
+    /// is waiting (one call finds none) or the budget is spent. Returns whether datagrams may be
     /// left.
     fn read(&mut self, d: &mut ServerDriver, now: Instant) -> bool {
         let local = d.io.local_addr();
@@ -387,9 +387,13 @@ impl Loop<'_> {
                     log::debug!("datagram of {len} bytes from {from} dropped: {e}");
                 }
             }
-            if n < BATCH {
+            if n == 0 {
                 return false;
             }
+            // Even after a short batch, read again: datagrams that arrived
+            // while these were handled are taken in this turn (stopping at
+            // a short batch cost a wake-up per handshake more: 1.3 -> 3.0
+            // epoll_wait calls).
         }
         true
     }
