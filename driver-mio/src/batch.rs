@@ -250,7 +250,8 @@ pub(crate) fn sendmmsg(
     let mut msgs: [MaybeUninit<libc::mmsghdr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
     for k in 0..n {
         let (data, to) = batch.get(from + k);
-        let addr_len = write_sockaddr(&mut addrs[k], to);
+        let (storage, addr_len) = sockaddr_of(to);
+        addrs[k].write(storage);
         iovs[k].write(libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
             iov_len: data.len(),
@@ -284,15 +285,13 @@ pub(crate) fn sendmmsg(
     Ok(usize::try_from(r).unwrap_or(0).max(1))
 }
 
-/// Writes `addr` as a C socket address; returns its length.
+/// `addr` as a C socket address and its length (for `sendmmsg`, `bind`,
+/// ...).
 #[cfg(target_os = "linux")]
-fn write_sockaddr(
-    slot: &mut std::mem::MaybeUninit<libc::sockaddr_storage>,
-    addr: SocketAddr,
-) -> libc::socklen_t {
+pub fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let storage = slot.write(unsafe { std::mem::zeroed() });
-    match addr {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
         SocketAddr::V4(a) => {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
@@ -304,8 +303,8 @@ fn write_sockaddr(
             };
             // SAFETY: sockaddr_storage is larger than and aligned for
             // sockaddr_in.
-            unsafe { std::ptr::write((storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
         }
         SocketAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
@@ -318,10 +317,11 @@ fn write_sockaddr(
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
         }
-    }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 #[cfg(test)]
