@@ -407,6 +407,12 @@ impl Loop<'_> {
                 self.close(now, sig);
             }
             if d.opts.stop.is_stopped() && self.closing_since.is_none() {
+                // abort() sets its flag before the stop flag: one that came
+                // since the check above must not turn into a graceful close.
+                if d.opts.stop.is_aborted() {
+                    log::info!("aborted: stopping without closing the connection");
+                    break;
+                }
                 self.close(now, "stop requested");
             }
             let due = self.client.poll_timeout().filter(|t| *t <= now);

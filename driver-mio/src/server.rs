@@ -308,6 +308,15 @@ impl Loop<'_> {
                 self.server.close_all(now);
             }
             if d.opts.stop.is_stopped() && shutting_down.is_none() {
+                // abort() sets its flag before the stop flag: one that came
+                // since the check above must not turn into a graceful close.
+                if d.opts.stop.is_aborted() {
+                    log::info!(
+                        "aborted: dropping {} connection(s) without closing them",
+                        self.server.connections()
+                    );
+                    return Ok(());
+                }
                 log::info!(
                     "stop requested: closing {} connection(s)",
                     self.server.connections()
