@@ -13,6 +13,11 @@
 //! ([`ReportSink::sync_deadline`], e.g. a periodic fsync) is part of the
 //! loop's wait, and the sink is synced once more when the loop ends.
 //!
+//! **Batches:** datagrams are read 32 at a time (`recvmmsg`), each batch is
+//! handled and answered (events, then everything to send, 32 datagrams per
+//! `sendmmsg`) before the next is read, until the socket is empty; see
+//! [`crate::batch`].
+//!
 //! Before serving, the keys in [`ServerOptions::recorded`] (reports a
 //! previous process recorded, read back from its file) are marked recorded
 //! in the core, so their resends are answered `duplicate`.
