@@ -32,6 +32,8 @@ use crate::source::Source;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
+    // SAFETY: the first thing the process does; no other thread exists.
+    unsafe { tls::trust_only_named_cas() };
     let cli = Cli::parse();
     let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"

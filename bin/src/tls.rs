@@ -1,10 +1,34 @@
 //! Certificate verification from the TLS flags (`--ca`, `--server-name`,
-//! `--insecure`), shared by `client`, `bench` and `get`.
+//! `--insecure`), shared by `client`, `bench` and `get`, and the process-wide
+//! trust store they rely on ([`trust_only_named_cas`]).
 
 use quic_report_core::Verify;
 
 use crate::cli::TlsArgs;
 use crate::devcerts::DevCerts;
+
+/// Where BoringSSL's default trust store is pointed: nowhere.
+const NO_DEFAULT_STORE: &str = "/nonexistent/quic-report-no-default-ca-store";
+
+/// Empties BoringSSL's default trust store for this process, so that a
+/// client trusts exactly the CAs its flags name: `--ca FILE`, or the
+/// development CA. quiche's `Config::new` calls
+/// `SSL_CTX_set_default_verify_paths`, which loads the file named by
+/// `SSL_CERT_FILE` (else the system bundle) and the directory named by
+/// `SSL_CERT_DIR`; without this, `--ca FILE` also trusted every system root
+/// (and every `Config` parsed the whole system bundle, ~5.6 ms). To trust
+/// the system's CAs, name them: `--ca /etc/ssl/certs/ca-certificates.crt`.
+///
+/// # Safety
+///
+/// It sets environment variables: call it before any other thread exists.
+pub unsafe fn trust_only_named_cas() {
+    // SAFETY: the caller guarantees no other thread reads the environment.
+    unsafe {
+        std::env::set_var("SSL_CERT_FILE", NO_DEFAULT_STORE);
+        std::env::set_var("SSL_CERT_DIR", NO_DEFAULT_STORE);
+    }
+}
 
 /// The verification the flags ask for and the name to check (the flag, or
 /// `default_name`). Without `--ca` the built-in development CA is written

@@ -139,6 +139,37 @@ fn client_fails_with_a_message_when_the_certificate_is_refused() {
     assert!(server.finish().0.success());
 }
 
+/// `--ca FILE` is the whole trust store. quiche also loads BoringSSL's
+/// default roots (the file named by SSL_CERT_FILE, else the system bundle);
+/// here that file holds the server's real CA, and `--ca` an unrelated one:
+/// the client must refuse the server, and nothing is recorded.
+#[test]
+fn ca_flag_is_the_only_trust_store() {
+    let (source, url) = start_source();
+    let (server, addr) = start_server("127.0.0.1:0");
+    let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/../certs");
+    let (dev_ca, other) = (
+        format!("{certs}/ca.pem"),
+        format!("{certs}/test/untrusted.pem"),
+    );
+    let client = Logged::spawn_env(
+        "client",
+        &[
+            "client", "--server", &addr, "--source", &url, "--count", "1", "--ca", &other,
+        ],
+        &[("SSL_CERT_FILE", &dev_ca)],
+    );
+    let msg = client.wait_for("error: ");
+    let (status, _) = client.finish();
+    assert!(!status.success());
+    assert!(msg.contains("unknown issuer"), "{msg}");
+    server.signal(libc::SIGINT);
+    let (status, records) = server.finish();
+    assert!(status.success());
+    assert_eq!(records.trim(), "", "nothing is recorded");
+    source.kill();
+}
+
 #[test]
 fn demo_with_count_prints_labelled_lines_and_exits_zero() {
     let demo = Logged::spawn("demo", &["demo", "--count", "2", "--interval", "100ms"]);

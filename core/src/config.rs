@@ -48,6 +48,13 @@ pub mod codes {
 pub enum Verify {
     /// Verify the chain against the CA certificates in this PEM file, and the
     /// server name.
+    ///
+    /// quiche also loads BoringSSL's default trust store (the file named by
+    /// `SSL_CERT_FILE`, else the system bundle, and `SSL_CERT_DIR`) into
+    /// every config, and offers no way to leave it out: a process that must
+    /// trust only this file points those variables at nothing before it
+    /// builds a client, as the `quic-report` binary does
+    /// (`bin/src/tls.rs`).
     CaFile(PathBuf),
     /// Do not verify (development only; the caller should warn).
     Insecure,

@@ -115,17 +115,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     if args.udp_echo {
         return echo::run_client(args);
     }
-    // quiche's `Config::new` calls `SSL_CTX_set_default_verify_paths`, which
-    // with SSL_CERT_FILE set parses the whole system CA bundle: ~5.6 ms of
-    // CPU per Config, so per `Client`. A real client pays that once per
-    // process; the generator makes a `Client` per handshake, so it points
-    // BoringSSL at no default roots (it verifies against --ca or the
-    // development CA only, which is what it means to do anyway).
-    // SAFETY: no other thread exists yet (main has only set up logging).
-    unsafe {
-        std::env::set_var("SSL_CERT_FILE", "/nonexistent/quic-report-bench");
-        std::env::set_var("SSL_CERT_DIR", "/nonexistent/quic-report-bench");
-    }
+    // No default CA store to parse per `Client` (one per handshake): main
+    // has emptied it (`tls::trust_only_named_cas`).
     let (server, default_name) = resolve_server(&args.target.server)?;
     let mut dev = None;
     let (verify, server_name) = crate::tls::verification(&args.target.tls, default_name, &mut dev)?;

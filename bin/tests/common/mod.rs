@@ -140,9 +140,15 @@ pub struct Logged {
 
 impl Logged {
     pub fn spawn(name: &'static str, args: &[&str]) -> Logged {
+        Logged::spawn_env(name, args, &[])
+    }
+
+    /// [`Logged::spawn`] with extra environment variables.
+    pub fn spawn_env(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Logged {
         let mut child = Command::new(EXE)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
