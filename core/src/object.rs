@@ -71,13 +71,10 @@ impl JsonObject {
     /// Errors: [`StreamError::NotUtf8`], [`StreamError::InvalidJson`],
     /// [`StreamError::NotAnObject`] (with the kind of value it is).
     pub fn parse(bytes: &[u8]) -> Result<JsonObject, StreamError> {
-        let known = check(bytes)?;
-        let json = if bytes.iter().any(|b| is_whitespace(*b)) {
-            compact(bytes)
-        } else {
-            bytes.to_vec()
+        let hints = Hints {
+            loose: bytes.iter().any(|b| is_whitespace(*b)),
         };
-        Ok(JsonObject { json, known })
+        JsonObject::parse_hinted(bytes.to_vec(), hints)
     }
 
     /// [`JsonObject::parse`] for bytes whose scan gave `hints` (the stream

@@ -4,12 +4,12 @@
 //!
 //! It owns the bytes of the value currently being received and nothing else:
 //! whitespace between values is skipped without being buffered, and a value's
-//! bytes are dropped as soon as it has been parsed, so memory stays bounded by
-//! `max_object_len`.
+//! bytes leave with its item (or are dropped with its error) as soon as it is
+//! complete, so memory stays bounded by `max_object_len`.
 //!
 //! Every byte is looked at once by a small scanner; the complete bytes of a
-//! value are checked exactly once, when its last byte arrives, by
-//! [`JsonObject::parse`] (one `serde_json` pass, no map built).
+//! value are checked exactly once, when its last byte arrives, by one
+//! `serde_json` pass (see [`JsonObject`]; no map is built).
 //!
 //! ```text
 //!   Idle --first byte that is not whitespace--> Value --its last byte--> Idle, Ok item
@@ -34,9 +34,9 @@ use crate::object::{Hints, JsonObject, MAX_DEPTH, is_whitespace};
 /// One item the splitter produced.
 pub type Item = Result<JsonObject, StreamError>;
 
-/// Buffer capacity kept for the next value after one completes; a larger
-/// buffer is freed so an idle stream does not hold on to a big allocation.
-const KEEP_CAPACITY: usize = 4096;
+/// The most a value's buffer reserves when it starts (it reserves the bytes
+/// in hand, up to this; it grows as more come).
+const FIRST_RESERVE_MAX: usize = 4096;
 
 /// Where the scanner is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +133,7 @@ impl ObjectSplitter {
                     // instead of a doubling series from 8 bytes; never more
                     // than the bytes in hand (no memory for a peer that
                     // sends nothing).
-                    let want = (rest.len() + 1).min(KEEP_CAPACITY);
+                    let want = (rest.len() + 1).min(FIRST_RESERVE_MAX);
                     self.buf.reserve(want.min(self.max_object_len));
                 }
                 self.buf.push(first);
@@ -317,19 +317,16 @@ impl ObjectSplitter {
     /// The value in `buf` is complete: classify it, queue the item, and get
     /// ready for the next value.
     fn complete(&mut self) {
+        // The value's bytes become the object's, without a copy; the next
+        // value starts a buffer of its own.
+        let bytes = std::mem::take(&mut self.buf);
         let item = match self.scan {
             Scan::Container { depth, .. } if depth > MAX_DEPTH => Err(StreamError::InvalidJson(
                 format!("nested deeper than {MAX_DEPTH} levels"),
             )),
-            // The value's bytes become the object's: no copy.
-            _ => JsonObject::parse_hinted(std::mem::take(&mut self.buf), self.hints),
+            _ => JsonObject::parse_hinted(bytes, self.hints),
         };
         self.scan = Scan::Idle;
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
         match item {
             Ok(object) => {
                 self.objects += 1;
