@@ -359,6 +359,11 @@ impl Loop<'_> {
                     source: e,
                 });
             }
+            // The stop handle is read once per turn, its stop flag first:
+            // abort() sets its own flag before the stop flag, so a stop that
+            // came from an abort is always seen as one, never turned into a
+            // graceful close.
+            let stop_requested = d.opts.stop.is_stopped();
             if d.opts.stop.is_aborted() {
                 log::info!("aborted: stopping without closing the connection");
                 break;
@@ -406,13 +411,7 @@ impl Loop<'_> {
                 log::info!("{sig}: closing the connection");
                 self.close(now, sig);
             }
-            if d.opts.stop.is_stopped() && self.closing_since.is_none() {
-                // abort() sets its flag before the stop flag: one that came
-                // since the check above must not turn into a graceful close.
-                if d.opts.stop.is_aborted() {
-                    log::info!("aborted: stopping without closing the connection");
-                    break;
-                }
+            if stop_requested && self.closing_since.is_none() {
                 self.close(now, "stop requested");
             }
             let due = self.client.poll_timeout().filter(|t| *t <= now);
@@ -471,15 +470,12 @@ impl Loop<'_> {
             f.handle_ready(reg, now, readable, writable, closed);
         }
         f.handle_timeout(reg, now);
-        while let Some(ev) = f.poll_event() {
-            if let FetchEvent::Sample(s) = ev
-                && self.closing_since.is_none()
-            {
-                let seq = self.client.submit(now, s);
-                log::debug!("sample queued as seq {seq}");
+        while let Some(ev) = self.fetch.as_mut().and_then(FetchIo::poll_event) {
+            if let FetchEvent::Sample(s) = ev {
+                self.submit(now, s);
             }
         }
-        if f.is_done() {
+        if self.fetch.as_ref().is_some_and(FetchIo::is_done) {
             self.stop_fetching(d);
         }
     }

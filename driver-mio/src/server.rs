@@ -274,6 +274,11 @@ impl Loop<'_> {
                     source: e,
                 });
             }
+            // The stop handle is read once per turn, its stop flag first:
+            // abort() sets its own flag before the stop flag, so a stop that
+            // came from an abort is always seen as one, never turned into a
+            // graceful close.
+            let stop_requested = d.opts.stop.is_stopped();
             if d.opts.stop.is_aborted() {
                 log::info!(
                     "aborted: dropping {} connection(s) without closing them",
@@ -312,16 +317,7 @@ impl Loop<'_> {
                 shutting_down = Some(now);
                 self.server.close_all(now);
             }
-            if d.opts.stop.is_stopped() && shutting_down.is_none() {
-                // abort() sets its flag before the stop flag: one that came
-                // since the check above must not turn into a graceful close.
-                if d.opts.stop.is_aborted() {
-                    log::info!(
-                        "aborted: dropping {} connection(s) without closing them",
-                        self.server.connections()
-                    );
-                    return Ok(());
-                }
+            if stop_requested && shutting_down.is_none() {
                 log::info!(
                     "stop requested: closing {} connection(s)",
                     self.server.connections()
