@@ -774,8 +774,8 @@ fn read_body(
     }
 }
 
-/// Unix milliseconds now (0 before 1970).
-fn unix_ms() -> u64 {
+/// Unix milliseconds now (0 before 1970): a sample's `sampled_at_ms`.
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
@@ -20,6 +20,7 @@ use quic_report_core::{
     Client, ClientConfig, ClientEvent, CoreRng, DebugLogs, MAX_DATAGRAM_SIZE, Response, Sample, Seq,
 };
 use quic_report_mio::debuglog::EnvDebugLogs;
+use quic_report_mio::fetch::unix_ms;
 use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
@@ -423,9 +424,7 @@ impl Gen<'_> {
         slot.next_value += 1;
         let mut fields = Map::new();
         fields.insert("value".into(), Value::from(value));
-        let sampled_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let sampled_at_ms = unix_ms();
         let seq = slot.client.submit(
             now,
             Sample {
