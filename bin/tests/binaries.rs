@@ -22,6 +22,25 @@ fn start_server(listen: &str) -> (Logged, String) {
     (server, addr)
 }
 
+/// A client of `addr` fetching from `url` every 100 ms, `count` reports.
+fn start_client(addr: &str, url: &str, count: u32) -> Logged {
+    let count = count.to_string();
+    Logged::spawn(
+        "client",
+        &[
+            "client",
+            "--server",
+            addr,
+            "--source",
+            url,
+            "--interval",
+            "100ms",
+            "--count",
+            &count,
+        ],
+    )
+}
+
 /// The `seq` and `value` of each JSON line; checks the values.
 fn recorded(jsonl: &str) -> Vec<u64> {
     jsonl
@@ -41,20 +60,7 @@ fn recorded(jsonl: &str) -> Vec<u64> {
 fn sigint_stops_server_and_source_with_status_zero() {
     let (source, url) = start_source();
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &addr,
-            "--source",
-            &url,
-            "--interval",
-            "100ms",
-            "--count",
-            "3",
-        ],
-    );
+    let client = start_client(&addr, &url, 3);
     let (status, out) = client.finish();
     assert!(status.success(), "client: {status}");
     assert_eq!(
@@ -77,20 +83,7 @@ fn sigint_stops_server_and_source_with_status_zero() {
 fn client_delivers_everything_across_a_server_restart() {
     let (_source, url) = start_source();
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &addr,
-            "--source",
-            &url,
-            "--interval",
-            "100ms",
-            "--count",
-            "20",
-        ],
-    );
+    let client = start_client(&addr, &url, 20);
     client.wait_for("connected");
     thread::sleep(Duration::from_millis(500));
     server.signal(libc::SIGKILL);
