@@ -4,18 +4,24 @@
 # them with apt-get when they are missing (as root, or through sudo), and
 # every other target depends on it. The interop tests (bin/tests/interop.rs)
 # need python3 with venv too: they pip-install aioquic into target/interop-venv.
+# The database tests start private PostgreSQL clusters from postgresql's
+# binaries.
 
 CARGO ?= cargo
 SHELL := /bin/bash
 
 .PHONY: deps demo test bench build fmt clean
 
+# What quiche's build and the tests need, asked of dpkg by package name (a
+# file glob would take the image's libclang-cpp14 for the libclang-dev that
+# bindgen loads). PostgreSQL's server is for the database tests and the bench.
+DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3
+
 deps:
 	@missing=""; \
-	command -v cmake >/dev/null 2>&1 || missing="$$missing cmake"; \
-	ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
-	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
-	python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3 python3-venv"; \
+	for p in $(DEPS_PKGS); do \
+	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "make deps: installing$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
