@@ -33,6 +33,9 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
+    /// The database sink cannot be used (e.g. its schema is newer than
+    /// this build understands).
+    Database(String),
     /// An I/O operation the loop needs failed.
     Io {
         /// What the driver was doing.
@@ -61,6 +64,7 @@ impl fmt::Display for DriverError {
                 write!(f, "cannot read {}: {source}", path.display())
             }
             DriverError::Io { what, source } => write!(f, "{what}: {source}"),
+            DriverError::Database(why) => write!(f, "database: {why}"),
         }
     }
 }

@@ -43,11 +43,13 @@
 
 pub mod batch;
 pub mod client;
+pub mod database;
 pub mod debuglog;
 pub mod error;
 pub mod fetch;
 mod fetch_io;
 pub mod get;
+pub mod held;
 pub mod observe;
 pub mod secret;
 pub mod server;
@@ -62,8 +64,11 @@ pub use fetch::FetchOptions;
 pub use get::{GetOptions, run_get};
 pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;
-pub use server::{ServerDriver, ServerOptions, run_server};
-pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};
+pub use held::WaitLimits;
+pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
+pub use sink::{
+    DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, SinkUrl, WriterSink,
+};
 pub use stop::StopHandle;
 
 use rand::TryRngCore;
