@@ -408,15 +408,7 @@ impl Fetcher {
     /// Builds the agent (a bad proxy URL is an error here) and starts the
     /// thread; each good sample goes to `samples`.
     pub fn spawn(opts: &FetchOptions, samples: SampleSender) -> Result<Fetcher, String> {
-        let agent = opts.agent()?;
-        let source = Source {
-            agent,
-            url: opts.url.clone(),
-            host: opts.uri()?.host().unwrap_or_default().to_owned(),
-            timeout: opts.request_timeout(),
-            trust: opts.trust.what.clone(),
-            proxy: opts.proxy.as_ref().map(|p| p.url.clone()),
-        };
+        let source = Source::new(opts)?;
         let (interval, count) = (opts.interval, opts.count);
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = thread::Builder::new()
@@ -447,8 +439,10 @@ impl Drop for Fetcher {
     }
 }
 
-/// What the thread fetches with.
-struct Source {
+/// One GET at a time of the source, as the fetch thread does it (also for
+/// callers that want a single sample, and for tests).
+#[derive(Debug)]
+pub struct Source {
     agent: Agent,
     url: String,
     host: String,
@@ -458,6 +452,18 @@ struct Source {
 }
 
 impl Source {
+    /// The agent for `opts` (a bad URL or proxy is an error here).
+    pub fn new(opts: &FetchOptions) -> Result<Source, String> {
+        Ok(Source {
+            agent: opts.agent()?,
+            url: opts.url.clone(),
+            host: opts.uri()?.host().unwrap_or_default().to_owned(),
+            timeout: opts.request_timeout(),
+            trust: opts.trust.what.clone(),
+            proxy: opts.proxy.as_ref().map(|p| p.url.clone()),
+        })
+    }
+
     fn run(
         &self,
         interval: Duration,
@@ -493,7 +499,7 @@ impl Source {
     }
 
     /// One GET: a 200 whose body is a JSON object, as a sample stamped now.
-    fn fetch(&self) -> Result<Sample, FetchError> {
+    pub fn fetch(&self) -> Result<Sample, FetchError> {
         let mut resp = self
             .agent
             .get(&self.url)

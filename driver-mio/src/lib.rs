@@ -57,7 +57,7 @@ pub mod udp;
 
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
 pub use error::DriverError;
-pub use fetch::{FetchError, FetchOptions, SourceProxy, SourceTrust};
+pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
 pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;
