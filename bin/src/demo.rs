@@ -31,10 +31,10 @@ use quic_report_mio::{
     ClientOptions, DriverError, FetchOptions, RecordedKeys, ServerDriver, ServerOptions,
     StopHandle, run_client,
 };
+use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
+use quic_report_cli::devcerts::DevCerts;
 use rand::Rng;
 
-use crate::cli::{DemoArgs, Shown, show_client_event};
-use crate::devcerts::DevCerts;
 use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
