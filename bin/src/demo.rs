@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
+use quic_report_cli::devcerts::DevCerts;
 use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
 use quic_report_mio::{
     ClientOptions, DriverError, FetchOptions, RecordedKeys, ServerDriver, ServerOptions,
     StopHandle, run_client,
 };
-use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
-use quic_report_cli::devcerts::DevCerts;
 use rand::Rng;
 
 use crate::source::Source;

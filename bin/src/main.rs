@@ -15,16 +15,16 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_core::{ClientEvent, RetryMode};
-use quic_report_mio::{
-    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
-    read_secret_file, run_client, run_server,
-};
 use quic_report_cli::cli::{
     self, Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event,
 };
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
+use quic_report_core::{ClientEvent, RetryMode};
+use quic_report_mio::{
+    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
+    read_secret_file, run_client, run_server,
+};
 
 use crate::source::Source;
 
