@@ -34,9 +34,6 @@ pub enum Command {
     /// Fetch a path from a server over HTTP/0.9 on QUIC (ALPN hq-interop):
     /// `/latest` (the latest report of each client) or `/stats` (counters).
     Get(GetArgs),
-    /// Load generator: reports/s, handshakes/s, memory per connection, and the
-    /// raw UDP echo limit they are compared with (see the README's Benchmarks).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -228,7 +225,7 @@ pub struct ClientArgs {
     pub backoff_max: Duration,
 }
 
-/// Which server to talk to and how to verify it (`client`, `bench`).
+/// Which server to talk to and how to verify it (`client`, and `quic-report-bench`).
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// The server's UDP address, `host:port` (a hostname is resolved, and is
@@ -239,7 +236,7 @@ pub struct TargetArgs {
     pub tls: TlsArgs,
 }
 
-/// How to verify the server's certificate (`client`, `bench`, `get`).
+/// How to verify the server's certificate (`client`, `get`, and `quic-report-bench`).
 #[derive(Debug, Args)]
 pub struct TlsArgs {
     /// PEM file of the CA that signs the server's certificate. Default: the

@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
+use quic_report_cli::devcerts::DevCerts;
 use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
 use quic_report_mio::{
     ClientOptions, ClientSummary, DriverError, FetchOptions, Fsync, RecordedKeys, ServerDriver,
@@ -39,8 +41,6 @@ use quic_report_mio::{
 };
 use rand::Rng;
 
-use crate::cli::{DemoArgs, Shown, show_client_event};
-use crate::devcerts::DevCerts;
 use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;

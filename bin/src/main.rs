@@ -8,25 +8,24 @@
 //!
 //! Logs go to stderr (`RUST_LOG`; default `info`, `warn` for the demo).
 
-mod bench;
-mod cli;
 mod demo;
-mod devcerts;
 mod source;
-mod tls;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
+use quic_report_cli::cli::{
+    self, Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event,
+};
+use quic_report_cli::devcerts::DevCerts;
+use quic_report_cli::tls;
 use quic_report_core::{ClientEvent, RetryMode};
 use quic_report_mio::{
     ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, SourceProxy, SourceTrust,
     SpoolOptions, WriterSink, read_secret_file, run_client, run_server,
 };
 
-use crate::cli::{Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event};
-use crate::devcerts::DevCerts;
 use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -55,7 +54,6 @@ fn main() -> ExitCode {
         Command::Client(args) => client(args, source_trust),
         Command::Source(args) => source(args),
         Command::Get(args) => get(args),
-        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match res {
