@@ -61,9 +61,9 @@ pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_c
 pub use error::DriverError;
 pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
+pub use held::WaitLimits;
 pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;
-pub use held::WaitLimits;
 pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
 pub use sink::{
     DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, SinkUrl, WriterSink,

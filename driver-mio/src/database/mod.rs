@@ -203,7 +203,10 @@ mod tests {
     fn keyed_reports_keep_their_key_and_keyless_ones_get_unique_keys() {
         let mut keys = KeylessKeys::new([0xab; 16]);
         let r = keys.row(&report(r#"{"client":"c1","seq":7,"value":1}"#), 5);
-        assert_eq!((r.identity.as_str(), r.client.as_str(), r.seq), ("", "c1", 7));
+        assert_eq!(
+            (r.identity.as_str(), r.client.as_str(), r.seq),
+            ("", "c1", 7)
+        );
         assert_eq!(r.received_at_ms, 5);
         let a = keys.row(&report(r#"{"value":1}"#), 5);
         let b = keys.row(&report(r#"{"value":1}"#), 5);

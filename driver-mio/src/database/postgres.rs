@@ -176,7 +176,9 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
             i += 3;
@@ -317,9 +319,7 @@ impl Connect for PostgresConnect {
         };
         let mut client = client.map_err(|e| classify(&what, &e))?;
         setup(&mut client, &what)?;
-        let insert = client
-            .prepare(INSERT)
-            .map_err(|e| classify(&what, &e))?;
+        let insert = client.prepare(INSERT).map_err(|e| classify(&what, &e))?;
         Ok(Box::new(Postgres {
             client,
             insert,
@@ -405,7 +405,12 @@ mod verify {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn verify_tls13_signature(
@@ -414,13 +419,16 @@ mod verify {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0
-                .signature_verification_algorithms
-                .supported_schemes()
+            self.0.signature_verification_algorithms.supported_schemes()
         }
     }
 
@@ -673,7 +681,10 @@ mod tests {
             }
         );
         assert_eq!(c.config.get_password(), Some(&b"secret"[..]));
-        assert_eq!(c.config.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(2))
+        );
         assert!(!c.describe().contains("secret"), "{}", c.describe());
         let e = PostgresConnect::parse("postgres://a@h/db?sslmode=sometimes").expect_err("bad");
         assert!(e.to_string().contains("sslmode=sometimes"), "{e}");

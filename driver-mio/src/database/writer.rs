@@ -359,7 +359,10 @@ impl Thread {
                 vec![(batch[0].handle, Err(e))]
             }
             Err(DbError::Rejected(e)) => {
-                log::debug!("database refused a batch of {} ({e}); one by one", batch.len());
+                log::debug!(
+                    "database refused a batch of {} ({e}); one by one",
+                    batch.len()
+                );
                 for j in batch.into_iter().rev() {
                     self.pending.push_front(j);
                 }
