@@ -172,9 +172,29 @@ impl From<FsyncArg> for quic_report_mio::Fsync {
 pub struct ClientArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// URL of the source to GET a JSON object from (http only).
+    /// URL of the source to GET a JSON object from, `http://` or
+    /// `https://`. Redirects are followed (at most 5); HTTP_PROXY (for
+    /// http), HTTPS_PROXY (for https), ALL_PROXY and NO_PROXY are honoured.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
     pub source: String,
+    /// PEM file of the CA(s) an https source's certificate must chain to
+    /// (the whole trust store for the source). Default: the system's CAs.
+    #[arg(long, value_name = "FILE")]
+    pub source_ca: Option<PathBuf>,
+    /// Keep the queue of reports not yet acknowledged in DIR (created if
+    /// missing, locked against a second client), so that it survives a
+    /// crash or a reboot: restarted on the same DIR, the client keeps its
+    /// `client` id, continues its `seq`, and sends what DIR holds first.
+    /// Without it the queue is in memory only.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// When to fsync --spool. Every sample is written to the OS before its
+    /// report is sent, so it survives a crash of the client. `always`:
+    /// fsync each sample before sending it, it survives a power loss too;
+    /// `interval`: at most every 100 ms and within 100 ms of a write (a
+    /// power loss can lose the last 100 ms); `never`: leave it to the OS.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "spool")]
+    pub spool_fsync: FsyncArg,
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
     pub interval: Duration,
@@ -251,7 +271,9 @@ pub struct DemoArgs {
     pub interval: Duration,
     /// Kill and restart the server at random (every 5-15 s, down for
     /// 0.5-3 s, once longer than the client's idle timeout, lowered to 3 s),
-    /// abruptly or gracefully, and check that every seq is recorded once.
+    /// abruptly or gracefully; kill the client too (abruptly, at random,
+    /// during outages as well) and restart it on its spool in a temporary
+    /// directory; check that every seq is recorded once, without gaps.
     #[arg(long)]
     pub chaos: bool,
 }

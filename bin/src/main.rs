@@ -22,8 +22,8 @@ use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
 use quic_report_core::{ClientEvent, RetryMode};
 use quic_report_mio::{
-    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
-    read_secret_file, run_client, run_server,
+    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, SourceProxy, SourceTrust,
+    SpoolOptions, WriterSink, read_secret_file, run_client, run_server,
 };
 
 use crate::source::Source;
@@ -31,9 +31,16 @@ use crate::source::Source;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
-    // SAFETY: the first thing the process does; no other thread exists.
-    unsafe { tls::trust_only_named_cas() };
     let cli = Cli::parse();
+    // The system's CAs for an https source, read before the environment
+    // that names them is pointed elsewhere (just below).
+    let source_trust = match &cli.command {
+        Command::Client(args) if args.source_ca.is_none() => Some(SourceTrust::system()),
+        _ => None,
+    };
+    // SAFETY: no other thread exists yet (parsing the command line and
+    // reading the CA files start none).
+    unsafe { tls::trust_only_named_cas() };
     let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {
@@ -44,7 +51,7 @@ fn main() -> ExitCode {
         .init();
     let res = match &cli.command {
         Command::Server(args) => server(args),
-        Command::Client(args) => client(args),
+        Command::Client(args) => client(args, source_trust),
         Command::Source(args) => source(args),
         Command::Get(args) => get(args),
         Command::Demo(args) => demo::run(args),
@@ -153,7 +160,9 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn client(args: &ClientArgs) -> Result<(), Error> {
+/// `client`; `system_trust`: the system's CAs, read at start (when there is
+/// no --source-ca).
+fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Error> {
     let (server, default_name) = cli::resolve_server(&args.target.server)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut _dev)?;
@@ -177,12 +186,29 @@ fn client(args: &ClientArgs) -> Result<(), Error> {
     opts.config.connect_timeout = args.connect_timeout;
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
+    let trust = match (&args.source_ca, system_trust) {
+        (Some(ca), _) => SourceTrust::ca_file(ca).map_err(|e| format!("--source-ca {e}"))?,
+        (None, Some(system)) => system,
+        (None, None) => SourceTrust::system(),
+    };
+    let proxy = SourceProxy::from_env(&args.source);
+    if let Some(p) = &proxy {
+        log::info!(
+            "fetching through the proxy {} (from the environment)",
+            p.url
+        );
+    }
     opts.fetch = Some(FetchOptions {
-        url: args.source.clone(),
-        interval: args.interval,
         count: args.count,
+        trust,
+        proxy,
+        ..FetchOptions::new(args.source.clone(), args.interval)
     });
     opts.count = args.count;
+    opts.spool = args.spool.clone().map(|dir| SpoolOptions {
+        dir,
+        fsync: args.spool_fsync.into(),
+    });
     log::info!(
         "reporting {} every {} to {server} (certificate name {:?})",
         args.source,

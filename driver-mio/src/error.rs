@@ -33,6 +33,9 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
+    /// The client's spool cannot be used (locked by another client,
+    /// unreadable, not a spool).
+    Spool(crate::spool::SpoolError),
     /// An I/O operation the loop needs failed.
     Io {
         /// What the driver was doing.
@@ -60,6 +63,7 @@ impl fmt::Display for DriverError {
             DriverError::File { path, source } => {
                 write!(f, "cannot read {}: {source}", path.display())
             }
+            DriverError::Spool(e) => write!(f, "{e}"),
             DriverError::Io { what, source } => write!(f, "{what}: {source}"),
         }
     }
@@ -72,6 +76,7 @@ impl std::error::Error for DriverError {
             | DriverError::File { source, .. }
             | DriverError::Io { source, .. } => Some(source),
             DriverError::Config(e) => Some(e),
+            DriverError::Spool(e) => Some(e),
             _ => None,
         }
     }
@@ -80,5 +85,11 @@ impl std::error::Error for DriverError {
 impl From<ConfigError> for DriverError {
     fn from(e: ConfigError) -> DriverError {
         DriverError::Config(e)
+    }
+}
+
+impl From<crate::spool::SpoolError> for DriverError {
+    fn from(e: crate::spool::SpoolError) -> DriverError {
+        DriverError::Spool(e)
     }
 }
