@@ -252,9 +252,9 @@ const RETRY_HOLD: Duration = Duration::from_millis(500);
 /// - inputs, each taking `now`: [`Client::handle_datagram`],
 ///   [`Client::handle_timeout`], [`Client::handle_unreachable`],
 ///   [`Client::submit`], [`Client::close`];
-/// - outputs, drained after every input in this order:
-///   [`Client::poll_transmit`] until `None`, [`Client::poll_event`] until
-///   `None`, then [`Client::poll_timeout`];
+/// - outputs, drained after every input as the crate's contract says (see
+///   the [crate] docs): [`Client::poll_event`], [`Client::poll_transmit`],
+///   events again until they are empty, then [`Client::poll_timeout`];
 /// - getters: [`Client::state`], [`Client::stats`], [`Client::queued`], ...
 pub struct Client {
     cfg: ClientConfig,

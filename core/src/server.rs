@@ -424,9 +424,9 @@ struct Awaiting {
 /// Methods, by kind:
 /// - inputs, each taking `now`: [`Server::handle_datagram`],
 ///   [`Server::handle_timeout`], [`Server::respond`], [`Server::close_all`];
-/// - outputs, drained after every input in this order:
-///   [`Server::poll_transmit`] until `None`, [`Server::poll_event`] until
-///   `None`, then [`Server::poll_timeout`];
+/// - outputs, drained after every input as the crate's contract says (see
+///   the [crate] docs): [`Server::poll_event`], [`Server::poll_transmit`],
+///   events again until they are empty, then [`Server::poll_timeout`];
 /// - getters: [`Server::stats`], [`Server::connections`], ...
 pub struct Server {
     cfg: ServerConfig,

@@ -538,24 +538,32 @@ impl Loop<'_> {
         true
     }
 
-    /// Sends every datagram the core has, then hands its events to the
-    /// handler; again if handling them closed the client.
+    /// Hands the core's events to the handler, sends every datagram it
+    /// has, then events again until a drain of events after the transmits
+    /// finds none: the core's contract (the crate docs of `quic_report_core`).
     fn drain(&mut self, d: &mut ClientDriver, now: Instant) {
+        self.handle_events(d, now);
         loop {
             while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
                 if d.io.send(d.poll.registry(), &self.out[..t.len], t.to) == Sent::Unreachable {
                     self.client.handle_unreachable(now);
                 }
             }
-            let closing_before = self.closing_since.is_some();
-            while let Some(ev) = self.client.poll_event() {
-                self.on_event(&ev, d.opts.count, now);
-                (self.handler)(&ev, &self.client);
-            }
-            if self.closing_since.is_some() == closing_before {
+            if !self.handle_events(d, now) {
                 return;
             }
         }
+    }
+
+    /// Hands every event of the core to the handler; false if there were none.
+    fn handle_events(&mut self, d: &ClientDriver, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.client.poll_event() {
+            any = true;
+            self.on_event(&ev, d.opts.count, now);
+            (self.handler)(&ev, &self.client);
+        }
+        any
     }
 
     fn on_event(&mut self, ev: &ClientEvent, count: Option<u64>, now: Instant) {

@@ -2,7 +2,8 @@
 //!
 //! Single-threaded [mio] loops that drive the Sans-IO core
 //! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
-//! UDP socket. Each loop owns one `mio::Poll` with three sources: the UDP
+//! UDP socket, in the order of the core's contract (the crate docs of
+//! `quic_report_core`). Each loop owns one `mio::Poll` with three sources: the UDP
 //! socket, a `mio::Waker` (samples handed in from other threads, stop
 //! requests) and, optionally, SIGINT/SIGTERM through signal-hook-mio.
 //!
@@ -17,9 +18,9 @@
 //!                      WAKER           -> drain sample channel -> core.submit(now, s); stop request?
 //!                      SIGNAL          -> core.close(now) / server.close_all(now)
 //!   if the deadline has passed: core.handle_timeout(now)
+//!   drain core.poll_event() -> app   (server: write to the sink first, then core.respond(..))
 //!   drain core.poll_transmit(now, &mut out) -> send (WouldBlock: hold it, add WRITABLE interest)
-//!   drain core.poll_event() -> app   (server: write to the sink first, then core.respond(..),
-//!                                     then drain poll_transmit / poll_event again)
+//!   again until neither gives anything
 //!   exit once closing is finished
 //! ```
 //!

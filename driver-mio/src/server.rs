@@ -523,41 +523,47 @@ impl Loop<'_> {
         true
     }
 
-    /// Events (recording and answering reports), then transmits, until the
-    /// core has neither.
-    ///
-    /// Events go first: a report read in this turn is recorded and answered
-    /// before anything is sent, so quiche puts its ACK and the answer in one
-    /// packet (one datagram per report instead of two, and one wake-up less
-    /// for the client). Then everything the core has to send goes out, and
-    /// the two repeat until the core has neither.
+    /// Events (recording and answering reports), then transmits, then
+    /// events again until a drain of events after the transmits finds none:
+    /// the core's contract (the crate docs of `quic_report_core`).
     fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
         let mut batch = std::mem::take(&mut self.batch);
+        self.handle_events(now, &mut batch);
         loop {
-            batch.clear();
-            while let Some(ev) = self.server.poll_event() {
-                batch.push(ev);
-            }
-            if !batch.is_empty() {
-                self.handle_batch(now, &batch);
-            }
-            let mut sent = false;
-            while let Some(t) = self.server.poll_transmit(now, self.sends.slot()) {
-                self.sends.push(t.len, t.to);
-                self.observer.bytes(0, t.len);
-                sent = true;
-                if self.sends.is_full() {
-                    d.io.send_batch(d.poll.registry(), &mut self.sends);
-                }
-            }
-            if !self.sends.is_empty() {
-                d.io.send_batch(d.poll.registry(), &mut self.sends);
-            }
-            if batch.is_empty() && !sent {
+            self.send_all(d, now);
+            if !self.handle_events(now, &mut batch) {
                 break;
             }
         }
         self.batch = batch;
+    }
+
+    /// Takes every event of the core and handles them as one batch; false
+    /// if there were none.
+    fn handle_events(&mut self, now: Instant, batch: &mut Vec<ServerEvent>) -> bool {
+        batch.clear();
+        while let Some(ev) = self.server.poll_event() {
+            batch.push(ev);
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        self.handle_batch(now, batch);
+        true
+    }
+
+    /// Sends everything the core has, [`BATCH`] datagrams per `sendmmsg`.
+    fn send_all(&mut self, d: &mut ServerDriver, now: Instant) {
+        while let Some(t) = self.server.poll_transmit(now, self.sends.slot()) {
+            self.sends.push(t.len, t.to);
+            self.observer.bytes(0, t.len);
+            if self.sends.is_full() {
+                d.io.send_batch(d.poll.registry(), &mut self.sends);
+            }
+        }
+        if !self.sends.is_empty() {
+            d.io.send_batch(d.poll.registry(), &mut self.sends);
+        }
     }
 
     /// Logs a batch of events in the core's order ("connection opened"
