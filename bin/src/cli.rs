@@ -61,21 +61,45 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = quic_report_core::config::DEFAULT_MAX_REPORT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_report_bytes: u64,
+    /// Where to record reports: `-` (JSON lines on stdout), `file:PATH`
+    /// (JSON lines appended to PATH, as --out), `sqlite:PATH` (an embedded
+    /// SQLite database, created if missing) or
+    /// `postgres://USER@HOST:PORT/DB?sslmode=...` (PostgreSQL; password
+    /// from the URL, PGPASSWORD or ~/.pgpass). With a database, each report
+    /// is acknowledged after its row is committed, and the table's key
+    /// (identity, client, seq) makes it recorded once across every server
+    /// sharing the database. See the README's "Scaling out".
+    #[arg(long, value_name = "URL", default_value = "-", conflicts_with = "out")]
+    pub sink: quic_report_mio::SinkUrl,
     /// Append each recorded report to FILE as a JSON line, instead of
-    /// stdout (created if missing, locked against a second server). At
-    /// start the (client, seq) of every line already in FILE is loaded, so
-    /// a report recorded before a restart is answered as a duplicate, not
-    /// recorded twice.
+    /// stdout (created if missing, locked against a second server): the
+    /// same as `--sink file:FILE`. At start the (client, seq) of every line
+    /// already in FILE is loaded, so a report recorded before a restart is
+    /// answered as a duplicate, not recorded twice.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// With a database sink: a report not committed within this is answered
+    /// `not_recorded` (the client keeps it and sends it again). Keep it
+    /// below the clients' --response-timeout (5 s).
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = positive_duration)]
+    pub commit_timeout: Duration,
+    /// With a database sink: most reports waiting for their commit; past it
+    /// (or past --max-waiting-bytes) a report is answered `not_recorded` at
+    /// once, and counted (quic_report_sink_busy_total).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting_reports: u64,
+    /// With a database sink: most bytes of report waiting for their commit.
+    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting_bytes: u64,
     /// When to fsync --out. Every report is written to the OS before it is
     /// acknowledged, so it survives a crash of the server. `always`: fsync
     /// before acknowledging (once per batch), it survives a power loss too;
     /// `interval`: fsync at most every 100 ms and within 100 ms of a write,
     /// after acknowledging (a power loss can lose the last 100 ms); `never`:
     /// leave it to the OS.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "out")]
-    pub fsync: FsyncArg,
+    /// Default: interval.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub fsync: Option<FsyncArg>,
     /// File with the server's 32-byte secret (raw, or 64 hex digits), from
     /// which stateless-reset tokens, session-ticket and retry-token keys are
     /// derived; keep it across restarts. Make one with

@@ -21,9 +21,12 @@ use quic_report_cli::cli::{
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
 use quic_report_core::{ClientEvent, RetryMode};
+use quic_report_mio::database::postgres::PostgresConnect;
+use quic_report_mio::database::sqlite::SqliteConnect;
 use quic_report_mio::{
-    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, SourceProxy, SourceTrust,
-    SpoolOptions, WriterSink, read_secret_file, run_client, run_server,
+    ClientOptions, DatabaseSink, FetchOptions, FileSink, RecordedKeys, ServerOptions, SinkUrl,
+    SourceProxy, SourceTrust, SpoolOptions, WaitLimits, WriterSink, read_secret_file, run_client,
+    run_server,
 };
 
 use crate::source::Source;
@@ -102,17 +105,38 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         opts.config.secret = Some(read_secret_file(path)?);
         log::info!("server secret read from {}", path.display());
     }
-    match &args.out {
-        Some(path) => {
-            let mut sink = FileSink::open(path, args.fsync.into())?;
+    let url = match &args.out {
+        Some(path) => SinkUrl::File(path.clone()),
+        None => args.sink.clone(),
+    };
+    if !matches!(url, SinkUrl::File(_)) && args.fsync.is_some() {
+        return Err("--fsync is for a file sink (--out FILE or --sink file:PATH)".into());
+    }
+    let limits = WaitLimits {
+        deadline: args.commit_timeout,
+        max_reports: to_usize(args.max_waiting_reports, "--max-waiting-reports")?,
+        max_bytes: to_usize(args.max_waiting_bytes, "--max-waiting-bytes")?,
+    };
+    match url {
+        SinkUrl::File(path) => {
+            let fsync = args.fsync.unwrap_or(cli::FsyncArg::Interval);
+            let mut sink = FileSink::open(&path, fsync.into())?;
             opts.recorded = load_recorded(&mut sink)?;
             run_server(opts, &mut sink, &mut |_| {})?;
         }
-        None => {
+        SinkUrl::Stdout => {
             // Buffered: the loop flushes once per batch of reports, before
             // it acknowledges them (one write instead of one per report).
             let mut sink = WriterSink::new(io::BufWriter::new(io::stdout().lock()));
             run_server(opts, &mut sink, &mut |_| {})?;
+        }
+        SinkUrl::Sqlite(path) => {
+            let connect = Box::new(SqliteConnect::new(&path));
+            run_server(opts, DatabaseSink { connect, limits }, &mut |_| {})?;
+        }
+        SinkUrl::Postgres(url) => {
+            let connect = Box::new(PostgresConnect::parse(&url)?);
+            run_server(opts, DatabaseSink { connect, limits }, &mut |_| {})?;
         }
     }
     Ok(())

@@ -99,6 +99,10 @@ pub enum Outcome {
     Recorded,
     /// Could not be written: the client keeps it and sends it again.
     NotRecorded(String),
+    /// Recorded before, by this process or another one sharing its store
+    /// (a database's key refused the row): answered `"duplicate":true`, so
+    /// the client forgets it, and counted as a duplicate.
+    Duplicate,
 }
 
 /// Transport counters of a connection, from quiche, when it closed.
@@ -874,8 +878,13 @@ impl Server {
             .awaiting
             .remove(&handle)
             .ok_or(RespondError::UnknownReport)?;
+        // Recorded now or before: either way the store holds it.
+        let stored = !matches!(outcome, Outcome::NotRecorded(_));
+        if outcome == Outcome::Duplicate {
+            self.stats.duplicates += 1;
+        }
         if let Some(k) = aw.key {
-            if outcome == Outcome::Recorded {
+            if stored {
                 self.dedup.insert(&k.0, k.1);
             }
             // Copies that waited on this one get the same fate.
@@ -883,7 +892,7 @@ impl Server {
                 let Some(copy) = self.awaiting.remove(&h) else {
                     continue;
                 };
-                if outcome == Outcome::Recorded {
+                if stored {
                     self.stats.duplicates += 1;
                 }
                 self.fill_slot(h, answer(&outcome, copy.ok));
@@ -1372,6 +1381,18 @@ fn refuse_unless_client_bidi(quic: &mut quiche::Connection, sid: u64) -> bool {
 fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     match outcome {
         Outcome::Recorded => ok,
+        Outcome::Duplicate => {
+            // `ok` is `{"ok":true,...`: the duplicate answer is the same
+            // with `"duplicate":true,` after the first field.
+            let at = OK_HEAD.len();
+            let mut a = Vec::with_capacity(ok.len() + DUPLICATE_FIELD.len());
+            a.extend_from_slice(&ok[..at.min(ok.len())]);
+            if ok.starts_with(OK_HEAD) {
+                a.extend_from_slice(DUPLICATE_FIELD);
+            }
+            a.extend_from_slice(&ok[at.min(ok.len())..]);
+            a
+        }
         Outcome::NotRecorded(why) => {
             let mut a = Vec::new();
             not_recorded(why).encode(&mut a);
@@ -1380,15 +1401,19 @@ fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// The start of every positive answer.
+const OK_HEAD: &[u8] = b"{\"ok\":true,";
+/// What a duplicate answer has after [`OK_HEAD`].
+const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
+
 /// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
 fn ok_answer(received: &[u8], duplicate: bool) -> Vec<u8> {
-    let head: &[u8] = if duplicate {
-        b"{\"ok\":true,\"duplicate\":true,\"received\":"
-    } else {
-        b"{\"ok\":true,\"received\":"
-    };
-    let mut a = Vec::with_capacity(head.len() + received.len() + 2);
-    a.extend_from_slice(head);
+    let mut a = Vec::with_capacity(OK_HEAD.len() + DUPLICATE_FIELD.len() + received.len() + 14);
+    a.extend_from_slice(OK_HEAD);
+    if duplicate {
+        a.extend_from_slice(DUPLICATE_FIELD);
+    }
+    a.extend_from_slice(b"\"received\":");
     a.extend_from_slice(received);
     a.extend_from_slice(b"}\n");
     a

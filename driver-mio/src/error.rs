@@ -37,6 +37,10 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
+    /// The database sink cannot be used (e.g. its schema is newer than
+    /// this build understands).
+    #[error("database: {0}")]
+    Database(String),
     /// The client's spool cannot be used (locked by another client,
     /// unreadable, not a spool).
     #[error("{0}")]

@@ -43,10 +43,12 @@
 
 pub mod batch;
 pub mod client;
+pub mod database;
 pub mod debuglog;
 pub mod error;
 pub mod fetch;
 pub mod get;
+pub mod held;
 pub mod observe;
 pub mod secret;
 pub mod server;
@@ -60,10 +62,13 @@ pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_c
 pub use error::DriverError;
 pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
+pub use held::WaitLimits;
 pub use observe::{MetricsServer, Observer};
 pub use secret::read_secret_file;
-pub use server::{ServerDriver, ServerOptions, run_server};
-pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};
+pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
+pub use sink::{
+    DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, SinkUrl, WriterSink,
+};
 pub use spool::{Spool, SpoolError, SpoolOptions};
 pub use stop::StopHandle;
 
