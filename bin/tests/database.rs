@@ -303,3 +303,44 @@ fn latest_and_stats_come_from_the_shared_database() {
     );
     drop((sa, sb));
 }
+
+#[test]
+fn tls_to_postgres_is_verified_when_the_url_asks() {
+    let pg = cluster();
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs");
+    pg.enable_tls(&certs.join("localhost.pem"), &certs.join("localhost.key"))
+        .expect("TLS on");
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.password(),
+        pg.port(),
+        certs.join("ca.pem").display()
+    );
+    let (_source, source) = start_source();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &url);
+    srv.wait_for("recording into ");
+    let (status, out) = start_client(&listen, &source, 3, "20ms").finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&pg_seqs(&pg), 3, &out);
+    let tls = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'quic-report'",
+        )
+        .expect("psql");
+    assert_eq!(tls, "1", "the server's connection is encrypted");
+    drop(srv);
+
+    // A CA that did not sign the database's certificate: refused, and said.
+    let wrong = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.password(),
+        pg.port(),
+        certs.join("localhost.pem").display()
+    );
+    let srv = server("server", "127.0.0.1:0", &wrong);
+    let msg = srv.wait_for("database unavailable at start: ");
+    assert!(msg.contains("certificate"), "{msg}");
+}
