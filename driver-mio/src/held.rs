@@ -194,9 +194,12 @@ impl Held {
         self.expiry.front().map(|(t, _)| *t)
     }
 
+    /// Answers the reports whose deadline passed, and forgets the
+    /// deadlines of reports answered already (so [`Held::deadline`] is the
+    /// next one that matters, and an idle loop does not wake for nothing).
     fn expire(&mut self, now: Instant, out: &mut Vec<Settled>, m: &mut DbMetrics) {
         while let Some(&(at, handle)) = self.expiry.front() {
-            if at > now {
+            if at > now && self.waiting.contains_key(&handle) {
                 break;
             }
             self.expiry.pop_front();
