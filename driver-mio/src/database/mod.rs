@@ -163,29 +163,36 @@ impl fmt::Debug for dyn Connect {
     }
 }
 
-/// The message for a schema from the future.
-fn future_schema(found: i64, what: &str) -> DbError {
-    DbError::Schema(format!(
-        "{what} has schema version {found} (table quic_report_schema), newer than the \
-         version {SCHEMA_VERSION} this quic-report understands: upgrade quic-report, or \
-         point --sink at another database"
-    ))
+/// What a database holds at start, read in the setup transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// A `quic_report_schema` table, and the highest version in it.
+    Versioned(Option<i64>),
+    /// A `reports` table without a version table beside it.
+    ForeignReports,
+    /// Neither table.
+    Nothing,
 }
 
-/// The message for a `reports` table quic-report did not create.
-fn foreign_table(what: &str) -> DbError {
-    DbError::Schema(format!(
-        "{what} has a table `reports` but no quic_report_schema table: it was not \
-         created by quic-report, and is left alone; point --sink at another database"
-    ))
-}
-
-/// The message for an empty or unreadable version table.
-fn unreadable_version(what: &str) -> DbError {
-    DbError::Schema(format!(
-        "{what}: table quic_report_schema holds no version: it was not created by \
-         quic-report, and is left alone"
-    ))
+/// Whether to create the schema, or why the database is refused.
+fn check_schema(found: Found, what: &str) -> Result<bool, DbError> {
+    match found {
+        Found::Nothing => Ok(true),
+        Found::Versioned(Some(v)) if v <= i64::from(SCHEMA_VERSION) => Ok(false),
+        Found::Versioned(Some(v)) => Err(DbError::Schema(format!(
+            "{what} has schema version {v} (table quic_report_schema), newer than the \
+             version {SCHEMA_VERSION} this quic-report understands: upgrade quic-report, or \
+             point --sink at another database"
+        ))),
+        Found::Versioned(None) => Err(DbError::Schema(format!(
+            "{what}: table quic_report_schema holds no version: it was not created by \
+             quic-report, and is left alone"
+        ))),
+        Found::ForeignReports => Err(DbError::Schema(format!(
+            "{what} has a table `reports` but no quic_report_schema table: it was not \
+             created by quic-report, and is left alone; point --sink at another database"
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -36,10 +36,7 @@ use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
 
-use super::{
-    Connect, Database, DbError, Row, SCHEMA_VERSION, Written, foreign_table, future_schema,
-    unreadable_version,
-};
+use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema};
 
 /// Most rows in one INSERT statement.
 pub const ROWS_PER_STATEMENT: usize = 1000;
@@ -496,19 +493,18 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
         )
         .map_err(err)?;
     let (has_version, has_reports): (bool, bool) = (row.get(0), row.get(1));
-    if has_version {
+    let found = if has_version {
         let v: Option<i32> = tx
             .query_one("SELECT max(version) FROM quic_report_schema", &[])
             .map_err(err)?
             .get(0);
-        match v {
-            None => return Err(unreadable_version(what)),
-            Some(v) if v > SCHEMA_VERSION => return Err(future_schema(i64::from(v), what)),
-            Some(_) => {}
-        }
+        Found::Versioned(v.map(i64::from))
     } else if has_reports {
-        return Err(foreign_table(what));
+        Found::ForeignReports
     } else {
+        Found::Nothing
+    };
+    if check_schema(found, what)? {
         tx.batch_execute(
             "CREATE TABLE quic_report_schema (version integer NOT NULL);
              CREATE TABLE reports (

@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use super::{
-    Connect, Database, DbError, Row, SCHEMA_VERSION, Written, foreign_table, future_schema,
-    unreadable_version,
-};
+use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema};
 
 const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
      VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', ?4 / 1000.0, 'unixepoch'), ?5) \
@@ -74,20 +71,19 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
         .map(|o| o.is_some())
         .map_err(err)
     };
-    if exists("quic_report_schema")? {
-        let version: Option<i64> = tx
-            .query_row("SELECT max(version) FROM quic_report_schema", [], |r| {
+    let found = if exists("quic_report_schema")? {
+        Found::Versioned(
+            tx.query_row("SELECT max(version) FROM quic_report_schema", [], |r| {
                 r.get(0)
             })
-            .map_err(err)?;
-        match version {
-            None => return Err(unreadable_version(what)),
-            Some(v) if v > i64::from(SCHEMA_VERSION) => return Err(future_schema(v, what)),
-            Some(_) => {}
-        }
+            .map_err(err)?,
+        )
     } else if exists("reports")? {
-        return Err(foreign_table(what));
+        Found::ForeignReports
     } else {
+        Found::Nothing
+    };
+    if check_schema(found, what)? {
         tx.execute_batch(
             "CREATE TABLE quic_report_schema (version integer NOT NULL);
              CREATE TABLE reports (
