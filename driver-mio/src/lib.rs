@@ -52,6 +52,7 @@ pub mod held;
 pub mod observe;
 pub mod secret;
 pub mod server;
+pub mod show;
 pub mod signal;
 pub mod sink;
 pub mod spool;
