@@ -79,7 +79,8 @@ fn server_line(ev: &ServerEvent) -> Option<String> {
                 stats.reports
             )
         }
-        ServerEvent::Duplicate { seq, .. } => {
+        ServerEvent::Duplicate { key, .. } => {
+            let seq = key.seq;
             format!("duplicate seq={seq}: acknowledged, not recorded again")
         }
         ServerEvent::StreamRejected {
@@ -148,7 +149,8 @@ impl Ledger {
         let mut keys = RecordedKeys::new();
         for (client, seqs) in &self.seqs {
             for seq in seqs {
-                keys.insert(client, *seq);
+                // The demo is anonymous (loopback): identity "".
+                keys.insert("", client, *seq);
             }
         }
         keys

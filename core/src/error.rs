@@ -181,13 +181,25 @@ pub enum StreamError {
         /// What it must be.
         expected: &'static str,
     },
+    /// The report's own `identity` field names another identity than the
+    /// connection's (or appears more than once): refused with code
+    /// `forbidden`, permanent; the stream carries on (not fatal).
+    Forbidden {
+        /// What the report claimed (shortened).
+        claimed: String,
+        /// The connection's identity.
+        identity: crate::identity::Identity,
+    },
 }
 
 impl StreamError {
     /// Whether this error ends the stream (everything except
-    /// [`StreamError::InvalidField`]).
+    /// [`StreamError::InvalidField`] and [`StreamError::Forbidden`]).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, StreamError::InvalidField { .. })
+        !matches!(
+            self,
+            StreamError::InvalidField { .. } | StreamError::Forbidden { .. }
+        )
     }
 
     /// The machine-readable code sent in the error response's `"code"`.
@@ -200,6 +212,7 @@ impl StreamError {
             StreamError::Truncated => "truncated",
             StreamError::TooLarge { .. } => "too_large",
             StreamError::InvalidField { .. } => "invalid_field",
+            StreamError::Forbidden { .. } => crate::report::CODE_FORBIDDEN,
         }
     }
 }
@@ -220,6 +233,14 @@ impl fmt::Display for StreamError {
             StreamError::InvalidField { field, expected } => {
                 write!(f, "field \"{field}\" must be {expected}")
             }
+            StreamError::Forbidden { claimed, identity } if identity.is_anonymous() => write!(
+                f,
+                "forbidden: the report claims identity {claimed:?}, but this connection has no client certificate (anonymous)"
+            ),
+            StreamError::Forbidden { claimed, identity } => write!(
+                f,
+                "forbidden: the report claims identity {claimed:?}, but this connection is authenticated as {identity}"
+            ),
         }
     }
 }

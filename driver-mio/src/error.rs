@@ -33,6 +33,13 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
+    /// The server refused a read (`get`): the identity may not read it.
+    ReadRefused {
+        /// The answer's code (`forbidden`).
+        code: String,
+        /// The server's reason.
+        error: String,
+    },
     /// An I/O operation the loop needs failed.
     Io {
         /// What the driver was doing.
@@ -61,6 +68,9 @@ impl fmt::Display for DriverError {
                 write!(f, "cannot read {}: {source}", path.display())
             }
             DriverError::Io { what, source } => write!(f, "{what}: {source}"),
+            DriverError::ReadRefused { code, error } => {
+                write!(f, "the server refused the read ({code}): {error}")
+            }
         }
     }
 }

@@ -60,7 +60,7 @@ pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_c
 pub use error::DriverError;
 pub use fetch::FetchOptions;
 pub use get::{GetOptions, run_get};
-pub use observe::{MetricsServer, Observer};
+pub use observe::{MetricsServer, Observer, ReadPolicy};
 pub use secret::read_secret_file;
 pub use server::{ServerDriver, ServerOptions, run_server};
 pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};

@@ -1,28 +1,125 @@
 //! What the server knows about itself, for people and tools:
 //!
-//! - the latest report of each client (HTTP/0.9 `GET /latest`),
+//! - the latest report of each client of each identity (HTTP/0.9
+//!   `GET /latest`), for those the [`ReadPolicy`] lets read it,
 //! - counters and latency histograms (`GET /stats` as JSON, and Prometheus
 //!   text on `--metrics ADDR` at `/metrics`),
-//! - the summary line logged every 10 s.
+//! - the summary line logged every 10 s,
+//! - [`Throttle`]: log lines for what a peer can make happen often
+//!   (refused handshakes, reports and reads), at most one per kind every
+//!   10 s, with the count of those not logged.
 //!
 //! The loop owns an [`Observer`] and tells it what happened; the metrics
 //! HTTP thread only reads a snapshot the loop publishes (one mutex, taken
 //! once per loop turn at most every 100 ms), so the loop never waits on a
 //! scraper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use quic_report_core::{Report, ServerEvent, ServerStats};
+use quic_report_core::per_identity::{IdentityLimits, PerIdentity};
+use quic_report_core::report::CODE_FORBIDDEN;
+use quic_report_core::{Identity, Report, Response, ServerEvent, ServerStats};
 use serde_json::Value;
 
-/// Clients whose latest report is kept at most (the least recently
-/// reporting is forgotten first).
-const MAX_LATEST: usize = 10_000;
+/// How many latest reports are kept: per identity (and for the anonymous
+/// identity, which every peer without a certificate shares), the least
+/// recently reporting client forgotten first; an identity can only push
+/// out its own.
+const LATEST_LIMITS: IdentityLimits = IdentityLimits {
+    max_identities: 10_000,
+    clients_per_identity: 16,
+    anonymous_clients: 10_000,
+};
+
+/// Who may read what over HTTP/0.9 (`/latest`, `/stats`).
+///
+/// - an identity in `readers`: everything;
+/// - any other certificate identity: `/latest` with its own entries only,
+///   not `/stats`;
+/// - the anonymous identity: everything if `anonymous_reads_all` (an
+///   anonymous server on a loopback address: everyone there is anonymous
+///   and trusted alike), else nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadPolicy {
+    /// Identities that may read everything (`--reader`).
+    pub readers: BTreeSet<Identity>,
+    /// Whether a peer without a certificate may read everything.
+    pub anonymous_reads_all: bool,
+}
+
+/// What one identity may read.
+enum Access {
+    All,
+    Own,
+    Nothing,
+}
+
+impl ReadPolicy {
+    fn access(&self, identity: &Identity) -> Access {
+        if identity.is_anonymous() {
+            if self.anonymous_reads_all {
+                Access::All
+            } else {
+                Access::Nothing
+            }
+        } else if self.readers.contains(identity) {
+            Access::All
+        } else {
+            Access::Own
+        }
+    }
+}
+
+/// The answer to a read (`GET /path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadAnswer {
+    /// The body.
+    pub body: Vec<u8>,
+    /// The read was refused (the body is a `forbidden` error object).
+    pub refused: bool,
+}
+
+/// Rate-limits the log lines of one kind of event a peer can cause as
+/// often as it likes: the first is logged, then at most one every
+/// [`Throttle::EVERY`], saying how many were not.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// At most one line per this period.
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    /// Whether to log now; if so, how many were left out since the last
+    /// line.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < Throttle::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// `" (N more since the last line)"`, or nothing.
+pub fn more_since(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} more since the last line)")
+    }
+}
 
 /// How often the summary line is logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -79,8 +176,13 @@ pub struct Snapshot {
     pub recorded: u64,
     /// Reports the sink could not write.
     pub not_recorded: u64,
-    /// Objects or streams refused, by code (`invalid_json`, ...).
+    /// Objects or streams refused, by code (`invalid_json`, `forbidden`, ...).
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Handshakes refused for their client certificate, by reason
+    /// (`no_certificate`, `bad_certificate`, `unusable_name`).
+    pub handshakes_refused: BTreeMap<&'static str, u64>,
+    /// Reads (`GET`) refused to the identity that asked.
+    pub reads_refused: u64,
     /// UDP bytes received.
     pub bytes_in: u64,
     /// UDP bytes sent.
@@ -98,10 +200,9 @@ pub struct Snapshot {
 pub struct Observer {
     started: Instant,
     snap: Snapshot,
-    /// Per client: when it last reported (a tick) and that report's JSON line.
-    latest: BTreeMap<String, (u64, Vec<u8>)>,
-    by_age: BTreeMap<u64, String>,
-    tick: u64,
+    /// Per identity and client: its latest report's JSON line.
+    latest: PerIdentity<Vec<u8>>,
+    policy: ReadPolicy,
     shared: Arc<Mutex<Snapshot>>,
     published: Option<Instant>,
     next_summary: Instant,
@@ -114,14 +215,18 @@ impl Observer {
         Observer {
             started: now,
             snap: Snapshot::default(),
-            latest: BTreeMap::new(),
-            by_age: BTreeMap::new(),
-            tick: 0,
+            latest: PerIdentity::new(LATEST_LIMITS),
+            policy: ReadPolicy::default(),
             shared: Arc::new(Mutex::new(Snapshot::default())),
             published: None,
             next_summary: now + SUMMARY_EVERY,
             last_summary: (0, 0),
         }
+    }
+
+    /// Who may read what (default: no readers, anonymous reads refused).
+    pub fn set_read_policy(&mut self, policy: ReadPolicy) {
+        self.policy = policy;
     }
 
     /// The snapshot the metrics thread reads.
@@ -144,6 +249,9 @@ impl Observer {
             ServerEvent::StreamRejected { error, .. } => {
                 *self.snap.rejected.entry(error.code()).or_default() += 1;
             }
+            ServerEvent::HandshakeRefused { reason, .. } => {
+                *self.snap.handshakes_refused.entry(reason.label()).or_default() += 1;
+            }
             _ => {}
         }
     }
@@ -158,25 +266,7 @@ impl Observer {
         }
         self.snap.recorded += 1;
         let client = report.client.as_deref().unwrap_or("-");
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(entry) = self.latest.get_mut(client) {
-            // The name moves to its new age: no allocation per report.
-            let name = self
-                .by_age
-                .remove(&entry.0)
-                .unwrap_or_else(|| client.to_owned());
-            self.by_age.insert(tick, name);
-            *entry = (tick, line);
-            return;
-        }
-        if self.latest.len() >= MAX_LATEST
-            && let Some((_, oldest)) = self.by_age.pop_first()
-        {
-            self.latest.remove(&oldest);
-        }
-        self.by_age.insert(tick, client.to_owned());
-        self.latest.insert(client.to_owned(), (tick, line));
+        *self.latest.entry(&report.identity, client, Vec::new) = line;
     }
 
     /// Publishes the counters for the metrics thread (at most every 100 ms)
@@ -221,32 +311,81 @@ impl Observer {
         self.next_summary
     }
 
-    /// The body for an HTTP/0.9 path: `/latest`, `/stats`, else `not found`.
-    pub fn http_body(&self, path: &str) -> Vec<u8> {
-        match path {
-            "/latest" => {
-                // {"<client>": <its latest line>, ...}: the lines are JSON
-                // objects already.
-                let mut body = vec![b'{'];
-                for (i, (client, (_, line))) in self.latest.iter().enumerate() {
-                    if i > 0 {
-                        body.push(b',');
-                    }
-                    let key = serde_json::to_vec(client).unwrap_or_default();
-                    body.extend_from_slice(&key);
-                    body.push(b':');
-                    body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
-                }
-                body.extend_from_slice(b"}\n");
-                body
-            }
-            "/stats" => {
+    /// The answer to an HTTP/0.9 `GET path` from `identity`, as the
+    /// [`ReadPolicy`] allows: `/latest`, `/stats`, else `not found`. A
+    /// refused read is answered `{"ok":false,"code":"forbidden",...}` and
+    /// counted.
+    pub fn read(&mut self, path: &str, identity: &Identity) -> ReadAnswer {
+        let access = self.policy.access(identity);
+        let body = match (path, &access) {
+            (_, Access::Nothing) => None,
+            ("/latest", Access::All) => Some(self.latest_body(None)),
+            ("/latest", Access::Own) => Some(self.latest_body(Some(identity))),
+            ("/stats", Access::All) => {
                 let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
                 body.push(b'\n');
-                body
+                Some(body)
             }
-            _ => b"not found\n".to_vec(),
+            ("/stats", Access::Own) => None,
+            _ => Some(b"not found\n".to_vec()),
+        };
+        match body {
+            Some(body) => ReadAnswer {
+                body,
+                refused: false,
+            },
+            None => {
+                self.snap.reads_refused += 1;
+                let why = if identity.is_anonymous() {
+                    format!("{path} may not be read without a client certificate here")
+                } else {
+                    format!("identity {identity} may not read {path} (only a --reader may)")
+                };
+                let mut body = Vec::new();
+                Response::Error {
+                    code: CODE_FORBIDDEN.into(),
+                    error: why,
+                }
+                .encode(&mut body);
+                ReadAnswer {
+                    body,
+                    refused: true,
+                }
+            }
         }
+    }
+
+    /// `{"<identity>":{"<client>":<its latest record>,...},...}`, of every
+    /// identity or only of `only`; sorted by name.
+    fn latest_body(&self, only: Option<&Identity>) -> Vec<u8> {
+        let mut identities: Vec<&Identity> = match only {
+            Some(i) => vec![i],
+            None => self.latest.identities().collect(),
+        };
+        identities.sort();
+        let mut body = vec![b'{'];
+        for (i, identity) in identities.into_iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&serde_json::to_vec(identity.as_str()).unwrap_or_default());
+            body.extend_from_slice(b":{");
+            let mut clients: Vec<(&str, &Vec<u8>)> =
+                self.latest.clients_of(identity.as_str()).collect();
+            clients.sort();
+            for (j, (client, line)) in clients.into_iter().enumerate() {
+                if j > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(&serde_json::to_vec(client).unwrap_or_default());
+                body.push(b':');
+                // The lines are JSON objects already.
+                body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+            }
+            body.push(b'}');
+        }
+        body.extend_from_slice(b"}\n");
+        body
     }
 }
 
@@ -261,6 +400,8 @@ pub fn stats_json(s: &Snapshot) -> Value {
         "reports_not_recorded": s.not_recorded,
         "duplicates": c.duplicates,
         "rejected": s.rejected,
+        "handshakes_refused": s.handshakes_refused,
+        "reads_refused": s.reads_refused,
         "stateless_resets_sent": c.resets_sent,
         "retries_sent": c.retries_sent,
         "invalid_tokens": c.invalid_tokens,
@@ -353,11 +494,34 @@ pub fn prometheus(s: &Snapshot) -> String {
         "UDP payload bytes sent.",
         s.bytes_out,
     );
+    metric(
+        "reads_refused_total",
+        "counter",
+        "HTTP/0.9 reads refused to the identity that asked (code forbidden).",
+        s.reads_refused,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP quic_report_handshakes_refused_total Handshakes refused for their client certificate, by reason.\n# TYPE quic_report_handshakes_refused_total counter"
+    );
+    for reason in ["no_certificate", "bad_certificate", "unusable_name"] {
+        let n = s.handshakes_refused.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "quic_report_handshakes_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP quic_report_rejected_total Objects or streams refused, by reason.\n# TYPE quic_report_rejected_total counter"
     );
-    for (code, n) in &s.rejected {
+    // forbidden reports are always listed, so an alert can watch the series.
+    let forbidden = s.rejected.get(CODE_FORBIDDEN).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "quic_report_rejected_total{{reason=\"{CODE_FORBIDDEN}\"}} {forbidden}"
+    );
+    for (code, n) in s.rejected.iter().filter(|(c, _)| **c != CODE_FORBIDDEN) {
         let _ = writeln!(out, "quic_report_rejected_total{{reason=\"{code}\"}} {n}");
     }
     s.handshake.write_prometheus(

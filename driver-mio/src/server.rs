@@ -40,7 +40,7 @@ use quic_report_core::{
 
 use crate::batch::{BATCH, RECV_SLOT, RecvBatch, SendBatch};
 use crate::debuglog;
-use crate::observe::{MetricsServer, Observer};
+use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
@@ -83,6 +83,9 @@ pub struct ServerOptions {
     /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
     /// [`crate::debuglog`]).
     pub env_debug_logs: bool,
+    /// Who may read `/latest` and `/stats` (default: no `--reader`, and
+    /// anonymous peers may read nothing).
+    pub read_policy: ReadPolicy,
 }
 
 impl ServerOptions {
@@ -98,6 +101,7 @@ impl ServerOptions {
             recorded: RecordedKeys::new(),
             metrics: None,
             env_debug_logs: true,
+            read_policy: ReadPolicy::default(),
         }
     }
 }
@@ -153,7 +157,8 @@ impl ServerDriver {
         } else {
             None
         };
-        let observer = Observer::new(Instant::now());
+        let mut observer = Observer::new(Instant::now());
+        observer.set_read_policy(opts.read_policy.clone());
         let metrics = match opts.metrics {
             Some(addr) => Some(
                 MetricsServer::start(addr, observer.shared())
@@ -210,6 +215,7 @@ impl ServerDriver {
         }
         log::info!("listening on {}", self.io.local_addr());
         let observer = std::mem::replace(&mut self.observer, Observer::new(Instant::now()));
+        let throttles = Throttles::default();
         let mut state = Loop {
             server,
             sink,
@@ -218,6 +224,7 @@ impl ServerDriver {
             recvs: RecvBatch::new(),
             batch: Vec::new(),
             observer,
+            throttles,
         };
         let res = state.run(&mut self);
         if let Err(e) = state.sink.sync(Instant::now()) {
@@ -236,6 +243,15 @@ struct Loop<'a> {
     /// The events of one drain, reused.
     batch: Vec<ServerEvent>,
     observer: Observer,
+    throttles: Throttles,
+}
+
+/// One [`Throttle`] per kind of refusal a peer can cause at will.
+#[derive(Debug, Default)]
+struct Throttles {
+    handshakes: Throttle,
+    forbidden: Throttle,
+    reads: Throttle,
 }
 
 impl Loop<'_> {
@@ -452,18 +468,58 @@ impl Loop<'_> {
     fn handle_batch(&mut self, now: Instant, batch: &[ServerEvent]) {
         for ev in batch {
             log_event(ev);
+            self.log_refusal(now, ev);
         }
         self.record(now, batch);
         for ev in batch {
             self.observer.event(ev);
-            if let ServerEvent::Request { handle, peer, path } = ev {
-                log::info!("{}: GET {path} from {peer}", handle.conn);
-                let body = self.observer.http_body(path);
-                if let Err(e) = self.server.respond_request(now, *handle, body) {
+            if let ServerEvent::Request {
+                handle,
+                peer,
+                path,
+                identity,
+            } = ev
+            {
+                let answer = self.observer.read(path, identity);
+                if !answer.refused {
+                    log::info!("{}: GET {path} from {peer} by {identity}", handle.conn);
+                } else if let Some(more) = self.throttles.reads.allow(now) {
+                    log::warn!(
+                        "{}: GET {path} from {peer} refused to {identity}{}",
+                        handle.conn,
+                        more_since(more)
+                    );
+                }
+                if let Err(e) = self.server.respond_request(now, *handle, answer.body) {
                     log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                 }
             }
             (self.on_event)(ev);
+        }
+    }
+
+    /// The rate-limited warning for a refused handshake or a `forbidden`
+    /// report (a peer can cause those as often as it likes).
+    fn log_refusal(&mut self, now: Instant, ev: &ServerEvent) {
+        match ev {
+            ServerEvent::HandshakeRefused { conn, peer, reason } => {
+                if let Some(more) = self.throttles.handshakes.allow(now) {
+                    log::warn!(
+                        "{conn}: handshake from {peer} refused: {reason}{}",
+                        more_since(more)
+                    );
+                }
+            }
+            ServerEvent::StreamRejected {
+                conn,
+                error: error @ quic_report_core::StreamError::Forbidden { .. },
+                ..
+            } => {
+                if let Some(more) = self.throttles.forbidden.allow(now) {
+                    log::warn!("{conn}: report refused: {error}{}", more_since(more));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -535,17 +591,23 @@ fn log_event(ev: &ServerEvent) {
             conn,
             peer,
             resumed,
+            identity,
             handshake,
         } => {
             let resumed = if *resumed { ", resumed session" } else { "" };
             log::info!(
-                "{conn}: connection opened from {peer} (handshake {:.1}ms{resumed})",
+                "{conn}: connection opened from {peer} by {identity} (handshake {:.1}ms{resumed})",
                 handshake.as_secs_f64() * 1e3
             );
         }
         ServerEvent::Report { .. } => {}
-        ServerEvent::Duplicate { conn, client, seq } => {
-            log::info!("{conn}: duplicate report client={client} seq={seq} (not recorded again)");
+        ServerEvent::HandshakeRefused { .. } => {} // rate-limited: log_refusal
+        ServerEvent::StreamRejected {
+            error: quic_report_core::StreamError::Forbidden { .. },
+            ..
+        } => {} // rate-limited: log_refusal
+        ServerEvent::Duplicate { conn, key } => {
+            log::info!("{conn}: duplicate report {key} (not recorded again)");
         }
         ServerEvent::StreamRejected {
             conn,
@@ -599,6 +661,9 @@ impl std::fmt::Display for Describe<'_> {
         }
         let r = self.0;
         f.write_str("report")?;
+        if !r.identity.is_anonymous() {
+            write!(f, " identity={}", r.identity)?;
+        }
         if let Some(c) = &r.client {
             write!(f, " client={c}")?;
         }
