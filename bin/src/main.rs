@@ -123,11 +123,9 @@ fn access(args: &ServerArgs, opts: &mut quic_report_mio::ServerOptions) -> Resul
     let mut policy = quic_report_mio::ReadPolicy::default();
     match &args.client_ca {
         Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
-            if !pem
-                .windows(27)
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-            {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
                 return Err(format!(
                     "--client-ca {}: no PEM certificate in it (expected one or more CA certificates)",
                     ca.display()

@@ -203,19 +203,34 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert_eq!(Identity::named("device-1").expect("fine").as_str(), "device-1");
+        assert_eq!(
+            Identity::named("device-1").expect("fine").as_str(),
+            "device-1"
+        );
         assert_eq!(Identity::named(""), Err(IdentityError::Empty));
-        assert_eq!(Identity::named("a\nb"), Err(IdentityError::ControlCharacter));
-        assert_eq!(Identity::named("a\u{85}b"), Err(IdentityError::ControlCharacter));
+        assert_eq!(
+            Identity::named("a\nb"),
+            Err(IdentityError::ControlCharacter)
+        );
+        assert_eq!(
+            Identity::named("a\u{85}b"),
+            Err(IdentityError::ControlCharacter)
+        );
         assert_eq!(
             Identity::named(&"é".repeat(64)).map(|i| i.as_str().chars().count()),
             Ok(64)
         );
-        assert_eq!(Identity::named(&"x".repeat(65)), Err(IdentityError::TooLong));
+        assert_eq!(
+            Identity::named(&"x".repeat(65)),
+            Err(IdentityError::TooLong)
+        );
         assert!(Identity::anonymous().is_anonymous());
         assert_eq!(Identity::from_stored(""), Identity::anonymous());
         assert_eq!(Identity::anonymous().to_string(), "(anonymous)");
-        assert_eq!(Identity::named("a\"b").expect("fine").to_string(), r#""a\"b""#);
+        assert_eq!(
+            Identity::named("a\"b").expect("fine").to_string(),
+            r#""a\"b""#
+        );
     }
 
     fn der(pem: &[u8]) -> Vec<u8> {

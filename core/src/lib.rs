@@ -66,7 +66,9 @@ pub mod token;
 use std::net::SocketAddr;
 
 pub use client::{Client, ClientEvent, ClientState, ClientStats, DisconnectReason};
-pub use config::{ALPN, CertFiles, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify};
+pub use config::{
+    ALPN, CertFiles, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify,
+};
 pub use error::{ConfigError, DatagramError, RespondError, StreamError, TokenError};
 pub use get::{GetConfig, GetOutcome, HqGet};
 pub use identity::{Identity, IdentityError, RecordKey};
@@ -75,8 +77,8 @@ pub use queue::Seq;
 pub use report::{Report, Response, Sample};
 pub use rng::CoreRng;
 pub use server::{
-    CertRefusal, CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle, Server,
-    ServerEvent, ServerStats,
+    CertRefusal, CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle,
+    Server, ServerEvent, ServerStats,
 };
 pub use timer::{Deadline, TimerKind};
 pub use token::ServerSecret;

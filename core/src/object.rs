@@ -18,9 +18,7 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Seq
 use serde_json::{Map, Value};
 
 use crate::error::StreamError;
-use crate::report::{
-    FIELD_CLIENT, FIELD_ID, FIELD_IDENTITY, FIELD_SAMPLED_AT, FIELD_SEQ, kind_of,
-};
+use crate::report::{FIELD_CLIENT, FIELD_ID, FIELD_IDENTITY, FIELD_SAMPLED_AT, FIELD_SEQ, kind_of};
 
 /// A complete, valid JSON object: its compact bytes and what its protocol
 /// fields hold. Built by [`JsonObject::parse`]; checked into a

@@ -67,12 +67,7 @@ impl<V> PerIdentity<V> {
     /// The value of `(identity, client)`, made the most recently active
     /// (and its identity too); created with `new` if missing, forgetting
     /// the least recently active entries as the bounds require.
-    pub fn entry(
-        &mut self,
-        identity: &Identity,
-        client: &str,
-        new: impl FnOnce() -> V,
-    ) -> &mut V {
+    pub fn entry(&mut self, identity: &Identity, client: &str, new: impl FnOnce() -> V) -> &mut V {
         if !self.identities.contains_key(identity.as_str()) {
             if self.identities.len() >= self.limits.max_identities.max(1)
                 && let Some((_, gone)) = self.identities.remove_lru()

@@ -529,7 +529,10 @@ mod tests {
         }
         assert!(matches!(
             Report::from_object(obj(r#"{"identity":5}"#)),
-            Err(StreamError::InvalidField { field: "identity", .. })
+            Err(StreamError::InvalidField {
+                field: "identity",
+                ..
+            })
         ));
     }
 

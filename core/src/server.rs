@@ -1236,7 +1236,8 @@ impl Server {
 
     fn refuse(&mut self, conn: ConnKey, peer: SocketAddr, reason: CertRefusal) {
         self.stats.handshakes_refused += 1;
-        self.events.push_back(ServerEvent::HandshakeRefused { conn, peer, reason });
+        self.events
+            .push_back(ServerEvent::HandshakeRefused { conn, peer, reason });
     }
 
     /// Reaps a closed connection, or re-arms its timer.

@@ -109,10 +109,7 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
     }
     match get.outcome() {
         Some(GetOutcome::Done(body)) => match Response::parse(body) {
-            Ok(Response::Error { code, error }) => Err(DriverError::ReadRefused {
-                code,
-                error,
-            }),
+            Ok(Response::Error { code, error }) => Err(DriverError::ReadRefused { code, error }),
             _ => Ok(body.clone()),
         },
         Some(GetOutcome::Failed(reason)) => Err(DriverError::ClientFailed(reason.clone())),

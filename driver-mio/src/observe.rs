@@ -250,7 +250,11 @@ impl Observer {
                 *self.snap.rejected.entry(error.code()).or_default() += 1;
             }
             ServerEvent::HandshakeRefused { reason, .. } => {
-                *self.snap.handshakes_refused.entry(reason.label()).or_default() += 1;
+                *self
+                    .snap
+                    .handshakes_refused
+                    .entry(reason.label())
+                    .or_default() += 1;
             }
             _ => {}
         }

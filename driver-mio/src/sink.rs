@@ -577,7 +577,10 @@ mod tests {
             k.insert("", "c", s);
         }
         assert_eq!(k.len(), 1003);
-        assert_eq!(k.clients[&(String::new(), "c".into())].runs, vec![(1, 1000), (2000, 2001), (5, 5)]);
+        assert_eq!(
+            k.clients[&(String::new(), "c".into())].runs,
+            vec![(1, 1000), (2000, 2001), (5, 5)]
+        );
     }
 
     #[test]

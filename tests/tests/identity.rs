@@ -68,7 +68,10 @@ fn peer_without_certificate_is_refused_at_the_handshake() {
     };
     assert!(why.contains("certificate_required"), "{why}");
     assert_eq!(refusals(&sim), vec![CertRefusal::Missing]);
-    assert_eq!(sim.server.as_ref().map(|s| s.stats().handshakes_refused), Some(1));
+    assert_eq!(
+        sim.server.as_ref().map(|s| s.stats().handshakes_refused),
+        Some(1)
+    );
     nothing_read(&sim);
 }
 
@@ -126,7 +129,10 @@ fn certificate_with_two_common_names_is_refused() {
     sim.schedule_reports(c, 1, Duration::from_millis(200));
     sim.run_for(Duration::from_secs(10));
     assert!(
-        matches!(failure(&sim, c), Some(DisconnectReason::ClientCertificate(_))),
+        matches!(
+            failure(&sim, c),
+            Some(DisconnectReason::ClientCertificate(_))
+        ),
         "{:?}{}",
         failure(&sim, c),
         sim.context()
@@ -197,9 +203,20 @@ fn second_identity_claiming_first_clients_id_and_next_seqs_makes_it_lose_nothing
     let duplicates = sim.clients[victim]
         .events
         .iter()
-        .filter(|(_, e)| matches!(e, ClientEvent::Acknowledged { duplicate: true, .. }))
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                ClientEvent::Acknowledged {
+                    duplicate: true,
+                    ..
+                }
+            )
+        })
         .count();
-    assert_eq!(duplicates, 0, "none of the victim's reports was a duplicate");
+    assert_eq!(
+        duplicates, 0,
+        "none of the victim's reports was a duplicate"
+    );
 }
 
 #[test]
@@ -273,7 +290,11 @@ fn resumed_zero_rtt_connection_keeps_its_identity() {
         unreachable!()
     };
     assert!(*resumed, "the server resumed the session{}", sim.context());
-    assert_eq!(identity.as_str(), "device-1", "peer_cert() of the resumed session");
+    assert_eq!(
+        identity.as_str(),
+        "device-1",
+        "peer_cert() of the resumed session"
+    );
     let early: Vec<_> = after[..opened]
         .iter()
         .filter_map(|e| match e {
