@@ -47,7 +47,7 @@ test: deps
 # It reports and never fails on a figure. `scripts/bench.sh profile` runs the
 # server under callgrind instead.
 bench: deps
-	$(CARGO) build --release -p quic-report
+	$(CARGO) build --release -p quic-report -p quic-report-bench
 	scripts/bench.sh
 
 fmt:

@@ -6,8 +6,11 @@
 #                               per handshake, and the top functions
 #
 # It reports; it never fails on a figure. Environment:
-#   QUIC_REPORT=path     the binary (default target/release/quic-report; build
-#                        it first with `cargo build --release -p quic-report`)
+#   QUIC_REPORT=path     the server, client and source (default
+#                        target/release/quic-report)
+#   QUIC_REPORT_BENCH=path  the load generator and UDP echo server (default
+#                        target/release/quic-report-bench); build both first
+#                        with `cargo build --release -p quic-report -p quic-report-bench`
 #   BENCH_REPS=3         repetitions of every interleaved trial (medians)
 #   BENCH_DURATION=2s    measured time of one trial (after BENCH_WARMUP=500ms)
 #   BENCH_IDLE_SECS=30   how long the idle client is watched
@@ -24,6 +27,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 B=${QUIC_REPORT:-target/release/quic-report}
+BENCH=${QUIC_REPORT_BENCH:-target/release/quic-report-bench}
 REPS=${BENCH_REPS:-3}
 DUR=${BENCH_DURATION:-2s}
 WARM=${BENCH_WARMUP:-500ms}
@@ -31,10 +35,12 @@ IDLE_SECS=${BENCH_IDLE_SECS:-30}
 IDLE_CONNS=${BENCH_IDLE_CONNS:-1000}
 MODE=${1:-table}
 
-if [[ ! -x $B ]]; then
-  echo "bench: $B not found; run: cargo build --release -p quic-report" >&2
-  exit 1
-fi
+for bin in "$B" "$BENCH"; do
+  if [[ ! -x $bin ]]; then
+    echo "bench: $bin not found; run: cargo build --release -p quic-report -p quic-report-bench" >&2
+    exit 1
+  fi
+done
 
 TMP=$(mktemp -d /tmp/quic-report-bench.XXXXXX)
 PIDS=()
@@ -142,7 +148,7 @@ preflight() {
 
 # The generator, pinned; stdout = result line, stderr detail in $TMP/detail.
 gen() {
-  "${GEN_PIN[@]}" "$B" bench "$@" 2>"$TMP/gen.err"
+  "${GEN_PIN[@]}" "$BENCH" "$@" 2>"$TMP/gen.err"
   grep '^detail:' "$TMP/gen.err" >"$TMP/detail" || true
   grep -v '^detail:' "$TMP/gen.err" | grep -v ' INFO ' | grep -v 'insecure: the server' >&2 || true
 }
@@ -276,19 +282,19 @@ PORT_INFO=$(free_port)
 start_server "$PORT_INFO" info
 SRV_INFO=$SPID
 EPORT=$(free_port)
-"${SRV_PIN[@]}" "$B" bench --echo-server "127.0.0.1:$EPORT" 2>>"$TMP/echo.log" &
+"${SRV_PIN[@]}" "$BENCH" --echo-server "127.0.0.1:$EPORT" 2>>"$TMP/echo.log" &
 ECHO=$!
 PIDS+=("$ECHO")
 wait_udp "$EPORT" || true
 # The same echo with recvmmsg/sendmmsg: what batching the syscalls is worth.
 EPORT_B=$(free_port)
-"${SRV_PIN[@]}" "$B" bench --echo-server "127.0.0.1:$EPORT_B" --echo-batch 2>>"$TMP/echo.log" &
+"${SRV_PIN[@]}" "$BENCH" --echo-server "127.0.0.1:$EPORT_B" --echo-batch 2>>"$TMP/echo.log" &
 ECHO_B=$!
 PIDS+=("$ECHO_B")
 wait_udp "$EPORT_B" || true
 
 # Key exchange group and signature of the handshakes (quiche logs them at trace).
-GROUP=$(RUST_LOG=warn,quiche=trace "$B" bench --server "127.0.0.1:$PORT" --handshakes -c 1 \
+GROUP=$(RUST_LOG=warn,quiche=trace "$BENCH" --server "127.0.0.1:$PORT" --handshakes -c 1 \
   --warmup 0s -d 50ms 2>&1 >/dev/null | grep -o 'curve=Some("[^"]*") sigalg=Some("[^"]*")' | head -1 |
   sed 's/Some("\([^"]*\)")/\1/g')
 echo "handshakes: ${GROUP:-group not logged} (quiche 0.30 default groups; certificate: development ECDSA P-256)"

@@ -34,9 +34,6 @@ pub enum Command {
     /// Fetch a path from a server over HTTP/0.9 on QUIC (ALPN hq-interop):
     /// `/latest` (the latest report of each client) or `/stats` (counters).
     Get(GetArgs),
-    /// Load generator: reports/s, handshakes/s, memory per connection, and the
-    /// raw UDP echo limit they are compared with (see the README's Benchmarks).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,21 +61,45 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = quic_report_core::config::DEFAULT_MAX_REPORT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_report_bytes: u64,
+    /// Where to record reports: `-` (JSON lines on stdout), `file:PATH`
+    /// (JSON lines appended to PATH, as --out), `sqlite:PATH` (an embedded
+    /// SQLite database, created if missing) or
+    /// `postgres://USER@HOST:PORT/DB?sslmode=...` (PostgreSQL; password
+    /// from the URL, PGPASSWORD or ~/.pgpass). With a database, each report
+    /// is acknowledged after its row is committed, and the table's key
+    /// (identity, client, seq) makes it recorded once across every server
+    /// sharing the database. See the README's "Scaling out".
+    #[arg(long, value_name = "URL", default_value = "-", conflicts_with = "out")]
+    pub sink: quic_report_mio::SinkUrl,
     /// Append each recorded report to FILE as a JSON line, instead of
-    /// stdout (created if missing, locked against a second server). At
-    /// start the (client, seq) of every line already in FILE is loaded, so
-    /// a report recorded before a restart is answered as a duplicate, not
-    /// recorded twice.
+    /// stdout (created if missing, locked against a second server): the
+    /// same as `--sink file:FILE`. At start the (client, seq) of every line
+    /// already in FILE is loaded, so a report recorded before a restart is
+    /// answered as a duplicate, not recorded twice.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// With a database sink: a report not committed within this is answered
+    /// `not_recorded` (the client keeps it and sends it again). Keep it
+    /// below the clients' --response-timeout (5 s).
+    #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = positive_duration)]
+    pub commit_timeout: Duration,
+    /// With a database sink: most reports waiting for their commit; past it
+    /// (or past --max-waiting-bytes) a report is answered `not_recorded` at
+    /// once, and counted (quic_report_sink_busy_total).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting_reports: u64,
+    /// With a database sink: most bytes of report waiting for their commit.
+    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting_bytes: u64,
     /// When to fsync --out. Every report is written to the OS before it is
     /// acknowledged, so it survives a crash of the server. `always`: fsync
     /// before acknowledging (once per batch), it survives a power loss too;
     /// `interval`: fsync at most every 100 ms and within 100 ms of a write,
     /// after acknowledging (a power loss can lose the last 100 ms); `never`:
     /// leave it to the OS.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "out")]
-    pub fsync: FsyncArg,
+    /// Default: interval.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub fsync: Option<FsyncArg>,
     /// File with the server's 32-byte secret (raw, or 64 hex digits), from
     /// which stateless-reset tokens, session-ticket and retry-token keys are
     /// derived; keep it across restarts. Make one with
@@ -194,9 +215,29 @@ impl From<FsyncArg> for quic_report_mio::Fsync {
 pub struct ClientArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// URL of the source to GET a JSON object from (http only).
+    /// URL of the source to GET a JSON object from, `http://` or
+    /// `https://`. Redirects are followed (at most 5); HTTP_PROXY (for
+    /// http), HTTPS_PROXY (for https), ALL_PROXY and NO_PROXY are honoured.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
     pub source: String,
+    /// PEM file of the CA(s) an https source's certificate must chain to
+    /// (the whole trust store for the source). Default: the system's CAs.
+    #[arg(long, value_name = "FILE")]
+    pub source_ca: Option<PathBuf>,
+    /// Keep the queue of reports not yet acknowledged in DIR (created if
+    /// missing, locked against a second client), so that it survives a
+    /// crash or a reboot: restarted on the same DIR, the client keeps its
+    /// `client` id, continues its `seq`, and sends what DIR holds first.
+    /// Without it the queue is in memory only.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// When to fsync --spool. Every sample is written to the OS before its
+    /// report is sent, so it survives a crash of the client. `always`:
+    /// fsync each sample before sending it, it survives a power loss too;
+    /// `interval`: at most every 100 ms and within 100 ms of a write (a
+    /// power loss can lose the last 100 ms); `never`: leave it to the OS.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "spool")]
+    pub spool_fsync: FsyncArg,
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
     pub interval: Duration,
@@ -227,7 +268,7 @@ pub struct ClientArgs {
     pub backoff_max: Duration,
 }
 
-/// Which server to talk to and how to verify it (`client`, `bench`).
+/// Which server to talk to and how to verify it (`client`, and `quic-report-bench`).
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// The server's UDP address, `host:port` (a hostname is resolved, and is
@@ -238,7 +279,7 @@ pub struct TargetArgs {
     pub tls: TlsArgs,
 }
 
-/// How to verify the server's certificate (`client`, `bench`, `get`).
+/// How to verify the server's certificate (`client`, `get`, and `quic-report-bench`).
 #[derive(Debug, Args)]
 pub struct TlsArgs {
     /// PEM file of the CA that signs the server's certificate. Default: the
@@ -281,7 +322,9 @@ pub struct DemoArgs {
     pub interval: Duration,
     /// Kill and restart the server at random (every 5-15 s, down for
     /// 0.5-3 s, once longer than the client's idle timeout, lowered to 3 s),
-    /// abruptly or gracefully, and check that every seq is recorded once.
+    /// abruptly or gracefully; kill the client too (abruptly, at random,
+    /// during outages as well) and restart it on its spool in a temporary
+    /// directory; check that every seq is recorded once, without gaps.
     #[arg(long)]
     pub chaos: bool,
 }

@@ -15,8 +15,14 @@
 //! ([`StopHandle::abort`]: no CONNECTION_CLOSE, as a crash) or gracefully,
 //! keeps it down 0.5-3 s (one of the first two outages outlasts the
 //! client's idle timeout, lowered to 3 s), and binds a new server on the
-//! same address. At the end the ledger is checked against the client's
-//! acknowledgements: every acknowledged seq recorded exactly once.
+//! same address. It kills the client too, at random (every 4-20 s, so
+//! also during outages), as a crash would ([`StopHandle::abort`]: no
+//! CONNECTION_CLOSE, nothing saved on the way out), and starts a new one
+//! on the same spool in a temporary directory: it comes back with the same
+//! `client` id and sends what the spool holds first. At the end the
+//! ledger is checked against the client's acknowledgements and its spool:
+//! every acknowledged seq recorded exactly once, and every seq up to the
+//! last one recorded, or still in the spool (not yet acknowledged).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,15 +32,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
+use quic_report_cli::devcerts::DevCerts;
 use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
 use quic_report_mio::{
-    ClientOptions, DriverError, FetchOptions, RecordedKeys, ServerDriver, ServerOptions,
-    StopHandle, run_client,
+    ClientOptions, ClientSummary, DriverError, FetchOptions, Fsync, RecordedKeys, ServerDriver,
+    ServerOptions, Spool, SpoolOptions, StopHandle, run_client,
 };
 use rand::Rng;
 
-use crate::cli::{DemoArgs, Shown, show_client_event};
-use crate::devcerts::DevCerts;
 use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -304,21 +310,33 @@ fn control(
     server.end(false)
 }
 
-/// Checks the ledger against the client's acknowledgements: every
-/// acknowledged seq recorded, none twice. Prints the verdict.
-fn check(ledger: &Ledger, client: &str, acked: &BTreeSet<u64>) -> Result<(), Error> {
+/// Checks the ledger against the client's acknowledgements and what its
+/// spool still holds (`pending`): every acknowledged seq recorded, none
+/// twice, and no seq below the last recorded one missing unless it is
+/// still pending. Prints the verdict.
+fn check(
+    ledger: &Ledger,
+    client: &str,
+    acked: &BTreeSet<u64>,
+    pending: &BTreeSet<u64>,
+) -> Result<(), Error> {
     let recorded = ledger.seqs.get(client).cloned().unwrap_or_default();
     let lost: Vec<u64> = acked.difference(&recorded).copied().collect();
     let (first, last) = (
         recorded.first().copied().unwrap_or(0),
         recorded.last().copied().unwrap_or(0),
     );
-    let holes: Vec<u64> = (first..=last).filter(|s| !recorded.contains(s)).collect();
-    if lost.is_empty() && ledger.duplicates == 0 {
+    let holes: Vec<u64> = (1..=last).filter(|s| !recorded.contains(s)).collect();
+    let gaps: Vec<u64> = holes
+        .iter()
+        .copied()
+        .filter(|s| !pending.contains(s))
+        .collect();
+    if lost.is_empty() && ledger.duplicates == 0 && gaps.is_empty() {
         let holes = if holes.is_empty() {
             String::new()
         } else {
-            format!(" (not acknowledged when the client stopped: {holes:?})")
+            format!(" (still in the client's spool, not yet acknowledged: {holes:?})")
         };
         println!(
             "[server] check: {} reports recorded, seq {first}..={last}, each exactly once{holes}",
@@ -327,7 +345,8 @@ fn check(ledger: &Ledger, client: &str, acked: &BTreeSet<u64>) -> Result<(), Err
         return Ok(());
     }
     println!(
-        "[server] !!! CHECK FAILED: {} duplicate(s); acknowledged but not recorded: {lost:?}",
+        "[server] !!! CHECK FAILED: {} duplicate(s); acknowledged but not recorded: {lost:?}; \
+         neither recorded nor in the spool: {gaps:?}",
         ledger.duplicates
     );
     Err("the server recorded a report twice or lost one".into())
@@ -375,31 +394,57 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             .spawn(move || control(&plan, server_addr, server, chaos, &quit_rx))?
     };
 
-    let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(certs.ca()));
-    client_opts.fetch = Some(FetchOptions {
-        url: source_url,
-        interval: args.interval,
-        count: args.count,
+    let spool_dir = args.chaos.then(|| {
+        std::env::temp_dir().join(format!("quic-report-demo-spool-{}", std::process::id()))
     });
-    client_opts.count = args.count;
-    client_opts.stop = client_stop;
-    if args.chaos {
-        client_opts.config.idle_timeout = CHAOS_IDLE_TIMEOUT;
-        client_opts.config.keep_alive = Some(CHAOS_IDLE_TIMEOUT / 2);
-    }
     let mut acked = BTreeSet::new();
-    let client_res = run_client(client_opts, &mut |ev, c| {
-        if let ClientEvent::Acknowledged { seq, .. } = ev {
-            acked.insert(*seq);
-        }
-        if let Some(line) = client_line(ev, &c.stats(), server_addr) {
-            if matches!(ev, ClientEvent::ReportDropped { .. }) {
-                println!("[client] {line} and lost ({} dropped so far)", c.dropped());
-            } else {
-                println!("[client] {line}");
+    let mut rng = rand::rng();
+    let client_res = loop {
+        let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(certs.ca()));
+        client_opts.fetch = Some(FetchOptions {
+            count: args.count,
+            ..FetchOptions::new(source_url.clone(), args.interval)
+        });
+        client_opts.count = args.count.map(|n| n.saturating_sub(acked.len() as u64));
+        client_opts.spool = spool_dir.clone().map(|dir| SpoolOptions {
+            dir,
+            fsync: Fsync::Never, // a process crash, not a power loss
+        });
+        let killer = if args.chaos {
+            client_opts.config.idle_timeout = CHAOS_IDLE_TIMEOUT;
+            client_opts.config.keep_alive = Some(CHAOS_IDLE_TIMEOUT / 2);
+            let after = Duration::from_millis(rng.random_range(4_000..=20_000));
+            Some(Killer::start(&client_stop, &client_opts.stop, after)?)
+        } else {
+            client_opts.stop = client_stop.clone();
+            None
+        };
+        let res = run_client(client_opts, &mut |ev, c| {
+            if let ClientEvent::Acknowledged { seq, .. } = ev {
+                acked.insert(*seq);
             }
+            if let Some(line) = client_line(ev, &c.stats(), server_addr) {
+                if matches!(ev, ClientEvent::ReportDropped { .. }) {
+                    println!("[client] {line} and lost ({} dropped so far)", c.dropped());
+                } else {
+                    println!("[client] {line}");
+                }
+            }
+        });
+        if let Some(k) = killer
+            && k.end()
+            && res.is_ok()
+        {
+            let down = Duration::from_millis(rng.random_range(200..=1_500));
+            println!(
+                "[client] killed abruptly (as by SIGKILL); restarting on its spool in {:.1} s",
+                down.as_secs_f64()
+            );
+            thread::sleep(down);
+            continue;
         }
-    });
+        break res;
+    };
     if let Ok(summary) = &client_res {
         println!(
             "[client] done: {} acknowledged, {} not acknowledged, {} connection(s)",
@@ -420,10 +465,63 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     println!("[source] stopped");
     drop(certs);
 
-    let summary = client_res?;
+    let summary: ClientSummary = client_res?;
     server_res?;
-    if args.chaos {
-        check(&lock(&plan.ledger), &summary.client_id, &acked)?;
+    if let Some(dir) = &spool_dir {
+        let pending = pending_in(dir);
+        let _ = std::fs::remove_dir_all(dir);
+        check(&lock(&plan.ledger), &summary.client_id, &acked, &pending?)?;
     }
     Ok(())
+}
+
+/// The seqs still in the spool in `dir`.
+fn pending_in(dir: &std::path::Path) -> Result<BTreeSet<u64>, Error> {
+    let opts = SpoolOptions {
+        dir: dir.to_path_buf(),
+        fsync: Fsync::Never,
+    };
+    let mut spool = Spool::open(&opts, String::new)?;
+    Ok(spool.take_restored().into_iter().map(|(s, _)| s).collect())
+}
+
+/// Aborts one client run after a while, as a crash would; passes a stop of
+/// the whole demo on to it.
+struct Killer {
+    done: mpsc::Sender<()>,
+    thread: JoinHandle<bool>,
+}
+
+impl Killer {
+    fn start(demo: &StopHandle, run: &StopHandle, after: Duration) -> Result<Killer, Error> {
+        let (done, rx) = mpsc::channel::<()>();
+        let (demo, run) = (demo.clone(), run.clone());
+        let thread = thread::Builder::new()
+            .name("client killer".into())
+            .spawn(move || {
+                let at = Instant::now() + after;
+                loop {
+                    if demo.is_stopped() {
+                        run.stop();
+                        return false;
+                    }
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        run.abort();
+                        return true;
+                    }
+                    match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return false,
+                    }
+                }
+            })?;
+        Ok(Killer { done, thread })
+    }
+
+    /// The run ended: whether it was killed.
+    fn end(self) -> bool {
+        drop(self.done);
+        self.thread.join().unwrap_or(false)
+    }
 }

@@ -8,33 +8,42 @@
 //!
 //! Logs go to stderr (`RUST_LOG`; default `info`, `warn` for the demo).
 
-mod bench;
-mod cli;
 mod demo;
-mod devcerts;
 mod source;
-mod tls;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
+use quic_report_cli::cli::{
+    self, Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event,
+};
+use quic_report_cli::devcerts::DevCerts;
+use quic_report_cli::tls;
 use quic_report_core::{ClientEvent, Identity, RetryMode};
+use quic_report_mio::database::postgres::PostgresConnect;
+use quic_report_mio::database::sqlite::SqliteConnect;
 use quic_report_mio::{
-    ClientOptions, FetchOptions, FileSink, RecordedKeys, ServerOptions, WriterSink,
-    read_secret_file, run_client, run_server,
+    ClientOptions, DatabaseSink, FetchOptions, FileSink, RecordedKeys, ServerOptions, SinkUrl,
+    SourceProxy, SourceTrust, SpoolOptions, WaitLimits, WriterSink, read_secret_file, run_client,
+    run_server,
 };
 
-use crate::cli::{Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event};
-use crate::devcerts::DevCerts;
 use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
-    // SAFETY: the first thing the process does; no other thread exists.
-    unsafe { tls::trust_only_named_cas() };
     let cli = Cli::parse();
+    // The system's CAs for an https source, read before the environment
+    // that names them is pointed elsewhere (just below).
+    let source_trust = match &cli.command {
+        Command::Client(args) if args.source_ca.is_none() => Some(SourceTrust::system()),
+        _ => None,
+    };
+    // SAFETY: no other thread exists yet (parsing the command line and
+    // reading the CA files start none).
+    unsafe { tls::trust_only_named_cas() };
     let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {
@@ -45,10 +54,9 @@ fn main() -> ExitCode {
         .init();
     let res = match &cli.command {
         Command::Server(args) => server(args),
-        Command::Client(args) => client(args),
+        Command::Client(args) => client(args, source_trust),
         Command::Source(args) => source(args),
         Command::Get(args) => get(args),
-        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match res {
@@ -100,17 +108,38 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         opts.config.secret = Some(read_secret_file(path)?);
         log::info!("server secret read from {}", path.display());
     }
-    match &args.out {
-        Some(path) => {
-            let mut sink = FileSink::open(path, args.fsync.into())?;
+    let url = match &args.out {
+        Some(path) => SinkUrl::File(path.clone()),
+        None => args.sink.clone(),
+    };
+    if !matches!(url, SinkUrl::File(_)) && args.fsync.is_some() {
+        return Err("--fsync is for a file sink (--out FILE or --sink file:PATH)".into());
+    }
+    let limits = WaitLimits {
+        deadline: args.commit_timeout,
+        max_reports: to_usize(args.max_waiting_reports, "--max-waiting-reports")?,
+        max_bytes: to_usize(args.max_waiting_bytes, "--max-waiting-bytes")?,
+    };
+    match url {
+        SinkUrl::File(path) => {
+            let fsync = args.fsync.unwrap_or(cli::FsyncArg::Interval);
+            let mut sink = FileSink::open(&path, fsync.into())?;
             opts.recorded = load_recorded(&mut sink)?;
             run_server(opts, &mut sink, &mut |_| {})?;
         }
-        None => {
+        SinkUrl::Stdout => {
             // Buffered: the loop flushes once per batch of reports, before
             // it acknowledges them (one write instead of one per report).
             let mut sink = WriterSink::new(io::BufWriter::new(io::stdout().lock()));
             run_server(opts, &mut sink, &mut |_| {})?;
+        }
+        SinkUrl::Sqlite(path) => {
+            let connect = Box::new(SqliteConnect::new(&path));
+            run_server(opts, DatabaseSink { connect, limits }, &mut |_| {})?;
+        }
+        SinkUrl::Postgres(url) => {
+            let connect = Box::new(PostgresConnect::parse(&url)?);
+            run_server(opts, DatabaseSink { connect, limits }, &mut |_| {})?;
         }
     }
     Ok(())
@@ -217,7 +246,9 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn client(args: &ClientArgs) -> Result<(), Error> {
+/// `client`; `system_trust`: the system's CAs, read at start (when there is
+/// no --source-ca).
+fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Error> {
     let (server, default_name) = cli::resolve_server(&args.target.server)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut _dev)?;
@@ -242,12 +273,29 @@ fn client(args: &ClientArgs) -> Result<(), Error> {
     opts.config.connect_timeout = args.connect_timeout;
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
+    let trust = match (&args.source_ca, system_trust) {
+        (Some(ca), _) => SourceTrust::ca_file(ca).map_err(|e| format!("--source-ca {e}"))?,
+        (None, Some(system)) => system,
+        (None, None) => SourceTrust::system(),
+    };
+    let proxy = SourceProxy::from_env(&args.source);
+    if let Some(p) = &proxy {
+        log::info!(
+            "fetching through the proxy {} (from the environment)",
+            p.url
+        );
+    }
     opts.fetch = Some(FetchOptions {
-        url: args.source.clone(),
-        interval: args.interval,
         count: args.count,
+        trust,
+        proxy,
+        ..FetchOptions::new(args.source.clone(), args.interval)
     });
     opts.count = args.count;
+    opts.spool = args.spool.clone().map(|dir| SpoolOptions {
+        dir,
+        fsync: args.spool_fsync.into(),
+    });
     log::info!(
         "reporting {} every {} to {server} (certificate name {:?})",
         args.source,

@@ -1,5 +1,5 @@
 //! Certificate verification from the TLS flags (`--ca`, `--server-name`,
-//! `--insecure`), shared by `client`, `bench` and `get`, and the process-wide
+//! `--insecure`), shared by `client`, `get` and `quic-report-bench`, and the process-wide
 //! trust store they rely on ([`trust_only_named_cas`]).
 
 use quic_report_core::{CertFiles, Verify};

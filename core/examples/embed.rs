@@ -6,9 +6,10 @@
 //! cargo run -p quic-report-core --example embed
 //! ```
 //!
-//! The loop is the core's contract, nothing more: feed what arrives (or the
-//! timeout) in, then drain `poll_transmit`, then `poll_event`, then sleep
-//! until `poll_timeout`.
+//! The loop is the core's contract (the crate docs of `quic_report_core`),
+//! nothing more: feed what arrives (or the timeout) in; drain the events,
+//! the transmits, and the events again until none; then sleep until
+//! `poll_timeout`.
 
 // This file is the application side of the Sans-IO boundary: it owns the
 // clock, the sockets and the thread that the core may not touch.
@@ -58,22 +59,34 @@ fn run_server(sock: UdpSocket, stop: Arc<AtomicBool>) -> Result<(), Box<dyn std:
             }
             None => server.handle_timeout(Instant::now()),
         }
+        server_events(&mut server)?;
         loop {
             while let Some(t) = server.poll_transmit(now, &mut out) {
                 sock.send_to(&out[..t.len], t.to)?;
             }
-            let Some(ev) = server.poll_event() else { break };
-            if let ServerEvent::Report { handle, report, .. } = ev {
-                // Record it (here: print it), then acknowledge it.
-                println!(
-                    "server recorded {}",
-                    String::from_utf8_lossy(&report.to_json_line()).trim_end()
-                );
-                server.respond(Instant::now(), handle, Outcome::Recorded)?;
+            if !server_events(&mut server)? {
+                break;
             }
         }
     }
     Ok(())
+}
+
+/// Records (here: prints) and acknowledges every report the server has;
+/// false if it had no event.
+fn server_events(server: &mut Server) -> Result<bool, Box<dyn std::error::Error>> {
+    let mut any = false;
+    while let Some(ev) = server.poll_event() {
+        any = true;
+        if let ServerEvent::Report { handle, report, .. } = ev {
+            println!(
+                "server recorded {}",
+                String::from_utf8_lossy(&report.to_json_line()).trim_end()
+            );
+            server.respond(Instant::now(), handle, Outcome::Recorded)?;
+        }
+    }
+    Ok(any)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -105,16 +118,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut acked, give_up) = (0, Instant::now() + Duration::from_secs(20));
     while !client.is_finished() && Instant::now() < give_up {
         let now = Instant::now();
-        while let Some(t) = client.poll_transmit(now, &mut out) {
-            sock.send(&out[..t.len])?;
-        }
-        while let Some(ev) = client.poll_event() {
-            println!("client event: {ev:?}");
-            if let ClientEvent::Acknowledged { .. } = ev {
-                acked += 1;
-                if acked == 3 {
-                    client.close(Instant::now());
+        let mut client_events = |client: &mut Client| {
+            let mut any = false;
+            while let Some(ev) = client.poll_event() {
+                any = true;
+                println!("client event: {ev:?}");
+                if let ClientEvent::Acknowledged { .. } = ev {
+                    acked += 1;
+                    if acked == 3 {
+                        client.close(Instant::now());
+                    }
                 }
+            }
+            any
+        };
+        client_events(&mut client);
+        loop {
+            while let Some(t) = client.poll_transmit(now, &mut out) {
+                sock.send(&out[..t.len])?;
+            }
+            if !client_events(&mut client) {
+                break;
             }
         }
         match recv_until(&sock, &mut buf, client.poll_timeout()) {

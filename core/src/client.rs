@@ -262,9 +262,9 @@ const RETRY_HOLD: Duration = Duration::from_millis(500);
 /// - inputs, each taking `now`: [`Client::handle_datagram`],
 ///   [`Client::handle_timeout`], [`Client::handle_unreachable`],
 ///   [`Client::submit`], [`Client::close`];
-/// - outputs, drained after every input in this order:
-///   [`Client::poll_transmit`] until `None`, [`Client::poll_event`] until
-///   `None`, then [`Client::poll_timeout`];
+/// - outputs, drained after every input as the crate's contract says (see
+///   the [crate] docs): [`Client::poll_event`], [`Client::poll_transmit`],
+///   events again until they are empty, then [`Client::poll_timeout`];
 /// - getters: [`Client::state`], [`Client::stats`], [`Client::queued`], ...
 pub struct Client {
     cfg: ClientConfig,
@@ -404,6 +404,34 @@ impl Client {
         }
         self.pump(now);
         seq
+    }
+
+    /// Picks up where a previous process of this client left off (its
+    /// spool, read back): the reports it never had acknowledged, in
+    /// ascending seq order, are queued under their own seq and go out
+    /// before anything submitted later; new reports are numbered from
+    /// `next_seq` (and above every restored one), so no seq is reused. Call
+    /// before the first [`Client::submit`]. Emits
+    /// [`ClientEvent::ReportDropped`] for those that do not fit the queue.
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        next_seq: Seq,
+        unacknowledged: impl IntoIterator<Item = (Seq, Sample)>,
+    ) {
+        for (seq, sample) in unacknowledged {
+            if let Some(old) = self.queue.restore(seq, sample) {
+                self.events
+                    .push_back(ClientEvent::ReportDropped { seq: old });
+            }
+        }
+        self.queue.continue_from(next_seq);
+        self.pump(now);
+    }
+
+    /// The seq the next submitted sample will get.
+    pub fn next_seq(&self) -> Seq {
+        self.queue.next_seq()
     }
 
     /// A UDP datagram arrived from `from` on our local address `to`.

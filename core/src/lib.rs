@@ -6,15 +6,23 @@
 //! out. Any event loop can drive them (the `quic-report-mio` crate is one;
 //! the simulation in `quic-report-tests` is another, on virtual time).
 //!
-//! **The contract: after any `handle_*`, `submit`, `respond` or `close`,
-//! drain `poll_transmit` until `None`, then `poll_event` until `None`, then
-//! read `poll_timeout` and call `handle_timeout` when it passes.**
+//! ## The contract
 //!
-//! Handling an event can make more to send (a server's `respond`), so a
-//! loop repeats the two drains until both are empty. Either may come first;
-//! our server loop takes the events first, so a report read in this turn is
-//! answered before anything is sent and quiche puts its ACK and the answer
-//! in one packet (half the datagrams per report at one in flight).
+//! This is the one place it is written; the drivers, the simulation, the
+//! fuzz harness and the example say "the core's contract" and point here.
+//! After any input (`handle_datagram`, `handle_timeout`,
+//! `handle_unreachable`, `submit`, `respond`, `respond_request`, `close`,
+//! `close_all`):
+//!
+//! 1. **events:** call `poll_event` until `None`, handling each one
+//!    (handling is an input too: a server's `respond`, a client's `close`);
+//! 2. **transmits:** call `poll_transmit` until `None`, sending each datagram;
+//! 3. **events again:** sending can finish a state and report it (a
+//!    connection is closed once its CONNECTION_CLOSE is out, even when
+//!    `poll_transmit` returned nothing), so drain the events once more; if
+//!    there were any, go back to 2;
+//! 4. **wait** until a datagram arrives or `poll_timeout` passes, then call
+//!    `handle_timeout` (early is harmless).
 //!
 //! ```text
 //! loop {
@@ -22,10 +30,21 @@
 //!     now = Instant::now()
 //!     datagram   -> core.handle_datagram(now, from, to, &mut buf)
 //!     deadline   -> core.handle_timeout(now)
-//!     while let Some(t) = core.poll_transmit(now, &mut out) { send out[..t.len] to t.to }
-//!     while let Some(e) = core.poll_event() { handle e }
+//!     handle_events()          // while let Some(e) = core.poll_event() { handle e }: any?
+//!     loop {
+//!         while let Some(t) = core.poll_transmit(now, &mut out) { send out[..t.len] to t.to }
+//!         if !handle_events() { break }
+//!     }
 //! }
 //! ```
+//!
+//! Why events first: a server answers a report read in this turn before
+//! anything is sent, so quiche puts its ACK and the answer in one packet
+//! (one datagram per report instead of two at one in flight, and one
+//! wake-up less for the client). Nothing is lost in the other order, but
+//! production and the simulation both drain in this one, so the order the
+//! tests run is the order that ships. (The bench's load generator sends
+//! first on purpose: see `bench/src/quic.rs`.)
 //!
 //! ## Two clocks
 //!

@@ -75,6 +75,40 @@ impl ReportQueue {
         (seq, dropped)
     }
 
+    /// Queues a report that already has its seq (one a previous process
+    /// queued and never had acknowledged), waiting, as [`ReportQueue::push`]
+    /// would: the oldest is dropped if the queue is full (its seq is
+    /// returned). Restore in ascending seq order, before any push; later
+    /// pushes get seqs above `seq`.
+    pub fn restore(&mut self, seq: Seq, sample: Sample) -> Option<Seq> {
+        let mut dropped = None;
+        if !self.entries.contains_key(&seq)
+            && self.entries.len() >= self.limit
+            && let Some((old, _)) = self.entries.pop_first()
+        {
+            self.waiting.remove(&old);
+            self.dropped += 1;
+            dropped = Some(old);
+        }
+        self.entries.insert(
+            seq,
+            Entry {
+                seq,
+                sample,
+                sends: 0,
+            },
+        );
+        self.waiting.insert(seq);
+        self.next_seq = self.next_seq.max(seq + 1);
+        dropped
+    }
+
+    /// Numbers the next pushed report `next` at least (seqs are never
+    /// reused: a restarted client continues where it left off).
+    pub fn continue_from(&mut self, next: Seq) {
+        self.next_seq = self.next_seq.max(next);
+    }
+
     /// Takes the oldest waiting report to send it; it is in flight until
     /// [`ReportQueue::ack`] or [`ReportQueue::requeue`].
     pub fn take_waiting(&mut self) -> Option<&mut Entry> {
@@ -181,6 +215,19 @@ mod tests {
         q.requeue(1); // dropped: nothing to requeue
         assert_eq!(q.take_waiting().map(|e| e.seq), Some(3));
         assert!(q.take_waiting().is_none());
+    }
+
+    #[test]
+    fn restored_reports_keep_their_seq_and_numbering_continues() {
+        let mut q = ReportQueue::new(2, 1);
+        assert_eq!(q.restore(7, sample(7)), None);
+        assert_eq!(q.restore(9, sample(9)), None);
+        assert_eq!(q.restore(10, sample(10)), Some(7), "full: the oldest goes");
+        q.continue_from(5); // below what is queued: no effect
+        assert_eq!(q.push(sample(11)), (11, Some(9)));
+        q.continue_from(20);
+        assert_eq!(q.take_waiting().map(|e| e.seq), Some(10));
+        assert_eq!(q.push(sample(0)), (20, Some(10)));
     }
 
     #[test]

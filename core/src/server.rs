@@ -48,15 +48,20 @@
 //! recorded the report. The server FINs its side once the client's FIN
 //! arrived and every slot is answered.
 //!
-//! Connections live in a `BTreeMap` keyed by a counter (deterministic order);
-//! their deadlines in a `BTreeSet<(Instant, ConnKey)>`, so finding what is due
-//! costs O(log n) and nothing is scanned per datagram.
+//! Connections live in a [`table::ConnTable`], which keeps the indexes that
+//! find one (by connection ID, by deadline, by having something to send)
+//! consistent, so finding what is due costs O(log n) and nothing is scanned
+//! per datagram. HTTP/0.9 requests are read in [`hq`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+mod hq;
+mod table;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use self::table::{Conn, ConnTable};
 use crate::config::{HQ_ALPN, RetryMode, ServerConfig, codes};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
@@ -95,6 +100,10 @@ pub enum Outcome {
     Recorded,
     /// Could not be written: the client keeps it and sends it again.
     NotRecorded(String),
+    /// Recorded before, by this process or another one sharing its store
+    /// (a database's key refused the row): answered `"duplicate":true`, so
+    /// the client forgets it, and counted as a duplicate.
+    Duplicate,
 }
 
 /// Transport counters of a connection, from quiche, when it closed.
@@ -482,55 +491,28 @@ struct Awaiting {
     ok: Vec<u8>,
 }
 
-struct Conn {
-    quic: quiche::Connection,
-    peer: SocketAddr,
-    /// Routing entries to remove when the connection goes.
-    cids: Vec<quiche::ConnectionId<'static>>,
-    opened: bool,
-    handshake_deadline: Instant,
-    streams: BTreeMap<u64, StreamState>,
-    /// When the connection next needs [`Server::handle_timeout`].
-    deadline: Option<Instant>,
-    /// Its entry in `Server::timers`, if any: never later than `deadline`
-    /// (see `Server::settle`).
-    indexed: Option<Instant>,
-    dirty: bool,
-    reports: u64,
-    /// Settled before any stream is read (see `Server::settle_identity`).
-    identity: Option<Identity>,
-    /// A [`ServerEvent::HandshakeRefused`] was sent for it.
-    refused: bool,
-}
-
 /// The Sans-IO collecting server.
 ///
 /// Methods, by kind:
 /// - inputs, each taking `now`: [`Server::handle_datagram`],
 ///   [`Server::handle_timeout`], [`Server::respond`], [`Server::close_all`];
-/// - outputs, drained after every input in this order:
-///   [`Server::poll_transmit`] until `None`, [`Server::poll_event`] until
-///   `None`, then [`Server::poll_timeout`];
+/// - outputs, drained after every input as the crate's contract says (see
+///   the [crate] docs): [`Server::poll_event`], [`Server::poll_transmit`],
+///   events again until they are empty, then [`Server::poll_timeout`];
 /// - getters: [`Server::stats`], [`Server::connections`], ...
 pub struct Server {
     cfg: ServerConfig,
     quic_cfg: quiche::Config,
     rng: CoreRng,
-    /// Boxed: a quiche connection is about 8 KB, and the map moves its
-    /// entries on every insert and removal.
-    conns: BTreeMap<ConnKey, Box<Conn>>,
-    routes: HashMap<quiche::ConnectionId<'static>, ConnKey>,
-    timers: BTreeSet<(Instant, ConnKey)>,
-    dirty: VecDeque<ConnKey>,
+    conns: ConnTable,
     events: VecDeque<ServerEvent>,
-    /// Version negotiation and other endpoint packets: bytes and addresses.
-    endpoint_out: VecDeque<(Vec<u8>, SocketAddr, SocketAddr)>,
+    /// Version negotiation, Retry and stateless reset packets.
+    endpoint_out: VecDeque<EndpointPacket>,
     dedup: Dedup,
     awaiting: BTreeMap<ReportHandle, Awaiting>,
     /// Copies of a report that arrived while its first copy was with the
     /// application: answered when it is.
     parked: HashMap<RecordKey, Vec<ReportHandle>>,
-    next_key: u64,
     stats: ServerStats,
     scratch: Vec<u8>,
     /// Reused list of objects read in one pass.
@@ -540,13 +522,52 @@ pub struct Server {
     shutting_down: bool,
     keys: SecretKeys,
     tokens: RetryTokens,
-    /// Connections whose handshake is in progress.
-    handshaking: usize,
     /// [`Limit::Connections`] was reported and the server has not been
     /// below the limit since.
     conn_limit_reported: bool,
-    /// Token bucket for stateless resets: tokens left, and when last refilled.
-    reset_budget: (f64, Option<Instant>),
+    reset_budget: ResetBudget,
+}
+
+/// A packet of the endpoint rather than of a connection, waiting to be sent.
+#[derive(Debug)]
+struct EndpointPacket {
+    bytes: Vec<u8>,
+    to: SocketAddr,
+    from: SocketAddr,
+}
+
+/// Token bucket for stateless resets, [`ServerConfig::max_resets_per_sec`]
+/// deep and refilled at that rate.
+#[derive(Debug)]
+struct ResetBudget {
+    /// Resets that may be sent now.
+    tokens: f64,
+    /// When `tokens` was last refilled.
+    refilled: Option<Instant>,
+}
+
+impl ResetBudget {
+    fn full(rate: u32) -> ResetBudget {
+        ResetBudget {
+            tokens: f64::from(rate),
+            refilled: None,
+        }
+    }
+
+    /// Takes one reset if the budget allows it at `now`.
+    fn take(&mut self, now: Instant, rate: u32) -> bool {
+        let rate = f64::from(rate);
+        if let Some(last) = self.refilled.replace(now) {
+            self.tokens =
+                (self.tokens + now.saturating_duration_since(last).as_secs_f64() * rate).min(rate);
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl fmt::Debug for Server {
@@ -583,22 +604,17 @@ impl Server {
             keys,
             shutting_down: false,
             tokens,
-            handshaking: 0,
             conn_limit_reported: false,
-            reset_budget: (f64::from(cfg.max_resets_per_sec), None),
+            reset_budget: ResetBudget::full(cfg.max_resets_per_sec),
             dedup: Dedup::new(cfg.dedup),
             cfg,
             quic_cfg,
             rng,
-            conns: BTreeMap::new(),
-            routes: HashMap::new(),
-            timers: BTreeSet::new(),
-            dirty: VecDeque::new(),
+            conns: ConnTable::default(),
             events: VecDeque::new(),
             endpoint_out: VecDeque::new(),
             awaiting: BTreeMap::new(),
             parked: HashMap::new(),
-            next_key: 0,
             stats: ServerStats::default(),
             scratch: vec![0; 64 * 1024],
             items: Vec::new(),
@@ -622,7 +638,7 @@ impl Server {
     /// line; walks every connection).
     pub fn mean_rtt(&self) -> Option<Duration> {
         let (mut sum, mut n) = (Duration::ZERO, 0u32);
-        for c in self.conns.values().filter(|c| c.opened) {
+        for c in self.conns.values().filter(|c| c.opened()) {
             if let Some(p) = c.quic.path_stats().next() {
                 sum += p.rtt;
                 n += 1;
@@ -639,7 +655,7 @@ impl Server {
     /// Connections whose handshake is in progress (what
     /// [`RetryMode::Auto`] compares with its threshold).
     pub fn handshakes_in_progress(&self) -> usize {
-        self.handshaking
+        self.conns.handshaking()
     }
 
     /// Marks `key` as recorded before this server started (e.g. read back
@@ -684,7 +700,11 @@ impl Server {
         data: &mut [u8],
     ) -> Result<(), DatagramError> {
         let len = data.len();
-        if let Some((version, dcid, scid)) = long_header_invariants(data)
+        if let Some(LongHeader {
+            version,
+            dcid,
+            scid,
+        }) = long_header_invariants(data)
             && !quiche::version_is_supported(version)
         {
             // Only the invariants (RFC 8999) of a version we do not speak
@@ -709,7 +729,7 @@ impl Server {
         }
         let hdr = quiche::Header::from_slice(data, LOCAL_CID_LEN)
             .map_err(|_| DatagramError::BadHeader)?;
-        if let Some(&key) = self.routes.get(&hdr.dcid) {
+        if let Some(key) = self.conns.lookup(&hdr.dcid) {
             return self.recv_on(now, key, from, to, data);
         }
         if hdr.ty == quiche::Type::Short {
@@ -717,7 +737,7 @@ impl Server {
             // gone): tell the client at once with a stateless reset. Not
             // for junk without QUIC's fixed bit.
             if data[0] & 0x40 != 0
-                && self.take_reset_budget(now)
+                && self.reset_budget.take(now, self.cfg.max_resets_per_sec)
                 && let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng)
                 && self.queue_endpoint(p, from, to)
             {
@@ -778,7 +798,7 @@ impl Server {
         match self.cfg.retry {
             RetryMode::Always => true,
             RetryMode::Never => false,
-            RetryMode::Auto { threshold } => self.handshaking >= threshold,
+            RetryMode::Auto { threshold } => self.conns.handshaking() >= threshold,
         }
     }
 
@@ -846,32 +866,11 @@ impl Server {
             Ok(_) if quic.stats().recv == 0 => return Err(DatagramError::InvalidInitial),
             Ok(_) => {}
         }
-        let key = ConnKey(self.next_key);
-        self.next_key += 1;
         self.stats.connections_total += 1;
-        self.handshaking += 1;
         let mut cids = vec![scid];
         cids.extend(also_route);
-        for cid in &cids {
-            self.routes.insert(cid.clone(), key);
-        }
-        self.conns.insert(
-            key,
-            Box::new(Conn {
-                quic,
-                peer: from,
-                cids,
-                opened: false,
-                handshake_deadline: now + self.cfg.handshake_timeout,
-                streams: BTreeMap::new(),
-                deadline: None,
-                indexed: None,
-                dirty: false,
-                reports: 0,
-                identity: None,
-                refused: false,
-            }),
-        );
+        let conn = Conn::new(quic, from, now + self.cfg.handshake_timeout);
+        let key = self.conns.insert(conn, cids);
         self.after_io(now, key);
         Ok(())
     }
@@ -886,7 +885,7 @@ impl Server {
     ) -> Result<(), DatagramError> {
         let conn = self
             .conns
-            .get_mut(&key)
+            .get_mut(key)
             .expect("routes only name live connections");
         let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
         if from != conn.peer {
@@ -916,25 +915,14 @@ impl Server {
 
     /// A deadline from [`Server::poll_timeout`] passed (early is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, key)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
-            let Some(conn) = self.conns.get_mut(&key) else {
+        while let Some(key) = self.conns.pop_due(now) {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            conn.indexed = None;
-            // An entry left early by a deadline that moved later: re-file it.
-            if let Some(later) = conn.deadline.filter(|d| *d > now) {
-                conn.indexed = Some(later);
-                self.timers.insert((later, key));
-                continue;
-            }
             if conn.quic.timeout_instant().is_some_and(|t| t <= now) {
                 conn.quic.on_timeout();
             }
-            if !conn.opened && conn.handshake_deadline <= now && !conn.quic.is_closed() {
+            if !conn.opened() && conn.handshake_deadline <= now && !conn.quic.is_closed() {
                 // Half-open: reap it without a word (the client may be a spoofer).
                 let peer = conn.peer;
                 self.limit_hit(Some(key), peer, Limit::HandshakeTimeout);
@@ -962,8 +950,13 @@ impl Server {
             .awaiting
             .remove(&handle)
             .ok_or(RespondError::UnknownReport)?;
+        // Recorded now or before: either way the store holds it.
+        let stored = !matches!(outcome, Outcome::NotRecorded(_));
+        if outcome == Outcome::Duplicate {
+            self.stats.duplicates += 1;
+        }
         if let Some(k) = aw.key {
-            if outcome == Outcome::Recorded {
+            if stored {
                 self.dedup.insert(&k);
             }
             // Copies that waited on this one get the same fate.
@@ -971,7 +964,7 @@ impl Server {
                 let Some(copy) = self.awaiting.remove(&h) else {
                     continue;
                 };
-                if outcome == Outcome::Recorded {
+                if stored {
                     self.stats.duplicates += 1;
                 }
                 self.fill_slot(h, answer(&outcome, copy.ok));
@@ -995,7 +988,7 @@ impl Server {
         handle: ReportHandle,
         body: Vec<u8>,
     ) -> Result<(), RespondError> {
-        if !self.conns.contains_key(&handle.conn) {
+        if !self.conns.contains(handle.conn) {
             return Err(RespondError::ConnectionGone);
         }
         if !self.fill_slot(handle, body) {
@@ -1009,9 +1002,8 @@ impl Server {
     /// Drain [`Server::poll_transmit`]; then [`Server::is_closed`] is true.
     pub fn close_all(&mut self, now: Instant) {
         self.shutting_down = true;
-        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
-        for key in keys {
-            if let Some(c) = self.conns.get_mut(&key) {
+        for key in self.conns.keys() {
+            if let Some(c) = self.conns.get_mut(key) {
                 let _ = c
                     .quic
                     .close(true, codes::SHUTTING_DOWN, b"server shutting down");
@@ -1025,21 +1017,16 @@ impl Server {
     /// The next datagram to send, written into `buf`. Call until `None`.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
-        if let Some((bytes, to, from)) = self.endpoint_out.pop_front() {
+        if let Some(EndpointPacket { bytes, to, from }) = self.endpoint_out.pop_front() {
             let len = bytes.len().min(buf.len());
             buf[..len].copy_from_slice(&bytes[..len]);
             return Some(Transmit { len, to, from });
         }
-        while let Some(&key) = self.dirty.front() {
-            let Some(conn) = self.conns.get_mut(&key) else {
-                self.dirty.pop_front();
-                continue;
-            };
+        while let Some((key, conn)) = self.conns.next_to_send() {
             match conn.quic.send(buf) {
                 Ok((len, info)) => return Some(Transmit::sent(len, &info)),
                 Err(_) => {
-                    conn.dirty = false;
-                    self.dirty.pop_front();
+                    self.conns.sent_all(key);
                     self.settle(now, key);
                 }
             }
@@ -1056,62 +1043,30 @@ impl Server {
     /// The earliest time [`Server::handle_timeout`] wants to run, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        self.conns.next_deadline()
     }
 
     // ----- internals ------------------------------------------------------
 
-    fn take_reset_budget(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.cfg.max_resets_per_sec);
-        let (tokens, last) = &mut self.reset_budget;
-        if let Some(last) = last.replace(now) {
-            *tokens =
-                (*tokens + now.saturating_duration_since(last).as_secs_f64() * rate).min(rate);
-        }
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Gives an established connection spare connection IDs (each with its
-    /// reset token) so the client can change address, and forgets retired
-    /// ones.
+    /// Forgets the connection IDs the client retired and gives an
+    /// established connection spare ones (each with its reset token), so
+    /// the client can change address.
     fn manage_cids(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        while let Some(cid) = conn.quic.retired_scid_next() {
-            if self.routes.get(&cid) == Some(&key) {
-                self.routes.remove(&cid);
-            }
-            conn.cids.retain(|c| *c != cid);
-        }
-        if !conn.quic.is_established() {
-            return;
-        }
-        while conn.quic.scids_left() > 0 && conn.cids.len() < 8 {
+        let (rng, keys) = (&mut self.rng, &self.keys);
+        self.conns.manage_cids(key, || {
             let mut b = [0u8; LOCAL_CID_LEN];
-            self.rng.fill(&mut b);
+            rng.fill(&mut b);
             let cid = quiche::ConnectionId::from_vec(b.to_vec());
-            if conn
-                .quic
-                .new_scid(&cid, self.keys.reset_token(&cid), false)
-                .is_err()
-            {
-                break;
-            }
-            self.routes.insert(cid.clone(), key);
-            conn.cids.push(cid);
-        }
+            let reset_token = keys.reset_token(&cid);
+            (cid, reset_token)
+        });
     }
 
     /// Queues an endpoint packet; false if the queue is full (dropped).
     fn queue_endpoint(&mut self, bytes: Vec<u8>, to: SocketAddr, from: SocketAddr) -> bool {
         if self.endpoint_out.len() < MAX_ENDPOINT_QUEUE {
-            self.endpoint_out.push_back((bytes, to, from));
+            self.endpoint_out
+                .push_back(EndpointPacket { bytes, to, from });
             true
         } else {
             false
@@ -1123,15 +1078,10 @@ impl Server {
     /// timer.
     fn after_io(&mut self, now: Instant, key: ConnKey) {
         let readable = self.settle_identity(key);
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        if !conn.opened
-            && conn.quic.is_established()
+        if self.conns.note_established(key)
+            && let Some(conn) = self.conns.get(key)
             && let Some(identity) = conn.identity.clone()
         {
-            conn.opened = true;
-            self.handshaking -= 1;
             let (peer, resumed) = (conn.peer, conn.quic.is_resumed());
             let started = conn.handshake_deadline - self.cfg.handshake_timeout;
             self.events.push_back(ServerEvent::ConnectionOpened {
@@ -1148,13 +1098,7 @@ impl Server {
         }
         self.write_streams(key);
         self.check_unanswered(key);
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push_back(key);
-        }
+        self.conns.queue_send(key);
         self.settle(now, key);
     }
 
@@ -1174,7 +1118,7 @@ impl Server {
     /// certificate alert is reported too. Without `client_ca` every peer
     /// is anonymous.
     fn settle_identity(&mut self, key: ConnKey) -> bool {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
         if conn.identity.is_some() {
@@ -1242,12 +1186,12 @@ impl Server {
 
     /// Reaps a closed connection, or re-arms its timer.
     fn settle(&mut self, now: Instant, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(conn) = self.conns.get(key) else {
             return;
         };
         // Shutting down, a connection is done once its CONNECTION_CLOSE is
         // out: nobody waits out the draining period.
-        let closed_by_shutdown = self.shutting_down && conn.quic.is_draining() && !conn.dirty;
+        let closed_by_shutdown = self.shutting_down && conn.quic.is_draining() && !conn.queued();
         if conn.quic.is_closed() || closed_by_shutdown {
             let reason = close_reason(&conn.quic);
             if conn.quic.is_timed_out() {
@@ -1258,47 +1202,25 @@ impl Server {
             return;
         }
         let mut next = conn.quic.timeout_instant();
-        if !conn.opened {
+        if !conn.opened() {
             let hs = conn.handshake_deadline;
             next = Some(next.map_or(hs, |q| q.min(hs)));
         }
-        conn.deadline = next;
-        // The index is only touched when the deadline comes earlier than its
-        // entry. quiche's deadline moves later with almost every packet; the
-        // entry then stays where it is, fires early once, and is re-filed by
-        // handle_timeout, instead of a remove and an insert per datagram.
-        if let Some(at) = next
-            && conn.indexed.is_none_or(|i| at < i)
-        {
-            if let Some(old) = conn.indexed.replace(at) {
-                self.timers.remove(&(old, key));
-            }
-            self.timers.insert((at, key));
-        }
+        self.conns.rearm(key, next);
         let _ = now;
     }
 
+    /// Removes a closed connection and reports it.
     fn reap(&mut self, key: ConnKey, reason: CloseReason) {
-        let Some(conn) = self.conns.remove(&key) else {
+        let Some(conn) = self.conns.remove(key) else {
             return;
         };
-        if !conn.opened {
-            self.handshaking -= 1;
-        }
-        if let Some(at) = conn.indexed {
-            self.timers.remove(&(at, key));
-        }
-        for cid in &conn.cids {
-            if self.routes.get(cid) == Some(&key) {
-                self.routes.remove(cid);
-            }
-        }
         let s = conn.quic.stats();
         let rtt = conn.quic.path_stats().next().map(|p| p.rtt);
         self.events.push_back(ServerEvent::ConnectionClosed {
             conn: key,
             peer: conn.peer,
-            established: conn.opened,
+            established: conn.opened(),
             reason,
             stats: ConnStats {
                 sent: s.sent,
@@ -1317,7 +1239,7 @@ impl Server {
     fn read_streams(&mut self, key: ConnKey) {
         let max = self.cfg.max_report_bytes;
         let mut items = std::mem::take(&mut self.items);
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if conn.quic.local_error().is_some() {
@@ -1333,7 +1255,7 @@ impl Server {
         };
         if conn.quic.application_proto() == HQ_ALPN {
             self.items = items;
-            self.read_requests(key);
+            hq::read_requests(key, conn, &mut self.scratch, &mut self.events);
             return;
         }
         for sid in conn.quic.readable() {
@@ -1371,7 +1293,7 @@ impl Server {
             }
         }
         for (sid, item) in items.drain(..) {
-            let Some(conn) = self.conns.get_mut(&key) else {
+            let Some(conn) = self.conns.get_mut(key) else {
                 break;
             };
             let Some(st) = conn.streams.get_mut(&sid) else {
@@ -1394,7 +1316,7 @@ impl Server {
             };
             if let Some(st) = self
                 .conns
-                .get_mut(&key)
+                .get_mut(key)
                 .and_then(|c| c.streams.get_mut(&sid))
             {
                 if let Slot::Ready(a) = &slot {
@@ -1406,81 +1328,6 @@ impl Server {
         self.items = items;
     }
 
-    /// HTTP/0.9 streams: read the request line (up to FIN) and hand
-    /// `GET /path` to the application as [`ServerEvent::Request`]; anything
-    /// else is answered `bad request` at once.
-    fn read_requests(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let peer = conn.peer;
-        let Some(identity) = conn.identity.clone() else {
-            return;
-        };
-        for sid in conn.quic.readable() {
-            if refuse_unless_client_bidi(&mut conn.quic, sid) {
-                continue;
-            }
-            let st = conn.streams.entry(sid).or_insert_with(|| {
-                let mut st = StreamState::new(0);
-                st.request = Some(Vec::new());
-                st
-            });
-            let Some(req) = st.request.as_mut() else {
-                continue;
-            };
-            let mut too_long = false;
-            while !st.read_done {
-                match conn.quic.stream_recv(sid, &mut self.scratch) {
-                    Ok((n, fin)) => {
-                        req.extend_from_slice(&self.scratch[..n]);
-                        st.read_done = fin;
-                        if req.len() > MAX_REQUEST_BYTES {
-                            too_long = true;
-                            break;
-                        }
-                    }
-                    Err(quiche::Error::Done) => break,
-                    Err(_) => st.read_done = true,
-                }
-            }
-            if !st.read_done && !too_long {
-                continue;
-            }
-            if st.next_index > 0 {
-                continue; // answered already
-            }
-            st.next_index = 1;
-            if !st.read_done {
-                let _ =
-                    conn.quic
-                        .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
-                st.read_done = true;
-            }
-            match parse_request(req) {
-                Some(path) => {
-                    st.slots.push_back(Slot::Pending);
-                    let handle = ReportHandle {
-                        conn: key,
-                        stream: sid,
-                        index: 0,
-                    };
-                    self.events.push_back(ServerEvent::Request {
-                        handle,
-                        peer,
-                        path,
-                        identity: identity.clone(),
-                    });
-                }
-                None => {
-                    let answer = b"bad request: expected GET /path\n".to_vec();
-                    st.ready_bytes += answer.len();
-                    st.slots.push_back(Slot::Ready(answer));
-                }
-            }
-        }
-    }
-
     /// An object or a stream the protocol refuses: the error answer, and
     /// for a fatal error, no more reading (STOP_SENDING if the client is
     /// still sending).
@@ -1489,13 +1336,13 @@ impl Server {
         let mut answer = Vec::new();
         Response::from_stream_error(&error).encode(&mut answer);
         if let StreamError::TooLarge { .. } = error
-            && let Some(conn) = self.conns.get(&key)
+            && let Some(conn) = self.conns.get(key)
         {
             let peer = conn.peer;
             self.limit_hit(Some(key), peer, Limit::ReportBytes);
         }
         if error.is_fatal()
-            && let Some(conn) = self.conns.get_mut(&key)
+            && let Some(conn) = self.conns.get_mut(key)
             && let Some(st) = conn.streams.get_mut(&sid)
         {
             if !st.read_done {
@@ -1557,7 +1404,7 @@ impl Server {
     fn fill_slot(&mut self, h: ReportHandle, answer: Vec<u8>) -> bool {
         let Some(st) = self
             .conns
-            .get_mut(&h.conn)
+            .get_mut(h.conn)
             .and_then(|c| c.streams.get_mut(&h.stream))
         else {
             return false;
@@ -1581,7 +1428,7 @@ impl Server {
     /// CONNECTION_CLOSE with [`codes::EXCESSIVE_LOAD`], and its buffers are
     /// freed at once.
     fn check_unanswered(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if conn.quic.local_error().is_some() {
@@ -1602,7 +1449,7 @@ impl Server {
     /// Moves ready answers (in order) into quiche, sends FIN when all is
     /// answered, and forgets finished streams.
     fn write_streams(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let mut finished = Vec::new();
@@ -1658,9 +1505,16 @@ impl StreamState {
     }
 }
 
-/// Version and connection IDs of a long-header packet (the invariants of
-/// RFC 8999, the same for every QUIC version), if `data` starts with one.
-fn long_header_invariants(data: &[u8]) -> Option<(u32, &[u8], &[u8])> {
+/// What every QUIC version's long header starts with (the invariants of
+/// RFC 8999).
+struct LongHeader<'a> {
+    version: u32,
+    dcid: &'a [u8],
+    scid: &'a [u8],
+}
+
+/// The invariants of a long-header packet, if `data` starts with one.
+fn long_header_invariants(data: &[u8]) -> Option<LongHeader<'_>> {
     if data.first()? & 0x80 == 0 {
         return None;
     }
@@ -1669,7 +1523,11 @@ fn long_header_invariants(data: &[u8]) -> Option<(u32, &[u8], &[u8])> {
     let dcid = data.get(6..6 + dcid_len)?;
     let scid_len = usize::from(*data.get(6 + dcid_len)?);
     let scid = data.get(7 + dcid_len..7 + dcid_len + scid_len)?;
-    Some((version, dcid, scid))
+    Some(LongHeader {
+        version,
+        dcid,
+        scid,
+    })
 }
 
 /// Only client-initiated bidirectional streams carry reports or requests
@@ -1688,6 +1546,18 @@ fn refuse_unless_client_bidi(quic: &mut quiche::Connection, sid: u64) -> bool {
 fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     match outcome {
         Outcome::Recorded => ok,
+        Outcome::Duplicate => {
+            // `ok` is `{"ok":true,...`: the duplicate answer is the same
+            // with `"duplicate":true,` after the first field.
+            let at = OK_HEAD.len();
+            let mut a = Vec::with_capacity(ok.len() + DUPLICATE_FIELD.len());
+            a.extend_from_slice(&ok[..at.min(ok.len())]);
+            if ok.starts_with(OK_HEAD) {
+                a.extend_from_slice(DUPLICATE_FIELD);
+            }
+            a.extend_from_slice(&ok[at.min(ok.len())..]);
+            a
+        }
         Outcome::NotRecorded(why) => {
             let mut a = Vec::new();
             not_recorded(why).encode(&mut a);
@@ -1696,15 +1566,19 @@ fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// The start of every positive answer.
+const OK_HEAD: &[u8] = b"{\"ok\":true,";
+/// What a duplicate answer has after [`OK_HEAD`].
+const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
+
 /// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
 fn ok_answer(received: &[u8], duplicate: bool) -> Vec<u8> {
-    let head: &[u8] = if duplicate {
-        b"{\"ok\":true,\"duplicate\":true,\"received\":"
-    } else {
-        b"{\"ok\":true,\"received\":"
-    };
-    let mut a = Vec::with_capacity(head.len() + received.len() + 2);
-    a.extend_from_slice(head);
+    let mut a = Vec::with_capacity(OK_HEAD.len() + DUPLICATE_FIELD.len() + received.len() + 14);
+    a.extend_from_slice(OK_HEAD);
+    if duplicate {
+        a.extend_from_slice(DUPLICATE_FIELD);
+    }
+    a.extend_from_slice(b"\"received\":");
     a.extend_from_slice(received);
     a.extend_from_slice(b"}\n");
     a
@@ -1715,25 +1589,6 @@ fn not_recorded(why: &str) -> Response {
         code: CODE_NOT_RECORDED.into(),
         error: format!("not recorded: {why}"),
     }
-}
-
-/// Longest HTTP/0.9 request line we read.
-const MAX_REQUEST_BYTES: usize = 4096;
-
-/// `GET /path` (with `\r\n`, `\n` or nothing after it) -> the path, without a
-/// query string.
-fn parse_request(req: &[u8]) -> Option<String> {
-    let line = std::str::from_utf8(req).ok()?;
-    let line = line.lines().next()?.trim_end();
-    let mut words = line.split(' ');
-    let (method, target) = (words.next()?, words.next()?);
-    if method != "GET"
-        || !target.starts_with('/')
-        || words.next().is_some_and(|w| !w.starts_with("HTTP/"))
-    {
-        return None;
-    }
-    Some(target.split('?').next().unwrap_or(target).to_owned())
 }
 
 fn close_reason(q: &quiche::Connection) -> CloseReason {

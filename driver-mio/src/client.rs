@@ -1,21 +1,21 @@
-//! The client loop: one connected UDP socket, the HTTP fetch of the samples
-//! (a [`crate::fetch::Fetch`] on a TCP connection in the same poll),
+//! The client loop: one connected UDP socket, the samples handed in by the
+//! fetch thread ([`crate::fetch::Fetcher`]) or a [`SampleSender`],
 //! SIGINT/SIGTERM, and a [`quic_report_core::Client`] driven per the core's
 //! contract.
 //!
 //! ```text
-//!  source (TCP: tick, response) ──────► Fetch ─Sample─┐
-//!  SampleSender ──Sample──► channel ──► Waker ───────┤
-//!  StopHandle::stop / host lookups ───► Waker ───────┤
-//!  SIGINT / SIGTERM ──────────────────► Signals ─────┼──► mio::Poll ──► Client (core) ──► UDP socket
-//!  UDP socket (datagrams, ECONNREFUSED) ─────────────┘        ▲  poll_timeout           │
-//!                                                             └─────────────────────────┘
+//!  fetch thread (ureq) ──Sample──┐
+//!  SampleSender ──────Sample──► channel ──► Waker ───┐
+//!  StopHandle::stop ─────────────────────► Waker ───┤
+//!  SIGINT / SIGTERM ─────────────────────► Signals ─┼──► mio::Poll ──► Client (core) ──► UDP socket
+//!  UDP socket (datagrams, ECONNREFUSED) ────────────┘        ▲  poll_timeout           │
+//!                                                            └─────────────────────────┘
 //! ```
 //!
-//! A fetched sample is submitted and its report sent in the same turn of
-//! the loop that read the HTTP response: no thread hand-off. The loop wakes
-//! for the earliest of the core's deadline, the fetch's (next tick or
-//! request timeout) and, when info logs are on, the summary line.
+//! A sample is submitted (and, with a spool, written to it first) in the
+//! turn of the loop that the waker started, and its report goes out in that
+//! turn. The loop wakes for the earliest of the core's deadline, the
+//! spool's (a deferred fsync) and, when info logs are on, the summary line.
 //!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
@@ -36,17 +36,16 @@ use quic_report_core::{
 };
 
 use crate::debuglog;
-use crate::fetch::{FetchEvent, FetchOptions};
-use crate::fetch_io::FetchIo;
+use crate::fetch::{FetchOptions, Fetcher};
 use crate::observe::SUMMARY_EVERY;
 use crate::signal::SignalSource;
+use crate::spool::{Spool, SpoolOptions};
 use crate::udp::{Recv, Sent, UdpIo};
 use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
-const FETCH: Token = Token(3);
 
 /// Datagrams read per wake-up before the loop services timers and sends
 /// (the rest are read on the next turn, without sleeping).
@@ -61,6 +60,9 @@ pub struct ClientOptions {
     /// Where and how often to fetch samples (`None`: samples only come
     /// through [`ClientDriver::sample_sender`]).
     pub fetch: Option<FetchOptions>,
+    /// Persist the queue in this spool (`None`: in memory only, lost with
+    /// the process). Opened and locked by [`ClientDriver::new`].
+    pub spool: Option<SpoolOptions>,
     /// Close the client once this many reports are settled: acknowledged
     /// (duplicates included), or rejected or dropped (those are logged).
     pub count: Option<u64>,
@@ -88,6 +90,7 @@ impl ClientOptions {
         ClientOptions {
             config: ClientConfig::new(server, local, verify),
             fetch: None,
+            spool: None,
             count: None,
             handle_signals: true,
             stop: StopHandle::new(),
@@ -142,6 +145,7 @@ pub struct ClientDriver {
     signals: Option<SignalSource>,
     samples_tx: Sender<Sample>,
     samples_rx: Receiver<Sample>,
+    spool: Option<Spool>,
 }
 
 /// Binds, then runs the client until it is finished (see [`ClientDriver`]).
@@ -155,12 +159,16 @@ pub fn run_client(
 
 impl ClientDriver {
     /// Binds a UDP socket on an ephemeral port of the server's family,
-    /// connects it to the server, and sets up the poll (socket, waker,
-    /// signals). Nothing is sent yet.
+    /// connects it to the server, opens and locks the spool (if any), and
+    /// sets up the poll (socket, waker, signals). Nothing is sent yet.
     pub fn new(mut opts: ClientOptions) -> Result<ClientDriver, DriverError> {
         if let Some(f) = &opts.fetch {
             f.validate().map_err(DriverError::InvalidOption)?;
         }
+        let spool = match &opts.spool {
+            Some(s) => Some(open_spool(s, &mut opts.config.client_id)?),
+            None => None,
+        };
         let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
         let io = UdpIo::connect(opts.config.server, poll.registry(), SOCKET)?;
         opts.config.local = io.local_addr();
@@ -185,6 +193,7 @@ impl ClientDriver {
             signals,
             samples_tx,
             samples_rx,
+            spool,
         })
     }
 
@@ -219,12 +228,26 @@ impl ClientDriver {
         } else {
             None
         };
-        let client = Client::with_debug_logs(
+        let mut client = Client::with_debug_logs(
             self.opts.config.clone(),
             CoreRng::from_seed_bytes(seed),
             Instant::now(),
             logs,
         )?;
+        let mut spool = self.spool.take();
+        if let Some(s) = &mut spool {
+            let restored = s.take_restored();
+            if let (Some(first), Some(last)) = (restored.first(), restored.last()) {
+                log::info!(
+                    "spool {}: {} report(s) not acknowledged before, seq {}..={}, sent first",
+                    s.dir().display(),
+                    restored.len(),
+                    first.0,
+                    last.0
+                );
+            }
+            client.resume(Instant::now(), s.next_seq(), restored);
+        }
         log::debug!(
             "client {} on {} -> {} ({})",
             client.client_id(),
@@ -233,15 +256,16 @@ impl ClientDriver {
             self.opts.config.server_name
         );
         let fetch = match &self.opts.fetch {
-            Some(f) => Some(
-                FetchIo::new(f, FETCH, Arc::clone(&self.waker), Instant::now())
-                    .map_err(DriverError::InvalidOption)?,
-            ),
+            Some(f) => {
+                Some(Fetcher::spawn(f, self.sample_sender()).map_err(DriverError::InvalidOption)?)
+            }
             None => None,
         };
         let mut state = Loop {
             client,
             fetch,
+            spool,
+            spool_failing: false,
             handler,
             settled: 0,
             closing_since: None,
@@ -249,7 +273,12 @@ impl ClientDriver {
             out: vec![0u8; MAX_DATAGRAM_SIZE],
         };
         let res = state.run(&mut self);
-        state.stop_fetching(&self);
+        state.fetch = None; // stops the fetch thread
+        if let Some(s) = &mut state.spool
+            && let Err(e) = s.sync(Instant::now())
+        {
+            log::warn!("{e}");
+        }
         res?;
         let Loop {
             client,
@@ -275,8 +304,12 @@ impl ClientDriver {
 /// The loop's state besides the driver's sources.
 struct Loop<'h> {
     client: Client,
-    /// The HTTP fetch (until `count` samples, or the client closes).
-    fetch: Option<FetchIo>,
+    /// The fetch thread (until the client closes).
+    fetch: Option<Fetcher>,
+    /// Where samples are persisted before they are sent.
+    spool: Option<Spool>,
+    /// The last spool operation failed (warned once until one succeeds).
+    spool_failing: bool,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
     closing_since: Option<Instant>,
@@ -337,7 +370,7 @@ impl Loop<'_> {
                 .map(|t| t.saturating_duration_since(now).max(floor));
             let deadlines = [
                 next_summary,
-                self.fetch.as_ref().and_then(FetchIo::poll_timeout),
+                self.spool.as_ref().and_then(Spool::poll_timeout),
             ];
             for left in deadlines.into_iter().flatten() {
                 let left = left.saturating_duration_since(now);
@@ -371,17 +404,11 @@ impl Loop<'_> {
             let now = Instant::now();
             let (mut readable, mut writable, mut woken, mut signalled) =
                 (more_to_read, false, false, false);
-            let mut fetch_ready = (false, false, false);
             for ev in events.iter() {
                 match ev.token() {
                     SOCKET => {
                         readable |= ev.is_readable() || ev.is_error();
                         writable |= ev.is_writable();
-                    }
-                    FETCH => {
-                        fetch_ready.0 |= ev.is_readable();
-                        fetch_ready.1 |= ev.is_writable();
-                        fetch_ready.2 |= ev.is_read_closed() || ev.is_error();
                     }
                     WAKER => woken = true,
                     SIGNALS => signalled = true,
@@ -397,7 +424,6 @@ impl Loop<'_> {
                     self.submit(now, sample);
                 }
             }
-            self.fetch(d, now, woken, fetch_ready);
             if signalled
                 && let Some(sig) = d
                     .signals
@@ -414,13 +440,17 @@ impl Loop<'_> {
             if stop_requested && self.closing_since.is_none() {
                 self.close(now, "stop requested");
             }
+            if let Some(s) = &mut self.spool {
+                let res = s.handle_timeout(now);
+                self.spool_result(res, "");
+            }
             let due = self.client.poll_timeout().filter(|t| *t <= now);
             if due.is_some() {
                 self.client.handle_timeout(now);
             }
             self.drain(d, now);
             if self.closing_since.is_some() {
-                self.stop_fetching(d);
+                self.fetch = None; // stops the fetch thread
             }
             // A deadline that stays in the past after handle_timeout would
             // make the loop spin: wait at least 1 ms then (and say so once).
@@ -449,49 +479,34 @@ impl Loop<'_> {
         Ok(())
     }
 
-    /// Services the HTTP fetch: lookups that finished (`woken`), the
-    /// connection's readiness (readable, writable, closed or failed), its
-    /// deadline; submits the samples it got.
-    fn fetch(
-        &mut self,
-        d: &mut ClientDriver,
-        now: Instant,
-        woken: bool,
-        (readable, writable, closed): (bool, bool, bool),
-    ) {
-        let Some(f) = &mut self.fetch else {
-            return;
-        };
-        let reg = d.poll.registry();
-        if woken {
-            f.handle_woken(reg, now);
-        }
-        if readable || writable || closed {
-            f.handle_ready(reg, now, readable, writable, closed);
-        }
-        f.handle_timeout(reg, now);
-        while let Some(ev) = self.fetch.as_mut().and_then(FetchIo::poll_event) {
-            if let FetchEvent::Sample(s) = ev {
-                self.submit(now, s);
-            }
-        }
-        if self.fetch.as_ref().is_some_and(FetchIo::is_done) {
-            self.stop_fetching(d);
-        }
-    }
-
-    /// Drops the fetch and its connection.
-    fn stop_fetching(&mut self, d: &ClientDriver) {
-        if let Some(mut f) = self.fetch.take() {
-            f.shutdown(d.poll.registry());
-        }
-    }
-
-    /// Queues a sample for the core (dropped once closing).
+    /// Queues a sample for the core (dropped once closing), writing it to
+    /// the spool first.
     fn submit(&mut self, now: Instant, sample: Sample) {
-        if self.closing_since.is_none() {
-            let seq = self.client.submit(now, sample);
-            log::debug!("sample queued as seq {seq}");
+        if self.closing_since.is_some() {
+            return;
+        }
+        if let Some(s) = &mut self.spool {
+            let seq = self.client.next_seq();
+            let res = s.append(now, seq, &sample);
+            self.spool_result(res, " (the report is kept in memory only)");
+        }
+        let seq = self.client.submit(now, sample);
+        log::debug!("sample queued as seq {seq}");
+    }
+
+    /// Logs a spool failure once until the spool works again.
+    fn spool_result(&mut self, res: Result<(), crate::spool::SpoolError>, then: &str) {
+        match res {
+            Ok(()) if self.spool_failing => {
+                self.spool_failing = false;
+                log::info!("the spool works again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.spool_failing => {
+                self.spool_failing = true;
+                log::warn!("{e}{then}");
+            }
+            Err(e) => log::debug!("{e}"),
         }
     }
 
@@ -523,32 +538,44 @@ impl Loop<'_> {
         true
     }
 
-    /// Sends every datagram the core has, then hands its events to the
-    /// handler; again if handling them closed the client.
+    /// Hands the core's events to the handler, sends every datagram it
+    /// has, then events again until a drain of events after the transmits
+    /// finds none: the core's contract (the crate docs of `quic_report_core`).
     fn drain(&mut self, d: &mut ClientDriver, now: Instant) {
+        self.handle_events(d, now);
         loop {
             while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
                 if d.io.send(d.poll.registry(), &self.out[..t.len], t.to) == Sent::Unreachable {
                     self.client.handle_unreachable(now);
                 }
             }
-            let closing_before = self.closing_since.is_some();
-            while let Some(ev) = self.client.poll_event() {
-                self.on_event(&ev, d.opts.count, now);
-                (self.handler)(&ev, &self.client);
-            }
-            if self.closing_since.is_some() == closing_before {
+            if !self.handle_events(d, now) {
                 return;
             }
         }
     }
 
+    /// Hands every event of the core to the handler; false if there were none.
+    fn handle_events(&mut self, d: &ClientDriver, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.client.poll_event() {
+            any = true;
+            self.on_event(&ev, d.opts.count, now);
+            (self.handler)(&ev, &self.client);
+        }
+        any
+    }
+
     fn on_event(&mut self, ev: &ClientEvent, count: Option<u64>, now: Instant) {
         log::debug!("client event: {ev:?}");
         match ev {
-            ClientEvent::Acknowledged { .. }
-            | ClientEvent::Rejected { .. }
-            | ClientEvent::ReportDropped { .. } => {
+            ClientEvent::Acknowledged { seq, .. }
+            | ClientEvent::Rejected { seq, .. }
+            | ClientEvent::ReportDropped { seq } => {
+                if let Some(s) = &mut self.spool {
+                    let res = s.remove(*seq);
+                    self.spool_result(res, "");
+                }
                 self.settled += 1;
                 if count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
                     self.close(now, "count reached");
@@ -564,4 +591,56 @@ impl Loop<'_> {
         self.closing_since = Some(now);
         self.client.close(now);
     }
+}
+
+/// Opens the spool and makes the client's id its own.
+fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spool, DriverError> {
+    let mut seed_err = None;
+    let spool = Spool::open(opts, || match client_id.clone() {
+        Some(id) => id,
+        None => match os_seed() {
+            Ok(seed) => seed[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            Err(e) => {
+                seed_err = Some(e);
+                String::new()
+            }
+        },
+    });
+    if let Some(e) = seed_err {
+        return Err(e);
+    }
+    let spool = spool?;
+    if let Some(id) = client_id.as_deref()
+        && id != spool.client_id()
+    {
+        return Err(crate::spool::SpoolError::OtherClient {
+            dir: opts.dir.clone(),
+            found: spool.client_id().to_owned(),
+            configured: id.to_owned(),
+        }
+        .into());
+    }
+    let r = spool.recovery();
+    if let Some((at, bytes)) = r.skipped {
+        log::warn!(
+            "spool {}: {bytes} byte(s) from offset {at} are torn or corrupt (a crash or power loss mid-write?): skipped",
+            opts.dir.display()
+        );
+    }
+    if r.created {
+        log::info!(
+            "spool {}: new, client id {}",
+            opts.dir.display(),
+            spool.client_id()
+        );
+    } else {
+        log::info!(
+            "spool {}: client id {}, next seq {}",
+            opts.dir.display(),
+            spool.client_id(),
+            spool.next_seq()
+        );
+    }
+    *client_id = Some(spool.client_id().to_owned());
+    Ok(spool)
 }

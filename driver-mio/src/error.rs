@@ -40,6 +40,12 @@ pub enum DriverError {
         /// The server's reason.
         error: String,
     },
+    /// The database sink cannot be used (e.g. its schema is newer than
+    /// this build understands).
+    Database(String),
+    /// The client's spool cannot be used (locked by another client,
+    /// unreadable, not a spool).
+    Spool(crate::spool::SpoolError),
     /// An I/O operation the loop needs failed.
     Io {
         /// What the driver was doing.
@@ -67,10 +73,12 @@ impl fmt::Display for DriverError {
             DriverError::File { path, source } => {
                 write!(f, "cannot read {}: {source}", path.display())
             }
+            DriverError::Spool(e) => write!(f, "{e}"),
             DriverError::Io { what, source } => write!(f, "{what}: {source}"),
             DriverError::ReadRefused { code, error } => {
                 write!(f, "the server refused the read ({code}): {error}")
             }
+            DriverError::Database(why) => write!(f, "database: {why}"),
         }
     }
 }
@@ -82,6 +90,7 @@ impl std::error::Error for DriverError {
             | DriverError::File { source, .. }
             | DriverError::Io { source, .. } => Some(source),
             DriverError::Config(e) => Some(e),
+            DriverError::Spool(e) => Some(e),
             _ => None,
         }
     }
@@ -90,5 +99,11 @@ impl std::error::Error for DriverError {
 impl From<ConfigError> for DriverError {
     fn from(e: ConfigError) -> DriverError {
         DriverError::Config(e)
+    }
+}
+
+impl From<crate::spool::SpoolError> for DriverError {
+    fn from(e: crate::spool::SpoolError) -> DriverError {
+        DriverError::Spool(e)
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! Single-threaded [mio] loops that drive the Sans-IO core
 //! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
-//! UDP socket. Each loop owns one `mio::Poll` with three sources: the UDP
+//! UDP socket, in the order of the core's contract (the crate docs of
+//! `quic_report_core`). Each loop owns one `mio::Poll` with three sources: the UDP
 //! socket, a `mio::Waker` (samples handed in from other threads, stop
-//! requests) and, optionally, SIGINT/SIGTERM through signal-hook-mio; the
-//! client's adds the TCP connection to its HTTP source.
+//! requests) and, optionally, SIGINT/SIGTERM through signal-hook-mio.
 //!
 //! ```text
 //! loop:
@@ -18,15 +18,15 @@
 //!                      WAKER           -> drain sample channel -> core.submit(now, s); stop request?
 //!                      SIGNAL          -> core.close(now) / server.close_all(now)
 //!   if the deadline has passed: core.handle_timeout(now)
+//!   drain core.poll_event() -> app   (server: write to the sink first, then core.respond(..))
 //!   drain core.poll_transmit(now, &mut out) -> send (WouldBlock: hold it, add WRITABLE interest)
-//!   drain core.poll_event() -> app   (server: write to the sink first, then core.respond(..),
-//!                                     then drain poll_transmit / poll_event again)
+//!   again until neither gives anything
 //!   exit once closing is finished
 //! ```
 //!
-//! The client's HTTP fetch ([`fetch`], a Sans-IO state machine over
-//! ureq-proto) runs in the client loop itself, on a non-blocking TCP
-//! connection kept alive between fetches.
+//! The client's HTTP fetch ([`fetch`]) runs ureq on a helper thread that
+//! hands samples to the loop through the sample channel and the waker; with
+//! `--spool` the loop writes each sample to its [`spool`] before sending it.
 //! Nothing spins: an idle loop sleeps until the core's next deadline.
 //!
 //! Entry points: [`run_client`] / [`ClientDriver`] and [`run_server`] /
@@ -43,27 +43,33 @@
 
 pub mod batch;
 pub mod client;
+pub mod database;
 pub mod debuglog;
 pub mod error;
 pub mod fetch;
-mod fetch_io;
 pub mod get;
+pub mod held;
 pub mod observe;
 pub mod secret;
 pub mod server;
 pub mod signal;
 pub mod sink;
+pub mod spool;
 pub mod stop;
 pub mod udp;
 
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};
 pub use error::DriverError;
-pub use fetch::FetchOptions;
+pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
+pub use held::WaitLimits;
 pub use observe::{MetricsServer, Observer, ReadPolicy};
 pub use secret::read_secret_file;
-pub use server::{ServerDriver, ServerOptions, run_server};
-pub use sink::{DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, WriterSink};
+pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
+pub use sink::{
+    DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, SinkUrl, WriterSink,
+};
+pub use spool::{Spool, SpoolError, SpoolOptions};
 pub use stop::StopHandle;
 
 use rand::TryRngCore;

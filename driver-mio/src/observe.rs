@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use quic_report_core::per_identity::{IdentityLimits, PerIdentity};
 use quic_report_core::report::CODE_FORBIDDEN;
-use quic_report_core::{Identity, Report, Response, ServerEvent, ServerStats};
+use quic_report_core::{Identity, Outcome, Report, Response, ServerEvent, ServerStats};
+
+use crate::database::writer::ReadResult;
 use serde_json::Value;
 
 /// How many latest reports are kept: per identity (and for the anonymous
@@ -129,25 +131,51 @@ const BUCKETS: [f64; 12] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// A Prometheus-style cumulative histogram.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Upper bounds of the batch-size histogram's buckets, in rows.
+const ROW_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// A Prometheus-style cumulative histogram (latencies by default).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&BUCKETS)
+    }
+}
+
 impl Histogram {
-    /// Adds one observation.
+    /// A histogram with these bucket upper bounds (ascending).
+    pub fn with_bounds(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    /// Adds one duration, in seconds.
     pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if s <= *le {
-                self.counts[i] += 1;
+        self.observe_value(d.as_secs_f64());
+    }
+
+    /// Adds one observation.
+    pub fn observe_value(&mut self, v: f64) {
+        for (n, le) in self.counts.iter_mut().zip(self.bounds) {
+            if v <= *le {
+                *n += 1;
             }
         }
         self.count += 1;
-        self.sum += s;
+        self.sum += v;
     }
 
     /// Observations so far.
@@ -155,13 +183,61 @@ impl Histogram {
         self.count
     }
 
+    /// The mean observation (0 without any).
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+
     fn write_prometheus(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (le, n) in BUCKETS.iter().zip(self.counts) {
+        for (le, n) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
         let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+/// A database sink's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbMetrics {
+    /// The last database operation succeeded.
+    pub up: bool,
+    /// Batches committed.
+    pub commits: u64,
+    /// From a batch's insert to its commit.
+    pub commit_latency: Histogram,
+    /// Rows per committed batch.
+    pub batch_rows: Histogram,
+    /// Reports waiting for their commit now.
+    pub waiting_reports: u64,
+    /// Bytes of those reports.
+    pub waiting_bytes: u64,
+    /// Database failures (connection lost, a batch or a row refused).
+    pub errors: u64,
+    /// Reports answered `not_recorded` at once because too many waited.
+    pub busy: u64,
+    /// Reports answered `not_recorded` because their deadline passed.
+    pub expired: u64,
+}
+
+impl Default for DbMetrics {
+    fn default() -> Self {
+        DbMetrics {
+            up: false,
+            commits: 0,
+            commit_latency: Histogram::default(),
+            batch_rows: Histogram::with_bounds(&ROW_BUCKETS),
+            waiting_reports: 0,
+            waiting_bytes: 0,
+            errors: 0,
+            busy: 0,
+            expired: 0,
+        }
     }
 }
 
@@ -193,6 +269,8 @@ pub struct Snapshot {
     pub report: Histogram,
     /// Seconds since the server started.
     pub uptime: Duration,
+    /// The database sink's figures, when the sink is a database.
+    pub database: Option<DbMetrics>,
 }
 
 /// The loop's bookkeeping.
@@ -260,15 +338,23 @@ impl Observer {
         }
     }
 
+    /// The database sink's figures, kept from now on.
+    pub fn database(&mut self) -> &mut DbMetrics {
+        self.snap.database.get_or_insert_with(DbMetrics::default)
+    }
+
     /// A report was answered, `took` after its loop turn began; `line` is
-    /// its JSON line (kept as the client's latest).
-    pub fn answered(&mut self, report: &Report, line: Vec<u8>, recorded: bool, took: Duration) {
+    /// its JSON line (kept as the client's latest unless not recorded).
+    pub fn answered(&mut self, report: &Report, line: Vec<u8>, outcome: &Outcome, took: Duration) {
         self.snap.report.observe(took);
-        if !recorded {
-            self.snap.not_recorded += 1;
-            return;
+        match outcome {
+            Outcome::NotRecorded(_) => {
+                self.snap.not_recorded += 1;
+                return;
+            }
+            Outcome::Duplicate => {}
+            Outcome::Recorded => self.snap.recorded += 1,
         }
-        self.snap.recorded += 1;
         let client = report.client.as_deref().unwrap_or("-");
         *self.latest.entry(&report.identity, client, Vec::new) = line;
     }
@@ -315,30 +401,18 @@ impl Observer {
         self.next_summary
     }
 
-    /// The answer to an HTTP/0.9 `GET path` from `identity`, as the
-    /// [`ReadPolicy`] allows: `/latest`, `/stats`, else `not found`. A
-    /// refused read is answered `{"ok":false,"code":"forbidden",...}` and
-    /// counted.
-    pub fn read(&mut self, path: &str, identity: &Identity) -> ReadAnswer {
-        let access = self.policy.access(identity);
-        let body = match (path, &access) {
-            (_, Access::Nothing) => None,
-            ("/latest", Access::All) => Some(self.latest_body(None)),
-            ("/latest", Access::Own) => Some(self.latest_body(Some(identity))),
-            ("/stats", Access::All) => {
-                let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
-                body.push(b'\n');
-                Some(body)
-            }
-            ("/stats", Access::Own) => None,
-            _ => Some(b"not found\n".to_vec()),
-        };
-        match body {
-            Some(body) => ReadAnswer {
-                body,
-                refused: false,
-            },
-            None => {
+    /// What `identity` may read of `path`, as the [`ReadPolicy`] says:
+    /// `Ok(None)` everything, `Ok(Some(identity))` only its own entries,
+    /// or the refusal to send (`{"ok":false,"code":"forbidden",...}`),
+    /// counted in `reads_refused`.
+    pub fn authorize(
+        &mut self,
+        path: &str,
+        identity: &Identity,
+    ) -> Result<Option<Identity>, ReadAnswer> {
+        match (self.policy.access(identity), path) {
+            (Access::All, _) => Ok(None),
+            (Access::Own, "/stats") | (Access::Nothing, _) => {
                 self.snap.reads_refused += 1;
                 let why = if identity.is_anonymous() {
                     format!("{path} may not be read without a client certificate here")
@@ -351,45 +425,113 @@ impl Observer {
                     error: why,
                 }
                 .encode(&mut body);
-                ReadAnswer {
+                Err(ReadAnswer {
                     body,
                     refused: true,
-                }
+                })
             }
+            (Access::Own, _) => Ok(Some(identity.clone())),
+        }
+    }
+
+    /// The answer to an HTTP/0.9 `GET path` from `identity`:
+    /// [`Observer::authorize`], then `/latest`, `/stats`, else `not found`.
+    pub fn read(&mut self, path: &str, identity: &Identity) -> ReadAnswer {
+        match self.authorize(path, identity) {
+            Err(refused) => refused,
+            Ok(only) => ReadAnswer {
+                body: self.body(path, only.as_ref()),
+                refused: false,
+            },
+        }
+    }
+
+    /// The body of an authorized read (`only`: of that identity alone).
+    pub fn body(&self, path: &str, only: Option<&Identity>) -> Vec<u8> {
+        match path {
+            "/latest" => self.latest_body(only),
+            "/stats" => {
+                let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
+                body.push(b'\n');
+                body
+            }
+            _ => b"not found\n".to_vec(),
         }
     }
 
     /// `{"<identity>":{"<client>":<its latest record>,...},...}`, of every
     /// identity or only of `only`; sorted by name.
     fn latest_body(&self, only: Option<&Identity>) -> Vec<u8> {
-        let mut identities: Vec<&Identity> = match only {
+        let mut rows: Vec<(&str, &str, &[u8])> = Vec::new();
+        let identities: Vec<&Identity> = match only {
             Some(i) => vec![i],
             None => self.latest.identities().collect(),
         };
-        identities.sort();
-        let mut body = vec![b'{'];
-        for (i, identity) in identities.into_iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
+        for identity in identities {
+            for (client, line) in self.latest.clients_of(identity.as_str()) {
+                rows.push((
+                    identity.as_str(),
+                    client,
+                    line.strip_suffix(b"\n").unwrap_or(line),
+                ));
             }
-            body.extend_from_slice(&serde_json::to_vec(identity.as_str()).unwrap_or_default());
-            body.extend_from_slice(b":{");
-            let mut clients: Vec<(&str, &Vec<u8>)> =
-                self.latest.clients_of(identity.as_str()).collect();
-            clients.sort();
-            for (j, (client, line)) in clients.into_iter().enumerate() {
-                if j > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(&serde_json::to_vec(client).unwrap_or_default());
-                body.push(b':');
-                // The lines are JSON objects already.
-                body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
-            }
-            body.push(b'}');
         }
-        body.extend_from_slice(b"}\n");
-        body
+        latest_json(rows)
+    }
+}
+
+/// `{"<identity>":{"<client>":<record>,...},...}\n` from rows of records
+/// that are JSON objects already, sorted by identity and client.
+fn latest_json(mut rows: Vec<(&str, &str, &[u8])>) -> Vec<u8> {
+    rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut body = vec![b'{'];
+    let mut current: Option<&str> = None;
+    for (identity, client, record) in rows {
+        if current != Some(identity) {
+            if current.is_some() {
+                body.extend_from_slice(b"},");
+            }
+            body.extend_from_slice(&serde_json::to_vec(identity).unwrap_or_default());
+            body.extend_from_slice(b":{");
+            current = Some(identity);
+        } else {
+            body.push(b',');
+        }
+        body.extend_from_slice(&serde_json::to_vec(client).unwrap_or_default());
+        body.push(b':');
+        body.extend_from_slice(record);
+    }
+    if current.is_some() {
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"}\n");
+    body
+}
+
+impl Observer {
+    /// The body for a read the database answered: `/latest` from its rows
+    /// (complete across every server sharing it), `/stats` with its counts.
+    /// `only`: the entries of that identity alone (see
+    /// [`Observer::authorize`]).
+    pub fn http_body_from(&self, read: ReadResult, only: Option<&Identity>) -> Vec<u8> {
+        match read {
+            ReadResult::Latest(rows) => latest_json(
+                rows.iter()
+                    .filter(|(identity, _, _)| only.is_none_or(|o| o.as_str() == identity))
+                    .map(|(identity, client, body)| {
+                        (identity.as_str(), client.as_str(), body.as_bytes())
+                    })
+                    .collect(),
+            ),
+            ReadResult::Counts(rows, clients) => {
+                let mut stats = stats_json(&self.snap);
+                stats["database_rows"] = rows.into();
+                stats["database_clients"] = clients.into();
+                let mut body = serde_json::to_vec(&stats).unwrap_or_default();
+                body.push(b'\n');
+                body
+            }
+        }
     }
 }
 
@@ -413,6 +555,17 @@ pub fn stats_json(s: &Snapshot) -> Value {
         "datagrams_dropped": c.dropped_datagrams,
         "bytes_in": s.bytes_in,
         "bytes_out": s.bytes_out,
+        "database": s.database.as_ref().map(|d| serde_json::json!({
+            "up": d.up,
+            "commits": d.commits,
+            "mean_batch_rows": d.batch_rows.mean(),
+            "mean_commit_ms": d.commit_latency.mean() * 1e3,
+            "waiting_reports": d.waiting_reports,
+            "waiting_bytes": d.waiting_bytes,
+            "errors": d.errors,
+            "busy": d.busy,
+            "expired": d.expired,
+        })),
     })
 }
 
@@ -538,7 +691,72 @@ pub fn prometheus(s: &Snapshot) -> String {
         "quic_report_report_seconds",
         "From reading a report to answering it (the sink write included).",
     );
+    if let Some(d) = &s.database {
+        write_database(&mut out, d);
+    }
     out
+}
+
+/// The database sink's families.
+fn write_database(out: &mut String, d: &DbMetrics) {
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP quic_report_{name} {help}\n# TYPE quic_report_{name} {kind}\nquic_report_{name} {value}"
+        );
+    };
+    metric(
+        "sink_up",
+        "gauge",
+        "1 if the database's last operation succeeded.",
+        u64::from(d.up),
+    );
+    metric(
+        "sink_commits_total",
+        "counter",
+        "Batches committed to the database.",
+        d.commits,
+    );
+    metric(
+        "sink_waiting_reports",
+        "gauge",
+        "Reports waiting for their commit.",
+        d.waiting_reports,
+    );
+    metric(
+        "sink_waiting_bytes",
+        "gauge",
+        "Bytes of the reports waiting for their commit.",
+        d.waiting_bytes,
+    );
+    metric(
+        "sink_errors_total",
+        "counter",
+        "Database failures: connection lost or refused, rows refused.",
+        d.errors,
+    );
+    metric(
+        "sink_busy_total",
+        "counter",
+        "Reports answered not_recorded at once because too many waited (backpressure).",
+        d.busy,
+    );
+    metric(
+        "sink_expired_total",
+        "counter",
+        "Reports answered not_recorded because no commit came within the deadline.",
+        d.expired,
+    );
+    d.commit_latency.write_prometheus(
+        out,
+        "quic_report_sink_commit_seconds",
+        "From a batch's insert to its commit.",
+    );
+    d.batch_rows.write_prometheus(
+        out,
+        "quic_report_sink_batch_rows",
+        "Rows per committed batch (group commit).",
+    );
 }
 
 /// The `--metrics` HTTP endpoint: `GET /metrics` (Prometheus text), on a
@@ -629,6 +847,27 @@ mod tests {
         assert_eq!(h.counts[0], 1, "<= 100us");
         assert_eq!(h.counts[5], 2, "<= 5ms");
         assert_eq!(h.counts[BUCKETS.len() - 1], 2, "<= 1s; 5 s only in +Inf");
+    }
+
+    #[test]
+    fn database_families_appear_with_a_database_sink() {
+        let mut s = Snapshot::default();
+        assert!(!prometheus(&s).contains("sink_"));
+        let mut d = DbMetrics::default();
+        d.batch_rows.observe_value(100.0);
+        d.commit_latency.observe(Duration::from_millis(2));
+        d.waiting_reports = 3;
+        s.database = Some(d);
+        let text = prometheus(&s);
+        for needle in [
+            "quic_report_sink_batch_rows_bucket{le=\"128\"} 1",
+            "quic_report_sink_batch_rows_bucket{le=\"64\"} 0",
+            "quic_report_sink_commit_seconds_count 1",
+            "quic_report_sink_waiting_reports 3",
+            "quic_report_sink_errors_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} in:\n{text}");
+        }
     }
 
     #[test]

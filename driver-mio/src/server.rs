@@ -35,11 +35,15 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use quic_report_core::{
-    CoreRng, Outcome, Report, RespondError, Server, ServerConfig, ServerEvent, ServerSecret,
+    CoreRng, Outcome, Report, ReportHandle, RespondError, Server, ServerConfig, ServerEvent,
+    ServerSecret,
 };
 
 use crate::batch::{BATCH, RECV_SLOT, RecvBatch, SendBatch};
+use crate::database::writer::{Read, Writer};
+use crate::database::{Connect, DbError};
 use crate::debuglog;
+use crate::held::{Held, Settled, WaitLimits, Waiting};
 use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
@@ -50,6 +54,9 @@ use crate::{DriverError, StopHandle, os_seed};
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+
+/// Clients `/latest` shows at most when it reads the database.
+const MAX_LATEST_ROWS: usize = 10_000;
 
 /// Datagrams read per wake-up before the loop services timers and sends.
 const RECV_BUDGET: usize = 1024;
@@ -106,6 +113,55 @@ impl ServerOptions {
     }
 }
 
+/// Where the server loop records reports.
+pub enum Sink<'a> {
+    /// Written by the loop itself, then flushed once per batch, before the
+    /// answers (stdout, a file): see [`ReportSink`].
+    Inline(&'a mut dyn ReportSink),
+    /// A database, committed by a helper thread while the loop serves on;
+    /// each report is answered after its commit (see [`crate::held`]).
+    Database(DatabaseSink),
+}
+
+impl std::fmt::Debug for Sink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sink::Inline(_) => f.write_str("Sink::Inline"),
+            Sink::Database(d) => write!(f, "Sink::Database({})", d.connect.describe()),
+        }
+    }
+}
+
+impl<'a, S: ReportSink + 'a> From<&'a mut S> for Sink<'a> {
+    fn from(sink: &'a mut S) -> Sink<'a> {
+        Sink::Inline(sink)
+    }
+}
+
+impl From<DatabaseSink> for Sink<'_> {
+    fn from(sink: DatabaseSink) -> Self {
+        Sink::Database(sink)
+    }
+}
+
+/// A database sink: how to connect, and what may wait for a commit.
+pub struct DatabaseSink {
+    /// Opens the database (again after a failure).
+    pub connect: Box<dyn Connect>,
+    /// Deadline and bounds of the reports waiting for their commit.
+    pub limits: WaitLimits,
+}
+
+impl DatabaseSink {
+    /// A sink on `connect` with the default [`WaitLimits`].
+    pub fn new(connect: Box<dyn Connect>) -> DatabaseSink {
+        DatabaseSink {
+            connect,
+            limits: WaitLimits::default(),
+        }
+    }
+}
+
 /// A server loop, bound and ready to run.
 #[derive(Debug)]
 pub struct ServerDriver {
@@ -121,9 +177,9 @@ pub struct ServerDriver {
 /// Binds, then runs the server until it is stopped (see [`ServerDriver`]).
 /// `on_event` sees every core event after the loop handled it (a report is
 /// recorded and answered by then).
-pub fn run_server(
+pub fn run_server<'a>(
     opts: ServerOptions,
-    sink: &mut dyn ReportSink,
+    sink: impl Into<Sink<'a>>,
     on_event: &mut dyn FnMut(&ServerEvent),
 ) -> Result<(), DriverError> {
     ServerDriver::bind(opts)?.run(sink, on_event)
@@ -194,11 +250,20 @@ impl ServerDriver {
 
     /// Runs the loop until stopped (signal or [`StopHandle::stop`]) and every
     /// connection is closed (bounded by [`ServerOptions::shutdown_grace`]).
-    pub fn run(
+    ///
+    /// A database sink is connected to first, on this thread: a schema
+    /// this build does not understand is an error here; a database that is
+    /// down is not (the server serves, answers `not_recorded`, and
+    /// reconnects in the background).
+    pub fn run<'a>(
         mut self,
-        sink: &mut dyn ReportSink,
+        sink: impl Into<Sink<'a>>,
         on_event: &mut dyn FnMut(&ServerEvent),
     ) -> Result<(), DriverError> {
+        let sink = match sink.into() {
+            Sink::Inline(s) => Recorder::Inline(s),
+            Sink::Database(db) => Recorder::Database(self.start_database(db)?),
+        };
         let seed = os_seed()?;
         let mut server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
         if self.opts.env_debug_logs
@@ -223,27 +288,78 @@ impl ServerDriver {
             sends: SendBatch::new(),
             recvs: RecvBatch::new(),
             batch: Vec::new(),
+            settled: Vec::new(),
             observer,
             throttles,
+            db_reads: std::collections::HashMap::new(),
         };
         let res = state.run(&mut self);
-        if let Err(e) = state.sink.sync(Instant::now()) {
+        if let Recorder::Inline(sink) = &mut state.sink
+            && let Err(e) = sink.sync(Instant::now())
+        {
             log::error!("{e}");
         }
         res
+    }
+
+    /// Connects to the database once and starts its helper thread.
+    fn start_database(&self, mut db: DatabaseSink) -> Result<Held, DriverError> {
+        let what = db.connect.describe();
+        let first = match db.connect.connect() {
+            Ok(conn) => {
+                log::info!("recording into {what}");
+                Some(conn)
+            }
+            Err(DbError::Schema(e)) => return Err(DriverError::Database(e)),
+            Err(e) => {
+                log::warn!(
+                    "database unavailable at start: {e}; serving anyway: reports are answered \
+                     not_recorded (the clients keep them) until it is back; reconnecting with backoff"
+                );
+                None
+            }
+        };
+        let seed = os_seed()?;
+        let writer = Writer::start(db.connect, first, Arc::clone(&self._waker), seed)
+            .map_err(DriverError::io("starting the database thread"))?;
+        let mut instance = [0u8; 16];
+        instance.copy_from_slice(&os_seed()?[..16]);
+        Ok(Held::new(writer, db.limits, instance))
+    }
+}
+
+/// The sink as the loop uses it.
+enum Recorder<'a> {
+    /// Written and flushed in the loop.
+    Inline(&'a mut dyn ReportSink),
+    /// Committed by the helper thread; answered when it is done.
+    Database(Held),
+}
+
+impl Recorder<'_> {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Recorder::Inline(s) => s.sync_deadline(),
+            Recorder::Database(h) => h.deadline(),
+        }
     }
 }
 
 struct Loop<'a> {
     server: Server,
-    sink: &'a mut dyn ReportSink,
+    sink: Recorder<'a>,
     on_event: &'a mut dyn FnMut(&ServerEvent),
     sends: SendBatch,
     recvs: RecvBatch,
     /// The events of one drain, reused.
     batch: Vec<ServerEvent>,
+    /// Answers from the database sink, reused.
+    settled: Vec<Settled>,
     observer: Observer,
     throttles: Throttles,
+    /// Reads the database answers: whose entries each may show (`None`:
+    /// everyone's).
+    db_reads: std::collections::HashMap<ReportHandle, Option<quic_report_core::Identity>>,
 }
 
 /// One [`Throttle`] per kind of refusal a peer can cause at will.
@@ -272,7 +388,7 @@ impl Loop<'_> {
                 let left = (since + d.opts.shutdown_grace).saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
-            if let Some(t) = self.sink.sync_deadline() {
+            if let Some(t) = self.sink.deadline() {
                 let left = t.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
@@ -345,6 +461,7 @@ impl Loop<'_> {
             if due.is_some() {
                 self.server.handle_timeout(now);
             }
+            self.settle(now)?;
             self.drain(d, now);
             let now = Instant::now();
             let server = &self.server;
@@ -353,8 +470,9 @@ impl Loop<'_> {
                 .tick(now, server.stats(), server.connections(), || {
                     server.mean_rtt()
                 });
-            if self.sink.sync_deadline().is_some_and(|t| t <= now)
-                && let Err(e) = self.sink.sync(now)
+            if let Recorder::Inline(sink) = &mut self.sink
+                && sink.sync_deadline().is_some_and(|t| t <= now)
+                && let Err(e) = sink.sync(now)
             {
                 log::error!("{e}");
             }
@@ -425,41 +543,47 @@ impl Loop<'_> {
         true
     }
 
-    /// Events (recording and answering reports), then transmits, until the
-    /// core has neither.
-    ///
-    /// Events go first: a report read in this turn is recorded and answered
-    /// before anything is sent, so quiche puts its ACK and the answer in one
-    /// packet (one datagram per report instead of two, and one wake-up less
-    /// for the client). Then everything the core has to send goes out, and
-    /// the two repeat until the core has neither.
+    /// Events (recording and answering reports), then transmits, then
+    /// events again until a drain of events after the transmits finds none:
+    /// the core's contract (the crate docs of `quic_report_core`).
     fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
         let mut batch = std::mem::take(&mut self.batch);
+        self.handle_events(now, &mut batch);
         loop {
-            batch.clear();
-            while let Some(ev) = self.server.poll_event() {
-                batch.push(ev);
-            }
-            if !batch.is_empty() {
-                self.handle_batch(now, &batch);
-            }
-            let mut sent = false;
-            while let Some(t) = self.server.poll_transmit(now, self.sends.slot()) {
-                self.sends.push(t.len, t.to);
-                self.observer.bytes(0, t.len);
-                sent = true;
-                if self.sends.is_full() {
-                    d.io.send_batch(d.poll.registry(), &mut self.sends);
-                }
-            }
-            if !self.sends.is_empty() {
-                d.io.send_batch(d.poll.registry(), &mut self.sends);
-            }
-            if batch.is_empty() && !sent {
+            self.send_all(d, now);
+            if !self.handle_events(now, &mut batch) {
                 break;
             }
         }
         self.batch = batch;
+    }
+
+    /// Takes every event of the core and handles them as one batch; false
+    /// if there were none.
+    fn handle_events(&mut self, now: Instant, batch: &mut Vec<ServerEvent>) -> bool {
+        batch.clear();
+        while let Some(ev) = self.server.poll_event() {
+            batch.push(ev);
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        self.handle_batch(now, batch);
+        true
+    }
+
+    /// Sends everything the core has, [`BATCH`] datagrams per `sendmmsg`.
+    fn send_all(&mut self, d: &mut ServerDriver, now: Instant) {
+        while let Some(t) = self.server.poll_transmit(now, self.sends.slot()) {
+            self.sends.push(t.len, t.to);
+            self.observer.bytes(0, t.len);
+            if self.sends.is_full() {
+                d.io.send_batch(d.poll.registry(), &mut self.sends);
+            }
+        }
+        if !self.sends.is_empty() {
+            d.io.send_batch(d.poll.registry(), &mut self.sends);
+        }
     }
 
     /// Logs a batch of events in the core's order ("connection opened"
@@ -480,17 +604,39 @@ impl Loop<'_> {
                 identity,
             } = ev
             {
-                let answer = self.observer.read(path, identity);
-                if !answer.refused {
-                    log::info!("{}: GET {path} from {peer} by {identity}", handle.conn);
-                } else if let Some(more) = self.throttles.reads.allow(now) {
-                    log::warn!(
-                        "{}: GET {path} from {peer} refused to {identity}{}",
-                        handle.conn,
-                        more_since(more)
-                    );
+                let only = match self.observer.authorize(path, identity) {
+                    Ok(only) => only,
+                    Err(refused) => {
+                        if let Some(more) = self.throttles.reads.allow(now) {
+                            log::warn!(
+                                "{}: GET {path} from {peer} refused to {identity}{}",
+                                handle.conn,
+                                more_since(more)
+                            );
+                        }
+                        if let Err(e) = self.server.respond_request(now, *handle, refused.body) {
+                            log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                        }
+                        (self.on_event)(ev);
+                        continue;
+                    }
+                };
+                log::info!("{}: GET {path} from {peer} by {identity}", handle.conn);
+                // With a database, the reads come from it (every server's).
+                let read = match path.as_str() {
+                    "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
+                    "/stats" => Some(Read::Counts),
+                    _ => None,
+                };
+                if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read)
+                    && held.read(*handle, read)
+                {
+                    self.db_reads.insert(*handle, only);
+                    (self.on_event)(ev);
+                    continue;
                 }
-                if let Err(e) = self.server.respond_request(now, *handle, answer.body) {
+                let body = self.observer.body(path, only.as_ref());
+                if let Err(e) = self.server.respond_request(now, *handle, body) {
                     log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                 }
             }
@@ -523,33 +669,62 @@ impl Loop<'_> {
         }
     }
 
-    /// Records every report of `batch`, flushes the sink once, then answers
-    /// each: recorded, or not recorded if its write or the flush failed.
+    /// Records every report of `batch`: written and flushed at once by an
+    /// inline sink, or handed to the database thread (answered later, by
+    /// [`Loop::settle`]).
     fn record(&mut self, turn: Instant, batch: &[ServerEvent]) {
-        let mut answers = Vec::new();
-        let mut written = 0usize;
-        for ev in batch {
-            let ServerEvent::Report {
+        let reports = batch.iter().filter_map(|ev| match ev {
+            ServerEvent::Report {
                 handle,
                 peer,
                 report,
-            } = ev
-            else {
-                continue;
-            };
+            } => Some((*handle, *peer, report)),
+            _ => None,
+        });
+        let held = match &mut self.sink {
+            Recorder::Inline(_) => return self.record_inline(turn, reports.collect()),
+            Recorder::Database(held) => held,
+        };
+        let waiting: Vec<Waiting> = reports
+            .map(|(handle, peer, report)| Waiting {
+                handle,
+                peer,
+                report: report.clone(),
+                line: report.to_json_line(),
+                turn,
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let mut refused = std::mem::take(&mut self.settled);
+        held.submit(turn, waiting, &mut refused, self.observer.database());
+        self.answer_settled(&mut refused);
+        self.settled = refused;
+    }
+
+    /// Writes each report, flushes the sink once, then answers each:
+    /// recorded, or not recorded if its write or the flush failed.
+    fn record_inline(&mut self, turn: Instant, reports: Vec<(ReportHandle, SocketAddr, &Report)>) {
+        let Recorder::Inline(sink) = &mut self.sink else {
+            return;
+        };
+        let mut answers = Vec::with_capacity(reports.len());
+        let mut written = 0usize;
+        for (handle, peer, report) in reports {
             // Serialised once: the sink writes it, /latest keeps it.
             let line = report.to_json_line();
-            let outcome = match self.sink.record_line(report, &line) {
+            let outcome = match sink.record_line(report, &line) {
                 Ok(()) => {
                     written += 1;
                     Outcome::Recorded
                 }
                 Err(e) => Outcome::NotRecorded(e.to_string()),
             };
-            answers.push((*handle, *peer, report, line, outcome));
+            answers.push((handle, peer, report, line, outcome));
         }
         if written > 0
-            && let Err(e) = self.sink.flush()
+            && let Err(e) = sink.flush()
         {
             for (_, _, _, _, outcome) in &mut answers {
                 if *outcome == Outcome::Recorded {
@@ -560,26 +735,85 @@ impl Loop<'_> {
         // The sink may have taken a while: answer with a fresh `now`.
         let now = Instant::now();
         for (handle, peer, report, line, outcome) in answers {
-            let took = now.saturating_duration_since(turn);
-            self.observer
-                .answered(report, line, outcome == Outcome::Recorded, took);
-            match &outcome {
-                Outcome::Recorded => {
-                    log::info!("{}: recorded {} from {peer}", handle.conn, Describe(report));
+            self.answer(now, turn, handle, peer, report, line, outcome);
+        }
+    }
+
+    /// Answers what the database thread finished, and the reports whose
+    /// deadline passed. A fatal database error stops the server.
+    fn settle(&mut self, now: Instant) -> Result<(), DriverError> {
+        let Recorder::Database(held) = &mut self.sink else {
+            return Ok(());
+        };
+        let mut settled = std::mem::take(&mut self.settled);
+        let res = held.poll(now, &mut settled, self.observer.database());
+        self.answer_settled(&mut settled);
+        self.settled = settled;
+        res.map_err(|e| DriverError::Database(e.to_string()))
+    }
+
+    fn answer_settled(&mut self, settled: &mut Vec<Settled>) {
+        let now = Instant::now();
+        for s in settled.drain(..) {
+            match s {
+                Settled::Report(w, outcome) => {
+                    self.answer(now, w.turn, w.handle, w.peer, &w.report, w.line, outcome);
                 }
-                Outcome::NotRecorded(e) => log::warn!(
-                    "{}: could not record {}: {e}; the client will send it again",
-                    handle.conn,
-                    Describe(report)
-                ),
-            }
-            match self.server.respond(now, handle, outcome) {
-                Ok(()) => {}
-                Err(RespondError::ConnectionGone) => {
-                    log::debug!("{}: connection gone before the answer", handle.conn);
+                Settled::Read(handle, result) => {
+                    let only = self.db_reads.remove(&handle).flatten();
+                    let body = match result {
+                        Ok(r) => self.observer.http_body_from(r, only.as_ref()),
+                        Err(e) => format!("database unavailable: {e}\n").into_bytes(),
+                    };
+                    if let Err(e) = self.server.respond_request(now, handle, body) {
+                        log::debug!("{}: cannot answer a read: {e}", handle.conn);
+                    }
                 }
-                Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
             }
+        }
+    }
+
+    /// Answers one report and counts it.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &mut self,
+        now: Instant,
+        turn: Instant,
+        handle: ReportHandle,
+        peer: SocketAddr,
+        report: &Report,
+        line: Vec<u8>,
+        outcome: Outcome,
+    ) {
+        let took = now.saturating_duration_since(turn);
+        self.observer.answered(report, line, &outcome, took);
+        match &outcome {
+            Outcome::Recorded => {
+                log::info!("{}: recorded {} from {peer}", handle.conn, Describe(report));
+            }
+            Outcome::Duplicate => log::info!(
+                "{}: {} from {peer} was recorded before (the database has its key)",
+                handle.conn,
+                Describe(report)
+            ),
+            // A database outage is logged once by the sink, not per report.
+            Outcome::NotRecorded(e) if matches!(self.sink, Recorder::Database(_)) => log::debug!(
+                "{}: could not record {}: {e}; the client will send it again",
+                handle.conn,
+                Describe(report)
+            ),
+            Outcome::NotRecorded(e) => log::warn!(
+                "{}: could not record {}: {e}; the client will send it again",
+                handle.conn,
+                Describe(report)
+            ),
+        }
+        match self.server.respond(now, handle, outcome) {
+            Ok(()) => {}
+            Err(RespondError::ConnectionGone) => {
+                log::debug!("{}: connection gone before the answer", handle.conn);
+            }
+            Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
         }
     }
 }

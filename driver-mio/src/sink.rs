@@ -13,6 +13,9 @@
 //!   ([`crate::ServerOptions::recorded`]), so a report recorded by a previous
 //!   process whose acknowledgement was lost is answered `duplicate`.
 //!
+//! - [`SinkUrl`]: `--sink URL`, which of them (or which database, see
+//!   [`crate::database`]) a server records into.
+//!
 //! The server loop records every report of one batch (one turn of the
 //! loop), then flushes once, then answers them: under [`Fsync::Always`]
 //! that is one fsync per batch, not per report.
@@ -25,6 +28,46 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use quic_report_core::{Identity, RecordKey, Report, Server};
+
+/// A `--sink URL`: where a server records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkUrl {
+    /// `-`: JSON lines on stdout.
+    Stdout,
+    /// `file:PATH`: JSON lines appended to PATH ([`FileSink`]).
+    File(PathBuf),
+    /// `sqlite:PATH`: an embedded SQLite database.
+    Sqlite(PathBuf),
+    /// `postgres://...` or `postgresql://...`: a PostgreSQL server.
+    Postgres(String),
+}
+
+impl std::str::FromStr for SinkUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SinkUrl, String> {
+        let path = |p: &str, scheme: &str| {
+            if p.is_empty() {
+                Err(format!("{s:?}: expected {scheme}:PATH"))
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        };
+        if s == "-" {
+            Ok(SinkUrl::Stdout)
+        } else if let Some(p) = s.strip_prefix("file:") {
+            path(p, "file").map(SinkUrl::File)
+        } else if let Some(p) = s.strip_prefix("sqlite:") {
+            path(p, "sqlite").map(SinkUrl::Sqlite)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(SinkUrl::Postgres(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?}: expected -, file:PATH, sqlite:PATH or postgres://USER@HOST:PORT/DB"
+            ))
+        }
+    }
+}
 
 /// Where recorded reports go. A report is acknowledged only after
 /// [`ReportSink::record`] and [`ReportSink::flush`] both succeeded.
@@ -549,6 +592,20 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    #[test]
+    fn sink_urls() {
+        let p = |s: &str| s.parse::<SinkUrl>();
+        assert_eq!(p("-"), Ok(SinkUrl::Stdout));
+        assert_eq!(p("file:/tmp/x"), Ok(SinkUrl::File("/tmp/x".into())));
+        assert_eq!(p("sqlite:r.db"), Ok(SinkUrl::Sqlite("r.db".into())));
+        assert_eq!(
+            p("postgresql://u@h/db"),
+            Ok(SinkUrl::Postgres("postgresql://u@h/db".into()))
+        );
+        assert!(p("sqlite:").is_err());
+        assert!(p("mysql://h").expect_err("unknown").contains("expected"));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! [`Sim`] is a discrete-event loop: it jumps the virtual clock to the
 //! earliest of every peer's `poll_timeout()`, every packet's arrival and
-//! every scheduled report, delivers what is due, and drains every peer (the
-//! core's contract: transmits, then events). It never sleeps, so a 30 s idle
+//! every scheduled report, delivers what is due, and drains every peer in
+//! the order of the core's contract (the crate docs of `quic_report_core`:
+//! events, transmits, events again until none), which is the order of the
+//! production loops in `quic-report-mio`. It never sleeps, so a 30 s idle
 //! timeout costs microseconds of real time. quiche's own timers follow the
 //! same virtual clock (see [`clock`]).
 //!
@@ -443,32 +445,38 @@ impl Sim {
         }
     }
 
-    /// Drains every peer until nothing moves (the core's contract).
+    /// Drains every peer until nothing moves, each in the order of the
+    /// core's contract: events, transmits, events again until none.
     pub fn drain(&mut self) {
         let now = self.clock.now();
         loop {
-            let mut moved = false;
-            if let Some(s) = &mut self.server {
-                while let Some(t) = s.poll_transmit(now, &mut self.buf) {
-                    *self.server_sent.entry(t.to).or_default() += t.len as u64;
-                    self.net.send(now, t.from, t.to, &self.buf[..t.len]);
-                    moved = true;
+            let mut moved = self.server_events(now);
+            loop {
+                if let Some(s) = &mut self.server {
+                    while let Some(t) = s.poll_transmit(now, &mut self.buf) {
+                        *self.server_sent.entry(t.to).or_default() += t.len as u64;
+                        self.net.send(now, t.from, t.to, &self.buf[..t.len]);
+                        moved = true;
+                    }
                 }
-            }
-            while let Some(ev) = self.server.as_mut().and_then(Server::poll_event) {
+                if !self.server_events(now) {
+                    break;
+                }
                 moved = true;
-                self.on_server_event(now, ev);
             }
             for i in 0..self.clients.len() {
-                let c = &mut self.clients[i];
-                while let Some(t) = c.client.poll_transmit(now, &mut self.buf) {
-                    let from = self.nat.get(&t.from).copied().unwrap_or(t.from);
-                    self.net.send(now, from, t.to, &self.buf[..t.len]);
+                moved |= self.client_events(i);
+                loop {
+                    let c = &mut self.clients[i];
+                    while let Some(t) = c.client.poll_transmit(now, &mut self.buf) {
+                        let from = self.nat.get(&t.from).copied().unwrap_or(t.from);
+                        self.net.send(now, from, t.to, &self.buf[..t.len]);
+                        moved = true;
+                    }
+                    if !self.client_events(i) {
+                        break;
+                    }
                     moved = true;
-                }
-                while let Some(ev) = self.clients[i].client.poll_event() {
-                    moved = true;
-                    self.on_client_event(i, ev);
                 }
             }
             for r in &mut self.raws {
@@ -487,6 +495,26 @@ impl Sim {
                 break;
             }
         }
+    }
+
+    /// Handles every event of the server; false if there were none.
+    fn server_events(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.server.as_mut().and_then(Server::poll_event) {
+            any = true;
+            self.on_server_event(now, ev);
+        }
+        any
+    }
+
+    /// Handles every event of client `i`; false if there were none.
+    fn client_events(&mut self, i: usize) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.clients[i].client.poll_event() {
+            any = true;
+            self.on_client_event(i, ev);
+        }
+        any
     }
 
     fn on_server_event(&mut self, now: Instant, ev: ServerEvent) {

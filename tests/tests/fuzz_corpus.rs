@@ -529,8 +529,8 @@ fn captured_packets_reach_their_connection() {
         if server.handle_datagram(now, from, to, &mut d).is_ok() {
             ok += 1;
         }
-        while server.poll_transmit(now, &mut buf).is_some() {}
         while server.poll_event().is_some() {}
+        while server.poll_transmit(now, &mut buf).is_some() {}
     }
     assert_eq!(server.stats().connections_total, 1);
     assert!(

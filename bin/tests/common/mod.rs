@@ -183,6 +183,11 @@ impl Logged {
         }
     }
 
+    /// The stderr lines logged so far and not yet read.
+    pub fn drain(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
     pub fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
         // SAFETY: kill(2) with our own child's pid has no memory effects.

@@ -1,8 +1,14 @@
-//! The QUIC modes of `bench` (reports, handshakes, idle connections): C
-//! [`Client`] cores, each on its own connected UDP socket, in one mio loop
-//! that follows the core's contract as the driver does (read every
-//! datagram, `handle_timeout` when due, drain `poll_transmit`, then
-//! `poll_event`).
+//! The QUIC modes of `quic-report-bench` (reports, handshakes, idle
+//! connections): C [`Client`] cores, each on its own connected UDP socket,
+//! in one mio loop (read every datagram, `handle_timeout` when due, drain).
+//!
+//! It drains transmits before events, the one loop that does not keep the
+//! core's stated order (the crate docs of `quic_report_core`), on purpose:
+//! the generator submits the next report when it handles an
+//! acknowledgement, which a real client never does (its reports come from
+//! the fetch timer). Sending first keeps that next report out of the packet
+//! that ACKs the answer, so each report travels as a real client's does,
+//! and the figures stay comparable with earlier runs.
 //!
 //! The generator uses the real client core rather than raw quiche: it costs
 //! the generator some CPU (a `serde_json` map per sample, a parse per
@@ -401,7 +407,8 @@ impl Gen<'_> {
         self.mark(i);
     }
 
-    /// Transmits, then events, until the client has neither.
+    /// Transmits, then events, until the client has neither (see the module
+    /// docs for why not events first).
     fn drain(&mut self, i: usize, now: Instant) -> Result<(), Error> {
         loop {
             while let Some(t) = self.slots[i].client.poll_transmit(now, &mut self.out) {

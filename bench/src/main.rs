@@ -1,8 +1,9 @@
-//! `quic-report bench`: a load generator on our own core, and the raw UDP
-//! echo it is compared with.
+//! `quic-report-bench`: the load generator of `make bench` (scripts/bench.sh)
+//! on our own core, and the raw UDP echo it is compared with.
 //!
 //! One thread, one `mio::Poll`, like the driver; one connected UDP socket
-//! per connection. Modes:
+//! per connection. The server's flags (`--server`, `--ca`, `--server-name`,
+//! `--insecure`) are the client's, from `quic_report_cli`. Modes:
 //!
 //! - **reports** (default): C connections, each a [`quic_report_core::Client`]
 //!   with `max_in_flight = K`, each kept at K reports outstanding (a new
@@ -36,17 +37,20 @@ mod quic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args};
+use clap::{ArgGroup, Parser};
+use quic_report_cli::cli::{TargetArgs, positive_duration, resolve_server};
+use quic_report_cli::tls;
 use quic_report_core::Verify;
-
-use crate::cli::{TargetArgs, positive_duration, resolve_server};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// `quic-report bench`.
-#[derive(Debug, Args)]
+/// Load generator: reports/s, handshakes/s, memory per connection, and the
+/// raw UDP echo limit they are compared with (see the README's Benchmarks).
+#[derive(Debug, Parser)]
+#[command(name = "quic-report-bench", version)]
 #[command(group(ArgGroup::new("mode").args(["handshakes", "udp_echo", "idle_connections", "echo_server"])))]
 pub struct BenchArgs {
     /// The server to load, and how to verify it (as for `client`).
@@ -88,7 +92,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub udp_echo: bool,
     /// With --udp-echo: the address of an echo server run separately
-    /// (`quic-report bench --echo-server ADDR`).
+    /// (`quic-report-bench --echo-server ADDR`).
     #[arg(long, value_name = "ADDR", requires = "udp_echo")]
     pub echo_addr: Option<SocketAddr>,
     /// Run only a UDP echo server on ADDR, until killed.
@@ -106,8 +110,24 @@ pub struct BenchArgs {
     pub payload: u16,
 }
 
+fn main() -> ExitCode {
+    // SAFETY: the first thing the process does; no other thread exists.
+    unsafe { tls::trust_only_named_cas() };
+    let args = BenchArgs::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quic-report-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the mode the arguments name.
-pub fn run(args: &BenchArgs) -> Result<(), Error> {
+fn run(args: &BenchArgs) -> Result<(), Error> {
     raise_fd_limit(u64::from(args.idle_connections.unwrap_or(0)) + 256);
     if let Some(addr) = args.echo_server {
         return echo::serve_forever(addr, args.echo_batch, args.reuseport);
@@ -119,7 +139,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     // has emptied it (`tls::trust_only_named_cas`).
     let (server, default_name) = resolve_server(&args.target.server)?;
     let mut dev = None;
-    let (verify, server_name) = crate::tls::verification(&args.target.tls, default_name, &mut dev)?;
+    let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut dev)?;
     let target = Target {
         server,
         server_name,

@@ -1,0 +1,258 @@
+//! The real binary with database sinks: `server --sink sqlite:PATH` and
+//! `--sink postgres://...` on a private PostgreSQL cluster (initdb in a
+//! temporary directory; see the `quic-report-pg-cluster` crate), through
+//! crashes of the server and of the database. Each test asserts on what
+//! the table holds and on what the client was told: every seq once in the
+//! table, every seq acknowledged once. Every wait is bounded; every child
+//! and the cluster are stopped when the test ends, also on failure.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{LIMIT, Logged, free_udp_port};
+use quic_report_pg_cluster::PgCluster;
+
+fn start_source() -> (Logged, String) {
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+    let url = source.wait_for("serving GET / on ");
+    (source, url)
+}
+
+fn start_client(listen: &str, url: &str, count: u64, interval: &str) -> Logged {
+    let count = count.to_string();
+    Logged::spawn(
+        "client",
+        &[
+            "client",
+            "--server",
+            listen,
+            "--source",
+            url,
+            "--interval",
+            interval,
+            "--idle-timeout",
+            "2s",
+            "--backoff-max",
+            "300ms",
+            "--count",
+            &count,
+        ],
+    )
+}
+
+fn server(name: &'static str, listen: &str, sink: &str) -> Logged {
+    Logged::spawn(name, &["server", "--listen", listen, "--sink", sink])
+}
+
+/// The seqs the client printed as acknowledged, in order.
+fn acked(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("ack "))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("seq=")))
+        .map(|s| s.parse().expect("a seq"))
+        .collect()
+}
+
+/// Asserts that `seqs` (each row's seq, in any order) is 1..=n once each,
+/// and that the client acknowledged each of 1..=n exactly once.
+fn assert_exactly_once(seqs: &[u64], n: u64, client_stdout: &str) {
+    let mut counts = BTreeMap::new();
+    for s in seqs {
+        *counts.entry(*s).or_insert(0u32) += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "rows recorded more than once: {twice:?}");
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>(),
+        "every seq 1..={n} in the table"
+    );
+    let mut acks = acked(client_stdout);
+    acks.sort_unstable();
+    assert_eq!(
+        acks,
+        (1..=n).collect::<Vec<_>>(),
+        "every seq acknowledged exactly once:\n{client_stdout}"
+    );
+}
+
+/// A SQLite file (and its -wal and -shm) in the temporary directory,
+/// removed when dropped.
+struct TempDb(PathBuf);
+
+impl TempDb {
+    fn new(name: &str) -> TempDb {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        TempDb(std::env::temp_dir().join(format!(
+            "quic-report-test-{}-{nanos:x}-{name}.db",
+            std::process::id()
+        )))
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.0.display())
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for ext in ["", "-wal", "-shm"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(ext);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn sqlite_seqs(path: &Path) -> Vec<u64> {
+    let Ok(c) = rusqlite::Connection::open(path) else {
+        return Vec::new();
+    };
+    let _ = c.busy_timeout(Duration::from_secs(5));
+    let Ok(mut stmt) = c.prepare("SELECT seq FROM reports") else {
+        return Vec::new(); // not created yet
+    };
+    stmt.query_map([], |r| r.get::<_, i64>(0))
+        .map(|rows| {
+            rows.filter_map(Result::ok)
+                .map(|s| s.cast_unsigned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pg_seqs(pg: &PgCluster) -> Vec<u64> {
+    pg.psql("postgres", "SELECT seq FROM reports")
+        .map(|out| out.lines().filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until `count()` reaches `n`.
+fn wait_rows(what: &str, n: usize, count: impl Fn() -> usize) {
+    let started = Instant::now();
+    loop {
+        let got = count();
+        if got >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "{what} holds {got} rows, not {n}, after {LIMIT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn cluster() -> PgCluster {
+    PgCluster::start().unwrap_or_else(|e| panic!("a private PostgreSQL cluster: {e}"))
+}
+
+#[test]
+fn sqlite_survives_sigkilled_servers_mid_write() {
+    let (_source, url) = start_source();
+    let db = TempDb::new("sigkill");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut srv = Some(server("server 1", &listen, &db.url()));
+    srv.as_ref()
+        .expect("a server")
+        .wait_for("recording into sqlite:");
+    // Reports every 10 ms: the kills land while batches are being written.
+    let n = 150;
+    let mut client = start_client(&listen, &url, n, "10ms");
+    for round in 2..=4 {
+        let before = sqlite_seqs(&db.0).len();
+        wait_rows("the SQLite file", before + 20, || sqlite_seqs(&db.0).len());
+        srv.take().expect("a server").kill();
+        assert!(
+            client.running(),
+            "the client exited while the server was down"
+        );
+        thread::sleep(Duration::from_millis(300));
+        let next = server(
+            ["", "", "server 2", "server 3", "server 4"][round],
+            &listen,
+            &db.url(),
+        );
+        next.wait_for("recording into sqlite:");
+        srv = Some(next);
+    }
+    let (status, out) = client.finish();
+    assert!(status.success(), "client: {status}");
+    drop(srv);
+    assert_exactly_once(&sqlite_seqs(&db.0), n, &out);
+}
+
+#[test]
+fn postgres_killed_and_restarted_mid_run_loses_and_doubles_nothing() {
+    let pg = cluster();
+    let (_source, url) = start_source();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &pg.url("postgres"));
+    srv.wait_for("recording into postgres://");
+    let n = 120;
+    let client = start_client(&listen, &url, n, "20ms");
+    wait_rows("reports", 30, || pg_seqs(&pg).len());
+    pg.kill().expect("PostgreSQL killed");
+    srv.wait_for("database unavailable: ");
+    // Down longer than the commit timeout: reports are answered
+    // not_recorded, and the client keeps them.
+    client.wait_for("will be sent again: ");
+    thread::sleep(Duration::from_secs(2));
+    pg.start_server().expect("PostgreSQL restarted");
+    srv.wait_for("is back after ");
+    let (status, out) = client.finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&pg_seqs(&pg), n, &out);
+}
+
+#[test]
+fn a_database_down_at_start_is_waited_for() {
+    let pg = cluster();
+    pg.stop().expect("PostgreSQL stopped");
+    let (_source, url) = start_source();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &pg.url("postgres"));
+    srv.wait_for("database unavailable at start: ");
+    srv.wait_for("listening on ");
+    let n = 20;
+    let client = start_client(&listen, &url, n, "50ms");
+    // The client's reports are answered not_recorded, and kept.
+    client.wait_for("will be sent again: ");
+    thread::sleep(Duration::from_secs(1));
+    pg.start_server().expect("PostgreSQL started");
+    srv.wait_for("is back after ");
+    let (status, out) = client.finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&pg_seqs(&pg), n, &out);
+}
+
+#[test]
+fn a_schema_from_the_future_is_refused_at_start() {
+    let pg = cluster();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE quic_report_schema (version integer NOT NULL); \
+         INSERT INTO quic_report_schema VALUES (2)",
+    )
+    .expect("a future schema");
+    let mut srv = server("server", "127.0.0.1:0", &pg.url("postgres"));
+    let msg = srv.wait_for("error: ");
+    assert!(!srv.wait(LIMIT).success(), "the server must exit non-zero");
+    assert!(
+        msg.contains("schema version 2") && msg.contains("upgrade quic-report"),
+        "{msg}"
+    );
+    // Nothing was created beside it.
+    assert_eq!(
+        pg.psql("postgres", "SELECT to_regclass('reports') IS NULL")
+            .expect("psql"),
+        "t"
+    );
+}

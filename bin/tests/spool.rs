@@ -1,0 +1,239 @@
+//! The client's spool with the real binary: a client SIGKILLed during a
+//! server outage and restarted on the same `--spool` loses nothing, keeps
+//! its `client` id and continues its `seq`; a torn tail is skipped with a
+//! warning; a second client on the same spool refuses to start. Every wait
+//! is bounded; every child is killed when its test ends.
+
+mod common;
+
+use common::{LIMIT, Logged};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A directory in the temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        TempDir(std::env::temp_dir().join(format!(
+            "quic-report-test-{}-{nanos:x}-{name}",
+            std::process::id()
+        )))
+    }
+
+    fn join(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("UTF-8").to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
+/// The complete JSON lines of `path`.
+fn records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The values the source served so far (its log lines since the last call).
+fn served(source: &Logged, into: &mut Vec<f64>) {
+    for line in source.drain() {
+        if let Some(i) = line.find("{\"value\":")
+            && let Ok(v) = serde_json::from_str::<Value>(&line[i..])
+            && let Some(x) = v["value"].as_f64()
+        {
+            into.push(x);
+        }
+    }
+}
+
+fn client(server: &str, url: &str, spool: &str, extra: &[&str]) -> Logged {
+    let mut args = vec![
+        "client",
+        "--server",
+        server,
+        "--source",
+        url,
+        "--interval",
+        "100ms",
+        "--spool",
+        spool,
+        "--backoff-max",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    Logged::spawn("client", &args)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < LIMIT, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_sigkilled_during_an_outage_loses_nothing_on_its_spool() {
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+    let url = source.wait_for("serving GET / on ");
+    let dir = TempDir::new("spool");
+    let spool = dir.join("spool");
+    let out = dir.join("out.jsonl");
+    std::fs::create_dir_all(&dir.0).expect("mkdir");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let server_args = ["server", "--listen", &listen, "--out", &out];
+    let server = Logged::spawn("server 1", &server_args);
+    server.wait_for("listening on ");
+    let first = client(&listen, &url, &spool, &[]);
+    let out_path = PathBuf::from(&out);
+    wait_until("5 records", || records(&out_path).len() >= 5);
+
+    // The server goes away; the client fetches into its spool; then it is
+    // killed too.
+    server.kill();
+    let mut values = Vec::new();
+    thread::sleep(Duration::from_millis(1500));
+    first.kill();
+    served(&source, &mut values);
+    let recorded_before = records(&out_path).len();
+    assert!(
+        values.len() >= recorded_before + 5,
+        "{} served, {recorded_before} recorded: the outage should leave some in the spool",
+        values.len()
+    );
+
+    // Everything restarted: the spool is sent first.
+    let _server = Logged::spawn("server 2", &server_args);
+    let second = client(&listen, &url, &spool, &[]);
+    let restored = second.wait_for("report(s) not acknowledged before");
+    // The last one served may have been on its way when the client died.
+    let must = &values[..values.len() - 1];
+    wait_until("every value fetched before the kill, recorded", || {
+        let got: Vec<f64> = records(&out_path)
+            .iter()
+            .filter_map(|r| r["value"].as_f64())
+            .collect();
+        must.iter().all(|v| got.contains(v))
+    });
+    // And a few new ones after them.
+    let last_old = records(&out_path).len();
+    wait_until("new records", || records(&out_path).len() >= last_old + 3);
+    drop(second);
+
+    let recs = records(&out_path);
+    let clients: BTreeSet<_> = recs.iter().filter_map(|r| r["client"].as_str()).collect();
+    assert_eq!(
+        clients.len(),
+        1,
+        "one client id across the restart: {clients:?}"
+    );
+    let mut by_seq = BTreeMap::new();
+    for r in &recs {
+        let seq = r["seq"].as_u64().expect("a seq");
+        assert!(
+            by_seq.insert(seq, r["value"].as_f64()).is_none(),
+            "seq {seq} recorded twice"
+        );
+    }
+    let max = *by_seq.keys().last().expect("records");
+    // Only the last few (in flight when the test stopped) may be missing.
+    let missing: Vec<u64> = (1..=max).filter(|s| !by_seq.contains_key(s)).collect();
+    assert!(
+        missing.iter().all(|s| *s + 64 > max),
+        "seqs missing before the end: {missing:?} (restored: {restored})"
+    );
+    let pre_kill_max = by_seq
+        .iter()
+        .filter(|(_, v)| v.is_some_and(|v| must.contains(&v)))
+        .map(|(s, _)| *s)
+        .max()
+        .expect("pre-kill records");
+    assert!(
+        (1..=pre_kill_max).all(|s| by_seq.contains_key(&s)),
+        "seq contiguous up to the last sample fetched before the kill"
+    );
+    assert!(max > pre_kill_max, "the new samples continue the seq");
+}
+
+#[test]
+fn a_torn_spool_tail_is_skipped_with_a_warning() {
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+    let url = source.wait_for("serving GET / on ");
+    let dir = TempDir::new("torn");
+    let spool = dir.join("spool");
+    // Nobody listens: everything stays in the spool.
+    let nowhere = format!("127.0.0.1:{}", free_udp_port());
+    let first = client(&nowhere, &url, &spool, &["--keep-alive", "0s"]);
+    first.wait_for("spool ");
+    thread::sleep(Duration::from_millis(800));
+    first.kill();
+    let log = dir.0.join("spool/spool.log");
+    let mut bytes = std::fs::read(&log).expect("the spool log");
+    let good = bytes.len();
+    bytes.extend_from_slice(&[0x40, 0, 0, 0, 1, 2, 3, 4, 2, b'{']);
+    std::fs::write(&log, &bytes).expect("tear the tail");
+
+    let out = dir.join("out.jsonl");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let _server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
+    let second = client(&listen, &url, &spool, &[]);
+    let warning = second.wait_for("torn or corrupt");
+    assert!(warning.contains("skipped"), "{warning}");
+    let restored = second.wait_for("report(s) not acknowledged before, seq 1..=");
+    let n: u64 = restored
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|s| !s.is_empty())
+        .and_then(|s| s.parse().ok())
+        .expect("a seq");
+    assert!(n >= 3, "{restored}");
+    let out_path = PathBuf::from(&out);
+    wait_until("the spooled reports", || {
+        records(&out_path)
+            .iter()
+            .filter_map(|r| r["seq"].as_u64())
+            .filter(|s| *s <= n)
+            .count() as u64
+            == n
+    });
+    assert!(
+        std::fs::metadata(&log).expect("log").len() >= good as u64,
+        "the good records were kept"
+    );
+}
+
+#[test]
+fn two_clients_on_one_spool_the_second_refuses() {
+    let dir = TempDir::new("lock");
+    let spool = dir.join("spool");
+    let nowhere = format!("127.0.0.1:{}", free_udp_port());
+    let url = "http://127.0.0.1:9/";
+    let first = client(&nowhere, url, &spool, &[]);
+    first.wait_for("spool ");
+    let mut second = client(&nowhere, url, &spool, &[]);
+    let msg = second.wait_for("error: ");
+    assert!(!second.wait(LIMIT).success(), "the second client must exit");
+    assert!(msg.contains("in use by another client"), "{msg}");
+    assert!(msg.contains("pid "), "{msg}");
+}

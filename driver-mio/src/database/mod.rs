@@ -1,0 +1,218 @@
+//! Databases as sinks: the schema, the row a report becomes, the two
+//! backends ([`sqlite`], [`postgres`]) and the helper thread that commits
+//! rows for the server loop ([`writer`]).
+//!
+//! ## Schema (version [`SCHEMA_VERSION`])
+//!
+//! Created when missing (PostgreSQL types; SQLite stores `received_at` as
+//! ISO-8601 UTC text and `body` as JSON text):
+//!
+//! ```sql
+//! CREATE TABLE quic_report_schema (version integer NOT NULL);   -- one row: 1
+//! CREATE TABLE reports (
+//!     identity    text        NOT NULL,  -- who reported ('' = anonymous)
+//!     client      text        NOT NULL,  -- the report's `client`
+//!     seq         bigint      NOT NULL,  -- the report's `seq`
+//!     received_at timestamptz NOT NULL,  -- when the server read it
+//!     body        jsonb       NOT NULL,  -- the report object as received
+//!     PRIMARY KEY (identity, client, seq));
+//! ```
+//!
+//! Query it with e.g. `SELECT client, seq, body->>'value' FROM reports`
+//! (SQLite: `json_extract(body, '$.value')`).
+//!
+//! - **The key is the duplicate filter.** Rows are inserted with `ON
+//!   CONFLICT DO NOTHING`: a row the key refuses was recorded before (by
+//!   this process or another one sharing the database) and the report is
+//!   answered `duplicate`. Nothing is read back at start.
+//! - **A report without `client` or `seq`** is always recorded (the
+//!   protocol does not deduplicate it): it gets the key
+//!   `client = "keyless-<32 hex digits drawn at start>"`, `seq` = 1, 2, ...
+//!   counted by the server process, unique across processes.
+//! - A `seq` above 2^63-1 is stored as the `bigint` with the same 64 bits
+//!   (negative): the key stays exact.
+//! - **Version check.** A database whose `quic_report_schema` holds a
+//!   newer version than this build knows, or that has a `reports` table
+//!   without a `quic_report_schema` beside it, is refused at start with a
+//!   message saying so; nothing is written to it.
+
+pub mod postgres;
+pub mod sqlite;
+pub mod writer;
+
+use std::fmt;
+
+use quic_report_core::Report;
+
+/// The schema version this build creates and understands.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// One report as a row of `reports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Who reported (`""`: anonymous).
+    pub identity: String,
+    /// The report's `client` (or the keyless key, see the module doc).
+    pub client: String,
+    /// The report's `seq`, as the 64 bits of a `bigint`.
+    pub seq: i64,
+    /// Unix milliseconds when the server read the report.
+    pub received_at_ms: i64,
+    /// The report object's JSON text.
+    pub body: String,
+}
+
+/// The identity a report is keyed on: the authenticated identity of the
+/// connection that carried it (`""`: anonymous; see
+/// `quic_report_core::identity`). The one place that decides it.
+pub fn identity_of(report: &Report) -> &str {
+    report.identity.as_str()
+}
+
+/// Keys for reports that bring no `client`/`seq` of their own: a random
+/// per-process name and a counter (see the module doc).
+#[derive(Debug, Clone)]
+pub struct KeylessKeys {
+    client: String,
+    next: u64,
+}
+
+impl KeylessKeys {
+    /// Keys under `keyless-<hex of instance>`.
+    pub fn new(instance: [u8; 16]) -> KeylessKeys {
+        KeylessKeys {
+            client: format!("keyless-{}", quic_report_core::hex(&instance)),
+            next: 1,
+        }
+    }
+
+    /// The row for `report`, read at `received_at_ms`.
+    pub fn row(&mut self, report: &Report, received_at_ms: u64) -> Row {
+        let (client, seq) = match report.key() {
+            Some((client, seq)) => (client.to_owned(), seq),
+            None => {
+                let seq = self.next;
+                self.next += 1;
+                (self.client.clone(), seq)
+            }
+        };
+        Row {
+            identity: identity_of(report).to_owned(),
+            client,
+            // The same 64 bits (see the module doc).
+            seq: seq as i64,
+            received_at_ms: i64::try_from(received_at_ms).unwrap_or(i64::MAX),
+            body: String::from_utf8_lossy(report.json()).into_owned(),
+        }
+    }
+}
+
+/// What the database did with a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Inserted and committed.
+    Inserted,
+    /// Its key was there already: recorded before.
+    Duplicate,
+}
+
+/// Why a database operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// The connection is unusable (down, closed, refused, timed out): drop
+    /// it and connect again; nothing of the failed batch counts as written.
+    #[error("{0}")]
+    Connection(String),
+    /// The database refused the rows (e.g. disk full, a value it cannot
+    /// store); the connection is fine.
+    #[error("{0}")]
+    Rejected(String),
+    /// The database holds a schema this build does not understand: fatal.
+    #[error("{0}")]
+    Schema(String),
+}
+
+/// An open database: inserts rows and answers the read side.
+pub trait Database: Send {
+    /// Inserts `rows` with `ON CONFLICT DO NOTHING` and commits them; the
+    /// answer says, per row in order, whether it was new. On an error,
+    /// none of them counts as written (some may have been committed: their
+    /// resend is then answered `duplicate`).
+    fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError>;
+
+    /// The latest report (highest `seq`) of each `(identity, client)`, as
+    /// `(identity, client, body)`, at most `limit` of them.
+    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError>;
+
+    /// Rows in the table, and distinct `(identity, client)` among them.
+    fn counts(&mut self) -> Result<(u64, u64), DbError>;
+}
+
+/// Opens connections to one database (again after a failure).
+pub trait Connect: Send {
+    /// Connects, creates the schema if missing, and checks its version.
+    fn connect(&mut self) -> Result<Box<dyn Database>, DbError>;
+
+    /// What to call the database in log lines (no password).
+    fn describe(&self) -> String;
+}
+
+impl fmt::Debug for dyn Connect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// The message for a schema from the future.
+fn future_schema(found: i64, what: &str) -> DbError {
+    DbError::Schema(format!(
+        "{what} has schema version {found} (table quic_report_schema), newer than the \
+         version {SCHEMA_VERSION} this quic-report understands: upgrade quic-report, or \
+         point --sink at another database"
+    ))
+}
+
+/// The message for a `reports` table quic-report did not create.
+fn foreign_table(what: &str) -> DbError {
+    DbError::Schema(format!(
+        "{what} has a table `reports` but no quic_report_schema table: it was not \
+         created by quic-report, and is left alone; point --sink at another database"
+    ))
+}
+
+/// The message for an empty or unreadable version table.
+fn unreadable_version(what: &str) -> DbError {
+    DbError::Schema(format!(
+        "{what}: table quic_report_schema holds no version: it was not created by \
+         quic-report, and is left alone"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(json: &str) -> Report {
+        let serde_json::Value::Object(map) = serde_json::from_str(json).expect("json") else {
+            panic!("not an object")
+        };
+        Report::from_object(map).expect("a valid report")
+    }
+
+    #[test]
+    fn keyed_reports_keep_their_key_and_keyless_ones_get_unique_keys() {
+        let mut keys = KeylessKeys::new([0xab; 16]);
+        let r = keys.row(&report(r#"{"client":"c1","seq":7,"value":1}"#), 5);
+        assert_eq!(
+            (r.identity.as_str(), r.client.as_str(), r.seq),
+            ("", "c1", 7)
+        );
+        assert_eq!(r.received_at_ms, 5);
+        let a = keys.row(&report(r#"{"value":1}"#), 5);
+        let b = keys.row(&report(r#"{"value":1}"#), 5);
+        assert!(a.client.starts_with("keyless-abab"));
+        assert_eq!((a.seq, b.seq), (1, 2));
+        let big = keys.row(&report(r#"{"client":"c","seq":18446744073709551615}"#), 5);
+        assert_eq!(big.seq, -1, "the same 64 bits");
+    }
+}

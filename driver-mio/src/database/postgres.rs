@@ -1,0 +1,694 @@
+//! The PostgreSQL backend (`--sink postgres://...`), with the `postgres`
+//! crate (blocking; it runs on the sink's helper thread only).
+//!
+//! **The URL** is libpq's: `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
+//! (`postgresql://` too), with libpq's defaults for what it leaves out:
+//! `PGHOST` or the socket directory `/var/run/postgresql`, `PGPORT` or
+//! 5432, `PGUSER` or the OS user, `PGDATABASE` or the user name. A host
+//! that starts with `/` (percent-encoded in the URL, or `?host=/dir`) is a
+//! Unix socket directory. `connect_timeout` defaults to 5 s.
+//!
+//! **The password**, in libpq's order: the URL, `PGPASSWORD`, then the
+//! password file (`PGPASSFILE`, default `~/.pgpass`, lines
+//! `host:port:database:user:password` with `*` wildcards; ignored with a
+//! warning when group or others can read it, as libpq does).
+//!
+//! **TLS**, by `sslmode`, with rustls (no OpenSSL): `disable`; `prefer`
+//! (the default) and `require` encrypt without checking the server's
+//! certificate, as libpq does (`prefer` falls back to plain text if the
+//! server has no TLS); `verify-ca` checks the chain against
+//! `sslrootcert` (default `~/.postgresql/root.crt`); `verify-full` also
+//! checks that the certificate names the host.
+//!
+//! **Inserts** go in one statement per batch of at most
+//! [`ROWS_PER_STATEMENT`] rows, committed on its own (autocommit):
+//! `INSERT ... SELECT * FROM unnest($1, ...) ON CONFLICT DO NOTHING
+//! RETURNING identity, client, seq`; the rows not returned were there
+//! before.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::config::{Host, SslMode};
+use postgres::error::SqlState;
+use postgres::{Client, Statement};
+
+use super::{
+    Connect, Database, DbError, Row, SCHEMA_VERSION, Written, foreign_table, future_schema,
+    unreadable_version,
+};
+
+/// Most rows in one INSERT statement.
+pub const ROWS_PER_STATEMENT: usize = 1000;
+
+const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
+     SELECT i, c, s, to_timestamp(r / 1000.0), b::jsonb \
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS t(i, c, s, r, b) \
+     ON CONFLICT DO NOTHING RETURNING identity, client, seq";
+
+/// How to secure the connection (`sslmode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Plain text.
+    Disable,
+    /// Encrypted without checking the certificate (`prefer`, `require`).
+    Unverified,
+    /// The chain is checked against these roots (`verify-ca`), and the
+    /// name too when `name` (`verify-full`).
+    Verified {
+        /// PEM file of the trusted CAs.
+        roots: PathBuf,
+        /// Also check the host name.
+        name: bool,
+    },
+}
+
+/// A parsed `postgres://` URL, ready to connect.
+#[derive(Clone)]
+pub struct PostgresConnect {
+    config: postgres::Config,
+    tls: Tls,
+    shown: String,
+}
+
+impl std::fmt::Debug for PostgresConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// A `postgres://` URL the driver cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--sink {url}: {why}")]
+pub struct UrlError {
+    url: String,
+    why: String,
+}
+
+impl PostgresConnect {
+    /// Parses `url` and fills in libpq's defaults from the environment.
+    pub fn parse(url: &str) -> Result<PostgresConnect, UrlError> {
+        let shown = redact(url);
+        let fail = |why: String| UrlError {
+            url: shown.clone(),
+            why,
+        };
+        // libpq parameters the postgres crate does not parse.
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut kept = Vec::new();
+        let (mut mode, mut rootcert) = (String::from("prefer"), None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "sslmode" => mode = percent_decode(v),
+                "sslrootcert" => rootcert = Some(PathBuf::from(percent_decode(v))),
+                _ => kept.push(pair),
+            }
+        }
+        let rebuilt = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        let mut config = postgres::Config::from_str(&rebuilt).map_err(|e| fail(e.to_string()))?;
+        let tls = match mode.as_str() {
+            "disable" => Tls::Disable,
+            "allow" | "prefer" | "require" => Tls::Unverified,
+            "verify-ca" | "verify-full" => Tls::Verified {
+                roots: match rootcert {
+                    Some(p) => p,
+                    None => home()
+                        .map(|h| h.join(".postgresql/root.crt"))
+                        .ok_or_else(|| fail("sslrootcert is needed (no home directory)".into()))?,
+                },
+                name: mode == "verify-full",
+            },
+            other => {
+                return Err(fail(format!(
+                    "sslmode={other}: expected disable, allow, prefer, require, verify-ca or verify-full"
+                )));
+            }
+        };
+        config.ssl_mode(match tls {
+            Tls::Disable => SslMode::Disable,
+            _ if mode == "prefer" || mode == "allow" => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        fill_defaults(&mut config).map_err(fail)?;
+        if config.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                config.password(p);
+            } else if let Some(p) = pgpass_password(&config) {
+                config.password(p);
+            }
+        }
+        Ok(PostgresConnect { config, tls, shown })
+    }
+
+    /// The TLS mode the URL asked for.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+}
+
+/// The URL with its password (if any) replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(auth_end);
+    match auth.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from)
+}
+
+/// libpq's defaults for host, port, user and database name.
+fn fill_defaults(config: &mut postgres::Config) -> Result<(), String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if config.get_hosts().is_empty() {
+        match env("PGHOST") {
+            Some(h) if h.starts_with('/') => config.host_path(h),
+            Some(h) => config.host(&h),
+            None => config.host_path("/var/run/postgresql"),
+        };
+    }
+    if config.get_ports().is_empty()
+        && let Some(p) = env("PGPORT")
+    {
+        let port = p
+            .parse()
+            .map_err(|_| format!("PGPORT={p} is not a port number"))?;
+        config.port(port);
+    }
+    if config.get_user().is_none() {
+        let user = env("PGUSER")
+            .or_else(|| env("USER"))
+            .or_else(|| env("LOGNAME"))
+            .ok_or("no user in the URL, and neither PGUSER nor USER is set")?;
+        config.user(&user);
+    }
+    if config.get_dbname().is_none() {
+        let db = env("PGDATABASE")
+            .or_else(|| config.get_user().map(str::to_owned))
+            .unwrap_or_default();
+        config.dbname(&db);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    // A database that stops answering is noticed within seconds, not hours.
+    config.keepalives_idle(Duration::from_secs(10));
+    config.tcp_user_timeout(Duration::from_secs(10));
+    if config.get_application_name().is_none() {
+        config.application_name("quic-report");
+    }
+    Ok(())
+}
+
+/// The password for `config` from the password file, if any line matches.
+fn pgpass_password(config: &postgres::Config) -> Option<String> {
+    let path = std::env::var_os("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| home().map(|h| h.join(".pgpass")))?;
+    let text = read_pgpass(&path)?;
+    let host = match config.get_hosts().first()? {
+        Host::Tcp(h) => h.clone(),
+        // libpq matches a socket connection against "localhost".
+        Host::Unix(_) => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    pgpass_lookup(
+        &text,
+        &host,
+        port,
+        config.get_dbname().unwrap_or_default(),
+        config.get_user().unwrap_or_default(),
+    )
+}
+
+fn read_pgpass(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        log::warn!(
+            "password file {} has group or world access; it is ignored (chmod 0600 it)",
+            path.display()
+        );
+        return None;
+    }
+    std::fs::read_to_string(path).ok()
+}
+
+/// The first matching line's password (`*` matches anything; `\:` and
+/// `\\` are escapes).
+pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::with_capacity(5);
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let wanted = [host, port.as_str(), db, user];
+        if fields[..4]
+            .iter()
+            .zip(wanted)
+            .all(|(f, w)| f == "*" || f == w)
+        {
+            return fields.pop();
+        }
+    }
+    None
+}
+
+impl Connect for PostgresConnect {
+    fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+        let what = self.shown.clone();
+        let client = match &self.tls {
+            Tls::Disable => self.config.connect(postgres::NoTls),
+            tls => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new(
+                    tls_config(tls).map_err(|e| DbError::Connection(format!("{what}: {e}")))?,
+                );
+                self.config.connect(connector)
+            }
+        };
+        let mut client = client.map_err(|e| classify(&what, &e))?;
+        setup(&mut client, &what)?;
+        let insert = client.prepare(INSERT).map_err(|e| classify(&what, &e))?;
+        Ok(Box::new(Postgres {
+            client,
+            insert,
+            what,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.shown.clone()
+    }
+}
+
+/// rustls settings for `tls` (ring as the crypto provider).
+fn tls_config(tls: &Tls) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match tls {
+        Tls::Disable | Tls::Unverified => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verify::Unverified(provider)))
+            .with_no_client_auth(),
+        Tls::Verified { roots, name } => {
+            let mut store = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(roots)
+                .map_err(|e| format!("sslrootcert {}: {e}", roots.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", roots.display()))?;
+                store
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert {}: {e}", roots.display()))?;
+            }
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(store),
+                provider,
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+            let builder = builder.dangerous();
+            if *name {
+                builder.with_custom_certificate_verifier(webpki)
+            } else {
+                builder.with_custom_certificate_verifier(Arc::new(verify::ChainOnly(webpki)))
+            }
+            .with_no_client_auth()
+        }
+    };
+    Ok(config)
+}
+
+/// The certificate checks of `sslmode=require` and `verify-ca`.
+mod verify {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    /// `require`: any certificate (the handshake's signatures are still
+    /// checked, so the channel is encrypted to whoever holds the key).
+    #[derive(Debug)]
+    pub(super) struct Unverified(pub(super) Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Unverified {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// `verify-ca`: the chain must verify; the name is not checked.
+    #[derive(Debug)]
+    pub(super) struct ChainOnly(pub(super) Arc<dyn ServerCertVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+/// Creates the schema if missing and checks its version, under a
+/// transaction-scoped advisory lock (servers starting together create it
+/// once).
+fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
+    let err = |e: postgres::Error| classify(what, &e);
+    let mut tx = client.transaction().map_err(err)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7175312143)", &[])
+        .map_err(err)?;
+    let row = tx
+        .query_one(
+            "SELECT to_regclass('quic_report_schema') IS NOT NULL, to_regclass('reports') IS NOT NULL",
+            &[],
+        )
+        .map_err(err)?;
+    let (has_version, has_reports): (bool, bool) = (row.get(0), row.get(1));
+    if has_version {
+        let v: Option<i32> = tx
+            .query_one("SELECT max(version) FROM quic_report_schema", &[])
+            .map_err(err)?
+            .get(0);
+        match v {
+            None => return Err(unreadable_version(what)),
+            Some(v) if v > SCHEMA_VERSION => return Err(future_schema(i64::from(v), what)),
+            Some(_) => {}
+        }
+    } else if has_reports {
+        return Err(foreign_table(what));
+    } else {
+        tx.batch_execute(
+            "CREATE TABLE quic_report_schema (version integer NOT NULL);
+             CREATE TABLE reports (
+                 identity    text        NOT NULL,
+                 client      text        NOT NULL,
+                 seq         bigint      NOT NULL,
+                 received_at timestamptz NOT NULL,
+                 body        jsonb       NOT NULL,
+                 PRIMARY KEY (identity, client, seq));",
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO quic_report_schema (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )
+        .map_err(err)?;
+        log::info!("{what}: created the reports table (schema version {SCHEMA_VERSION})");
+    }
+    tx.commit().map_err(err)
+}
+
+/// Sorts the crate's errors: the connection or the server is gone, busy or
+/// refusing us for now (retried on a new connection), or the rows were
+/// refused.
+fn classify(what: &str, e: &postgres::Error) -> DbError {
+    let msg = format!("{what}: {}", describe(e));
+    let Some(code) = e.code() else {
+        // No SQLSTATE: I/O, TLS, a closed connection, a timeout.
+        return DbError::Connection(msg);
+    };
+    let class = &code.code()[..2];
+    let transient = e.is_closed()
+        || matches!(class, "08" | "53" | "57" | "58" | "40" | "28" | "3D")
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
+    if transient {
+        DbError::Connection(msg)
+    } else {
+        DbError::Rejected(msg)
+    }
+}
+
+/// The server's message when there is one (the crate's `Display` says only
+/// "db error").
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+struct Postgres {
+    client: Client,
+    insert: Statement,
+    what: String,
+}
+
+impl Postgres {
+    fn err(&self, e: &postgres::Error) -> DbError {
+        match classify(&self.what, e) {
+            // A failed statement on a connection that died is a connection error.
+            DbError::Rejected(m) if self.client.is_closed() => DbError::Connection(m),
+            other => other,
+        }
+    }
+}
+
+impl Database for Postgres {
+    fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let ids: Vec<&str> = chunk.iter().map(|r| r.identity.as_str()).collect();
+            let clients: Vec<&str> = chunk.iter().map(|r| r.client.as_str()).collect();
+            let seqs: Vec<i64> = chunk.iter().map(|r| r.seq).collect();
+            let at: Vec<i64> = chunk.iter().map(|r| r.received_at_ms).collect();
+            let bodies: Vec<&str> = chunk.iter().map(|r| r.body.as_str()).collect();
+            let returned = self
+                .client
+                .query(&self.insert, &[&ids, &clients, &seqs, &at, &bodies]);
+            let returned = returned.map_err(|e| self.err(&e))?;
+            let mut new: HashSet<(String, String, i64)> = returned
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            for r in chunk {
+                // The first row of a key repeated in one batch is the new one.
+                let key = (r.identity.clone(), r.client.clone(), r.seq);
+                out.push(if new.remove(&key) {
+                    Written::Inserted
+                } else {
+                    Written::Duplicate
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .client
+            .query(
+                "SELECT DISTINCT ON (identity, client) identity, client, body::text \
+                 FROM reports ORDER BY identity, client, seq DESC LIMIT $1",
+                &[&limit],
+            )
+            .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*), count(DISTINCT (identity, client)) FROM reports",
+                &[],
+            )
+            .map_err(|e| self.err(&e))?;
+        let (rows, clients): (i64, i64) = (row.get(0), row.get(1));
+        Ok((
+            u64::try_from(rows).unwrap_or(0),
+            u64::try_from(clients).unwrap_or(0),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgpass_lines_match_with_wildcards_and_escapes() {
+        let text = "# comment\n\
+                    otherhost:5432:*:alice:wrong\n\
+                    127.0.0.1:*:reports:alice:pa\\:ss\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, "127.0.0.1", 6543, "reports", "alice").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "db", 5432, "x", "bob").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pgpass_lookup("h:1:d:u\n", "h", 1, "d", "u"), None);
+    }
+
+    #[test]
+    fn urls_keep_libpq_parameters_and_hide_passwords() {
+        let c = PostgresConnect::parse(
+            "postgres://alice:secret@127.0.0.1:6543/reports?sslmode=verify-full&sslrootcert=/tmp/ca.pem&connect_timeout=2",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.tls(),
+            &Tls::Verified {
+                roots: "/tmp/ca.pem".into(),
+                name: true
+            }
+        );
+        assert_eq!(c.config.get_password(), Some(&b"secret"[..]));
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(2))
+        );
+        assert!(!c.describe().contains("secret"), "{}", c.describe());
+        let e = PostgresConnect::parse("postgres://a@h/db?sslmode=sometimes").expect_err("bad");
+        assert!(e.to_string().contains("sslmode=sometimes"), "{e}");
+        let c = PostgresConnect::parse("postgres://a@h/db?sslmode=disable").expect("parses");
+        assert_eq!(c.tls(), &Tls::Disable);
+    }
+}

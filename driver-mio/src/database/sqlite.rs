@@ -1,0 +1,284 @@
+//! The SQLite backend (`--sink sqlite:PATH`), embedded through rusqlite.
+//!
+//! The file is opened in WAL mode with `synchronous=FULL`: a committed
+//! batch survives a crash of the server and a power loss, and several
+//! server processes on one host may share the file (each commit takes the
+//! write lock for one transaction; a process waits up to 5 s for it). A
+//! batch is one `BEGIN IMMEDIATE` transaction of `INSERT ... ON CONFLICT DO
+//! NOTHING` statements, one per row, whose change count (0 or 1) says
+//! whether the row was new.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+use super::{
+    Connect, Database, DbError, Row, SCHEMA_VERSION, Written, foreign_table, future_schema,
+    unreadable_version,
+};
+
+const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
+     VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', ?4 / 1000.0, 'unixepoch'), ?5) \
+     ON CONFLICT DO NOTHING";
+
+/// Opens `PATH` (created if missing).
+#[derive(Debug, Clone)]
+pub struct SqliteConnect {
+    path: PathBuf,
+}
+
+impl SqliteConnect {
+    /// For the database file at `path`.
+    pub fn new(path: &Path) -> SqliteConnect {
+        SqliteConnect {
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Connect for SqliteConnect {
+    fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+        let what = self.describe();
+        let mut conn = Connection::open(&self.path).map_err(|e| classify(&what, e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| classify(&what, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| classify(&what, e))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| classify(&what, e))?;
+        setup(&mut conn, &what)?;
+        Ok(Box::new(Sqlite { conn, what }))
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+}
+
+/// Creates the schema if missing and checks its version, in one
+/// transaction that holds the write lock (two servers starting at once
+/// create it once).
+fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
+    let err = |e| classify(what, e);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let exists = |name: &str| -> Result<bool, DbError> {
+        tx.query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|o| o.is_some())
+        .map_err(err)
+    };
+    if exists("quic_report_schema")? {
+        let version: Option<i64> = tx
+            .query_row("SELECT max(version) FROM quic_report_schema", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        match version {
+            None => return Err(unreadable_version(what)),
+            Some(v) if v > i64::from(SCHEMA_VERSION) => return Err(future_schema(v, what)),
+            Some(_) => {}
+        }
+    } else if exists("reports")? {
+        return Err(foreign_table(what));
+    } else {
+        tx.execute_batch(
+            "CREATE TABLE quic_report_schema (version integer NOT NULL);
+             CREATE TABLE reports (
+                 identity    text    NOT NULL,
+                 client      text    NOT NULL,
+                 seq         integer NOT NULL,
+                 received_at text    NOT NULL,
+                 body        text    NOT NULL,
+                 PRIMARY KEY (identity, client, seq)) WITHOUT ROWID;",
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO quic_report_schema (version) VALUES (?1)",
+            [SCHEMA_VERSION],
+        )
+        .map_err(err)?;
+        log::info!("{what}: created the reports table (schema version {SCHEMA_VERSION})");
+    }
+    tx.commit().map_err(err)
+}
+
+/// Sorts rusqlite's errors: a busy or broken database is retried on a new
+/// connection, anything else refused the rows.
+fn classify(what: &str, e: rusqlite::Error) -> DbError {
+    let msg = format!("{what}: {e}");
+    match e.sqlite_error_code() {
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::NotADatabase
+            | ErrorCode::DatabaseCorrupt,
+        ) => DbError::Connection(msg),
+        _ => DbError::Rejected(msg),
+    }
+}
+
+struct Sqlite {
+    conn: Connection,
+    what: String,
+}
+
+impl Database for Sqlite {
+    fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+        let what = &self.what;
+        let err = |e| classify(what, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        {
+            let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
+            for r in rows {
+                let n = stmt
+                    .execute(rusqlite::params![
+                        r.identity,
+                        r.client,
+                        r.seq,
+                        r.received_at_ms,
+                        r.body
+                    ])
+                    .map_err(err)?;
+                out.push(if n == 1 {
+                    Written::Inserted
+                } else {
+                    Written::Duplicate
+                });
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError> {
+        let what = &self.what;
+        let err = |e| classify(what, e);
+        // The primary key's order: one index seek per client.
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT identity, client, body FROM reports AS r \
+                 WHERE seq = (SELECT max(seq) FROM reports \
+                              WHERE identity = r.identity AND client = r.client) \
+                 ORDER BY identity, client LIMIT ?1",
+            )
+            .map_err(err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(err)
+    }
+
+    fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        let what = &self.what;
+        let err = |e| classify(what, e);
+        let (rows, clients): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM reports), \
+                        (SELECT count(*) FROM (SELECT DISTINCT identity, client FROM reports))",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)?;
+        Ok((
+            u64::try_from(rows).unwrap_or(0),
+            u64::try_from(clients).unwrap_or(0),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "quic-report-sqlite-{}-{name}-{:x}.db",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    }
+
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            for ext in ["", "-wal", "-shm"] {
+                let mut p = self.0.clone().into_os_string();
+                p.push(ext);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    fn row(client: &str, seq: i64) -> Row {
+        Row {
+            identity: String::new(),
+            client: client.into(),
+            seq,
+            received_at_ms: 1_700_000_000_123,
+            body: format!(r#"{{"client":"{client}","seq":{seq}}}"#),
+        }
+    }
+
+    #[test]
+    fn inserts_once_and_reports_the_rest_as_duplicates() {
+        let path = temp("dup");
+        let _rm = Rm(path.clone());
+        let mut db = SqliteConnect::new(&path).connect().expect("opens");
+        let first = db.insert(&[row("a", 1), row("a", 2)]).expect("inserts");
+        assert_eq!(first, vec![Written::Inserted, Written::Inserted]);
+        // A second connection (another process) sees the same key.
+        let mut other = SqliteConnect::new(&path).connect().expect("opens again");
+        let again = other.insert(&[row("a", 2), row("a", 3)]).expect("inserts");
+        assert_eq!(again, vec![Written::Duplicate, Written::Inserted]);
+        assert_eq!(db.counts().expect("counts"), (3, 1));
+        let latest = db.latest(10).expect("latest");
+        assert_eq!(latest.len(), 1);
+        assert_eq!(latest[0].2, r#"{"client":"a","seq":3}"#);
+    }
+
+    #[test]
+    fn a_schema_from_the_future_is_refused() {
+        let path = temp("future");
+        let _rm = Rm(path.clone());
+        drop(SqliteConnect::new(&path).connect().expect("creates"));
+        let c = Connection::open(&path).expect("opens");
+        c.execute("UPDATE quic_report_schema SET version = 99", [])
+            .expect("updates");
+        drop(c);
+        let Err(e) = SqliteConnect::new(&path).connect() else {
+            panic!("a future schema was accepted")
+        };
+        assert!(matches!(e, DbError::Schema(_)), "{e:?}");
+        assert!(e.to_string().contains("version 99"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_reports_table_is_left_alone() {
+        let path = temp("foreign");
+        let _rm = Rm(path.clone());
+        let c = Connection::open(&path).expect("opens");
+        c.execute("CREATE TABLE reports (x integer)", [])
+            .expect("creates");
+        drop(c);
+        let Err(e) = SqliteConnect::new(&path).connect() else {
+            panic!("a foreign table was accepted")
+        };
+        assert!(e.to_string().contains("not created by quic-report"), "{e}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The server loop's side of a database sink: reports held until their
+//! commit, bounded, each with a deadline.
+//!
+//! A report enters [`Held::submit`] as a row for the helper thread
+//! ([`crate::database::writer`]) and is answered exactly once, by the first
+//! of:
+//! - its commit: `Recorded` (the row is new) or `Duplicate` (its key was
+//!   there: recorded before, by this process or another one);
+//! - the database refusing it, or its deadline ([`WaitLimits::deadline`],
+//!   below the client's answer deadline) passing first: `NotRecorded`, and
+//!   the client sends it again later. Should the commit still happen after
+//!   that, the resend is answered `duplicate`: never recorded twice, and
+//!   never acknowledged before its commit.
+//!
+//! **Backpressure.** At most [`WaitLimits::max_reports`] reports and
+//! [`WaitLimits::max_bytes`] bytes of report wait at once; a report past
+//! either bound is answered `not_recorded` at once ("the server is busy",
+//! counted as `sink_busy`), so a slow database costs clients a resend, not
+//! the server its memory. Before that, each connection's stream credit
+//! (100 concurrent streams) bounds what one client has waiting.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use quic_report_core::{Outcome, Report, ReportHandle};
+
+use crate::database::writer::{Completion, Job, Read, ReadResult, Request, Writer};
+use crate::database::{DbError, KeylessKeys, Written};
+use crate::observe::DbMetrics;
+
+/// How long and how much may wait for the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitLimits {
+    /// A report not committed within this is answered `not_recorded`
+    /// (default 3 s: below the client's 5 s answer deadline).
+    pub deadline: Duration,
+    /// Reports waiting at most (default 10,000).
+    pub max_reports: usize,
+    /// Bytes of report waiting at most (default 32 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for WaitLimits {
+    fn default() -> Self {
+        WaitLimits {
+            deadline: Duration::from_secs(3),
+            max_reports: 10_000,
+            max_bytes: 32 << 20,
+        }
+    }
+}
+
+/// A report being recorded: what its answer needs.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    pub(crate) handle: ReportHandle,
+    pub(crate) peer: SocketAddr,
+    pub(crate) report: Report,
+    /// Its JSON line (kept by `/latest`).
+    pub(crate) line: Vec<u8>,
+    /// The loop turn that read it.
+    pub(crate) turn: Instant,
+}
+
+/// What came back.
+#[derive(Debug)]
+pub(crate) enum Settled {
+    /// A report's answer.
+    Report(Waiting, Outcome),
+    /// A read's result.
+    Read(ReportHandle, Result<ReadResult, String>),
+}
+
+/// The reports waiting for their commit.
+#[derive(Debug)]
+pub(crate) struct Held {
+    writer: Writer,
+    limits: WaitLimits,
+    waiting: HashMap<ReportHandle, Waiting>,
+    /// Deadlines in order (all reports get the same wait).
+    expiry: VecDeque<(Instant, ReportHandle)>,
+    bytes: usize,
+    keyless: KeylessKeys,
+}
+
+impl Held {
+    pub(crate) fn new(writer: Writer, limits: WaitLimits, instance: [u8; 16]) -> Held {
+        Held {
+            writer,
+            limits,
+            waiting: HashMap::new(),
+            expiry: VecDeque::new(),
+            bytes: 0,
+            keyless: KeylessKeys::new(instance),
+        }
+    }
+
+    /// Hands `reports` to the thread; those past the bounds (or all, if
+    /// the thread is gone) come back in `refused` with their answer.
+    pub(crate) fn submit(
+        &mut self,
+        now: Instant,
+        reports: Vec<Waiting>,
+        refused: &mut Vec<Settled>,
+        m: &mut DbMetrics,
+    ) {
+        let deadline = now + self.limits.deadline;
+        let received_at = crate::fetch::unix_ms();
+        let mut jobs = Vec::with_capacity(reports.len());
+        for w in reports {
+            let size = w.report.json().len();
+            if self.waiting.len() >= self.limits.max_reports
+                || self.bytes + size > self.limits.max_bytes
+            {
+                m.busy += 1;
+                let why = format!(
+                    "the server is busy: {} report(s) wait for the database",
+                    self.waiting.len()
+                );
+                refused.push(Settled::Report(w, Outcome::NotRecorded(why)));
+                continue;
+            }
+            jobs.push(Job {
+                handle: w.handle,
+                row: self.keyless.row(&w.report, received_at),
+                deadline,
+            });
+            self.bytes += size;
+            self.expiry.push_back((deadline, w.handle));
+            self.waiting.insert(w.handle, w);
+        }
+        if !jobs.is_empty() && !self.writer.send(Request::Rows(jobs)) {
+            // The thread ended (a fatal error is on its way): answer now.
+            self.expire(Instant::now() + self.limits.deadline, refused, m);
+        }
+        self.gauges(m);
+    }
+
+    /// Asks the thread for a read; false if it is gone.
+    pub(crate) fn read(&mut self, handle: ReportHandle, what: Read) -> bool {
+        self.writer.send(Request::Read { handle, what })
+    }
+
+    /// Completions that arrived, and reports whose deadline passed, into
+    /// `out`. A fatal database error is returned (the server stops).
+    pub(crate) fn poll(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Settled>,
+        m: &mut DbMetrics,
+    ) -> Result<(), DbError> {
+        let mut fatal = None;
+        while let Some(c) = self.writer.try_recv() {
+            match c {
+                Completion::Committed { results, took } => {
+                    m.up = true;
+                    m.commits += 1;
+                    m.commit_latency.observe(took);
+                    m.batch_rows.observe_value(results.len() as f64);
+                    for (handle, result) in results {
+                        let Some(w) = self.take(handle) else {
+                            continue; // answered at its deadline already
+                        };
+                        let outcome = match result {
+                            Ok(Written::Inserted) => Outcome::Recorded,
+                            Ok(Written::Duplicate) => Outcome::Duplicate,
+                            Err(e) => {
+                                m.errors += 1;
+                                Outcome::NotRecorded(e)
+                            }
+                        };
+                        out.push(Settled::Report(w, outcome));
+                    }
+                }
+                Completion::Read { handle, result } => out.push(Settled::Read(handle, result)),
+                Completion::Failed => {
+                    m.errors += 1;
+                    m.up = false;
+                }
+                Completion::Fatal(e) => fatal = Some(e),
+            }
+        }
+        self.expire(now, out, m);
+        self.gauges(m);
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The next deadline, if any report waits.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.expiry.front().map(|(t, _)| *t)
+    }
+
+    fn expire(&mut self, now: Instant, out: &mut Vec<Settled>, m: &mut DbMetrics) {
+        while let Some(&(at, handle)) = self.expiry.front() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            if let Some(w) = self.take(handle) {
+                m.expired += 1;
+                let why = format!(
+                    "the database did not commit it within {:?}",
+                    self.limits.deadline
+                );
+                out.push(Settled::Report(w, Outcome::NotRecorded(why)));
+            }
+        }
+    }
+
+    fn take(&mut self, handle: ReportHandle) -> Option<Waiting> {
+        let w = self.waiting.remove(&handle)?;
+        self.bytes -= w.report.json().len();
+        Some(w)
+    }
+
+    fn gauges(&self, m: &mut DbMetrics) {
+        m.waiting_reports = self.waiting.len() as u64;
+        m.waiting_bytes = self.bytes as u64;
+    }
+}

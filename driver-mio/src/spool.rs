@@ -1,0 +1,806 @@
+//! The client's persistent queue (`client --spool DIR`): every sample is
+//! written here before its report is first sent, and marked done when the
+//! server acknowledges it (or refuses it for good, or the full queue drops
+//! it). A client restarted on the same directory comes back with the same
+//! `client` id, continues `seq` where it left off (never reusing one), and
+//! sends what the spool holds, oldest first, before new samples.
+//!
+//! # Format: one append-only segment log
+//!
+//! `DIR/spool.log` starts with the magic `QRSPOOL1`, then records:
+//!
+//! ```text
+//! u32 LE length of kind + payload | u32 LE CRC-32 of kind + payload | u8 kind | payload
+//!   kind 1 Identity  u16 LE id length, client id (UTF-8), u64 LE next seq
+//!   kind 2 Sample    u64 LE seq, u64 LE sampled_at_ms, the fields as a JSON object
+//!   kind 3 Done      u64 LE seq
+//!   kind 4 Reserve   u64 LE seq bound, boot id (UTF-8)
+//! ```
+//!
+//! Why a log of our own rather than SQLite: the spool is a FIFO whose every
+//! operation is an append (a sample, then its done mark a round trip
+//! later), and each must cost the idle client next to nothing. One
+//! `write(2)` per record puts it in the OS before the report is sent, so a
+//! crash of the process loses nothing, and the CRC of each record makes a
+//! tail torn by a power loss (or any corrupt record) detectable: reading
+//! stops there, warns, and truncates the file to the last good record. SQLite
+//! would give the same guarantees for a transaction (two B-tree updates and
+//! a WAL frame) per sample and per acknowledgement, plus a C library in
+//! the driver, for no query we need.
+//!
+//! The log is rewritten (compacted) when it is at least [`COMPACT_AT`]
+//! bytes and at most half of it is still pending: a new file with the
+//! identity and the pending samples, renamed over the old one.
+//!
+//! # Durability ([`Fsync`], as the server's `--fsync`)
+//!
+//! Every record is written to the OS before the report goes out, under
+//! every policy: a process crash loses nothing. `Always`: each sample is
+//! fsynced before its report is sent. `Interval(d)` (the default, 100 ms):
+//! a sample is fsynced at once if the last fsync is at least `d` old, else
+//! within `d` ([`Spool::poll_timeout`]); a power loss loses at most the
+//! last `d` of samples. `Never`: the OS decides. Done marks are never
+//! fsynced on their own: losing one to a power loss only means the report
+//! is sent again, and the server answers it as a duplicate.
+//!
+//! Seqs are never reused, even after a power loss took the last samples
+//! (whose reports may have reached the server): before a sample whose seq
+//! is not yet covered goes out, a Reserve record with a bound
+//! [`RESERVE`] seqs ahead and the kernel's boot id is written and fsynced
+//! (unless `Never`). A spool opened in the same boot continues right after
+//! its last sample (the OS kept every write); one opened after a reboot
+//! continues at the bound, leaving a gap rather than risking a reuse.
+//!
+//! # Lock
+//!
+//! `DIR/lock` is held with an exclusive `flock` ([`File::try_lock`]) for
+//! the spool's life, with the holder's pid in it: a second client on the
+//! same directory refuses to start ([`SpoolError::Locked`]).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use quic_report_core::{Sample, Seq};
+
+use crate::sink::Fsync;
+
+/// The first bytes of a spool log.
+const MAGIC: &[u8; 8] = b"QRSPOOL1";
+
+/// Bytes before the kind: length and CRC.
+const HEADER: usize = 8;
+
+/// Largest record we write or accept (a sample is at most the 64 KiB body
+/// limit plus its seq and stamp).
+const MAX_RECORD: usize = 1024 * 1024;
+
+/// Compact the log once it is at least this large (and half of it done).
+pub const COMPACT_AT: u64 = 1024 * 1024;
+
+const KIND_IDENTITY: u8 = 1;
+const KIND_SAMPLE: u8 = 2;
+const KIND_DONE: u8 = 3;
+const KIND_RESERVE: u8 = 4;
+
+/// How many seqs one Reserve record covers.
+pub const RESERVE: u64 = 1000;
+
+/// The kernel's id of this boot (empty if unknown: then every open counts
+/// as after a reboot).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Where the spool is and how durable it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// The directory (created if missing).
+    pub dir: PathBuf,
+    /// When to fsync.
+    pub fsync: Fsync,
+}
+
+/// Why the spool cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Another process holds the lock.
+    #[error(
+        "spool {dir} is in use by another client{} (one spool per client)",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The holder's pid, if it wrote one.
+        pid: Option<u32>,
+    },
+    /// The log is not ours.
+    #[error("{0} is not a quic-report spool (bad magic); move it away")]
+    NotASpool(PathBuf),
+    /// The spool belongs to another client id than the one configured.
+    #[error("spool {dir} belongs to client {found}, not {configured}")]
+    OtherClient {
+        /// The directory.
+        dir: PathBuf,
+        /// Its client id.
+        found: String,
+        /// The one asked for.
+        configured: String,
+    },
+    /// A file operation failed.
+    #[error("spool {}: {what}: {source}", path.display())]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// What opening the spool found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Samples still pending (restored).
+    pub pending: usize,
+    /// Bytes of a torn or corrupt tail that were skipped, and where it began.
+    pub skipped: Option<(u64, u64)>,
+    /// Whether the spool was created now.
+    pub created: bool,
+}
+
+/// The open, locked spool.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    path: PathBuf,
+    file: File,
+    /// Held for the spool's life.
+    _lock: File,
+    fsync: Fsync,
+    client_id: String,
+    next_seq: Seq,
+    /// Pending samples: where their record is in the file.
+    pending: BTreeMap<Seq, (u64, u32)>,
+    /// The samples read at open, until taken.
+    restored: Vec<(Seq, Sample)>,
+    len: u64,
+    pending_bytes: u64,
+    /// This boot's id, and the seq bound durably reserved in it.
+    boot: String,
+    reserved: Seq,
+    /// A sample written since the last fsync.
+    dirty: bool,
+    last_sync: Option<Instant>,
+    recovery: Recovery,
+    buf: Vec<u8>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) and locks the spool in `opts.dir`, and
+    /// reads back what it holds, skipping a torn or corrupt tail (the file
+    /// is truncated there). `new_id` names the client of a new spool.
+    pub fn open(opts: &SpoolOptions, new_id: impl FnOnce() -> String) -> Result<Spool, SpoolError> {
+        let dir = opts.dir.clone();
+        let io_err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SpoolError::Io { what, path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io_err("creating the directory", &dir))?;
+        let lock_path = dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err("opening the lock file", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut s = String::new();
+                let _ = lock.read_to_string(&mut s);
+                return Err(SpoolError::Locked {
+                    dir,
+                    pid: s.trim().parse().ok(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err("locking", &lock_path)(e)),
+        }
+        lock.set_len(0)
+            .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(io_err("writing the lock file", &lock_path))?;
+
+        let path = dir.join("spool.log");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .map_err(io_err("reading", &path))?;
+        let mut spool = Spool {
+            dir,
+            path,
+            file,
+            _lock: lock,
+            fsync: opts.fsync,
+            client_id: String::new(),
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            restored: Vec::new(),
+            len: 0,
+            pending_bytes: 0,
+            boot: boot_id(),
+            reserved: 0,
+            dirty: false,
+            last_sync: None,
+            recovery: Recovery::default(),
+            buf: Vec::new(),
+        };
+        spool.read_back(&data)?;
+        if spool.client_id.is_empty() {
+            // New (or torn before its identity was complete): start afresh.
+            spool.client_id = new_id();
+            spool.recovery.created = true;
+            spool.rewrite()?;
+        }
+        Ok(spool)
+    }
+
+    /// Parses the log; keeps what is good, truncates what is not.
+    fn read_back(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() < MAGIC.len() {
+            if MAGIC.starts_with(data) {
+                self.recovery.skipped = Some((0, data.len() as u64));
+                return Ok(()); // torn while being created
+            }
+            return Err(SpoolError::NotASpool(self.path.clone()));
+        }
+        if &data[..MAGIC.len()] != MAGIC {
+            return Err(SpoolError::NotASpool(self.path.clone()));
+        }
+        let mut samples: BTreeMap<Seq, (u64, u32, Sample)> = BTreeMap::new();
+        let mut reserve: Option<(Seq, String)> = None;
+        let mut at = MAGIC.len();
+        while at < data.len() {
+            let Some((kind, payload, rec_len)) = record_at(data, at) else {
+                break;
+            };
+            let ok = match kind {
+                KIND_IDENTITY => match decode_identity(payload) {
+                    Some((id, next)) => {
+                        self.client_id = id;
+                        self.next_seq = self.next_seq.max(next);
+                        true
+                    }
+                    None => false,
+                },
+                KIND_SAMPLE => match decode_sample(payload) {
+                    Some((seq, sample)) => {
+                        self.next_seq = self.next_seq.max(seq + 1);
+                        let len = u32::try_from(rec_len).unwrap_or(u32::MAX);
+                        samples.insert(seq, (at as u64, len, sample));
+                        true
+                    }
+                    None => false,
+                },
+                KIND_RESERVE => match decode_reserve(payload) {
+                    Some(r) => {
+                        reserve = Some(r);
+                        true
+                    }
+                    None => false,
+                },
+                KIND_DONE => match payload.try_into().map(u64::from_le_bytes) {
+                    Ok(seq) => {
+                        samples.remove(&seq);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            if !ok {
+                break;
+            }
+            at += rec_len;
+        }
+        if at < data.len() {
+            let skipped = (data.len() - at) as u64;
+            self.recovery.skipped = Some((at as u64, skipped));
+            self.file
+                .set_len(at as u64)
+                .map_err(|source| SpoolError::Io {
+                    what: "truncating a torn tail",
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        self.len = at as u64;
+        if let Some((bound, boot)) = reserve
+            && (boot != self.boot || boot.is_empty())
+        {
+            // Rebooted since: samples past the last fsync may be lost, and
+            // their reports may have been recorded. Skip their seqs.
+            self.next_seq = self.next_seq.max(bound);
+        }
+        for (seq, (off, len, sample)) in samples {
+            self.pending.insert(seq, (off, len));
+            self.pending_bytes += u64::from(len);
+            self.restored.push((seq, sample));
+        }
+        self.recovery.pending = self.pending.len();
+        Ok(())
+    }
+
+    /// The `client` id this spool belongs to.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The lowest seq never used by this client.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// What opening found.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The samples read back at open, oldest first (once).
+    pub fn take_restored(&mut self) -> Vec<(Seq, Sample)> {
+        std::mem::take(&mut self.restored)
+    }
+
+    /// Samples pending (written, not done).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes `sample` as report `seq`: in the OS when this returns, and
+    /// fsynced as the policy says.
+    pub fn append(&mut self, now: Instant, seq: Seq, sample: &Sample) -> Result<(), SpoolError> {
+        let fields = serde_json::to_vec(&sample.fields).map_err(|e| SpoolError::Io {
+            what: "encoding a sample",
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        let mut payload = Vec::with_capacity(16 + fields.len());
+        payload.extend_from_slice(&seq.to_le_bytes());
+        payload.extend_from_slice(&sample.sampled_at_ms.to_le_bytes());
+        payload.extend_from_slice(&fields);
+        // A seq not yet durably reserved: reserve more, fsynced with the
+        // sample, before its report can go out.
+        let reserve = (seq >= self.reserved).then_some(seq + RESERVE);
+        if let Some(bound) = reserve {
+            let mut r = bound.to_le_bytes().to_vec();
+            r.extend_from_slice(self.boot.as_bytes());
+            self.write_record(KIND_RESERVE, &r)?;
+        }
+        let at = self.len;
+        let len = self.write_record(KIND_SAMPLE, &payload)?;
+        self.pending.insert(seq, (at, len));
+        self.pending_bytes += u64::from(len);
+        self.next_seq = self.next_seq.max(seq + 1);
+        self.dirty = true;
+        if let Some(bound) = reserve {
+            self.sync(now)?;
+            self.reserved = bound;
+            return Ok(());
+        }
+        match self.fsync {
+            Fsync::Always => self.sync(now)?,
+            Fsync::Interval(d) if self.last_sync.is_none_or(|t| t + d <= now) => self.sync(now)?,
+            Fsync::Interval(_) | Fsync::Never => {}
+        }
+        Ok(())
+    }
+
+    /// Report `seq` is settled (acknowledged, refused for good, or
+    /// dropped): it will not be sent again.
+    pub fn remove(&mut self, seq: Seq) -> Result<(), SpoolError> {
+        let Some((_, len)) = self.pending.remove(&seq) else {
+            return Ok(());
+        };
+        self.pending_bytes -= u64::from(len);
+        self.write_record(KIND_DONE, &seq.to_le_bytes())?;
+        if self.len >= COMPACT_AT && self.pending_bytes <= self.len / 2 {
+            self.rewrite()?;
+        }
+        Ok(())
+    }
+
+    /// When [`Spool::handle_timeout`] wants to run: a deferred fsync.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.fsync {
+            Fsync::Interval(d) if self.dirty => {
+                Some(self.last_sync.map_or_else(Instant::now, |t| t + d))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs the deferred fsync if it is due.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SpoolError> {
+        if self.poll_timeout().is_some_and(|t| t <= now) {
+            self.sync(now)?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs what was written (unless the policy is `Never`).
+    pub fn sync(&mut self, now: Instant) -> Result<(), SpoolError> {
+        if self.fsync == Fsync::Never || !self.dirty {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|source| SpoolError::Io {
+            what: "fsync",
+            path: self.path.clone(),
+            source,
+        })?;
+        self.dirty = false;
+        self.last_sync = Some(now);
+        Ok(())
+    }
+
+    /// Appends one record with one `write(2)`; on a failure the file is cut
+    /// back to where it was. Returns the record's length.
+    fn write_record(&mut self, kind: u8, payload: &[u8]) -> Result<u32, SpoolError> {
+        encode_record(&mut self.buf, kind, payload);
+        let res = self.file.write_all(&self.buf);
+        if let Err(source) = res {
+            let _ = self.file.set_len(self.len);
+            return Err(SpoolError::Io {
+                what: "writing",
+                path: self.path.clone(),
+                source,
+            });
+        }
+        let n = self.buf.len();
+        self.len += n as u64;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Writes a new log (magic, identity, pending samples), fsyncs it
+    /// unless the policy is `Never`, and renames it over the old one.
+    fn rewrite(&mut self) -> Result<(), SpoolError> {
+        let tmp = self.dir.join("spool.log.new");
+        let io_err = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SpoolError::Io { what, path, source }
+        };
+        let mut out = Vec::with_capacity(64 + self.pending_bytes as usize);
+        out.extend_from_slice(MAGIC);
+        let mut identity = Vec::new();
+        let id = self.client_id.as_bytes();
+        identity.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_le_bytes());
+        identity.extend_from_slice(&id[..id.len().min(usize::from(u16::MAX))]);
+        identity.extend_from_slice(&self.next_seq.to_le_bytes());
+        encode_record(&mut self.buf, KIND_IDENTITY, &identity);
+        out.extend_from_slice(&self.buf);
+        if self.reserved > 0 {
+            let mut reserve = self.reserved.to_le_bytes().to_vec();
+            reserve.extend_from_slice(self.boot.as_bytes());
+            encode_record(&mut self.buf, KIND_RESERVE, &reserve);
+            out.extend_from_slice(&self.buf);
+        }
+        let mut moved = BTreeMap::new();
+        let mut rec = Vec::new();
+        for (&seq, &(off, len)) in &self.pending {
+            rec.resize(len as usize, 0);
+            self.file
+                .read_exact_at(&mut rec, off)
+                .map_err(io_err("reading a pending sample", &self.path))?;
+            moved.insert(seq, (out.len() as u64, len));
+            out.extend_from_slice(&rec);
+        }
+        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        f.write_all(&out).map_err(io_err("writing", &tmp))?;
+        if self.fsync != Fsync::Never {
+            f.sync_all().map_err(io_err("fsync", &tmp))?;
+        }
+        fs::rename(&tmp, &self.path).map_err(io_err("renaming into place", &tmp))?;
+        if self.fsync != Fsync::Never {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync", &self.dir))?;
+        }
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err("reopening", &self.path))?;
+        self.file
+            .seek(SeekFrom::End(0))
+            .map_err(io_err("seeking", &self.path))?;
+        self.len = out.len() as u64;
+        self.pending = moved;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// `buf` := one record of `kind` with `payload`.
+fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    buf.clear();
+    let len = u32::try_from(1 + payload.len()).unwrap_or(u32::MAX);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[kind]);
+    crc.update(payload);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.push(kind);
+    buf.extend_from_slice(payload);
+}
+
+/// The record at `at`: its kind, payload and whole length, if it is
+/// complete and its CRC matches.
+fn record_at(data: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let head = data.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let body = data.get(at + HEADER..at + HEADER + len)?;
+    (crc32fast::hash(body) == crc).then(|| (body[0], &body[1..], HEADER + len))
+}
+
+fn decode_identity(p: &[u8]) -> Option<(String, Seq)> {
+    let n = usize::from(u16::from_le_bytes(p.get(..2)?.try_into().ok()?));
+    let id = std::str::from_utf8(p.get(2..2 + n)?).ok()?;
+    let next = u64::from_le_bytes(p.get(2 + n..2 + n + 8)?.try_into().ok()?);
+    (!id.is_empty()).then(|| (id.to_owned(), next))
+}
+
+fn decode_reserve(p: &[u8]) -> Option<(Seq, String)> {
+    let bound = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+    let boot = std::str::from_utf8(p.get(8..)?).ok()?;
+    Some((bound, boot.to_owned()))
+}
+
+fn decode_sample(p: &[u8]) -> Option<(Seq, Sample)> {
+    let seq = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+    let at = u64::from_le_bytes(p.get(8..16)?.try_into().ok()?);
+    let sample = Sample::from_json(p.get(16..)?, at).ok()?;
+    (seq > 0).then_some((seq, sample))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let p = std::env::temp_dir().join(format!(
+                "quic-report-spool-{}-{nanos:x}-{name}",
+                std::process::id()
+            ));
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn opts(dir: &TempDir, fsync: Fsync) -> SpoolOptions {
+        SpoolOptions {
+            dir: dir.0.clone(),
+            fsync,
+        }
+    }
+
+    fn sample(v: u64) -> Sample {
+        Sample::from_json(format!("{{\"value\": {v}}}").as_bytes(), 1000 + v).expect("object")
+    }
+
+    fn values(restored: &[(Seq, Sample)]) -> Vec<(Seq, u64, u64)> {
+        restored
+            .iter()
+            .map(|(s, x)| (*s, x.fields["value"].as_u64().unwrap_or(0), x.sampled_at_ms))
+            .collect()
+    }
+
+    #[test]
+    fn pending_samples_and_the_numbering_survive_a_reopen() {
+        let dir = TempDir::new("reopen");
+        let now = Instant::now();
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Always), || "c0ffee".into()).expect("open");
+            assert!(s.recovery().created);
+            assert_eq!((s.client_id(), s.next_seq()), ("c0ffee", 1));
+            for seq in 1..=4 {
+                s.append(now, seq, &sample(seq)).expect("append");
+            }
+            s.remove(2).expect("done");
+            s.remove(4).expect("done");
+        }
+        let mut s = Spool::open(&opts(&dir, Fsync::Always), || "other".into()).expect("reopen");
+        assert!(!s.recovery().created);
+        assert_eq!(s.client_id(), "c0ffee");
+        assert_eq!(s.next_seq(), 5, "seq 4 was used, even if done");
+        assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (3, 3, 1003)]);
+        assert_eq!(s.recovery().skipped, None);
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_tail_is_skipped_and_cut_off() {
+        let dir = TempDir::new("torn");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+            for seq in 1..=3 {
+                s.append(now, seq, &sample(seq)).expect("append");
+            }
+        }
+        let good = fs::read(&path).expect("read");
+        // A record cut in the middle (a crash mid-write, a power loss).
+        fs::write(&path, &good[..good.len() - 5]).expect("tear");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+            let skipped = s.recovery().skipped.expect("a torn tail");
+            assert_eq!(values(&s.take_restored()).len(), 2);
+            assert_eq!(skipped.1, good.len() as u64 - 5 - skipped.0);
+            // Appending goes on after the last good record.
+            s.append(now, 7, &sample(7)).expect("append");
+        }
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+        assert_eq!(s.recovery().skipped, None, "cut off the first time");
+        let seqs: Vec<_> = s.take_restored().into_iter().map(|(q, _)| q).collect();
+        assert_eq!(seqs, [1, 2, 7]);
+        drop(s);
+
+        // A flipped byte in the last record: its CRC fails.
+        let mut bad = fs::read(&path).expect("read");
+        let n = bad.len();
+        bad[n - 3] ^= 0x55;
+        fs::write(&path, &bad).expect("corrupt");
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+        assert!(s.recovery().skipped.is_some());
+        let seqs: Vec<_> = s.take_restored().into_iter().map(|(q, _)| q).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(
+            s.next_seq(),
+            3,
+            "a seq in a lost record may be used again: it was never sent"
+        );
+        assert_eq!(s.client_id(), "id");
+    }
+
+    #[test]
+    fn after_a_reboot_numbering_skips_to_the_reserved_bound() {
+        let dir = TempDir::new("reboot");
+        let now = Instant::now();
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Interval(Duration::from_secs(1))), || {
+                "id".into()
+            })
+            .expect("open");
+            s.append(now, 1, &sample(1)).expect("append");
+            s.append(now, 2, &sample(2)).expect("append");
+        }
+        let o = opts(&dir, Fsync::Interval(Duration::from_secs(1)));
+        let s = Spool::open(&o, || "x".into()).expect("same boot");
+        assert_eq!(s.next_seq(), 3, "same boot: right after the last sample");
+        drop(s);
+        // The same log, as a later boot sees it: its last Reserve record
+        // names an earlier boot.
+        let mut log = fs::read(dir.0.join("spool.log")).expect("read");
+        let mut p = (1 + RESERVE).to_le_bytes().to_vec();
+        p.extend_from_slice(b"an earlier boot");
+        let mut rec = Vec::new();
+        encode_record(&mut rec, KIND_RESERVE, &p);
+        log.extend_from_slice(&rec);
+        fs::write(dir.0.join("spool.log"), &log).expect("write");
+        let s = Spool::open(&o, || "x".into()).expect("after a reboot");
+        assert_eq!(s.next_seq(), 1 + RESERVE);
+        assert_eq!(s.pending(), 2);
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused_not_overwritten() {
+        let dir = TempDir::new("foreign");
+        fs::create_dir_all(&dir.0).expect("mkdir");
+        fs::write(dir.0.join("spool.log"), b"hello, world\n").expect("write");
+        let e = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect_err("refused");
+        assert!(matches!(e, SpoolError::NotASpool(_)), "{e}");
+        assert_eq!(
+            fs::read(dir.0.join("spool.log")).expect("read"),
+            b"hello, world\n"
+        );
+    }
+
+    #[test]
+    fn a_second_spool_on_the_same_directory_is_refused() {
+        let dir = TempDir::new("lock");
+        let _first = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("open");
+        let e = Spool::open(&opts(&dir, Fsync::Never), || "y".into()).expect_err("locked");
+        match e {
+            SpoolError::Locked { pid, .. } => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn the_log_is_compacted_and_keeps_what_is_pending() {
+        let dir = TempDir::new("compact");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        let big = "x".repeat(4000);
+        let s_big = |v: u64| {
+            Sample::from_json(
+                format!("{{\"value\": {v}, \"pad\": \"{big}\"}}").as_bytes(),
+                v,
+            )
+            .expect("object")
+        };
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+            s.append(now, 1, &s_big(1)).expect("append");
+            for seq in 2..=600 {
+                s.append(now, seq, &s_big(seq)).expect("append");
+                s.remove(seq).expect("done");
+            }
+            assert!(
+                fs::metadata(&path).expect("stat").len() < COMPACT_AT + 10_000,
+                "compacted"
+            );
+        }
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+        let restored = s.take_restored();
+        assert_eq!(restored.len(), 1);
+        assert_eq!(restored[0].0, 1);
+        assert_eq!(
+            restored[0].1.fields["pad"].as_str().map(str::len),
+            Some(4000)
+        );
+        assert_eq!(s.next_seq(), 601);
+    }
+
+    #[test]
+    fn interval_fsync_is_deferred_within_the_interval() {
+        let dir = TempDir::new("interval");
+        let t0 = Instant::now();
+        let d = Duration::from_millis(100);
+        let mut s = Spool::open(&opts(&dir, Fsync::Interval(d)), || "id".into()).expect("open");
+        s.append(t0, 1, &sample(1)).expect("append");
+        assert_eq!(s.poll_timeout(), None, "first sample: fsynced at once");
+        s.append(t0 + Duration::from_millis(10), 2, &sample(2))
+            .expect("append");
+        assert_eq!(s.poll_timeout(), Some(t0 + d), "within the interval");
+        s.remove(1).expect("done");
+        s.handle_timeout(t0 + d).expect("sync");
+        assert_eq!(s.poll_timeout(), None);
+        s.remove(2).expect("done");
+        assert_eq!(s.poll_timeout(), None, "a done mark alone needs no fsync");
+    }
+}

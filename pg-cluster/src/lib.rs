@@ -1,0 +1,324 @@
+//! A private PostgreSQL cluster for the tests and `make bench`: `initdb`
+//! in a temporary directory, a free loopback port, its Unix socket in that
+//! directory, stopped and removed when dropped (also when a test panics).
+//!
+//! PostgreSQL refuses to run as root, so as root every PostgreSQL program
+//! runs as the `postgres` user (through `runuser`), which the `postgresql`
+//! package creates; the directory is made theirs. The binaries are found
+//! in `$QUIC_REPORT_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`
+//! (Debian's layout), else on `PATH`.
+//!
+//! Local (socket) connections are trusted; TCP connections need the
+//! password of the `postgres` role, which is random per cluster and part of
+//! [`PgCluster::url`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running private cluster.
+#[derive(Debug)]
+pub struct PgCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    password: String,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster, or says why it cannot.
+    pub fn start() -> Result<PgCluster, String> {
+        let bin = find_bin()?;
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "quic-report-pg-{}-{:x}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(dir.join("sock")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let password = format!("{:016x}", rand_u64());
+        std::fs::write(dir.join("pwfile"), &password).map_err(|e| e.to_string())?;
+        let cluster = PgCluster {
+            port: free_port()?,
+            dir,
+            bin,
+            password,
+            as_postgres,
+        };
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.dir)
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !ok.success() {
+                return Err("cannot give the cluster directory to the postgres user".into());
+            }
+        }
+        let data = cluster.data();
+        cluster.run_ok(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                path_str(&cluster.dir.join("pwfile"))?,
+                "--no-instructions",
+                "-E",
+                "UTF8",
+            ],
+        )?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// The cluster's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Its TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The `postgres` role's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// A URL for database `db` as the `postgres` role, password included.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{db}?sslmode=disable",
+            self.password, self.port
+        )
+    }
+
+    /// Starts the server (after [`PgCluster::kill`] or
+    /// [`PgCluster::stop`]): on the same port, waiting until it accepts
+    /// connections.
+    pub fn start_server(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50",
+            self.port,
+            path_str(&self.dir.join("sock"))?
+        );
+        self.run_ok(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&self.data())?,
+                "-l",
+                path_str(&self.dir.join("log"))?,
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server cleanly (`pg_ctl stop -m fast`).
+    pub fn stop(&self) -> Result<(), String> {
+        self.run_ok(
+            "pg_ctl",
+            &["-D", path_str(&self.data())?, "-m", "fast", "-w", "stop"],
+        )
+    }
+
+    /// Kills the server as a crash would: SIGKILL to the postmaster and
+    /// every process it started; the next start runs crash recovery.
+    pub fn kill(&self) -> Result<(), String> {
+        let pid_file = self.data().join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+        let pid: i32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or("postmaster.pid has no pid")?;
+        let children = children_of(pid);
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        for c in children {
+            // SAFETY: as above.
+            unsafe { libc::kill(c, libc::SIGKILL) };
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end && Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The children are gone too once the shared memory is free; give
+        // them the same time.
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    }
+
+    /// Runs SQL in database `db` through `psql` on the cluster's socket
+    /// and returns its unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = self.run(
+            "psql",
+            &[
+                "-h",
+                path_str(&self.dir.join("sock"))?,
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        )?;
+        if !out.status.success() {
+            return Err(format!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The server's log so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) -> Result<Output, String> {
+        let exe = self.bin.join(prog);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", exe.display()))
+    }
+
+    fn run_ok(&self, prog: &str, args: &[&str]) -> Result<(), String> {
+        let out = self.run(prog, args)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{prog} failed ({}): {}{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            ))
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Ok(data) = path_str(&self.data())
+            && self
+                .run("pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"])
+                .is_err()
+        {
+            let _ = self.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn find_bin() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("QUIC_REPORT_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    if let Some((_, bin)) = found.pop() {
+        return Ok(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .find(|d| d.join("initdb").exists())
+        .ok_or_else(|| {
+            "PostgreSQL's server programs (initdb, pg_ctl) are not installed: `make deps` \
+             installs the postgresql package"
+                .to_owned()
+        })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and has no memory effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn path_str(p: &Path) -> Result<&str, String> {
+    p.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", p.display()))
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+/// Processes whose parent is `pid` (from /proc).
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
