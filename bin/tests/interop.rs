@@ -226,33 +226,19 @@ fn drain(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<Vec<u
     })
 }
 
-/// An exclusive `flock(2)` on a file, released when dropped.
-struct FileLock(File);
+/// An exclusive lock on a file ([`File::lock`], `flock(2)` on Linux),
+/// released when dropped (the file is closed).
+struct FileLock {
+    _file: File,
+}
 
 impl FileLock {
     fn acquire(path: &Path) -> Result<FileLock, String> {
-        use std::os::fd::AsRawFd;
         let file =
             File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(format!(
-                "cannot lock {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(FileLock(file))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as above.
-        unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
-        }
+        file.lock()
+            .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        Ok(FileLock { _file: file })
     }
 }
 

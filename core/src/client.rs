@@ -36,7 +36,7 @@ use crate::queue::{ReportQueue, Seq};
 use crate::report::{Response, Sample};
 use crate::rng::CoreRng;
 use crate::timer::{self, Deadline, TimerKind};
-use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs, hex};
+use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
 
 /// What the client can tell its application.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,7 +316,7 @@ impl Client {
             None => {
                 let mut b = [0u8; 8];
                 rng.fill(&mut b);
-                hex(&b)
+                hex::encode(b)
             }
         };
         let mut client = Client {
@@ -674,7 +674,7 @@ impl Client {
         attach_debug_logs(&mut self.debug_logs, &mut quic);
         let conn = Conn {
             quic,
-            id_hex: hex(&scid),
+            id_hex: hex::encode(scid),
             connect_deadline: Some(now + self.cfg.connect_timeout),
             in_flight: BTreeMap::new(),
             next_stream: 0,

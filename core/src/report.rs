@@ -57,16 +57,9 @@ pub struct Sample {
 }
 
 /// A source answered something that is not a JSON object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct SampleError(pub String);
-
-impl fmt::Display for SampleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SampleError {}
 
 impl Sample {
     /// Parses a source's body; it must be one JSON object.
@@ -293,16 +286,9 @@ pub enum Response {
 }
 
 /// A response line that is not a response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed response: {0}")]
 pub struct ResponseError(pub String);
-
-impl fmt::Display for ResponseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "malformed response: {}", self.0)
-    }
-}
-
-impl std::error::Error for ResponseError {}
 
 impl Response {
     /// The error response for a stream error.

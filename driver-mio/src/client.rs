@@ -599,7 +599,7 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
     let spool = Spool::open(opts, || match client_id.clone() {
         Some(id) => id,
         None => match os_seed() {
-            Ok(seed) => seed[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            Ok(seed) => hex::encode(&seed[..8]),
             Err(e) => {
                 seed_err = Some(e);
                 String::new()

@@ -39,27 +39,14 @@ pub fn parse_secret(bytes: &[u8]) -> Result<[u8; 32], String> {
     if let Ok(raw) = <[u8; 32]>::try_from(bytes) {
         return Ok(raw);
     }
-    let text = bytes.trim_ascii();
-    if text.len() == 64 && text.iter().all(u8::is_ascii_hexdigit) {
-        let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-            *o = (hex_digit(pair[0]) << 4) | hex_digit(pair[1]);
-        }
+    let mut out = [0u8; 32];
+    if hex::decode_to_slice(bytes.trim_ascii(), &mut out).is_ok() {
         return Ok(out);
     }
     Err(format!(
         "expected 32 bytes (raw) or 64 hex digits, found {} bytes",
         bytes.len()
     ))
-}
-
-fn hex_digit(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        b'a'..=b'f' => c - b'a' + 10,
-        b'A'..=b'F' => c - b'A' + 10,
-        _ => 0,
-    }
 }
 
 #[cfg(test)]

@@ -390,22 +390,17 @@ impl Drop for FileSink {
     }
 }
 
-/// Takes an exclusive `flock` on `file`, failing at once if it is held.
+/// Takes an exclusive lock on `file` (`flock` on Linux, released when the
+/// file is closed), failing at once if it is held.
 fn lock(file: &File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock(2) on a descriptor we own has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::WouldBlock {
-        return Err(io::Error::new(
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
             io::ErrorKind::WouldBlock,
             "locked by another process (is another server writing to it?)",
-        ));
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    Err(e)
 }
 
 /// The `(identity, client, seq)` keys of the reports recorded in a file,

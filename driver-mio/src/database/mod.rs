@@ -81,7 +81,7 @@ impl KeylessKeys {
     /// Keys under `keyless-<hex of instance>`.
     pub fn new(instance: [u8; 16]) -> KeylessKeys {
         KeylessKeys {
-            client: format!("keyless-{}", quic_report_core::hex(&instance)),
+            client: format!("keyless-{}", hex::encode(instance)),
             next: 1,
         }
     }
