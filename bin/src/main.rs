@@ -15,14 +15,13 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_cli::cli::{
-    self, Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event,
-};
+use quic_report_cli::cli::{self, Cli, ClientArgs, Command, ServerArgs, SourceArgs};
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
 use quic_report_core::{ClientEvent, Identity, RetryMode};
 use quic_report_mio::database::postgres::PostgresConnect;
 use quic_report_mio::database::sqlite::SqliteConnect;
+use quic_report_mio::show::{self, Shown};
 use quic_report_mio::{
     ClientOptions, DatabaseSink, FetchOptions, FileSink, RecordedKeys, ServerOptions, SinkUrl,
     SourceProxy, SourceTrust, SpoolOptions, WaitLimits, WriterSink, read_secret_file, run_client,
@@ -241,7 +240,7 @@ fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
 /// `quic-report get URL`: the body on stdout.
 fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
-    let (server, default_name) = cli::resolve_server(authority)?;
+    let (server, default_name) = cli::resolve_server(&authority)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(&args.tls, default_name, &mut _dev)?;
     let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
@@ -315,16 +314,19 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         opts.config.server_name
     );
     let queue = args.queue;
-    let summary = run_client(opts, &mut |ev, c| match show_client_event(ev, &c.stats()) {
-        Shown::Ack(line) => println!("{line}"),
-        Shown::Info(line) => log::info!("{line}"),
-        Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
-            "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
-            c.dropped()
-        ),
-        Shown::Warn(line) => log::warn!("{line}"),
-        Shown::Debug(line) => log::debug!("{line}"),
-    })?;
+    let summary = run_client(
+        opts,
+        &mut |ev, c| match show::client_event(ev, &c.stats()) {
+            Shown::Ack(line) => println!("{line}"),
+            Shown::Info(line) => log::info!("{line}"),
+            Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
+                "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
+                c.dropped()
+            ),
+            Shown::Warn(line) => log::warn!("{line}"),
+            Shown::Debug(line) => log::debug!("{line}"),
+        },
+    )?;
     log::info!(
         "done: {} acknowledged, {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
         summary.stats.acknowledged,

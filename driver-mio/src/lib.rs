@@ -53,6 +53,7 @@ pub mod observe;
 pub mod reuseport;
 pub mod secret;
 pub mod server;
+pub mod show;
 pub mod signal;
 pub mod sink;
 pub mod spool;

@@ -46,6 +46,7 @@ use crate::debuglog;
 use crate::held::{Held, Settled, WaitLimits, Waiting};
 use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
+use crate::show::{self, ReportText};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
@@ -646,7 +647,11 @@ impl Loop<'_> {
     /// answers its HTTP/0.9 requests, and shows every event to `on_event`.
     fn handle_batch(&mut self, now: Instant, batch: &[ServerEvent]) {
         for ev in batch {
-            log_event(ev);
+            // A report's line is logged when it is answered (`answer`), and
+            // not built at all here: this is once per report.
+            if !matches!(ev, ServerEvent::Report { .. }) {
+                show::server_event(ev).log();
+            }
             self.log_refusal(now, ev);
         }
         self.record(now, batch);
@@ -676,7 +681,6 @@ impl Loop<'_> {
                         continue;
                     }
                 };
-                log::info!("{}: GET {path} from {peer} by {identity}", handle.conn);
                 // With a database, the reads come from it (every server's).
                 let read = match path.as_str() {
                     "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
@@ -844,23 +848,30 @@ impl Loop<'_> {
         self.observer.answered(report, line, &outcome, took);
         match &outcome {
             Outcome::Recorded => {
-                log::info!("{}: recorded {} from {peer}", handle.conn, Describe(report));
+                log::info!(
+                    "{}",
+                    show::Recorded {
+                        conn: handle.conn,
+                        report,
+                        peer
+                    }
+                );
             }
             Outcome::Duplicate => log::info!(
                 "{}: {} from {peer} was recorded before (the database has its key)",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
             // A database outage is logged once by the sink, not per report.
             Outcome::NotRecorded(e) if matches!(self.sink, Recorder::Database(_)) => log::debug!(
                 "{}: could not record {}: {e}; the client will send it again",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
             Outcome::NotRecorded(e) => log::warn!(
                 "{}: could not record {}: {e}; the client will send it again",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
         }
         match self.server.respond(now, handle, outcome) {
@@ -870,98 +881,5 @@ impl Loop<'_> {
             }
             Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
         }
-    }
-}
-
-/// The log line of a core event (reports are logged when answered).
-fn log_event(ev: &ServerEvent) {
-    match ev {
-        ServerEvent::ConnectionOpened {
-            conn,
-            peer,
-            resumed,
-            identity,
-            handshake,
-        } => {
-            let resumed = if *resumed { ", resumed session" } else { "" };
-            log::info!(
-                "{conn}: connection opened from {peer} by {identity} (handshake {:.1}ms{resumed})",
-                handshake.as_secs_f64() * 1e3
-            );
-        }
-        ServerEvent::Report { .. } => {}
-        ServerEvent::HandshakeRefused { .. } => {} // rate-limited: log_refusal
-        ServerEvent::StreamRejected {
-            error: quic_report_core::StreamError::Forbidden { .. },
-            ..
-        } => {} // rate-limited: log_refusal
-        ServerEvent::Duplicate { conn, key } => {
-            log::info!("{conn}: duplicate report {key} (not recorded again)");
-        }
-        ServerEvent::StreamRejected {
-            conn,
-            stream,
-            error,
-        } => {
-            log::info!("{conn}: stream {stream} rejected: {error}");
-        }
-        ServerEvent::ConnectionClosed {
-            conn,
-            peer,
-            established,
-            reason,
-            stats,
-        } => {
-            let rtt = stats
-                .rtt
-                .map(|r| format!("{r:?}"))
-                .unwrap_or_else(|| "-".into());
-            let what = if *established {
-                "connection"
-            } else {
-                "handshake"
-            };
-            log::info!(
-                "{conn}: {what} from {peer} closed: {reason}; reports={} packets sent={} recv={} lost={} bytes sent={} recv={} rtt={rtt}",
-                stats.reports,
-                stats.sent,
-                stats.recv,
-                stats.lost,
-                stats.sent_bytes,
-                stats.recv_bytes,
-            );
-        }
-        other => log::debug!("server event: {other:?}"),
-    }
-}
-
-/// `report client=.. seq=.. value=..` for a log line, written straight
-/// into the log record (no string built when the line is not logged, and
-/// only the `value` field parsed when it is).
-struct Describe<'a>(&'a Report);
-
-impl std::fmt::Display for Describe<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        /// The one field shown, as it was sent.
-        #[derive(serde::Deserialize)]
-        struct Shown<'a> {
-            #[serde(borrow)]
-            value: Option<&'a serde_json::value::RawValue>,
-        }
-        let r = self.0;
-        f.write_str("report")?;
-        if !r.identity.is_anonymous() {
-            write!(f, " identity={}", r.identity)?;
-        }
-        if let Some(c) = &r.client {
-            write!(f, " client={c}")?;
-        }
-        if let Some(seq) = r.seq {
-            write!(f, " seq={seq}")?;
-        }
-        if let Ok(Shown { value: Some(v) }) = serde_json::from_slice::<Shown>(r.json()) {
-            write!(f, " value={}", v.get())?;
-        }
-        Ok(())
     }
 }
