@@ -16,7 +16,7 @@ const NO_DEFAULT_STORE: &str = "/nonexistent/quic-report-no-default-ca-store";
 /// `SSL_CTX_set_default_verify_paths`, which loads the file named by
 /// `SSL_CERT_FILE` (else the system bundle) and the directory named by
 /// `SSL_CERT_DIR`; without this, `--ca FILE` also trusted every system root
-/// (and every `Config` parsed the whole system bundle, ~5.6 ms). To trust
+/// (and every `Config` parsed the whole system bundle). To trust
 /// the system's CAs, name them: `--ca /etc/ssl/certs/ca-certificates.crt`.
 ///
 /// # Safety

@@ -1,6 +1,6 @@
 //! # quic-report-mio: the core over real UDP
 //!
-//! Single-threaded [mio] loops that drive the Sans-IO core
+//! [mio] loops, one thread each, that drive the Sans-IO core
 //! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
 //! UDP socket, in the order of the core's contract (the crate docs of
 //! `quic_report_core`). Each loop owns one `mio::Poll` with three sources: the UDP
