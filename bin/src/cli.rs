@@ -133,6 +133,25 @@ pub struct ServerArgs {
     /// Drop a connection whose handshake is not done after this long.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
+    /// Mutual TLS: every peer must present a client certificate signed by a
+    /// CA in FILE (PEM, one or more CAs); its subject common name is the
+    /// identity its reports are recorded under. Without it the server is
+    /// anonymous: any peer may report under any client id.
+    #[arg(long, value_name = "FILE", conflicts_with = "allow_anonymous")]
+    pub client_ca: Option<PathBuf>,
+    /// An identity (certificate common name) that may read everything
+    /// (`/latest`, `/stats`); repeatable. Others read only their own entries.
+    #[arg(long, value_name = "NAME", requires = "client_ca")]
+    pub reader: Vec<String>,
+    /// Without --client-ca, listen on a non-loopback address anyway: any
+    /// peer that reaches it may report under any client id (its reads are
+    /// refused). Without this flag such a server refuses to start.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Clients whose duplicate memory is kept per identity; an identity that
+    /// uses more forgets its own least recently active ones.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub clients_per_identity: u64,
 }
 
 /// `--retry`.
@@ -289,6 +308,14 @@ pub struct TlsArgs {
     /// Do not verify the server's certificate (development only).
     #[arg(long)]
     pub insecure: bool,
+    /// Our client certificate (PEM, with --key), for a server that requires
+    /// one (`server --client-ca`); its common name is our identity. E.g.
+    /// `certs/clients/device-1.pem`.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

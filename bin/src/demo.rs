@@ -128,7 +128,8 @@ impl Ledger {
         let mut keys = RecordedKeys::new();
         for (client, seqs) in &self.seqs {
             for seq in seqs {
-                keys.insert(client, *seq);
+                // The demo is anonymous (loopback): identity "".
+                keys.insert("", client, *seq);
             }
         }
         keys

@@ -66,7 +66,7 @@ pub use error::DriverError;
 pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
 pub use held::WaitLimits;
-pub use observe::{MetricsServer, Observer};
+pub use observe::{MetricsServer, Observer, ReadPolicy};
 pub use secret::read_secret_file;
 pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
 pub use sink::{

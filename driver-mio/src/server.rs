@@ -43,7 +43,7 @@ use crate::database::writer::{Read, Writer};
 use crate::database::{Connect, DbError};
 use crate::debuglog;
 use crate::held::{Held, Settled, WaitLimits, Waiting};
-use crate::observe::{MetricsServer, Observer};
+use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
 use crate::show::{self, ReportText};
 use crate::signal::SignalSource;
@@ -100,6 +100,9 @@ pub struct ServerOptions {
     /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
     /// [`crate::debuglog`]).
     pub env_debug_logs: bool,
+    /// Who may read `/latest` and `/stats` (default: no `--reader`, and
+    /// anonymous peers may read nothing).
+    pub read_policy: ReadPolicy,
 }
 
 impl ServerOptions {
@@ -116,6 +119,7 @@ impl ServerOptions {
             metrics: None,
             reuseport: false,
             env_debug_logs: true,
+            read_policy: ReadPolicy::default(),
         }
     }
 }
@@ -242,7 +246,8 @@ impl ServerDriver {
         } else {
             None
         };
-        let observer = Observer::new(Instant::now());
+        let mut observer = Observer::new(Instant::now());
+        observer.set_read_policy(opts.read_policy.clone());
         let metrics = match opts.metrics {
             Some(addr) => Some(
                 MetricsServer::start(addr, observer.shared())
@@ -313,6 +318,7 @@ impl ServerDriver {
         }
         log::info!("listening on {}", self.io.local_addr());
         let observer = std::mem::replace(&mut self.observer, Observer::new(Instant::now()));
+        let throttles = Throttles::default();
         let mut state = Loop {
             server,
             sink,
@@ -322,6 +328,8 @@ impl ServerDriver {
             batch: Vec::new(),
             settled: Vec::new(),
             observer,
+            throttles,
+            db_reads: std::collections::HashMap::new(),
         };
         let res = state.run(&mut self);
         if let Recorder::Inline(sink) = &mut state.sink
@@ -386,6 +394,18 @@ struct Loop<'a> {
     /// Answers from the database sink, reused.
     settled: Vec<Settled>,
     observer: Observer,
+    throttles: Throttles,
+    /// Reads the database answers: whose entries each may show (`None`:
+    /// everyone's).
+    db_reads: std::collections::HashMap<ReportHandle, Option<quic_report_core::Identity>>,
+}
+
+/// One [`Throttle`] per kind of refusal a peer can cause at will.
+#[derive(Debug, Default)]
+struct Throttles {
+    handshakes: Throttle,
+    forbidden: Throttle,
+    reads: Throttle,
 }
 
 impl Loop<'_> {
@@ -599,11 +619,35 @@ impl Loop<'_> {
             if !matches!(ev, ServerEvent::Report { .. }) {
                 show::server_event(ev).log();
             }
+            self.log_refusal(now, ev);
         }
         self.record(now, batch);
         for ev in batch {
             self.observer.event(ev);
-            if let ServerEvent::Request { handle, path, .. } = ev {
+            if let ServerEvent::Request {
+                handle,
+                peer,
+                path,
+                identity,
+            } = ev
+            {
+                let only = match self.observer.authorize(path, identity) {
+                    Ok(only) => only,
+                    Err(refused) => {
+                        if let Some(more) = self.throttles.reads.allow(now) {
+                            log::warn!(
+                                "{}: GET {path} from {peer} refused to {identity}{}",
+                                handle.conn,
+                                more_since(more)
+                            );
+                        }
+                        if let Err(e) = self.server.respond_request(now, *handle, refused.body) {
+                            log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                        }
+                        (self.on_event)(ev);
+                        continue;
+                    }
+                };
                 // With a database, the reads come from it (every server's).
                 let read = match path.as_str() {
                     "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
@@ -613,15 +657,41 @@ impl Loop<'_> {
                 if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read)
                     && held.read(*handle, read)
                 {
+                    self.db_reads.insert(*handle, only);
                     (self.on_event)(ev);
                     continue;
                 }
-                let body = self.observer.http_body(path);
+                let body = self.observer.body(path, only.as_ref());
                 if let Err(e) = self.server.respond_request(now, *handle, body) {
                     log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                 }
             }
             (self.on_event)(ev);
+        }
+    }
+
+    /// The rate-limited warning for a refused handshake or a `forbidden`
+    /// report (a peer can cause those as often as it likes).
+    fn log_refusal(&mut self, now: Instant, ev: &ServerEvent) {
+        match ev {
+            ServerEvent::HandshakeRefused { conn, peer, reason } => {
+                if let Some(more) = self.throttles.handshakes.allow(now) {
+                    log::warn!(
+                        "{conn}: handshake from {peer} refused: {reason}{}",
+                        more_since(more)
+                    );
+                }
+            }
+            ServerEvent::StreamRejected {
+                conn,
+                error: error @ quic_report_core::StreamError::Forbidden { .. },
+                ..
+            } => {
+                if let Some(more) = self.throttles.forbidden.allow(now) {
+                    log::warn!("{conn}: report refused: {error}{}", more_since(more));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -716,8 +786,9 @@ impl Loop<'_> {
                     self.answer(now, w.turn, w.handle, w.peer, &w.report, w.line, outcome);
                 }
                 Settled::Read(handle, result) => {
+                    let only = self.db_reads.remove(&handle).flatten();
                     let body = match result {
-                        Ok(r) => self.observer.http_body_from(r),
+                        Ok(r) => self.observer.http_body_from(r, only.as_ref()),
                         Err(e) => format!("database unavailable: {e}\n").into_bytes(),
                     };
                     if let Err(e) = self.server.respond_request(now, handle, body) {

@@ -99,11 +99,12 @@ pub fn server_event(ev: &ServerEvent) -> Shown {
             conn,
             peer,
             resumed,
+            identity,
             handshake,
         } => {
             let resumed = if *resumed { ", resumed session" } else { "" };
             Shown::Info(format!(
-                "{conn}: connection opened from {peer} (handshake {:.1}ms{resumed})",
+                "{conn}: connection opened from {peer} by {identity} (handshake {:.1}ms{resumed})",
                 handshake.as_secs_f64() * 1e3
             ))
         }
@@ -116,9 +117,19 @@ pub fn server_event(ev: &ServerEvent) -> Shown {
             handle.conn,
             ReportText(report)
         )),
-        ServerEvent::Duplicate { conn, client, seq } => Shown::Info(format!(
-            "{conn}: duplicate report client={client} seq={seq} (not recorded again)"
+        ServerEvent::Duplicate { conn, key } => Shown::Info(format!(
+            "{conn}: duplicate report {key} (not recorded again)"
         )),
+        // A peer can cause these as often as it likes: the server loop logs
+        // them rate-limited (see its `log_refusal`).
+        ServerEvent::HandshakeRefused { conn, peer, reason } => {
+            Shown::Debug(format!("{conn}: handshake from {peer} refused: {reason}"))
+        }
+        ServerEvent::StreamRejected {
+            conn,
+            error: error @ quic_report_core::StreamError::Forbidden { .. },
+            ..
+        } => Shown::Debug(format!("{conn}: report refused: {error}")),
         ServerEvent::StreamRejected {
             conn,
             stream,
@@ -150,9 +161,15 @@ pub fn server_event(ev: &ServerEvent) -> Shown {
                 stats.recv_bytes,
             ))
         }
-        ServerEvent::Request { handle, peer, path } => {
-            Shown::Info(format!("{}: GET {path} from {peer}", handle.conn))
-        }
+        ServerEvent::Request {
+            handle,
+            peer,
+            path,
+            identity,
+        } => Shown::Info(format!(
+            "{}: GET {path} from {peer} by {identity}",
+            handle.conn
+        )),
         other => Shown::Debug(format!("server event: {other:?}")),
     }
 }
@@ -191,6 +208,9 @@ impl fmt::Display for ReportText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = self.0;
         f.write_str("report")?;
+        if !r.identity.is_anonymous() {
+            write!(f, " identity={}", r.identity)?;
+        }
         if let Some(c) = &r.client {
             write!(f, " client={c}")?;
         }
