@@ -197,6 +197,7 @@ impl Gen<'_> {
     fn new_client(&mut self, local: SocketAddr, now: Instant) -> Result<Client, Error> {
         let mut cfg = ClientConfig::new(self.target.server, local, self.target.verify.clone());
         cfg.server_name = self.target.server_name.clone();
+        cfg.client_cert = self.target.client_cert.clone();
         cfg.max_in_flight = self.args.in_flight as usize;
         cfg.queue_limit = self.args.in_flight as usize * 4 + 64;
         // A loaded (or valgrind-slowed) server may take a while to answer.
