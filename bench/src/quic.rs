@@ -27,6 +27,8 @@ use quic_report_core::{
 };
 use quic_report_mio::debuglog::EnvDebugLogs;
 use quic_report_mio::fetch::unix_ms;
+use quic_report_mio::show;
+use quic_report_mio::turn::{self, Wait};
 use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
@@ -195,6 +197,7 @@ impl Gen<'_> {
     fn new_client(&mut self, local: SocketAddr, now: Instant) -> Result<Client, Error> {
         let mut cfg = ClientConfig::new(self.target.server, local, self.target.verify.clone());
         cfg.server_name = self.target.server_name.clone();
+        cfg.client_cert = self.target.client_cert.clone();
         cfg.max_in_flight = self.args.in_flight as usize;
         cfg.queue_limit = self.args.in_flight as usize * 4 + 64;
         // A loaded (or valgrind-slowed) server may take a while to answer.
@@ -263,18 +266,12 @@ impl Gen<'_> {
             if self.phase == Phase::Done {
                 return Ok(());
             }
-            let mut deadline = self.phase_deadline();
-            for s in &self.slots {
-                if let Some(t) = s.client.poll_timeout() {
-                    deadline = Some(deadline.map_or(t, |d| d.min(t)));
-                }
-            }
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
+            let wait = self.slots.iter().fold(
+                Wait::new(Instant::now(), self.phase_deadline(), Duration::ZERO),
+                |w, s| w.until(s.client.poll_timeout()),
+            );
+            if !turn::poll(&mut self.poll, &mut events, wait)? {
+                continue;
             }
             let now = Instant::now();
             for ev in events.iter() {
@@ -444,6 +441,18 @@ impl Gen<'_> {
     }
 
     fn on_event(&mut self, i: usize, ev: ClientEvent, now: Instant) -> Result<(), Error> {
+        let failed = match &ev {
+            ClientEvent::Rejected { .. }
+            | ClientEvent::Retrying { .. }
+            | ClientEvent::ReportDropped { .. } => true,
+            ClientEvent::Disconnected { .. } => !matches!(self.phase, Phase::Closing { .. }),
+            _ => false,
+        };
+        if failed {
+            let line = show::client_event(&ev, &self.slots[i].client.stats());
+            log::warn!("connection {i}: {}", line.text());
+            self.errors += 1;
+        }
         match ev {
             ClientEvent::Connected { .. } => {
                 if !self.slots[i].connected_once {
@@ -515,27 +524,11 @@ impl Gen<'_> {
                     }
                 }
             }
-            ClientEvent::Rejected { seq, code, reason } => {
-                log::warn!("connection {i}: report {seq} rejected ({code}): {reason}");
-                self.errors += 1;
+            ClientEvent::Rejected { seq, .. } => {
                 self.slots[i].pending.retain(|(s, _, _)| *s != seq);
                 if self.mode == Mode::Reports && self.loading() {
                     self.submit(i, now);
                 }
-            }
-            ClientEvent::Retrying { seq, reason } => {
-                log::warn!("connection {i}: report {seq} to be sent again: {reason}");
-                self.errors += 1;
-            }
-            ClientEvent::ReportDropped { seq } => {
-                log::warn!("connection {i}: report {seq} dropped (queue full)");
-                self.errors += 1;
-            }
-            ClientEvent::Disconnected { reason }
-                if !matches!(self.phase, Phase::Closing { .. }) =>
-            {
-                log::warn!("connection {i}: disconnected: {reason}");
-                self.errors += 1;
             }
             ClientEvent::Closed => {
                 self.slots[i].closed = true;

@@ -8,8 +8,11 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use quic_report_core::{CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Verify};
+use quic_report_core::{
+    CertFiles, CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Response, Verify,
+};
 
+use crate::turn::Wait;
 use crate::{DriverError, RECV_BUF_SIZE, debuglog, os_seed};
 
 /// What to fetch.
@@ -21,13 +24,17 @@ pub struct GetOptions {
     pub server_name: String,
     /// Certificate verification.
     pub verify: Verify,
+    /// Our client certificate, for a server that requires one.
+    pub client_cert: Option<CertFiles>,
     /// The path (`/latest`, `/stats`, ...).
     pub path: String,
     /// Give up after this long.
     pub timeout: Duration,
 }
 
-/// Fetches `opts.path`; the body, or an error naming what went wrong.
+/// Fetches `opts.path`; the body, or an error naming what went wrong. A
+/// body that is an error object (`{"ok":false,"code":"forbidden",...}`: the
+/// server refused this identity the read) is [`DriverError::ReadRefused`].
 pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
     let any: SocketAddr = if opts.server.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -45,6 +52,7 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         local,
         server_name: opts.server_name,
         verify: opts.verify,
+        client_cert: opts.client_cert,
         path: opts.path,
         timeout: opts.timeout,
     };
@@ -65,10 +73,8 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         if get.is_finished() {
             break;
         }
-        let wait = get.poll_timeout().map_or(Duration::from_millis(100), |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        let wait = Wait::new(Instant::now(), get.poll_timeout(), Duration::from_millis(1));
+        sock.set_read_timeout(Some(wait.timeout().unwrap_or(Duration::from_millis(100))))
             .map_err(DriverError::io("setting the read timeout"))?;
         match sock.recv(&mut buf) {
             Ok(n) => {
@@ -101,7 +107,10 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         let _ = sock.send(&out[..t.len]);
     }
     match get.outcome() {
-        Some(GetOutcome::Done(body)) => Ok(body.clone()),
+        Some(GetOutcome::Done(body)) => match Response::parse(body) {
+            Ok(Response::Error { code, error }) => Err(DriverError::ReadRefused { code, error }),
+            _ => Ok(body.clone()),
+        },
         Some(GetOutcome::Failed(reason)) => Err(DriverError::ClientFailed(reason.clone())),
         None => Err(DriverError::InvalidOption(
             "the GET ended without an outcome".into(),
