@@ -1,7 +1,7 @@
 //! The server loop's side of a database sink: reports held until their
 //! commit, bounded, each with a deadline.
 //!
-//! A report enters [`Held::submit`] as a row for the helper thread
+//! A report enters `Held::submit` as a row for the helper thread
 //! ([`crate::database::writer`]) and is answered exactly once, by the first
 //! of:
 //! - its commit: `Recorded` (the row is new) or `Duplicate` (its key was

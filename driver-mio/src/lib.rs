@@ -37,7 +37,12 @@
 //! Sinks ([`sink`]): [`WriterSink`] (stdout) and [`FileSink`] (an
 //! append-only JSON-lines file with an [`Fsync`] policy, read back at start
 //! into [`RecordedKeys`] so a restarted server does not record a report
-//! twice). [`read_secret_file`] reads a `--secret-file`.
+//! twice), written inline by the loop ([`Sink::Inline`]); and databases
+//! ([`database`]: SQLite, PostgreSQL) committed by a helper thread while the
+//! loop serves on ([`Sink::Database`]; the reports waiting for their commit
+//! are [`held`]). [`reuseport`] lets several server processes share a port
+//! and steers each client to its process. [`read_secret_file`] reads a
+//! `--secret-file`.
 //!
 //! [mio]: https://docs.rs/mio
 
