@@ -123,6 +123,9 @@ pub fn more_since(n: u64) -> String {
     }
 }
 
+/// The snapshot the metrics thread reads is published at most this often.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// How often the summary line is logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
@@ -372,14 +375,20 @@ impl Observer {
         self.snap.core = core;
         self.snap.connections_open = open as u64;
         self.snap.uptime = now.saturating_duration_since(self.started);
-        if self
-            .published
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(100))
-        {
-            if let Ok(mut s) = self.shared.lock() {
-                *s = self.snap.clone();
+        // A turn that changed something but came too soon after the last
+        // publish asks for one more turn when it is due, so the snapshot
+        // never stays behind a loop that went idle.
+        let mut publish_due = None;
+        match self.published {
+            Some(t) if now.saturating_duration_since(t) < PUBLISH_EVERY => {
+                publish_due = Some(t + PUBLISH_EVERY);
             }
-            self.published = Some(now);
+            _ => {
+                if let Ok(mut s) = self.shared.lock() {
+                    *s = self.snap.clone();
+                }
+                self.published = Some(now);
+            }
         }
         if now >= self.next_summary {
             let (rec, conns) = (self.snap.recorded, core.connections_total);
@@ -398,7 +407,7 @@ impl Observer {
             self.last_summary = (rec, conns);
             self.next_summary = now + SUMMARY_EVERY;
         }
-        self.next_summary
+        publish_due.map_or(self.next_summary, |t| t.min(self.next_summary))
     }
 
     /// What `identity` may read of `path`, as the [`ReadPolicy`] says:
