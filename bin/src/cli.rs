@@ -245,6 +245,14 @@ pub struct ClientArgs {
     /// Without it the queue is in memory only.
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
+    /// The `client` id to report under, fixed instead of random: 1 to 64
+    /// hex digits (lower case; upper case is lowered), e.g. a device's
+    /// serial number. Its seqs start at 1 (or where --spool left off; a
+    /// spool made under another id is refused). Exactly-once is per
+    /// identity, client and seq: two clients given the same id share one
+    /// namespace (and, under one identity, each other's duplicates).
+    #[arg(long, value_name = "HEX", value_parser = client_id)]
+    pub client_id: Option<String>,
     /// When to fsync --spool. Every sample is written to the OS before its
     /// report is sent, so it survives a crash of the client. `always`:
     /// fsync each sample before sending it, it survives a power loss too;
@@ -357,6 +365,24 @@ pub fn positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Longest `--client-id`.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// `--client-id`: 1 to [`MAX_CLIENT_ID_LEN`] hex digits, lowered (the ids a
+/// client makes itself are lower-case hex).
+pub fn client_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_CLIENT_ID_LEN {
+        return Err(format!(
+            "{} hex digit(s): expected 1 to {MAX_CLIENT_ID_LEN}",
+            s.chars().count()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("{c:?} is not a hex digit (expected 0-9, a-f)"));
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
 /// `--server` as an address and the default certificate name: an IP
 /// address gives [`default_server_name`], a hostname itself.
 pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
@@ -379,7 +405,17 @@ pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url;
+    use super::{client_id, split_url};
+
+    #[test]
+    fn client_id_is_one_to_64_hex_digits_lowered() {
+        assert_eq!(client_id("C0ffee01").as_deref(), Ok("c0ffee01"));
+        assert_eq!(client_id(&"a".repeat(64)).map(|s| s.len()), Ok(64));
+        for bad in ["", "xyz", "c0 ffee", "c0ffee\n", "é1"] {
+            assert!(client_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(client_id(&"a".repeat(65)).is_err());
+    }
 
     #[test]
     fn split_url_takes_https_host_port_and_path() {

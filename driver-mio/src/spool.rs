@@ -124,7 +124,11 @@ pub enum SpoolError {
     #[error("{0} is not a quic-report spool (bad magic); move it away")]
     NotASpool(PathBuf),
     /// The spool belongs to another client id than the one configured.
-    #[error("spool {dir} belongs to client {found}, not {configured}")]
+    #[error(
+        "spool {} belongs to client {found}, not to the configured client id {configured}: \
+         a spool holds one client's id and seqs (use another directory for {configured})",
+        dir.display()
+    )]
     OtherClient {
         /// The directory.
         dir: PathBuf,
