@@ -372,3 +372,73 @@ fn anonymous_server_lets_a_peer_claiming_a_victims_client_id_swallow_its_reports
         "one namespace: each seq of the client id recorded once, whoever sent it"
     );
 }
+
+#[test]
+fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
+    // /latest for a non-reader comes from the database with its identity
+    // in the query: 10,000 clients of an identity sorting first (the
+    // database read's row limit) must not crowd out device-1's own.
+    let dir = std::env::temp_dir().join(format!("qr-own-latest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let db = dir.join("reports.db");
+    let (sp, qp) = (free_tcp_port(), free_udp_port());
+    let (source, server) = (format!("127.0.0.1:{sp}"), format!("127.0.0.1:{qp}"));
+    let _source = spawn("source", &["source", "--listen", &source]);
+    let (ca, sink) = (certs("ca.pem"), format!("sqlite:{}", db.display()));
+    let srv = common::Logged::spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &server,
+            "--client-ca",
+            &ca,
+            "--sink",
+            &sink,
+        ],
+    );
+    srv.wait_for("listening on");
+    let url = format!("http://{source}/");
+    let mut args = vec![
+        "client".to_owned(),
+        "--server".into(),
+        server.clone(),
+        "--source".into(),
+        url,
+        "--interval".into(),
+        "50ms".into(),
+        "--count".into(),
+        "2".into(),
+    ];
+    args.extend(cert("device-1"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, _) = common::Logged::spawn("client", &args).finish();
+    assert!(status.success(), "{status:?}");
+    {
+        let mut c = rusqlite::Connection::open(&db).expect("opens the server's database");
+        c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        let tx = c.transaction().expect("transaction");
+        {
+            let mut ins = tx
+                .prepare(
+                    "INSERT INTO reports (identity, client, seq, received_at, body) \
+                     VALUES ('a-filler', ?1, 1, '2024-01-01T00:00:00Z', '{}')",
+                )
+                .expect("the server's table");
+            for i in 0..10_000 {
+                ins.execute([format!("c{i:05}")]).expect("inserts");
+            }
+        }
+        tx.commit().expect("commits");
+    }
+    let (ok, body, err) = get(&format!("https://{server}/latest"), &cert("device-1"));
+    assert!(ok, "{err}");
+    let own: Value = serde_json::from_str(&body).expect("JSON");
+    let mine = own["device-1"].as_object().expect("device-1's entries");
+    assert_eq!(mine.len(), 1, "{own}");
+    assert_eq!(mine.values().next().map(|r| r["seq"].clone()), Some(2.into()));
+    assert!(own.get("a-filler").is_none(), "only its own: {own}");
+    srv.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
