@@ -442,3 +442,46 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     srv.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn client_id_must_be_hex_and_match_the_spool_it_continues() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(EXE)
+            .arg("client")
+            .args(args)
+            .output()
+            .expect("client runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run(&["--client-id", "not-hex", "--count", "1"]);
+    assert!(!ok && err.contains("not a hex digit"), "{err}");
+    let (ok, err) = run(&["--client-id", &"a".repeat(65), "--count", "1"]);
+    assert!(!ok && err.contains("1 to 64"), "{err}");
+
+    // A spool made under one id is refused under another, saying both.
+    let dir = std::env::temp_dir().join(format!("qr-client-id-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spool = dir.to_str().expect("UTF-8 path");
+    let server = format!("127.0.0.1:{}", free_udp_port()); // nobody there
+    let first = common::Logged::spawn(
+        "client",
+        &["client", "--server", &server, "--spool", spool, "--client-id", "C0FFEE"],
+    );
+    let said = first.wait_for("spool ");
+    assert!(said.contains("client id c0ffee"), "lowered: {said}");
+    first.kill();
+    let (ok, err) = run(&["--server", &server, "--spool", spool, "--client-id", "beef"]);
+    assert!(!ok, "refused");
+    assert!(
+        err.contains("belongs to client c0ffee") && err.contains("beef"),
+        "{err}"
+    );
+    // Its own id (or none) continues it.
+    let again = common::Logged::spawn(
+        "client",
+        &["client", "--server", &server, "--spool", spool, "--client-id", "c0ffee"],
+    );
+    assert!(again.wait_for("spool ").contains("client id c0ffee"));
+    again.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
