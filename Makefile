@@ -46,9 +46,11 @@ test: deps
 # Figures on loopback as one table (about 3 minutes; README "Benchmarks").
 # It reports and never fails on a figure. `scripts/bench.sh profile` runs the
 # server under callgrind instead.
+# The database rows run against a private PostgreSQL cluster (pg-cluster
+# starts it, runs the script, and stops it whatever happens).
 bench: deps
-	$(CARGO) build --release -p quic-report -p quic-report-bench
-	scripts/bench.sh
+	$(CARGO) build --release -p quic-report -p quic-report-bench -p quic-report-pg-cluster
+	target/release/pg-cluster scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -15,6 +15,10 @@
 #   BENCH_DURATION=2s    measured time of one trial (after BENCH_WARMUP=500ms)
 #   BENCH_IDLE_SECS=30   how long the idle client is watched
 #   BENCH_IDLE_CONNS=1000
+#   QUIC_REPORT_PG_URL   a PostgreSQL for the database row (make bench runs
+#                        this script under target/release/pg-cluster, which
+#                        starts a private cluster and sets it); without it
+#                        the PostgreSQL row is skipped
 #
 # Method (shared/PERFORMANCE.md): the server (or the UDP echo server) runs
 # pinned to CPU 1, the generator to CPU 0 (taskset, when there are two
@@ -294,6 +298,33 @@ PIDS+=("$ECHO_B")
 wait_udp "$EPORT_B" || true
 
 # Key exchange group and signature of the handshakes (quiche logs them at trace).
+# Database sinks (README "Scaling out"): servers recording into SQLite and
+# PostgreSQL, acknowledging after each commit; their /metrics give the rows
+# per commit and the commit latency of each trial.
+DBS=(sqlite)
+[[ -n ${QUIC_REPORT_PG_URL:-} ]] && DBS+=(postgres)
+declare -A DBPORT DBMET DBPID
+for db in "${DBS[@]}"; do
+  case $db in
+    sqlite) sink="sqlite:$TMP/bench.db" ;;
+    postgres) sink=$QUIC_REPORT_PG_URL ;;
+  esac
+  DBPORT[$db]=$(free_port)
+  DBMET[$db]=$(free_port)
+  RUST_LOG=warn "${SRV_PIN[@]}" "$B" server --listen "127.0.0.1:${DBPORT[$db]}" --sink "$sink" \
+    --metrics "127.0.0.1:${DBMET[$db]}" >/dev/null 2>>"$TMP/server-$db.log" &
+  DBPID[$db]=$!
+  PIDS+=("${DBPID[$db]}")
+  wait_udp "${DBPORT[$db]}" || true
+done
+# "rows_sum rows_count commit_seconds_sum commit_count" of server $1's metrics
+sink_sample() {
+  curl -s "http://127.0.0.1:${DBMET[$1]}/metrics" | awk '
+    /^quic_report_sink_batch_rows_sum / { rs = $2 } /^quic_report_sink_batch_rows_count / { rc = $2 }
+    /^quic_report_sink_commit_seconds_sum / { cs = $2 } /^quic_report_sink_commit_seconds_count / { cc = $2 }
+    END { print rs + 0, rc + 0, cs + 0, cc + 0 }'
+}
+
 GROUP=$(RUST_LOG=warn,quiche=trace "$BENCH" --server "127.0.0.1:$PORT" --handshakes -c 1 \
   --warmup 0s -d 50ms 2>&1 >/dev/null | grep -o 'curve=Some("[^"]*") sigalg=Some("[^"]*")' | head -1 |
   sed 's/Some("\([^"]*\)")/\1/g')
@@ -334,6 +365,22 @@ for rep in $(seq "$REPS"); do
       trial --server "127.0.0.1:$PORT_INFO" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "$SRV_INFO"
       add "info_$id" "$(kv reports_per_s "$OUT")"
       add "infocpu_$id" "$(detail server_cpu_us_per_op)"
+      for db in "${DBS[@]}"; do
+        read -r rs0 rc0 cs0 cc0 <<<"$(sink_sample "$db")"
+        trial --server "127.0.0.1:${DBPORT[$db]}" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "${DBPID[$db]}"
+        out=$OUT
+        sleep 0.3 # the metrics snapshot is published every 100 ms
+        read -r rs1 rc1 cs1 cc1 <<<"$(sink_sample "$db")"
+        rate=$(kv reports_per_s "$out")
+        add "db_$db" "$rate"
+        add "dbratio_$db" "$(awk -v a="$rate" -v b="$ours" 'BEGIN { if (b > 0) printf "%.3f", a / b }')"
+        add "dbp50_$db" "$(kv p50_ms "$out")"
+        add "dbp99_$db" "$(kv p99_ms "$out")"
+        add "dberr_$db" "$(kv errors "$out")"
+        add "dbcpu_$db" "$(detail server_cpu_us_per_op)"
+        add "dbrows_$db" "$(awk -v a="$rs0" -v b="$rs1" -v n="$rc0" -v m="$rc1" 'BEGIN { if (m > n) printf "%.1f", (b - a) / (m - n) }')"
+        add "dbms_$db" "$(awk -v a="$cs0" -v b="$cs1" -v n="$cc0" -v m="$cc1" 'BEGIN { if (m > n) printf "%.2f", 1e3 * (b - a) / (m - n) }')"
+      done
     fi
   done
   # 4v: the generator verifies the certificate chain too (what a real
@@ -460,6 +507,14 @@ printf '%-34s %-14s %-16s\n' "reports C=16 K=8, RUST_LOG=info" "$(m infocpu_16x8
 echo "  (the server's default log level: one log line per report; $(m info_16x8) reports/s vs $(m ours_16x8) at warn)"
 printf '%-34s %-14s %-16s\n' "raw echo C=16 K=8, recvmmsg/sendmmsg" "" "$(m rawbcpu_16x8)"
 echo "  (batched echo: $(m rawb_16x8) RT/s vs $(m raw_16x8) with one recvfrom/sendto per datagram)"
+echo
+printf '%-34s %-26s %-24s %-16s %-14s %-16s %-12s %-10s\n' "database sinks, C=16 K=8" "acked reports/s" "/ stdout (per rep)" "p50 / p99 ms" "server us/op" "rows per commit" "commit ms" "errors"
+for db in "${DBS[@]}"; do
+  printf '%-34s %-26s %-24s %-16s %-14s %-16s %-12s %-10s\n' "$db (ack after commit)" "$(f db_$db)" "$(f dbratio_$db)" \
+    "$(m dbp50_$db) / $(m dbp99_$db)" "$(m dbcpu_$db)" "$(m dbrows_$db)" "$(m dbms_$db)" "$(echo ${R[dberr_$db]} | tr ' ' '+')"
+done
+[[ -n ${QUIC_REPORT_PG_URL:-} ]] || echo "  (no QUIC_REPORT_PG_URL: the PostgreSQL row needs a database; make bench starts a private cluster)"
+echo "  (stdout: the C=16 K=8 row above; the ratio is taken per repetition; rows per commit and commit ms are means over each trial, from the server's /metrics)"
 echo
 printf '%-34s %-26s %-14s %-12s %-10s %-16s %-10s %-10s\n' "handshakes (connect+report+close)" "handshakes/s" "server us/hs" "gen us/hs" "gen util" "p50 / p99 ms" "errors" "other CPUs"
 for w in 1 4 4v; do

@@ -78,6 +78,13 @@ pub struct ServerArgs {
     /// answered as a duplicate, not recorded twice.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Share --listen with other server processes (SO_REUSEPORT; start one
+    /// per core with the same flags and one database sink), with a BPF
+    /// program that keeps each client on the process holding its
+    /// connection when the client's address changes. See the README's
+    /// "Scaling out".
+    #[arg(long)]
+    pub reuseport: bool,
     /// With a database sink: a report not committed within this is answered
     /// `not_recorded` (the client keeps it and sends it again). Keep it
     /// below the clients' --response-timeout (5 s).

@@ -101,14 +101,18 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         cli::RetryArg::Never => RetryMode::Never,
     };
     opts.metrics = args.metrics;
+    opts.reuseport = args.reuseport;
+    if args.reuseport && matches!(url_of(args), SinkUrl::Stdout | SinkUrl::File(_)) {
+        log::warn!(
+            "--reuseport without a database sink: each process has its own duplicate filter, \
+             so a client that lands on another process may have a report recorded twice"
+        );
+    }
     if let Some(path) = &args.secret_file {
         opts.config.secret = Some(read_secret_file(path)?);
         log::info!("server secret read from {}", path.display());
     }
-    let url = match &args.out {
-        Some(path) => SinkUrl::File(path.clone()),
-        None => args.sink.clone(),
-    };
+    let url = url_of(args);
     if !matches!(url, SinkUrl::File(_)) && args.fsync.is_some() {
         return Err("--fsync is for a file sink (--out FILE or --sink file:PATH)".into());
     }
@@ -140,6 +144,14 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `--sink`, or `--out` as its synonym.
+fn url_of(args: &ServerArgs) -> SinkUrl {
+    match &args.out {
+        Some(path) => SinkUrl::File(path.clone()),
+        None => args.sink.clone(),
+    }
 }
 
 /// The keys of the reports already in `--out`, with a log line (and one

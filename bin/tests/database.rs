@@ -256,3 +256,91 @@ fn a_schema_from_the_future_is_refused_at_start() {
         "t"
     );
 }
+
+/// `quic-report get URL` against a server: its stdout.
+fn get(url: &str) -> String {
+    let out = std::process::Command::new(common::EXE)
+        .args(["get", url])
+        .output()
+        .expect("get runs");
+    assert!(
+        out.status.success(),
+        "get {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+#[test]
+fn latest_and_stats_come_from_the_shared_database() {
+    let pg = cluster();
+    let (_source, url) = start_source();
+    let a = format!("127.0.0.1:{}", free_udp_port());
+    let b = format!("127.0.0.1:{}", free_udp_port());
+    let sa = server("server a", &a, &pg.url("postgres"));
+    let sb = server("server b", &b, &pg.url("postgres"));
+    sa.wait_for("recording into ");
+    sb.wait_for("recording into ");
+    // One client on each server.
+    let (sa_status, _) = start_client(&a, &url, 5, "20ms").finish();
+    let (sb_status, _) = start_client(&b, &url, 7, "20ms").finish();
+    assert!(sa_status.success() && sb_status.success());
+    // Server a's read side shows both clients, from the table.
+    let latest: serde_json::Value =
+        serde_json::from_str(&get(&format!("https://{a}/latest"))).expect("JSON");
+    let map = latest.as_object().expect("an object");
+    assert_eq!(map.len(), 2, "both servers' clients: {latest}");
+    let mut last: Vec<u64> = map.values().filter_map(|r| r["seq"].as_u64()).collect();
+    last.sort_unstable();
+    assert_eq!(last, vec![5, 7], "each client's latest report: {latest}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&get(&format!("https://{a}/stats"))).expect("JSON");
+    assert_eq!(stats["database_rows"], 12, "{stats}");
+    assert_eq!(stats["database_clients"], 2, "{stats}");
+    assert_eq!(
+        stats["reports_recorded"], 5,
+        "server a's own count: {stats}"
+    );
+    drop((sa, sb));
+}
+
+#[test]
+fn tls_to_postgres_is_verified_when_the_url_asks() {
+    let pg = cluster();
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs");
+    pg.enable_tls(&certs.join("localhost.pem"), &certs.join("localhost.key"))
+        .expect("TLS on");
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.password(),
+        pg.port(),
+        certs.join("ca.pem").display()
+    );
+    let (_source, source) = start_source();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &url);
+    srv.wait_for("recording into ");
+    let (status, out) = start_client(&listen, &source, 3, "20ms").finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&pg_seqs(&pg), 3, &out);
+    let tls = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'quic-report'",
+        )
+        .expect("psql");
+    assert_eq!(tls, "1", "the server's connection is encrypted");
+    drop(srv);
+
+    // A CA that did not sign the database's certificate: refused, and said.
+    let wrong = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.password(),
+        pg.port(),
+        certs.join("localhost.pem").display()
+    );
+    let srv = server("server", "127.0.0.1:0", &wrong);
+    let msg = srv.wait_for("database unavailable at start: ");
+    assert!(msg.contains("certificate"), "{msg}");
+}

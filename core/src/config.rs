@@ -186,6 +186,9 @@ impl Default for RetryMode {
     }
 }
 
+/// Peer addresses (paths) a server connection may use over its life.
+pub const MAX_PEER_PATHS: u64 = 16;
+
 /// Everything a [`crate::Server`] needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -292,6 +295,12 @@ impl ServerConfig {
             })?;
         c.set_initial_max_streams_bidi(self.max_streams);
         c.set_initial_max_streams_uni(0);
+        // quiche keeps a path per peer address it saw, up to this limit, and
+        // frees none of them when a client rebinds with the same connection
+        // ID (a NAT rebinding): past the limit, packets from a new address
+        // are dropped. 16 lets a connection survive 15 rebindings (the client
+        // reconnects after that).
+        c.set_active_connection_id_limit(MAX_PEER_PATHS);
         // A stream's window holds one whole report; the connection's a few.
         let stream_window = (self.max_report_bytes as u64 + 1024).max(16 * 1024);
         c.set_initial_max_stream_data_bidi_remote(stream_window);

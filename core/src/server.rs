@@ -432,6 +432,9 @@ pub struct Server {
     cfg: ServerConfig,
     quic_cfg: quiche::Config,
     rng: CoreRng,
+    /// The first byte of every connection ID issued (see
+    /// [`Server::set_cid_prefix`]).
+    cid_prefix: Option<u8>,
     conns: ConnTable,
     events: VecDeque<ServerEvent>,
     /// Version negotiation, Retry and stateless reset packets.
@@ -538,6 +541,7 @@ impl Server {
             cfg,
             quic_cfg,
             rng,
+            cid_prefix: None,
             conns: ConnTable::default(),
             events: VecDeque::new(),
             endpoint_out: VecDeque::new(),
@@ -584,6 +588,21 @@ impl Server {
     /// [`RetryMode::Auto`] compares with its threshold).
     pub fn handshakes_in_progress(&self) -> usize {
         self.conns.handshaking()
+    }
+
+    /// Makes `prefix` the first byte of every connection ID issued from now
+    /// on (`None`: all bytes random, the default). Several server processes
+    /// sharing one UDP port (`SO_REUSEPORT`) each put their own byte there,
+    /// so a reuseport BPF program can steer a client's short-header packets
+    /// to the process that holds its connection whatever address they come
+    /// from. Connection IDs issued before keep their byte.
+    pub fn set_cid_prefix(&mut self, prefix: Option<u8>) {
+        self.cid_prefix = prefix;
+    }
+
+    /// The first byte connection IDs are issued with, if set.
+    pub fn cid_prefix(&self) -> Option<u8> {
+        self.cid_prefix
     }
 
     /// Marks `(client, seq)` as recorded before this server started (e.g.
@@ -739,8 +758,7 @@ impl Server {
         from: SocketAddr,
         to: SocketAddr,
     ) -> Result<(), DatagramError> {
-        let mut new_scid = [0u8; LOCAL_CID_LEN];
-        self.rng.fill(&mut new_scid);
+        let new_scid = new_cid(&mut self.rng, self.cid_prefix);
         let token = self
             .tokens
             .mint(now, from, &hdr.dcid, &new_scid)
@@ -776,8 +794,7 @@ impl Server {
     ) -> Result<(), DatagramError> {
         let (scid, odcid, also_route) = match origin {
             Origin::Fresh { first_dcid } => {
-                let mut scid = [0u8; LOCAL_CID_LEN];
-                self.rng.fill(&mut scid);
+                let scid = new_cid(&mut self.rng, self.cid_prefix);
                 let scid = quiche::ConnectionId::from_vec(scid.to_vec());
                 (scid, None, Some(first_dcid))
             }
@@ -980,10 +997,9 @@ impl Server {
     /// established connection spare ones (each with its reset token), so
     /// the client can change address.
     fn manage_cids(&mut self, key: ConnKey) {
-        let (rng, keys) = (&mut self.rng, &self.keys);
+        let (rng, keys, prefix) = (&mut self.rng, &self.keys, self.cid_prefix);
         self.conns.manage_cids(key, || {
-            let mut b = [0u8; LOCAL_CID_LEN];
-            rng.fill(&mut b);
+            let b = new_cid(rng, prefix);
             let cid = quiche::ConnectionId::from_vec(b.to_vec());
             let reset_token = keys.reset_token(&cid);
             (cid, reset_token)
@@ -1399,6 +1415,16 @@ fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
             a
         }
     }
+}
+
+/// A connection ID to issue: random, with `prefix` as its first byte if set.
+fn new_cid(rng: &mut CoreRng, prefix: Option<u8>) -> [u8; LOCAL_CID_LEN] {
+    let mut b = [0u8; LOCAL_CID_LEN];
+    rng.fill(&mut b);
+    if let Some(p) = prefix {
+        b[0] = p;
+    }
+    b
 }
 
 /// The start of every positive answer.

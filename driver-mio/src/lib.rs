@@ -50,6 +50,7 @@ pub mod fetch;
 pub mod get;
 pub mod held;
 pub mod observe;
+pub mod reuseport;
 pub mod secret;
 pub mod server;
 pub mod signal;

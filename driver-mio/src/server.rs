@@ -45,6 +45,7 @@ use crate::database::{Connect, DbError};
 use crate::debuglog;
 use crate::held::{Held, Settled, WaitLimits, Waiting};
 use crate::observe::{MetricsServer, Observer};
+use crate::reuseport::{self, Steering};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
@@ -54,6 +55,10 @@ use crate::{DriverError, StopHandle, os_seed};
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+
+/// The worker byte before this process knows its index: past every index
+/// the steering program uses, so the kernel's hash decides.
+const UNSTEERED: u8 = 0xff;
 
 /// Clients `/latest` shows at most when it reads the database.
 const MAX_LATEST_ROWS: usize = 10_000;
@@ -87,6 +92,10 @@ pub struct ServerOptions {
     pub recorded: RecordedKeys,
     /// Serve Prometheus metrics over plain HTTP on this address (`/metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Share the port with other server processes (`SO_REUSEPORT`) and
+    /// steer each client's packets to the process holding its connection
+    /// (see [`crate::reuseport`]; default `false`).
+    pub reuseport: bool,
     /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
     /// [`crate::debuglog`]).
     pub env_debug_logs: bool,
@@ -104,6 +113,7 @@ impl ServerOptions {
             derive_secret: true,
             recorded: RecordedKeys::new(),
             metrics: None,
+            reuseport: false,
             env_debug_logs: true,
         }
     }
@@ -164,6 +174,8 @@ pub struct ServerDriver {
     opts: ServerOptions,
     poll: Poll,
     io: UdpIo,
+    /// With `--reuseport`: learns the worker byte for connection IDs.
+    steering: Option<Steering>,
     signals: Option<SignalSource>,
     _waker: Arc<Waker>,
     observer: Observer,
@@ -196,7 +208,27 @@ impl ServerDriver {
         // Fail here rather than in `run`, which often runs on another thread.
         drop(Server::new(opts.config.clone(), CoreRng::from_seed(0))?);
         let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
-        let io = UdpIo::bind(opts.listen, poll.registry(), SOCKET)?;
+        let (io, steering) = if opts.reuseport {
+            let addr = opts.listen;
+            let sock = reuseport::bind_reuseport(addr)
+                .map_err(|source| DriverError::Bind { addr, source })?;
+            let steering = match reuseport::attach_steering(&sock) {
+                Ok(()) => Some(
+                    Steering::new(addr, Instant::now())
+                        .map_err(DriverError::io("binding the reuseport probe socket"))?,
+                ),
+                Err(e) => {
+                    log::warn!(
+                        "cannot attach the reuseport steering program ({e}): clients whose \
+                         address changes get a stateless reset from another process and reconnect"
+                    );
+                    None
+                }
+            };
+            (UdpIo::from_std(sock, poll.registry(), SOCKET)?, steering)
+        } else {
+            (UdpIo::bind(opts.listen, poll.registry(), SOCKET)?, None)
+        };
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER).map_err(DriverError::io("creating the waker"))?,
         );
@@ -221,6 +253,7 @@ impl ServerDriver {
             opts,
             poll,
             io,
+            steering,
             signals,
             _waker: waker,
             observer,
@@ -266,6 +299,10 @@ impl ServerDriver {
                 debuglog::from_env().map_err(DriverError::io("opening debug logs"))?
         {
             server.set_debug_logs(logs);
+        }
+        if self.steering.is_some() {
+            // Until the index is known: a byte no socket has (the hash).
+            server.set_cid_prefix(Some(UNSTEERED));
         }
         let recorded = std::mem::take(&mut self.opts.recorded);
         if !recorded.is_empty() {
@@ -368,7 +405,11 @@ impl Loop<'_> {
                 let left = (since + d.opts.shutdown_grace).saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
-            if let Some(t) = self.sink.deadline() {
+            let own = [
+                self.sink.deadline(),
+                d.steering.as_ref().map(Steering::deadline),
+            ];
+            for t in own.into_iter().flatten() {
                 let left = t.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
@@ -441,6 +482,11 @@ impl Loop<'_> {
             if due.is_some() {
                 self.server.handle_timeout(now);
             }
+            if let Some(st) = d.steering.as_mut()
+                && st.deadline() <= now
+            {
+                st.probe(now, rand::random());
+            }
             self.settle(now)?;
             self.drain(d, now);
             let now = Instant::now();
@@ -506,6 +552,15 @@ impl Loop<'_> {
                 self.observer.bytes(len, 0);
                 if cut {
                     log::debug!("datagram from {from} over {RECV_SLOT} bytes dropped");
+                    continue;
+                }
+                if let Some(st) = d.steering.as_mut()
+                    && let Some(learned) = st.intercept(data)
+                {
+                    if let Some(index) = learned {
+                        log::info!("reuseport: this process is worker {index} of its group");
+                        self.server.set_cid_prefix(Some(index));
+                    }
                     continue;
                 }
                 if let Err(e) = self.server.handle_datagram(now, from, local, data) {

@@ -126,6 +126,40 @@ impl PgCluster {
         )
     }
 
+    /// Turns TLS on with this certificate chain and key (PEM), restarting
+    /// the server: clients may then ask for `sslmode=require` or
+    /// `verify-full`.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<(), String> {
+        let data = self.data();
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            std::fs::copy(from, data.join(to))
+                .map_err(|e| format!("copying {}: {e}", from.display()))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .map_err(|e| e.to_string())?;
+        if self.as_postgres {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key"))
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !ok.success() {
+                return Err("cannot give the key to the postgres user".into());
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+        self.stop()?;
+        self.start_server()
+    }
+
     /// Stops the server cleanly (`pg_ctl stop -m fast`).
     pub fn stop(&self) -> Result<(), String> {
         self.run_ok(

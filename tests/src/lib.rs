@@ -102,6 +102,10 @@ pub struct Sim {
     pub records: Vec<Record>,
     /// While set, the sink fails every write.
     pub sink_failing: bool,
+    /// While set, the sink finds every report stored already (a database
+    /// whose key has it: another server recorded it) and answers
+    /// [`Outcome::Duplicate`].
+    pub stored_elsewhere: bool,
     /// The reporting clients.
     pub clients: Vec<SimClient>,
     /// Raw quiche peers (for protocol tests).
@@ -138,6 +142,7 @@ impl Sim {
             server_cfg,
             records: Vec::new(),
             sink_failing: false,
+            stored_elsewhere: false,
             clients: Vec::new(),
             raws: Vec::new(),
             gets: Vec::new(),
@@ -508,6 +513,8 @@ impl Sim {
             ServerEvent::Report { handle, report, .. } => {
                 let outcome = if self.sink_failing {
                     Outcome::NotRecorded("sink failing".into())
+                } else if self.stored_elsewhere {
+                    Outcome::Duplicate
                 } else {
                     self.records.push(Record {
                         client: report.client.clone(),

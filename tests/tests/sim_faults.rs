@@ -206,6 +206,35 @@ fn sink_failing_for_a_while() {
     assert!(retried, "the client was told to retry{}", s.context());
 }
 
+#[test]
+fn reports_the_store_had_already_are_acknowledged_as_duplicates() {
+    let mut s = sim(112, NetConfig::default());
+    s.stored_elsewhere = true;
+    let ok = s.run_until(Duration::from_secs(3600), Sim::all_acked);
+    assert!(ok, "every report acknowledged{}", s.context());
+    assert!(
+        s.records.is_empty(),
+        "nothing recorded again{}",
+        s.context()
+    );
+    let acks: Vec<bool> = s.clients[0]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::Acknowledged { duplicate, .. } => Some(*duplicate),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), REPORTS, "{}", s.context());
+    assert!(
+        acks.iter().all(|d| *d),
+        "each answered duplicate{}",
+        s.context()
+    );
+    let stats = s.server.as_ref().map(|sv| sv.stats()).unwrap_or_default();
+    assert_eq!(stats.duplicates, REPORTS as u64, "counted as duplicates");
+}
+
 fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
     s.clients[0]
         .events

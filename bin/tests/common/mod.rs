@@ -194,6 +194,11 @@ impl Logged {
         self.stderr.try_iter().collect()
     }
 
+    /// The stderr lines that arrived and were not consumed yet.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
     pub fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
         // SAFETY: kill(2) with our own child's pid has no memory effects.
