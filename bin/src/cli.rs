@@ -309,16 +309,30 @@ pub struct DemoArgs {
     pub chaos: bool,
 }
 
-/// A duration such as `200ms`, `2s`, `1m` (humantime); zero allowed.
+/// The longest duration a flag takes: far beyond any use, and far from
+/// the overflow of a clock reading plus it (which would panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// A duration such as `200ms`, `2s`, `1m` (humantime); zero allowed; at
+/// most [`MAX_DURATION`].
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0s, 200ms, 2s, 1m)"))
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0s, 200ms, 2s, 1m)"))?;
+    if d > MAX_DURATION {
+        return Err("must be at most 10 years".into());
+    }
+    Ok(d)
 }
 
-/// A duration such as `200ms`, `2s`, `1m` (humantime), not zero.
+/// A duration such as `200ms`, `2s`, `1m` (humantime), not zero; at most
+/// [`MAX_DURATION`].
 pub fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 200ms, 2s, 1m)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err("must be at most 10 years".into());
     }
     Ok(d)
 }
