@@ -434,3 +434,22 @@ pub fn show_client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
         other => Shown::Debug(format!("{other:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_past_ten_years_are_refused_not_a_panic_later() {
+        assert_eq!(positive_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(
+            positive_duration("10years"),
+            Ok(Duration::from_secs(315_576_000))
+        );
+        for huge in ["11years", "500000000000years", "18446744073709551615s"] {
+            assert!(positive_duration(huge).is_err(), "{huge}");
+            assert!(duration(huge).is_err(), "{huge}");
+        }
+    }
+}
