@@ -203,28 +203,53 @@ impl From<FsyncArg> for quic_report_mio::Fsync {
 pub struct ClientArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// URL of the source to GET a JSON object from, `http://` or
-    /// `https://`. Redirects are followed (at most 5); HTTP_PROXY (for
-    /// http), HTTPS_PROXY (for https), ALL_PROXY and NO_PROXY are honoured.
+    /// URL of the source to GET a JSON object from, `http://` or `https://`.
+    ///
+    /// An https source is verified against --source-ca, else the system's
+    /// CAs. Redirects are followed (at most 5). A proxy is taken from the
+    /// environment: HTTP_PROXY for an http source, HTTPS_PROXY for an https
+    /// one, else ALL_PROXY (e.g. `http://user:pass@proxy:3128`); it must
+    /// allow `CONNECT` to the source's port. NO_PROXY lists the hosts
+    /// reached directly (`host`, `.domain`, `*`, comma-separated).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
     pub source: String,
-    /// PEM file of the CA(s) an https source's certificate must chain to
-    /// (the whole trust store for the source). Default: the system's CAs.
+    /// PEM file of the CA(s) an https source's certificate must chain to.
+    ///
+    /// Then the whole trust store for the source. Default: the system's
+    /// CAs. (The server's certificate is checked against --ca, not this.)
     #[arg(long, value_name = "FILE")]
     pub source_ca: Option<PathBuf>,
-    /// Keep the queue of reports not yet acknowledged in DIR (created if
-    /// missing, locked against a second client), so that it survives a
-    /// crash or a reboot: restarted on the same DIR, the client keeps its
-    /// `client` id, continues its `seq`, and sends what DIR holds first.
-    /// Without it the queue is in memory only.
+    /// Keep the reports not yet acknowledged in DIR, so that they survive a
+    /// crash or a reboot (without it they are in memory only).
+    ///
+    /// DIR is created if missing, and locked: a second client on it refuses
+    /// to start. Every
+    /// sample is in DIR before its report is sent; restarted on the same
+    /// DIR after a crash, a kill or a reboot, the client keeps its `client`
+    /// id, continues its `seq`, and sends what DIR holds first. If DIR
+    /// cannot take a sample (disk full), it is held back, not sent, with a
+    /// warning, and written again every second. Without --spool the queue
+    /// is in memory only: a crash, a kill or a reboot loses every report
+    /// not yet acknowledged (all that was fetched during a server outage),
+    /// and the client comes back as a new `client` with `seq` from 1.
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
-    /// When to fsync --spool. Every sample is written to the OS before its
-    /// report is sent, so it survives a crash of the client. `always`:
-    /// fsync each sample before sending it, it survives a power loss too;
-    /// `interval`: at most every 100 ms and within 100 ms of a write (a
-    /// power loss can lose the last 100 ms); `never`: leave it to the OS.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "spool")]
+    /// When to fsync --spool: always, interval or never.
+    ///
+    /// Under each, every
+    /// sample is written to the OS before its report is sent, so it
+    /// survives a crash of the client. `always`: fsync each sample before
+    /// its report is sent (it survives a power loss too); `interval`: at
+    /// most every 100 ms and within 100 ms of a write (a power loss can
+    /// lose the last 100 ms); `never`: leave it to the OS.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHEN",
+        default_value_t = FsyncArg::Interval,
+        requires = "spool",
+        hide_possible_values = true
+    )]
     pub spool_fsync: FsyncArg,
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
