@@ -27,6 +27,7 @@ use quic_report_core::{
 };
 use quic_report_mio::debuglog::EnvDebugLogs;
 use quic_report_mio::fetch::unix_ms;
+use quic_report_mio::show;
 use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
@@ -444,6 +445,18 @@ impl Gen<'_> {
     }
 
     fn on_event(&mut self, i: usize, ev: ClientEvent, now: Instant) -> Result<(), Error> {
+        let failed = match &ev {
+            ClientEvent::Rejected { .. }
+            | ClientEvent::Retrying { .. }
+            | ClientEvent::ReportDropped { .. } => true,
+            ClientEvent::Disconnected { .. } => !matches!(self.phase, Phase::Closing { .. }),
+            _ => false,
+        };
+        if failed {
+            let line = show::client_event(&ev, &self.slots[i].client.stats());
+            log::warn!("connection {i}: {}", line.text());
+            self.errors += 1;
+        }
         match ev {
             ClientEvent::Connected { .. } => {
                 if !self.slots[i].connected_once {
@@ -515,27 +528,11 @@ impl Gen<'_> {
                     }
                 }
             }
-            ClientEvent::Rejected { seq, code, reason } => {
-                log::warn!("connection {i}: report {seq} rejected ({code}): {reason}");
-                self.errors += 1;
+            ClientEvent::Rejected { seq, .. } => {
                 self.slots[i].pending.retain(|(s, _, _)| *s != seq);
                 if self.mode == Mode::Reports && self.loading() {
                     self.submit(i, now);
                 }
-            }
-            ClientEvent::Retrying { seq, reason } => {
-                log::warn!("connection {i}: report {seq} to be sent again: {reason}");
-                self.errors += 1;
-            }
-            ClientEvent::ReportDropped { seq } => {
-                log::warn!("connection {i}: report {seq} dropped (queue full)");
-                self.errors += 1;
-            }
-            ClientEvent::Disconnected { reason }
-                if !matches!(self.phase, Phase::Closing { .. }) =>
-            {
-                log::warn!("connection {i}: disconnected: {reason}");
-                self.errors += 1;
             }
             ClientEvent::Closed => {
                 self.slots[i].closed = true;

@@ -3,10 +3,10 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use quic_report_core::{ClientEvent, ClientStats, config::default_server_name};
+use quic_report_core::config::default_server_name;
 
 /// A telemetry reporter and collector over QUIC.
 ///
@@ -133,6 +133,25 @@ pub struct ServerArgs {
     /// Drop a connection whose handshake is not done after this long.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
+    /// Mutual TLS: every peer must present a client certificate signed by a
+    /// CA in FILE (PEM, one or more CAs); its subject common name is the
+    /// identity its reports are recorded under. Without it the server is
+    /// anonymous: any peer may report under any client id.
+    #[arg(long, value_name = "FILE", conflicts_with = "allow_anonymous")]
+    pub client_ca: Option<PathBuf>,
+    /// An identity (certificate common name) that may read everything
+    /// (`/latest`, `/stats`); repeatable. Others read only their own entries.
+    #[arg(long, value_name = "NAME", requires = "client_ca")]
+    pub reader: Vec<String>,
+    /// Without --client-ca, listen on a non-loopback address anyway: any
+    /// peer that reaches it may report under any client id (its reads are
+    /// refused). Without this flag such a server refuses to start.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Clients whose duplicate memory is kept per identity; an identity that
+    /// uses more forgets its own least recently active ones.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub clients_per_identity: u64,
 }
 
 /// `--retry`.
@@ -160,20 +179,27 @@ pub struct GetArgs {
     pub timeout: Duration,
 }
 
-/// `https://host:port/path` (or `host:port/path`) -> (`host:port`, `/path`).
-pub fn split_url(url: &str) -> Result<(&str, String), String> {
-    let rest = url.strip_prefix("https://").unwrap_or(url);
-    if rest.contains("://") {
+/// `https://host:port/path` (or `host:port/path`) -> (`host:port`, `/path`
+/// with its query, `/` if none).
+pub fn split_url(url: &str) -> Result<(String, String), String> {
+    let expected = || format!("{url:?}: expected https://HOST:PORT/PATH");
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("https://{url}")
+    };
+    let uri: http::Uri = full.parse().map_err(|e| format!("{}: {e}", expected()))?;
+    if uri.scheme_str() != Some("https") {
         return Err(format!("{url:?}: only https:// URLs (QUIC) are supported"));
     }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].to_owned()),
-        None => (rest, "/".to_owned()),
-    };
-    if authority.is_empty() || !authority.contains(':') {
-        return Err(format!("{url:?}: expected https://HOST:PORT/PATH"));
+    let authority = uri.authority().ok_or_else(expected)?;
+    let port = authority.port_u16().ok_or_else(expected)?;
+    if authority.host().is_empty() || authority.as_str().contains('@') {
+        return Err(expected());
     }
-    Ok((authority, path))
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.is_empty() { "/" } else { path };
+    Ok((format!("{}:{port}", authority.host()), path.to_owned()))
 }
 
 /// `--fsync`.
@@ -307,6 +333,14 @@ pub struct TlsArgs {
     /// Do not verify the server's certificate (development only).
     #[arg(long)]
     pub insecure: bool,
+    /// Our client certificate (PEM, with --key), for a server that requires
+    /// one (`server --client-ca`); its common name is our identity. E.g.
+    /// `certs/clients/device-1.pem`.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -382,81 +416,31 @@ pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
     ))
 }
 
-/// How to show a client event: its importance and a readable line.
-pub enum Shown {
-    /// An acknowledged report (the client's stdout line).
-    Ack(String),
-    /// Something to log at info.
-    Info(String),
-    /// Something to log as a warning.
-    Warn(String),
-    /// Only for debug logs.
-    Debug(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::split_url;
 
-/// The readable line for a client event; `stats` are the client's counters
-/// (the line per connection counts resumed and 0-RTT connections).
-pub fn show_client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
-    match ev {
-        ClientEvent::Connecting { attempt } => {
-            Shown::Debug(format!("connecting (attempt {attempt})"))
+    #[test]
+    fn split_url_takes_https_host_port_and_path() {
+        let ok = |u: &str| split_url(u).expect(u);
+        assert_eq!(
+            ok("https://127.0.0.1:4433/latest"),
+            ("127.0.0.1:4433".into(), "/latest".into())
+        );
+        assert_eq!(
+            ok("localhost:4433/stats?x=1"),
+            ("localhost:4433".into(), "/stats?x=1".into())
+        );
+        assert_eq!(ok("https://[::1]:4433"), ("[::1]:4433".into(), "/".into()));
+        for bad in [
+            "http://127.0.0.1:4433/latest",
+            "https://127.0.0.1/latest",
+            "https://:4433/",
+            "https://u@h:4433/",
+            "",
+        ] {
+            assert!(split_url(bad).is_err(), "{bad:?} accepted");
         }
-        ClientEvent::Connected {
-            conn_id,
-            resumed,
-            early_data,
-        } => Shown::Info(format!(
-            "connected, id {conn_id}, resumed={resumed} 0-rtt={early_data} \
-             ({} of {} connection(s) resumed, 0-RTT accepted on {})",
-            stats.resumed, stats.connections, stats.early_data_accepted
-        )),
-        ClientEvent::Acknowledged {
-            seq,
-            duplicate,
-            response,
-        } => {
-            let mut s = format!("ack seq={seq}");
-            if let quic_report_core::Response::Ok { received, .. } = response {
-                /// The one field the line shows.
-                #[derive(serde::Deserialize)]
-                struct Shown {
-                    value: Option<serde_json::Value>,
-                }
-                let value = serde_json::from_str::<Shown>(received)
-                    .ok()
-                    .and_then(|s| s.value);
-                match value.as_ref() {
-                    Some(serde_json::Value::Number(n)) => match n.as_f64() {
-                        Some(f) if n.is_f64() => s.push_str(&format!(" value={f:.4}")),
-                        _ => s.push_str(&format!(" value={n}")),
-                    },
-                    Some(other) => s.push_str(&format!(" value={other}")),
-                    None => {}
-                }
-            }
-            if *duplicate {
-                s.push_str(" (duplicate)");
-            }
-            Shown::Ack(s)
-        }
-        ClientEvent::Rejected { seq, code, reason } => Shown::Warn(format!(
-            "report seq={seq} rejected by the server ({code}): {reason}"
-        )),
-        ClientEvent::Retrying { seq, reason } => {
-            Shown::Info(format!("report seq={seq} will be sent again: {reason}"))
-        }
-        ClientEvent::Disconnected { reason } => Shown::Info(format!("disconnected: {reason}")),
-        ClientEvent::ReconnectScheduled { at, attempt } => {
-            let ms = at.saturating_duration_since(Instant::now()).as_millis();
-            Shown::Info(format!("reconnecting in {ms} ms (attempt {attempt})"))
-        }
-        ClientEvent::ReportDropped { seq } => {
-            Shown::Warn(format!("queue full: report seq={seq} dropped"))
-        }
-        ClientEvent::Closed => Shown::Info("closed".into()),
-        // The driver returns it as an error, which main prints.
-        ClientEvent::Failed { reason } => Shown::Debug(format!("failed: {reason}")),
-        other => Shown::Debug(format!("{other:?}")),
     }
 }
 

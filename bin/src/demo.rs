@@ -37,9 +37,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use quic_report_cli::cli::{DemoArgs, Shown, show_client_event};
+use quic_report_cli::cli::DemoArgs;
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
+use quic_report_mio::show::{self, Shown};
 use quic_report_mio::{
     ClientOptions, ClientSummary, DriverError, FetchOptions, Fsync, RecordedKeys, ServerDriver,
     ServerOptions, Spool, SpoolOptions, StopHandle, run_client,
@@ -50,62 +51,35 @@ use crate::source::Source;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// `0.6815` for a float, the JSON otherwise, `-` when absent.
-fn show_value(v: Option<&serde_json::Value>) -> String {
-    match v {
-        Some(serde_json::Value::Number(n)) if n.is_f64() => n
-            .as_f64()
-            .map_or_else(|| n.to_string(), |f| format!("{f:.4}")),
-        Some(v) => v.to_string(),
-        None => "-".to_owned(),
+/// The demo's line of a server event (the server's log line), if it shows
+/// one: a report when the demo's sink has recorded it, and what the
+/// server logs at info or above.
+fn server_line(ev: &ServerEvent) -> Option<String> {
+    match ev {
+        // The demo's "sink" is this line: it is printed before the answer is sent.
+        ServerEvent::Report {
+            handle,
+            peer,
+            report,
+        } => Some(
+            show::Recorded {
+                conn: handle.conn,
+                report,
+                peer: *peer,
+            }
+            .to_string(),
+        ),
+        _ => match show::server_event(ev) {
+            Shown::Debug(_) => None,
+            Shown::Ack(s) | Shown::Info(s) | Shown::Warn(s) => Some(s),
+        },
     }
 }
 
-fn server_line(ev: &ServerEvent) -> Option<String> {
-    Some(match ev {
-        // The demo's "sink" is this line: it is printed before the answer is sent.
-        ServerEvent::Report { peer, report, .. } => {
-            let seq = report.seq.map_or_else(|| "-".to_owned(), |s| s.to_string());
-            let client = report.client.as_deref().unwrap_or("-");
-            let value = show_value(report.fields().get("value"));
-            format!("recorded seq={seq} value={value} from client {client} ({peer})")
-        }
-        ServerEvent::ConnectionOpened {
-            conn,
-            peer,
-            resumed,
-            ..
-        } => {
-            let resumed = if *resumed { " (session resumed)" } else { "" };
-            format!("connection {conn} opened from {peer}{resumed}")
-        }
-        ServerEvent::ConnectionClosed {
-            conn,
-            reason,
-            stats,
-            ..
-        } => {
-            format!(
-                "connection {conn} closed: {reason} ({} reports)",
-                stats.reports
-            )
-        }
-        ServerEvent::Duplicate { seq, .. } => {
-            format!("duplicate seq={seq}: acknowledged, not recorded again")
-        }
-        ServerEvent::StreamRejected {
-            conn,
-            stream,
-            error,
-        } => {
-            format!("connection {conn} stream {stream} rejected: {error}")
-        }
-        _ => return None,
-    })
-}
-
+/// The demo's line of a client event (the `client` command's line), if it
+/// shows one; the first attempt names the server.
 fn client_line(ev: &ClientEvent, stats: &ClientStats, server: SocketAddr) -> Option<String> {
-    match (ev, show_client_event(ev, stats)) {
+    match (ev, show::client_event(ev, stats)) {
         (ClientEvent::Connecting { attempt }, _) => {
             Some(format!("connecting to {server} (attempt {attempt})"))
         }
@@ -159,7 +133,8 @@ impl Ledger {
         let mut keys = RecordedKeys::new();
         for (client, seqs) in &self.seqs {
             for seq in seqs {
-                keys.insert(client, *seq);
+                // The demo is anonymous (loopback): identity "".
+                keys.insert("", client, *seq);
             }
         }
         keys

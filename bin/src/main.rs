@@ -15,14 +15,13 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use quic_report_cli::cli::{
-    self, Cli, ClientArgs, Command, ServerArgs, Shown, SourceArgs, show_client_event,
-};
+use quic_report_cli::cli::{self, Cli, ClientArgs, Command, ServerArgs, SourceArgs};
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
-use quic_report_core::{ClientEvent, RetryMode};
+use quic_report_core::{ClientEvent, Identity, RetryMode};
 use quic_report_mio::database::postgres::PostgresConnect;
 use quic_report_mio::database::sqlite::SqliteConnect;
+use quic_report_mio::show::{self, Shown};
 use quic_report_mio::{
     ClientOptions, DatabaseSink, FetchOptions, FileSink, RecordedKeys, ServerOptions, SinkUrl,
     SourceProxy, SourceTrust, SpoolOptions, WaitLimits, WriterSink, read_secret_file, run_client,
@@ -101,6 +100,9 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         cli::RetryArg::Never => RetryMode::Never,
     };
     opts.metrics = args.metrics;
+    opts.config.dedup.clients_per_identity =
+        to_usize(args.clients_per_identity, "--clients-per-identity")?;
+    access(args, &mut opts)?;
     opts.reuseport = args.reuseport;
     if args.reuseport && matches!(url_of(args), SinkUrl::Stdout | SinkUrl::File(_)) {
         log::warn!(
@@ -146,6 +148,64 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// Who may report and read: mutual TLS with `--client-ca` and its
+/// `--reader`s, or anonymous mode (loopback only unless `--allow-anonymous`,
+/// reads closed off loopback), with a warning.
+fn access(args: &ServerArgs, opts: &mut quic_report_mio::ServerOptions) -> Result<(), Error> {
+    let mut policy = quic_report_mio::ReadPolicy::default();
+    match &args.client_ca {
+        Some(ca) => {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(format!(
+                    "--client-ca {}: no PEM certificate in it (expected one or more CA certificates)",
+                    ca.display()
+                )
+                .into());
+            }
+            opts.config.client_ca = Some(ca.clone());
+            for name in &args.reader {
+                let id = Identity::named(name).map_err(|e| format!("--reader {name:?}: {e}"))?;
+                policy.readers.insert(id);
+            }
+            log::info!(
+                "mutual TLS: client certificates signed by {} required; readers: {}",
+                ca.display(),
+                if args.reader.is_empty() {
+                    "none (each identity reads only its own entries)".to_owned()
+                } else {
+                    args.reader.join(", ")
+                }
+            );
+        }
+        None => {
+            let loopback = args.listen.ip().is_loopback();
+            if !loopback && !args.allow_anonymous {
+                return Err(format!(
+                    "refusing to listen on {} without --client-ca: any peer that reaches it could \
+                     report under any client id (and so make other clients' reports count as \
+                     duplicates); give --client-ca FILE for mutual TLS, or --allow-anonymous to \
+                     accept that",
+                    args.listen
+                )
+                .into());
+            }
+            policy.anonymous_reads_all = loopback;
+            log::warn!(
+                "no --client-ca: anonymous mode, any peer may report under any client id{}",
+                if loopback {
+                    " (loopback only)"
+                } else {
+                    "; --allow-anonymous on a non-loopback address: reads (/latest, /stats) are refused"
+                }
+            );
+        }
+    }
+    opts.read_policy = policy;
+    Ok(())
+}
+
 /// `--sink`, or `--out` as its synonym.
 fn url_of(args: &ServerArgs) -> SinkUrl {
     match &args.out {
@@ -180,13 +240,14 @@ fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
 /// `quic-report get URL`: the body on stdout.
 fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
-    let (server, default_name) = cli::resolve_server(authority)?;
+    let (server, default_name) = cli::resolve_server(&authority)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(&args.tls, default_name, &mut _dev)?;
     let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
         server,
         server_name,
         verify,
+        client_cert: tls::client_cert(&args.tls)?,
         path,
         timeout: args.timeout,
     })?;
@@ -204,6 +265,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut _dev)?;
     let mut opts = ClientOptions::new(server, verify);
     opts.config.server_name = server_name;
+    opts.config.client_cert = tls::client_cert(&args.target.tls)?;
     opts.config.idle_timeout = args.idle_timeout;
     opts.config.keep_alive = match args.keep_alive {
         None => Some(args.idle_timeout / 2),
@@ -252,16 +314,19 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         opts.config.server_name
     );
     let queue = args.queue;
-    let summary = run_client(opts, &mut |ev, c| match show_client_event(ev, &c.stats()) {
-        Shown::Ack(line) => println!("{line}"),
-        Shown::Info(line) => log::info!("{line}"),
-        Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
-            "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
-            c.dropped()
-        ),
-        Shown::Warn(line) => log::warn!("{line}"),
-        Shown::Debug(line) => log::debug!("{line}"),
-    })?;
+    let summary = run_client(
+        opts,
+        &mut |ev, c| match show::client_event(ev, &c.stats()) {
+            Shown::Ack(line) => println!("{line}"),
+            Shown::Info(line) => log::info!("{line}"),
+            Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
+                "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
+                c.dropped()
+            ),
+            Shown::Warn(line) => log::warn!("{line}"),
+            Shown::Debug(line) => log::debug!("{line}"),
+        },
+    )?;
     log::info!(
         "done: {} acknowledged, {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
         summary.stats.acknowledged,

@@ -2,7 +2,7 @@
 //! `--insecure`), shared by `client`, `get` and `quic-report-bench`, and the process-wide
 //! trust store they rely on ([`trust_only_named_cas`]).
 
-use quic_report_core::Verify;
+use quic_report_core::{CertFiles, Verify};
 
 use crate::cli::TlsArgs;
 use crate::devcerts::DevCerts;
@@ -16,7 +16,7 @@ const NO_DEFAULT_STORE: &str = "/nonexistent/quic-report-no-default-ca-store";
 /// `SSL_CTX_set_default_verify_paths`, which loads the file named by
 /// `SSL_CERT_FILE` (else the system bundle) and the directory named by
 /// `SSL_CERT_DIR`; without this, `--ca FILE` also trusted every system root
-/// (and every `Config` parsed the whole system bundle, ~5.6 ms). To trust
+/// (and every `Config` parsed the whole system bundle). To trust
 /// the system's CAs, name them: `--ca /etc/ssl/certs/ca-certificates.crt`.
 ///
 /// # Safety
@@ -48,4 +48,22 @@ pub fn verification(
         Verify::CaFile(dev.insert(DevCerts::write()?).ca())
     };
     Ok((verify, tls.server_name.clone().unwrap_or(default_name)))
+}
+
+/// Our client certificate from `--cert`/`--key`, checked readable.
+pub fn client_cert(
+    tls: &TlsArgs,
+) -> Result<Option<CertFiles>, Box<dyn std::error::Error + Send + Sync>> {
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            for (flag, path) in [("--cert", cert), ("--key", key)] {
+                std::fs::File::open(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+            }
+            Ok(Some(CertFiles {
+                cert_chain: cert.clone(),
+                private_key: key.clone(),
+            }))
+        }
+        _ => Ok(None),
+    }
 }

@@ -170,7 +170,7 @@ fn demo_with_count_prints_labelled_lines_and_exits_zero() {
     assert!(status.success(), "demo: {status}\n{out}");
     for label in [
         "[source] GET / -> ",
-        "[server] recorded seq=",
+        "[server] c0: recorded report client=",
         "[client] ack seq=",
     ] {
         assert!(

@@ -78,7 +78,8 @@ fn get_metrics_and_qlog_show_the_servers_state() {
     );
     let latest: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let client_id = got[0]["client"].as_str().expect("client id");
-    assert_eq!(latest[client_id]["seq"], 3, "{latest}");
+    // Keyed by identity ("": anonymous), then client.
+    assert_eq!(latest[""][client_id]["seq"], 3, "{latest}");
 
     // The counters moved.
     std::thread::sleep(Duration::from_millis(200)); // published every 100 ms

@@ -129,6 +129,10 @@ pub enum DisconnectReason {
     HandshakeFailed(String),
     /// The server's certificate was refused; the string names the problem.
     Certificate(String),
+    /// The server refused our client certificate (none given, not signed
+    /// by a CA it trusts, or a name it cannot use): a TLS alert from the
+    /// server; the string names it.
+    ClientCertificate(String),
     /// The oldest report had no answer within the response timeout.
     NoResponse,
     /// The network said the server is unreachable (ICMP).
@@ -142,7 +146,10 @@ pub enum DisconnectReason {
 impl DisconnectReason {
     /// Whether reconnecting cannot help (the certificate will be refused again).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, DisconnectReason::Certificate(_))
+        matches!(
+            self,
+            DisconnectReason::Certificate(_) | DisconnectReason::ClientCertificate(_)
+        )
     }
 }
 
@@ -163,6 +170,9 @@ impl fmt::Display for DisconnectReason {
             }
             DisconnectReason::HandshakeFailed(why) => write!(f, "handshake failed: {why}"),
             DisconnectReason::Certificate(why) => write!(f, "server certificate refused: {why}"),
+            DisconnectReason::ClientCertificate(why) => {
+                write!(f, "the server refused our client certificate: {why}")
+            }
             DisconnectReason::NoResponse => f.write_str("no answer within the response timeout"),
             DisconnectReason::Unreachable => f.write_str("server unreachable"),
             DisconnectReason::Protocol(why) => write!(f, "protocol error: {why}"),
@@ -542,6 +552,12 @@ impl Client {
             }
         }
         loop {
+            // quiche writes the ClientHello in the first `send`: only then is
+            // a resumed connection in early data, and the queued reports can
+            // go out in 0-RTT, right behind it.
+            if matches!(&self.state, State::Connecting(c) if c.quic.is_in_early_data()) {
+                self.write_reports(now);
+            }
             let closing = matches!(self.state, State::Closing(_));
             let conn = match &mut self.state {
                 State::Connecting(c) | State::Connected(c) | State::Closing(c) => c,
@@ -984,6 +1000,14 @@ pub(crate) fn classify_close(
     }
     if let Some(e) = q.peer_error() {
         let reason = String::from_utf8_lossy(&e.reason).into_owned();
+        if !e.is_app
+            && let Some(why) = e
+                .error_code
+                .checked_sub(0x100)
+                .and_then(client_certificate_alert)
+        {
+            return DisconnectReason::ClientCertificate(why);
+        }
         if !was_established {
             return DisconnectReason::HandshakeFailed(format!(
                 "server closed with code {:#x} {reason}",
@@ -998,6 +1022,19 @@ pub(crate) fn classify_close(
     // Closed with no error on either side and not timed out: quiche's
     // signature of a stateless reset.
     DisconnectReason::Reset
+}
+
+/// The TLS alerts a server sends about the client's certificate, named for
+/// a person (with `--cert`/`--key` to suggest when it had none).
+fn client_certificate_alert(alert: u64) -> Option<String> {
+    Some(match alert {
+        116 => "the server requires a client certificate (TLS alert certificate_required): give --cert and --key".into(),
+        42 => "bad certificate (TLS alert bad_certificate; e.g. a subject name the server cannot use as an identity)".into(),
+        45 => "certificate expired or not yet valid (TLS alert certificate_expired)".into(),
+        48 => "not signed by a CA the server trusts (TLS alert unknown_ca)".into(),
+        43 | 44 | 46 => format!("certificate not accepted (TLS alert {alert})"),
+        _ => return None,
+    })
 }
 
 /// The TLS alerts (RFC 8446 6.2) that mean "your certificate is not

@@ -41,6 +41,50 @@ pub mod codes {
     pub const REPORT_TOO_LARGE: u64 = 0x10;
     /// STOP_SENDING: the stream had a fatal error; the rest is not read.
     pub const STREAM_REJECTED: u64 = 0x11;
+    /// Transport CONNECTION_CLOSE (CRYPTO_ERROR, RFC 9001 4.8: 0x100 + the
+    /// TLS alert): a peer without a client certificate, on a server that
+    /// requires one (TLS alert 116, certificate_required).
+    pub const CERTIFICATE_REQUIRED: u64 = 0x100 + 116;
+    /// Transport CONNECTION_CLOSE (CRYPTO_ERROR): a client certificate
+    /// whose subject name cannot be an identity (TLS alert 42,
+    /// bad_certificate; see [`crate::identity`]).
+    pub const BAD_CERTIFICATE: u64 = 0x100 + 42;
+}
+
+/// A certificate and its private key, both PEM files: what a client, `get`
+/// or the bench presents to a server that requires client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate chain (the leaf first).
+    pub cert_chain: PathBuf,
+    /// PEM private key of the leaf.
+    pub private_key: PathBuf,
+}
+
+impl CertFiles {
+    /// Loads the chain and the key into a quiche config.
+    pub(crate) fn load(&self, c: &mut quiche::Config) -> Result<(), ConfigError> {
+        let cert = utf8_path(&self.cert_chain)?;
+        let key = utf8_path(&self.private_key)?;
+        c.load_cert_chain_from_pem_file(cert)
+            .map_err(|err| ConfigError::File {
+                what: "certificate chain",
+                path: self.cert_chain.clone(),
+                err,
+            })?;
+        c.load_priv_key_from_pem_file(key)
+            .map_err(|err| ConfigError::File {
+                what: "private key",
+                path: self.private_key.clone(),
+                err,
+            })
+    }
+}
+
+/// A path as quiche takes it (UTF-8).
+fn utf8_path(p: &std::path::Path) -> Result<&str, ConfigError> {
+    p.to_str()
+        .ok_or_else(|| ConfigError::Invalid(format!("path {} is not UTF-8", p.display())))
 }
 
 /// How the client checks the server's certificate.
@@ -91,6 +135,9 @@ pub struct ClientConfig {
     pub max_in_flight: usize,
     /// The `client` field; random hex when `None`.
     pub client_id: Option<String>,
+    /// Our client certificate, for a server that requires one (`--cert`,
+    /// `--key`); `None`: none is presented.
+    pub client_cert: Option<CertFiles>,
 }
 
 impl ClientConfig {
@@ -111,6 +158,7 @@ impl ClientConfig {
             queue_limit: 10_000,
             max_in_flight: 64,
             client_id: None,
+            client_cert: None,
         }
     }
 
@@ -123,6 +171,9 @@ impl ClientConfig {
         c.set_initial_max_stream_data_bidi_remote(0);
         c.set_initial_max_data(4 * 1024 * 1024);
         tls_verify(&mut c, &self.verify)?;
+        if let Some(cert) = &self.client_cert {
+            cert.load(&mut c)?;
+        }
         c.enable_early_data();
         Ok(c)
     }
@@ -196,6 +247,19 @@ pub struct ServerConfig {
     pub cert_chain: PathBuf,
     /// PEM private key.
     pub private_key: PathBuf,
+    /// Mutual TLS: every peer must present a client certificate that
+    /// chains to one of the CAs in this PEM file, and its subject common
+    /// name is the connection's identity ([`crate::identity`]). A peer
+    /// without one is closed with [`codes::CERTIFICATE_REQUIRED`] before
+    /// any of its streams is read; one that does not verify fails the
+    /// handshake with a TLS alert. `None` (the default): anonymous mode,
+    /// every peer has the anonymous identity.
+    ///
+    /// quiche also loads BoringSSL's default trust store into every config
+    /// (see [`Verify::CaFile`]): a process that must trust only this file
+    /// points `SSL_CERT_FILE` and `SSL_CERT_DIR` at nothing first, as the
+    /// `quic-report` binary does.
+    pub client_ca: Option<PathBuf>,
     /// quiche's idle timeout (default 30 s, as the seed's server).
     pub idle_timeout: Duration,
     /// Connections at most (default 10000).
@@ -236,6 +300,7 @@ impl ServerConfig {
         ServerConfig {
             cert_chain,
             private_key,
+            client_ca: None,
             idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_streams: 100,
@@ -276,23 +341,23 @@ impl ServerConfig {
                     err,
                 })?;
         }
-        let path = |p: &PathBuf| {
-            p.to_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ConfigError::Invalid(format!("path {} is not UTF-8", p.display())))
-        };
-        c.load_cert_chain_from_pem_file(&path(&self.cert_chain)?)
-            .map_err(|err| ConfigError::File {
-                what: "certificate chain",
-                path: self.cert_chain.clone(),
-                err,
-            })?;
-        c.load_priv_key_from_pem_file(&path(&self.private_key)?)
-            .map_err(|err| ConfigError::File {
-                what: "private key",
-                path: self.private_key.clone(),
-                err,
-            })?;
+        CertFiles {
+            cert_chain: self.cert_chain.clone(),
+            private_key: self.private_key.clone(),
+        }
+        .load(&mut c)?;
+        match &self.client_ca {
+            Some(ca) => {
+                c.verify_peer(true);
+                c.load_verify_locations_from_file(utf8_path(ca)?)
+                    .map_err(|err| ConfigError::File {
+                        what: "client CA file",
+                        path: ca.clone(),
+                        err,
+                    })?;
+            }
+            None => c.verify_peer(false),
+        }
         c.set_initial_max_streams_bidi(self.max_streams);
         c.set_initial_max_streams_uni(0);
         // quiche keeps a path per peer address it saw, up to this limit, and

@@ -1,30 +1,56 @@
-//! The server's memory of recorded reports, keyed by `(client, seq)`, with
-//! bounded memory.
+//! The server's memory of recorded reports, keyed by [`RecordKey`]
+//! `(identity, client, seq)`, with bounded memory.
 //!
-//! Per client: a *floor* (every seq below it was recorded; seqs start at
-//! 1, so a new client's floor is 1) and the set of recorded seqs above it. Recording the floor's seq advances the floor over
-//! the contiguous run, so a client that reports in order costs a few bytes.
+//! Per `(identity, client)`: a *floor* (every seq below it was recorded;
+//! seqs start at 1, so a new client's floor is 1) and the set of recorded
+//! seqs above it. Recording the floor's seq advances the floor over the
+//! contiguous run, so a client that reports in order costs a few bytes.
 //! When a client's set grows past `per_client` entries, the floor jumps to
-//! the smallest entry (gaps below it are then taken as seen). At most
-//! `max_clients` clients are remembered; the least recently active is
-//! forgotten first.
+//! the smallest entry (gaps below it are then taken as seen). The clients
+//! are held in a [`PerIdentity`] table: each certificate identity keeps at
+//! most `clients_per_identity` clients (its own least recently active is
+//! forgotten first), the anonymous identity `anonymous_clients`, and at
+//! most `max_identities` identities are remembered (the least recently
+//! active is forgotten first). So an identity that invents `client` ids
+//! evicts only its own memory, never another identity's.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::identity::{Identity, RecordKey};
+use crate::per_identity::{IdentityLimits, PerIdentity};
 
 /// Settings for [`Dedup`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupConfig {
-    /// Clients remembered at most.
-    pub max_clients: usize,
-    /// Out-of-order seqs remembered per client at most.
+    /// Identities remembered at most (default 10,000).
+    pub max_identities: usize,
+    /// Clients remembered per certificate identity at most (default 64: a
+    /// device that restarts gets a new `client` id each time).
+    pub clients_per_identity: usize,
+    /// Clients remembered for the anonymous identity at most (default
+    /// 100,000: every peer without a certificate shares that identity).
+    pub anonymous_clients: usize,
+    /// Out-of-order seqs remembered per client at most (default 4096).
     pub per_client: usize,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
         DedupConfig {
-            max_clients: 100_000,
+            max_identities: 10_000,
+            clients_per_identity: 64,
+            anonymous_clients: 100_000,
             per_client: 4096,
+        }
+    }
+}
+
+impl DedupConfig {
+    fn limits(&self) -> IdentityLimits {
+        IdentityLimits {
+            max_identities: self.max_identities,
+            clients_per_identity: self.clients_per_identity,
+            anonymous_clients: self.anonymous_clients,
         }
     }
 }
@@ -33,7 +59,6 @@ impl Default for DedupConfig {
 struct Seen {
     floor: u64,
     above: BTreeSet<u64>,
-    touched: u64,
 }
 
 impl Default for Seen {
@@ -42,7 +67,6 @@ impl Default for Seen {
         Seen {
             floor: 1,
             above: BTreeSet::new(),
-            touched: 0,
         }
     }
 }
@@ -73,13 +97,17 @@ impl Seen {
     }
 }
 
-/// The set of recorded `(client, seq)` pairs.
-#[derive(Debug, Default)]
+/// The set of recorded [`RecordKey`]s.
+#[derive(Debug)]
 pub struct Dedup {
     cfg: DedupConfig,
-    clients: HashMap<String, Seen>,
-    by_age: BTreeMap<u64, String>,
-    tick: u64,
+    seen: PerIdentity<Seen>,
+}
+
+impl Default for Dedup {
+    fn default() -> Dedup {
+        Dedup::new(DedupConfig::default())
+    }
 }
 
 impl Dedup {
@@ -87,48 +115,32 @@ impl Dedup {
     pub fn new(cfg: DedupConfig) -> Dedup {
         Dedup {
             cfg,
-            ..Dedup::default()
+            seen: PerIdentity::new(cfg.limits()),
         }
     }
 
-    /// Whether `(client, seq)` was recorded.
-    pub fn contains(&self, client: &str, seq: u64) -> bool {
-        self.clients.get(client).is_some_and(|s| s.contains(seq))
+    /// Whether `key` was recorded.
+    pub fn contains(&self, key: &RecordKey) -> bool {
+        self.contains_parts(&key.identity, &key.client, key.seq)
     }
 
-    /// Remembers that `(client, seq)` was recorded.
-    pub fn insert(&mut self, client: &str, seq: u64) {
-        self.tick += 1;
-        let tick = self.tick;
+    fn contains_parts(&self, identity: &Identity, client: &str, seq: u64) -> bool {
+        self.seen
+            .peek(identity.as_str(), client)
+            .is_some_and(|s| s.contains(seq))
+    }
+
+    /// Remembers that `key` was recorded.
+    pub fn insert(&mut self, key: &RecordKey) {
         let cap = self.cfg.per_client.max(1);
-        if let Some(seen) = self.clients.get_mut(client) {
-            // Re-touch: the name moves to its new age, no allocation.
-            let name = self
-                .by_age
-                .remove(&seen.touched)
-                .unwrap_or_else(|| client.to_owned());
-            seen.touched = tick;
-            seen.insert(seq, cap);
-            self.by_age.insert(tick, name);
-        } else {
-            if self.clients.len() >= self.cfg.max_clients.max(1)
-                && let Some((_, oldest)) = self.by_age.pop_first()
-            {
-                self.clients.remove(&oldest);
-            }
-            let mut seen = Seen {
-                touched: tick,
-                ..Seen::default()
-            };
-            seen.insert(seq, cap);
-            self.clients.insert(client.to_owned(), seen);
-            self.by_age.insert(tick, client.to_owned());
-        }
+        self.seen
+            .entry(&key.identity, &key.client, Seen::default)
+            .insert(key.seq, cap);
     }
 
-    /// Clients remembered.
+    /// Clients remembered (over all identities).
     pub fn clients(&self) -> usize {
-        self.clients.len()
+        self.seen.clients()
     }
 }
 
@@ -136,52 +148,68 @@ impl Dedup {
 mod tests {
     use super::*;
 
+    fn key(identity: &str, client: &str, seq: u64) -> RecordKey {
+        RecordKey {
+            identity: Identity::from_stored(identity),
+            client: client.into(),
+            seq,
+        }
+    }
+
     #[test]
     fn remembers_in_and_out_of_order() {
         let mut d = Dedup::new(DedupConfig::default());
         for s in [1, 2, 5, 4] {
-            d.insert("a", s);
+            d.insert(&key("", "a", s));
         }
         for s in [1, 2, 4, 5] {
-            assert!(d.contains("a", s), "{s}");
+            assert!(d.contains(&key("", "a", s)), "{s}");
         }
-        assert!(!d.contains("a", 3));
-        assert!(!d.contains("b", 0));
-        d.insert("a", 3);
-        assert!(d.contains("a", 3));
+        assert!(!d.contains(&key("", "a", 3)));
+        assert!(!d.contains(&key("", "b", 1)));
+        d.insert(&key("", "a", 3));
+        assert!(d.contains(&key("", "a", 3)));
+    }
+
+    #[test]
+    fn identities_have_their_own_namespaces() {
+        let mut d = Dedup::new(DedupConfig::default());
+        d.insert(&key("alice", "c", 1));
+        assert!(d.contains(&key("alice", "c", 1)));
+        assert!(!d.contains(&key("mallory", "c", 1)));
+        assert!(!d.contains(&key("", "c", 1)));
     }
 
     #[test]
     fn in_order_reports_cost_no_set_entries() {
         let mut d = Dedup::new(DedupConfig::default());
         for s in 2..10_000 {
-            d.insert("a", s);
+            d.insert(&key("", "a", s));
         }
         // seq 1 never came: everything above waits in the set, up to the cap.
-        let seen = d.clients.get("a").expect("known client");
+        let seen = d.seen.peek("", "a").expect("known client");
         assert!(seen.above.len() <= 4096);
         let mut d = Dedup::new(DedupConfig::default());
         for s in 1..10_000 {
-            d.insert("a", s);
+            d.insert(&key("", "a", s));
         }
         assert!(
-            d.clients.get("a").expect("known").above.is_empty(),
+            d.seen.peek("", "a").expect("known").above.is_empty(),
             "a client that reports in order costs no set entries"
         );
     }
 
     #[test]
-    fn client_count_is_bounded_oldest_forgotten() {
+    fn an_identity_inventing_clients_cannot_evict_another() {
         let mut d = Dedup::new(DedupConfig {
-            max_clients: 2,
-            per_client: 8,
+            clients_per_identity: 8,
+            ..DedupConfig::default()
         });
-        d.insert("a", 1);
-        d.insert("b", 1);
-        d.insert("a", 2); // a is now newer than b
-        d.insert("c", 1); // forgets b
-        assert_eq!(d.clients(), 2);
-        assert!(d.contains("a", 1) && d.contains("c", 1));
-        assert!(!d.contains("b", 1));
+        d.insert(&key("alice", "a", 1));
+        for i in 0..10_000 {
+            d.insert(&key("mallory", &format!("m{i}"), 1));
+        }
+        assert!(d.contains(&key("alice", "a", 1)));
+        assert_eq!(d.clients(), 9);
     }
 }

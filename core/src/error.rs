@@ -142,13 +142,29 @@ pub enum StreamError {
         /// What it must be.
         expected: &'static str,
     },
+    /// The report's own `identity` field names another identity than the
+    /// connection's (or appears more than once): refused with code
+    /// `forbidden`, permanent; the stream carries on (not fatal).
+    #[error(
+        "forbidden: the report claims identity {claimed:?}, but this connection {}",
+        authenticated_as(.identity)
+    )]
+    Forbidden {
+        /// What the report claimed (shortened).
+        claimed: String,
+        /// The connection's identity.
+        identity: crate::identity::Identity,
+    },
 }
 
 impl StreamError {
     /// Whether this error ends the stream (everything except
-    /// [`StreamError::InvalidField`]).
+    /// [`StreamError::InvalidField`] and [`StreamError::Forbidden`]).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, StreamError::InvalidField { .. })
+        !matches!(
+            self,
+            StreamError::InvalidField { .. } | StreamError::Forbidden { .. }
+        )
     }
 
     /// The machine-readable code sent in the error response's `"code"`.
@@ -161,6 +177,16 @@ impl StreamError {
             StreamError::Truncated => "truncated",
             StreamError::TooLarge { .. } => "too_large",
             StreamError::InvalidField { .. } => "invalid_field",
+            StreamError::Forbidden { .. } => crate::report::CODE_FORBIDDEN,
         }
+    }
+}
+
+/// How a connection is authenticated, for [`StreamError::Forbidden`].
+fn authenticated_as(identity: &crate::identity::Identity) -> String {
+    if identity.is_anonymous() {
+        "has no client certificate (anonymous)".into()
+    } else {
+        format!("is authenticated as {identity}")
     }
 }

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::client::{DisconnectReason, classify_close};
-use crate::config::{HQ_ALPN, Verify, base_config, tls_verify};
+use crate::config::{CertFiles, HQ_ALPN, Verify, base_config, tls_verify};
 use crate::error::{ConfigError, DatagramError};
 use crate::rng::CoreRng;
 use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
@@ -35,6 +35,8 @@ pub struct GetConfig {
     pub server_name: String,
     /// Certificate verification.
     pub verify: Verify,
+    /// Our client certificate, for a server that requires one.
+    pub client_cert: Option<CertFiles>,
     /// The path, e.g. `/latest`.
     pub path: String,
     /// Give up after this long (default 5 s).
@@ -91,6 +93,9 @@ impl HqGet {
         qc.set_initial_max_streams_bidi(0);
         qc.set_initial_max_streams_uni(0);
         tls_verify(&mut qc, &cfg.verify)?;
+        if let Some(cert) = &cfg.client_cert {
+            cert.load(&mut qc)?;
+        }
         let mut logs = logs;
         if logs.is_some() {
             qc.log_keys();

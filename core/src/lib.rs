@@ -71,7 +71,9 @@ pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod get;
+pub mod identity;
 pub mod object;
+pub mod per_identity;
 pub mod queue;
 pub mod report;
 pub mod rng;
@@ -83,16 +85,19 @@ pub mod token;
 use std::net::SocketAddr;
 
 pub use client::{Client, ClientEvent, ClientState, ClientStats, DisconnectReason};
-pub use config::{ALPN, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify};
+pub use config::{
+    ALPN, CertFiles, ClientConfig, MAX_DATAGRAM_SIZE, RetryMode, ServerConfig, Verify,
+};
 pub use error::{ConfigError, DatagramError, RespondError, StreamError, TokenError};
 pub use get::{GetConfig, GetOutcome, HqGet};
+pub use identity::{Identity, IdentityError, RecordKey};
 pub use object::JsonObject;
 pub use queue::Seq;
 pub use report::{Report, Response, Sample};
 pub use rng::CoreRng;
 pub use server::{
-    CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle, Server,
-    ServerEvent, ServerStats,
+    CertRefusal, CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle,
+    Server, ServerEvent, ServerStats,
 };
 pub use timer::{Deadline, TimerKind};
 pub use token::ServerSecret;

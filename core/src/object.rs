@@ -3,8 +3,8 @@
 //!
 //! The server never builds a map of a report. One `serde_json` pass over the
 //! object's bytes validates all of it as a full parse would (syntax, UTF-8,
-//! escapes, numbers in range, that it is an object) and notes what the four
-//! protocol fields (`id`, `client`, `seq`, `sampled_at_ms`) hold; every
+//! escapes, numbers in range, that it is an object) and notes what the five
+//! protocol fields (`id`, `client`, `seq`, `sampled_at_ms`, `identity`) hold; every
 //! other value is checked ([`Checked`]) without being allocated. The bytes themselves, with any whitespace between tokens
 //! removed, are what the sink records and what the answer echoes, so a report
 //! is written exactly as it was sent (numbers keep their spelling).
@@ -18,7 +18,7 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Seq
 use serde_json::{Map, Value};
 
 use crate::error::StreamError;
-use crate::report::{FIELD_CLIENT, FIELD_ID, FIELD_SAMPLED_AT, FIELD_SEQ, kind_of};
+use crate::report::{FIELD_CLIENT, FIELD_ID, FIELD_IDENTITY, FIELD_SAMPLED_AT, FIELD_SEQ, kind_of};
 
 /// A complete, valid JSON object: its compact bytes and what its protocol
 /// fields hold. Built by [`JsonObject::parse`]; checked into a
@@ -49,6 +49,9 @@ pub(crate) struct Known {
     pub(crate) client: Option<Seen>,
     pub(crate) seq: Option<Seen>,
     pub(crate) sampled_at: Option<Seen>,
+    pub(crate) identity: Option<Seen>,
+    /// `identity` occurs more than once (parsers differ on which counts).
+    pub(crate) identity_repeated: bool,
 }
 
 /// What a scan of an object's bytes already found out, so that
@@ -174,12 +177,16 @@ impl<'de> Visitor<'de> for ObjectVisitor {
                 FieldName::Client => &mut known.client,
                 FieldName::Seq => &mut known.seq,
                 FieldName::SampledAt => &mut known.sampled_at,
+                FieldName::Identity => {
+                    known.identity_repeated |= known.identity.is_some();
+                    &mut known.identity
+                }
                 FieldName::Other => {
                     map.next_value::<Checked>()?;
                     continue;
                 }
             };
-            let keep = name == FieldName::Client;
+            let keep = matches!(name, FieldName::Client | FieldName::Identity);
             *slot = Some(map.next_value_seed(SeenSeed { keep })?);
         }
         Ok(known)
@@ -193,6 +200,7 @@ enum FieldName {
     Client,
     Seq,
     SampledAt,
+    Identity,
     Other,
 }
 
@@ -217,6 +225,7 @@ impl Visitor<'_> for FieldNameVisitor {
             FIELD_CLIENT => FieldName::Client,
             FIELD_SEQ => FieldName::Seq,
             FIELD_SAMPLED_AT => FieldName::SampledAt,
+            FIELD_IDENTITY => FieldName::Identity,
             _ => FieldName::Other,
         })
     }

@@ -16,6 +16,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::error::StreamError;
+use crate::identity::{Identity, RecordKey};
 use std::borrow::Cow;
 use std::io::Write as _;
 
@@ -32,10 +33,19 @@ pub const FIELD_CLIENT: &str = "client";
 pub const FIELD_SEQ: &str = "seq";
 /// Field: unix milliseconds when the value was fetched.
 pub const FIELD_SAMPLED_AT: &str = "sampled_at_ms";
+/// Field: the identity the server recorded the report under (see
+/// [`crate::identity`]); the server adds it, and refuses a report whose
+/// own `identity` differs from its connection's ([`CODE_FORBIDDEN`]).
+pub const FIELD_IDENTITY: &str = "identity";
 
 /// Response code for a report the server could not record (e.g. its sink
 /// failed). The only error a client should retry.
 pub const CODE_NOT_RECORDED: &str = "not_recorded";
+
+/// Response code for a report, or a read, that the connection's identity
+/// may not make (a report claiming another `identity`, a read of what is
+/// not its own). Permanent: a client drops the report.
+pub const CODE_FORBIDDEN: &str = "forbidden";
 
 /// A value fetched from the source: its JSON object and when it was taken.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,12 +78,17 @@ impl Sample {
     }
 
     /// Writes the report object for this sample: the source's fields plus
-    /// `id`, `client`, `seq` and `sampled_at_ms` (ours win over the source's).
+    /// `id`, `client`, `seq` and `sampled_at_ms` (ours win over the source's),
+    /// without any `identity` of the source's (the server adds the
+    /// connection's).
     pub fn encode_report(&self, conn_id: &str, client: &str, seq: u64, out: &mut Vec<u8>) {
         out.push(b'{');
         for (k, v) in &self.fields {
             if [FIELD_ID, FIELD_CLIENT, FIELD_SEQ, FIELD_SAMPLED_AT].contains(&k.as_str()) {
                 continue; // ours win
+            }
+            if k == FIELD_IDENTITY {
+                continue; // the server's: it sets it from our certificate
             }
             write_json_str(out, k);
             out.push(b':');
@@ -96,6 +111,10 @@ impl Sample {
 /// A report as the server received it: the object's bytes as sent (without
 /// whitespace between tokens), with the fields the protocol defines checked
 /// and the dedup key pulled out. The server never builds a map of it.
+///
+/// The server binds each report to its connection's identity
+/// ([`Report::bind_identity`]): its bytes then carry `"identity"` (added
+/// last when the report had none), and that is what is recorded and echoed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     json: Vec<u8>,
@@ -103,6 +122,12 @@ pub struct Report {
     pub client: Option<String>,
     /// `seq`, when present.
     pub seq: Option<u64>,
+    /// Who sent it: the identity of the connection that carried it (after
+    /// [`Report::bind_identity`]), else what its own `identity` field says
+    /// (anonymous when it has none).
+    pub identity: Identity,
+    /// The bytes have an `identity` field: how often (0, 1, or 2 for more).
+    identity_fields: u8,
 }
 
 impl Report {
@@ -111,7 +136,11 @@ impl Report {
     /// integer. Others are free.
     pub fn from_json_object(object: JsonObject) -> Result<Report, StreamError> {
         let (json, known) = object.into_parts();
-        for (name, seen) in [(FIELD_ID, &known.id), (FIELD_CLIENT, &known.client)] {
+        for (name, seen) in [
+            (FIELD_ID, &known.id),
+            (FIELD_CLIENT, &known.client),
+            (FIELD_IDENTITY, &known.identity),
+        ] {
             if seen.as_ref().is_some_and(|s| !matches!(s, Seen::Str(_))) {
                 return Err(StreamError::InvalidField {
                     field: name,
@@ -143,7 +172,63 @@ impl Report {
             Some(Seen::Str(c)) => c,
             _ => None,
         };
-        Ok(Report { json, client, seq })
+        let (identity, identity_fields) = match known.identity {
+            Some(Seen::Str(Some(name))) => (
+                Identity::from_stored(&name),
+                if known.identity_repeated { 2 } else { 1 },
+            ),
+            _ => (Identity::anonymous(), 0),
+        };
+        Ok(Report {
+            json,
+            client,
+            seq,
+            identity,
+            identity_fields,
+        })
+    }
+
+    /// Binds the report to the identity of the connection that carried it:
+    /// a report without an `identity` field gets `"identity":"<name>"` as
+    /// its last field (`""` for the anonymous identity); one whose own
+    /// field names the same identity is kept as it is; one that names
+    /// another, or has the field more than once, is refused
+    /// ([`StreamError::Forbidden`]).
+    pub fn bind_identity(mut self, identity: &Identity) -> Result<Report, StreamError> {
+        match self.identity_fields {
+            0 => {
+                let end = self.json.pop();
+                debug_assert_eq!(end, Some(b'}'), "a report is an object");
+                if self.json.len() > 1 {
+                    self.json.push(b',');
+                }
+                self.json.extend_from_slice(b"\"identity\":");
+                write_json_str(&mut self.json, identity.as_str());
+                self.json.push(b'}');
+                self.identity_fields = 1;
+                self.identity = identity.clone();
+                Ok(self)
+            }
+            1 if self.identity == *identity => Ok(self),
+            n => Err(StreamError::Forbidden {
+                claimed: if n > 1 {
+                    "(more than one identity field)".into()
+                } else {
+                    shorten(self.identity.as_str())
+                },
+                identity: identity.clone(),
+            }),
+        }
+    }
+
+    /// The `(identity, client, seq)` key, when the report carries both
+    /// `client` and `seq`.
+    pub fn record_key(&self) -> Option<RecordKey> {
+        Some(RecordKey {
+            identity: self.identity.clone(),
+            client: self.client.clone()?,
+            seq: self.seq?,
+        })
     }
 
     /// [`Report::from_json_object`] for an object given as a map (tests,
@@ -153,7 +238,8 @@ impl Report {
         Report::from_json_object(JsonObject::parse(&bytes)?)
     }
 
-    /// The dedup key, when the report carries both `client` and `seq`.
+    /// `client` and `seq`, when the report carries both (see
+    /// [`Report::record_key`] for the key with the identity).
     pub fn key(&self) -> Option<(&str, u64)> {
         Some((self.client.as_deref()?, self.seq?))
     }
@@ -284,6 +370,14 @@ impl Response {
     }
 }
 
+/// `s` cut to 64 characters for an error message.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
 /// `s` as a JSON string literal.
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing JSON into a Vec cannot fail");
@@ -390,6 +484,42 @@ mod tests {
         assert_eq!(fields["id"], "abcd");
         assert_eq!(fields["sampled_at_ms"], 1234);
         assert_eq!(r.json(), &out[..]);
+    }
+
+    #[test]
+    fn reports_are_bound_to_the_connection_identity() {
+        let alice = Identity::named("alice").expect("name");
+        let r = Report::from_object(obj(r#"{"client":"c","seq":1}"#)).expect("valid");
+        let r = r.bind_identity(&alice).expect("no identity of its own");
+        assert_eq!(r.json(), br#"{"client":"c","seq":1,"identity":"alice"}"#);
+        assert_eq!(r.record_key().expect("key").identity, alice);
+        let empty = Report::from_object(obj("{}")).expect("valid");
+        let anon = empty.bind_identity(&Identity::anonymous()).expect("fine");
+        assert_eq!(anon.json(), br#"{"identity":""}"#);
+        let same = Report::from_object(obj(r#"{"identity":"alice","v":1}"#)).expect("valid");
+        assert_eq!(
+            same.bind_identity(&alice).expect("same").json(),
+            br#"{"identity":"alice","v":1}"#
+        );
+        for claim in [
+            r#"{"identity":"bob"}"#,
+            r#"{"identity":""}"#,
+            r#"{"identity":"alice","identity":"bob"}"#,
+            r#"{"identity":"alice","identit\u0079":"alice"}"#,
+        ] {
+            let r = Report::from_json_object(JsonObject::parse(claim.as_bytes()).expect("json"))
+                .expect("valid");
+            let e = r.bind_identity(&alice).expect_err(claim);
+            assert_eq!(e.code(), CODE_FORBIDDEN, "{claim}");
+            assert!(!e.is_fatal());
+        }
+        assert!(matches!(
+            Report::from_object(obj(r#"{"identity":5}"#)),
+            Err(StreamError::InvalidField {
+                field: "identity",
+                ..
+            })
+        ));
     }
 
     #[test]

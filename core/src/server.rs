@@ -65,6 +65,7 @@ use self::table::{Conn, ConnTable};
 use crate::config::{HQ_ALPN, RetryMode, ServerConfig, codes};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
+use crate::identity::{Identity, IdentityError, RecordKey};
 use crate::report::{CODE_NOT_RECORDED, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
@@ -255,6 +256,10 @@ pub enum ServerEvent {
         peer: SocketAddr,
         /// The TLS session was resumed.
         resumed: bool,
+        /// Who it is: its client certificate's common name, or the
+        /// anonymous identity (see [`crate::identity`]); every report and
+        /// request on it is bound to it.
+        identity: Identity,
         /// From the client's first Initial to the end of the handshake.
         handshake: Duration,
     },
@@ -280,10 +285,20 @@ pub enum ServerEvent {
     Duplicate {
         /// The connection.
         conn: ConnKey,
-        /// The report's client.
-        client: String,
-        /// The report's seq.
-        seq: u64,
+        /// The report's key (its identity is the connection's).
+        key: RecordKey,
+    },
+    /// A handshake was refused for its client certificate (only with
+    /// [`ServerConfig::client_ca`]): none, one that does not verify, or one
+    /// whose name cannot be an identity. Nothing of the connection was
+    /// read; it closes with a TLS alert (CRYPTO_ERROR).
+    HandshakeRefused {
+        /// The connection (it never opened).
+        conn: ConnKey,
+        /// The peer's address.
+        peer: SocketAddr,
+        /// Why.
+        reason: CertRefusal,
     },
     /// A configured limit was hit (also counted in
     /// [`ServerStats::limits`]); the event that describes the consequence
@@ -308,6 +323,9 @@ pub enum ServerEvent {
         peer: SocketAddr,
         /// The requested path (e.g. `/latest`), without the query string.
         path: String,
+        /// Who asks (the connection's identity): the application decides
+        /// what it may read.
+        identity: Identity,
     },
     /// A connection is gone.
     ConnectionClosed {
@@ -322,6 +340,57 @@ pub enum ServerEvent {
         /// quiche's counters.
         stats: ConnStats,
     },
+}
+
+/// Why a handshake was refused for its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CertRefusal {
+    /// The peer presented no certificate (closed with
+    /// [`codes::CERTIFICATE_REQUIRED`]).
+    Missing,
+    /// TLS refused the certificate (not signed by a `--client-ca`, expired,
+    /// ...): the TLS alert sent.
+    Invalid {
+        /// The TLS alert (RFC 8446 6.2), e.g. 48 unknown_ca.
+        alert: u8,
+    },
+    /// The certificate verified but its subject name cannot be an identity
+    /// (closed with [`codes::BAD_CERTIFICATE`]).
+    UnusableName(IdentityError),
+}
+
+impl CertRefusal {
+    /// A short machine-readable name (a metrics label).
+    pub fn label(&self) -> &'static str {
+        match self {
+            CertRefusal::Missing => "no_certificate",
+            CertRefusal::Invalid { .. } => "bad_certificate",
+            CertRefusal::UnusableName(_) => "unusable_name",
+        }
+    }
+}
+
+impl fmt::Display for CertRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertRefusal::Missing => f.write_str("no client certificate"),
+            CertRefusal::Invalid { alert } => write!(
+                f,
+                "client certificate refused by TLS (alert {alert}{})",
+                match alert {
+                    42 => " bad_certificate",
+                    43 => " unsupported_certificate",
+                    44 => " certificate_revoked",
+                    45 => " certificate_expired",
+                    46 => " certificate_unknown",
+                    48 => " unknown_ca: not signed by a --client-ca",
+                    _ => "",
+                }
+            ),
+            CertRefusal::UnusableName(e) => write!(f, "client certificate name unusable: {e}"),
+        }
+    }
 }
 
 /// Server-wide counters.
@@ -347,6 +416,9 @@ pub struct ServerStats {
     pub invalid_tokens: u64,
     /// How often each configured limit was hit.
     pub limits: LimitCounts,
+    /// Handshakes refused for their client certificate
+    /// ([`ServerEvent::HandshakeRefused`]).
+    pub handshakes_refused: u64,
 }
 
 /// One answer slot on a stream.
@@ -413,7 +485,7 @@ enum Origin {
 /// A report handed to the application, waiting for [`Server::respond`].
 #[derive(Debug)]
 struct Awaiting {
-    key: Option<(String, u64)>,
+    key: Option<RecordKey>,
     /// The answer if it is recorded (built when the report arrived, around
     /// its bytes; `duplicate` for a parked copy).
     ok: Vec<u8>,
@@ -443,7 +515,7 @@ pub struct Server {
     awaiting: BTreeMap<ReportHandle, Awaiting>,
     /// Copies of a report that arrived while its first copy was with the
     /// application: answered when it is.
-    parked: HashMap<(String, u64), Vec<ReportHandle>>,
+    parked: HashMap<RecordKey, Vec<ReportHandle>>,
     stats: ServerStats,
     scratch: Vec<u8>,
     /// Reused list of objects read in one pass.
@@ -605,10 +677,10 @@ impl Server {
         self.cid_prefix
     }
 
-    /// Marks `(client, seq)` as recorded before this server started (e.g.
-    /// read back from its sink), so a resend is answered as a duplicate.
-    pub fn mark_recorded(&mut self, client: &str, seq: u64) {
-        self.dedup.insert(client, seq);
+    /// Marks `key` as recorded before this server started (e.g. read back
+    /// from its sink), so a resend is answered as a duplicate.
+    pub fn mark_recorded(&mut self, key: &RecordKey) {
+        self.dedup.insert(key);
     }
 
     /// Whether every connection is gone after [`Server::close_all`]: each
@@ -902,7 +974,7 @@ impl Server {
         }
         if let Some(k) = aw.key {
             if stored {
-                self.dedup.insert(&k.0, k.1);
+                self.dedup.insert(&k);
             }
             // Copies that waited on this one get the same fate.
             for h in self.parked.remove(&k).unwrap_or_default() {
@@ -1021,8 +1093,10 @@ impl Server {
     /// answer streams, queue it for sending, reap it if closed, re-arm its
     /// timer.
     fn after_io(&mut self, now: Instant, key: ConnKey) {
+        let readable = self.settle_identity(key);
         if self.conns.note_established(key)
             && let Some(conn) = self.conns.get(key)
+            && let Some(identity) = conn.identity.clone()
         {
             let (peer, resumed) = (conn.peer, conn.quic.is_resumed());
             let started = conn.handshake_deadline - self.cfg.handshake_timeout;
@@ -1030,15 +1104,100 @@ impl Server {
                 conn: key,
                 peer,
                 resumed,
+                identity,
                 handshake: now.saturating_duration_since(started),
             });
         }
         self.manage_cids(key);
-        self.read_streams(key);
+        if readable {
+            self.read_streams(key);
+        }
         self.write_streams(key);
         self.check_unanswered(key);
         self.conns.queue_send(key);
         self.settle(now, key);
+    }
+
+    /// Settles the identity of a connection before any of its streams is
+    /// read, and says whether they may be read now.
+    ///
+    /// It is settled once the handshake is complete, or earlier while the
+    /// connection is in 0-RTT early data: a resumed session carries the
+    /// client certificate of the session it resumes (BoringSSL keeps the
+    /// peer's chain in the session ticket), so its early reports are bound
+    /// to that identity. While in early data without a certificate the
+    /// decision waits for the handshake. With [`ServerConfig::client_ca`],
+    /// a peer without a certificate is closed with
+    /// [`codes::CERTIFICATE_REQUIRED`] (quiche's `verify_peer` alone lets
+    /// it through), one whose name cannot be an identity with
+    /// [`codes::BAD_CERTIFICATE`]; a handshake TLS itself failed on a
+    /// certificate alert is reported too. Without `client_ca` every peer
+    /// is anonymous.
+    fn settle_identity(&mut self, key: ConnKey) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if conn.identity.is_some() {
+            return true;
+        }
+        if let Some(e) = conn.quic.local_error() {
+            // TLS failed the handshake (a certificate that does not verify).
+            let alert = e
+                .error_code
+                .checked_sub(0x100)
+                .and_then(|a| u8::try_from(a).ok());
+            if !conn.refused
+                && !e.is_app
+                && self.cfg.client_ca.is_some()
+                && let Some(alert @ (42..=46 | 48 | 116)) = alert
+            {
+                conn.refused = true;
+                let peer = conn.peer;
+                self.refuse(key, peer, CertRefusal::Invalid { alert });
+            }
+            return false;
+        }
+        let early = conn.quic.is_in_early_data();
+        if !conn.quic.is_established() && !early {
+            return false;
+        }
+        if self.cfg.client_ca.is_none() {
+            conn.identity = Some(Identity::anonymous());
+            return true;
+        }
+        let refusal = match conn.quic.peer_cert().map(Identity::from_certificate) {
+            Some(Ok(identity)) => {
+                conn.identity = Some(identity);
+                return true;
+            }
+            None if early => return false,
+            None => {
+                let _ = conn.quic.close(
+                    false,
+                    codes::CERTIFICATE_REQUIRED,
+                    b"client certificate required",
+                );
+                CertRefusal::Missing
+            }
+            Some(Err(e)) => {
+                let _ = conn.quic.close(
+                    false,
+                    codes::BAD_CERTIFICATE,
+                    b"client certificate name unusable",
+                );
+                CertRefusal::UnusableName(e)
+            }
+        };
+        conn.refused = true;
+        let peer = conn.peer;
+        self.refuse(key, peer, refusal);
+        false
+    }
+
+    fn refuse(&mut self, conn: ConnKey, peer: SocketAddr, reason: CertRefusal) {
+        self.stats.handshakes_refused += 1;
+        self.events
+            .push_back(ServerEvent::HandshakeRefused { conn, peer, reason });
     }
 
     /// Reaps a closed connection, or re-arms its timer.
@@ -1106,6 +1265,10 @@ impl Server {
             return;
         }
         let peer = conn.peer;
+        let Some(identity) = conn.identity.clone() else {
+            self.items = items;
+            return;
+        };
         if conn.quic.application_proto() == HQ_ALPN {
             self.items = items;
             hq::read_requests(key, conn, &mut self.scratch, &mut self.events);
@@ -1160,7 +1323,10 @@ impl Server {
                 stream: sid,
                 index,
             };
-            let slot = match item.and_then(Report::from_json_object) {
+            let slot = match item
+                .and_then(Report::from_json_object)
+                .and_then(|r| r.bind_identity(&identity))
+            {
                 Ok(report) => self.take_report(handle, peer, report),
                 Err(error) => self.reject(key, sid, error),
             };
@@ -1215,19 +1381,18 @@ impl Server {
     /// A well-formed report: answer a duplicate at once, park a copy of one
     /// the application holds, or hand it to the application.
     fn take_report(&mut self, handle: ReportHandle, peer: SocketAddr, report: Report) -> Slot {
-        let key = report.key().map(|(c, s)| (c.to_owned(), s));
-        if let Some((client, seq)) = &key {
-            if self.dedup.contains(client, *seq) {
+        let key = report.record_key();
+        if let Some(k) = &key {
+            if self.dedup.contains(k) {
                 self.stats.duplicates += 1;
                 let a = ok_answer(report.json(), true);
                 self.events.push_back(ServerEvent::Duplicate {
                     conn: handle.conn,
-                    client: client.clone(),
-                    seq: *seq,
+                    key: k.clone(),
                 });
                 return Slot::Ready(a);
             }
-            if let Some(waiting) = self.parked.get_mut(&(client.clone(), *seq)) {
+            if let Some(waiting) = self.parked.get_mut(k) {
                 waiting.push(handle);
                 self.awaiting.insert(
                     handle,
@@ -1238,7 +1403,7 @@ impl Server {
                 );
                 return Slot::Pending;
             }
-            self.parked.insert((client.clone(), *seq), Vec::new());
+            self.parked.insert(k.clone(), Vec::new());
         }
         self.stats.reports += 1;
         let ok = ok_answer(report.json(), false);

@@ -37,6 +37,14 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
+    /// The server refused a read (`get`): the identity may not read it.
+    #[error("the server refused the read ({code}): {error}")]
+    ReadRefused {
+        /// The answer's code (`forbidden`).
+        code: String,
+        /// The server's reason.
+        error: String,
+    },
     /// The database sink cannot be used (e.g. its schema is newer than
     /// this build understands).
     #[error("database: {0}")]

@@ -8,7 +8,9 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use quic_report_core::{CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Verify};
+use quic_report_core::{
+    CertFiles, CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Response, Verify,
+};
 
 use crate::{DriverError, RECV_BUF_SIZE, debuglog, os_seed};
 
@@ -21,13 +23,17 @@ pub struct GetOptions {
     pub server_name: String,
     /// Certificate verification.
     pub verify: Verify,
+    /// Our client certificate, for a server that requires one.
+    pub client_cert: Option<CertFiles>,
     /// The path (`/latest`, `/stats`, ...).
     pub path: String,
     /// Give up after this long.
     pub timeout: Duration,
 }
 
-/// Fetches `opts.path`; the body, or an error naming what went wrong.
+/// Fetches `opts.path`; the body, or an error naming what went wrong. A
+/// body that is an error object (`{"ok":false,"code":"forbidden",...}`: the
+/// server refused this identity the read) is [`DriverError::ReadRefused`].
 pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
     let any: SocketAddr = if opts.server.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -45,6 +51,7 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         local,
         server_name: opts.server_name,
         verify: opts.verify,
+        client_cert: opts.client_cert,
         path: opts.path,
         timeout: opts.timeout,
     };
@@ -101,7 +108,10 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         let _ = sock.send(&out[..t.len]);
     }
     match get.outcome() {
-        Some(GetOutcome::Done(body)) => Ok(body.clone()),
+        Some(GetOutcome::Done(body)) => match Response::parse(body) {
+            Ok(Response::Error { code, error }) => Err(DriverError::ReadRefused { code, error }),
+            _ => Ok(body.clone()),
+        },
         Some(GetOutcome::Failed(reason)) => Err(DriverError::ClientFailed(reason.clone())),
         None => Err(DriverError::InvalidOption(
             "the GET ended without an outcome".into(),

@@ -1,6 +1,6 @@
 //! # quic-report-mio: the core over real UDP
 //!
-//! Single-threaded [mio] loops that drive the Sans-IO core
+//! [mio] loops, one thread each, that drive the Sans-IO core
 //! ([`quic_report_core::Client`] and [`quic_report_core::Server`]) over a real
 //! UDP socket, in the order of the core's contract (the crate docs of
 //! `quic_report_core`). Each loop owns one `mio::Poll` with three sources: the UDP
@@ -53,6 +53,7 @@ pub mod observe;
 pub mod reuseport;
 pub mod secret;
 pub mod server;
+pub mod show;
 pub mod signal;
 pub mod sink;
 pub mod spool;
@@ -64,7 +65,7 @@ pub use error::DriverError;
 pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
 pub use held::WaitLimits;
-pub use observe::{MetricsServer, Observer};
+pub use observe::{MetricsServer, Observer, ReadPolicy};
 pub use secret::read_secret_file;
 pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
 pub use sink::{

@@ -1,30 +1,127 @@
 //! What the server knows about itself, for people and tools:
 //!
-//! - the latest report of each client (HTTP/0.9 `GET /latest`),
+//! - the latest report of each client of each identity (HTTP/0.9
+//!   `GET /latest`), for those the [`ReadPolicy`] lets read it,
 //! - counters and latency histograms (`GET /stats` as JSON, and Prometheus
 //!   text on `--metrics ADDR` at `/metrics`),
-//! - the summary line logged every 10 s.
+//! - the summary line logged every 10 s,
+//! - [`Throttle`]: log lines for what a peer can make happen often
+//!   (refused handshakes, reports and reads), at most one per kind every
+//!   10 s, with the count of those not logged.
 //!
 //! The loop owns an [`Observer`] and tells it what happened; the metrics
 //! HTTP thread only reads a snapshot the loop publishes (one mutex, taken
 //! once per loop turn at most every 100 ms), so the loop never waits on a
 //! scraper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use quic_report_core::{Outcome, Report, ServerEvent, ServerStats};
+use quic_report_core::per_identity::{IdentityLimits, PerIdentity};
+use quic_report_core::report::CODE_FORBIDDEN;
+use quic_report_core::{Identity, Outcome, Report, Response, ServerEvent, ServerStats};
 
 use crate::database::writer::ReadResult;
 use serde_json::Value;
 
-/// Clients whose latest report is kept at most (the least recently
-/// reporting is forgotten first).
-const MAX_LATEST: usize = 10_000;
+/// How many latest reports are kept: per identity (and for the anonymous
+/// identity, which every peer without a certificate shares), the least
+/// recently reporting client forgotten first; an identity can only push
+/// out its own.
+const LATEST_LIMITS: IdentityLimits = IdentityLimits {
+    max_identities: 10_000,
+    clients_per_identity: 16,
+    anonymous_clients: 10_000,
+};
+
+/// Who may read what over HTTP/0.9 (`/latest`, `/stats`).
+///
+/// - an identity in `readers`: everything;
+/// - any other certificate identity: `/latest` with its own entries only,
+///   not `/stats`;
+/// - the anonymous identity: everything if `anonymous_reads_all` (an
+///   anonymous server on a loopback address: everyone there is anonymous
+///   and trusted alike), else nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadPolicy {
+    /// Identities that may read everything (`--reader`).
+    pub readers: BTreeSet<Identity>,
+    /// Whether a peer without a certificate may read everything.
+    pub anonymous_reads_all: bool,
+}
+
+/// What one identity may read.
+enum Access {
+    All,
+    Own,
+    Nothing,
+}
+
+impl ReadPolicy {
+    fn access(&self, identity: &Identity) -> Access {
+        if identity.is_anonymous() {
+            if self.anonymous_reads_all {
+                Access::All
+            } else {
+                Access::Nothing
+            }
+        } else if self.readers.contains(identity) {
+            Access::All
+        } else {
+            Access::Own
+        }
+    }
+}
+
+/// The answer to a read (`GET /path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadAnswer {
+    /// The body.
+    pub body: Vec<u8>,
+    /// The read was refused (the body is a `forbidden` error object).
+    pub refused: bool,
+}
+
+/// Rate-limits the log lines of one kind of event a peer can cause as
+/// often as it likes: the first is logged, then at most one every
+/// [`Throttle::EVERY`], saying how many were not.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// At most one line per this period.
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    /// Whether to log now; if so, how many were left out since the last
+    /// line.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < Throttle::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// `" (N more since the last line)"`, or nothing.
+pub fn more_since(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} more since the last line)")
+    }
+}
 
 /// How often the summary line is logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -155,8 +252,13 @@ pub struct Snapshot {
     pub recorded: u64,
     /// Reports the sink could not write.
     pub not_recorded: u64,
-    /// Objects or streams refused, by code (`invalid_json`, ...).
+    /// Objects or streams refused, by code (`invalid_json`, `forbidden`, ...).
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Handshakes refused for their client certificate, by reason
+    /// (`no_certificate`, `bad_certificate`, `unusable_name`).
+    pub handshakes_refused: BTreeMap<&'static str, u64>,
+    /// Reads (`GET`) refused to the identity that asked.
+    pub reads_refused: u64,
     /// UDP bytes received.
     pub bytes_in: u64,
     /// UDP bytes sent.
@@ -176,10 +278,9 @@ pub struct Snapshot {
 pub struct Observer {
     started: Instant,
     snap: Snapshot,
-    /// Per client: when it last reported (a tick) and that report's JSON line.
-    latest: BTreeMap<String, (u64, Vec<u8>)>,
-    by_age: BTreeMap<u64, String>,
-    tick: u64,
+    /// Per identity and client: its latest report's JSON line.
+    latest: PerIdentity<Vec<u8>>,
+    policy: ReadPolicy,
     shared: Arc<Mutex<Snapshot>>,
     published: Option<Instant>,
     next_summary: Instant,
@@ -192,14 +293,18 @@ impl Observer {
         Observer {
             started: now,
             snap: Snapshot::default(),
-            latest: BTreeMap::new(),
-            by_age: BTreeMap::new(),
-            tick: 0,
+            latest: PerIdentity::new(LATEST_LIMITS),
+            policy: ReadPolicy::default(),
             shared: Arc::new(Mutex::new(Snapshot::default())),
             published: None,
             next_summary: now + SUMMARY_EVERY,
             last_summary: (0, 0),
         }
+    }
+
+    /// Who may read what (default: no readers, anonymous reads refused).
+    pub fn set_read_policy(&mut self, policy: ReadPolicy) {
+        self.policy = policy;
     }
 
     /// The snapshot the metrics thread reads.
@@ -221,6 +326,13 @@ impl Observer {
             }
             ServerEvent::StreamRejected { error, .. } => {
                 *self.snap.rejected.entry(error.code()).or_default() += 1;
+            }
+            ServerEvent::HandshakeRefused { reason, .. } => {
+                *self
+                    .snap
+                    .handshakes_refused
+                    .entry(reason.label())
+                    .or_default() += 1;
             }
             _ => {}
         }
@@ -244,25 +356,7 @@ impl Observer {
             Outcome::Recorded => self.snap.recorded += 1,
         }
         let client = report.client.as_deref().unwrap_or("-");
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(entry) = self.latest.get_mut(client) {
-            // The name moves to its new age: no allocation per report.
-            let name = self
-                .by_age
-                .remove(&entry.0)
-                .unwrap_or_else(|| client.to_owned());
-            self.by_age.insert(tick, name);
-            *entry = (tick, line);
-            return;
-        }
-        if self.latest.len() >= MAX_LATEST
-            && let Some((_, oldest)) = self.by_age.pop_first()
-        {
-            self.latest.remove(&oldest);
-        }
-        self.by_age.insert(tick, client.to_owned());
-        self.latest.insert(client.to_owned(), (tick, line));
+        *self.latest.entry(&report.identity, client, Vec::new) = line;
     }
 
     /// Publishes the counters for the metrics thread (at most every 100 ms)
@@ -307,25 +401,55 @@ impl Observer {
         self.next_summary
     }
 
-    /// The body for an HTTP/0.9 path: `/latest`, `/stats`, else `not found`.
-    pub fn http_body(&self, path: &str) -> Vec<u8> {
-        match path {
-            "/latest" => {
-                // {"<client>": <its latest line>, ...}: the lines are JSON
-                // objects already.
-                let mut body = vec![b'{'];
-                for (i, (client, (_, line))) in self.latest.iter().enumerate() {
-                    if i > 0 {
-                        body.push(b',');
-                    }
-                    let key = serde_json::to_vec(client).unwrap_or_default();
-                    body.extend_from_slice(&key);
-                    body.push(b':');
-                    body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+    /// What `identity` may read of `path`, as the [`ReadPolicy`] says:
+    /// `Ok(None)` everything, `Ok(Some(identity))` only its own entries,
+    /// or the refusal to send (`{"ok":false,"code":"forbidden",...}`),
+    /// counted in `reads_refused`.
+    pub fn authorize(
+        &mut self,
+        path: &str,
+        identity: &Identity,
+    ) -> Result<Option<Identity>, ReadAnswer> {
+        match (self.policy.access(identity), path) {
+            (Access::All, _) => Ok(None),
+            (Access::Own, "/stats") | (Access::Nothing, _) => {
+                self.snap.reads_refused += 1;
+                let why = if identity.is_anonymous() {
+                    format!("{path} may not be read without a client certificate here")
+                } else {
+                    format!("identity {identity} may not read {path} (only a --reader may)")
+                };
+                let mut body = Vec::new();
+                Response::Error {
+                    code: CODE_FORBIDDEN.into(),
+                    error: why,
                 }
-                body.extend_from_slice(b"}\n");
-                body
+                .encode(&mut body);
+                Err(ReadAnswer {
+                    body,
+                    refused: true,
+                })
             }
+            (Access::Own, _) => Ok(Some(identity.clone())),
+        }
+    }
+
+    /// The answer to an HTTP/0.9 `GET path` from `identity`:
+    /// [`Observer::authorize`], then `/latest`, `/stats`, else `not found`.
+    pub fn read(&mut self, path: &str, identity: &Identity) -> ReadAnswer {
+        match self.authorize(path, identity) {
+            Err(refused) => refused,
+            Ok(only) => ReadAnswer {
+                body: self.body(path, only.as_ref()),
+                refused: false,
+            },
+        }
+    }
+
+    /// The body of an authorized read (`only`: of that identity alone).
+    pub fn body(&self, path: &str, only: Option<&Identity>) -> Vec<u8> {
+        match path {
+            "/latest" => self.latest_body(only),
             "/stats" => {
                 let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
                 body.push(b'\n');
@@ -334,23 +458,71 @@ impl Observer {
             _ => b"not found\n".to_vec(),
         }
     }
+
+    /// `{"<identity>":{"<client>":<its latest record>,...},...}`, of every
+    /// identity or only of `only`; sorted by name.
+    fn latest_body(&self, only: Option<&Identity>) -> Vec<u8> {
+        let mut rows: Vec<(&str, &str, &[u8])> = Vec::new();
+        let identities: Vec<&Identity> = match only {
+            Some(i) => vec![i],
+            None => self.latest.identities().collect(),
+        };
+        for identity in identities {
+            for (client, line) in self.latest.clients_of(identity.as_str()) {
+                rows.push((
+                    identity.as_str(),
+                    client,
+                    line.strip_suffix(b"\n").unwrap_or(line),
+                ));
+            }
+        }
+        latest_json(rows)
+    }
+}
+
+/// `{"<identity>":{"<client>":<record>,...},...}\n` from rows of records
+/// that are JSON objects already, sorted by identity and client.
+fn latest_json(mut rows: Vec<(&str, &str, &[u8])>) -> Vec<u8> {
+    rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut body = vec![b'{'];
+    let mut current: Option<&str> = None;
+    for (identity, client, record) in rows {
+        if current != Some(identity) {
+            if current.is_some() {
+                body.extend_from_slice(b"},");
+            }
+            body.extend_from_slice(&serde_json::to_vec(identity).unwrap_or_default());
+            body.extend_from_slice(b":{");
+            current = Some(identity);
+        } else {
+            body.push(b',');
+        }
+        body.extend_from_slice(&serde_json::to_vec(client).unwrap_or_default());
+        body.push(b':');
+        body.extend_from_slice(record);
+    }
+    if current.is_some() {
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"}\n");
+    body
 }
 
 impl Observer {
     /// The body for a read the database answered: `/latest` from its rows
     /// (complete across every server sharing it), `/stats` with its counts.
-    pub fn http_body_from(&self, read: ReadResult) -> Vec<u8> {
+    /// `only`: the entries of that identity alone (see
+    /// [`Observer::authorize`]).
+    pub fn http_body_from(&self, read: ReadResult, only: Option<&Identity>) -> Vec<u8> {
         match read {
-            ReadResult::Latest(rows) => {
-                let mut latest = serde_json::Map::new();
-                for (_identity, client, body) in rows {
-                    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-                    latest.insert(client, value);
-                }
-                let mut body = serde_json::to_vec(&latest).unwrap_or_default();
-                body.push(b'\n');
-                body
-            }
+            ReadResult::Latest(rows) => latest_json(
+                rows.iter()
+                    .filter(|(identity, _, _)| only.is_none_or(|o| o.as_str() == identity))
+                    .map(|(identity, client, body)| {
+                        (identity.as_str(), client.as_str(), body.as_bytes())
+                    })
+                    .collect(),
+            ),
             ReadResult::Counts(rows, clients) => {
                 let mut stats = stats_json(&self.snap);
                 stats["database_rows"] = rows.into();
@@ -374,6 +546,8 @@ pub fn stats_json(s: &Snapshot) -> Value {
         "reports_not_recorded": s.not_recorded,
         "duplicates": c.duplicates,
         "rejected": s.rejected,
+        "handshakes_refused": s.handshakes_refused,
+        "reads_refused": s.reads_refused,
         "stateless_resets_sent": c.resets_sent,
         "retries_sent": c.retries_sent,
         "invalid_tokens": c.invalid_tokens,
@@ -477,11 +651,34 @@ pub fn prometheus(s: &Snapshot) -> String {
         "UDP payload bytes sent.",
         s.bytes_out,
     );
+    metric(
+        "reads_refused_total",
+        "counter",
+        "HTTP/0.9 reads refused to the identity that asked (code forbidden).",
+        s.reads_refused,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP quic_report_handshakes_refused_total Handshakes refused for their client certificate, by reason.\n# TYPE quic_report_handshakes_refused_total counter"
+    );
+    for reason in ["no_certificate", "bad_certificate", "unusable_name"] {
+        let n = s.handshakes_refused.get(reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "quic_report_handshakes_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP quic_report_rejected_total Objects or streams refused, by reason.\n# TYPE quic_report_rejected_total counter"
     );
-    for (code, n) in &s.rejected {
+    // forbidden reports are always listed, so an alert can watch the series.
+    let forbidden = s.rejected.get(CODE_FORBIDDEN).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "quic_report_rejected_total{{reason=\"{CODE_FORBIDDEN}\"}} {forbidden}"
+    );
+    for (code, n) in s.rejected.iter().filter(|(c, _)| **c != CODE_FORBIDDEN) {
         let _ = writeln!(out, "quic_report_rejected_total{{reason=\"{code}\"}} {n}");
     }
     s.handshake.write_prometheus(

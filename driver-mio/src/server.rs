@@ -44,8 +44,9 @@ use crate::database::writer::{Read, Writer};
 use crate::database::{Connect, DbError};
 use crate::debuglog;
 use crate::held::{Held, Settled, WaitLimits, Waiting};
-use crate::observe::{MetricsServer, Observer};
+use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
+use crate::show::{self, ReportText};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
@@ -99,6 +100,9 @@ pub struct ServerOptions {
     /// Honour `SSLKEYLOGFILE` and `QLOGDIR` (default `true`; see
     /// [`crate::debuglog`]).
     pub env_debug_logs: bool,
+    /// Who may read `/latest` and `/stats` (default: no `--reader`, and
+    /// anonymous peers may read nothing).
+    pub read_policy: ReadPolicy,
 }
 
 impl ServerOptions {
@@ -115,6 +119,7 @@ impl ServerOptions {
             metrics: None,
             reuseport: false,
             env_debug_logs: true,
+            read_policy: ReadPolicy::default(),
         }
     }
 }
@@ -241,7 +246,8 @@ impl ServerDriver {
         } else {
             None
         };
-        let observer = Observer::new(Instant::now());
+        let mut observer = Observer::new(Instant::now());
+        observer.set_read_policy(opts.read_policy.clone());
         let metrics = match opts.metrics {
             Some(addr) => Some(
                 MetricsServer::start(addr, observer.shared())
@@ -312,6 +318,7 @@ impl ServerDriver {
         }
         log::info!("listening on {}", self.io.local_addr());
         let observer = std::mem::replace(&mut self.observer, Observer::new(Instant::now()));
+        let throttles = Throttles::default();
         let mut state = Loop {
             server,
             sink,
@@ -321,6 +328,8 @@ impl ServerDriver {
             batch: Vec::new(),
             settled: Vec::new(),
             observer,
+            throttles,
+            db_reads: std::collections::HashMap::new(),
         };
         let res = state.run(&mut self);
         if let Recorder::Inline(sink) = &mut state.sink
@@ -385,6 +394,18 @@ struct Loop<'a> {
     /// Answers from the database sink, reused.
     settled: Vec<Settled>,
     observer: Observer,
+    throttles: Throttles,
+    /// Reads the database answers: whose entries each may show (`None`:
+    /// everyone's).
+    db_reads: std::collections::HashMap<ReportHandle, Option<quic_report_core::Identity>>,
+}
+
+/// One [`Throttle`] per kind of refusal a peer can cause at will.
+#[derive(Debug, Default)]
+struct Throttles {
+    handshakes: Throttle,
+    forbidden: Throttle,
+    reads: Throttle,
 }
 
 impl Loop<'_> {
@@ -626,13 +647,40 @@ impl Loop<'_> {
     /// answers its HTTP/0.9 requests, and shows every event to `on_event`.
     fn handle_batch(&mut self, now: Instant, batch: &[ServerEvent]) {
         for ev in batch {
-            log_event(ev);
+            // A report's line is logged when it is answered (`answer`), and
+            // not built at all here: this is once per report.
+            if !matches!(ev, ServerEvent::Report { .. }) {
+                show::server_event(ev).log();
+            }
+            self.log_refusal(now, ev);
         }
         self.record(now, batch);
         for ev in batch {
             self.observer.event(ev);
-            if let ServerEvent::Request { handle, peer, path } = ev {
-                log::info!("{}: GET {path} from {peer}", handle.conn);
+            if let ServerEvent::Request {
+                handle,
+                peer,
+                path,
+                identity,
+            } = ev
+            {
+                let only = match self.observer.authorize(path, identity) {
+                    Ok(only) => only,
+                    Err(refused) => {
+                        if let Some(more) = self.throttles.reads.allow(now) {
+                            log::warn!(
+                                "{}: GET {path} from {peer} refused to {identity}{}",
+                                handle.conn,
+                                more_since(more)
+                            );
+                        }
+                        if let Err(e) = self.server.respond_request(now, *handle, refused.body) {
+                            log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                        }
+                        (self.on_event)(ev);
+                        continue;
+                    }
+                };
                 // With a database, the reads come from it (every server's).
                 let read = match path.as_str() {
                     "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
@@ -642,15 +690,41 @@ impl Loop<'_> {
                 if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read)
                     && held.read(*handle, read)
                 {
+                    self.db_reads.insert(*handle, only);
                     (self.on_event)(ev);
                     continue;
                 }
-                let body = self.observer.http_body(path);
+                let body = self.observer.body(path, only.as_ref());
                 if let Err(e) = self.server.respond_request(now, *handle, body) {
                     log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                 }
             }
             (self.on_event)(ev);
+        }
+    }
+
+    /// The rate-limited warning for a refused handshake or a `forbidden`
+    /// report (a peer can cause those as often as it likes).
+    fn log_refusal(&mut self, now: Instant, ev: &ServerEvent) {
+        match ev {
+            ServerEvent::HandshakeRefused { conn, peer, reason } => {
+                if let Some(more) = self.throttles.handshakes.allow(now) {
+                    log::warn!(
+                        "{conn}: handshake from {peer} refused: {reason}{}",
+                        more_since(more)
+                    );
+                }
+            }
+            ServerEvent::StreamRejected {
+                conn,
+                error: error @ quic_report_core::StreamError::Forbidden { .. },
+                ..
+            } => {
+                if let Some(more) = self.throttles.forbidden.allow(now) {
+                    log::warn!("{conn}: report refused: {error}{}", more_since(more));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -745,8 +819,9 @@ impl Loop<'_> {
                     self.answer(now, w.turn, w.handle, w.peer, &w.report, w.line, outcome);
                 }
                 Settled::Read(handle, result) => {
+                    let only = self.db_reads.remove(&handle).flatten();
                     let body = match result {
-                        Ok(r) => self.observer.http_body_from(r),
+                        Ok(r) => self.observer.http_body_from(r, only.as_ref()),
                         Err(e) => format!("database unavailable: {e}\n").into_bytes(),
                     };
                     if let Err(e) = self.server.respond_request(now, handle, body) {
@@ -773,23 +848,30 @@ impl Loop<'_> {
         self.observer.answered(report, line, &outcome, took);
         match &outcome {
             Outcome::Recorded => {
-                log::info!("{}: recorded {} from {peer}", handle.conn, Describe(report));
+                log::info!(
+                    "{}",
+                    show::Recorded {
+                        conn: handle.conn,
+                        report,
+                        peer
+                    }
+                );
             }
             Outcome::Duplicate => log::info!(
                 "{}: {} from {peer} was recorded before (the database has its key)",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
             // A database outage is logged once by the sink, not per report.
             Outcome::NotRecorded(e) if matches!(self.sink, Recorder::Database(_)) => log::debug!(
                 "{}: could not record {}: {e}; the client will send it again",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
             Outcome::NotRecorded(e) => log::warn!(
                 "{}: could not record {}: {e}; the client will send it again",
                 handle.conn,
-                Describe(report)
+                ReportText(report)
             ),
         }
         match self.server.respond(now, handle, outcome) {
@@ -799,89 +881,5 @@ impl Loop<'_> {
             }
             Err(e) => log::warn!("{}: cannot answer report: {e}", handle.conn),
         }
-    }
-}
-
-/// The log line of a core event (reports are logged when answered).
-fn log_event(ev: &ServerEvent) {
-    match ev {
-        ServerEvent::ConnectionOpened {
-            conn,
-            peer,
-            resumed,
-            handshake,
-        } => {
-            let resumed = if *resumed { ", resumed session" } else { "" };
-            log::info!(
-                "{conn}: connection opened from {peer} (handshake {:.1}ms{resumed})",
-                handshake.as_secs_f64() * 1e3
-            );
-        }
-        ServerEvent::Report { .. } => {}
-        ServerEvent::Duplicate { conn, client, seq } => {
-            log::info!("{conn}: duplicate report client={client} seq={seq} (not recorded again)");
-        }
-        ServerEvent::StreamRejected {
-            conn,
-            stream,
-            error,
-        } => {
-            log::info!("{conn}: stream {stream} rejected: {error}");
-        }
-        ServerEvent::ConnectionClosed {
-            conn,
-            peer,
-            established,
-            reason,
-            stats,
-        } => {
-            let rtt = stats
-                .rtt
-                .map(|r| format!("{r:?}"))
-                .unwrap_or_else(|| "-".into());
-            let what = if *established {
-                "connection"
-            } else {
-                "handshake"
-            };
-            log::info!(
-                "{conn}: {what} from {peer} closed: {reason}; reports={} packets sent={} recv={} lost={} bytes sent={} recv={} rtt={rtt}",
-                stats.reports,
-                stats.sent,
-                stats.recv,
-                stats.lost,
-                stats.sent_bytes,
-                stats.recv_bytes,
-            );
-        }
-        other => log::debug!("server event: {other:?}"),
-    }
-}
-
-/// `report client=.. seq=.. value=..` for a log line, written straight
-/// into the log record (no string built when the line is not logged, and
-/// only the `value` field parsed when it is).
-struct Describe<'a>(&'a Report);
-
-impl std::fmt::Display for Describe<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        /// The one field shown, as it was sent.
-        #[derive(serde::Deserialize)]
-        struct Shown<'a> {
-            #[serde(borrow)]
-            value: Option<&'a serde_json::value::RawValue>,
-        }
-        let r = self.0;
-        f.write_str("report")?;
-        if let Some(c) = &r.client {
-            write!(f, " client={c}")?;
-        }
-        if let Some(seq) = r.seq {
-            write!(f, " seq={seq}")?;
-        }
-        if let Ok(Shown { value: Some(v) }) = serde_json::from_slice::<Shown>(r.json()) {
-            write!(f, " value={}", v.get())?;
-        }
-        Ok(())
     }
 }

@@ -8,7 +8,7 @@
 //! - [`FileSink`]: JSON lines appended to a file, with an [`Fsync`] policy,
 //!   and undone (truncated away) when a write or an fsync fails, so a report
 //!   answered `not_recorded` is not in the file either.
-//! - [`RecordedKeys`]: the `(client, seq)` keys of a file written before,
+//! - [`RecordedKeys`]: the `(identity, client, seq)` keys of a file written before,
 //!   read back at start ([`FileSink::read_recorded`]) and handed to the core
 //!   ([`crate::ServerOptions::recorded`]), so a report recorded by a previous
 //!   process whose acknowledgement was lost is answered `duplicate`.
@@ -27,7 +27,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use quic_report_core::{Report, Server};
+use quic_report_core::{Identity, RecordKey, Report, Server};
 
 /// A `--sink URL`: where a server records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,7 +280,7 @@ impl FileSink {
         self.fsync
     }
 
-    /// Reads the file from the start and collects the `(client, seq)` key
+    /// Reads the file from the start and collects the `(identity, client, seq)` key
     /// of every line (see [`RecordedKeys::read`]).
     pub fn read_recorded(&mut self) -> io::Result<RecordedKeys> {
         self.file.seek(SeekFrom::Start(0))?;
@@ -403,12 +403,13 @@ fn lock(file: &File) -> io::Result<()> {
     }
 }
 
-/// The `(client, seq)` keys of the reports recorded in a file, with what
-/// reading it found. Memory: a few words per client and per run of
-/// consecutive seqs, whatever the length of the file.
+/// The `(identity, client, seq)` keys of the reports recorded in a file,
+/// with what reading it found. Memory: a few words per client and per run
+/// of consecutive seqs, whatever the length of the file.
 #[derive(Clone, Default)]
 pub struct RecordedKeys {
-    clients: HashMap<String, Runs>,
+    /// By `(identity, client)`.
+    clients: HashMap<(String, String), Runs>,
     tick: u64,
     keys: u64,
     lines: u64,
@@ -442,7 +443,9 @@ impl RecordedKeys {
     }
 
     /// Reads JSON lines: every line that is a JSON object with a string
-    /// `client` and an unsigned `seq` gives a key. Blank lines are ignored;
+    /// `client` and an unsigned `seq` gives a key, under its string
+    /// `identity` (a line without one, written before identities existed,
+    /// is the anonymous identity's `""`). Blank lines are ignored;
     /// objects without both fields are counted in
     /// [`RecordedKeys::without_key`]; lines that are not JSON objects (a
     /// line torn by a crash) are skipped and counted in
@@ -452,6 +455,7 @@ impl RecordedKeys {
         struct Key {
             client: Option<serde_json::Value>,
             seq: Option<serde_json::Value>,
+            identity: Option<serde_json::Value>,
         }
         let mut keys = RecordedKeys::new();
         let mut reader = reader;
@@ -469,8 +473,10 @@ impl RecordedKeys {
                 Ok(Key {
                     client: Some(serde_json::Value::String(client)),
                     seq: Some(seq),
-                }) if seq.is_u64() => {
-                    keys.insert(&client, seq.as_u64().unwrap_or_default());
+                    identity,
+                }) if seq.is_u64() && identity.as_ref().is_none_or(|i| i.is_string()) => {
+                    let identity = identity.as_ref().and_then(|i| i.as_str()).unwrap_or("");
+                    keys.insert(identity, &client, seq.as_u64().unwrap_or_default());
                 }
                 Ok(_) => keys.without_key += 1,
                 Err(_) => {
@@ -482,14 +488,14 @@ impl RecordedKeys {
         Ok(keys)
     }
 
-    /// Adds a key.
-    pub fn insert(&mut self, client: &str, seq: u64) {
+    /// Adds a key (`identity` `""`: the anonymous identity).
+    pub fn insert(&mut self, identity: &str, client: &str, seq: u64) {
         self.tick += 1;
         self.keys += 1;
-        let runs = match self.clients.get_mut(client) {
-            Some(r) => r,
-            None => self.clients.entry(client.to_owned()).or_default(),
-        };
+        let runs = self
+            .clients
+            .entry((identity.to_owned(), client.to_owned()))
+            .or_default();
         runs.last_seen = self.tick;
         match runs.runs.last_mut() {
             Some((_, end)) if end.checked_add(1) == Some(seq) => *end = seq,
@@ -507,7 +513,7 @@ impl RecordedKeys {
         self.keys == 0
     }
 
-    /// Distinct clients.
+    /// Distinct `(identity, client)` pairs.
     pub fn clients(&self) -> usize {
         self.clients.len()
     }
@@ -536,12 +542,18 @@ impl RecordedKeys {
     /// first (the core forgets the least recently active clients first
     /// when it holds too many).
     pub fn mark_recorded(self, server: &mut Server) {
-        let mut clients: Vec<(String, Runs)> = self.clients.into_iter().collect();
+        let mut clients: Vec<((String, String), Runs)> = self.clients.into_iter().collect();
         clients.sort_by_key(|(_, r)| r.last_seen);
-        for (client, runs) in clients {
+        for ((identity, client), runs) in clients {
+            let mut key = RecordKey {
+                identity: Identity::from_stored(&identity),
+                client,
+                seq: 0,
+            };
             for (start, end) in runs.runs {
                 for seq in start..=end {
-                    server.mark_recorded(&client, seq);
+                    key.seq = seq;
+                    server.mark_recorded(&key);
                 }
             }
         }
@@ -607,17 +619,20 @@ mod tests {
         assert_eq!(k.without_key(), 2);
         assert_eq!(k.unparseable(), 1);
         assert_eq!(k.first_unparseable_line(), Some(7));
-        assert_eq!(k.clients["a"].runs, vec![(1, 2)]);
+        assert_eq!(k.clients[&(String::new(), "a".into())].runs, vec![(1, 2)]);
     }
 
     #[test]
     fn runs_stay_compact() {
         let mut k = RecordedKeys::new();
         for s in (1..=1000).chain([2000, 2001, 5]) {
-            k.insert("c", s);
+            k.insert("", "c", s);
         }
         assert_eq!(k.len(), 1003);
-        assert_eq!(k.clients["c"].runs, vec![(1, 1000), (2000, 2001), (5, 5)]);
+        assert_eq!(
+            k.clients[&(String::new(), "c".into())].runs,
+            vec![(1, 1000), (2000, 2001), (5, 5)]
+        );
     }
 
     #[test]

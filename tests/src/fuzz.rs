@@ -45,7 +45,7 @@ pub const CORPUS_SIM_SEED: u64 = 0x0f22_5eed;
 /// and a captured Retry token verifies.
 /// Once per fuzzing process, before any other thread: point OpenSSL's
 /// default CA locations at nothing. quiche loads the system's CA store into
-/// every new config (`SSL_CTX_set_default_verify_paths`), ~30 ms under
+/// every new config (`SSL_CTX_set_default_verify_paths`), slow under
 /// ASan, for a server that verifies no one and a client that loads
 /// `certs/ca.pem` explicitly (a failed load is ignored).
 ///

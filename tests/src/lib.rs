@@ -54,6 +54,8 @@ pub struct Record {
     pub client: Option<String>,
     /// `seq` field.
     pub seq: Option<u64>,
+    /// The identity it was recorded under (`""`: anonymous).
+    pub identity: String,
     /// The whole object.
     pub fields: Map<String, Value>,
     /// Virtual time of the record.
@@ -114,6 +116,8 @@ pub struct Sim {
     pub gets: Vec<(SocketAddr, HqGet)>,
     /// Every event of every peer with its virtual time, one line each.
     pub trace: Vec<String>,
+    /// Every event of the server, in order.
+    pub server_events: Vec<ServerEvent>,
     /// Address rewriting (a NAT): a client's local address -> the address
     /// the server sees.
     pub nat: BTreeMap<SocketAddr, SocketAddr>,
@@ -147,6 +151,7 @@ impl Sim {
             raws: Vec::new(),
             gets: Vec::new(),
             trace: Vec::new(),
+            server_events: Vec::new(),
             nat: BTreeMap::new(),
             server_sent: BTreeMap::new(),
             captured: None,
@@ -273,6 +278,12 @@ impl Sim {
 
     /// Starts an HTTP/0.9 GET of `path` (see [`HqGet`]); returns its index.
     pub fn add_get(&mut self, path: &str) -> usize {
+        self.add_get_with(path, |_| {})
+    }
+
+    /// [`Sim::add_get`] with its config changed by `adjust` (e.g. a client
+    /// certificate).
+    pub fn add_get_with(&mut self, path: &str, adjust: impl FnOnce(&mut GetConfig)) -> usize {
         let i = self.gets.len();
         let addr: SocketAddr = format!("127.0.2.1:{}", 7000 + i)
             .parse()
@@ -282,9 +293,12 @@ impl Sim {
             local: addr,
             server_name: "localhost".into(),
             verify: Verify::CaFile(cert_path("ca.pem")),
+            client_cert: None,
             path: path.into(),
             timeout: Duration::from_secs(5),
         };
+        let mut cfg = cfg;
+        adjust(&mut cfg);
         let get = HqGet::new(cfg, self.rng.fork(), self.clock.now(), None).expect("valid GET");
         self.gets.push((addr, get));
         self.drain();
@@ -509,6 +523,7 @@ impl Sim {
     }
 
     fn on_server_event(&mut self, now: Instant, ev: ServerEvent) {
+        self.server_events.push(ev.clone());
         match &ev {
             ServerEvent::Report { handle, report, .. } => {
                 let outcome = if self.sink_failing {
@@ -519,6 +534,7 @@ impl Sim {
                     self.records.push(Record {
                         client: report.client.clone(),
                         seq: report.seq,
+                        identity: report.identity.as_str().to_owned(),
                         fields: report.fields(),
                         at: self.clock.elapsed(),
                     });
@@ -643,6 +659,14 @@ impl Sim {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+}
+
+/// The development client certificate `certs/clients/NAME.pem` and its key.
+pub fn client_cert(name: &str) -> quic_report_core::CertFiles {
+    quic_report_core::CertFiles {
+        cert_chain: cert_path(&format!("clients/{name}.pem")),
+        private_key: cert_path(&format!("clients/{name}.key")),
     }
 }
 

@@ -110,10 +110,12 @@ pub fn records(rx: &mpsc::Receiver<String>, got: &mut Vec<Value>, n: usize, limi
 /// A minimal HTTP/1.0 GET over std's TcpStream: (status, body).
 pub fn http_get(url: &str) -> Option<(u16, String)> {
     use std::io::Write;
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let uri: http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let host = uri.authority()?.as_str();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut s = std::net::TcpStream::connect(host).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;

@@ -23,6 +23,9 @@ pub(super) fn read_requests(
     events: &mut VecDeque<ServerEvent>,
 ) {
     let peer = conn.peer;
+    let Some(identity) = conn.identity.clone() else {
+        return; // never read before the identity is settled
+    };
     for sid in conn.quic.readable() {
         if refuse_unless_client_bidi(&mut conn.quic, sid) {
             continue;
@@ -71,7 +74,12 @@ pub(super) fn read_requests(
                     stream: sid,
                     index: 0,
                 };
-                events.push_back(ServerEvent::Request { handle, peer, path });
+                events.push_back(ServerEvent::Request {
+                    handle,
+                    peer,
+                    path,
+                    identity: identity.clone(),
+                });
             }
             None => {
                 let answer = b"bad request: expected GET /path\n".to_vec();

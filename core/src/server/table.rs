@@ -28,6 +28,7 @@ use std::time::Instant;
 use quiche::ConnectionId;
 
 use super::{ConnKey, StreamState};
+use crate::identity::Identity;
 
 /// Spare connection IDs an established connection is given, at most.
 const MAX_CIDS: usize = 8;
@@ -53,6 +54,11 @@ pub(super) struct Conn {
     indexed: Option<Instant>,
     /// It is in `sending`.
     queued: bool,
+    /// Who it is, settled before any of its streams is read (see
+    /// `Server::settle_identity`); it opens only once this is known.
+    pub(super) identity: Option<Identity>,
+    /// A `ServerEvent::HandshakeRefused` was sent for it.
+    pub(super) refused: bool,
 }
 
 impl Conn {
@@ -73,6 +79,8 @@ impl Conn {
             deadline: None,
             indexed: None,
             queued: false,
+            identity: None,
+            refused: false,
         }
     }
 
@@ -158,12 +166,12 @@ impl ConnTable {
     }
 
     /// Marks the connection established if quiche says its handshake is
-    /// done; true the first time only.
+    /// done and its identity is settled; true the first time only.
     pub(super) fn note_established(&mut self, key: ConnKey) -> bool {
         let Some(conn) = self.conns.get_mut(&key) else {
             return false;
         };
-        if conn.opened || !conn.quic.is_established() {
+        if conn.opened || !conn.quic.is_established() || conn.identity.is_none() {
             return false;
         }
         conn.opened = true;

@@ -62,11 +62,11 @@ pub struct Row {
     pub body: String,
 }
 
-/// The identity a report is keyed on until the authenticated identity
-/// reaches the loop with each report: the anonymous identity. The one
-/// place that decides it.
-pub fn identity_of(_report: &Report) -> &'static str {
-    ""
+/// The identity a report is keyed on: the authenticated identity of the
+/// connection that carried it (`""`: anonymous; see
+/// `quic_report_core::identity`). The one place that decides it.
+pub fn identity_of(report: &Report) -> &str {
+    report.identity.as_str()
 }
 
 /// Keys for reports that bring no `client`/`seq` of their own: a random
