@@ -418,7 +418,7 @@ pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url;
+    use super::{Duration, duration, positive_duration, split_url};
 
     #[test]
     fn split_url_takes_https_host_port_and_path() {
@@ -442,11 +442,6 @@ mod tests {
             assert!(split_url(bad).is_err(), "{bad:?} accepted");
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn durations_past_ten_years_are_refused_not_a_panic_later() {
