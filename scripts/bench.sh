@@ -98,7 +98,7 @@ wait_udp() {
 
 # Starts our server on port $1 (RUST_LOG=$2), pinned; its PID in $SPID.
 start_server() {
-  RUST_LOG=$2 "${SRV_PIN[@]}" "$B" server --listen "127.0.0.1:$1" >/dev/null 2>>"$TMP/server.log" &
+  RUST_LOG=$2 "${SRV_PIN[@]}" "$B" server --listen "127.0.0.1:$1" "${@:3}" >/dev/null 2>>"$TMP/server.log" &
   SPID=$!
   PIDS+=("$SPID")
   wait_udp "$1" || true
@@ -285,6 +285,12 @@ SRV=$SPID
 PORT_INFO=$(free_port)
 start_server "$PORT_INFO" info
 SRV_INFO=$SPID
+# Mutual TLS: the same server requiring client certificates of the dev CA;
+# the generator presents certs/clients/device-1.pem.
+PORT_MTLS=$(free_port)
+start_server "$PORT_MTLS" warn --client-ca certs/ca.pem
+SRV_MTLS=$SPID
+MTLS_CERT=(--cert certs/clients/device-1.pem --key certs/clients/device-1.key)
 EPORT=$(free_port)
 "${SRV_PIN[@]}" "$BENCH" --echo-server "127.0.0.1:$EPORT" 2>>"$TMP/echo.log" &
 ECHO=$!
@@ -386,10 +392,17 @@ for rep in $(seq "$REPS"); do
   # 4v: the generator verifies the certificate chain too (what a real
   # client does); the others skip it (--insecure) so that the generator's
   # one core goes to the handshake itself. The server's work is the same.
-  for w in 1 4 4v; do
-    hs_args=(-c "${w%v}")
+  # 4m: mutual TLS (the server verifies the generator's certificate and
+  # reads its name), beside the 4-worker row without.
+  for w in 1 4 4v 4m; do
+    hs_args=(-c "${w%[vm]}")
     [[ $w == *v ]] || hs_args+=(--insecure)
-    trial --server "127.0.0.1:$PORT" --handshakes "${hs_args[@]}" -d "$DUR" --warmup "$WARM" --server-pid "$SRV"
+    hs_port=$PORT hs_pid=$SRV
+    if [[ $w == *m ]]; then
+      hs_args+=("${MTLS_CERT[@]}")
+      hs_port=$PORT_MTLS hs_pid=$SRV_MTLS
+    fi
+    trial --server "127.0.0.1:$hs_port" --handshakes "${hs_args[@]}" -d "$DUR" --warmup "$WARM" --server-pid "$hs_pid"
     add "hs_$w" "$(kv handshakes_per_s "$OUT")"
     add "hsoth_$w" "$(detail other_cpu_util)"
     add "hscpu_$w" "$(detail server_cpu_us_per_op)"
@@ -402,6 +415,7 @@ for rep in $(seq "$REPS"); do
   done
 done
 stop "$SRV_INFO"
+stop "$SRV_MTLS"
 
 # Memory per idle connection: a fresh server each time.
 for rep in $(seq "$REPS"); do
@@ -517,13 +531,14 @@ done
 echo "  (stdout: the C=16 K=8 row above; the ratio is taken per repetition; rows per commit and commit ms are means over each trial, from the server's /metrics)"
 echo
 printf '%-34s %-26s %-14s %-12s %-10s %-16s %-10s %-10s\n' "handshakes (connect+report+close)" "handshakes/s" "server us/hs" "gen us/hs" "gen util" "p50 / p99 ms" "errors" "other CPUs"
-for w in 1 4 4v; do
-  label="${w%v} worker(s)"
+for w in 1 4 4v 4m; do
+  label="${w%[vm]} worker(s)"
   [[ $w == *v ]] && label="${w%v} workers, chain verified"
+  [[ $w == *m ]] && label="${w%m} workers, client certificates"
   printf '%-34s %-26s %-14s %-12s %-10s %-16s %-10s %-10s\n' "$label" "$(f hs_$w)" "$(m hscpu_$w)" "$(m hsgcpu_$w)" \
     "$(m hsgutil_$w)" "$(m hsp50_$w) / $(m hsp99_$w)" "$(echo ${R[hserr_$w]} | tr ' ' '+')" "$(m hsoth_$w)"
 done
-echo "  (the generator skips certificate chain verification except on the last row: one ECDSA verify less for its core; the server's work is the same)"
+echo "  (the generator skips certificate chain verification except on the 'chain verified' row: one ECDSA verify less for its core; the server's work is the same; 'client certificates': mutual TLS, server --client-ca, the generator presents certs/clients/device-1.pem, so the server also verifies a chain and the client signs once more)"
 echo "  server capacity at that CPU cost: $(awk -v c="$(m hscpu_4)" 'BEGIN { if (c > 0) printf "%.0f", 1e6 / c }') handshakes/s per core; datagrams out/in per handshake: $(echo ${R[hsdg_4]} | cut -d' ' -f1); ${GROUP:-group unknown}"
 echo
 echo "idle connections ($IDLE_CONNS, one report each): server $(f mem_srv) KB RSS per connection (VmRSS before: $(m mem_before) KB); generator $(m mem_cli) KB per Client core; errors $(echo ${R[mem_err]} | tr ' ' '+')"

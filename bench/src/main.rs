@@ -43,7 +43,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser};
 use quic_report_cli::cli::{TargetArgs, positive_duration, resolve_server};
 use quic_report_cli::tls;
-use quic_report_core::Verify;
+use quic_report_core::{CertFiles, Verify};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -144,6 +144,7 @@ fn run(args: &BenchArgs) -> Result<(), Error> {
         server,
         server_name,
         verify,
+        client_cert: tls::client_cert(&args.target.tls)?,
     };
     let res = quic::run(args, &target);
     drop(dev);
@@ -156,6 +157,9 @@ pub(crate) struct Target {
     pub(crate) server: SocketAddr,
     pub(crate) server_name: String,
     pub(crate) verify: Verify,
+    /// Our client certificate (`--cert`/`--key`), for a server with
+    /// `--client-ca`: handshakes then cost mutual TLS.
+    pub(crate) client_cert: Option<CertFiles>,
 }
 
 /// Per-request latencies in nanoseconds. Both ends of a latency read the

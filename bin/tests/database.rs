@@ -288,7 +288,8 @@ fn latest_and_stats_come_from_the_shared_database() {
     // Server a's read side shows both clients, from the table.
     let latest: serde_json::Value =
         serde_json::from_str(&get(&format!("https://{a}/latest"))).expect("JSON");
-    let map = latest.as_object().expect("an object");
+    // Keyed by identity ("": these clients are anonymous), then client.
+    let map = latest[""].as_object().expect("an object");
     assert_eq!(map.len(), 2, "both servers' clients: {latest}");
     let mut last: Vec<u64> = map.values().filter_map(|r| r["seq"].as_u64()).collect();
     last.sort_unstable();

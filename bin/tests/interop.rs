@@ -378,18 +378,22 @@ fn lines(
 }
 
 fn start_our_server(end: Instant) -> (Proc, String) {
-    let server = Proc::ours(
+    start_our_server_with(end, &[])
+}
+
+/// [`start_our_server`] with more flags.
+fn start_our_server_with(end: Instant, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
         "server",
-        &[
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--cert",
-            "certs/localhost.pem",
-            "--key",
-            "certs/localhost.key",
-        ],
-    );
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        "certs/localhost.pem",
+        "--key",
+        "certs/localhost.key",
+    ];
+    args.extend_from_slice(extra);
+    let server = Proc::ours("server", &args);
     let addr = server.wait_stderr("listening on ", end);
     (server, addr)
 }
@@ -706,5 +710,58 @@ fn aioquic_client_reset_streams_are_released() {
         result["ok"] == Value::Bool(true) && status.success(),
         "{:#}",
         result["cases"]
+    );
+}
+
+/// Against a server with `--client-ca`, aioquic's HTTP/0.9 client: without
+/// a certificate the handshake is refused (CONNECTION_CLOSE with
+/// CRYPTO_ERROR 0x174, certificate_required) and nothing is answered; with
+/// a development client certificate it reads its own entries.
+#[test]
+fn aioquic_peer_without_certificate_is_refused_at_the_handshake() {
+    python();
+    let end = Instant::now() + LIMIT;
+    let (_server, addr) = start_our_server_with(end, &["--client-ca", "certs/ca.pem"]);
+    let get = |extra: &[&str]| {
+        let mut args = vec![
+            "--port",
+            port_of(&addr),
+            "--ca",
+            "certs/ca.pem",
+            "--timeout",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        args.push("/latest");
+        let (status, out) = Proc::python("aioquic h0", "aioquic_h0_get.py", &args).finish(end);
+        (status, result_of("aioquic_h0_get.py", status, &out))
+    };
+    let (status, refused) = get(&[]);
+    assert!(
+        !status.success(),
+        "refused without a certificate: {refused:#}"
+    );
+    let responses = refused["responses"].as_array().cloned().unwrap_or_default();
+    assert!(
+        responses
+            .iter()
+            .all(|r| r["status"] != "complete" && r["body"] == ""),
+        "nothing was answered: {refused:#}"
+    );
+    assert!(
+        refused.to_string().contains(&format!("{}", 0x100 + 116))
+            || refused.to_string().contains("certificate"),
+        "closed for the missing certificate (0x174): {refused:#}"
+    );
+    let (status, ok) = get(&[
+        "--cert",
+        "certs/clients/device-1.pem",
+        "--key",
+        "certs/clients/device-1.key",
+    ]);
+    assert!(status.success(), "with a certificate: {ok:#}");
+    assert_eq!(
+        ok["responses"][0]["body"], "{}\n",
+        "nothing of its own yet: {ok:#}"
     );
 }

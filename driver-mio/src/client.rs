@@ -47,6 +47,7 @@ use crate::fetch::{FetchOptions, Fetcher};
 use crate::observe::SUMMARY_EVERY;
 use crate::signal::SignalSource;
 use crate::spool::{Spool, SpoolOptions};
+use crate::turn::{self, StopRequest, StuckDeadline, Wait};
 use crate::udp::{Recv, Sent, UdpIo};
 use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 
@@ -384,14 +385,13 @@ impl Loop<'_> {
         let mut events = Events::with_capacity(64);
         let mut buf = vec![0u8; RECV_BUF_SIZE];
         let mut more_to_read = false;
-        let mut warned_stuck = false;
+        let mut stuck = StuckDeadline::default();
         // Client::new started the first attempt: send it.
         self.drain(d, Instant::now());
         if d.opts.count == Some(0) {
             self.close(Instant::now(), "count reached");
             self.drain(d, Instant::now());
         }
-        let mut floor = Duration::ZERO;
         // No summary line to log: no wake-up for it either.
         let mut next_summary =
             log::log_enabled!(log::Level::Info).then(|| Instant::now() + SUMMARY_EVERY);
@@ -404,41 +404,17 @@ impl Loop<'_> {
                 last_acked = self.summary(last_acked);
                 *next = now + SUMMARY_EVERY;
             }
-            let mut timeout = self
-                .client
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(now).max(floor));
-            let deadlines = [
-                next_summary,
-                self.spool.as_ref().and_then(Spool::poll_timeout),
-                self.retry_at,
-            ];
-            for left in deadlines.into_iter().flatten() {
-                let left = left.saturating_duration_since(now);
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            let wait = Wait::new(now, self.client.poll_timeout(), stuck.floor())
+                .until(next_summary)
+                .until(self.spool.as_ref().and_then(Spool::poll_timeout))
+                .until(self.retry_at)
+                .until(self.closing_since.map(|since| since + d.opts.close_grace))
+                .at_once_if(more_to_read);
+            if !turn::poll(&mut d.poll, &mut events, wait)? {
+                continue;
             }
-            if let Some(since) = self.closing_since {
-                let left = (since + d.opts.close_grace).saturating_duration_since(now);
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
-            }
-            if more_to_read {
-                timeout = Some(Duration::ZERO);
-            }
-            if let Err(e) = d.poll.poll(&mut events, timeout) {
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(DriverError::Io {
-                    what: "waiting for events",
-                    source: e,
-                });
-            }
-            // The stop handle is read once per turn, its stop flag first:
-            // abort() sets its own flag before the stop flag, so a stop that
-            // came from an abort is always seen as one, never turned into a
-            // graceful close.
-            let stop_requested = d.opts.stop.is_stopped();
-            if d.opts.stop.is_aborted() {
+            let stop = d.opts.stop.this_turn();
+            if stop == StopRequest::Abort {
                 log::info!("aborted: stopping without closing the connection");
                 break;
             }
@@ -478,7 +454,7 @@ impl Loop<'_> {
                 log::info!("{sig}: closing the connection");
                 self.close(now, sig);
             }
-            if stop_requested && self.closing_since.is_none() {
+            if stop == StopRequest::Stop && self.closing_since.is_none() {
                 self.close(now, "stop requested");
             }
             if self.retry_at.is_some_and(|t| t <= now) {
@@ -497,19 +473,9 @@ impl Loop<'_> {
             if self.closing_since.is_some() {
                 self.fetch = None; // stops the fetch thread
             }
-            // A deadline that stays in the past after handle_timeout would
-            // make the loop spin: wait at least 1 ms then (and say so once).
-            floor = Duration::ZERO;
-            if due.is_some() && self.client.poll_timeout() == due {
-                floor = Duration::from_millis(1);
-                if !warned_stuck {
-                    warned_stuck = true;
-                    log::warn!(
-                        "core deadline {:?} did not move after handle_timeout; polling at 1 ms",
-                        self.client.deadline().map(|d| d.kind)
-                    );
-                }
-            }
+            stuck.check(due, self.client.poll_timeout(), || {
+                format!("core deadline {:?}", self.client.deadline().map(|d| d.kind))
+            });
             if let Some(since) = self.closing_since
                 && !self.client.is_finished()
                 && now.duration_since(since) >= d.opts.close_grace

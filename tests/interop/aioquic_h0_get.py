@@ -72,6 +72,8 @@ class H0Client(QuicConnectionProtocol):
 async def run(args, result):
     config = QuicConfiguration(is_client=True, alpn_protocols=H0_ALPN, server_name=args.server_name)
     config.load_verify_locations(cafile=args.ca)
+    if args.cert:
+        config.load_cert_chain(args.cert, args.key)
     config.idle_timeout = 2 * args.timeout
     async with connect(args.host, args.port, configuration=config, create_protocol=H0Client) as c:
         result["alpn"] = c.alpn
@@ -85,6 +87,8 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", default="certs/ca.pem")
     p.add_argument("--server-name", default="localhost")
+    p.add_argument("--cert", help="our client certificate (PEM), for a server with --client-ca")
+    p.add_argument("--key", help="the private key of --cert")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds for each response")
     p.add_argument("--deadline", type=float, default=20.0, help="seconds for the whole run")
     p.add_argument("paths", nargs="+", help="paths to GET, e.g. /latest")
