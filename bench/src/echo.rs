@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use quic_report_mio::batch::sockaddr_of;
+use quic_report_mio::turn::{self, Wait};
 
 use super::{BenchArgs, CpuSample, Error, Latencies};
 
@@ -89,11 +90,12 @@ fn serve(sock: StdUdpSocket, batch: bool) -> Result<(), Error> {
     let mut buf = vec![0u8; 2048];
     let mut mm = if batch { Some(Mmsg::new()) } else { None };
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
+        if !turn::poll(
+            &mut poll,
+            &mut events,
+            Wait::new(Instant::now(), None, Duration::ZERO),
+        )? {
+            continue;
         }
         match &mut mm {
             Some(mm) => mm.drain(sock.as_raw_fd()),
@@ -280,10 +282,12 @@ pub(super) fn run_client(args: &BenchArgs) -> Result<(), Error> {
             measure_end
         }
         .min(next_loss_check);
-        match poll.poll(&mut events, Some(until.saturating_duration_since(now))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
+        if !turn::poll(
+            &mut poll,
+            &mut events,
+            Wait::new(now, Some(until), Duration::ZERO),
+        )? {
+            continue;
         }
         let now = Instant::now();
         let counting = cpu_start.is_some();

@@ -28,6 +28,7 @@ use quic_report_core::{
 use quic_report_mio::debuglog::EnvDebugLogs;
 use quic_report_mio::fetch::unix_ms;
 use quic_report_mio::show;
+use quic_report_mio::turn::{self, Wait};
 use serde_json::{Map, Value};
 
 use super::{BenchArgs, CpuSample, Error, Latencies, Target, rss_kb};
@@ -265,18 +266,12 @@ impl Gen<'_> {
             if self.phase == Phase::Done {
                 return Ok(());
             }
-            let mut deadline = self.phase_deadline();
-            for s in &self.slots {
-                if let Some(t) = s.client.poll_timeout() {
-                    deadline = Some(deadline.map_or(t, |d| d.min(t)));
-                }
-            }
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
+            let wait = self.slots.iter().fold(
+                Wait::new(Instant::now(), self.phase_deadline(), Duration::ZERO),
+                |w, s| w.until(s.client.poll_timeout()),
+            );
+            if !turn::poll(&mut self.poll, &mut events, wait)? {
+                continue;
             }
             let now = Instant::now();
             for ev in events.iter() {

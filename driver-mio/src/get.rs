@@ -12,6 +12,7 @@ use quic_report_core::{
     CertFiles, CoreRng, GetConfig, GetOutcome, HqGet, MAX_DATAGRAM_SIZE, Response, Verify,
 };
 
+use crate::turn::Wait;
 use crate::{DriverError, RECV_BUF_SIZE, debuglog, os_seed};
 
 /// What to fetch.
@@ -72,10 +73,8 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         if get.is_finished() {
             break;
         }
-        let wait = get.poll_timeout().map_or(Duration::from_millis(100), |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        let wait = Wait::new(Instant::now(), get.poll_timeout(), Duration::from_millis(1));
+        sock.set_read_timeout(Some(wait.timeout().unwrap_or(Duration::from_millis(100))))
             .map_err(DriverError::io("setting the read timeout"))?;
         match sock.recv(&mut buf) {
             Ok(n) => {

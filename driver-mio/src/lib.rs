@@ -58,6 +58,7 @@ pub mod signal;
 pub mod sink;
 pub mod spool;
 pub mod stop;
+pub mod turn;
 pub mod udp;
 
 pub use client::{ClientDriver, ClientOptions, ClientSummary, SampleSender, run_client};

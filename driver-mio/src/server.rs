@@ -27,7 +27,6 @@
 //! [`ServerOptions::shutdown_grace`] at most. A second signal returns at
 //! once, and so does [`StopHandle::abort`] (without closing anything).
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +49,7 @@ use crate::show::{self, ReportText};
 use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
+use crate::turn::{self, StopRequest, StuckDeadline, Wait};
 use crate::udp::{UdpIo, is_unreachable};
 use crate::{DriverError, StopHandle, os_seed};
 
@@ -413,47 +413,21 @@ impl Loop<'_> {
         let mut events = Events::with_capacity(256);
         let mut more_to_read = false;
         let mut shutting_down: Option<Instant> = None;
-        let mut floor = Duration::ZERO;
-        let mut warned_stuck = false;
+        let mut stuck = StuckDeadline::default();
         let mut next_tick = Instant::now();
         loop {
             let now = Instant::now();
-            let mut timeout = self
-                .server
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(now).max(floor));
-            if let Some(since) = shutting_down {
-                let left = (since + d.opts.shutdown_grace).saturating_duration_since(now);
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            let wait = Wait::new(now, self.server.poll_timeout(), stuck.floor())
+                .until(shutting_down.map(|since| since + d.opts.shutdown_grace))
+                .until(self.sink.deadline())
+                .until(d.steering.as_ref().map(Steering::deadline))
+                .until(Some(next_tick))
+                .at_once_if(more_to_read);
+            if !turn::poll(&mut d.poll, &mut events, wait)? {
+                continue;
             }
-            let own = [
-                self.sink.deadline(),
-                d.steering.as_ref().map(Steering::deadline),
-            ];
-            for t in own.into_iter().flatten() {
-                let left = t.saturating_duration_since(now);
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
-            }
-            let left = next_tick.saturating_duration_since(now);
-            timeout = Some(timeout.map_or(left, |t| t.min(left)));
-            if more_to_read {
-                timeout = Some(Duration::ZERO);
-            }
-            if let Err(e) = d.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(DriverError::Io {
-                    what: "waiting for events",
-                    source: e,
-                });
-            }
-            // The stop handle is read once per turn, its stop flag first:
-            // abort() sets its own flag before the stop flag, so a stop that
-            // came from an abort is always seen as one, never turned into a
-            // graceful close.
-            let stop_requested = d.opts.stop.is_stopped();
-            if d.opts.stop.is_aborted() {
+            let stop = d.opts.stop.this_turn();
+            if stop == StopRequest::Abort {
                 log::info!(
                     "aborted: dropping {} connection(s) without closing them",
                     self.server.connections()
@@ -491,7 +465,7 @@ impl Loop<'_> {
                 shutting_down = Some(now);
                 self.server.close_all(now);
             }
-            if stop_requested && shutting_down.is_none() {
+            if stop == StopRequest::Stop && shutting_down.is_none() {
                 log::info!(
                     "stop requested: closing {} connection(s)",
                     self.server.connections()
@@ -523,14 +497,7 @@ impl Loop<'_> {
             {
                 log::error!("{e}");
             }
-            floor = Duration::ZERO;
-            if due.is_some() && self.server.poll_timeout() == due {
-                floor = Duration::from_millis(1);
-                if !warned_stuck {
-                    warned_stuck = true;
-                    log::warn!("core deadline did not move after handle_timeout; polling at 1 ms");
-                }
-            }
+            stuck.check(due, self.server.poll_timeout(), || "core deadline".into());
             if let Some(since) = shutting_down {
                 if self.server.is_closed() && d.io.held() == 0 {
                     log::info!("all connections closed");
