@@ -155,16 +155,15 @@ fn metrics_once_settled(addr: &str, want: &[(&str, u64)]) -> Result<String, Stri
     loop {
         let (_, text) = http_get(&format!("http://{addr}/metrics")).expect("metrics");
         let value = |what: &str| -> Option<u64> {
-            text.lines().find_map(|l| {
-                l.strip_prefix(what)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
+            text.lines()
+                .find_map(|l| l.strip_prefix(what)?.strip_prefix(' ')?.trim().parse().ok())
         };
         let seen: Vec<(&str, Option<u64>)> = want.iter().map(|(w, _)| (*w, value(w))).collect();
-        if want.iter().zip(&seen).all(|((_, n), (_, v))| *v == Some(*n)) {
+        if want
+            .iter()
+            .zip(&seen)
+            .all(|((_, n), (_, v))| *v == Some(*n))
+        {
             return Ok(text);
         }
         if std::time::Instant::now() >= end {
@@ -263,7 +262,11 @@ fn attack(mtls: bool) -> Attacked {
     let victim = client(
         "250ms",
         VICTIM_REPORTS,
-        &if mtls { cert("device-1").to_vec() } else { vec![] },
+        &if mtls {
+            cert("device-1").to_vec()
+        } else {
+            vec![]
+        },
     );
     // The attacker learns the victim's client id (here: from its first
     // record; in the README, from /latest).
@@ -417,7 +420,8 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     assert!(status.success(), "{status:?}");
     {
         let mut c = rusqlite::Connection::open(&db).expect("opens the server's database");
-        c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        c.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
         let tx = c.transaction().expect("transaction");
         {
             let mut ins = tx
@@ -437,7 +441,10 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     let own: Value = serde_json::from_str(&body).expect("JSON");
     let mine = own["device-1"].as_object().expect("device-1's entries");
     assert_eq!(mine.len(), 1, "{own}");
-    assert_eq!(mine.values().next().map(|r| r["seq"].clone()), Some(2.into()));
+    assert_eq!(
+        mine.values().next().map(|r| r["seq"].clone()),
+        Some(2.into())
+    );
     assert!(own.get("a-filler").is_none(), "only its own: {own}");
     srv.kill();
     let _ = std::fs::remove_dir_all(&dir);
@@ -451,7 +458,10 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
             .args(args)
             .output()
             .expect("client runs");
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, err) = run(&["--client-id", "not-hex", "--count", "1"]);
     assert!(!ok && err.contains("not a hex digit"), "{err}");
@@ -465,7 +475,15 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     let server = format!("127.0.0.1:{}", free_udp_port()); // nobody there
     let first = common::Logged::spawn(
         "client",
-        &["client", "--server", &server, "--spool", spool, "--client-id", "C0FFEE"],
+        &[
+            "client",
+            "--server",
+            &server,
+            "--spool",
+            spool,
+            "--client-id",
+            "C0FFEE",
+        ],
     );
     let said = first.wait_for("spool ");
     assert!(said.contains("client id c0ffee"), "lowered: {said}");
@@ -479,7 +497,15 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     // Its own id (or none) continues it.
     let again = common::Logged::spawn(
         "client",
-        &["client", "--server", &server, "--spool", spool, "--client-id", "c0ffee"],
+        &[
+            "client",
+            "--server",
+            &server,
+            "--spool",
+            spool,
+            "--client-id",
+            "c0ffee",
+        ],
     );
     assert!(again.wait_for("spool ").contains("client id c0ffee"));
     again.kill();

@@ -848,14 +848,20 @@ mod tests {
         let t0 = Instant::now();
         let mut o = Observer::new(t0);
         let shared = o.shared();
-        assert_eq!(o.tick(t0, ServerStats::default(), 0, || None), o.next_summary);
+        assert_eq!(
+            o.tick(t0, ServerStats::default(), 0, || None),
+            o.next_summary
+        );
         let refused = o.authorize("/stats", &Identity::anonymous());
         assert!(refused.is_err(), "no read policy: anonymous reads nothing");
         let soon = t0 + Duration::from_millis(10);
         let next = o.tick(soon, ServerStats::default(), 0, || None);
         assert_eq!(next, t0 + PUBLISH_EVERY, "asks to run again to publish");
         assert_eq!(shared.lock().expect("lock").reads_refused, 0, "not yet");
-        assert_eq!(o.tick(next, ServerStats::default(), 0, || None), o.next_summary);
+        assert_eq!(
+            o.tick(next, ServerStats::default(), 0, || None),
+            o.next_summary
+        );
         assert_eq!(shared.lock().expect("lock").reads_refused, 1, "published");
     }
 

@@ -633,7 +633,7 @@ impl Database for Postgres {
                 &[&limit, &id],
             ),
         }
-            .map_err(|e| self.err(&e))?;
+        .map_err(|e| self.err(&e))?;
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))

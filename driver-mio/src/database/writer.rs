@@ -216,9 +216,9 @@ impl Thread {
             };
             if let Some((handle, what)) = self.reads.pop_front() {
                 let result = match what {
-                    Read::Latest { limit, identity } => {
-                        db.latest(limit, identity.as_deref()).map(ReadResult::Latest)
-                    }
+                    Read::Latest { limit, identity } => db
+                        .latest(limit, identity.as_deref())
+                        .map(ReadResult::Latest),
                     Read::Counts => db.counts().map(|(r, c)| ReadResult::Counts(r, c)),
                 };
                 if let Err(DbError::Connection(e)) = &result {
