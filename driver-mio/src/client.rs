@@ -14,8 +14,14 @@
 //!
 //! A sample is submitted (and, with a spool, written to it first) in the
 //! turn of the loop that the waker started, and its report goes out in that
-//! turn. The loop wakes for the earliest of the core's deadline, the
-//! spool's (a deferred fsync) and, when info logs are on, the summary line.
+//! turn. With a spool, a sample is never reported before it is in it: when
+//! the spool cannot take it (a full disk), it is held back in memory, in
+//! order, with one warning naming the cause, and written again every
+//! [`SPOOL_RETRY`] (and before any newer sample) until the spool takes it;
+//! then its report goes out. At most `queue_limit` samples are held so;
+//! past that the oldest is dropped and counted (as a full queue drops). The
+//! loop wakes for the earliest of the core's deadline, the spool's (a
+//! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
@@ -24,6 +30,7 @@
 //! that takes longer than [`ClientOptions::close_grace`] or
 //! [`StopHandle::abort`] (which sends nothing more).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -47,6 +54,9 @@ use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 /// Datagrams read per wake-up before the loop services timers and sends
 /// (the rest are read on the next turn, without sleeping).
 const RECV_BUDGET: usize = 256;
+
+/// How often samples the spool could not take are written again.
+pub const SPOOL_RETRY: Duration = Duration::from_secs(1);
 
 /// What the client loop needs.
 #[derive(Debug, Clone)]
@@ -108,8 +118,12 @@ pub struct ClientSummary {
     pub settled: u64,
     /// Reports never acknowledged (given up at close).
     pub unacknowledged: usize,
-    /// Reports dropped because the queue was full.
+    /// Reports dropped because the queue was full, and samples dropped
+    /// because the spool could not take them and too many were held.
     pub dropped: u64,
+    /// Samples fetched that the spool never took (a full disk until the
+    /// end): never reported, lost with this process.
+    pub unspooled: usize,
 }
 
 /// Hands samples to a running client loop from any thread (for callers
@@ -247,6 +261,11 @@ impl ClientDriver {
             fetch,
             spool,
             spool_failing: false,
+            held: VecDeque::new(),
+            held_limit: self.opts.config.queue_limit.max(1),
+            held_dropped: 0,
+            holding: false,
+            retry_at: None,
             handler,
             settled: 0,
             closing_since: None,
@@ -270,8 +289,16 @@ impl ClientDriver {
             client,
             settled,
             failure,
+            held,
+            held_dropped,
             ..
         } = state;
+        if !held.is_empty() {
+            log::warn!(
+                "{} sample(s) the spool never took are lost (never reported)",
+                held.len()
+            );
+        }
         if client.state() == ClientState::Failed {
             let reason =
                 failure.unwrap_or_else(|| DisconnectReason::HandshakeFailed("unknown".into()));
@@ -282,7 +309,8 @@ impl ClientDriver {
             stats: client.stats(),
             settled,
             unacknowledged: client.queued(),
-            dropped: client.dropped(),
+            dropped: client.dropped() + held_dropped,
+            unspooled: held.len(),
         })
     }
 }
@@ -296,6 +324,18 @@ struct Loop<'h> {
     spool: Option<Spool>,
     /// The last spool operation failed (warned once until one succeeds).
     spool_failing: bool,
+    /// Samples the spool could not take yet, oldest first: not reported
+    /// until it does.
+    held: VecDeque<Sample>,
+    /// Most samples held (the queue's limit).
+    held_limit: usize,
+    /// Held samples dropped because too many were held.
+    held_dropped: u64,
+    /// The spool refused the oldest held sample (warned once until it
+    /// takes it).
+    holding: bool,
+    /// When to write the held samples again.
+    retry_at: Option<Instant>,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
     closing_since: Option<Instant>,
@@ -343,19 +383,70 @@ impl Loop<'_> {
         event_loop::run(self, d)
     }
 
-    /// Queues a sample for the core (dropped once closing), writing it to
-    /// the spool first.
+    /// Queues a sample for the core (dropped once closing); with a spool,
+    /// only once it is in the spool, after the samples held before it.
     fn submit(&mut self, now: Instant, sample: Sample) {
         if self.closing_since.is_some() {
             return;
         }
-        if let Some(s) = &mut self.spool {
-            let seq = self.client.next_seq();
-            let res = s.append(now, seq, &sample);
-            self.spool_result(res, " (the report is kept in memory only)");
+        if self.spool.is_none() {
+            let seq = self.client.submit(now, sample);
+            log::debug!("sample queued as seq {seq}");
+            return;
         }
-        let seq = self.client.submit(now, sample);
-        log::debug!("sample queued as seq {seq}");
+        self.held.push_back(sample);
+        let limit = self.held_limit;
+        if self.held.len() > limit {
+            self.held.pop_front();
+            self.held_dropped += 1;
+            log::warn!(
+                "a sample the spool could not take was dropped and lost ({} so far; at most {limit} are held)",
+                self.held_dropped
+            );
+        }
+        if self.retry_at.is_none() {
+            self.spool_held(now);
+        }
+    }
+
+    /// Writes the held samples to the spool, oldest first, and queues each
+    /// one that is in it for the core; on a failure the rest wait for the
+    /// next retry.
+    fn spool_held(&mut self, now: Instant) {
+        self.retry_at = None;
+        let Some(spool) = &mut self.spool else {
+            return;
+        };
+        while let Some(sample) = self.held.front() {
+            let seq = self.client.next_seq();
+            if let Err(e) = spool.append(now, seq, sample) {
+                self.retry_at = Some(now + SPOOL_RETRY);
+                if self.holding {
+                    log::debug!("{e}: {} sample(s) held back", self.held.len());
+                } else {
+                    self.holding = true;
+                    log::warn!(
+                        "{e}: {} sample(s) held back, not reported until they are in the spool (retrying every {}s; at most {} are held, then the oldest is dropped)",
+                        self.held.len(),
+                        SPOOL_RETRY.as_secs(),
+                        self.held_limit
+                    );
+                }
+                return;
+            }
+            let Some(sample) = self.held.pop_front() else {
+                break;
+            };
+            let queued = self.client.submit(now, sample);
+            debug_assert_eq!(queued, seq, "the spool and the core agree on the seq");
+            log::debug!("sample spooled and queued as seq {seq}");
+            if self.holding {
+                self.holding = false;
+                log::info!(
+                    "the spool takes samples again: the held ones are written and reported, oldest first"
+                );
+            }
+        }
     }
 
     /// Logs a spool failure once until the spool works again.
@@ -442,7 +533,10 @@ impl Loop<'_> {
             | ClientEvent::ReportDropped { seq } => {
                 if let Some(s) = &mut self.spool {
                     let res = s.remove(*seq);
-                    self.spool_result(res, "");
+                    self.spool_result(
+                        res,
+                        " (marking a report done; after a restart it is sent again, and the server answers it as a duplicate)",
+                    );
                 }
                 self.settled += 1;
                 if count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
@@ -488,6 +582,7 @@ impl Steps for Loop<'_> {
         }
         wait.until(self.next_summary)
             .until(self.spool.as_ref().and_then(Spool::poll_timeout))
+            .until(self.retry_at)
     }
 
     fn on_writable(&mut self, d: &mut ClientDriver, now: Instant) {
@@ -515,11 +610,16 @@ impl Steps for Loop<'_> {
         self.closing_since
     }
 
-    /// The spool's deferred fsync, then the core's deadline.
+    /// The retry of held samples, the spool's deferred fsync, then the
+    /// core's deadline.
     fn on_deadline(&mut self, _: &mut ClientDriver, now: Instant, core_due: bool) {
-        if let Some(s) = &mut self.spool {
-            let res = s.handle_timeout(now);
-            self.spool_result(res, "");
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.spool_held(now);
+        }
+        if let Some(s) = &mut self.spool
+            && let Err(e) = s.handle_timeout(now)
+        {
+            self.spool_result(Err(e), " (a power loss may lose the last samples)");
         }
         if core_due {
             self.client.handle_timeout(now);

@@ -626,7 +626,12 @@ impl Loop<'_> {
                 };
                 // With a database, the reads come from it (every server's).
                 let read = match path.as_str() {
-                    "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
+                    // Only its own: selected by the database, not after
+                    // its row limit.
+                    "/latest" => Some(Read::Latest {
+                        limit: MAX_LATEST_ROWS,
+                        identity: only.as_ref().map(|i| i.as_str().to_owned()),
+                    }),
                     "/stats" => Some(Read::Counts),
                     _ => None,
                 };
