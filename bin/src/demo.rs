@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use quic_report_cli::cli::DemoArgs;
 use quic_report_cli::devcerts::DevCerts;
-use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
+use quic_report_core::{ClientEvent, ClientStats, Report, SeqSet, ServerEvent, Verify};
 use quic_report_mio::show::{self, Shown};
 use quic_report_mio::{
     ClientOptions, ClientSummary, DriverError, FetchOptions, Fsync, RecordedKeys, ServerDriver,
@@ -95,7 +95,7 @@ const CHAOS_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// stand-in for `--out FILE`).
 #[derive(Debug, Default)]
 struct Ledger {
-    seqs: BTreeMap<String, BTreeSet<u64>>,
+    seqs: BTreeMap<String, SeqSet>,
     duplicates: u64,
 }
 
@@ -124,17 +124,17 @@ impl Ledger {
         })
     }
 
-    fn len(&self) -> usize {
-        self.seqs.values().map(BTreeSet::len).sum()
+    fn len(&self) -> u64 {
+        self.seqs.values().map(SeqSet::len).sum()
     }
 
     /// The keys, for the next server.
     fn keys(&self) -> RecordedKeys {
         let mut keys = RecordedKeys::new();
         for (client, seqs) in &self.seqs {
-            for seq in seqs {
+            for seq in seqs.iter() {
                 // The demo is anonymous (loopback): identity "".
-                keys.insert("", client, *seq);
+                keys.insert("", client, seq);
             }
         }
         keys
@@ -299,12 +299,13 @@ fn check(
     pending: &BTreeSet<u64>,
 ) -> Result<(), Error> {
     let recorded = ledger.seqs.get(client).cloned().unwrap_or_default();
-    let lost: Vec<u64> = acked.difference(&recorded).copied().collect();
-    let (first, last) = (
-        recorded.first().copied().unwrap_or(0),
-        recorded.last().copied().unwrap_or(0),
-    );
-    let holes: Vec<u64> = (1..=last).filter(|s| !recorded.contains(s)).collect();
+    let lost: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|s| !recorded.contains(*s))
+        .collect();
+    let (first, last) = (recorded.first().unwrap_or(0), recorded.last().unwrap_or(0));
+    let holes: Vec<u64> = (1..=last).filter(|s| !recorded.contains(*s)).collect();
     let gaps: Vec<u64> = holes
         .iter()
         .copied()
