@@ -12,12 +12,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
-use quic_report_mio::batch::sockaddr_of;
+use quic_report_mio::reuseport;
 use quic_report_mio::turn::{self, Wait};
 
 use super::{BenchArgs, CpuSample, Error, Latencies};
@@ -43,39 +43,13 @@ pub(super) fn serve_forever(addr: SocketAddr, batch: bool, reuseport: bool) -> R
     serve(sock, batch)
 }
 
-/// Binds a UDP socket, with SO_REUSEPORT if asked.
+/// Binds a UDP socket, with SO_REUSEPORT if asked (driver-mio's bind,
+/// as the server's `--reuseport` does it).
 fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<StdUdpSocket> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
+    if reuseport {
+        reuseport::bind_reuseport(addr)
     } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket calls on a descriptor we own; the sockaddr
-    // buffer is sized and initialised by `sockaddr_of`.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let sock = StdUdpSocket::from_raw_fd(fd);
-        if reuseport {
-            let one: libc::c_int = 1;
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEPORT,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let (storage, len) = sockaddr_of(addr);
-        if libc::bind(fd, (&raw const storage).cast(), len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sock)
+        StdUdpSocket::bind(addr)
     }
 }
 
