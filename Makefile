@@ -37,10 +37,13 @@ demo: deps
 	$(CARGO) run -q -p quic-report -- demo $(DEMO_ARGS)
 
 # Every test, plus the lints CI holds us to.
+# The tests' sources and servers are on loopback: a proxy set in the
+# environment (for the package registries, say) must not carry them. The
+# proxy tests (bin/tests/proxy.rs) set their own proxy variables.
 test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) test --workspace
+	NO_PROXY="127.0.0.1,localhost,::1$${NO_PROXY:+,$$NO_PROXY}" no_proxy="127.0.0.1,localhost,::1$${no_proxy:+,$$no_proxy}" $(CARGO) test --workspace
 	$(CARGO) run -q -p quic-report-core --example embed
 
 # Figures on loopback as one table (about 3 minutes; README "Benchmarks").

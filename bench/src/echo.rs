@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
+use quic_report_mio::reuseport;
 use quic_report_mio::turn::{self, Wait};
 
 use super::{BenchArgs, CpuSample, Error, Latencies};
@@ -42,10 +43,11 @@ pub(super) fn serve_forever(addr: SocketAddr, batch: bool, reuseport: bool) -> R
     serve(sock, batch)
 }
 
-/// Binds a UDP socket, with SO_REUSEPORT if asked.
+/// Binds a UDP socket, with SO_REUSEPORT if asked (driver-mio's bind,
+/// as the server's `--reuseport` does it).
 fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<StdUdpSocket> {
     if reuseport {
-        quic_report_mio::reuseport::bind_reuseport(addr)
+        reuseport::bind_reuseport(addr)
     } else {
         StdUdpSocket::bind(addr)
     }

@@ -229,28 +229,62 @@ impl From<FsyncArg> for quic_report_mio::Fsync {
 pub struct ClientArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// URL of the source to GET a JSON object from, `http://` or
-    /// `https://`. Redirects are followed (at most 5); HTTP_PROXY (for
-    /// http), HTTPS_PROXY (for https), ALL_PROXY and NO_PROXY are honoured.
+    /// URL of the source to GET a JSON object from, `http://` or `https://`.
+    ///
+    /// An https source is verified against --source-ca, else the system's
+    /// CAs. Redirects are followed (at most 5). A proxy is taken from the
+    /// environment: HTTP_PROXY for an http source, HTTPS_PROXY for an https
+    /// one, else ALL_PROXY (e.g. `http://user:pass@proxy:3128`); it must
+    /// allow `CONNECT` to the source's port. NO_PROXY lists the hosts
+    /// reached directly (`host`, `.domain`, `*`, comma-separated).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000/")]
     pub source: String,
-    /// PEM file of the CA(s) an https source's certificate must chain to
-    /// (the whole trust store for the source). Default: the system's CAs.
+    /// PEM file of the CA(s) an https source's certificate must chain to.
+    ///
+    /// Then the whole trust store for the source. Default: the system's
+    /// CAs. (The server's certificate is checked against --ca, not this.)
     #[arg(long, value_name = "FILE")]
     pub source_ca: Option<PathBuf>,
-    /// Keep the queue of reports not yet acknowledged in DIR (created if
-    /// missing, locked against a second client), so that it survives a
-    /// crash or a reboot: restarted on the same DIR, the client keeps its
-    /// `client` id, continues its `seq`, and sends what DIR holds first.
-    /// Without it the queue is in memory only.
+    /// Keep the reports not yet acknowledged in DIR, so that they survive a
+    /// crash or a reboot (without it they are in memory only).
+    ///
+    /// DIR is created if missing, and locked: a second client on it refuses
+    /// to start. Every
+    /// sample is in DIR before its report is sent; restarted on the same
+    /// DIR after a crash, a kill or a reboot, the client keeps its `client`
+    /// id, continues its `seq`, and sends what DIR holds first. If DIR
+    /// cannot take a sample (disk full), it is held back, not sent, with a
+    /// warning, and written again every second. Without --spool the queue
+    /// is in memory only: a crash, a kill or a reboot loses every report
+    /// not yet acknowledged (all that was fetched during a server outage),
+    /// and the client comes back as a new `client` with `seq` from 1.
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
-    /// When to fsync --spool. Every sample is written to the OS before its
-    /// report is sent, so it survives a crash of the client. `always`:
-    /// fsync each sample before sending it, it survives a power loss too;
-    /// `interval`: at most every 100 ms and within 100 ms of a write (a
-    /// power loss can lose the last 100 ms); `never`: leave it to the OS.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = FsyncArg::Interval, requires = "spool")]
+    /// The `client` id to report under, fixed instead of random: 1 to 64
+    /// hex digits, e.g. a device's serial number.
+    ///
+    /// Upper case is lowered. Its seqs start at 1 (or where --spool left off; a
+    /// spool made under another id is refused). Exactly-once is per
+    /// identity, client and seq: two clients given the same id share one
+    /// namespace (and, under one identity, each other's duplicates).
+    #[arg(long, value_name = "HEX", value_parser = client_id)]
+    pub client_id: Option<String>,
+    /// When to fsync --spool: always, interval or never.
+    ///
+    /// Under each, every
+    /// sample is written to the OS before its report is sent, so it
+    /// survives a crash of the client. `always`: fsync each sample before
+    /// its report is sent (it survives a power loss too); `interval`: at
+    /// most every 100 ms and within 100 ms of a write (a power loss can
+    /// lose the last 100 ms); `never`: leave it to the OS.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHEN",
+        default_value_t = FsyncArg::Interval,
+        requires = "spool",
+        hide_possible_values = true
+    )]
     pub spool_fsync: FsyncArg,
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
@@ -343,18 +377,50 @@ pub struct DemoArgs {
     pub chaos: bool,
 }
 
-/// A duration such as `200ms`, `2s`, `1m` (humantime); zero allowed.
+/// The longest duration a flag takes: far beyond any use, and far from
+/// the overflow of a clock reading plus it (which would panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// A duration such as `200ms`, `2s`, `1m` (humantime); zero allowed; at
+/// most [`MAX_DURATION`].
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0s, 200ms, 2s, 1m)"))
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0s, 200ms, 2s, 1m)"))?;
+    if d > MAX_DURATION {
+        return Err("must be at most 10 years".into());
+    }
+    Ok(d)
 }
 
-/// A duration such as `200ms`, `2s`, `1m` (humantime), not zero.
+/// A duration such as `200ms`, `2s`, `1m` (humantime), not zero; at most
+/// [`MAX_DURATION`].
 pub fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 200ms, 2s, 1m)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
+    if d > MAX_DURATION {
+        return Err("must be at most 10 years".into());
+    }
     Ok(d)
+}
+
+/// Longest `--client-id`.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// `--client-id`: 1 to [`MAX_CLIENT_ID_LEN`] hex digits, lowered (the ids a
+/// client makes itself are lower-case hex).
+pub fn client_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_CLIENT_ID_LEN {
+        return Err(format!(
+            "{} hex digit(s): expected 1 to {MAX_CLIENT_ID_LEN}",
+            s.chars().count()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("{c:?} is not a hex digit (expected 0-9, a-f)"));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 /// `--server` as an address and the default certificate name: an IP
@@ -379,7 +445,17 @@ pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url;
+    use super::{Duration, client_id, duration, positive_duration, split_url};
+
+    #[test]
+    fn client_id_is_one_to_64_hex_digits_lowered() {
+        assert_eq!(client_id("C0ffee01").as_deref(), Ok("c0ffee01"));
+        assert_eq!(client_id(&"a".repeat(64)).map(|s| s.len()), Ok(64));
+        for bad in ["", "xyz", "c0 ffee", "c0ffee\n", "é1"] {
+            assert!(client_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(client_id(&"a".repeat(65)).is_err());
+    }
 
     #[test]
     fn split_url_takes_https_host_port_and_path() {
@@ -401,6 +477,20 @@ mod tests {
             "",
         ] {
             assert!(split_url(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn durations_past_ten_years_are_refused_not_a_panic_later() {
+        assert_eq!(positive_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(
+            positive_duration("10years"),
+            Ok(Duration::from_secs(315_576_000))
+        );
+        for huge in ["11years", "500000000000years", "18446744073709551615s"] {
+            assert!(positive_duration(huge).is_err(), "{huge}");
+            assert!(duration(huge).is_err(), "{huge}");
         }
     }
 }

@@ -3,8 +3,13 @@
 //! `[server]` or `[client]` on stdout.
 //!
 //! The source and the server run on their own threads; the client runs on
-//! the main thread and catches Ctrl-C. When the client is done (`--count`
-//! reached, or Ctrl-C), the server and the source are stopped and joined.
+//! the main thread. Ctrl-C (SIGINT or SIGTERM) is caught by the demo for its
+//! whole life ([`catch_signals`]), not by each client run, so it is never
+//! lost between two runs: the first closes the client gracefully (or ends
+//! the pause before a restart), a second stops it without waiting for the
+//! close, a third exits at once. When the client is done (`--count`
+//! reached, or Ctrl-C), the server and the source are stopped and joined,
+//! and (with `--chaos`) the ledger is checked.
 //!
 //! The server's sink is a [`Ledger`] in memory, kept across server restarts
 //! as `server --out FILE` keeps its file: each new server is given its keys
@@ -34,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use quic_report_cli::cli::DemoArgs;
 use quic_report_cli::devcerts::DevCerts;
-use quic_report_core::{ClientEvent, ClientStats, Report, ServerEvent, Verify};
+use quic_report_core::{ClientEvent, ClientStats, Report, SeqSet, ServerEvent, Verify};
 use quic_report_mio::show::{self, Shown};
 use quic_report_mio::{
     ClientOptions, ClientSummary, DriverError, FetchOptions, Fsync, RecordedKeys, ServerDriver,
@@ -90,7 +95,7 @@ const CHAOS_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// stand-in for `--out FILE`).
 #[derive(Debug, Default)]
 struct Ledger {
-    seqs: BTreeMap<String, BTreeSet<u64>>,
+    seqs: BTreeMap<String, SeqSet>,
     duplicates: u64,
 }
 
@@ -119,17 +124,17 @@ impl Ledger {
         })
     }
 
-    fn len(&self) -> usize {
-        self.seqs.values().map(BTreeSet::len).sum()
+    fn len(&self) -> u64 {
+        self.seqs.values().map(SeqSet::len).sum()
     }
 
     /// The keys, for the next server.
     fn keys(&self) -> RecordedKeys {
         let mut keys = RecordedKeys::new();
         for (client, seqs) in &self.seqs {
-            for seq in seqs {
+            for seq in seqs.iter() {
                 // The demo is anonymous (loopback): identity "".
-                keys.insert("", client, *seq);
+                keys.insert("", client, seq);
             }
         }
         keys
@@ -294,12 +299,13 @@ fn check(
     pending: &BTreeSet<u64>,
 ) -> Result<(), Error> {
     let recorded = ledger.seqs.get(client).cloned().unwrap_or_default();
-    let lost: Vec<u64> = acked.difference(&recorded).copied().collect();
-    let (first, last) = (
-        recorded.first().copied().unwrap_or(0),
-        recorded.last().copied().unwrap_or(0),
-    );
-    let holes: Vec<u64> = (1..=last).filter(|s| !recorded.contains(s)).collect();
+    let lost: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|s| !recorded.contains(*s))
+        .collect();
+    let (first, last) = (recorded.first().unwrap_or(0), recorded.last().unwrap_or(0));
+    let holes: Vec<u64> = (1..=last).filter(|s| !recorded.contains(*s)).collect();
     let gaps: Vec<u64> = holes
         .iter()
         .copied()
@@ -335,6 +341,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let source_stop = source.stopper();
 
     let client_stop = StopHandle::new();
+    let signals = catch_signals(&client_stop)?;
     let plan = ServerPlan {
         cert: certs.cert(),
         key: certs.key(),
@@ -374,6 +381,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let mut rng = rand::rng();
     let client_res = loop {
         let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(certs.ca()));
+        client_opts.handle_signals = false; // caught for the whole demo, above
         client_opts.fetch = Some(FetchOptions {
             count: args.count,
             ..FetchOptions::new(source_url.clone(), args.interval)
@@ -413,11 +421,16 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
                 "[client] killed abruptly (as by SIGKILL); restarting on its spool in {:.1} s",
                 down.as_secs_f64()
             );
-            thread::sleep(down);
+            if stopped_within(&client_stop, down) {
+                // Ctrl-C (or a failed server) during the pause: the demo
+                // ends here, with the run that was just killed.
+                break res;
+            }
             continue;
         }
         break res;
     };
+    signals.close();
     if let Ok(summary) = &client_res {
         println!(
             "[client] done: {} acknowledged, {} not acknowledged, {} connection(s)",
@@ -458,8 +471,57 @@ fn pending_in(dir: &std::path::Path) -> Result<BTreeSet<u64>, Error> {
     Ok(spool.take_restored().into_iter().map(|(s, _)| s).collect())
 }
 
-/// Aborts one client run after a while, as a crash would; passes a stop of
-/// the whole demo on to it.
+/// Catches SIGINT and SIGTERM for the whole demo on a thread of their own:
+/// the first stops `stop` (a graceful close of the client, or the end of a
+/// pause between two client runs), the second aborts it (no waiting for the
+/// close), the third exits the process at once.
+fn catch_signals(stop: &StopHandle) -> Result<signal_hook::iterator::Handle, Error> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let handle = signals.handle();
+    let stop = stop.clone();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for (n, sig) in signals.forever().enumerate() {
+                let name = quic_report_mio::signal::signal_name(sig);
+                match n {
+                    0 => {
+                        println!("[client] {name}: stopping");
+                        stop.stop();
+                    }
+                    1 => {
+                        println!("[client] {name} again: stopping without waiting for the close");
+                        stop.abort();
+                    }
+                    _ => {
+                        println!("[client] {name} a third time: exiting now");
+                        std::process::exit(130);
+                    }
+                }
+            }
+        })?;
+    Ok(handle)
+}
+
+/// Waits `d` unless `stop` is stopped first (checked every 20 ms); whether
+/// it was.
+fn stopped_within(stop: &StopHandle, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    loop {
+        if stop.is_stopped() {
+            return true;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        thread::sleep(left.min(Duration::from_millis(20)));
+    }
+}
+
+/// Aborts one client run after a while, as a crash would; passes a stop
+/// (and an abort) of the whole demo on to it.
 struct Killer {
     done: mpsc::Sender<()>,
     thread: JoinHandle<bool>,
@@ -473,17 +535,29 @@ impl Killer {
             .name("client killer".into())
             .spawn(move || {
                 let at = Instant::now() + after;
+                let mut passed_on = false;
                 loop {
-                    if demo.is_stopped() {
-                        run.stop();
+                    if demo.is_aborted() {
+                        run.abort();
                         return false;
                     }
+                    if demo.is_stopped() && !passed_on {
+                        // The run closes gracefully: no crash any more,
+                        // but a second Ctrl-C is still passed on.
+                        run.stop();
+                        passed_on = true;
+                    }
                     let left = at.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
+                    if left.is_zero() && !passed_on {
                         run.abort();
                         return true;
                     }
-                    match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                    let tick = if passed_on {
+                        Duration::from_millis(50)
+                    } else {
+                        left.min(Duration::from_millis(50))
+                    };
+                    match rx.recv_timeout(tick) {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return false,
                     }

@@ -284,6 +284,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     opts.config.connect_timeout = args.connect_timeout;
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
+    opts.config.client_id = args.client_id.clone();
     let trust = match (&args.source_ca, system_trust) {
         (Some(ca), _) => SourceTrust::ca_file(ca).map_err(|e| format!("--source-ca {e}"))?,
         (None, Some(system)) => system,

@@ -188,3 +188,62 @@ fn demo_with_count_prints_labelled_lines_and_exits_zero() {
     // Logs go to stderr: stdout carries only labelled lines.
     assert!(out.lines().all(|l| l.starts_with('[')), "{out}");
 }
+
+/// `demo --chaos` kills its client at random and restarts it after a pause:
+/// a Ctrl-C that lands in that pause ends the demo cleanly (the end-of-demo
+/// check, the "stopped" lines, status 0), as one at any other time does.
+#[test]
+fn demo_chaos_stops_cleanly_on_ctrl_c_between_client_restarts() {
+    let child = std::process::Command::new(common::EXE)
+        .args(["demo", "--chaos", "--interval", "100ms"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the demo");
+    let mut demo = common::Proc {
+        child,
+        name: "demo",
+    };
+    let lines = common::lines_of(&mut demo);
+    let mut out = Vec::new();
+    // The client is killed 4-20 s after it starts; the line is printed
+    // just before a pause of at least 200 ms.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no client restart within 40 s:\n{}", out.join("\n")));
+        let pause = line.starts_with("[client] killed abruptly");
+        out.push(line);
+        if pause {
+            break;
+        }
+    }
+    let pid = libc::pid_t::try_from(demo.child.id()).expect("pid fits");
+    // SAFETY: kill(2) with our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let status = common::wait(&mut demo, LIMIT);
+    // The reader thread ends at end of stdout (the demo has exited).
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        out.push(line);
+    }
+    let out = out.join("\n");
+    let status = status.unwrap_or_else(|| panic!("the demo did not stop on Ctrl-C:\n{out}"));
+    assert!(status.success(), "demo: {status}\n{out}");
+    for line in ["[server] stopped", "[source] stopped", "[server] check: "] {
+        assert!(
+            out.lines().any(|l| l.starts_with(line)),
+            "no {line:?} in:\n{out}"
+        );
+    }
+    assert!(
+        !out.lines()
+            .skip_while(|l| !l.starts_with("[client] SIGINT"))
+            .any(|l| l.starts_with("[client] connecting")),
+        "no client restarted after Ctrl-C:\n{out}"
+    );
+}

@@ -237,3 +237,130 @@ fn two_clients_on_one_spool_the_second_refuses() {
     assert!(msg.contains("in use by another client"), "{msg}");
     assert!(msg.contains("pid "), "{msg}");
 }
+
+/// Sets the file size limit (RLIMIT_FSIZE, soft) of process `pid` (0: this
+/// one), leaving the hard limit as it is.
+fn set_file_size_limit(pid: libc::pid_t, bytes: libc::rlim_t) -> std::io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) reads and writes only the rlimit structs given.
+    unsafe {
+        if libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = bytes.min(lim.rlim_max);
+        if libc::prlimit(pid, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A full disk, as the kernel reports it to a process past its file size
+/// limit (RLIMIT_FSIZE: a failed write(2), as ENOSPC is, without needing a
+/// small filesystem or root). A sample the spool cannot take is not
+/// reported: it is held back with a warning naming the cause, and
+/// reported (in order, under the next seq) once the spool takes it.
+#[test]
+fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
+    use std::os::unix::process::CommandExt;
+    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+    let url = source.wait_for("serving GET / on ");
+    let dir = TempDir::new("full");
+    std::fs::create_dir_all(&dir.0).expect("mkdir");
+    let spool = dir.join("spool");
+    let out = dir.join("out.jsonl");
+    let out_path = PathBuf::from(&out);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
+    server.wait_for("listening on ");
+
+    let mut cmd = std::process::Command::new(common::EXE);
+    cmd.args([
+        "client",
+        "--server",
+        &listen,
+        "--source",
+        &url,
+        "--interval",
+        "100ms",
+        "--spool",
+        &spool,
+    ]);
+    // SAFETY: signal(2) and setrlimit(2) are async-signal-safe; nothing
+    // else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A write past the limit fails with EFBIG instead of killing.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            set_file_size_limit(0, 1500)
+        });
+    }
+    let mut client = Logged::spawn_command("client", cmd);
+    let pid = libc::pid_t::try_from(client.child.id()).expect("pid fits");
+    let rest = client.wait_for("File too large (os error 27): ");
+    assert!(
+        rest.starts_with("1 sample(s) held back, not reported until they are in the spool"),
+        "{rest}"
+    );
+    // Nothing more is reported while the spool takes nothing (the fetches
+    // go on every 100 ms).
+    thread::sleep(Duration::from_millis(300));
+    let before = records(&out_path).len();
+    assert!(before >= 5, "{before} reports before the spool filled up");
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        records(&out_path).len(),
+        before,
+        "reported while the spool could not take them"
+    );
+    let mut values = Vec::new();
+    served(&source, &mut values);
+
+    // Room again: the held samples go in and out, in order.
+    set_file_size_limit(pid, libc::RLIM_INFINITY).expect("raise the client's limit");
+    client.wait_for("the spool takes samples again");
+    let must = values.clone();
+    wait_until(
+        "every value fetched while the spool was full, recorded",
+        || {
+            let got: Vec<f64> = records(&out_path)
+                .iter()
+                .filter_map(|r| r["value"].as_f64())
+                .collect();
+            must.iter().all(|v| got.contains(v))
+        },
+    );
+    client.signal(libc::SIGINT);
+    assert!(client.wait(LIMIT).success(), "the client closes on SIGINT");
+
+    let recs = records(&out_path);
+    let seqs: Vec<u64> = recs.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seqs.len(), "a seq recorded twice: {seqs:?}");
+    assert_eq!(
+        sorted,
+        (1..=sorted.len() as u64).collect::<Vec<_>>(),
+        "seq contiguous"
+    );
+    // In fetch order: seq order is value order.
+    let by_seq: BTreeMap<u64, f64> = recs
+        .iter()
+        .filter_map(|r| Some((r["seq"].as_u64()?, r["value"].as_f64()?)))
+        .collect();
+    let in_order: Vec<f64> = by_seq.values().copied().collect();
+    let served_order: Vec<f64> = values
+        .iter()
+        .copied()
+        .filter(|v| in_order.contains(v))
+        .collect();
+    assert_eq!(
+        in_order[..served_order.len()],
+        served_order[..],
+        "reported in the order fetched"
+    );
+}

@@ -3,7 +3,7 @@
 //!
 //! Per `(identity, client)`: a *floor* (every seq below it was recorded;
 //! seqs start at 1, so a new client's floor is 1) and the set of recorded
-//! seqs above it. Recording the floor's seq advances the floor over the
+//! seqs above it (a [`SeqSet`]). Recording the floor's seq advances the floor over the
 //! contiguous run, so a client that reports in order costs a few bytes.
 //! When a client's set grows past `per_client` entries, the floor jumps to
 //! the smallest entry (gaps below it are then taken as seen). The clients
@@ -14,10 +14,9 @@
 //! active is forgotten first). So an identity that invents `client` ids
 //! evicts only its own memory, never another identity's.
 
-use std::collections::BTreeSet;
-
 use crate::identity::{Identity, RecordKey};
 use crate::per_identity::{IdentityLimits, PerIdentity};
+use crate::seqs::SeqSet;
 
 /// Settings for [`Dedup`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +54,11 @@ impl DedupConfig {
     }
 }
 
+/// One client's recorded seqs: everything below `floor`, and `above`.
 #[derive(Debug)]
 struct Seen {
     floor: u64,
-    above: BTreeSet<u64>,
+    above: SeqSet,
 }
 
 impl Default for Seen {
@@ -66,14 +66,14 @@ impl Default for Seen {
         // The protocol's first seq is 1 (report.rs refuses 0).
         Seen {
             floor: 1,
-            above: BTreeSet::new(),
+            above: SeqSet::new(),
         }
     }
 }
 
 impl Seen {
     fn contains(&self, seq: u64) -> bool {
-        seq < self.floor || self.above.contains(&seq)
+        seq < self.floor || self.above.contains(seq)
     }
 
     fn insert(&mut self, seq: u64, cap: usize) {
@@ -81,18 +81,20 @@ impl Seen {
             return;
         }
         self.above.insert(seq);
-        while self.above.first() == Some(&self.floor) {
-            self.above.pop_first();
-            self.floor += 1;
+        self.absorb();
+        let cap = cap as u64;
+        if self.above.len() > cap
+            && let Some(s) = self.above.pop_smallest(self.above.len() - cap)
+        {
+            self.floor = s.saturating_add(1);
+            self.absorb();
         }
-        while self.above.len() > cap {
-            if let Some(s) = self.above.pop_first() {
-                self.floor = s + 1;
-            }
-        }
-        while self.above.first() == Some(&self.floor) {
-            self.above.pop_first();
-            self.floor += 1;
+    }
+
+    /// Moves the floor over the run of `above` that starts at it.
+    fn absorb(&mut self) {
+        if let Some(end) = self.above.remove_run_at(self.floor) {
+            self.floor = end.saturating_add(1);
         }
     }
 }

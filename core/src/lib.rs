@@ -77,6 +77,7 @@ pub mod per_identity;
 pub mod queue;
 pub mod report;
 pub mod rng;
+pub mod seqs;
 pub mod server;
 pub mod stream;
 pub mod timer;
@@ -95,6 +96,7 @@ pub use object::JsonObject;
 pub use queue::Seq;
 pub use report::{Report, Response, Sample};
 pub use rng::CoreRng;
+pub use seqs::SeqSet;
 pub use server::{
     CertRefusal, CloseReason, ConnKey, ConnStats, Limit, LimitCounts, Outcome, ReportHandle,
     Server, ServerEvent, ServerStats,

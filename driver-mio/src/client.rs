@@ -14,8 +14,14 @@
 //!
 //! A sample is submitted (and, with a spool, written to it first) in the
 //! turn of the loop that the waker started, and its report goes out in that
-//! turn. The loop wakes for the earliest of the core's deadline, the
-//! spool's (a deferred fsync) and, when info logs are on, the summary line.
+//! turn. With a spool, a sample is never reported before it is in it: when
+//! the spool cannot take it (a full disk), it is held back in memory, in
+//! order, with one warning naming the cause, and written again every
+//! [`SPOOL_RETRY`] (and before any newer sample) until the spool takes it;
+//! then its report goes out. At most `queue_limit` samples are held so;
+//! past that the oldest is dropped and counted (as a full queue drops). The
+//! loop wakes for the earliest of the core's deadline, the spool's (a
+//! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
@@ -24,33 +30,33 @@
 //! that takes longer than [`ClientOptions::close_grace`] or
 //! [`StopHandle::abort`] (which sends nothing more).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token, Waker};
+use mio::Waker;
 use quic_report_core::{
     Client, ClientConfig, ClientEvent, ClientState, ClientStats, CoreRng, DisconnectReason,
     MAX_DATAGRAM_SIZE, Sample, Verify,
 };
 
 use crate::debuglog;
+use crate::event_loop::{self, SOCKET, Sources, Steps};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::observe::SUMMARY_EVERY;
-use crate::signal::SignalSource;
 use crate::spool::{Spool, SpoolOptions};
-use crate::turn::{self, StopRequest, StuckDeadline, Wait};
+use crate::turn::Wait;
 use crate::udp::{Recv, Sent, UdpIo};
 use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
-
-const SOCKET: Token = Token(0);
-const WAKER: Token = Token(1);
-const SIGNALS: Token = Token(2);
 
 /// Datagrams read per wake-up before the loop services timers and sends
 /// (the rest are read on the next turn, without sleeping).
 const RECV_BUDGET: usize = 256;
+
+/// How often samples the spool could not take are written again.
+pub const SPOOL_RETRY: Duration = Duration::from_secs(1);
 
 /// What the client loop needs.
 #[derive(Debug, Clone)]
@@ -112,8 +118,12 @@ pub struct ClientSummary {
     pub settled: u64,
     /// Reports never acknowledged (given up at close).
     pub unacknowledged: usize,
-    /// Reports dropped because the queue was full.
+    /// Reports dropped because the queue was full, and samples dropped
+    /// because the spool could not take them and too many were held.
     pub dropped: u64,
+    /// Samples fetched that the spool never took (a full disk until the
+    /// end): never reported, lost with this process.
+    pub unspooled: usize,
 }
 
 /// Hands samples to a running client loop from any thread (for callers
@@ -140,10 +150,8 @@ impl SampleSender {
 #[derive(Debug)]
 pub struct ClientDriver {
     opts: ClientOptions,
-    poll: Poll,
+    sources: Sources,
     io: UdpIo,
-    waker: Arc<Waker>,
-    signals: Option<SignalSource>,
     samples_tx: Sender<Sample>,
     samples_rx: Receiver<Sample>,
     spool: Option<Spool>,
@@ -170,28 +178,14 @@ impl ClientDriver {
             Some(s) => Some(open_spool(s, &mut opts.config.client_id)?),
             None => None,
         };
-        let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
-        let io = UdpIo::connect(opts.config.server, poll.registry(), SOCKET)?;
+        let sources = Sources::new(opts.stop.clone(), opts.handle_signals)?;
+        let io = UdpIo::connect(opts.config.server, sources.poll.registry(), SOCKET)?;
         opts.config.local = io.local_addr();
-        let waker = Arc::new(
-            Waker::new(poll.registry(), WAKER).map_err(DriverError::io("creating the waker"))?,
-        );
-        opts.stop.attach(Arc::clone(&waker));
-        let signals = if opts.handle_signals {
-            Some(
-                SignalSource::register(poll.registry(), SIGNALS)
-                    .map_err(DriverError::io("catching SIGINT and SIGTERM"))?,
-            )
-        } else {
-            None
-        };
         let (samples_tx, samples_rx) = mpsc::channel();
         Ok(ClientDriver {
             opts,
-            poll,
+            sources,
             io,
-            waker,
-            signals,
             samples_tx,
             samples_rx,
             spool,
@@ -212,7 +206,7 @@ impl ClientDriver {
     pub fn sample_sender(&self) -> SampleSender {
         SampleSender {
             tx: self.samples_tx.clone(),
-            waker: Arc::clone(&self.waker),
+            waker: Arc::clone(&self.sources.waker),
         }
     }
 
@@ -267,11 +261,21 @@ impl ClientDriver {
             fetch,
             spool,
             spool_failing: false,
+            held: VecDeque::new(),
+            held_limit: self.opts.config.queue_limit.max(1),
+            held_dropped: 0,
+            holding: false,
+            retry_at: None,
             handler,
             settled: 0,
             closing_since: None,
             failure: None,
             out: vec![0u8; MAX_DATAGRAM_SIZE],
+            buf: vec![0u8; RECV_BUF_SIZE],
+            // No summary line to log: no wake-up for it either.
+            next_summary: log::log_enabled!(log::Level::Info)
+                .then(|| Instant::now() + SUMMARY_EVERY),
+            last_acked: 0,
         };
         let res = state.run(&mut self);
         state.fetch = None; // stops the fetch thread
@@ -285,8 +289,16 @@ impl ClientDriver {
             client,
             settled,
             failure,
+            held,
+            held_dropped,
             ..
         } = state;
+        if !held.is_empty() {
+            log::warn!(
+                "{} sample(s) the spool never took are lost (never reported)",
+                held.len()
+            );
+        }
         if client.state() == ClientState::Failed {
             let reason =
                 failure.unwrap_or_else(|| DisconnectReason::HandshakeFailed("unknown".into()));
@@ -297,7 +309,8 @@ impl ClientDriver {
             stats: client.stats(),
             settled,
             unacknowledged: client.queued(),
-            dropped: client.dropped(),
+            dropped: client.dropped() + held_dropped,
+            unspooled: held.len(),
         })
     }
 }
@@ -311,11 +324,30 @@ struct Loop<'h> {
     spool: Option<Spool>,
     /// The last spool operation failed (warned once until one succeeds).
     spool_failing: bool,
+    /// Samples the spool could not take yet, oldest first: not reported
+    /// until it does.
+    held: VecDeque<Sample>,
+    /// Most samples held (the queue's limit).
+    held_limit: usize,
+    /// Held samples dropped because too many were held.
+    held_dropped: u64,
+    /// The spool refused the oldest held sample (warned once until it
+    /// takes it).
+    holding: bool,
+    /// When to write the held samples again.
+    retry_at: Option<Instant>,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
     closing_since: Option<Instant>,
     failure: Option<DisconnectReason>,
+    /// The datagram being sent.
     out: Vec<u8>,
+    /// The datagram being read.
+    buf: Vec<u8>,
+    /// When the next summary line is due (`None`: info logs are off).
+    next_summary: Option<Instant>,
+    /// Acknowledged reports at the last summary line.
+    last_acked: u64,
 }
 
 impl Loop<'_> {
@@ -342,122 +374,79 @@ impl Loop<'_> {
     }
 
     fn run(&mut self, d: &mut ClientDriver) -> Result<(), DriverError> {
-        let mut events = Events::with_capacity(64);
-        let mut buf = vec![0u8; RECV_BUF_SIZE];
-        let mut more_to_read = false;
-        let mut stuck = StuckDeadline::default();
         // Client::new started the first attempt: send it.
-        self.drain(d, Instant::now());
+        self.drain_core(d, Instant::now());
         if d.opts.count == Some(0) {
-            self.close(Instant::now(), "count reached");
-            self.drain(d, Instant::now());
+            self.close_client(Instant::now(), "count reached");
+            self.drain_core(d, Instant::now());
         }
-        // No summary line to log: no wake-up for it either.
-        let mut next_summary =
-            log::log_enabled!(log::Level::Info).then(|| Instant::now() + SUMMARY_EVERY);
-        let mut last_acked = 0;
-        while !self.client.is_finished() {
-            let now = Instant::now();
-            if let Some(next) = &mut next_summary
-                && now >= *next
-            {
-                last_acked = self.summary(last_acked);
-                *next = now + SUMMARY_EVERY;
-            }
-            let wait = Wait::new(now, self.client.poll_timeout(), stuck.floor())
-                .until(next_summary)
-                .until(self.spool.as_ref().and_then(Spool::poll_timeout))
-                .until(self.closing_since.map(|since| since + d.opts.close_grace))
-                .at_once_if(more_to_read);
-            if !turn::poll(&mut d.poll, &mut events, wait)? {
-                continue;
-            }
-            let stop = d.opts.stop.this_turn();
-            if stop == StopRequest::Abort {
-                log::info!("aborted: stopping without closing the connection");
-                break;
-            }
-            let now = Instant::now();
-            let (mut readable, mut writable, mut woken, mut signalled) =
-                (more_to_read, false, false, false);
-            for ev in events.iter() {
-                match ev.token() {
-                    SOCKET => {
-                        readable |= ev.is_readable() || ev.is_error();
-                        writable |= ev.is_writable();
-                    }
-                    WAKER => woken = true,
-                    SIGNALS => signalled = true,
-                    t => log::warn!("event for an unknown token {t:?}"),
-                }
-            }
-            if writable && d.io.flush(d.poll.registry()) {
-                self.client.handle_unreachable(now);
-            }
-            more_to_read = readable && self.read(d, now, &mut buf);
-            if woken {
-                while let Ok(sample) = d.samples_rx.try_recv() {
-                    self.submit(now, sample);
-                }
-            }
-            if signalled
-                && let Some(sig) = d
-                    .signals
-                    .as_mut()
-                    .and_then(|s| s.pending().first().copied())
-            {
-                if self.closing_since.is_some() {
-                    log::warn!("{sig} again: stopping without waiting for the close");
-                    break;
-                }
-                log::info!("{sig}: closing the connection");
-                self.close(now, sig);
-            }
-            if stop == StopRequest::Stop && self.closing_since.is_none() {
-                self.close(now, "stop requested");
-            }
-            if let Some(s) = &mut self.spool {
-                let res = s.handle_timeout(now);
-                self.spool_result(res, "");
-            }
-            let due = self.client.poll_timeout().filter(|t| *t <= now);
-            if due.is_some() {
-                self.client.handle_timeout(now);
-            }
-            self.drain(d, now);
-            if self.closing_since.is_some() {
-                self.fetch = None; // stops the fetch thread
-            }
-            stuck.check(due, self.client.poll_timeout(), || {
-                format!("core deadline {:?}", self.client.deadline().map(|d| d.kind))
-            });
-            if let Some(since) = self.closing_since
-                && !self.client.is_finished()
-                && now.duration_since(since) >= d.opts.close_grace
-            {
-                log::warn!(
-                    "close did not finish within {:?}; stopping",
-                    d.opts.close_grace
-                );
-                break;
-            }
-        }
-        Ok(())
+        event_loop::run(self, d)
     }
 
-    /// Queues a sample for the core (dropped once closing), writing it to
-    /// the spool first.
+    /// Queues a sample for the core (dropped once closing); with a spool,
+    /// only once it is in the spool, after the samples held before it.
     fn submit(&mut self, now: Instant, sample: Sample) {
         if self.closing_since.is_some() {
             return;
         }
-        if let Some(s) = &mut self.spool {
-            let seq = self.client.next_seq();
-            let res = s.append(now, seq, &sample);
-            self.spool_result(res, " (the report is kept in memory only)");
+        if self.spool.is_none() {
+            let seq = self.client.submit(now, sample);
+            log::debug!("sample queued as seq {seq}");
+            return;
         }
-        let seq = self.client.submit(now, sample);
-        log::debug!("sample queued as seq {seq}");
+        self.held.push_back(sample);
+        let limit = self.held_limit;
+        if self.held.len() > limit {
+            self.held.pop_front();
+            self.held_dropped += 1;
+            log::warn!(
+                "a sample the spool could not take was dropped and lost ({} so far; at most {limit} are held)",
+                self.held_dropped
+            );
+        }
+        if self.retry_at.is_none() {
+            self.spool_held(now);
+        }
+    }
+
+    /// Writes the held samples to the spool, oldest first, and queues each
+    /// one that is in it for the core; on a failure the rest wait for the
+    /// next retry.
+    fn spool_held(&mut self, now: Instant) {
+        self.retry_at = None;
+        let Some(spool) = &mut self.spool else {
+            return;
+        };
+        while let Some(sample) = self.held.front() {
+            let seq = self.client.next_seq();
+            if let Err(e) = spool.append(now, seq, sample) {
+                self.retry_at = Some(now + SPOOL_RETRY);
+                if self.holding {
+                    log::debug!("{e}: {} sample(s) held back", self.held.len());
+                } else {
+                    self.holding = true;
+                    log::warn!(
+                        "{e}: {} sample(s) held back, not reported until they are in the spool (retrying every {}s; at most {} are held, then the oldest is dropped)",
+                        self.held.len(),
+                        SPOOL_RETRY.as_secs(),
+                        self.held_limit
+                    );
+                }
+                return;
+            }
+            let Some(sample) = self.held.pop_front() else {
+                break;
+            };
+            let queued = self.client.submit(now, sample);
+            debug_assert_eq!(queued, seq, "the spool and the core agree on the seq");
+            log::debug!("sample spooled and queued as seq {seq}");
+            if self.holding {
+                self.holding = false;
+                log::info!(
+                    "the spool takes samples again: the held ones are written and reported, oldest first"
+                );
+            }
+        }
     }
 
     /// Logs a spool failure once until the spool works again.
@@ -478,7 +467,8 @@ impl Loop<'_> {
 
     /// Reads datagrams into the core until WouldBlock or the budget is
     /// spent. Returns whether datagrams may be left.
-    fn read(&mut self, d: &mut ClientDriver, now: Instant, buf: &mut [u8]) -> bool {
+    fn read(&mut self, d: &mut ClientDriver, now: Instant) -> bool {
+        let buf = &mut self.buf;
         let local = d.io.local_addr();
         for _ in 0..RECV_BUDGET {
             match d.io.recv(buf) {
@@ -507,11 +497,14 @@ impl Loop<'_> {
     /// Hands the core's events to the handler, sends every datagram it
     /// has, then events again until a drain of events after the transmits
     /// finds none: the core's contract (the crate docs of `quic_report_core`).
-    fn drain(&mut self, d: &mut ClientDriver, now: Instant) {
+    fn drain_core(&mut self, d: &mut ClientDriver, now: Instant) {
         self.handle_events(d, now);
         loop {
             while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
-                if d.io.send(d.poll.registry(), &self.out[..t.len], t.to) == Sent::Unreachable {
+                if d.io
+                    .send(d.sources.poll.registry(), &self.out[..t.len], t.to)
+                    == Sent::Unreachable
+                {
                     self.client.handle_unreachable(now);
                 }
             }
@@ -540,11 +533,14 @@ impl Loop<'_> {
             | ClientEvent::ReportDropped { seq } => {
                 if let Some(s) = &mut self.spool {
                     let res = s.remove(*seq);
-                    self.spool_result(res, "");
+                    self.spool_result(
+                        res,
+                        " (marking a report done; after a restart it is sent again, and the server answers it as a duplicate)",
+                    );
                 }
                 self.settled += 1;
                 if count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
-                    self.close(now, "count reached");
+                    self.close_client(now, "count reached");
                 }
             }
             ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
@@ -552,10 +548,103 @@ impl Loop<'_> {
         }
     }
 
-    fn close(&mut self, now: Instant, why: &str) {
+    fn close_client(&mut self, now: Instant, why: &str) {
         log::debug!("closing the client: {why}");
         self.closing_since = Some(now);
         self.client.close(now);
+    }
+}
+
+impl Steps for Loop<'_> {
+    type Driver = ClientDriver;
+    const EVENTS: usize = 64;
+
+    fn sources(d: &mut ClientDriver) -> &mut Sources {
+        &mut d.sources
+    }
+
+    fn grace(d: &ClientDriver) -> Duration {
+        d.opts.close_grace
+    }
+
+    fn core_deadline(&self) -> Option<Instant> {
+        self.client.poll_timeout()
+    }
+
+    /// Logs the summary line when due; wakes for the next one and the
+    /// spool's deferred fsync.
+    fn wait(&mut self, _: &mut ClientDriver, now: Instant, wait: Wait) -> Wait {
+        if let Some(next) = self.next_summary
+            && now >= next
+        {
+            self.last_acked = self.summary(self.last_acked);
+            self.next_summary = Some(now + SUMMARY_EVERY);
+        }
+        wait.until(self.next_summary)
+            .until(self.spool.as_ref().and_then(Spool::poll_timeout))
+            .until(self.retry_at)
+    }
+
+    fn on_writable(&mut self, d: &mut ClientDriver, now: Instant) {
+        if d.io.flush(d.sources.poll.registry()) {
+            self.client.handle_unreachable(now);
+        }
+    }
+
+    fn on_readable(&mut self, d: &mut ClientDriver, now: Instant) -> bool {
+        self.read(d, now)
+    }
+
+    /// Submits the samples the fetch thread (or a [`SampleSender`]) sent.
+    fn on_wake(&mut self, d: &mut ClientDriver, now: Instant) {
+        while let Ok(sample) = d.samples_rx.try_recv() {
+            self.submit(now, sample);
+        }
+    }
+
+    fn close(&mut self, _: &mut ClientDriver, now: Instant, why: &str) {
+        self.close_client(now, why);
+    }
+
+    fn closing_since(&self) -> Option<Instant> {
+        self.closing_since
+    }
+
+    /// The retry of held samples, the spool's deferred fsync, then the
+    /// core's deadline.
+    fn on_deadline(&mut self, _: &mut ClientDriver, now: Instant, core_due: bool) {
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.spool_held(now);
+        }
+        if let Some(s) = &mut self.spool
+            && let Err(e) = s.handle_timeout(now)
+        {
+            self.spool_result(Err(e), " (a power loss may lose the last samples)");
+        }
+        if core_due {
+            self.client.handle_timeout(now);
+        }
+    }
+
+    /// The core's contract, then the fetch thread stops once closing.
+    fn drain(&mut self, d: &mut ClientDriver, now: Instant) -> Result<(), DriverError> {
+        self.drain_core(d, now);
+        if self.closing_since.is_some() {
+            self.fetch = None; // stops the fetch thread
+        }
+        Ok(())
+    }
+
+    fn done(&mut self, _: &mut ClientDriver) -> bool {
+        self.client.is_finished()
+    }
+
+    fn closes(&self) -> String {
+        "the connection".into()
+    }
+
+    fn deadline_name(&self) -> String {
+        format!("core deadline {:?}", self.client.deadline().map(|d| d.kind))
     }
 }
 

@@ -45,6 +45,10 @@ pub const MAX_BODY_BYTES: u64 = 64 * 1024;
 /// Redirects followed per fetch at most; one more is an error.
 pub const MAX_REDIRECTS: u32 = 5;
 
+/// The longest fetch interval (ten years): the schedule adds multiples of
+/// it to a clock reading, which must not overflow.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 /// What to fetch, how often, whom to trust and through which proxy.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -90,6 +94,9 @@ impl FetchOptions {
     fn uri(&self) -> Result<Uri, String> {
         if self.interval.is_zero() {
             return Err("the fetch interval must not be zero".into());
+        }
+        if self.interval > MAX_INTERVAL {
+            return Err("the fetch interval must be at most 10 years".into());
         }
         let uri: Uri = self
             .url
@@ -380,11 +387,11 @@ impl Schedule {
     /// ticks already past.
     pub fn next_after(&mut self, now: Instant) -> Instant {
         self.k = self.k.saturating_add(1);
-        let mut next = self.base + self.interval.saturating_mul(self.k);
+        let mut next = self.tick(self.k);
         if next <= now {
             let behind = now.duration_since(self.base).as_nanos() / self.interval.as_nanos().max(1);
             self.k = u32::try_from(behind + 1).unwrap_or(u32::MAX);
-            next = self.base + self.interval.saturating_mul(self.k);
+            next = self.tick(self.k);
             log::debug!("fetch overran its interval; next fetch at tick {}", self.k);
         }
         if self.k > 1_000_000 {
@@ -393,6 +400,15 @@ impl Schedule {
             self.k = 0;
         }
         next
+    }
+
+    /// When tick `k` is (the far future if that is past what the clock can
+    /// hold: an interval beyond [`MAX_INTERVAL`]).
+    fn tick(&self, k: u32) -> Instant {
+        let far = self.base.checked_add(MAX_INTERVAL).unwrap_or(self.base);
+        self.base
+            .checked_add(self.interval.saturating_mul(k))
+            .unwrap_or(far)
     }
 }
 
@@ -632,6 +648,18 @@ mod tests {
         );
         // Ended exactly on a tick: that tick is past, the next one counts.
         assert_eq!(s.next_after(t0 + ms(500)), t0 + ms(600));
+    }
+
+    #[test]
+    fn an_interval_past_what_the_clock_holds_never_panics() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0, Duration::MAX);
+        assert!(s.next_after(t0) > t0);
+        assert!(
+            FetchOptions::new("http://x/", MAX_INTERVAL + ms(1))
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]

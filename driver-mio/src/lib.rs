@@ -51,6 +51,7 @@ pub mod client;
 pub mod database;
 pub mod debuglog;
 pub mod error;
+pub mod event_loop;
 pub mod fetch;
 pub mod get;
 pub mod held;

@@ -123,9 +123,6 @@ pub fn more_since(n: u64) -> String {
     }
 }
 
-/// The snapshot the metrics thread reads is published at most this often.
-const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-
 /// How often the summary line is logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
@@ -276,6 +273,9 @@ pub struct Snapshot {
     pub database: Option<DbMetrics>,
 }
 
+/// How often at most the loop publishes its counters to the metrics thread.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// The loop's bookkeeping.
 #[derive(Debug)]
 pub struct Observer {
@@ -362,9 +362,11 @@ impl Observer {
         *self.latest.entry(&report.identity, client, Vec::new) = line;
     }
 
-    /// Publishes the counters for the metrics thread (at most every 100 ms)
-    /// and logs the summary line when it is due. Returns when it next wants
-    /// to run.
+    /// Publishes the counters for the metrics thread (at most every
+    /// [`PUBLISH_EVERY`]) and logs the summary line when it is due. Returns
+    /// when it next wants to run: by the next publish if this call left
+    /// counters unpublished, so that `/metrics` is never more than
+    /// [`PUBLISH_EVERY`] behind, even when the loop has nothing else to do.
     pub fn tick(
         &mut self,
         now: Instant,
@@ -375,21 +377,16 @@ impl Observer {
         self.snap.core = core;
         self.snap.connections_open = open as u64;
         self.snap.uptime = now.saturating_duration_since(self.started);
-        // A turn that changed something but came too soon after the last
-        // publish asks for one more turn when it is due, so the snapshot
-        // never stays behind a loop that went idle.
-        let mut publish_due = None;
-        match self.published {
-            Some(t) if now.saturating_duration_since(t) < PUBLISH_EVERY => {
-                publish_due = Some(t + PUBLISH_EVERY);
-            }
+        let unpublished = match self.published {
+            Some(t) if now.saturating_duration_since(t) < PUBLISH_EVERY => Some(t + PUBLISH_EVERY),
             _ => {
                 if let Ok(mut s) = self.shared.lock() {
                     *s = self.snap.clone();
                 }
                 self.published = Some(now);
+                None
             }
-        }
+        };
         if now >= self.next_summary {
             let (rec, conns) = (self.snap.recorded, core.connections_total);
             let rtt =
@@ -407,7 +404,7 @@ impl Observer {
             self.last_summary = (rec, conns);
             self.next_summary = now + SUMMARY_EVERY;
         }
-        publish_due.map_or(self.next_summary, |t| t.min(self.next_summary))
+        unpublished.map_or(self.next_summary, |t| t.min(self.next_summary))
     }
 
     /// What `identity` may read of `path`, as the [`ReadPolicy`] says:
@@ -845,6 +842,28 @@ impl Drop for MetricsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_left_unpublished_are_published_by_the_next_tick_it_asks_for() {
+        let t0 = Instant::now();
+        let mut o = Observer::new(t0);
+        let shared = o.shared();
+        assert_eq!(
+            o.tick(t0, ServerStats::default(), 0, || None),
+            o.next_summary
+        );
+        let refused = o.authorize("/stats", &Identity::anonymous());
+        assert!(refused.is_err(), "no read policy: anonymous reads nothing");
+        let soon = t0 + Duration::from_millis(10);
+        let next = o.tick(soon, ServerStats::default(), 0, || None);
+        assert_eq!(next, t0 + PUBLISH_EVERY, "asks to run again to publish");
+        assert_eq!(shared.lock().expect("lock").reads_refused, 0, "not yet");
+        assert_eq!(
+            o.tick(next, ServerStats::default(), 0, || None),
+            o.next_summary
+        );
+        assert_eq!(shared.lock().expect("lock").reads_refused, 1, "published");
+    }
 
     #[test]
     fn histogram_is_cumulative() {

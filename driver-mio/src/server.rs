@@ -32,7 +32,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token, Waker};
 use quic_report_core::{
     CoreRng, Outcome, Report, ReportHandle, RespondError, Server, ServerConfig, ServerEvent,
     ServerSecret,
@@ -42,20 +41,16 @@ use crate::batch::{BATCH, RECV_SLOT, RecvBatch, SendBatch};
 use crate::database::writer::{Read, Writer};
 use crate::database::{Connect, DbError};
 use crate::debuglog;
+use crate::event_loop::{self, SOCKET, Sources, Steps};
 use crate::held::{Held, Settled, WaitLimits, Waiting};
 use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
 use crate::show::{self, ReportText};
-use crate::signal::SignalSource;
 use crate::sink::RecordedKeys;
 pub use crate::sink::{ReportSink, WriterSink};
-use crate::turn::{self, StopRequest, StuckDeadline, Wait};
+use crate::turn::Wait;
 use crate::udp::{UdpIo, is_unreachable};
 use crate::{DriverError, StopHandle, os_seed};
-
-const SOCKET: Token = Token(0);
-const WAKER: Token = Token(1);
-const SIGNALS: Token = Token(2);
 
 /// The worker byte before this process knows its index: past every index
 /// the steering program uses, so the kernel's hash decides.
@@ -177,12 +172,10 @@ impl DatabaseSink {
 #[derive(Debug)]
 pub struct ServerDriver {
     opts: ServerOptions,
-    poll: Poll,
+    sources: Sources,
     io: UdpIo,
     /// With `--reuseport`: learns the worker byte for connection IDs.
     steering: Option<Steering>,
-    signals: Option<SignalSource>,
-    _waker: Arc<Waker>,
     observer: Observer,
     metrics: Option<MetricsServer>,
 }
@@ -212,7 +205,8 @@ impl ServerDriver {
         }
         // Fail here rather than in `run`, which often runs on another thread.
         drop(Server::new(opts.config.clone(), CoreRng::from_seed(0))?);
-        let poll = Poll::new().map_err(DriverError::io("creating the poll"))?;
+        let sources = Sources::new(opts.stop.clone(), opts.handle_signals)?;
+        let poll = &sources.poll;
         let (io, steering) = if opts.reuseport {
             let addr = opts.listen;
             let sock = reuseport::bind_reuseport(addr)
@@ -234,18 +228,6 @@ impl ServerDriver {
         } else {
             (UdpIo::bind(opts.listen, poll.registry(), SOCKET)?, None)
         };
-        let waker = Arc::new(
-            Waker::new(poll.registry(), WAKER).map_err(DriverError::io("creating the waker"))?,
-        );
-        opts.stop.attach(Arc::clone(&waker));
-        let signals = if opts.handle_signals {
-            Some(
-                SignalSource::register(poll.registry(), SIGNALS)
-                    .map_err(DriverError::io("catching SIGINT and SIGTERM"))?,
-            )
-        } else {
-            None
-        };
         let mut observer = Observer::new(Instant::now());
         observer.set_read_policy(opts.read_policy.clone());
         let metrics = match opts.metrics {
@@ -257,11 +239,9 @@ impl ServerDriver {
         };
         Ok(ServerDriver {
             opts,
-            poll,
+            sources,
             io,
             steering,
-            signals,
-            _waker: waker,
             observer,
             metrics,
         })
@@ -330,8 +310,10 @@ impl ServerDriver {
             observer,
             throttles,
             db_reads: std::collections::HashMap::new(),
+            closing_since: None,
+            next_tick: Instant::now(),
         };
-        let res = state.run(&mut self);
+        let res = event_loop::run(&mut state, &mut self);
         if let Recorder::Inline(sink) = &mut state.sink
             && let Err(e) = sink.sync(Instant::now())
         {
@@ -358,7 +340,7 @@ impl ServerDriver {
             }
         };
         let seed = os_seed()?;
-        let writer = Writer::start(db.connect, first, Arc::clone(&self._waker), seed)
+        let writer = Writer::start(db.connect, first, Arc::clone(&self.sources.waker), seed)
             .map_err(DriverError::io("starting the database thread"))?;
         let mut instance = [0u8; 16];
         instance.copy_from_slice(&os_seed()?[..16]);
@@ -398,6 +380,106 @@ struct Loop<'a> {
     /// Reads the database answers: whose entries each may show (`None`:
     /// everyone's).
     db_reads: std::collections::HashMap<ReportHandle, Option<quic_report_core::Identity>>,
+    /// When the shutdown started, if it did.
+    closing_since: Option<Instant>,
+    /// When the observer wants its next tick.
+    next_tick: Instant,
+}
+
+impl Steps for Loop<'_> {
+    type Driver = ServerDriver;
+    const EVENTS: usize = 256;
+
+    fn sources(d: &mut ServerDriver) -> &mut Sources {
+        &mut d.sources
+    }
+
+    fn grace(d: &ServerDriver) -> Duration {
+        d.opts.shutdown_grace
+    }
+
+    fn core_deadline(&self) -> Option<Instant> {
+        self.server.poll_timeout()
+    }
+
+    /// The sink's deadline (a periodic fsync, a commit waited for), the
+    /// steering probe's, the observer's tick.
+    fn wait(&mut self, d: &mut ServerDriver, _: Instant, wait: Wait) -> Wait {
+        wait.until(self.sink.deadline())
+            .until(d.steering.as_ref().map(Steering::deadline))
+            .until(Some(self.next_tick))
+    }
+
+    fn on_writable(&mut self, d: &mut ServerDriver, _: Instant) {
+        d.io.flush(d.sources.poll.registry());
+    }
+
+    fn on_readable(&mut self, d: &mut ServerDriver, now: Instant) -> bool {
+        self.read(d, now)
+    }
+
+    /// Nothing of its own: the database thread's answers are settled every
+    /// turn ([`Steps::drain`]), the stop flag is read by the skeleton.
+    fn on_wake(&mut self, _: &mut ServerDriver, _: Instant) {}
+
+    fn close(&mut self, _: &mut ServerDriver, now: Instant, _: &str) {
+        self.closing_since = Some(now);
+        self.server.close_all(now);
+    }
+
+    fn closing_since(&self) -> Option<Instant> {
+        self.closing_since
+    }
+
+    /// The core's deadline, then the steering probe's.
+    fn on_deadline(&mut self, d: &mut ServerDriver, now: Instant, core_due: bool) {
+        if core_due {
+            self.server.handle_timeout(now);
+        }
+        if let Some(st) = d.steering.as_mut()
+            && st.deadline() <= now
+        {
+            st.probe(now, rand::random());
+        }
+    }
+
+    /// Answers what the database committed, drains the core, then the
+    /// observer's tick and the sink's periodic sync.
+    fn drain(&mut self, d: &mut ServerDriver, now: Instant) -> Result<(), DriverError> {
+        self.settle(now)?;
+        self.drain_core(d, now);
+        let now = Instant::now();
+        let server = &self.server;
+        self.next_tick = self
+            .observer
+            .tick(now, server.stats(), server.connections(), || {
+                server.mean_rtt()
+            });
+        if let Recorder::Inline(sink) = &mut self.sink
+            && sink.sync_deadline().is_some_and(|t| t <= now)
+            && let Err(e) = sink.sync(now)
+        {
+            log::error!("{e}");
+        }
+        Ok(())
+    }
+
+    /// Shutting down, every connection closed and every datagram sent.
+    fn done(&mut self, d: &mut ServerDriver) -> bool {
+        let done = self.closing_since.is_some() && self.server.is_closed() && d.io.held() == 0;
+        if done {
+            log::info!("all connections closed");
+        }
+        done
+    }
+
+    fn closes(&self) -> String {
+        format!("{} connection(s)", self.server.connections())
+    }
+
+    fn deadline_name(&self) -> String {
+        "core deadline".into()
+    }
 }
 
 /// One [`Throttle`] per kind of refusal a peer can cause at will.
@@ -409,114 +491,8 @@ struct Throttles {
 }
 
 impl Loop<'_> {
-    fn run(&mut self, d: &mut ServerDriver) -> Result<(), DriverError> {
-        let mut events = Events::with_capacity(256);
-        let mut more_to_read = false;
-        let mut shutting_down: Option<Instant> = None;
-        let mut stuck = StuckDeadline::default();
-        let mut next_tick = Instant::now();
-        loop {
-            let now = Instant::now();
-            let wait = Wait::new(now, self.server.poll_timeout(), stuck.floor())
-                .until(shutting_down.map(|since| since + d.opts.shutdown_grace))
-                .until(self.sink.deadline())
-                .until(d.steering.as_ref().map(Steering::deadline))
-                .until(Some(next_tick))
-                .at_once_if(more_to_read);
-            if !turn::poll(&mut d.poll, &mut events, wait)? {
-                continue;
-            }
-            let stop = d.opts.stop.this_turn();
-            if stop == StopRequest::Abort {
-                log::info!(
-                    "aborted: dropping {} connection(s) without closing them",
-                    self.server.connections()
-                );
-                return Ok(());
-            }
-            let now = Instant::now();
-            let (mut readable, mut writable, mut signalled) = (more_to_read, false, false);
-            for ev in events.iter() {
-                match ev.token() {
-                    SOCKET => {
-                        readable |= ev.is_readable() || ev.is_error();
-                        writable |= ev.is_writable();
-                    }
-                    WAKER => {} // the stop flag is checked below
-                    SIGNALS => signalled = true,
-                    t => log::warn!("event for an unknown token {t:?}"),
-                }
-            }
-            if writable {
-                d.io.flush(d.poll.registry());
-            }
-            more_to_read = readable && self.read(d, now);
-            if signalled
-                && let Some(sig) = d
-                    .signals
-                    .as_mut()
-                    .and_then(|s| s.pending().first().copied())
-            {
-                if shutting_down.is_some() {
-                    log::warn!("{sig} again: stopping without waiting for connections to close");
-                    return Ok(());
-                }
-                log::info!("{sig}: closing {} connection(s)", self.server.connections());
-                shutting_down = Some(now);
-                self.server.close_all(now);
-            }
-            if stop == StopRequest::Stop && shutting_down.is_none() {
-                log::info!(
-                    "stop requested: closing {} connection(s)",
-                    self.server.connections()
-                );
-                shutting_down = Some(now);
-                self.server.close_all(now);
-            }
-            let due = self.server.poll_timeout().filter(|t| *t <= now);
-            if due.is_some() {
-                self.server.handle_timeout(now);
-            }
-            if let Some(st) = d.steering.as_mut()
-                && st.deadline() <= now
-            {
-                st.probe(now, rand::random());
-            }
-            self.settle(now)?;
-            self.drain(d, now);
-            let now = Instant::now();
-            let server = &self.server;
-            next_tick = self
-                .observer
-                .tick(now, server.stats(), server.connections(), || {
-                    server.mean_rtt()
-                });
-            if let Recorder::Inline(sink) = &mut self.sink
-                && sink.sync_deadline().is_some_and(|t| t <= now)
-                && let Err(e) = sink.sync(now)
-            {
-                log::error!("{e}");
-            }
-            stuck.check(due, self.server.poll_timeout(), || "core deadline".into());
-            if let Some(since) = shutting_down {
-                if self.server.is_closed() && d.io.held() == 0 {
-                    log::info!("all connections closed");
-                    return Ok(());
-                }
-                if now.duration_since(since) >= d.opts.shutdown_grace {
-                    log::warn!(
-                        "{} connection(s) not closed within {:?}; stopping anyway",
-                        self.server.connections(),
-                        d.opts.shutdown_grace
-                    );
-                    return Ok(());
-                }
-            }
-        }
-    }
-
     /// Reads datagrams into the core a batch (one `recvmmsg`) at a time and
-    /// answers each batch ([`Loop::drain`]) before reading the next, until a
+    /// answers each batch ([`Loop::drain_core`]) before reading the next, until a
     /// call finds none or the budget is spent. Returns whether datagrams may
     /// be left.
     fn read(&mut self, d: &mut ServerDriver, now: Instant) -> bool {
@@ -561,7 +537,7 @@ impl Loop<'_> {
             // Answer this batch now (its ACKs and answers go out before the
             // next batch is handled), then read on: datagrams that arrived
             // meanwhile are taken in this turn, without an epoll_wait.
-            self.drain(d, now);
+            self.drain_core(d, now);
         }
         true
     }
@@ -569,7 +545,7 @@ impl Loop<'_> {
     /// Events (recording and answering reports), then transmits, then
     /// events again until a drain of events after the transmits finds none:
     /// the core's contract (the crate docs of `quic_report_core`).
-    fn drain(&mut self, d: &mut ServerDriver, now: Instant) {
+    fn drain_core(&mut self, d: &mut ServerDriver, now: Instant) {
         let mut batch = std::mem::take(&mut self.batch);
         self.handle_events(now, &mut batch);
         loop {
@@ -601,11 +577,11 @@ impl Loop<'_> {
             self.sends.push(t.len, t.to);
             self.observer.bytes(0, t.len);
             if self.sends.is_full() {
-                d.io.send_batch(d.poll.registry(), &mut self.sends);
+                d.io.send_batch(d.sources.poll.registry(), &mut self.sends);
             }
         }
         if !self.sends.is_empty() {
-            d.io.send_batch(d.poll.registry(), &mut self.sends);
+            d.io.send_batch(d.sources.poll.registry(), &mut self.sends);
         }
     }
 
@@ -650,7 +626,12 @@ impl Loop<'_> {
                 };
                 // With a database, the reads come from it (every server's).
                 let read = match path.as_str() {
-                    "/latest" => Some(Read::Latest(MAX_LATEST_ROWS)),
+                    // Only its own: selected by the database, not after
+                    // its row limit.
+                    "/latest" => Some(Read::Latest {
+                        limit: MAX_LATEST_ROWS,
+                        identity: only.as_ref().map(|i| i.as_str().to_owned()),
+                    }),
                     "/stats" => Some(Read::Counts),
                     _ => None,
                 };

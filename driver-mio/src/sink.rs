@@ -20,14 +20,14 @@
 //! loop), then flushes once, then answers them: under [`Fsync::Always`]
 //! that is one fsync per batch, not per report.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use quic_report_core::{Identity, RecordKey, Report, Server};
+use hashlink::LruCache;
+use quic_report_core::{Identity, RecordKey, Report, SeqSet, Server};
 
 /// A `--sink URL`: where a server records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,11 +406,10 @@ fn lock(file: &File) -> io::Result<()> {
 /// The `(identity, client, seq)` keys of the reports recorded in a file,
 /// with what reading it found. Memory: a few words per client and per run
 /// of consecutive seqs, whatever the length of the file.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RecordedKeys {
-    /// By `(identity, client)`.
-    clients: HashMap<(String, String), Runs>,
-    tick: u64,
+    /// By `(identity, client)`, least recently seen first.
+    clients: LruCache<(String, String), SeqSet>,
     keys: u64,
     lines: u64,
     without_key: u64,
@@ -418,11 +417,17 @@ pub struct RecordedKeys {
     first_unparseable: Option<u64>,
 }
 
-/// One client's seqs as inclusive runs, in the order they were seen.
-#[derive(Clone, Default)]
-struct Runs {
-    last_seen: u64,
-    runs: Vec<(u64, u64)>,
+impl Default for RecordedKeys {
+    fn default() -> RecordedKeys {
+        RecordedKeys {
+            clients: LruCache::new_unbounded(),
+            keys: 0,
+            lines: 0,
+            without_key: 0,
+            unparseable: 0,
+            first_unparseable: None,
+        }
+    }
 }
 
 impl fmt::Debug for RecordedKeys {
@@ -490,16 +495,15 @@ impl RecordedKeys {
 
     /// Adds a key (`identity` `""`: the anonymous identity).
     pub fn insert(&mut self, identity: &str, client: &str, seq: u64) {
-        self.tick += 1;
         self.keys += 1;
-        let runs = self
-            .clients
-            .entry((identity.to_owned(), client.to_owned()))
-            .or_default();
-        runs.last_seen = self.tick;
-        match runs.runs.last_mut() {
-            Some((_, end)) if end.checked_add(1) == Some(seq) => *end = seq,
-            _ => runs.runs.push((seq, seq)),
+        let key = (identity.to_owned(), client.to_owned());
+        match self.clients.get_mut(&key) {
+            Some(seqs) => {
+                seqs.insert(seq);
+            }
+            None => {
+                self.clients.insert(key, std::iter::once(seq).collect());
+            }
         }
     }
 
@@ -542,19 +546,15 @@ impl RecordedKeys {
     /// first (the core forgets the least recently active clients first
     /// when it holds too many).
     pub fn mark_recorded(self, server: &mut Server) {
-        let mut clients: Vec<((String, String), Runs)> = self.clients.into_iter().collect();
-        clients.sort_by_key(|(_, r)| r.last_seen);
-        for ((identity, client), runs) in clients {
+        for ((identity, client), seqs) in self.clients {
             let mut key = RecordKey {
                 identity: Identity::from_stored(&identity),
                 client,
                 seq: 0,
             };
-            for (start, end) in runs.runs {
-                for seq in start..=end {
-                    key.seq = seq;
-                    server.mark_recorded(&key);
-                }
+            for seq in seqs.iter() {
+                key.seq = seq;
+                server.mark_recorded(&key);
             }
         }
     }
@@ -619,7 +619,8 @@ mod tests {
         assert_eq!(k.without_key(), 2);
         assert_eq!(k.unparseable(), 1);
         assert_eq!(k.first_unparseable_line(), Some(7));
-        assert_eq!(k.clients[&(String::new(), "a".into())].runs, vec![(1, 2)]);
+        let a = k.clients.peek(&(String::new(), "a".into())).expect("a");
+        assert_eq!(a.runs().collect::<Vec<_>>(), [(1, 2)]);
     }
 
     #[test]
@@ -628,11 +629,10 @@ mod tests {
         for s in (1..=1000).chain([2000, 2001, 5]) {
             k.insert("", "c", s);
         }
+        // Keys added, a repeat included; the set holds each once.
         assert_eq!(k.len(), 1003);
-        assert_eq!(
-            k.clients[&(String::new(), "c".into())].runs,
-            vec![(1, 1000), (2000, 2001), (5, 5)]
-        );
+        let c = k.clients.peek(&(String::new(), "c".into())).expect("c");
+        assert_eq!(c.runs().collect::<Vec<_>>(), [(1, 1000), (2000, 2001)]);
     }
 
     #[test]

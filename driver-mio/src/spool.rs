@@ -89,6 +89,11 @@ const KIND_RESERVE: u8 = 4;
 /// How many seqs one Reserve record covers.
 pub const RESERVE: u64 = 1000;
 
+/// Largest seq a spool holds (2^53 - 1, the largest integer every JSON
+/// reader keeps exactly). A record that names a larger one is corrupt,
+/// however good its CRC: it would make the numbering overflow.
+pub const MAX_SEQ: Seq = (1 << 53) - 1;
+
 /// The kernel's id of this boot (empty if unknown: then every open counts
 /// as after a reboot).
 fn boot_id() -> String {
@@ -124,7 +129,11 @@ pub enum SpoolError {
     #[error("{0} is not a quic-report spool (bad magic); move it away")]
     NotASpool(PathBuf),
     /// The spool belongs to another client id than the one configured.
-    #[error("spool {dir} belongs to client {found}, not {configured}")]
+    #[error(
+        "spool {} belongs to client {found}, not to the configured client id {configured}: \
+         a spool holds one client's id and seqs (use another directory for {configured})",
+        dir.display()
+    )]
     OtherClient {
         /// The directory.
         dir: PathBuf,
@@ -225,6 +234,12 @@ impl Spool {
             .create(true)
             .open(&path)
             .map_err(io_err("opening", &path))?;
+        let meta = file
+            .metadata()
+            .map_err(io_err("reading the metadata of", &path))?;
+        if !meta.is_file() {
+            return Err(SpoolError::NotASpool(path));
+        }
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(io_err("reading", &path))?;
@@ -290,7 +305,7 @@ impl Spool {
                 },
                 KIND_SAMPLE => match decode_sample(payload) {
                     Some((seq, sample)) => {
-                        self.next_seq = self.next_seq.max(seq + 1);
+                        self.next_seq = self.next_seq.max(seq.saturating_add(1));
                         let len = u32::try_from(rec_len).unwrap_or(u32::MAX);
                         samples.insert(seq, (at as u64, len, sample));
                         true
@@ -388,30 +403,64 @@ impl Spool {
         payload.extend_from_slice(&seq.to_le_bytes());
         payload.extend_from_slice(&sample.sampled_at_ms.to_le_bytes());
         payload.extend_from_slice(&fields);
+        if seq == 0 || seq > MAX_SEQ {
+            return Err(SpoolError::Io {
+                what: "numbering a sample",
+                path: self.path.clone(),
+                source: io::Error::other(format!("seq {seq} is out of range 1..={MAX_SEQ}")),
+            });
+        }
+        // All or nothing: a sample whose record (or the fsync its policy
+        // asks for) failed is cut off again, so the caller can hold its
+        // report back and try again later (a full disk).
+        let start = self.len;
+        let res = self.append_records(now, seq, &payload);
+        if res.is_err() {
+            if let Some((_, len)) = self.pending.remove(&seq) {
+                self.pending_bytes -= u64::from(len);
+            }
+            if self.len > start {
+                // If even this fails, the torn or unsynced tail is skipped
+                // or read back at the next open: never sent twice under
+                // two seqs, as the seq is not used now.
+                let _ = self.file.set_len(start);
+                self.len = start;
+            }
+        }
+        res
+    }
+
+    fn append_records(&mut self, now: Instant, seq: Seq, payload: &[u8]) -> Result<(), SpoolError> {
         // A seq not yet durably reserved: reserve more, fsynced with the
         // sample, before its report can go out.
-        let reserve = (seq >= self.reserved).then_some(seq + RESERVE);
+        let reserve = (seq >= self.reserved).then_some(seq.saturating_add(RESERVE));
         if let Some(bound) = reserve {
             let mut r = bound.to_le_bytes().to_vec();
             r.extend_from_slice(self.boot.as_bytes());
             self.write_record(KIND_RESERVE, &r)?;
         }
         let at = self.len;
-        let len = self.write_record(KIND_SAMPLE, &payload)?;
+        let len = self.write_record(KIND_SAMPLE, payload)?;
         self.pending.insert(seq, (at, len));
         self.pending_bytes += u64::from(len);
-        self.next_seq = self.next_seq.max(seq + 1);
         self.dirty = true;
         if let Some(bound) = reserve {
             self.sync(now)?;
             self.reserved = bound;
-            return Ok(());
+        } else {
+            match self.fsync {
+                Fsync::Always => self.sync(now)?,
+                Fsync::Interval(d)
+                    if self
+                        .last_sync
+                        .is_none_or(|t| t.checked_add(d).is_none_or(|t| t <= now)) =>
+                {
+                    self.sync(now)?;
+                }
+                Fsync::Interval(_) | Fsync::Never => {}
+            }
         }
-        match self.fsync {
-            Fsync::Always => self.sync(now)?,
-            Fsync::Interval(d) if self.last_sync.is_none_or(|t| t + d <= now) => self.sync(now)?,
-            Fsync::Interval(_) | Fsync::Never => {}
-        }
+        self.next_seq = self.next_seq.max(seq + 1);
         Ok(())
     }
 
@@ -432,9 +481,10 @@ impl Spool {
     /// When [`Spool::handle_timeout`] wants to run: a deferred fsync.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.fsync {
-            Fsync::Interval(d) if self.dirty => {
-                Some(self.last_sync.map_or_else(Instant::now, |t| t + d))
-            }
+            Fsync::Interval(d) if self.dirty => Some(
+                self.last_sync
+                    .map_or_else(Instant::now, |t| t.checked_add(d).unwrap_or(t)),
+            ),
             _ => None,
         }
     }
@@ -481,9 +531,19 @@ impl Spool {
     }
 
     /// Writes a new log (magic, identity, pending samples), fsyncs it
-    /// unless the policy is `Never`, and renames it over the old one.
+    /// unless the policy is `Never`, and renames it over the old one. On a
+    /// failure before the rename (a full disk) the old log stays in use and
+    /// the new one is removed.
     fn rewrite(&mut self) -> Result<(), SpoolError> {
         let tmp = self.dir.join("spool.log.new");
+        let res = self.write_new_log(&tmp);
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    fn write_new_log(&mut self, tmp: &Path) -> Result<(), SpoolError> {
         let io_err = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| SpoolError::Io { what, path, source }
@@ -513,12 +573,12 @@ impl Spool {
             moved.insert(seq, (out.len() as u64, len));
             out.extend_from_slice(&rec);
         }
-        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        f.write_all(&out).map_err(io_err("writing", &tmp))?;
+        let mut f = File::create(tmp).map_err(io_err("creating", tmp))?;
+        f.write_all(&out).map_err(io_err("writing", tmp))?;
         if self.fsync != Fsync::Never {
-            f.sync_all().map_err(io_err("fsync", &tmp))?;
+            f.sync_all().map_err(io_err("fsync", tmp))?;
         }
-        fs::rename(&tmp, &self.path).map_err(io_err("renaming into place", &tmp))?;
+        fs::rename(tmp, &self.path).map_err(io_err("renaming into place", tmp))?;
         if self.fsync != Fsync::Never {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
@@ -569,20 +629,20 @@ fn decode_identity(p: &[u8]) -> Option<(String, Seq)> {
     let n = usize::from(u16::from_le_bytes(p.get(..2)?.try_into().ok()?));
     let id = std::str::from_utf8(p.get(2..2 + n)?).ok()?;
     let next = u64::from_le_bytes(p.get(2 + n..2 + n + 8)?.try_into().ok()?);
-    (!id.is_empty()).then(|| (id.to_owned(), next))
+    (!id.is_empty() && next <= MAX_SEQ.saturating_add(1)).then(|| (id.to_owned(), next))
 }
 
 fn decode_reserve(p: &[u8]) -> Option<(Seq, String)> {
     let bound = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
     let boot = std::str::from_utf8(p.get(8..)?).ok()?;
-    Some((bound, boot.to_owned()))
+    (bound <= MAX_SEQ.saturating_add(RESERVE)).then(|| (bound, boot.to_owned()))
 }
 
 fn decode_sample(p: &[u8]) -> Option<(Seq, Sample)> {
     let seq = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
     let at = u64::from_le_bytes(p.get(8..16)?.try_into().ok()?);
     let sample = Sample::from_json(p.get(16..)?, at).ok()?;
-    (seq > 0).then_some((seq, sample))
+    (1..=MAX_SEQ).contains(&seq).then_some((seq, sample))
 }
 
 #[cfg(test)]
@@ -724,6 +784,105 @@ mod tests {
         let s = Spool::open(&o, || "x".into()).expect("after a reboot");
         assert_eq!(s.next_seq(), 1 + RESERVE);
         assert_eq!(s.pending(), 2);
+    }
+
+    /// Opens the spool in `dir` holding exactly `log`: never a panic, and
+    /// what it restores is some of `expected` (a prefix of the log was
+    /// good). Returns the next seq.
+    fn open_holding(dir: &TempDir, log: &[u8], expected: &[Seq]) -> Option<Seq> {
+        fs::write(dir.0.join("spool.log"), log).expect("write");
+        match Spool::open(&opts(dir, Fsync::Never), || "new".into()) {
+            Ok(mut s) => {
+                for (seq, _) in s.take_restored() {
+                    assert!(expected.contains(&seq), "seq {seq} came from nowhere");
+                }
+                assert!(s.next_seq() <= MAX_SEQ + 1);
+                Some(s.next_seq())
+            }
+            Err(SpoolError::NotASpool(_)) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn no_corrupt_log_of_any_shape_panics() {
+        let dir = TempDir::new("shapes");
+        let now = Instant::now();
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+            for seq in 1..=3 {
+                s.append(now, seq, &sample(seq)).expect("append");
+            }
+            s.remove(2).expect("done");
+        }
+        let good = fs::read(dir.0.join("spool.log")).expect("read");
+        // Cut at every byte, and every byte flipped in three ways.
+        for cut in 0..good.len() {
+            open_holding(&dir, &good[..cut], &[1, 2, 3]);
+        }
+        for i in 0..good.len() {
+            for mask in [0x01, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[i] ^= mask;
+                let opened = open_holding(&dir, &bad, &[1, 2, 3]);
+                assert!(opened.is_some() || i < MAGIC.len(), "byte {i} refused");
+            }
+        }
+        // Records whose CRC is good but whose content is not: absurd seqs,
+        // lengths and kinds. Each is skipped from there on.
+        let absurd: Vec<(u8, Vec<u8>)> = vec![
+            (KIND_SAMPLE, {
+                let mut p = u64::MAX.to_le_bytes().to_vec();
+                p.extend_from_slice(&0u64.to_le_bytes());
+                p.extend_from_slice(b"{}");
+                p
+            }),
+            (KIND_SAMPLE, {
+                let mut p = 9u64.to_le_bytes().to_vec();
+                p.extend_from_slice(&0u64.to_le_bytes());
+                p.extend_from_slice(b"[1, 2]");
+                p
+            }),
+            (KIND_SAMPLE, 9u64.to_le_bytes().to_vec()),
+            (KIND_IDENTITY, {
+                let mut p = 2u16.to_le_bytes().to_vec();
+                p.extend_from_slice(b"id");
+                p.extend_from_slice(&u64::MAX.to_le_bytes());
+                p
+            }),
+            (KIND_IDENTITY, u16::MAX.to_le_bytes().to_vec()),
+            (KIND_RESERVE, {
+                let mut p = u64::MAX.to_le_bytes().to_vec();
+                p.extend_from_slice(b"another boot");
+                p
+            }),
+            (KIND_RESERVE, vec![0xff; 12]),
+            (KIND_DONE, vec![1, 2, 3]),
+            (99, vec![]),
+        ];
+        for (kind, payload) in absurd {
+            let mut log = good.clone();
+            let mut rec = Vec::new();
+            encode_record(&mut rec, kind, &payload);
+            log.extend_from_slice(&rec);
+            let next = open_holding(&dir, &log, &[1, 3]);
+            assert_eq!(next, Some(4), "kind {kind} {payload:?}: skipped");
+        }
+        // A length field past the largest record, or zero.
+        for len in [0u32, u32::MAX, MAX_RECORD as u32 + 1] {
+            let mut log = good.clone();
+            log.extend_from_slice(&len.to_le_bytes());
+            log.extend_from_slice(&[0; 64]);
+            assert_eq!(open_holding(&dir, &log, &[1, 3]), Some(4));
+        }
+        // Not a file at all.
+        fs::remove_file(dir.0.join("spool.log")).expect("rm");
+        fs::create_dir(dir.0.join("spool.log")).expect("mkdir");
+        let e = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect_err("a directory");
+        assert!(
+            matches!(e, SpoolError::Io { .. } | SpoolError::NotASpool(_)),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! waiting ([`poll`], taking a signal's EINTR as an empty turn), the stop
 //! handle read once per turn ([`StopHandle::this_turn`]), and the floor
 //! that keeps a core deadline which does not move from spinning the loop
-//! ([`StuckDeadline`]). Each loop's `run` says only its own steps.
+//! ([`StuckDeadline`]). The loop skeleton that takes them in order is
+//! [`crate::event_loop`].
 
 use std::io;
 use std::time::{Duration, Instant};

@@ -312,3 +312,71 @@ fn resumed_zero_rtt_connection_keeps_its_identity() {
     }
     assert!(sim.records.iter().all(|r| r.identity == "device-1"));
 }
+
+#[test]
+fn anonymous_session_ticket_resumed_against_a_server_now_requiring_certificates_is_refused() {
+    // A server without --client-ca hands an anonymous client a session
+    // ticket; it restarts with --client-ca and the same secret (so the
+    // same ticket key). The client resumes that session and sends its
+    // queue in 0-RTT: the session holds no certificate, so the connection
+    // is refused and none of its early reports is read.
+    let mut sim = Sim::new(seed_or(308), NetConfig::default());
+    sim.server_cfg.secret = Some(ServerSecret::from_bytes([9; 32]));
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 40, Duration::from_millis(250));
+    sim.run_for(Duration::from_secs(3));
+    let before = sim.records.len();
+    assert!(before > 0, "reported anonymously first{}", sim.context());
+    sim.kill_server();
+    sim.run_for(Duration::from_millis(400));
+    sim.server_cfg.client_ca = Some(cert_path("ca.pem"));
+    let events_before = sim.server_events.len();
+    let sent_before = sim.clients[c].client.stats().sent;
+    sim.start_server();
+    sim.run_for(Duration::from_secs(10));
+
+    let stats = sim.clients[c].client.stats();
+    assert!(
+        stats.sent > sent_before,
+        "the client sent reports after the restart{}",
+        sim.context()
+    );
+    let after = &sim.server_events[events_before..];
+    assert!(
+        after.iter().any(|e| matches!(
+            e,
+            ServerEvent::HandshakeRefused {
+                reason: CertRefusal::Missing,
+                ..
+            }
+        )),
+        "refused for want of a certificate{}",
+        sim.context()
+    );
+    assert!(
+        !after.iter().any(|e| matches!(
+            e,
+            ServerEvent::Report { .. }
+                | ServerEvent::ConnectionOpened { .. }
+                | ServerEvent::StreamRejected { .. }
+        )),
+        "no report of the resumed session was read, in 0-RTT or after{}",
+        sim.context()
+    );
+    assert_eq!(
+        sim.records.len(),
+        before,
+        "nothing recorded after the restart{}",
+        sim.context()
+    );
+    assert!(
+        matches!(
+            failure(&sim, c),
+            Some(DisconnectReason::ClientCertificate(_))
+        ),
+        "the client is told it needs a certificate: {:?}{}",
+        failure(&sim, c),
+        sim.context()
+    );
+}

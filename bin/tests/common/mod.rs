@@ -147,10 +147,16 @@ impl Logged {
 
     /// [`Logged::spawn`] with extra environment variables.
     pub fn spawn_env(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Logged {
-        let mut child = Command::new(EXE)
-            .args(args)
+        let mut cmd = Command::new(EXE);
+        cmd.args(args).envs(env.iter().copied());
+        Logged::spawn_command(name, cmd)
+    }
+
+    /// Runs `cmd` (the binary, its arguments and environment set up by the
+    /// caller) as [`Logged::spawn`] does.
+    pub fn spawn_command(name: &'static str, mut cmd: Command) -> Logged {
+        let mut child = cmd
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -141,8 +141,14 @@ pub trait Database: Send {
     fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError>;
 
     /// The latest report (highest `seq`) of each `(identity, client)`, as
-    /// `(identity, client, body)`, at most `limit` of them.
-    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError>;
+    /// `(identity, client, body)`, at most `limit` of them; with `identity`,
+    /// that identity's alone (selected before the limit, so that its rows
+    /// are never crowded out by other identities').
+    fn latest(
+        &mut self,
+        limit: usize,
+        identity: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>, DbError>;
 
     /// Rows in the table, and distinct `(identity, client)` among them.
     fn counts(&mut self) -> Result<(u64, u64), DbError>;

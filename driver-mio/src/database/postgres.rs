@@ -610,16 +610,26 @@ impl Database for Postgres {
         Ok(out)
     }
 
-    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError> {
+    fn latest(
+        &mut self,
+        limit: usize,
+        identity: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .client
-            .query(
+        let rows = match identity {
+            None => self.client.query(
                 "SELECT DISTINCT ON (identity, client) identity, client, body::text \
                  FROM reports ORDER BY identity, client, seq DESC LIMIT $1",
                 &[&limit],
-            )
-            .map_err(|e| self.err(&e))?;
+            ),
+            Some(id) => self.client.query(
+                "SELECT DISTINCT ON (identity, client) identity, client, body::text \
+                 FROM reports WHERE identity = $2 \
+                 ORDER BY identity, client, seq DESC LIMIT $1",
+                &[&limit, &id],
+            ),
+        }
+        .map_err(|e| self.err(&e))?;
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))

@@ -159,23 +159,35 @@ impl Database for Sqlite {
         Ok(out)
     }
 
-    fn latest(&mut self, limit: usize) -> Result<Vec<(String, String, String)>, DbError> {
+    fn latest(
+        &mut self,
+        limit: usize,
+        identity: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>, DbError> {
         let what = &self.what;
         let err = |e| classify(what, e);
-        // The primary key's order: one index seek per client.
+        // The primary key's order: one index seek per client (for one
+        // identity, within its range of the key).
+        const ALL: &str = "SELECT identity, client, body FROM reports AS r \
+             WHERE seq = (SELECT max(seq) FROM reports \
+                          WHERE identity = r.identity AND client = r.client) \
+             ORDER BY identity, client LIMIT ?1";
+        const ONE: &str = "SELECT identity, client, body FROM reports AS r \
+             WHERE identity = ?2 \
+               AND seq = (SELECT max(seq) FROM reports \
+                          WHERE identity = r.identity AND client = r.client) \
+             ORDER BY client LIMIT ?1";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT identity, client, body FROM reports AS r \
-                 WHERE seq = (SELECT max(seq) FROM reports \
-                              WHERE identity = r.identity AND client = r.client) \
-                 ORDER BY identity, client LIMIT ?1",
-            )
+            .prepare_cached(if identity.is_some() { ONE } else { ALL })
             .map_err(err)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(err)?;
+        let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+        let rows = match identity {
+            Some(id) => stmt.query_map(rusqlite::params![limit, id], row),
+            None => stmt.query_map(rusqlite::params![limit], row),
+        }
+        .map_err(err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(err)
     }
 
@@ -243,9 +255,45 @@ mod tests {
         let again = other.insert(&[row("a", 2), row("a", 3)]).expect("inserts");
         assert_eq!(again, vec![Written::Duplicate, Written::Inserted]);
         assert_eq!(db.counts().expect("counts"), (3, 1));
-        let latest = db.latest(10).expect("latest");
+        let latest = db.latest(10, None).expect("latest");
         assert_eq!(latest.len(), 1);
         assert_eq!(latest[0].2, r#"{"client":"a","seq":3}"#);
+    }
+
+    #[test]
+    fn latest_of_one_identity_is_selected_before_the_row_limit() {
+        let path = temp("latest-of");
+        let _rm = Rm(path.clone());
+        let mut db = SqliteConnect::new(&path).connect().expect("opens");
+        // "a-filler" sorts before "device-1": with a limit of 3, every row
+        // read for everyone is another identity's.
+        let mut rows: Vec<Row> = (0..5)
+            .map(|i| Row {
+                identity: "a-filler".into(),
+                ..row(&format!("c{i}"), 1)
+            })
+            .collect();
+        rows.push(Row {
+            identity: "device-1".into(),
+            ..row("mine", 1)
+        });
+        rows.push(Row {
+            identity: "device-1".into(),
+            ..row("mine", 2)
+        });
+        db.insert(&rows).expect("inserts");
+        let all = db.latest(3, None).expect("latest");
+        assert!(all.iter().all(|(id, _, _)| id == "a-filler"), "{all:?}");
+        let own = db.latest(3, Some("device-1")).expect("latest");
+        assert_eq!(
+            own,
+            vec![(
+                "device-1".to_owned(),
+                "mine".to_owned(),
+                r#"{"client":"mine","seq":2}"#.to_owned()
+            )]
+        );
+        assert!(db.latest(3, Some("nobody")).expect("latest").is_empty());
     }
 
     #[test]

@@ -72,10 +72,16 @@ pub enum Request {
 }
 
 /// A read of the read side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
-    /// The latest report of each `(identity, client)`, at most this many.
-    Latest(usize),
+    /// The latest report of each `(identity, client)`, at most `limit`;
+    /// with `identity`, of that identity only.
+    Latest {
+        /// Rows at most.
+        limit: usize,
+        /// Only this identity's clients (a reader that may read only its own).
+        identity: Option<String>,
+    },
     /// Rows and distinct clients.
     Counts,
 }
@@ -210,7 +216,9 @@ impl Thread {
             };
             if let Some((handle, what)) = self.reads.pop_front() {
                 let result = match what {
-                    Read::Latest(n) => db.latest(n).map(ReadResult::Latest),
+                    Read::Latest { limit, identity } => db
+                        .latest(limit, identity.as_deref())
+                        .map(ReadResult::Latest),
                     Read::Counts => db.counts().map(|(r, c)| ReadResult::Counts(r, c)),
                 };
                 if let Err(DbError::Connection(e)) = &result {
