@@ -324,13 +324,18 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
                 "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
                 c.dropped()
             ),
+            // A permanent refusal: the report is dropped, never sent again.
+            Shown::Warn(line) if matches!(ev, ClientEvent::Rejected { .. }) => {
+                log::error!("{line}; the report is dropped")
+            }
             Shown::Warn(line) => log::warn!("{line}"),
             Shown::Debug(line) => log::debug!("{line}"),
         },
     )?;
     log::info!(
-        "done: {} acknowledged, {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
+        "done: {} acknowledged, {} rejected (dropped), {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
         summary.stats.acknowledged,
+        summary.stats.rejected,
         summary.unacknowledged,
         summary.dropped,
         summary.stats.connections,

@@ -22,6 +22,52 @@ fn start_source() -> (Logged, String) {
     (source, url)
 }
 
+/// A source on 127.0.0.1 whose `bad`-th answer is `{"value":"a\u0000b"}`
+/// (valid JSON that PostgreSQL's `jsonb` cannot take) and every other one
+/// `{"value":N}`; one request per connection. Its URL.
+fn source_with_a_nul_escape(bad: u64) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
+    let addr = l.local_addr().expect("source address");
+    thread::spawn(move || {
+        for (n, conn) in (1u64..).zip(l.incoming()) {
+            let Ok(mut s) = conn else { return };
+            let Ok(r) = s.try_clone() else { continue };
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|k| k > 2) {
+                line.clear();
+            }
+            let body = if n == bad {
+                r#"{"value":"a\u0000b"}"#.to_owned()
+            } else {
+                format!(r#"{{"value":{n}}}"#)
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/")
+}
+
+/// The seq of the report the client logged as refused `unstorable` (its
+/// one ERROR line), after checking that the line says it was dropped.
+fn unstorable_seq(client: &Logged) -> u64 {
+    let line = client.wait_for(" ERROR ");
+    assert!(
+        line.contains("rejected by the server (unstorable)") && line.contains("dropped"),
+        "{line}"
+    );
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("seq="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a seq in {line:?}"))
+}
+
 fn start_client(listen: &str, url: &str, count: u64, interval: &str) -> Logged {
     let count = count.to_string();
     Logged::spawn(
@@ -344,4 +390,84 @@ fn tls_to_postgres_is_verified_when_the_url_asks() {
     let srv = server("server", "127.0.0.1:0", &wrong);
     let msg = srv.wait_for("database unavailable at start: ");
     assert!(msg.contains("certificate"), "{msg}");
+}
+
+/// Waits (bounded) until the server's /metrics says `line`.
+fn wait_metric(metrics: &str, line: &str) {
+    let started = Instant::now();
+    loop {
+        let body = common::http_get(&format!("http://{metrics}/metrics")).map(|(_, b)| b);
+        if body.as_deref().is_some_and(|b| b.lines().any(|l| l == line)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "no {line:?} in /metrics after {LIMIT:?}: {body:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_report_postgres_can_never_store_is_refused_for_good_and_the_rest_recorded_once() {
+    let pg = cluster();
+    let source = source_with_a_nul_escape(3);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let metrics = format!("127.0.0.1:{}", common::free_tcp_port());
+    let srv = Logged::spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--sink",
+            &pg.url("postgres"),
+            "--metrics",
+            &metrics,
+        ],
+    );
+    srv.wait_for("recording into postgres://");
+    let n = 8;
+    let client = start_client(&listen, &source, n, "50ms");
+    let bad = unstorable_seq(&client);
+    let why = srv.wait_for("refused (unstorable, the client drops it): ");
+    assert!(why.contains("22P05"), "PostgreSQL's reason: {why}");
+    let (status, out) = client.finish();
+    assert!(status.success(), "the client goes on and ends well: {status}");
+    // Every other seq once in the table and acknowledged once; the bad one
+    // neither, and answered once: it was never sent again.
+    let mut rows = pg_seqs(&pg);
+    rows.sort_unstable();
+    let others: Vec<u64> = (1..=n).filter(|s| *s != bad).collect();
+    assert_eq!(rows, others, "every other report recorded once");
+    let mut acks = acked(&out);
+    acks.sort_unstable();
+    assert_eq!(acks, others, "every other report acknowledged once:\n{out}");
+    assert!(bad < n, "reports came after the refused one (seq {bad})");
+    // Refused once: a resend would be refused and counted again.
+    wait_metric(&metrics, "quic_report_rejected_total{reason=\"unstorable\"} 1");
+    drop(srv);
+}
+
+#[test]
+fn sqlite_records_the_report_postgres_refuses() {
+    let db = TempDb::new("nul");
+    let source = source_with_a_nul_escape(2);
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &db.url());
+    srv.wait_for("recording into sqlite:");
+    let n = 4;
+    let (status, out) = start_client(&listen, &source, n, "50ms").finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&sqlite_seqs(&db.0), n, &out);
+    let c = rusqlite::Connection::open(&db.0).expect("the SQLite file");
+    let mut stmt = c
+        .prepare("SELECT json_extract(body, '$.value') FROM reports WHERE json_type(body, '$.value') = 'text'")
+        .expect("a query");
+    let texts: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("text values");
+    assert_eq!(texts, ["a\u{0}b"], "stored as it came");
 }

@@ -47,6 +47,12 @@ pub const CODE_NOT_RECORDED: &str = "not_recorded";
 /// not its own). Permanent: a client drops the report.
 pub const CODE_FORBIDDEN: &str = "forbidden";
 
+/// Response code for a report the server's store refuses for what it holds,
+/// and always will (e.g. PostgreSQL's `jsonb` cannot take the escape
+/// `\u0000`, which is valid JSON). Permanent: a client drops the report,
+/// since sending it again would be refused again.
+pub const CODE_UNSTORABLE: &str = "unstorable";
+
 /// A value fetched from the source: its JSON object and when it was taken.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -616,6 +622,11 @@ mod tests {
             error: String::new(),
         };
         assert!(r.is_retryable());
+        let unstorable = Response::Error {
+            code: CODE_UNSTORABLE.into(),
+            error: String::new(),
+        };
+        assert!(!unstorable.is_retryable(), "a permanent refusal");
         assert!(!Response::from_stream_error(&StreamError::Empty).is_retryable());
         assert!(Response::parse(b"{\"ok\":1}").is_err());
         assert!(Response::parse(b"[1]").is_err());

@@ -66,7 +66,7 @@ use crate::config::{HQ_ALPN, RetryMode, ServerConfig, codes};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, DatagramError, RespondError, StreamError};
 use crate::identity::{Identity, IdentityError, RecordKey};
-use crate::report::{CODE_NOT_RECORDED, Report, Response};
+use crate::report::{CODE_NOT_RECORDED, CODE_UNSTORABLE, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
 use crate::token::{RetryTokens, SecretKeys, ServerSecret, stateless_reset};
@@ -100,6 +100,11 @@ pub enum Outcome {
     Recorded,
     /// Could not be written: the client keeps it and sends it again.
     NotRecorded(String),
+    /// The store refuses it for what it holds, and always will (e.g. a
+    /// value its column cannot take): answered `unstorable`, permanent, so
+    /// the client drops it instead of sending it again; counted as
+    /// rejected.
+    Unstorable(String),
     /// Recorded before, by this process or another one sharing its store
     /// (a database's key refused the row): answered `"duplicate":true`, so
     /// the client forgets it, and counted as a duplicate.
@@ -952,8 +957,9 @@ impl Server {
 
     /// Answers a report the application has handled: `Recorded` once it is
     /// written (the client then forgets it), `NotRecorded` if it could not
-    /// be (the client sends it again later). Drain [`Server::poll_transmit`]
-    /// afterwards.
+    /// be (the client sends it again later), `Unstorable` if the store
+    /// refuses it for good (the client drops it). Drain
+    /// [`Server::poll_transmit`] afterwards.
     ///
     /// A report whose connection is gone still counts as recorded for the
     /// duplicate filter, so the client's resend is not recorded twice.
@@ -968,9 +974,11 @@ impl Server {
             .remove(&handle)
             .ok_or(RespondError::UnknownReport)?;
         // Recorded now or before: either way the store holds it.
-        let stored = !matches!(outcome, Outcome::NotRecorded(_));
-        if outcome == Outcome::Duplicate {
-            self.stats.duplicates += 1;
+        let stored = matches!(outcome, Outcome::Recorded | Outcome::Duplicate);
+        match outcome {
+            Outcome::Duplicate => self.stats.duplicates += 1,
+            Outcome::Unstorable(_) => self.stats.rejected += 1,
+            Outcome::Recorded | Outcome::NotRecorded(_) => {}
         }
         if let Some(k) = aw.key {
             if stored {
@@ -983,6 +991,8 @@ impl Server {
                 };
                 if stored {
                     self.stats.duplicates += 1;
+                } else if matches!(outcome, Outcome::Unstorable(_)) {
+                    self.stats.rejected += 1;
                 }
                 self.fill_slot(h, answer(&outcome, copy.ok));
                 self.after_io(now, h.conn);
@@ -1558,7 +1568,7 @@ fn refuse_unless_client_bidi(quic: &mut quiche::Connection, sid: u64) -> bool {
 }
 
 /// The answer to a report: `ok` (its answer if recorded, from
-/// [`ok_answer`]), or the `not_recorded` error.
+/// [`ok_answer`]), or the `not_recorded` or `unstorable` error.
 fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
     match outcome {
         Outcome::Recorded => ok,
@@ -1577,6 +1587,15 @@ fn answer(outcome: &Outcome, ok: Vec<u8>) -> Vec<u8> {
         Outcome::NotRecorded(why) => {
             let mut a = Vec::new();
             not_recorded(why).encode(&mut a);
+            a
+        }
+        Outcome::Unstorable(why) => {
+            let mut a = Vec::new();
+            Response::Error {
+                code: CODE_UNSTORABLE.into(),
+                error: format!("cannot be stored, not sent again: {why}"),
+            }
+            .encode(&mut a);
             a
         }
     }

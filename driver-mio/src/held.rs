@@ -6,7 +6,10 @@
 //! of:
 //! - its commit: `Recorded` (the row is new) or `Duplicate` (its key was
 //!   there: recorded before, by this process or another one);
-//! - the database refusing it, or its deadline ([`WaitLimits::deadline`],
+//! - the database refusing it for its data (a value its column can never
+//!   take, see [`crate::database`]): `Unstorable`, permanent: the client
+//!   drops it;
+//! - the database refusing it otherwise, or its deadline ([`WaitLimits::deadline`],
 //!   below the client's answer deadline) passing first: `NotRecorded`, and
 //!   the client sends it again later. Should the commit still happen after
 //!   that, the resend is answered `duplicate`: never recorded twice, and
@@ -165,9 +168,10 @@ impl Held {
                         let outcome = match result {
                             Ok(Written::Inserted) => Outcome::Recorded,
                             Ok(Written::Duplicate) => Outcome::Duplicate,
+                            Err(DbError::Unstorable(e)) => Outcome::Unstorable(e),
                             Err(e) => {
                                 m.errors += 1;
-                                Outcome::NotRecorded(e)
+                                Outcome::NotRecorded(e.to_string())
                             }
                         };
                         out.push(Settled::Report(w, outcome));

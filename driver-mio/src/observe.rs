@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use quic_report_core::per_identity::{IdentityLimits, PerIdentity};
-use quic_report_core::report::CODE_FORBIDDEN;
+use quic_report_core::report::{CODE_FORBIDDEN, CODE_UNSTORABLE};
 use quic_report_core::{Identity, Outcome, Report, Response, ServerEvent, ServerStats};
 
 use crate::database::writer::ReadResult;
@@ -252,7 +252,8 @@ pub struct Snapshot {
     pub recorded: u64,
     /// Reports the sink could not write.
     pub not_recorded: u64,
-    /// Objects or streams refused, by code (`invalid_json`, `forbidden`, ...).
+    /// Objects or streams refused, by code (`invalid_json`, `forbidden`,
+    /// `unstorable`, ...).
     pub rejected: BTreeMap<&'static str, u64>,
     /// Handshakes refused for their client certificate, by reason
     /// (`no_certificate`, `bad_certificate`, `unusable_name`).
@@ -353,6 +354,10 @@ impl Observer {
         match outcome {
             Outcome::NotRecorded(_) => {
                 self.snap.not_recorded += 1;
+                return;
+            }
+            Outcome::Unstorable(_) => {
+                *self.snap.rejected.entry(CODE_UNSTORABLE).or_default() += 1;
                 return;
             }
             Outcome::Duplicate => {}

@@ -488,6 +488,7 @@ struct Throttles {
     handshakes: Throttle,
     forbidden: Throttle,
     reads: Throttle,
+    unstorable: Throttle,
 }
 
 impl Loop<'_> {
@@ -821,6 +822,17 @@ impl Loop<'_> {
                 handle.conn,
                 ReportText(report)
             ),
+            // A client can send these as often as it likes.
+            Outcome::Unstorable(e) => {
+                if let Some(more) = self.throttles.unstorable.allow(now) {
+                    log::warn!(
+                        "{}: {} from {peer} refused (unstorable, the client drops it): {e}{}",
+                        handle.conn,
+                        ReportText(report),
+                        more_since(more)
+                    );
+                }
+            }
         }
         match self.server.respond(now, handle, outcome) {
             Ok(()) => {}

@@ -31,6 +31,15 @@
 //!   counted by the server process, unique across processes.
 //! - A `seq` above 2^63-1 is stored as the `bigint` with the same 64 bits
 //!   (negative): the key stays exact.
+//! - **A row the database can never store** (PostgreSQL: an error of
+//!   SQLSTATE class 22, *data exception*, such as `jsonb` refusing the
+//!   valid JSON escape `\u0000` (22P05) or `text` refusing a NUL byte
+//!   (22021); SQLite: a value over its length limit) is
+//!   [`DbError::Unstorable`]: the report is answered `unstorable`, a
+//!   permanent error the client drops the report on, since a resend would
+//!   be refused the same way. SQLite stores `\u0000` as it came (its JSON
+//!   is text), so the same report is recorded there. Everything else a
+//!   database refuses is taken as passing (`not_recorded`, sent again).
 //! - **Version check.** A database whose `quic_report_schema` holds a
 //!   newer version than this build knows, or that has a `reports` table
 //!   without a `quic_report_schema` beside it, is refused at start with a
@@ -123,10 +132,15 @@ pub enum DbError {
     /// it and connect again; nothing of the failed batch counts as written.
     #[error("{0}")]
     Connection(String),
-    /// The database refused the rows (e.g. disk full, a value it cannot
-    /// store); the connection is fine.
+    /// The database refused the rows for now (e.g. a constraint it may
+    /// stop enforcing); the connection is fine. Sent again later.
     #[error("{0}")]
     Rejected(String),
+    /// The database can never store this row (a data exception: a value
+    /// its column cannot take). The message is the database's, without
+    /// the database's address: it goes to the client in the answer.
+    #[error("{0}")]
+    Unstorable(String),
     /// The database holds a schema this build does not understand: fatal.
     #[error("{0}")]
     Schema(String),

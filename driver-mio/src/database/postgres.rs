@@ -527,8 +527,12 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
 }
 
 /// Sorts the crate's errors: the connection or the server is gone, busy or
-/// refusing us for now (retried on a new connection), or the rows were
-/// refused.
+/// refusing us for now (retried on a new connection: class 08 connection,
+/// 53 resources such as disk full, 57 operator intervention, 58 system,
+/// 40 serialization or deadlock, 28 authorization, 3D no such database,
+/// a read-only server), a value the database can never store (class 22,
+/// data exception: [`DbError::Unstorable`]), or the rows were refused for
+/// another reason.
 fn classify(what: &str, e: &postgres::Error) -> DbError {
     let msg = format!("{what}: {}", describe(e));
     let Some(code) = e.code() else {
@@ -541,6 +545,8 @@ fn classify(what: &str, e: &postgres::Error) -> DbError {
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
     if transient {
         DbError::Connection(msg)
+    } else if class == "22" {
+        DbError::Unstorable(describe(e))
     } else {
         DbError::Rejected(msg)
     }
@@ -550,7 +556,10 @@ fn classify(what: &str, e: &postgres::Error) -> DbError {
 /// "db error").
 fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
         None => {
             let mut s = e.to_string();
             let mut src = std::error::Error::source(e);
@@ -574,7 +583,9 @@ impl Postgres {
     fn err(&self, e: &postgres::Error) -> DbError {
         match classify(&self.what, e) {
             // A failed statement on a connection that died is a connection error.
-            DbError::Rejected(m) if self.client.is_closed() => DbError::Connection(m),
+            DbError::Rejected(m) | DbError::Unstorable(m) if self.client.is_closed() => {
+                DbError::Connection(m)
+            }
             other => other,
         }
     }

@@ -106,10 +106,12 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
 }
 
 /// Sorts rusqlite's errors: a busy or broken database is retried on a new
-/// connection, anything else refused the rows.
+/// connection, a value over SQLite's length limit can never be stored,
+/// anything else refused the rows for now.
 fn classify(what: &str, e: rusqlite::Error) -> DbError {
     let msg = format!("{what}: {e}");
     match e.sqlite_error_code() {
+        Some(ErrorCode::TooBig) => DbError::Unstorable(e.to_string()),
         Some(
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked

@@ -22,7 +22,11 @@
 //! (the loop has answered them `not_recorded` by then).
 //!
 //! A batch the database refuses while the connection is fine is retried
-//! row by row, so one bad row fails alone. A schema this build does not
+//! row by row, so one bad row fails alone. Alone, a row refused for its
+//! data ([`DbError::Unstorable`]) is answered so, for good (the client
+//! drops it); one refused for another reason is answered `not_recorded`;
+//! a connection error on the way stops the row-by-row pass and puts the
+//! rows back (the outage path above). A schema this build does not
 //! understand is fatal: the thread reports it and ends.
 
 use std::collections::VecDeque;
@@ -100,8 +104,9 @@ pub enum ReadResult {
 pub enum Completion {
     /// A batch was committed (or some of its rows refused).
     Committed {
-        /// Per report: inserted, duplicate, or why the database refused it.
-        results: Vec<(ReportHandle, Result<Written, String>)>,
+        /// Per report: inserted, duplicate, or why the database refused it
+        /// ([`DbError::Unstorable`]: for good; [`DbError::Rejected`]: for now).
+        results: Vec<(ReportHandle, Result<Written, DbError>)>,
         /// From the start of the insert to its commit.
         took: Duration,
     },
@@ -361,12 +366,16 @@ impl Thread {
                 self.tell(Completion::Fatal(DbError::Schema(e)));
                 return false;
             }
+            // Logged by the loop (rate-limited): a client can send these at will.
+            Err(e @ DbError::Unstorable(_)) if batch.len() == 1 => {
+                vec![(batch[0].handle, Err(e))]
+            }
             Err(DbError::Rejected(e)) if batch.len() == 1 => {
                 log::warn!("database refused a report: {e}");
                 self.tell(Completion::Failed);
-                vec![(batch[0].handle, Err(e))]
+                vec![(batch[0].handle, Err(DbError::Rejected(e)))]
             }
-            Err(DbError::Rejected(e)) => {
+            Err(DbError::Rejected(e) | DbError::Unstorable(e)) => {
                 log::debug!(
                     "database refused a batch of {} ({e}); one by one",
                     batch.len()
@@ -381,13 +390,17 @@ impl Thread {
     }
 
     /// Commits the pending rows one per batch until the first batch's
-    /// length is done, so a refused row fails alone.
+    /// length is done, so a refused row fails alone. Rows whose deadline
+    /// passed meanwhile are dropped unwritten, as in [`Thread::run`].
     fn one_by_one(&mut self) -> bool {
         let n = self.pending.len().min(MAX_BATCH);
         for _ in 0..n {
             let Some(job) = self.pending.pop_front() else {
                 break;
             };
+            if job.deadline <= Instant::now() {
+                continue;
+            }
             if !self.commit(vec![job]) {
                 return false;
             }
@@ -407,5 +420,139 @@ impl Thread {
             log::warn!("cannot wake the server loop: {e}");
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+
+    use quic_report_core::ConnKey;
+
+    use super::*;
+
+    /// A table in memory that, as PostgreSQL does, refuses a whole
+    /// statement for one row it cannot store (a body with `\u0000`) or one
+    /// it refuses for now (a body with `later`).
+    #[derive(Default)]
+    struct Table(Arc<Mutex<BTreeSet<i64>>>);
+
+    impl Database for Table {
+        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+            if rows.iter().any(|r| r.body.contains("\\u0000")) {
+                return Err(DbError::Unstorable("unsupported Unicode escape".into()));
+            }
+            if rows.iter().any(|r| r.body.contains("later")) {
+                return Err(DbError::Rejected("not now".into()));
+            }
+            let mut t = self.0.lock().expect("table");
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    if t.insert(r.seq) {
+                        Written::Inserted
+                    } else {
+                        Written::Duplicate
+                    }
+                })
+                .collect())
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            Ok((0, 0))
+        }
+    }
+
+    struct Again(Arc<Mutex<BTreeSet<i64>>>);
+
+    impl Connect for Again {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Ok(Box::new(Table(Arc::clone(&self.0))))
+        }
+
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    fn job(seq: u64, body: &str) -> Job {
+        Job {
+            handle: ReportHandle {
+                conn: ConnKey(1),
+                stream: seq * 4,
+                index: 0,
+            },
+            row: Row {
+                identity: String::new(),
+                client: "c".into(),
+                seq: seq as i64,
+                received_at_ms: 0,
+                body: body.into(),
+            },
+            deadline: Instant::now() + Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_batch_refused_for_one_row_commits_the_others_and_refuses_that_one_for_good() {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let table = Arc::new(Mutex::new(BTreeSet::new()));
+        let db = Table(Arc::clone(&table));
+        let writer = Writer::start(
+            Box::new(Again(Arc::clone(&table))),
+            Some(Box::new(db)),
+            waker,
+            [7; 32],
+        )
+        .expect("writer");
+        let bodies = [
+            r#"{"v":1}"#,
+            r#"{"v":2}"#,
+            r#"{"v":"a\u0000b"}"#,
+            r#"{"v":"later"}"#,
+            r#"{"v":5}"#,
+        ];
+        let jobs = (1..).zip(bodies).map(|(s, b)| job(s, b)).collect();
+        assert!(writer.send(Request::Rows(jobs)));
+        let mut answers = BTreeMap::new();
+        let mut failed = 0;
+        let until = Instant::now() + Duration::from_secs(10);
+        while answers.len() < bodies.len() && Instant::now() < until {
+            match writer.try_recv() {
+                Some(Completion::Committed { results, .. }) => {
+                    for (h, r) in results {
+                        assert!(answers.insert(h.stream / 4, r).is_none(), "answered once");
+                    }
+                }
+                Some(Completion::Failed) => failed += 1,
+                Some(other) => panic!("{other:?}"),
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        let inserted = Ok(Written::Inserted);
+        assert_eq!(answers.get(&1), Some(&inserted));
+        assert_eq!(answers.get(&2), Some(&inserted));
+        assert!(
+            matches!(answers.get(&3), Some(Err(DbError::Unstorable(_)))),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers.get(&4), Some(Err(DbError::Rejected(_)))),
+            "{answers:?}"
+        );
+        assert_eq!(answers.get(&5), Some(&inserted));
+        assert_eq!(failed, 1, "only the passing refusal counts as a sink error");
+        let stored: Vec<i64> = table.lock().expect("table").iter().copied().collect();
+        assert_eq!(stored, [1, 2, 5]);
     }
 }
