@@ -5,6 +5,7 @@
 //! CMD's outcome (also on SIGINT/SIGTERM, which are passed to CMD). Exits
 //! with CMD's status. `make bench` runs its database rows under it.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
 use quic_report_pg_cluster::PgCluster;
@@ -29,12 +30,23 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
-    let status = Command::new(&prog)
-        .args(args)
+    let mut cmd = Command::new(&prog);
+    cmd.args(args)
         .env("QUIC_REPORT_PG_URL", cluster.url("postgres"))
         .env("QUIC_REPORT_PG_PORT", cluster.port().to_string())
-        .env("QUIC_REPORT_PG_DATA", cluster.data())
-        .status();
+        .env("QUIC_REPORT_PG_DATA", cluster.data());
+    // An ignored signal stays ignored across exec: CMD and everything it
+    // starts get the default dispositions back, or a script's `kill` of its
+    // own children would do nothing (and `make bench` waited for ever).
+    // SAFETY: signal() is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let status = cmd.status();
     drop(cluster);
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
