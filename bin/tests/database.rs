@@ -397,7 +397,10 @@ fn wait_metric(metrics: &str, line: &str) {
     let started = Instant::now();
     loop {
         let body = common::http_get(&format!("http://{metrics}/metrics")).map(|(_, b)| b);
-        if body.as_deref().is_some_and(|b| b.lines().any(|l| l == line)) {
+        if body
+            .as_deref()
+            .is_some_and(|b| b.lines().any(|l| l == line))
+        {
             return;
         }
         assert!(
@@ -433,7 +436,10 @@ fn a_report_postgres_can_never_store_is_refused_for_good_and_the_rest_recorded_o
     let why = srv.wait_for("refused (unstorable, the client drops it): ");
     assert!(why.contains("22P05"), "PostgreSQL's reason: {why}");
     let (status, out) = client.finish();
-    assert!(status.success(), "the client goes on and ends well: {status}");
+    assert!(
+        status.success(),
+        "the client goes on and ends well: {status}"
+    );
     // Every other seq once in the table and acknowledged once; the bad one
     // neither, and answered once: it was never sent again.
     let mut rows = pg_seqs(&pg);
@@ -445,7 +451,10 @@ fn a_report_postgres_can_never_store_is_refused_for_good_and_the_rest_recorded_o
     assert_eq!(acks, others, "every other report acknowledged once:\n{out}");
     assert!(bad < n, "reports came after the refused one (seq {bad})");
     // Refused once: a resend would be refused and counted again.
-    wait_metric(&metrics, "quic_report_rejected_total{reason=\"unstorable\"} 1");
+    wait_metric(
+        &metrics,
+        "quic_report_rejected_total{reason=\"unstorable\"} 1",
+    );
     drop(srv);
 }
 
