@@ -14,6 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{LIMIT, Logged, free_udp_port};
+use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
+use quic_report_mio::database::{Connect, DbError, Row, Written};
 use quic_report_pg_cluster::PgCluster;
 
 fn start_source() -> (Logged, String) {
@@ -479,4 +481,91 @@ fn sqlite_records_the_report_postgres_refuses() {
         .collect::<Result<_, _>>()
         .expect("text values");
     assert_eq!(texts, ["a\u{0}b"], "stored as it came");
+}
+
+fn row(identity: &str, client: &str, seq: i64, body: &str) -> Row {
+    Row {
+        identity: identity.into(),
+        client: client.into(),
+        seq,
+        received_at_ms: 1_796_000_000_000 + seq,
+        body: body.into(),
+    }
+}
+
+/// The backend on its own, below the server: a batch longer than one
+/// statement commits whole or not at all, a key repeated in a batch is new
+/// once, and `/latest`'s skip scan finds each client's highest seq.
+#[test]
+fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_client() {
+    let pg = cluster();
+    let mut db = PostgresConnect::parse(&pg.url("postgres"))
+        .expect("URL")
+        .connect()
+        .expect("connect");
+    let n = ROWS_PER_STATEMENT as i64 * 2 + 500;
+    let good = |s: i64| row("", &format!("c{}", s % 7), s, &format!(r#"{{"v":{s}}}"#));
+    // One row PostgreSQL can never store, in the third statement.
+    let mut rows: Vec<Row> = (1..=n).map(good).collect();
+    rows[ROWS_PER_STATEMENT * 2 + 100].body = r#"{"v":"a\u0000b"}"#.into();
+    assert!(
+        matches!(db.insert(&rows), Err(DbError::Unstorable(_))),
+        "the NUL escape is refused"
+    );
+    assert_eq!(
+        pg_seqs(&pg).len(),
+        0,
+        "the first two statements were rolled back"
+    );
+    // The same batch without it, and a key repeated across statements.
+    let mut rows: Vec<Row> = (1..=n).map(good).collect();
+    rows.push(good(5));
+    let written = db.insert(&rows).expect("insert");
+    let inserted = written.iter().filter(|w| **w == Written::Inserted).count();
+    assert_eq!(inserted as i64, n);
+    assert_eq!(written.last(), Some(&Written::Duplicate), "seq 5 again");
+    assert_eq!(written[4], Written::Inserted, "seq 5 the first time");
+    let again = db.insert(&rows[..10]).expect("insert again");
+    assert!(again.iter().all(|w| *w == Written::Duplicate), "{again:?}");
+    assert_eq!(pg_seqs(&pg).len() as i64, n);
+    // Two identities; the latest of each client is its highest seq.
+    db.insert(&[
+        row("device-1", "d", 3, r#"{"v":"d3"}"#),
+        row("device-1", "d", 9, r#"{"v":"d9"}"#),
+        row("device-1", "e", 1, r#"{"v":"e1"}"#),
+    ])
+    .expect("insert");
+    let latest = db.latest(100, None).expect("latest");
+    assert_eq!(
+        latest.len(),
+        9,
+        "7 anonymous clients and 2 of device-1: {latest:?}"
+    );
+    for (identity, client, body) in &latest {
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        let expected = match (identity.as_str(), client.as_str()) {
+            ("device-1", "d") => serde_json::json!("d9"),
+            ("device-1", "e") => serde_json::json!("e1"),
+            ("", c) => {
+                let k: i64 = c[1..].parse().expect("c<k>");
+                serde_json::json!((1..=n).filter(|s| s % 7 == k).max())
+            }
+            other => panic!("unexpected client {other:?}"),
+        };
+        assert_eq!(v["v"], expected, "{identity:?} {client:?}");
+    }
+    let own = db
+        .latest(100, Some("device-1"))
+        .expect("latest of device-1");
+    let own: Vec<(&str, &str)> = own
+        .iter()
+        .map(|(i, c, _)| (i.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(own, [("device-1", "d"), ("device-1", "e")]);
+    assert_eq!(
+        db.latest(4, None).expect("latest").len(),
+        4,
+        "at most limit"
+    );
+    assert_eq!(db.counts().expect("counts"), (n as u64 + 3, 9));
 }

@@ -8,6 +8,10 @@
 //! in `$QUIC_REPORT_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`
 //! (Debian's layout), else on `PATH`.
 //!
+//! A cluster whose process was killed before it could stop it (SIGKILL,
+//! a CI timeout) is stopped and removed by the next [`PgCluster::start`]
+//! on the machine: its directory is named after the process that made it.
+//!
 //! Local (socket) connections are trusted; TCP connections need the
 //! password of the `postgres` role, which is random per cluster and part of
 //! [`PgCluster::url`].
@@ -31,6 +35,7 @@ impl PgCluster {
     pub fn start() -> Result<PgCluster, String> {
         let bin = find_bin()?;
         let as_postgres = is_root();
+        sweep_orphans(&bin, as_postgres);
         let dir = std::env::temp_dir().join(format!(
             "quic-report-pg-{}-{:x}",
             std::process::id(),
@@ -275,6 +280,35 @@ impl Drop for PgCluster {
             let _ = self.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops and removes the clusters of processes that are gone (dropping
+/// them does both).
+fn sweep_orphans(bin: &Path, as_postgres: bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("quic-report-pg-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        drop(PgCluster {
+            dir: e.path(),
+            bin: bin.to_owned(),
+            port: 0,
+            password: String::new(),
+            as_postgres,
+        });
     }
 }
 

@@ -20,11 +20,18 @@
 //! `sslrootcert` (default `~/.postgresql/root.crt`); `verify-full` also
 //! checks that the certificate names the host.
 //!
-//! **Inserts** go in one statement per batch of at most
-//! [`ROWS_PER_STATEMENT`] rows, committed on its own (autocommit):
+//! **Inserts** go in one statement per batch (autocommit):
 //! `INSERT ... SELECT * FROM unnest($1, ...) ON CONFLICT DO NOTHING
 //! RETURNING identity, client, seq`; the rows not returned were there
-//! before.
+//! before. A batch over [`ROWS_PER_STATEMENT`] rows is several statements
+//! in one transaction, so a batch commits whole or not at all.
+//!
+//! **The key's text columns are `COLLATE "C"`**: `identity` and `client`
+//! are identifiers compared byte by byte, not words to sort for people, and
+//! an index in the C collation does not depend on the operating system's
+//! locale data (an update of glibc's collation can leave an index on a
+//! locale's text out of order, which PostgreSQL's documentation warns
+//! about).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -34,7 +41,7 @@ use std::time::Duration;
 
 use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
-use postgres::{Client, Statement};
+use postgres::{Client, GenericClient, Statement};
 
 use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema};
 
@@ -508,8 +515,8 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
         tx.batch_execute(
             "CREATE TABLE quic_report_schema (version integer NOT NULL);
              CREATE TABLE reports (
-                 identity    text        NOT NULL,
-                 client      text        NOT NULL,
+                 identity    text        COLLATE \"C\" NOT NULL,
+                 client      text        COLLATE \"C\" NOT NULL,
                  seq         bigint      NOT NULL,
                  received_at timestamptz NOT NULL,
                  body        jsonb       NOT NULL,
@@ -531,8 +538,9 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
 /// 53 resources such as disk full, 57 operator intervention, 58 system,
 /// 40 serialization or deadlock, 28 authorization, 3D no such database,
 /// a read-only server), a value the database can never store (class 22,
-/// data exception: [`DbError::Unstorable`]), or the rows were refused for
-/// another reason.
+/// data exception, and 54, program limit exceeded, such as a key over the
+/// index's row size: [`DbError::Unstorable`]), or the rows were refused
+/// for another reason.
 fn classify(what: &str, e: &postgres::Error) -> DbError {
     let msg = format!("{what}: {}", describe(e));
     let Some(code) = e.code() else {
@@ -545,7 +553,7 @@ fn classify(what: &str, e: &postgres::Error) -> DbError {
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
     if transient {
         DbError::Connection(msg)
-    } else if class == "22" {
+    } else if matches!(class, "22" | "54") {
         DbError::Unstorable(describe(e))
     } else {
         DbError::Rejected(msg)
@@ -591,34 +599,55 @@ impl Postgres {
     }
 }
 
+/// Inserts `rows` with one statement; a row is new if the statement
+/// returned its key. The first row of a key repeated in `rows` (or in an
+/// earlier statement of the same transaction) is the new one.
+fn insert_rows(
+    client: &mut impl GenericClient,
+    insert: &Statement,
+    rows: &[Row],
+) -> Result<Vec<Written>, postgres::Error> {
+    let ids: Vec<&str> = rows.iter().map(|r| r.identity.as_str()).collect();
+    let clients: Vec<&str> = rows.iter().map(|r| r.client.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let at: Vec<i64> = rows.iter().map(|r| r.received_at_ms).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
+    let returned = client.query(insert, &[&ids, &clients, &seqs, &at, &bodies])?;
+    let mut new: HashSet<(String, String, i64)> = returned
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let key = (r.identity.clone(), r.client.clone(), r.seq);
+            if new.remove(&key) {
+                Written::Inserted
+            } else {
+                Written::Duplicate
+            }
+        })
+        .collect())
+}
+
 impl Database for Postgres {
     fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
-        let mut out = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let ids: Vec<&str> = chunk.iter().map(|r| r.identity.as_str()).collect();
-            let clients: Vec<&str> = chunk.iter().map(|r| r.client.as_str()).collect();
-            let seqs: Vec<i64> = chunk.iter().map(|r| r.seq).collect();
-            let at: Vec<i64> = chunk.iter().map(|r| r.received_at_ms).collect();
-            let bodies: Vec<&str> = chunk.iter().map(|r| r.body.as_str()).collect();
-            let returned = self
-                .client
-                .query(&self.insert, &[&ids, &clients, &seqs, &at, &bodies]);
-            let returned = returned.map_err(|e| self.err(&e))?;
-            let mut new: HashSet<(String, String, i64)> = returned
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect();
-            for r in chunk {
-                // The first row of a key repeated in one batch is the new one.
-                let key = (r.identity.clone(), r.client.clone(), r.seq);
-                out.push(if new.remove(&key) {
-                    Written::Inserted
-                } else {
-                    Written::Duplicate
-                });
-            }
-        }
-        Ok(out)
+        let insert = &self.insert;
+        let res = if rows.len() <= ROWS_PER_STATEMENT {
+            insert_rows(&mut self.client, insert, rows)
+        } else {
+            // Several statements, one transaction: the batch commits whole or not at all.
+            (|| {
+                let mut tx = self.client.transaction()?;
+                let mut out = Vec::with_capacity(rows.len());
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    out.extend(insert_rows(&mut tx, insert, chunk)?);
+                }
+                tx.commit()?;
+                Ok(out)
+            })()
+        };
+        res.map_err(|e| self.err(&e))
     }
 
     fn latest(
@@ -627,16 +656,39 @@ impl Database for Postgres {
         identity: Option<&str>,
     ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // A skip scan of the primary key: one index probe per client to find
+        // the next (identity, client), one for its highest seq, and no more
+        // than `limit` of each (a recursive query is evaluated as far as it
+        // is read), where DISTINCT ON would read the whole table.
         let rows = match identity {
             None => self.client.query(
-                "SELECT DISTINCT ON (identity, client) identity, client, body::text \
-                 FROM reports ORDER BY identity, client, seq DESC LIMIT $1",
+                "WITH RECURSIVE c AS (
+                     (SELECT identity, client FROM reports ORDER BY identity, client LIMIT 1)
+                     UNION ALL
+                     SELECT n.identity, n.client FROM c CROSS JOIN LATERAL
+                         (SELECT identity, client FROM reports AS r
+                          WHERE (r.identity, r.client) > (c.identity, c.client)
+                          ORDER BY identity, client LIMIT 1) AS n)
+                 SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
+                     (SELECT body FROM reports AS r
+                      WHERE r.identity = c.identity AND r.client = c.client
+                      ORDER BY seq DESC LIMIT 1) AS l
+                 LIMIT $1",
                 &[&limit],
             ),
             Some(id) => self.client.query(
-                "SELECT DISTINCT ON (identity, client) identity, client, body::text \
-                 FROM reports WHERE identity = $2 \
-                 ORDER BY identity, client, seq DESC LIMIT $1",
+                "WITH RECURSIVE c AS (
+                     (SELECT client FROM reports WHERE identity = $2 ORDER BY client LIMIT 1)
+                     UNION ALL
+                     SELECT n.client FROM c CROSS JOIN LATERAL
+                         (SELECT client FROM reports AS r
+                          WHERE r.identity = $2 AND r.client > c.client
+                          ORDER BY client LIMIT 1) AS n)
+                 SELECT $2::text, c.client, l.body::text FROM c CROSS JOIN LATERAL
+                     (SELECT body FROM reports AS r
+                      WHERE r.identity = $2 AND r.client = c.client
+                      ORDER BY seq DESC LIMIT 1) AS l
+                 LIMIT $1",
                 &[&limit, &id],
             ),
         }

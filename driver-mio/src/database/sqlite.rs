@@ -7,6 +7,14 @@
 //! batch is one `BEGIN IMMEDIATE` transaction of `INSERT ... ON CONFLICT DO
 //! NOTHING` statements, one per row, whose change count (0 or 1) says
 //! whether the row was new.
+//!
+//! The table is an ordinary rowid table (the primary key is then an index
+//! beside it): the rows of a batch append to the table's last pages and
+//! only the small index entries go to each client's place in the key, so a
+//! commit writes fewer pages to the WAL than it did when the table was
+//! `WITHOUT ROWID` (every client's leaf holding whole rows, and splitting
+//! often): about 10-25 % less CPU per row at 45-128 rows per commit. A
+//! table made `WITHOUT ROWID` by an earlier build is used as it is.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,7 +100,7 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
                  seq         integer NOT NULL,
                  received_at text    NOT NULL,
                  body        text    NOT NULL,
-                 PRIMARY KEY (identity, client, seq)) WITHOUT ROWID;",
+                 PRIMARY KEY (identity, client, seq));",
         )
         .map_err(err)?;
         tx.execute(
