@@ -13,8 +13,9 @@
 //! only the small index entries go to each client's place in the key, so a
 //! commit writes fewer pages to the WAL than it did when the table was
 //! `WITHOUT ROWID` (every client's leaf holding whole rows, and splitting
-//! often): about 10-25 % less CPU per row at 45-128 rows per commit. A
-//! table made `WITHOUT ROWID` by an earlier build is used as it is.
+//! often): the commit thread spent 10.2 µs per row instead of 11.3 (C=16
+//! K=8, 45 rows per commit, medians of 6 interleaved trials). A table made
+//! `WITHOUT ROWID` by an earlier build is used as it is.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
