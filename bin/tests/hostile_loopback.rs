@@ -8,7 +8,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, lines_of, records, spawn, stderr_of, wait};
+use common::{client_args, records, spawn, start_server, start_source, stderr_of, wait};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -47,11 +47,8 @@ fn junk(rng: &mut StdRng) -> Vec<u8> {
 
 #[test]
 fn junk_datagrams_leave_the_real_server_serving() {
-    let (sp, qp) = (free_tcp_port(), free_udp_port());
-    let (source_addr, server_addr) = (format!("127.0.0.1:{sp}"), format!("127.0.0.1:{qp}"));
-    let _source = spawn("source", &["source", "--listen", &source_addr]);
-    let mut server = spawn("server", &["server", "--listen", &server_addr]);
-    let rx = lines_of(&mut server);
+    let (_source, url) = start_source();
+    let (mut server, server_addr, rx) = start_server(&[]);
 
     let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
     sock.connect(&server_addr).expect("connect");
@@ -88,20 +85,9 @@ fn junk_datagrams_leave_the_real_server_serving() {
         "the server is still running"
     );
 
-    let url = format!("http://{source_addr}/");
     let mut client = spawn(
         "client",
-        &[
-            "client",
-            "--server",
-            &server_addr,
-            "--source",
-            &url,
-            "--interval",
-            "200ms",
-            "--count",
-            "3",
-        ],
+        &client_args(&server_addr, &url, "200ms", &["--count", "3"]),
     );
     let status = wait(&mut client, Duration::from_secs(60));
     assert!(
@@ -120,35 +106,10 @@ fn junk_datagrams_leave_the_real_server_serving() {
 
 #[test]
 fn client_refuses_a_server_our_ca_did_not_sign_unless_insecure() {
-    let (sp, qp) = (free_tcp_port(), free_udp_port());
-    let (source_addr, server_addr) = (format!("127.0.0.1:{sp}"), format!("127.0.0.1:{qp}"));
-    let _source = spawn("source", &["source", "--listen", &source_addr]);
+    let (_source, url) = start_source();
     let (c, k) = (cert("test/untrusted.pem"), cert("test/untrusted.key"));
-    let mut server = spawn(
-        "server",
-        &[
-            "server",
-            "--listen",
-            &server_addr,
-            "--cert",
-            &c,
-            "--key",
-            &k,
-        ],
-    );
-    let rx = lines_of(&mut server);
-    let url = format!("http://{source_addr}/");
-    let args = [
-        "client",
-        "--server",
-        &server_addr,
-        "--source",
-        &url,
-        "--interval",
-        "200ms",
-        "--count",
-        "2",
-    ];
+    let (_server, server_addr, rx) = start_server(&["--cert", &c, "--key", &k]);
+    let args = client_args(&server_addr, &url, "200ms", &["--count", "2"]);
 
     let mut refused = spawn("client", &args);
     let status = wait(&mut refused, Duration::from_secs(30));
@@ -162,7 +123,7 @@ fn client_refuses_a_server_our_ca_did_not_sign_unless_insecure() {
     records(&rx, &mut got, 1, Duration::from_millis(300));
     assert!(got.is_empty(), "nothing recorded: {got:?}");
 
-    let mut insecure_args = args.to_vec();
+    let mut insecure_args = args.clone();
     insecure_args.push("--insecure");
     let mut insecure = spawn("client", &insecure_args);
     let status = wait(&mut insecure, Duration::from_secs(30));

@@ -19,6 +19,8 @@
 //! Every process is killed when its test ends; every wait is bounded, and
 //! each test takes at most [`LIMIT`].
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
@@ -409,19 +411,12 @@ fn run_our_client(server: &str, source: &str, count: u64, end: Instant) -> Vec<S
     let count = count.to_string();
     let client = Proc::ours(
         "client",
-        &[
-            "client",
-            "--server",
+        &common::client_args(
             server,
-            "--source",
             source,
-            "--interval",
             "200ms",
-            "--count",
-            &count,
-            "--ca",
-            "certs/ca.pem",
-        ],
+            &["--count", &count, "--ca", "certs/ca.pem"],
+        ),
     );
     let (status, out) = client.finish(end);
     assert!(status.success(), "our client: {status} (its log is above)");
@@ -439,6 +434,29 @@ fn json_lines(lines: &[String]) -> Vec<Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line: {l:?}: {e}")))
         .collect()
+}
+
+/// Runs the Python peer `script` against our server at `addr` (trusting
+/// the development CA, each wait bounded by `timeout` seconds) with `extra`
+/// arguments until it exits: its status and its result, as [`result_of`].
+fn run_peer(
+    script: &'static str,
+    addr: &str,
+    timeout: &str,
+    extra: &[&str],
+    end: Instant,
+) -> (ExitStatus, Value) {
+    let mut args = vec![
+        "--port",
+        port_of(addr),
+        "--ca",
+        "certs/ca.pem",
+        "--timeout",
+        timeout,
+    ];
+    args.extend_from_slice(extra);
+    let (status, out) = Proc::python(script, script, &args).finish(end);
+    (status, result_of(script, status, &out))
 }
 
 /// The last stdout line of a Python peer, as JSON.
@@ -463,22 +481,7 @@ fn aioquic_client_against_our_server() {
     python(); // made (or checked) before the clock starts
     let end = Instant::now() + LIMIT;
     let (server, addr) = start_our_server(end);
-    let client = Proc::python(
-        "aioquic client",
-        "aioquic_client.py",
-        &[
-            "--port",
-            port_of(&addr),
-            "--ca",
-            "certs/ca.pem",
-            "--timeout",
-            "5",
-            "--deadline",
-            "40",
-        ],
-    );
-    let (status, out) = client.finish(end);
-    let result = result_of("aioquic_client.py", status, &out);
+    let (status, result) = run_peer("aioquic_client.py", &addr, "5", &["--deadline", "40"], end);
     let failed: Vec<&Value> = result["cases"]
         .as_array()
         .map(|c| c.iter().filter(|c| c["ok"] != Value::Bool(true)).collect())
@@ -630,23 +633,13 @@ fn aioquic_h0_client_reads_latest() {
         .expect("a client field")
         .to_owned();
 
-    let get = Proc::python(
-        "aioquic h0",
+    let (status, result) = run_peer(
         "aioquic_h0_get.py",
-        &[
-            "--port",
-            port_of(&addr),
-            "--ca",
-            "certs/ca.pem",
-            "--timeout",
-            "5",
-            "/latest",
-            "/stats",
-            "/nope",
-        ],
+        &addr,
+        "5",
+        &["/latest", "/stats", "/nope"],
+        end,
     );
-    let (status, out) = get.finish(end);
-    let result = result_of("aioquic_h0_get.py", status, &out);
     assert!(
         result["ok"] == Value::Bool(true) && status.success(),
         "HTTP/0.9 GETs ({status}): {result:#}"
@@ -689,23 +682,17 @@ fn aioquic_client_reset_streams_are_released() {
     python(); // made (or checked) before the clock starts
     let end = Instant::now() + LIMIT;
     let (_server, addr) = start_our_server(end);
-    let client = Proc::python(
-        "aioquic client",
+    let (status, result) = run_peer(
         "aioquic_client.py",
+        &addr,
+        "5",
         &[
-            "--port",
-            port_of(&addr),
-            "--ca",
-            "certs/ca.pem",
-            "--timeout",
-            "5",
             "--only",
             "reset_streams_free_their_bytes",
             "reset_streams_return_their_credit",
         ],
+        end,
     );
-    let (status, out) = client.finish(end);
-    let result = result_of("aioquic_client.py", status, &out);
     assert!(
         result["ok"] == Value::Bool(true) && status.success(),
         "{:#}",
@@ -723,18 +710,9 @@ fn aioquic_peer_without_certificate_is_refused_at_the_handshake() {
     let end = Instant::now() + LIMIT;
     let (_server, addr) = start_our_server_with(end, &["--client-ca", "certs/ca.pem"]);
     let get = |extra: &[&str]| {
-        let mut args = vec![
-            "--port",
-            port_of(&addr),
-            "--ca",
-            "certs/ca.pem",
-            "--timeout",
-            "3",
-        ];
-        args.extend_from_slice(extra);
+        let mut args = extra.to_vec();
         args.push("/latest");
-        let (status, out) = Proc::python("aioquic h0", "aioquic_h0_get.py", &args).finish(end);
-        (status, result_of("aioquic_h0_get.py", status, &out))
+        run_peer("aioquic_h0_get.py", &addr, "3", &args, end)
     };
     let (status, refused) = get(&[]);
     assert!(

@@ -7,31 +7,19 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, stderr_of, wait};
+use common::{
+    client_args, free_tcp_port, http_get, records, spawn, start_server, start_source, stderr_of,
+    wait,
+};
 use serde_json::Value;
 
 #[test]
 fn loopback_binaries_end_to_end() {
-    let (sp, qp) = (free_tcp_port(), free_udp_port());
-    let source_addr = format!("127.0.0.1:{sp}");
-    let server_addr = format!("127.0.0.1:{qp}");
-    let _source = spawn("source", &["source", "--listen", &source_addr]);
-    let mut server = spawn("server", &["server", "--listen", &server_addr]);
-    let rx = lines_of(&mut server);
-    let url = format!("http://{source_addr}/");
+    let (_source, url) = start_source();
+    let (_server, server_addr, rx) = start_server(&[]);
     let mut client = spawn(
         "client",
-        &[
-            "client",
-            "--server",
-            &server_addr,
-            "--source",
-            &url,
-            "--interval",
-            "200ms",
-            "--count",
-            "5",
-        ],
+        &client_args(&server_addr, &url, "200ms", &["--count", "5"]),
     );
     let status = wait(&mut client, Duration::from_secs(60));
     let client_err = stderr_of(&mut client);

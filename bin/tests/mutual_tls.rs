@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EXE, free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, wait};
+use common::{
+    EXE, client_args, free_tcp_port, free_udp_port, http_get, records, spawn, start_server,
+    start_source, wait,
+};
 use serde_json::Value;
 
 /// A file of the repository's `certs/`.
@@ -41,45 +44,22 @@ fn get(url: &str, extra: &[String]) -> (bool, String, String) {
 
 #[test]
 fn records_carry_identities_a_reader_reads_all_another_identity_only_its_own() {
-    let (sp, qp, mp) = (free_tcp_port(), free_udp_port(), free_tcp_port());
-    let (source, server, metrics) = (
-        format!("127.0.0.1:{sp}"),
-        format!("127.0.0.1:{qp}"),
-        format!("127.0.0.1:{mp}"),
-    );
-    let _source = spawn("source", &["source", "--listen", &source]);
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let (_source, url) = start_source();
     let ca = certs("ca.pem");
-    let mut srv = spawn(
-        "server",
-        &[
-            "server",
-            "--listen",
-            &server,
-            "--metrics",
-            &metrics,
-            "--client-ca",
-            &ca,
-            "--reader",
-            "ops-reader",
-        ],
-    );
-    let rx = lines_of(&mut srv);
-    let url = format!("http://{source}/");
+    let (_srv, server, rx) = start_server(&[
+        "--metrics",
+        &metrics,
+        "--client-ca",
+        &ca,
+        "--reader",
+        "ops-reader",
+    ]);
     for name in ["device-1", "device-2"] {
-        let mut args: Vec<String> = [
-            "client",
-            "--server",
-            &server,
-            "--source",
-            &url,
-            "--interval",
-            "100ms",
-            "--count",
-            "3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = client_args(&server, &url, "100ms", &["--count", "3"])
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.extend(cert(name));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut c = spawn("client", &args);
@@ -231,30 +211,13 @@ const ATTACK_REPORTS: usize = 100;
 /// certificates: the victim is device-1, the attacker device-2, and a
 /// second attacker without a certificate tries too (refused).
 fn attack(mtls: bool) -> Attacked {
-    let (sp, qp) = (free_tcp_port(), free_udp_port());
-    let (source, server) = (format!("127.0.0.1:{sp}"), format!("127.0.0.1:{qp}"));
-    let _source = spawn("source", &["source", "--listen", &source]);
+    let (_source, url) = start_source();
     let ca = certs("ca.pem");
-    let mut server_args = vec!["server", "--listen", &server];
-    if mtls {
-        server_args.extend(["--client-ca", &ca]);
-    }
-    let mut srv = spawn("server", &server_args);
-    let rx = lines_of(&mut srv);
-    let url = format!("http://{source}/");
+    let server_extra: &[&str] = if mtls { &["--client-ca", &ca] } else { &[] };
+    let (_srv, server, rx) = start_server(server_extra);
     let client = |interval: &str, count: usize, extra: &[String]| {
         let count = count.to_string();
-        let mut args: Vec<&str> = vec![
-            "client",
-            "--server",
-            &server,
-            "--source",
-            &url,
-            "--interval",
-            interval,
-            "--count",
-            &count,
-        ];
+        let mut args = client_args(&server, &url, interval, &["--count", &count]);
         args.extend(extra.iter().map(String::as_str));
         common::Logged::spawn("client", &args)
     };
@@ -385,9 +348,8 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let db = dir.join("reports.db");
-    let (sp, qp) = (free_tcp_port(), free_udp_port());
-    let (source, server) = (format!("127.0.0.1:{sp}"), format!("127.0.0.1:{qp}"));
-    let _source = spawn("source", &["source", "--listen", &source]);
+    let server = format!("127.0.0.1:{}", free_udp_port());
+    let (_source, url) = start_source();
     let (ca, sink) = (certs("ca.pem"), format!("sqlite:{}", db.display()));
     let srv = common::Logged::spawn(
         "server",
@@ -402,18 +364,10 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
         ],
     );
     srv.wait_for("listening on");
-    let url = format!("http://{source}/");
-    let mut args = vec![
-        "client".to_owned(),
-        "--server".into(),
-        server.clone(),
-        "--source".into(),
-        url,
-        "--interval".into(),
-        "50ms".into(),
-        "--count".into(),
-        "2".into(),
-    ];
+    let mut args: Vec<String> = client_args(&server, &url, "50ms", &["--count", "2"])
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.extend(cert("device-1"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (status, _) = common::Logged::spawn("client", &args).finish();
@@ -473,18 +427,21 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     let _ = std::fs::remove_dir_all(&dir);
     let spool = dir.to_str().expect("UTF-8 path");
     let server = format!("127.0.0.1:{}", free_udp_port()); // nobody there
-    let first = common::Logged::spawn(
-        "client",
-        &[
+    let spooled = |id: &str| {
+        common::Logged::spawn(
             "client",
-            "--server",
-            &server,
-            "--spool",
-            spool,
-            "--client-id",
-            "C0FFEE",
-        ],
-    );
+            &[
+                "client",
+                "--server",
+                &server,
+                "--spool",
+                spool,
+                "--client-id",
+                id,
+            ],
+        )
+    };
+    let first = spooled("C0FFEE");
     let said = first.wait_for("spool ");
     assert!(said.contains("client id c0ffee"), "lowered: {said}");
     first.kill();
@@ -495,18 +452,7 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
         "{err}"
     );
     // Its own id (or none) continues it.
-    let again = common::Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &server,
-            "--spool",
-            spool,
-            "--client-id",
-            "c0ffee",
-        ],
-    );
+    let again = spooled("c0ffee");
     assert!(again.wait_for("spool ").contains("client id c0ffee"));
     again.kill();
     let _ = std::fs::remove_dir_all(&dir);

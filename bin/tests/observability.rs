@@ -6,25 +6,16 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    EXE, free_tcp_port, free_udp_port, http_get, lines_of, records, spawn, spawn_env, stderr_of,
-    wait,
+    EXE, client_args, free_tcp_port, http_get, records, spawn_env, start_server, start_source,
+    stderr_of, wait,
 };
 use serde_json::Value;
 
 #[test]
 fn get_metrics_and_qlog_show_the_servers_state() {
-    let (sp, qp, mp) = (free_tcp_port(), free_udp_port(), free_tcp_port());
-    let (source, server, metrics) = (
-        format!("127.0.0.1:{sp}"),
-        format!("127.0.0.1:{qp}"),
-        format!("127.0.0.1:{mp}"),
-    );
-    let _source = spawn("source", &["source", "--listen", &source]);
-    let mut srv = spawn(
-        "server",
-        &["server", "--listen", &server, "--metrics", &metrics],
-    );
-    let rx = lines_of(&mut srv);
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let (_source, url) = start_source();
+    let (_srv, server, rx) = start_server(&["--metrics", &metrics]);
     let scrape = |what: &str| -> Option<u64> {
         let (_, body) = http_get(&format!("http://{metrics}/metrics"))?;
         body.lines()
@@ -40,20 +31,9 @@ fn get_metrics_and_qlog_show_the_servers_state() {
 
     let qlogdir = std::env::temp_dir().join(format!("quic-report-qlog-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&qlogdir);
-    let url = format!("http://{source}/");
     let mut client_proc = spawn_env(
         "client",
-        &[
-            "client",
-            "--server",
-            &server,
-            "--source",
-            &url,
-            "--interval",
-            "200ms",
-            "--count",
-            "3",
-        ],
+        &client_args(&server, &url, "200ms", &["--count", "3"]),
         &[("QLOGDIR", qlogdir.as_os_str())],
     );
     let status = wait(&mut client_proc, Duration::from_secs(60));

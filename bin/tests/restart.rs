@@ -7,52 +7,11 @@
 
 mod common;
 
-use common::{LIMIT, Logged};
+use common::{LIMIT, Logged, TempPath, client_args, free_udp_port};
 use std::collections::BTreeMap;
-use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// A file in the temporary directory, removed when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "quic-report-test-{}-{nanos:x}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&p);
-        TempFile(p)
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temporary path")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
-}
-
-fn start_source() -> (Logged, String) {
-    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
-    let url = source.wait_for("serving GET / on ");
-    (source, url)
-}
 
 /// The seqs of the complete lines of `path`, in file order.
 fn seqs(path: &Path) -> Vec<u64> {
@@ -81,27 +40,20 @@ fn wait_records(path: &Path, n: usize) -> Duration {
 
 #[test]
 fn every_seq_is_recorded_once_across_sigkilled_servers() {
-    let (_source, url) = start_source();
-    let out = TempFile::new("restart.jsonl");
+    let (_source, url) = Logged::start_source();
+    let out = TempPath::new("restart.jsonl");
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let server_args = ["server", "--listen", &listen, "--out", out.arg()];
     let server = Logged::spawn("server 1", &server_args);
     server.wait_for("listening on ");
     let mut client = Logged::spawn(
         "client",
-        &[
-            "client",
-            "--server",
+        &client_args(
             &listen,
-            "--source",
             &url,
-            "--interval",
             "200ms",
-            "--idle-timeout",
-            "2s",
-            "--count",
-            "40",
-        ],
+            &["--idle-timeout", "2s", "--count", "40"],
+        ),
     );
 
     let mut server = Some(server);
@@ -152,7 +104,7 @@ fn every_seq_is_recorded_once_across_sigkilled_servers() {
 
 #[test]
 fn a_second_server_on_the_same_out_file_is_refused() {
-    let out = TempFile::new("locked.jsonl");
+    let out = TempPath::new("locked.jsonl");
     let first = Logged::spawn(
         "server 1",
         &["server", "--listen", "127.0.0.1:0", "--out", out.arg()],
@@ -169,31 +121,25 @@ fn a_second_server_on_the_same_out_file_is_refused() {
 
 #[test]
 fn secret_file_is_raw_or_hex_and_checked() {
-    let secret = TempFile::new("secret");
+    let secret = TempPath::new("secret");
     std::fs::write(&secret.0, format!("{}\n", "ab".repeat(32))).expect("write");
-    let ok = Logged::spawn(
-        "server",
-        &[
+    let with_secret = || {
+        Logged::spawn(
             "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--secret-file",
-            secret.arg(),
-        ],
-    );
+            &[
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--secret-file",
+                secret.arg(),
+            ],
+        )
+    };
+    let ok = with_secret();
     ok.wait_for("listening on ");
 
     std::fs::write(&secret.0, [7u8; 31]).expect("write");
-    let mut bad = Logged::spawn(
-        "server",
-        &[
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--secret-file",
-            secret.arg(),
-        ],
-    );
+    let mut bad = with_secret();
     let msg = bad.wait_for("error: ");
     assert!(!bad.wait(LIMIT).success());
     assert!(msg.contains("32 bytes") && msg.contains("31"), "{msg}");
@@ -209,26 +155,24 @@ fn secret_file_is_raw_or_hex_and_checked() {
 
 #[test]
 fn a_full_queue_is_said_out_loud_with_a_count() {
-    let (_source, url) = start_source();
+    let (_source, url) = Logged::start_source();
     // Nobody listens on this port: every report stays queued.
     let nowhere = format!("127.0.0.1:{}", free_udp_port());
     let client = Logged::spawn(
         "client",
-        &[
-            "client",
-            "--server",
+        &client_args(
             &nowhere,
-            "--source",
             &url,
-            "--interval",
             "50ms",
-            "--queue",
-            "2",
-            "--keep-alive",
-            "0s",
-            "--backoff-max",
-            "200ms",
-        ],
+            &[
+                "--queue",
+                "2",
+                "--keep-alive",
+                "0s",
+                "--backoff-max",
+                "200ms",
+            ],
+        ),
     );
     let first = client.wait_for("queue full: ");
     assert!(

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Logged, free_udp_port};
+use common::{Logged, client_args, free_udp_port};
 use quic_report_pg_cluster::PgCluster;
 
 /// A UDP relay: the client talks to `front`; the relay talks to the
@@ -102,21 +102,19 @@ fn client(name: &'static str, server: &str, url: &str, n: u64) -> Logged {
     let n = n.to_string();
     Logged::spawn(
         name,
-        &[
-            "client",
-            "--server",
+        &client_args(
             server,
-            "--source",
             url,
-            "--interval",
             "50ms",
-            "--idle-timeout",
-            "3s",
-            "--backoff-max",
-            "300ms",
-            "--count",
-            &n,
-        ],
+            &[
+                "--idle-timeout",
+                "3s",
+                "--backoff-max",
+                "300ms",
+                "--count",
+                &n,
+            ],
+        ),
     )
 }
 

@@ -6,46 +6,13 @@
 
 mod common;
 
-use common::{LIMIT, Logged};
+use common::{LIMIT, Logged, TempPath, client_args, free_udp_port};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// A directory in the temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        TempDir(std::env::temp_dir().join(format!(
-            "quic-report-test-{}-{nanos:x}-{name}",
-            std::process::id()
-        )))
-    }
-
-    fn join(&self, name: &str) -> String {
-        self.0.join(name).to_str().expect("UTF-8").to_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
-}
 
 /// The complete JSON lines of `path`.
 fn records(path: &Path) -> Vec<Value> {
@@ -69,19 +36,12 @@ fn served(source: &Logged, into: &mut Vec<f64>) {
 }
 
 fn client(server: &str, url: &str, spool: &str, extra: &[&str]) -> Logged {
-    let mut args = vec![
-        "client",
-        "--server",
+    let mut args = client_args(
         server,
-        "--source",
         url,
-        "--interval",
         "100ms",
-        "--spool",
-        spool,
-        "--backoff-max",
-        "200ms",
-    ];
+        &["--spool", spool, "--backoff-max", "200ms"],
+    );
     args.extend_from_slice(extra);
     Logged::spawn("client", &args)
 }
@@ -96,9 +56,8 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_client_sigkilled_during_an_outage_loses_nothing_on_its_spool() {
-    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
-    let url = source.wait_for("serving GET / on ");
-    let dir = TempDir::new("spool");
+    let (source, url) = Logged::start_source();
+    let dir = TempPath::new("spool");
     let spool = dir.join("spool");
     let out = dir.join("out.jsonl");
     std::fs::create_dir_all(&dir.0).expect("mkdir");
@@ -179,9 +138,8 @@ fn a_client_sigkilled_during_an_outage_loses_nothing_on_its_spool() {
 
 #[test]
 fn a_torn_spool_tail_is_skipped_with_a_warning() {
-    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
-    let url = source.wait_for("serving GET / on ");
-    let dir = TempDir::new("torn");
+    let (_source, url) = Logged::start_source();
+    let dir = TempPath::new("torn");
     let spool = dir.join("spool");
     // Nobody listens: everything stays in the spool.
     let nowhere = format!("127.0.0.1:{}", free_udp_port());
@@ -225,7 +183,7 @@ fn a_torn_spool_tail_is_skipped_with_a_warning() {
 
 #[test]
 fn two_clients_on_one_spool_the_second_refuses() {
-    let dir = TempDir::new("lock");
+    let dir = TempPath::new("lock");
     let spool = dir.join("spool");
     let nowhere = format!("127.0.0.1:{}", free_udp_port());
     let url = "http://127.0.0.1:9/";
@@ -266,9 +224,8 @@ fn set_file_size_limit(pid: libc::pid_t, bytes: libc::rlim_t) -> std::io::Result
 #[test]
 fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
     use std::os::unix::process::CommandExt;
-    let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
-    let url = source.wait_for("serving GET / on ");
-    let dir = TempDir::new("full");
+    let (source, url) = Logged::start_source();
+    let dir = TempPath::new("full");
     std::fs::create_dir_all(&dir.0).expect("mkdir");
     let spool = dir.join("spool");
     let out = dir.join("out.jsonl");
@@ -278,17 +235,7 @@ fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
     server.wait_for("listening on ");
 
     let mut cmd = std::process::Command::new(common::EXE);
-    cmd.args([
-        "client",
-        "--server",
-        &listen,
-        "--source",
-        &url,
-        "--interval",
-        "100ms",
-        "--spool",
-        &spool,
-    ]);
+    cmd.args(client_args(&listen, &url, "100ms", &["--spool", &spool]));
     // SAFETY: signal(2) and setrlimit(2) are async-signal-safe; nothing
     // else runs between fork and exec.
     unsafe {

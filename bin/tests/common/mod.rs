@@ -1,10 +1,12 @@
 //! Helpers shared by the tests that run the real `quic-report` binary:
-//! children killed on drop, free loopback ports, bounded waits, stdout
-//! collected on a thread.
+//! children killed on drop, free loopback ports, a source and a server
+//! started on them, a client's usual flags, temporary paths removed on
+//! drop, bounded waits, stdout collected on a thread.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, UdpSocket};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -56,6 +58,84 @@ pub fn free_tcp_port() -> u16 {
         .and_then(|s| s.local_addr())
         .expect("a free TCP port")
         .port()
+}
+
+/// A `source` on a free loopback TCP port, and the URL it serves.
+pub fn start_source() -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let source = spawn("source", &["source", "--listen", &addr]);
+    (source, format!("http://{addr}/"))
+}
+
+/// A `server` on a free loopback UDP port with `extra` flags: the process,
+/// its address, and its stdout lines (the records it prints).
+pub fn start_server(extra: &[&str]) -> (Proc, String, mpsc::Receiver<String>) {
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let mut args = vec!["server", "--listen", &addr];
+    args.extend_from_slice(extra);
+    let mut server = spawn("server", &args);
+    let records = lines_of(&mut server);
+    (server, addr, records)
+}
+
+/// The arguments of a `client` reporting to `server` what `source` serves,
+/// one fetch every `interval`, then `extra`.
+pub fn client_args<'a>(
+    server: &'a str,
+    source: &'a str,
+    interval: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "client",
+        "--server",
+        server,
+        "--source",
+        source,
+        "--interval",
+        interval,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A path in the temporary directory, unique to this process and moment;
+/// whatever is there (a file or a directory) is removed when dropped.
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    pub fn new(name: &str) -> TempPath {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = TempPath(std::env::temp_dir().join(format!(
+            "quic-report-test-{}-{nanos:x}-{name}",
+            std::process::id()
+        )));
+        p.remove();
+        p
+    }
+
+    /// The path, as an argument.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temporary path")
+    }
+
+    /// `name` inside the path (a directory), as an argument.
+    pub fn join(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("UTF-8").to_owned()
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 /// Waits for the process to exit, at most `limit`.
@@ -150,6 +230,13 @@ impl Logged {
         let mut cmd = Command::new(EXE);
         cmd.args(args).envs(env.iter().copied());
         Logged::spawn_command(name, cmd)
+    }
+
+    /// A `source` on a port the system picks, once it serves; and its URL.
+    pub fn start_source() -> (Logged, String) {
+        let source = Logged::spawn("source", &["source", "--listen", "127.0.0.1:0"]);
+        let url = source.wait_for("serving GET / on ");
+        (source, url)
     }
 
     /// Runs `cmd` (the binary, its arguments and environment set up by the
