@@ -3,26 +3,16 @@
 //! write (a full disk) makes the client keep its report; an aborted server
 //! sends no CONNECTION_CLOSE. Real UDP on 127.0.0.1, bounded in time.
 
+mod common;
+
+use common::{sample, server_options, start_server_with, watchdog};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
-use quic_report_core::{ClientEvent, DisconnectReason, Report, Sample, Verify};
-use quic_report_mio::{
-    ClientDriver, ClientOptions, DriverError, FileSink, Fsync, ReportSink, ServerDriver,
-    ServerOptions, StopHandle,
-};
-
-fn certs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../certs")
-}
-
-fn sample(v: f64) -> Sample {
-    Sample::from_json(serde_json::json!({ "value": v }).to_string().as_bytes(), 1)
-        .expect("an object")
-}
+use quic_report_core::{ClientEvent, DisconnectReason, Report};
+use quic_report_mio::{ClientDriver, ClientOptions, FileSink, Fsync};
 
 /// A temporary file, removed when dropped.
 struct TempFile(PathBuf);
@@ -45,49 +35,11 @@ impl Drop for TempFile {
     }
 }
 
-fn server_options() -> ServerOptions {
-    let dir = certs();
-    let mut opts = ServerOptions::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        dir.join("localhost.pem"),
-        dir.join("localhost.key"),
-    );
-    opts.handle_signals = false;
-    opts
-}
-
-/// Runs a server with `sink` on a thread.
-fn start_server(
-    opts: ServerOptions,
-    mut sink: impl ReportSink + Send + 'static,
-) -> (
-    SocketAddr,
-    StopHandle,
-    thread::JoinHandle<Result<(), DriverError>>,
-) {
-    let driver = ServerDriver::bind(opts).expect("server binds");
-    let addr = driver.local_addr();
-    let stop = driver.stop_handle();
-    let thread = thread::spawn(move || driver.run(&mut sink, &mut |_| {}));
-    (addr, stop, thread)
-}
-
+/// [`common::client_options`] with the client id `id`.
 fn client_options(server: SocketAddr, id: &str) -> ClientOptions {
-    let mut opts = ClientOptions::new(server, Verify::CaFile(certs().join("ca.pem")));
-    opts.handle_signals = false;
+    let mut opts = common::client_options(server);
     opts.config.client_id = Some(id.to_owned());
     opts
-}
-
-/// Stops `stop` after `after` unless the returned sender is dropped first.
-fn watchdog(stop: StopHandle, after: Duration) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
-            stop.stop();
-        }
-    });
-    tx
 }
 
 fn seqs_in(path: &Path) -> Vec<u64> {
@@ -114,7 +66,7 @@ fn keys_read_back_from_the_file_are_answered_as_duplicates() {
     assert_eq!((keys.len(), keys.unparseable()), (3, 1));
     let mut opts = server_options();
     opts.recorded = keys;
-    let (addr, server_stop, server) = start_server(opts, sink);
+    let (addr, server_stop, server) = start_server_with(opts, sink);
 
     let mut opts = client_options(addr, "c0ffee");
     opts.count = Some(5);
@@ -153,7 +105,7 @@ fn a_full_disk_is_not_acknowledged_and_the_client_keeps_the_report() {
         return;
     }
     let sink = FileSink::open(full, Fsync::Always).expect("opens /dev/full");
-    let (addr, server_stop, server) = start_server(server_options(), sink);
+    let (addr, server_stop, server) = start_server_with(server_options(), sink);
 
     let driver = ClientDriver::new(client_options(addr, "f11")).expect("client binds");
     let stop = driver.stop_handle();
@@ -186,7 +138,7 @@ fn a_full_disk_is_not_acknowledged_and_the_client_keeps_the_report() {
 
 #[test]
 fn an_aborted_server_sends_no_connection_close() {
-    let (addr, server_stop, server) = start_server(server_options(), |_: &Report| Ok(()));
+    let (addr, server_stop, server) = start_server_with(server_options(), |_: &Report| Ok(()));
     let driver = ClientDriver::new(client_options(addr, "ab")).expect("client binds");
     let samples = driver.sample_sender();
     let client_stop = driver.stop_handle();

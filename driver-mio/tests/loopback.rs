@@ -4,6 +4,10 @@
 //! in time (a watchdog stops the loops) and asserts on what was recorded,
 //! never on timing.
 
+mod common;
+
+use common::{client_options, loopback, sample, server_options, start_server, watchdog};
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -12,69 +16,8 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use quic_report_core::{ClientEvent, DisconnectReason, Report, Sample, Verify};
-use quic_report_mio::{
-    ClientDriver, ClientOptions, DriverError, FetchOptions, ServerDriver, ServerOptions, StopHandle,
-};
-
-fn certs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../certs")
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-fn sample(v: f64) -> Sample {
-    Sample::from_json(serde_json::json!({ "value": v }).to_string().as_bytes(), 1)
-        .expect("an object")
-}
-
-/// Starts a server on a free port; its recorded reports come out of the
-/// receiver. Returns its address, its stop handle and its thread.
-fn start_server() -> (
-    SocketAddr,
-    StopHandle,
-    mpsc::Receiver<Report>,
-    thread::JoinHandle<Result<(), DriverError>>,
-) {
-    let dir = certs();
-    let mut opts = ServerOptions::new(
-        loopback(),
-        dir.join("localhost.pem"),
-        dir.join("localhost.key"),
-    );
-    opts.handle_signals = false;
-    let driver = ServerDriver::bind(opts).expect("server binds");
-    let addr = driver.local_addr();
-    let stop = driver.stop_handle();
-    let (tx, rx) = mpsc::channel();
-    let thread = thread::spawn(move || {
-        let mut sink = move |r: &Report| {
-            let _ = tx.send(r.clone());
-            Ok(())
-        };
-        driver.run(&mut sink, &mut |_| {})
-    });
-    (addr, stop, rx, thread)
-}
-
-fn client_options(server: SocketAddr) -> ClientOptions {
-    let mut opts = ClientOptions::new(server, Verify::CaFile(certs().join("ca.pem")));
-    opts.handle_signals = false;
-    opts
-}
-
-/// Stops `stop` after `after` unless the returned sender is dropped first.
-fn watchdog(stop: StopHandle, after: Duration) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
-            stop.stop();
-        }
-    });
-    tx
-}
+use quic_report_core::{ClientEvent, DisconnectReason, Report};
+use quic_report_mio::{ClientDriver, DriverError, FetchOptions, ServerDriver, ServerOptions};
 
 #[test]
 fn reports_are_recorded_once_and_client_closes_after_count() {
@@ -131,13 +74,7 @@ fn stop_handle_ends_a_client_that_never_connects() {
 
 #[test]
 fn a_server_stopped_before_it_runs_returns() {
-    let dir = certs();
-    let mut opts = ServerOptions::new(
-        loopback(),
-        dir.join("localhost.pem"),
-        dir.join("localhost.key"),
-    );
-    opts.handle_signals = false;
+    let opts = server_options();
     opts.stop.stop();
     let driver = ServerDriver::bind(opts).expect("server binds");
     let (tx, rx) = mpsc::channel();

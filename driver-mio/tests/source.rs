@@ -5,24 +5,19 @@
 //! each failure. Every server runs on its own thread on a free port; every
 //! wait is bounded (the request timeout).
 
+mod common;
+
+use common::{certs, client_options, start_server};
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use quic_report_core::{Report, Verify};
-use quic_report_mio::{
-    ClientDriver, ClientOptions, FetchError, FetchOptions, ServerDriver, ServerOptions, Source,
-    SourceProxy, SourceTrust,
-};
+use quic_report_mio::{ClientDriver, FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-fn certs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../certs")
-}
 
 fn listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -180,26 +175,8 @@ fn error(o: &FetchOptions) -> String {
 fn an_https_source_signed_by_a_private_ca_is_fetched_and_reported() {
     let tls = https_server();
     // Through the whole client: fetched on the helper thread, reported.
-    let dir = certs();
-    let mut sopts = ServerOptions::new(
-        "127.0.0.1:0".parse().expect("addr"),
-        dir.join("localhost.pem"),
-        dir.join("localhost.key"),
-    );
-    sopts.handle_signals = false;
-    let server = ServerDriver::bind(sopts).expect("server binds");
-    let server_addr = server.local_addr();
-    let server_stop = server.stop_handle();
-    let (tx, recorded) = mpsc::channel::<Report>();
-    let server = thread::spawn(move || {
-        let mut sink = move |r: &Report| {
-            let _ = tx.send(r.clone());
-            Ok(())
-        };
-        server.run(&mut sink, &mut |_| {})
-    });
-    let mut copts = ClientOptions::new(server_addr, Verify::CaFile(dir.join("ca.pem")));
-    copts.handle_signals = false;
+    let (server_addr, server_stop, recorded, server) = start_server();
+    let mut copts = client_options(server_addr);
     copts.count = Some(2);
     copts.fetch = Some(FetchOptions {
         count: Some(2),
@@ -236,7 +213,7 @@ fn an_https_source_signed_by_a_private_ca_is_fetched_and_reported() {
     // Not signed by a CA we trust: refused, and the message says so.
     for trust in [
         SourceTrust::none(),
-        SourceTrust::ca_file(&dir.join("test/untrusted.pem")).expect("a PEM certificate"),
+        SourceTrust::ca_file(&certs().join("test/untrusted.pem")).expect("a PEM certificate"),
     ] {
         let o = FetchOptions {
             trust,
@@ -250,7 +227,7 @@ fn an_https_source_signed_by_a_private_ca_is_fetched_and_reported() {
         );
     }
     assert!(
-        SourceTrust::ca_file(&dir.join("nonexistent.pem"))
+        SourceTrust::ca_file(&certs().join("nonexistent.pem"))
             .expect_err("missing")
             .contains("nonexistent.pem")
     );
