@@ -21,6 +21,23 @@ fn mtls_sim(seed: u64) -> Sim {
     sim
 }
 
+/// The test certificate `certs/test/NAME.pem` and its key.
+fn test_cert(name: &str) -> CertFiles {
+    CertFiles {
+        cert_chain: cert_path(&format!("test/{name}.pem")),
+        private_key: cert_path(&format!("test/{name}.key")),
+    }
+}
+
+/// A client presenting `cert` (`None`: none at all) with `reports`
+/// reports scheduled 200 ms apart; the world then runs for 10 s.
+fn run_client_with(sim: &mut Sim, cert: Option<CertFiles>, reports: usize) -> usize {
+    let c = sim.add_client(|cfg| cfg.client_cert = cert);
+    sim.schedule_reports(c, reports, Duration::from_millis(200));
+    sim.run_for(Duration::from_secs(10));
+    c
+}
+
 fn failure(sim: &Sim, c: usize) -> Option<DisconnectReason> {
     sim.clients[c].events.iter().find_map(|(_, e)| match e {
         ClientEvent::Failed { reason } => Some(reason.clone()),
@@ -56,9 +73,7 @@ fn nothing_read(sim: &Sim) {
 #[test]
 fn peer_without_certificate_is_refused_at_the_handshake() {
     let mut sim = mtls_sim(300);
-    let c = sim.add_client(|_| {});
-    sim.schedule_reports(c, 3, Duration::from_millis(200));
-    sim.run_for(Duration::from_secs(10));
+    let c = run_client_with(&mut sim, None, 3);
     let Some(DisconnectReason::ClientCertificate(why)) = failure(&sim, c) else {
         panic!(
             "expected a client certificate failure, got {:?}{}",
@@ -97,14 +112,7 @@ fn peer_without_certificate_sending_at_once_is_closed_with_certificate_required(
 #[test]
 fn certificate_from_another_ca_is_refused() {
     let mut sim = mtls_sim(302);
-    let c = sim.add_client(|cfg| {
-        cfg.client_cert = Some(CertFiles {
-            cert_chain: cert_path("test/other-ca-client.pem"),
-            private_key: cert_path("test/other-ca-client.key"),
-        })
-    });
-    sim.schedule_reports(c, 3, Duration::from_millis(200));
-    sim.run_for(Duration::from_secs(10));
+    let c = run_client_with(&mut sim, Some(test_cert("other-ca-client")), 3);
     let Some(DisconnectReason::ClientCertificate(why)) = failure(&sim, c) else {
         panic!(
             "expected a client certificate failure, got {:?}{}",
@@ -120,14 +128,7 @@ fn certificate_from_another_ca_is_refused() {
 #[test]
 fn certificate_with_two_common_names_is_refused() {
     let mut sim = mtls_sim(303);
-    let c = sim.add_client(|cfg| {
-        cfg.client_cert = Some(CertFiles {
-            cert_chain: cert_path("test/two-cn.pem"),
-            private_key: cert_path("test/two-cn.key"),
-        })
-    });
-    sim.schedule_reports(c, 1, Duration::from_millis(200));
-    sim.run_for(Duration::from_secs(10));
+    let c = run_client_with(&mut sim, Some(test_cert("two-cn")), 1);
     assert!(
         matches!(
             failure(&sim, c),
