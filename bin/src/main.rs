@@ -43,6 +43,14 @@ fn main() -> ExitCode {
     // SAFETY: no other thread exists yet (parsing the command line and
     // reading the CA files start none).
     unsafe { tls::trust_only_named_cas() };
+    if !matches!(cli.command, Command::Server(_)) {
+        // What these print is for people: when stdout goes away (`| head`),
+        // end quietly as other Unix tools do, not with a panic of
+        // `println!`. The server keeps SIGPIPE ignored: its stdout is a
+        // sink, and a write that fails there is answered not_recorded.
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid handler.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {

@@ -247,3 +247,44 @@ fn demo_chaos_stops_cleanly_on_ctrl_c_between_client_restarts() {
         "no client restarted after Ctrl-C:\n{out}"
     );
 }
+
+/// `quic-report demo | head -1`: when the reader of stdout goes away the
+/// demo ends by SIGPIPE, as other Unix tools do, without a panic message
+/// and without leaving its source, server or client behind.
+#[test]
+fn demo_whose_stdout_is_closed_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+
+    let mut demo = Command::new(common::EXE)
+        .args(["demo", "--count", "50", "--interval", "100ms"])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let mut first = String::new();
+    BufReader::new(demo.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("the first line");
+    assert!(first.starts_with("[source] "), "{first:?}");
+    // The reader is dropped here: the demo's next line meets a closed pipe.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = demo.kill();
+            panic!("the demo went on for {LIMIT:?} with its stdout closed");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = demo.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr).expect("stderr");
+    }
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

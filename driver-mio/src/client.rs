@@ -676,11 +676,23 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
         .into());
     }
     let r = spool.recovery();
-    if let Some((at, bytes)) = r.skipped {
-        log::warn!(
-            "spool {}: {bytes} byte(s) from offset {at} are torn or corrupt (a crash or power loss mid-write?): skipped",
+    match (r.skipped, &r.kept) {
+        (Some((at, bytes)), None) => log::warn!(
+            "spool {}: {bytes} byte(s) from offset {at} are a record torn at the end (a crash or power loss mid-write): skipped",
             opts.dir.display()
-        );
+        ),
+        (Some((at, bytes)), Some(kept)) => log::error!(
+            "spool {}: the record at offset {at} is corrupt: the {bytes} byte(s) from there on (it \
+             and the records after it) are not sent, and were moved to {}{}",
+            opts.dir.display(),
+            kept.display(),
+            if r.created {
+                " (the client id was among them: this spool starts afresh under a new one)"
+            } else {
+                ""
+            }
+        ),
+        (None, _) => {}
     }
     if r.created {
         log::info!(

@@ -23,7 +23,9 @@
 //! `write(2)` per record puts it in the OS before the report is sent, so a
 //! crash of the process loses nothing, and the CRC of each record makes a
 //! tail torn by a power loss (or any corrupt record) detectable: reading
-//! stops there, warns, and truncates the file to the last good record. SQLite
+//! stops there, warns, and truncates the file to the last good record; a
+//! corrupt record (not one the file ends inside of) is kept aside first,
+//! with everything after it, in `DIR/spool.log.corrupt-<unix ms>`. SQLite
 //! would give the same guarantees for a transaction (two B-tree updates and
 //! a WAL frame) per sample and per acknowledgement, plus a C library in
 //! the driver, for no query we need.
@@ -161,6 +163,11 @@ pub struct Recovery {
     pub pending: usize,
     /// Bytes of a torn or corrupt tail that were skipped, and where it began.
     pub skipped: Option<(u64, u64)>,
+    /// Where the skipped bytes were kept, when they were not a record torn
+    /// at the end of the file but a corrupt one (with whatever followed it):
+    /// `DIR/spool.log.corrupt-<unix ms>`. Nothing that may hold samples is
+    /// thrown away.
+    pub kept: Option<PathBuf>,
     /// Whether the spool was created now.
     pub created: bool,
 }
@@ -195,7 +202,9 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating if needed) and locks the spool in `opts.dir`, and
     /// reads back what it holds, skipping a torn or corrupt tail (the file
-    /// is truncated there). `new_id` names the client of a new spool.
+    /// is truncated there; a corrupt part is kept aside first,
+    /// [`Recovery::kept`]). `new_id` names the client of a new spool, or
+    /// of one whose identity record is corrupt.
     pub fn open(opts: &SpoolOptions, new_id: impl FnOnce() -> String) -> Result<Spool, SpoolError> {
         let dir = opts.dir.clone();
         let io_err = |what, path: &Path| {
@@ -336,6 +345,21 @@ impl Spool {
         if at < data.len() {
             let skipped = (data.len() - at) as u64;
             self.recovery.skipped = Some((at as u64, skipped));
+            if !torn_at(data, at) {
+                let kept = self.dir.join(format!(
+                    "spool.log.corrupt-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or_default()
+                ));
+                fs::write(&kept, &data[at..]).map_err(|source| SpoolError::Io {
+                    what: "keeping a corrupt part aside in",
+                    path: kept.clone(),
+                    source,
+                })?;
+                self.recovery.kept = Some(kept);
+            }
             self.file
                 .set_len(at as u64)
                 .map_err(|source| SpoolError::Io {
@@ -614,6 +638,16 @@ fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 
 /// The record at `at`: its kind, payload and whole length, if it is
 /// complete and its CRC matches.
+/// Whether what is at `at` is a record the file ends inside of (a write
+/// cut short), rather than a corrupt one.
+fn torn_at(data: &[u8], at: usize) -> bool {
+    let Some(head) = data.get(at..at + HEADER) else {
+        return true;
+    };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    (1..=MAX_RECORD).contains(&len) && at + HEADER + len > data.len()
+}
+
 fn record_at(data: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
     let head = data.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
@@ -728,6 +762,7 @@ mod tests {
         {
             let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
             let skipped = s.recovery().skipped.expect("a torn tail");
+            assert_eq!(s.recovery().kept, None, "a torn record is not kept");
             assert_eq!(values(&s.take_restored()).len(), 2);
             assert_eq!(skipped.1, good.len() as u64 - 5 - skipped.0);
             // Appending goes on after the last good record.
@@ -745,7 +780,18 @@ mod tests {
         bad[n - 3] ^= 0x55;
         fs::write(&path, &bad).expect("corrupt");
         let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
-        assert!(s.recovery().skipped.is_some());
+        let (at, n) = s.recovery().skipped.expect("skipped");
+        let kept = s
+            .recovery()
+            .kept
+            .clone()
+            .expect("a corrupt record is kept aside");
+        assert_eq!(
+            fs::read(&kept).expect("the kept part"),
+            &bad[at as usize..],
+            "the corrupt record, byte for byte"
+        );
+        assert_eq!(n as usize, bad.len() - at as usize);
         let seqs: Vec<_> = s.take_restored().into_iter().map(|(q, _)| q).collect();
         assert_eq!(seqs, [1, 2]);
         assert_eq!(
@@ -754,6 +800,37 @@ mod tests {
             "a seq in a lost record may be used again: it was never sent"
         );
         assert_eq!(s.client_id(), "id");
+    }
+
+    #[test]
+    fn a_corrupt_identity_starts_afresh_and_keeps_the_old_log_aside() {
+        let dir = TempDir::new("identity");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "old-id".into()).expect("open");
+            for seq in 1..=3 {
+                s.append(now, seq, &sample(seq)).expect("append");
+            }
+        }
+        let mut bad = fs::read(&path).expect("read");
+        // A byte of the identity record's client id (after magic and header).
+        bad[MAGIC.len() + HEADER + 4] ^= 0x01;
+        fs::write(&path, &bad).expect("corrupt");
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "new-id".into()).expect("reopen");
+        assert!(s.recovery().created);
+        assert_eq!(s.client_id(), "new-id");
+        assert!(s.take_restored().is_empty());
+        let kept = s.recovery().kept.clone().expect("kept aside");
+        assert_eq!(
+            fs::read(&kept).expect("the kept part"),
+            &bad[MAGIC.len()..],
+            "every record of the old log, samples included"
+        );
+        drop(s);
+        let s = Spool::open(&opts(&dir, Fsync::Never), || "other".into()).expect("reopen");
+        assert_eq!(s.client_id(), "new-id", "the new identity was written");
+        assert!(kept.exists(), "and the kept part stays");
     }
 
     #[test]
