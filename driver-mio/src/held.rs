@@ -19,7 +19,11 @@
 //! [`WaitLimits::max_bytes`] bytes of report wait at once; a report past
 //! either bound is answered `not_recorded` at once ("the server is busy",
 //! counted as `sink_busy`), so a slow database costs clients a resend, not
-//! the server its memory. Before that, each connection's stream credit
+//! the server its memory. The bound also counts the rows the helper thread
+//! still holds after their reports were answered at their deadline
+//! ([`crate::database::writer::Custody`]): a database stalled in one
+//! statement cannot make the thread's queue grow while the loop keeps
+//! answering `not_recorded`. Before that, each connection's stream credit
 //! (100 concurrent streams) bounds what one client has waiting.
 
 use std::collections::{HashMap, VecDeque};
@@ -113,14 +117,14 @@ impl Held {
         let mut jobs = Vec::with_capacity(reports.len());
         for w in reports {
             let size = w.report.json().len();
-            if self.waiting.len() >= self.limits.max_reports
-                || self.bytes + size > self.limits.max_bytes
-            {
+            // What the thread holds counts too: rows whose reports were
+            // answered at their deadline but are still queued there.
+            let custody = self.writer.custody();
+            let held = self.waiting.len().max(custody.rows());
+            let bytes = self.bytes.max(custody.bytes());
+            if held >= self.limits.max_reports || bytes + size > self.limits.max_bytes {
                 m.busy += 1;
-                let why = format!(
-                    "the server is busy: {} report(s) wait for the database",
-                    self.waiting.len()
-                );
+                let why = format!("the server is busy: {held} report(s) wait for the database");
                 refused.push(Settled::Report(w, Outcome::NotRecorded(why)));
                 continue;
             }
@@ -128,13 +132,15 @@ impl Held {
                 handle: w.handle,
                 row: self.keyless.row(&w.report, received_at),
                 deadline,
+                ticket: self.writer.ticket(size),
             });
             self.bytes += size;
             self.expiry.push_back((deadline, w.handle));
             self.waiting.insert(w.handle, w);
         }
         if !jobs.is_empty() && !self.writer.send(Request::Rows(jobs)) {
-            // The thread ended (a fatal error is on its way): answer now.
+            // The thread ended (a fatal error is on its way, or `poll`
+            // finds it ended without one): answer now.
             self.expire(Instant::now() + self.limits.deadline, refused, m);
         }
         self.gauges(m);
@@ -184,6 +190,12 @@ impl Held {
                 }
                 Completion::Fatal(e) => fatal = Some(e),
             }
+        }
+        if fatal.is_none() && self.writer.ended() {
+            // Ended without a fatal error: it panicked (said on stderr).
+            fatal = Some(DbError::Schema(
+                "the database thread ended unexpectedly; nothing can be recorded".into(),
+            ));
         }
         self.expire(now, out, m);
         self.gauges(m);

@@ -537,7 +537,8 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
 /// refusing us for now (retried on a new connection: class 08 connection,
 /// 53 resources such as disk full, 57 operator intervention, 58 system,
 /// 40 serialization or deadlock, 28 authorization, 3D no such database,
-/// a read-only server), a value the database can never store (class 22,
+/// a read-only server; and what refuses every row, not one: 42 a missing
+/// table or privilege, 0A an unsupported feature), a value the database can never store (class 22,
 /// data exception, and 54, program limit exceeded, such as a key over the
 /// index's row size: [`DbError::Unstorable`]), or the rows were refused
 /// for another reason.
@@ -549,7 +550,10 @@ fn classify(what: &str, e: &postgres::Error) -> DbError {
     };
     let class = &code.code()[..2];
     let transient = e.is_closed()
-        || matches!(class, "08" | "53" | "57" | "58" | "40" | "28" | "3D")
+        || matches!(
+            class,
+            "08" | "53" | "57" | "58" | "40" | "28" | "3D" | "42" | "0A"
+        )
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
     if transient {
         DbError::Connection(msg)

@@ -114,9 +114,10 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
     tx.commit().map_err(err)
 }
 
-/// Sorts rusqlite's errors: a busy or broken database is retried on a new
-/// connection, a value over SQLite's length limit can never be stored,
-/// anything else refused the rows for now.
+/// Sorts rusqlite's errors: a busy, broken, full, read-only or forbidden
+/// database (what refuses every row, not one) is retried on a new
+/// connection with backoff, a value over SQLite's length limit can never
+/// be stored, anything else refused the rows for now.
 fn classify(what: &str, e: rusqlite::Error) -> DbError {
     let msg = format!("{what}: {e}");
     match e.sqlite_error_code() {
@@ -127,7 +128,10 @@ fn classify(what: &str, e: rusqlite::Error) -> DbError {
             | ErrorCode::CannotOpen
             | ErrorCode::SystemIoFailure
             | ErrorCode::NotADatabase
-            | ErrorCode::DatabaseCorrupt,
+            | ErrorCode::DatabaseCorrupt
+            | ErrorCode::DiskFull
+            | ErrorCode::ReadOnly
+            | ErrorCode::PermissionDenied,
         ) => DbError::Connection(msg),
         _ => DbError::Rejected(msg),
     }

@@ -17,12 +17,26 @@
 //! *down*: the failed batch goes back to the front of the pending rows,
 //! one warning is logged for the whole outage, and connecting is retried
 //! with backoff (100 ms doubling to 5 s, with jitter) while rows are
-//! pending -> *connected* again, logged once with the outage's length.
-//! Rows whose deadline passed are dropped from the pending rows unwritten
-//! (the loop has answered them `not_recorded` by then).
+//! pending -> *connected, unconfirmed* -> (the first insert or read that
+//! works) -> *connected* again, logged once with the outage's length. A
+//! database that takes connections but fails every insert (a standby, a
+//! full disk) therefore stays in one outage, with one warning and a
+//! growing backoff, instead of a reconnect per batch. Rows whose deadline
+//! passed are dropped from the pending rows unwritten (the loop has
+//! answered them `not_recorded` by then). While the database is down a
+//! read is answered at once ("unavailable"); otherwise reads and batches
+//! take turns, so a queue of reads cannot hold the commits back.
+//!
+//! **Custody:** every [`Job`] carries a [`Ticket`] that counts its row
+//! and bytes in the [`Custody`] the loop checks its waiting bound
+//! against, until the thread drops it (committed, refused, or past its
+//! deadline). A report the loop has answered `not_recorded` at its
+//! deadline still counts while its row waits here, so a database that
+//! stalls in a statement cannot make the thread's queue grow without
+//! bound.
 //!
 //! A batch the database refuses while the connection is fine is retried
-//! row by row, so one bad row fails alone. Alone, a row refused for its
+//! row by row (that batch's rows only), so one bad row fails alone. Alone, a row refused for its
 //! data ([`DbError::Unstorable`]) is answered so, for good (the client
 //! drops it); one refused for another reason is answered `not_recorded`;
 //! a connection error on the way stops the row-by-row pass and puts the
@@ -31,6 +45,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,6 +74,52 @@ pub struct Job {
     pub row: Row,
     /// After this the loop has answered it `not_recorded`: don't write it.
     pub deadline: Instant,
+    /// Counts it in the [`Custody`] while it lives ([`Writer::ticket`]).
+    pub ticket: Ticket,
+}
+
+/// The rows (and their body bytes) the thread holds: sent and not yet
+/// dropped, whether or not the loop still waits for them.
+#[derive(Debug, Default)]
+pub struct Custody {
+    rows: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Custody {
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of body held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more row of `bytes`, until the ticket is dropped.
+    fn ticket(custody: &Arc<Custody>, bytes: usize) -> Ticket {
+        custody.rows.fetch_add(1, Ordering::Relaxed);
+        custody.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ticket {
+            custody: Arc::clone(custody),
+            bytes,
+        }
+    }
+}
+
+/// One row's share of the [`Custody`], given back when dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    custody: Arc<Custody>,
+    bytes: usize,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.custody.rows.fetch_sub(1, Ordering::Relaxed);
+        self.custody.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// What the loop asks of the thread.
@@ -129,6 +190,7 @@ pub enum Completion {
 pub struct Writer {
     requests: Sender<Request>,
     completions: Receiver<Completion>,
+    custody: Arc<Custody>,
     _thread: JoinHandle<()>,
 }
 
@@ -155,6 +217,8 @@ impl Writer {
             backoff: Backoff::new(RECONNECT),
             rng: CoreRng::from_seed_bytes(seed),
             next_attempt: Instant::now(),
+            read_next: false,
+            refusals: (None, 0),
         };
         if thread.db.is_none() {
             thread.outage = Some(Outage {
@@ -168,8 +232,19 @@ impl Writer {
         Ok(Writer {
             requests,
             completions,
+            custody: Arc::new(Custody::default()),
             _thread: handle,
         })
+    }
+
+    /// What the thread holds (the loop's waiting bound counts it).
+    pub fn custody(&self) -> &Custody {
+        &self.custody
+    }
+
+    /// The custody ticket of a row of `bytes` about to be sent.
+    pub fn ticket(&self, bytes: usize) -> Ticket {
+        Custody::ticket(&self.custody, bytes)
     }
 
     /// Hands a request to the thread; false if the thread is gone.
@@ -180,6 +255,12 @@ impl Writer {
     /// The next completion, if one is ready.
     pub fn try_recv(&self) -> Option<Completion> {
         self.completions.try_recv().ok()
+    }
+
+    /// Whether the thread has ended: after a [`Completion::Fatal`], or
+    /// (with none sent) because it panicked.
+    pub fn ended(&self) -> bool {
+        self._thread.is_finished()
     }
 }
 
@@ -200,7 +281,14 @@ struct Thread {
     backoff: Backoff,
     rng: CoreRng,
     next_attempt: Instant,
+    /// Whether a read goes before the next batch (they alternate).
+    read_next: bool,
+    /// When a refused row was last logged, and how many since.
+    refusals: (Option<Instant>, u64),
 }
+
+/// At most one "refused a report" line per this.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Thread {
     fn run(mut self) {
@@ -214,20 +302,35 @@ impl Thread {
                 continue;
             }
             let Some(db) = self.db.as_mut() else {
+                // Reads are answered at once: the answer says it is down.
+                while let Some((handle, _)) = self.reads.pop_front() {
+                    let result = Err(format!(
+                        "{} is down (reconnecting)",
+                        self.connect.describe()
+                    ));
+                    if !self.tell(Completion::Read { handle, result }) {
+                        return;
+                    }
+                }
                 if now >= self.next_attempt && !self.reconnect() {
                     return;
                 }
                 continue;
             };
-            if let Some((handle, what)) = self.reads.pop_front() {
+            // Batches and reads take turns.
+            let read_turn = !self.reads.is_empty() && (self.pending.is_empty() || self.read_next);
+            self.read_next = !read_turn;
+            if read_turn && let Some((handle, what)) = self.reads.pop_front() {
                 let result = match what {
                     Read::Latest { limit, identity } => db
                         .latest(limit, identity.as_deref())
                         .map(ReadResult::Latest),
                     Read::Counts => db.counts().map(|(r, c)| ReadResult::Counts(r, c)),
                 };
-                if let Err(DbError::Connection(e)) = &result {
-                    self.lost(e.clone());
+                match &result {
+                    Err(DbError::Connection(e)) => self.lost(e.clone()),
+                    Ok(_) => self.confirmed(),
+                    Err(_) => {}
                 }
                 let result = result.map_err(|e| e.to_string());
                 if !self.tell(Completion::Read { handle, result }) {
@@ -287,16 +390,8 @@ impl Thread {
     fn reconnect(&mut self) -> bool {
         match self.connect.connect() {
             Ok(db) => {
+                // Back once an insert or a read works on it (`confirmed`).
                 self.db = Some(db);
-                self.backoff.reset();
-                if let Some(o) = self.outage.take() {
-                    log::warn!(
-                        "database {} is back after {:.1}s ({} attempt(s)); recording again",
-                        self.connect.describe(),
-                        o.since.elapsed().as_secs_f64(),
-                        o.attempts
-                    );
-                }
                 true
             }
             Err(DbError::Schema(e)) => {
@@ -318,13 +413,33 @@ impl Thread {
     }
 
     /// The connection broke: drop it and start (or continue) the outage.
+    /// The first retry of an outage comes soon (the backoff's first step);
+    /// a connection that breaks again before anything worked on it is
+    /// retried later each time.
     fn lost(&mut self, e: String) {
         self.db = None;
-        self.next_attempt = Instant::now();
-        if self.outage.is_none() {
-            self.outage_starts(&e);
+        match self.outage.as_mut() {
+            Some(o) => {
+                o.attempts += 1;
+                log::debug!("database still unavailable: {e}");
+            }
+            None => self.outage_starts(&e),
         }
+        self.next_attempt = Instant::now() + self.backoff.next_delay(&mut self.rng);
         self.tell(Completion::Failed);
+    }
+
+    /// An insert or a read worked: the outage, if one was on, is over.
+    fn confirmed(&mut self) {
+        self.backoff.reset();
+        if let Some(o) = self.outage.take() {
+            log::warn!(
+                "database {} is back after {:.1}s ({} attempt(s)); recording again",
+                self.connect.describe(),
+                o.since.elapsed().as_secs_f64(),
+                o.attempts
+            );
+        }
     }
 
     fn outage_starts(&mut self, e: &str) {
@@ -349,11 +464,14 @@ impl Thread {
         let res = db.insert(&rows);
         let took = started.elapsed();
         let results = match res {
-            Ok(written) => batch
-                .iter()
-                .zip(written)
-                .map(|(j, w)| (j.handle, Ok(w)))
-                .collect(),
+            Ok(written) => {
+                self.confirmed();
+                batch
+                    .iter()
+                    .zip(written)
+                    .map(|(j, w)| (j.handle, Ok(w)))
+                    .collect()
+            }
             Err(DbError::Connection(e)) => {
                 // Retried on the next connection, until their deadlines.
                 for j in batch.into_iter().rev() {
@@ -371,8 +489,7 @@ impl Thread {
                 vec![(batch[0].handle, Err(e))]
             }
             Err(DbError::Rejected(e)) if batch.len() == 1 => {
-                log::warn!("database refused a report: {e}");
-                self.tell(Completion::Failed);
+                self.refused(&e);
                 vec![(batch[0].handle, Err(DbError::Rejected(e)))]
             }
             Err(DbError::Rejected(e) | DbError::Unstorable(e)) => {
@@ -380,20 +497,20 @@ impl Thread {
                     "database refused a batch of {} ({e}); one by one",
                     batch.len()
                 );
+                let n = batch.len();
                 for j in batch.into_iter().rev() {
                     self.pending.push_front(j);
                 }
-                return self.one_by_one();
+                return self.one_by_one(n);
             }
         };
         self.tell(Completion::Committed { results, took })
     }
 
-    /// Commits the pending rows one per batch until the first batch's
-    /// length is done, so a refused row fails alone. Rows whose deadline
-    /// passed meanwhile are dropped unwritten, as in [`Thread::run`].
-    fn one_by_one(&mut self) -> bool {
-        let n = self.pending.len().min(MAX_BATCH);
+    /// Commits the first `n` pending rows (the refused batch) one per
+    /// batch, so a refused row fails alone. Rows whose deadline passed
+    /// meanwhile are dropped unwritten, as in [`Thread::run`].
+    fn one_by_one(&mut self, n: usize) -> bool {
         for _ in 0..n {
             let Some(job) = self.pending.pop_front() else {
                 break;
@@ -409,6 +526,22 @@ impl Thread {
             }
         }
         true
+    }
+
+    /// A row refused for now, with the connection fine: counted as a sink
+    /// error, and logged at most once per [`REFUSAL_LOG_EVERY`] with the
+    /// number since (a database refusing every row would otherwise log
+    /// each one).
+    fn refused(&mut self, e: &str) {
+        self.tell(Completion::Failed);
+        let now = Instant::now();
+        let (last, since) = &mut self.refusals;
+        *since += 1;
+        if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+            log::warn!("database refused a report ({since} since the last such line): {e}");
+            *last = Some(now);
+            *since = 0;
+        }
     }
 
     /// Sends a completion and wakes the loop; false if the loop is gone.
@@ -485,6 +618,15 @@ mod tests {
     }
 
     fn job(seq: u64, body: &str) -> Job {
+        job_in(
+            seq,
+            body,
+            &Arc::new(Custody::default()),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn job_in(seq: u64, body: &str, custody: &Arc<Custody>, wait: Duration) -> Job {
         Job {
             handle: ReportHandle {
                 conn: ConnKey(1),
@@ -498,8 +640,190 @@ mod tests {
                 received_at_ms: 0,
                 body: body.into(),
             },
-            deadline: Instant::now() + Duration::from_secs(30),
+            deadline: Instant::now() + wait,
+            ticket: Custody::ticket(custody, body.len()),
         }
+    }
+
+    fn waker() -> (mio::Poll, Arc<Waker>) {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        (poll, waker)
+    }
+
+    /// Connects every time, and every insert fails as a lost connection
+    /// would (a standby that takes connections but no writes).
+    struct TakesNoWrites(Arc<AtomicUsize>);
+
+    impl Database for TakesNoWrites {
+        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
+            Err(DbError::Connection("read-only".into()))
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Err(DbError::Connection("read-only".into()))
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            Err(DbError::Connection("read-only".into()))
+        }
+    }
+
+    impl Connect for TakesNoWrites {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(Box::new(TakesNoWrites(Arc::clone(&self.0))))
+        }
+
+        fn describe(&self) -> String {
+            "read-only".into()
+        }
+    }
+
+    #[test]
+    fn a_database_that_connects_but_takes_no_writes_is_retried_with_backoff() {
+        let (_poll, waker) = waker();
+        let connects = Arc::new(AtomicUsize::new(0));
+        let writer = Writer::start(
+            Box::new(TakesNoWrites(Arc::clone(&connects))),
+            Some(Box::new(TakesNoWrites(Arc::clone(&connects)))),
+            waker,
+            [3; 32],
+        )
+        .expect("writer");
+        let custody = Arc::new(Custody::default());
+        assert!(writer.send(Request::Rows(vec![job_in(
+            1,
+            "{}",
+            &custody,
+            Duration::from_secs(30)
+        )])));
+        std::thread::sleep(Duration::from_millis(1500));
+        let n = connects.load(Ordering::Relaxed);
+        // 100 ms doubling (with jitter, at least half of each step): at
+        // most 5 attempts in 1.5 s; without the backoff, thousands.
+        assert!((1..=6).contains(&n), "{n} connections in 1.5 s");
+        let mut failed = 0;
+        while let Some(c) = writer.try_recv() {
+            assert!(matches!(c, Completion::Failed), "{c:?}");
+            failed += 1;
+        }
+        // One sink error per failed insert (the last may be on its way).
+        assert!(
+            failed == n || failed == n + 1,
+            "{failed} errors, {n} connects"
+        );
+    }
+
+    /// Never connects.
+    struct Down;
+
+    impl Connect for Down {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Err(DbError::Connection("refused".into()))
+        }
+
+        fn describe(&self) -> String {
+            "down".into()
+        }
+    }
+
+    #[test]
+    fn a_read_while_the_database_is_down_is_answered_at_once() {
+        let (_poll, waker) = waker();
+        let writer = Writer::start(Box::new(Down), None, waker, [4; 32]).expect("writer");
+        let handle = ReportHandle {
+            conn: ConnKey(9),
+            stream: 0,
+            index: 0,
+        };
+        assert!(writer.send(Request::Read {
+            handle,
+            what: Read::Counts
+        }));
+        let until = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            if let Some(c) = writer.try_recv() {
+                break c;
+            }
+            assert!(Instant::now() < until, "no answer while down");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        match answer {
+            Completion::Read { handle: h, result } => {
+                assert_eq!(h, handle);
+                let e = result.expect_err("unavailable");
+                assert!(e.contains("down is down"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Blocks every insert until the test lets it go.
+    struct Stalled(Arc<Mutex<()>>);
+
+    impl Database for Stalled {
+        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+            let _gate = self.0.lock().expect("gate");
+            Ok(vec![Written::Inserted; rows.len()])
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            Ok((0, 0))
+        }
+    }
+
+    #[test]
+    fn rows_past_their_deadline_count_in_the_custody_until_the_thread_drops_them() {
+        let (_poll, waker) = waker();
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().expect("gate");
+        let writer = Writer::start(
+            Box::new(Down),
+            Some(Box::new(Stalled(Arc::clone(&gate)))),
+            waker,
+            [5; 32],
+        )
+        .expect("writer");
+        let short = Duration::from_millis(50);
+        assert!(writer.send(Request::Rows(vec![writer_job(&writer, 1, short)])));
+        std::thread::sleep(Duration::from_millis(100));
+        // The first is stuck in its insert; three more queue behind it, and
+        // pass their deadline there.
+        let more = (2..=4).map(|s| writer_job(&writer, s, short)).collect();
+        assert!(writer.send(Request::Rows(more)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(writer.custody().rows(), 4, "all four still held");
+        assert_eq!(writer.custody().bytes(), 4 * r#"{"v":1}"#.len());
+        drop(held);
+        let until = Instant::now() + Duration::from_secs(5);
+        while writer.custody().rows() > 0 {
+            assert!(
+                Instant::now() < until,
+                "{} still held",
+                writer.custody().rows()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(writer.custody().bytes(), 0);
+    }
+
+    fn writer_job(writer: &Writer, seq: u64, wait: Duration) -> Job {
+        let mut j = job_in(seq, r#"{"v":1}"#, &Arc::new(Custody::default()), wait);
+        j.ticket = writer.ticket(j.row.body.len());
+        j
     }
 
     #[test]
