@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{LIMIT, Logged, free_udp_port};
+use common::{LIMIT, Logged, TempPath, free_udp_port};
 use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
+use quic_report_mio::database::sqlite::SqliteConnect;
 use quic_report_mio::database::{Connect, DbError, Row, Written};
 use quic_report_pg_cluster::PgCluster;
 
@@ -568,4 +569,50 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         "at most limit"
     );
     assert_eq!(db.counts().expect("counts"), (n as u64 + 3, 9));
+    // Row by row in one transaction: the row it cannot store fails alone.
+    let each = db
+        .insert_each(&[
+            row("e", "x", 1, r#"{"v":1}"#),
+            row("e", "x", 2, r#"{"v":"a\u0000b"}"#),
+            row("e", "x", 3, r#"{"v":3}"#),
+            row("e", "x", 1, r#"{"v":1}"#),
+        ])
+        .expect("insert_each");
+    assert_eq!(each[0], Ok(Written::Inserted));
+    assert!(matches!(each[1], Err(DbError::Unstorable(_))), "{each:?}");
+    assert_eq!(each[2], Ok(Written::Inserted));
+    assert_eq!(each[3], Ok(Written::Duplicate));
+    let e: Vec<u64> = pg
+        .psql(
+            "postgres",
+            "SELECT seq FROM reports WHERE identity = 'e' ORDER BY seq",
+        )
+        .expect("psql")
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    assert_eq!(e, [1, 3]);
+}
+
+#[test]
+fn sqlite_rows_each_on_their_own_commit_together() {
+    let path = TempPath::new("each.db");
+    let mut db = SqliteConnect::new(&path.0).connect().expect("connect");
+    let each = db
+        .insert_each(&[
+            row("", "c", 1, r#"{"v":1}"#),
+            row("", "c", 2, r#"{"v":2}"#),
+            row("", "c", 1, r#"{"v":1}"#),
+        ])
+        .expect("insert_each");
+    assert_eq!(
+        each,
+        [
+            Ok(Written::Inserted),
+            Ok(Written::Inserted),
+            Ok(Written::Duplicate)
+        ]
+    );
+    drop(db);
+    assert_eq!(sqlite_seqs(&path.0), [1, 2]);
 }

@@ -154,6 +154,23 @@ pub trait Database: Send {
     /// resend is then answered `duplicate`).
     fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError>;
 
+    /// Inserts `rows` each on its own, so that a row the database refuses
+    /// fails alone: the outer error fails them all (the connection, the
+    /// commit), the inner one is why that row was refused. The backends
+    /// do it in one transaction with a savepoint per row (one commit);
+    /// this default commits each row by itself.
+    fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            match self.insert(std::slice::from_ref(r)) {
+                Ok(w) => out.extend(w.into_iter().map(Ok)),
+                Err(e @ (DbError::Connection(_) | DbError::Schema(_))) => return Err(e),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// The latest report (highest `seq`) of each `(identity, client)`, as
     /// `(identity, client, body)`, at most `limit` of them; with `identity`,
     /// that identity's alone (selected before the limit, so that its rows

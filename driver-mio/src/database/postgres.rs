@@ -654,6 +654,29 @@ impl Database for Postgres {
         res.map_err(|e| self.err(&e))
     }
 
+    fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+        let (insert, what) = (&self.insert, self.what.as_str());
+        let err = |e: postgres::Error| classify(what, &e);
+        let mut tx = self.client.transaction().map_err(err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut one = tx.savepoint("one_row").map_err(err)?;
+            match insert_rows(&mut one, insert, std::slice::from_ref(r)).map_err(err) {
+                Ok(w) => {
+                    one.commit().map_err(err)?;
+                    out.extend(w.into_iter().map(Ok));
+                }
+                Err(e @ (DbError::Connection(_) | DbError::Schema(_))) => return Err(e),
+                Err(e) => {
+                    one.rollback().map_err(err)?;
+                    out.push(Err(e));
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
     fn latest(
         &mut self,
         limit: usize,

@@ -174,6 +174,47 @@ impl Database for Sqlite {
         Ok(out)
     }
 
+    fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+        let what = &self.what;
+        let err = |e| classify(what, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        {
+            let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
+            for r in rows {
+                tx.execute_batch("SAVEPOINT one_row").map_err(err)?;
+                let res = stmt.execute(rusqlite::params![
+                    r.identity,
+                    r.client,
+                    r.seq,
+                    r.received_at_ms,
+                    r.body
+                ]);
+                match res.map_err(err) {
+                    Ok(n) => {
+                        tx.execute_batch("RELEASE one_row").map_err(err)?;
+                        out.push(Ok(if n == 1 {
+                            Written::Inserted
+                        } else {
+                            Written::Duplicate
+                        }));
+                    }
+                    Err(e @ (DbError::Connection(_) | DbError::Schema(_))) => return Err(e),
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO one_row; RELEASE one_row")
+                            .map_err(err)?;
+                        out.push(Err(e));
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
     fn latest(
         &mut self,
         limit: usize,

@@ -36,7 +36,9 @@
 //! bound.
 //!
 //! A batch the database refuses while the connection is fine is retried
-//! row by row (that batch's rows only), so one bad row fails alone. Alone, a row refused for its
+//! row by row (that batch's rows only, in one transaction with a
+//! savepoint per row: [`Database::insert_each`]), so one bad row fails
+//! alone and the batch still costs one commit. Alone, a row refused for its
 //! data ([`DbError::Unstorable`]) is answered so, for good (the client
 //! drops it); one refused for another reason is answered `not_recorded`;
 //! a connection error on the way stops the row-by-row pass and puts the
@@ -507,33 +509,60 @@ impl Thread {
         self.tell(Completion::Committed { results, took })
     }
 
-    /// Commits the first `n` pending rows (the refused batch) one per
-    /// batch, so a refused row fails alone. Rows whose deadline passed
-    /// meanwhile are dropped unwritten, as in [`Thread::run`].
+    /// Commits the first `n` pending rows (the refused batch) each on its
+    /// own ([`Database::insert_each`]: one transaction, a savepoint per
+    /// row), so a refused row fails alone. Rows whose deadline passed
+    /// meanwhile are dropped unwritten, as in [`Thread::run`]. False when
+    /// the loop is gone or the schema refused.
     fn one_by_one(&mut self, n: usize) -> bool {
-        for _ in 0..n {
-            let Some(job) = self.pending.pop_front() else {
-                break;
-            };
-            if job.deadline <= Instant::now() {
-                continue;
+        let now = Instant::now();
+        let mut batch: Vec<Job> = self.pending.drain(..n.min(self.pending.len())).collect();
+        batch.retain(|j| j.deadline > now);
+        if batch.is_empty() {
+            return true;
+        }
+        let Some(db) = self.db.as_mut() else {
+            self.pending.extend(batch);
+            return true;
+        };
+        let rows: Vec<Row> = batch.iter().map(|j| j.row.clone()).collect();
+        let started = Instant::now();
+        let res = db.insert_each(&rows);
+        let took = started.elapsed();
+        let each = match res {
+            Ok(each) => each,
+            Err(DbError::Connection(e)) => {
+                for j in batch.into_iter().rev() {
+                    self.pending.push_front(j);
+                }
+                self.lost(e);
+                return true;
             }
-            if !self.commit(vec![job]) {
+            Err(DbError::Schema(e)) => {
+                self.tell(Completion::Fatal(DbError::Schema(e)));
                 return false;
             }
-            if self.db.is_none() {
-                break;
+            // The commit itself refused: every row is answered so (sent again).
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        for (j, r) in batch.iter().zip(each) {
+            match &r {
+                Ok(_) => self.confirmed(),
+                Err(DbError::Rejected(e)) => self.refused(e),
+                // Logged by the loop (rate-limited).
+                Err(_) => {}
             }
+            results.push((j.handle, r));
         }
-        true
+        self.tell(Completion::Committed { results, took })
     }
 
-    /// A row refused for now, with the connection fine: counted as a sink
-    /// error, and logged at most once per [`REFUSAL_LOG_EVERY`] with the
-    /// number since (a database refusing every row would otherwise log
-    /// each one).
+    /// A row refused for now, with the connection fine (counted as a sink
+    /// error by the loop, from its result): logged at most once per
+    /// [`REFUSAL_LOG_EVERY`] with the number since (a database refusing
+    /// every row would otherwise log each one).
     fn refused(&mut self, e: &str) {
-        self.tell(Completion::Failed);
         let now = Instant::now();
         let (last, since) = &mut self.refusals;
         *since += 1;
@@ -875,7 +904,10 @@ mod tests {
             "{answers:?}"
         );
         assert_eq!(answers.get(&5), Some(&inserted));
-        assert_eq!(failed, 1, "only the passing refusal counts as a sink error");
+        assert_eq!(
+            failed, 0,
+            "the database stayed up: refusals count by their results"
+        );
         let stored: Vec<i64> = table.lock().expect("table").iter().copied().collect();
         assert_eq!(stored, [1, 2, 5]);
     }
