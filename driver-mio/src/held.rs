@@ -79,6 +79,22 @@ pub(crate) enum Settled {
     Read(ReportHandle, Result<ReadResult, String>),
 }
 
+/// Database reads (`/latest`, `/stats`) waiting at most; more are
+/// answered "busy" at once, so that reads cannot pile up ahead of the
+/// commits they take turns with.
+pub(crate) const MAX_READS: usize = 64;
+
+/// What became of a read asked of the thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadQueued {
+    /// It will come back as [`Settled::Read`].
+    Sent,
+    /// This many wait already: answer "busy".
+    Busy(usize),
+    /// The thread is gone.
+    Gone,
+}
+
 /// The reports waiting for their commit.
 #[derive(Debug)]
 pub(crate) struct Held {
@@ -89,6 +105,8 @@ pub(crate) struct Held {
     expiry: VecDeque<(Instant, ReportHandle)>,
     bytes: usize,
     keyless: KeylessKeys,
+    /// Reads sent and not answered yet.
+    reads: usize,
 }
 
 impl Held {
@@ -100,6 +118,7 @@ impl Held {
             expiry: VecDeque::new(),
             bytes: 0,
             keyless: KeylessKeys::new(instance),
+            reads: 0,
         }
     }
 
@@ -146,9 +165,16 @@ impl Held {
         self.gauges(m);
     }
 
-    /// Asks the thread for a read; false if it is gone.
-    pub(crate) fn read(&mut self, handle: ReportHandle, what: Read) -> bool {
-        self.writer.send(Request::Read { handle, what })
+    /// Asks the thread for a read, unless [`MAX_READS`] wait already.
+    pub(crate) fn read(&mut self, handle: ReportHandle, what: Read) -> ReadQueued {
+        if self.reads >= MAX_READS {
+            return ReadQueued::Busy(self.reads);
+        }
+        if !self.writer.send(Request::Read { handle, what }) {
+            return ReadQueued::Gone;
+        }
+        self.reads += 1;
+        ReadQueued::Sent
     }
 
     /// Completions that arrived, and reports whose deadline passed, into
@@ -183,7 +209,10 @@ impl Held {
                         out.push(Settled::Report(w, outcome));
                     }
                 }
-                Completion::Read { handle, result } => out.push(Settled::Read(handle, result)),
+                Completion::Read { handle, result } => {
+                    self.reads = self.reads.saturating_sub(1);
+                    out.push(Settled::Read(handle, result));
+                }
                 Completion::Failed => {
                     m.errors += 1;
                     m.up = false;
@@ -239,5 +268,91 @@ impl Held {
     fn gauges(&self, m: &mut DbMetrics) {
         m.waiting_reports = self.waiting.len() as u64;
         m.waiting_bytes = self.bytes as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use quic_report_core::ConnKey;
+
+    use super::*;
+    use crate::database::{Connect, Database, Row};
+
+    /// Every read blocks until the test lets it go.
+    struct SlowReads(Arc<Mutex<()>>);
+
+    impl Database for SlowReads {
+        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+            Ok(vec![Written::Inserted; rows.len()])
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            let _gate = self.0.lock().expect("gate");
+            Ok((0, 0))
+        }
+    }
+
+    struct Never;
+
+    impl Connect for Never {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Err(DbError::Connection("no".into()))
+        }
+
+        fn describe(&self) -> String {
+            "never".into()
+        }
+    }
+
+    #[test]
+    fn reads_past_the_bound_are_refused_busy_until_answers_come_back() {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let gate = Arc::new(Mutex::new(()));
+        let closed = gate.lock().expect("gate");
+        let writer = Writer::start(
+            Box::new(Never),
+            Some(Box::new(SlowReads(Arc::clone(&gate)))),
+            waker,
+            [1; 32],
+        )
+        .expect("writer");
+        let mut held = Held::new(writer, WaitLimits::default(), [2; 16]);
+        let handle = |i: u64| ReportHandle {
+            conn: ConnKey(1),
+            stream: i * 4,
+            index: 0,
+        };
+        for i in 0..MAX_READS as u64 {
+            assert_eq!(held.read(handle(i), Read::Counts), ReadQueued::Sent);
+        }
+        assert_eq!(
+            held.read(handle(999), Read::Counts),
+            ReadQueued::Busy(MAX_READS)
+        );
+        drop(closed);
+        let (mut out, mut m) = (Vec::new(), DbMetrics::default());
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut answered = 0;
+        while answered < MAX_READS {
+            assert!(Instant::now() < until, "{answered} reads answered");
+            held.poll(Instant::now(), &mut out, &mut m).expect("poll");
+            answered += out
+                .drain(..)
+                .filter(|s| matches!(s, Settled::Read(_, Ok(_))))
+                .count();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(held.read(handle(1000), Read::Counts), ReadQueued::Sent);
     }
 }

@@ -42,7 +42,7 @@ use crate::database::writer::{Read, Writer};
 use crate::database::{Connect, DbError};
 use crate::debuglog;
 use crate::event_loop::{self, SOCKET, Sources, Steps};
-use crate::held::{Held, Settled, WaitLimits, Waiting};
+use crate::held::{Held, ReadQueued, Settled, WaitLimits, Waiting};
 use crate::observe::{MetricsServer, Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
 use crate::show::{self, ReportText};
@@ -323,7 +323,7 @@ impl ServerDriver {
     }
 
     /// Connects to the database once and starts its helper thread.
-    fn start_database(&self, mut db: DatabaseSink) -> Result<Held, DriverError> {
+    fn start_database(&self, mut db: DatabaseSink) -> Result<Box<Held>, DriverError> {
         let what = db.connect.describe();
         let first = match db.connect.connect() {
             Ok(conn) => {
@@ -344,7 +344,7 @@ impl ServerDriver {
             .map_err(DriverError::io("starting the database thread"))?;
         let mut instance = [0u8; 16];
         instance.copy_from_slice(&os_seed()?[..16]);
-        Ok(Held::new(writer, db.limits, instance))
+        Ok(Box::new(Held::new(writer, db.limits, instance)))
     }
 }
 
@@ -352,8 +352,9 @@ impl ServerDriver {
 enum Recorder<'a> {
     /// Written and flushed in the loop.
     Inline(&'a mut dyn ReportSink),
-    /// Committed by the helper thread; answered when it is done.
-    Database(Held),
+    /// Committed by the helper thread; answered when it is done (boxed:
+    /// it is large, and there is one per loop).
+    Database(Box<Held>),
 }
 
 impl Recorder<'_> {
@@ -636,14 +637,25 @@ impl Loop<'_> {
                     "/stats" => Some(Read::Counts),
                     _ => None,
                 };
-                if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read)
-                    && held.read(*handle, read)
-                {
-                    self.db_reads.insert(*handle, only);
-                    (self.on_event)(ev);
-                    continue;
+                let mut body = None;
+                if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read) {
+                    match held.read(*handle, read) {
+                        ReadQueued::Sent => {
+                            self.db_reads.insert(*handle, only);
+                            (self.on_event)(ev);
+                            continue;
+                        }
+                        ReadQueued::Busy(n) => {
+                            body = Some(
+                                format!("database busy: {n} reads wait for it; try again\n")
+                                    .into_bytes(),
+                            );
+                        }
+                        // Its fatal error stops the server; meanwhile, memory.
+                        ReadQueued::Gone => {}
+                    }
                 }
-                let body = self.observer.body(path, only.as_ref());
+                let body = body.unwrap_or_else(|| self.observer.body(path, only.as_ref()));
                 if let Err(e) = self.server.respond_request(now, *handle, body) {
                     log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
                 }
