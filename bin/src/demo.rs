@@ -378,58 +378,17 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         std::env::temp_dir().join(format!("quic-report-demo-spool-{}", std::process::id()))
     });
     let mut acked = BTreeSet::new();
-    let mut rng = rand::rng();
-    let client_res = loop {
-        let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(certs.ca()));
-        client_opts.handle_signals = false; // caught for the whole demo, above
-        client_opts.fetch = Some(FetchOptions {
-            count: args.count,
-            ..FetchOptions::new(source_url.clone(), args.interval)
-        });
-        client_opts.count = args.count.map(|n| n.saturating_sub(acked.len() as u64));
-        client_opts.spool = spool_dir.clone().map(|dir| SpoolOptions {
-            dir,
-            fsync: Fsync::Never, // a process crash, not a power loss
-        });
-        let killer = if args.chaos {
-            client_opts.config.idle_timeout = CHAOS_IDLE_TIMEOUT;
-            client_opts.config.keep_alive = Some(CHAOS_IDLE_TIMEOUT / 2);
-            let after = Duration::from_millis(rng.random_range(4_000..=20_000));
-            Some(Killer::start(&client_stop, &client_opts.stop, after)?)
-        } else {
-            client_opts.stop = client_stop.clone();
-            None
-        };
-        let res = run_client(client_opts, &mut |ev, c| {
-            if let ClientEvent::Acknowledged { seq, .. } = ev {
-                acked.insert(*seq);
-            }
-            if let Some(line) = client_line(ev, &c.stats(), server_addr) {
-                if matches!(ev, ClientEvent::ReportDropped { .. }) {
-                    println!("[client] {line} and lost ({} dropped so far)", c.dropped());
-                } else {
-                    println!("[client] {line}");
-                }
-            }
-        });
-        if let Some(k) = killer
-            && k.end()
-            && res.is_ok()
-        {
-            let down = Duration::from_millis(rng.random_range(200..=1_500));
-            println!(
-                "[client] killed abruptly (as by SIGKILL); restarting on its spool in {:.1} s",
-                down.as_secs_f64()
-            );
-            if stopped_within(&client_stop, down) {
-                // Ctrl-C (or a failed server) during the pause: the demo
-                // ends here, with the run that was just killed.
-                break res;
-            }
-            continue;
-        }
-        break res;
-    };
+    let client_res = run_clients(
+        args,
+        &ClientPlan {
+            server: server_addr,
+            ca: certs.ca(),
+            source_url: &source_url,
+            spool: spool_dir.as_deref(),
+            stop: &client_stop,
+        },
+        &mut acked,
+    );
     signals.close();
     if let Ok(summary) = &client_res {
         println!(
@@ -459,6 +418,79 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         check(&lock(&plan.ledger), &summary.client_id, &acked, &pending?)?;
     }
     Ok(())
+}
+
+/// Where the demo's client runs, and what stops it.
+struct ClientPlan<'a> {
+    server: SocketAddr,
+    ca: PathBuf,
+    source_url: &'a str,
+    /// With `--chaos`: the spool it restarts on.
+    spool: Option<&'a std::path::Path>,
+    stop: &'a StopHandle,
+}
+
+/// Runs the client, printing its events, until `--count` or a stop; with
+/// `--chaos`, kills it at random and restarts it on its spool after a
+/// pause. Every acknowledged seq goes into `acked`.
+fn run_clients(
+    args: &DemoArgs,
+    plan: &ClientPlan<'_>,
+    acked: &mut BTreeSet<u64>,
+) -> Result<ClientSummary, Error> {
+    let server_addr = plan.server;
+    let mut rng = rand::rng();
+    loop {
+        let mut client_opts = ClientOptions::new(server_addr, Verify::CaFile(plan.ca.clone()));
+        client_opts.handle_signals = false; // caught for the whole demo, in `run`
+        client_opts.fetch = Some(FetchOptions {
+            count: args.count,
+            ..FetchOptions::new(plan.source_url.to_owned(), args.interval)
+        });
+        client_opts.count = args.count.map(|n| n.saturating_sub(acked.len() as u64));
+        client_opts.spool = plan.spool.map(|dir| SpoolOptions {
+            dir: dir.to_path_buf(),
+            fsync: Fsync::Never, // a process crash, not a power loss
+        });
+        let killer = if args.chaos {
+            client_opts.config.idle_timeout = CHAOS_IDLE_TIMEOUT;
+            client_opts.config.keep_alive = Some(CHAOS_IDLE_TIMEOUT / 2);
+            let after = Duration::from_millis(rng.random_range(4_000..=20_000));
+            Some(Killer::start(plan.stop, &client_opts.stop, after)?)
+        } else {
+            client_opts.stop = plan.stop.clone();
+            None
+        };
+        let res = run_client(client_opts, &mut |ev, c| {
+            if let ClientEvent::Acknowledged { seq, .. } = ev {
+                acked.insert(*seq);
+            }
+            if let Some(line) = client_line(ev, &c.stats(), server_addr) {
+                if matches!(ev, ClientEvent::ReportDropped { .. }) {
+                    println!("[client] {line} and lost ({} dropped so far)", c.dropped());
+                } else {
+                    println!("[client] {line}");
+                }
+            }
+        });
+        if let Some(k) = killer
+            && k.end()
+            && res.is_ok()
+        {
+            let down = Duration::from_millis(rng.random_range(200..=1_500));
+            println!(
+                "[client] killed abruptly (as by SIGKILL); restarting on its spool in {:.1} s",
+                down.as_secs_f64()
+            );
+            if stopped_within(plan.stop, down) {
+                // Ctrl-C (or a failed server) during the pause: the demo
+                // ends here, with the run that was just killed.
+                return Ok(res?);
+            }
+            continue;
+        }
+        return Ok(res?);
+    }
 }
 
 /// The seqs still in the spool in `dir`.
