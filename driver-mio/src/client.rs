@@ -676,23 +676,30 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
         .into());
     }
     let r = spool.recovery();
-    match (r.skipped, &r.kept) {
-        (Some((at, bytes)), None) => log::warn!(
-            "spool {}: {bytes} byte(s) from offset {at} are a record torn at the end (a crash or power loss mid-write): skipped",
-            opts.dir.display()
-        ),
-        (Some((at, bytes)), Some(kept)) => log::error!(
-            "spool {}: the record at offset {at} is corrupt: the {bytes} byte(s) from there on (it \
-             and the records after it) are not sent, and were moved to {}{}",
-            opts.dir.display(),
-            kept.display(),
-            if r.created {
-                " (the client id was among them: this spool starts afresh under a new one)"
-            } else {
-                ""
-            }
-        ),
-        (None, _) => {}
+    if let Some((at, bytes)) = r.skipped {
+        let kept = r.kept.as_ref().map_or_else(String::new, |k| {
+            format!(", moved to {} (not sent)", k.display())
+        });
+        let afresh = if r.created {
+            " The client id was among them: this spool starts afresh under a new one."
+        } else {
+            ""
+        };
+        if r.torn {
+            log::warn!(
+                "spool {}: {bytes} byte(s) from offset {at} look like a record torn at the end (a \
+                 crash or power loss mid-write): skipped{kept}; seqs go on past anything they \
+                 name.{afresh}",
+                opts.dir.display()
+            );
+        } else {
+            log::error!(
+                "spool {}: the record at offset {at} is corrupt: the {bytes} byte(s) from there on \
+                 (it and the records after it) are skipped{kept}; seqs go on past anything they \
+                 name.{afresh}",
+                opts.dir.display()
+            );
+        }
     }
     if r.created {
         log::info!(

@@ -23,9 +23,11 @@
 //! `write(2)` per record puts it in the OS before the report is sent, so a
 //! crash of the process loses nothing, and the CRC of each record makes a
 //! tail torn by a power loss (or any corrupt record) detectable: reading
-//! stops there, warns, and truncates the file to the last good record; a
-//! corrupt record (not one the file ends inside of) is kept aside first,
-//! with everything after it, in `DIR/spool.log.corrupt-<unix ms>`. SQLite
+//! stops there, warns, and truncates the file to the last good record,
+//! after keeping what it cuts (made durable) in
+//! `DIR/spool.log.corrupt-<unix ms>`. Numbering then goes on past the last
+//! bound reserved and past any seq or bound the cut part still names
+//! (whatever the boot): a sample cut away may have been sent. SQLite
 //! would give the same guarantees for a transaction (two B-tree updates and
 //! a WAL frame) per sample and per acknowledgement, plus a C library in
 //! the driver, for no query we need.
@@ -69,6 +71,9 @@ use std::time::Instant;
 use quic_report_core::{Sample, Seq};
 
 use crate::sink::Fsync;
+
+/// How long after a failed deferred fsync it is tried again.
+const SYNC_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The first bytes of a spool log.
 const MAGIC: &[u8; 8] = b"QRSPOOL1";
@@ -163,10 +168,11 @@ pub struct Recovery {
     pub pending: usize,
     /// Bytes of a torn or corrupt tail that were skipped, and where it began.
     pub skipped: Option<(u64, u64)>,
-    /// Where the skipped bytes were kept, when they were not a record torn
-    /// at the end of the file but a corrupt one (with whatever followed it):
-    /// `DIR/spool.log.corrupt-<unix ms>`. Nothing that may hold samples is
-    /// thrown away.
+    /// Whether the skipped bytes look like a record torn at the end of the
+    /// file (a write cut short), rather than a corrupt one.
+    pub torn: bool,
+    /// Where the skipped bytes were kept (`DIR/spool.log.corrupt-<unix
+    /// ms>`): nothing that may hold samples is thrown away.
     pub kept: Option<PathBuf>,
     /// Whether the spool was created now.
     pub created: bool,
@@ -195,6 +201,8 @@ pub struct Spool {
     /// A sample written since the last fsync.
     dirty: bool,
     last_sync: Option<Instant>,
+    /// After a failed deferred fsync, not before this.
+    sync_retry_at: Option<Instant>,
     recovery: Recovery,
     buf: Vec<u8>,
 }
@@ -232,9 +240,14 @@ impl Spool {
             }
             Err(TryLockError::Error(e)) => return Err(io_err("locking", &lock_path)(e)),
         }
-        lock.set_len(0)
+        // The pid is for the message of a second client; the lock is the
+        // flock. On a full disk it may not fit: start anyway.
+        if let Err(e) = lock
+            .set_len(0)
             .and_then(|()| lock.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .map_err(io_err("writing the lock file", &lock_path))?;
+        {
+            log::debug!("cannot write the pid into {}: {e}", lock_path.display());
+        }
 
         let path = dir.join("spool.log");
         let mut file = OpenOptions::new()
@@ -268,6 +281,7 @@ impl Spool {
             reserved: 0,
             dirty: false,
             last_sync: None,
+            sync_retry_at: None,
             recovery: Recovery::default(),
             buf: Vec::new(),
         };
@@ -345,21 +359,11 @@ impl Spool {
         if at < data.len() {
             let skipped = (data.len() - at) as u64;
             self.recovery.skipped = Some((at as u64, skipped));
-            if !torn_at(data, at) {
-                let kept = self.dir.join(format!(
-                    "spool.log.corrupt-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis())
-                        .unwrap_or_default()
-                ));
-                fs::write(&kept, &data[at..]).map_err(|source| SpoolError::Io {
-                    what: "keeping a corrupt part aside in",
-                    path: kept.clone(),
-                    source,
-                })?;
-                self.recovery.kept = Some(kept);
-            }
+            self.recovery.torn = torn_at(data, at);
+            // Kept aside, made durable, before the log is cut: nothing
+            // that may hold samples is thrown away (a corrupt length can
+            // look like a record torn at the end).
+            self.recovery.kept = Some(self.keep_aside(&data[at..])?);
             self.file
                 .set_len(at as u64)
                 .map_err(|source| SpoolError::Io {
@@ -367,6 +371,13 @@ impl Spool {
                     path: self.path.clone(),
                     source,
                 })?;
+            // What was cut may hold samples whose reports went out, and
+            // Reserve records past the last one read: never number again
+            // below anything it names, nor below the last bound read.
+            self.next_seq = self.next_seq.max(highest_named(&data[at..]));
+            if let Some((bound, _)) = &reserve {
+                self.next_seq = self.next_seq.max(*bound);
+            }
         }
         self.len = at as u64;
         if let Some((bound, boot)) = reserve
@@ -383,6 +394,40 @@ impl Spool {
         }
         self.recovery.pending = self.pending.len();
         Ok(())
+    }
+
+    /// Writes `part` to a new `DIR/spool.log.corrupt-<unix ms>[.N]` and
+    /// fsyncs it and the directory.
+    fn keep_aside(&self, part: &[u8]) -> Result<PathBuf, SpoolError> {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        let mut n = 0u32;
+        loop {
+            let name = match n {
+                0 => format!("spool.log.corrupt-{ms}"),
+                _ => format!("spool.log.corrupt-{ms}.{n}"),
+            };
+            let path = self.dir.join(name);
+            let err = |what| {
+                let path = path.clone();
+                move |source| SpoolError::Io { what, path, source }
+            };
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(part)
+                        .and_then(|()| f.sync_all())
+                        .map_err(err("keeping a corrupt part aside in"))?;
+                    File::open(&self.dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(err("fsyncing the directory of"))?;
+                    return Ok(path);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => return Err(err("keeping a corrupt part aside in")(e)),
+            }
+        }
     }
 
     /// The `client` id this spool belongs to.
@@ -505,10 +550,12 @@ impl Spool {
     /// When [`Spool::handle_timeout`] wants to run: a deferred fsync.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.fsync {
-            Fsync::Interval(d) if self.dirty => Some(
-                self.last_sync
-                    .map_or_else(Instant::now, |t| t.checked_add(d).unwrap_or(t)),
-            ),
+            Fsync::Interval(d) if self.dirty => {
+                let due = self
+                    .last_sync
+                    .map_or_else(Instant::now, |t| t.checked_add(d).unwrap_or(t));
+                Some(self.sync_retry_at.map_or(due, |r| due.max(r)))
+            }
             _ => None,
         }
     }
@@ -526,13 +573,19 @@ impl Spool {
         if self.fsync == Fsync::Never || !self.dirty {
             return Ok(());
         }
-        self.file.sync_data().map_err(|source| SpoolError::Io {
-            what: "fsync",
-            path: self.path.clone(),
-            source,
-        })?;
+        if let Err(source) = self.file.sync_data() {
+            // Not again before a while: a file system that fails every
+            // fsync (remounted read-only, gone) must not make the loop spin.
+            self.sync_retry_at = now.checked_add(SYNC_RETRY);
+            return Err(SpoolError::Io {
+                what: "fsync",
+                path: self.path.clone(),
+                source,
+            });
+        }
         self.dirty = false;
         self.last_sync = Some(now);
+        self.sync_retry_at = None;
         Ok(())
     }
 
@@ -638,6 +691,41 @@ fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
 
 /// The record at `at`: its kind, payload and whole length, if it is
 /// complete and its CRC matches.
+/// The lowest seq above everything the intact records in `part` name
+/// (sample seqs, Reserve bounds, an identity's next seq), found at any
+/// offset: `part` is what follows a corrupt record, so record boundaries
+/// are not known. Only records that decode as ours count (a CRC, a kind,
+/// a payload in range); one that only looks intact (1 in 2^32 per offset
+/// for the CRC alone) can only raise the answer, which costs unused seqs,
+/// never a reused one.
+fn highest_named(part: &[u8]) -> Seq {
+    let mut high = 0;
+    for at in 0..part.len() {
+        let Some((kind, payload, _)) = record_at(part, at) else {
+            continue;
+        };
+        match kind {
+            KIND_SAMPLE => {
+                if let Some((seq, _)) = decode_sample(payload) {
+                    high = high.max(seq.saturating_add(1));
+                }
+            }
+            KIND_RESERVE => {
+                if let Some((bound, _)) = decode_reserve(payload) {
+                    high = high.max(bound);
+                }
+            }
+            KIND_IDENTITY => {
+                if let Some((_, next)) = decode_identity(payload) {
+                    high = high.max(next);
+                }
+            }
+            _ => {}
+        }
+    }
+    high.min(MAX_SEQ.saturating_add(1))
+}
+
 /// Whether what is at `at` is a record the file ends inside of (a write
 /// cut short), rather than a corrupt one.
 fn torn_at(data: &[u8], at: usize) -> bool {
@@ -762,7 +850,8 @@ mod tests {
         {
             let mut s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
             let skipped = s.recovery().skipped.expect("a torn tail");
-            assert_eq!(s.recovery().kept, None, "a torn record is not kept");
+            assert!(s.recovery().torn);
+            assert!(s.recovery().kept.is_some(), "a torn record is kept too");
             assert_eq!(values(&s.take_restored()).len(), 2);
             assert_eq!(skipped.1, good.len() as u64 - 5 - skipped.0);
             // Appending goes on after the last good record.
@@ -794,12 +883,63 @@ mod tests {
         assert_eq!(n as usize, bad.len() - at as usize);
         let seqs: Vec<_> = s.take_restored().into_iter().map(|(q, _)| q).collect();
         assert_eq!(seqs, [1, 2]);
+        assert!(!s.recovery().torn, "a complete record with a bad CRC");
         assert_eq!(
             s.next_seq(),
-            3,
-            "a seq in a lost record may be used again: it was never sent"
+            7 + RESERVE,
+            "seq 7 may have been sent: numbering goes on past the bound reserved for it"
         );
         assert_eq!(s.client_id(), "id");
+    }
+
+    #[test]
+    fn a_corrupt_record_mid_log_never_lets_a_seq_after_it_be_used_again() {
+        let dir = TempDir::new("midlog");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+            for seq in 1..=3 {
+                s.append(now, seq, &sample(seq)).expect("append");
+            }
+        }
+        let mut log = fs::read(&path).expect("read");
+        let second = {
+            // Where sample 2's record starts: after magic, identity,
+            // reserve and sample 1 (walk the records).
+            let mut at = MAGIC.len();
+            let mut found = None;
+            while let Some((kind, payload, len)) = record_at(&log, at) {
+                if kind == KIND_SAMPLE && payload[..8] == 2u64.to_le_bytes() {
+                    found = Some(at);
+                }
+                at += len;
+            }
+            found.expect("sample 2")
+        };
+        // Later records, as a client that went on would have left them: a
+        // further reservation and a sample numbered up to it.
+        let mut p = (3 * RESERVE).to_le_bytes().to_vec();
+        p.extend_from_slice(boot_id().as_bytes());
+        let mut rec = Vec::new();
+        encode_record(&mut rec, KIND_RESERVE, &p);
+        log.extend_from_slice(&rec);
+        let mut p = (3 * RESERVE - 7).to_le_bytes().to_vec();
+        p.extend_from_slice(&0u64.to_le_bytes());
+        p.extend_from_slice(br#"{"value":1}"#);
+        encode_record(&mut rec, KIND_SAMPLE, &p);
+        log.extend_from_slice(&rec);
+        // Sample 2's payload changes on the disk.
+        log[second + HEADER + 5] ^= 0x40;
+        fs::write(&path, &log).expect("corrupt");
+        let s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+        assert_eq!(s.client_id(), "id");
+        assert!(s.recovery().kept.is_some());
+        assert_eq!(
+            s.next_seq(),
+            3 * RESERVE,
+            "past the reservation found in the part kept aside, in the same boot"
+        );
     }
 
     #[test]
@@ -821,6 +961,10 @@ mod tests {
         assert!(s.recovery().created);
         assert_eq!(s.client_id(), "new-id");
         assert!(s.take_restored().is_empty());
+        assert!(
+            s.next_seq() > 3,
+            "past the old samples, should the new id be the old one (--client-id)"
+        );
         let kept = s.recovery().kept.clone().expect("kept aside");
         assert_eq!(
             fs::read(&kept).expect("the kept part"),
@@ -943,14 +1087,17 @@ mod tests {
             encode_record(&mut rec, kind, &payload);
             log.extend_from_slice(&rec);
             let next = open_holding(&dir, &log, &[1, 3]);
-            assert_eq!(next, Some(4), "kind {kind} {payload:?}: skipped");
+            // Skipped from there on; numbering goes on past the bound the
+            // log reserved (what was skipped may have been sent), and no
+            // further: an absurd record does not count.
+            assert_eq!(next, Some(1 + RESERVE), "kind {kind} {payload:?}: skipped");
         }
         // A length field past the largest record, or zero.
         for len in [0u32, u32::MAX, MAX_RECORD as u32 + 1] {
             let mut log = good.clone();
             log.extend_from_slice(&len.to_le_bytes());
             log.extend_from_slice(&[0; 64]);
-            assert_eq!(open_holding(&dir, &log, &[1, 3]), Some(4));
+            assert_eq!(open_holding(&dir, &log, &[1, 3]), Some(1 + RESERVE));
         }
         // Not a file at all.
         fs::remove_file(dir.0.join("spool.log")).expect("rm");
