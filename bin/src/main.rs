@@ -302,7 +302,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     if let Some(p) = &proxy {
         log::info!(
             "fetching through the proxy {} (from the environment)",
-            p.url
+            quic_report_mio::redact::password(&p.url)
         );
     }
     opts.fetch = Some(FetchOptions {

@@ -306,3 +306,46 @@ fn https_proxy_from_the_environment_tunnels_an_https_source() {
         "TLS inside the tunnel: no plain request line: {seen:?}"
     );
 }
+
+/// A proxy URL may carry a password: the client names the proxy in its
+/// log and in every failed fetch, never with the password.
+#[test]
+fn a_proxy_password_never_reaches_the_log() {
+    let mut cmd = Command::new(EXE);
+    cmd.args([
+        "client",
+        "--server",
+        "127.0.0.1:9",
+        "--source",
+        "http://192.0.2.1/",
+        "--interval",
+        "100ms",
+        "--count",
+        "2",
+    ]);
+    for var in [
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    // Nothing listens on port 9: every fetch fails at the proxy.
+    cmd.env("HTTP_PROXY", "http://alice:s3cret@127.0.0.1:9")
+        .env("NO_PROXY", "")
+        .env("no_proxy", "");
+    let client = Logged::spawn_command("client", cmd);
+    let named = client.wait_for("fetching through the proxy ");
+    assert!(named.starts_with("http://alice:***@127.0.0.1:9"), "{named}");
+    let failed = client.wait_for("failed");
+    assert!(failed.contains("alice:***@"), "{failed}");
+    let mut seen = vec![named, failed];
+    seen.extend(client.lines_so_far());
+    client.kill();
+    assert!(
+        seen.iter().all(|l| !l.contains("s3cret")),
+        "the password in the log: {seen:?}"
+    );
+}

@@ -16,8 +16,10 @@
 //! than bunching up, and the schedule never drifts. After `count` good
 //! samples the thread stops. Each request must be answered within
 //! [`FetchOptions::request_timeout`]; the body is at most
-//! [`MAX_BODY_BYTES`]. A failed fetch is logged as one warning naming its
-//! cause ([`FetchError`]) and skipped; the schedule goes on.
+//! [`MAX_BODY_BYTES`]. A failed fetch is skipped with a warning naming its
+//! cause ([`FetchError`]; at most one line per 10 s, counting the others,
+//! for a source that stays down); the schedule goes on. A proxy is named
+//! without its password.
 //!
 //! The thread stops when the loop drops its [`Fetcher`] (promptly: it waits
 //! for the next tick on a stop channel; a request in progress finishes
@@ -276,7 +278,7 @@ impl SourceProxy {
     }
 
     fn to_ureq(&self) -> Result<Proxy, String> {
-        let bad = |e: ureq::Error| format!("proxy {:?}: {e}", self.url);
+        let bad = |e: ureq::Error| format!("proxy {:?}: {e}", crate::redact::password(&self.url));
         let parsed = Proxy::new(&self.url).map_err(bad)?;
         let mut b = Proxy::builder(parsed.protocol())
             .host(parsed.host())
@@ -476,7 +478,8 @@ impl Source {
             host: opts.uri()?.host().unwrap_or_default().to_owned(),
             timeout: opts.request_timeout(),
             trust: opts.trust.what.clone(),
-            proxy: opts.proxy.as_ref().map(|p| p.url.clone()),
+            // Shown in errors: without its password.
+            proxy: opts.proxy.as_ref().map(|p| crate::redact::password(&p.url)),
         })
     }
 
@@ -492,6 +495,7 @@ impl Source {
         }
         let mut schedule = Schedule::new(Instant::now(), interval);
         let mut good: u64 = 0;
+        let mut failures = crate::observe::Throttle::default();
         loop {
             match self.fetch() {
                 Ok(sample) => {
@@ -504,7 +508,17 @@ impl Source {
                         return;
                     }
                 }
-                Err(why) => log::warn!("fetching {} failed, sample skipped: {why}", self.url),
+                // A source that is down fails every tick: one line per
+                // 10 s, with the count of those left out.
+                Err(why) => {
+                    if let Some(more) = failures.allow(Instant::now()) {
+                        log::warn!(
+                            "fetching {} failed, sample skipped: {why}{}",
+                            self.url,
+                            crate::observe::more_since(more)
+                        );
+                    }
+                }
             }
             let next = schedule.next_after(Instant::now());
             match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {

@@ -56,6 +56,7 @@ pub mod fetch;
 pub mod get;
 pub mod held;
 pub mod observe;
+pub mod redact;
 pub mod reuseport;
 pub mod secret;
 pub mod server;

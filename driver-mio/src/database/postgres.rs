@@ -95,7 +95,7 @@ pub struct UrlError {
 impl PostgresConnect {
     /// Parses `url` and fills in libpq's defaults from the environment.
     pub fn parse(url: &str) -> Result<PostgresConnect, UrlError> {
-        let shown = redact(url);
+        let shown = crate::redact::password(url);
         let fail = |why: String| UrlError {
             url: shown.clone(),
             why,
@@ -159,21 +159,6 @@ impl PostgresConnect {
 }
 
 /// The URL with its password (if any) replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (auth, tail) = rest.split_at(auth_end);
-    match auth.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
