@@ -63,7 +63,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -650,28 +650,37 @@ impl Spool {
             moved.insert(seq, (out.len() as u64, len));
             out.extend_from_slice(&rec);
         }
-        let mut f = File::create(tmp).map_err(io_err("creating", tmp))?;
+        // The handle that wrote it is the one appended to from now on: once
+        // renamed into place, nothing below can leave `self.file` on the
+        // old, unlinked log.
+        // A stale one (a crash mid-rewrite) goes first: the new one is
+        // opened for appending, which cannot truncate.
+        match fs::remove_file(tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("removing a stale", tmp)(e));
+            }
+            _ => {}
+        }
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(io_err("creating", tmp))?;
         f.write_all(&out).map_err(io_err("writing", tmp))?;
         if self.fsync != Fsync::Never {
             f.sync_all().map_err(io_err("fsync", tmp))?;
         }
         fs::rename(tmp, &self.path).map_err(io_err("renaming into place", tmp))?;
+        self.file = f;
+        self.len = out.len() as u64;
+        self.pending = moved;
+        self.dirty = false;
         if self.fsync != Fsync::Never {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("fsync", &self.dir))?;
         }
-        self.file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io_err("reopening", &self.path))?;
-        self.file
-            .seek(SeekFrom::End(0))
-            .map_err(io_err("seeking", &self.path))?;
-        self.len = out.len() as u64;
-        self.pending = moved;
-        self.dirty = false;
         Ok(())
     }
 }
