@@ -142,6 +142,23 @@ struct Sqlite {
     what: String,
 }
 
+/// One row through the prepared [`INSERT`]: its change count (0 or 1)
+/// says whether it was new.
+fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Row) -> rusqlite::Result<Written> {
+    let n = stmt.execute(rusqlite::params![
+        r.identity,
+        r.client,
+        r.seq,
+        r.received_at_ms,
+        r.body
+    ])?;
+    Ok(if n == 1 {
+        Written::Inserted
+    } else {
+        Written::Duplicate
+    })
+}
+
 impl Database for Sqlite {
     fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
         let what = &self.what;
@@ -154,20 +171,7 @@ impl Database for Sqlite {
         {
             let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
             for r in rows {
-                let n = stmt
-                    .execute(rusqlite::params![
-                        r.identity,
-                        r.client,
-                        r.seq,
-                        r.received_at_ms,
-                        r.body
-                    ])
-                    .map_err(err)?;
-                out.push(if n == 1 {
-                    Written::Inserted
-                } else {
-                    Written::Duplicate
-                });
+                out.push(insert_row(&mut stmt, r).map_err(err)?);
             }
         }
         tx.commit().map_err(err)?;
@@ -186,21 +190,10 @@ impl Database for Sqlite {
             let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
             for r in rows {
                 tx.execute_batch("SAVEPOINT one_row").map_err(err)?;
-                let res = stmt.execute(rusqlite::params![
-                    r.identity,
-                    r.client,
-                    r.seq,
-                    r.received_at_ms,
-                    r.body
-                ]);
-                match res.map_err(err) {
-                    Ok(n) => {
+                match insert_row(&mut stmt, r).map_err(err) {
+                    Ok(w) => {
                         tx.execute_batch("RELEASE one_row").map_err(err)?;
-                        out.push(Ok(if n == 1 {
-                            Written::Inserted
-                        } else {
-                            Written::Duplicate
-                        }));
+                        out.push(Ok(w));
                     }
                     Err(e @ (DbError::Connection(_) | DbError::Schema(_))) => return Err(e),
                     Err(e) => {
