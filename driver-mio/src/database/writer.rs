@@ -456,106 +456,105 @@ impl Thread {
     }
 
     /// Commits `batch`; false when the loop is gone or the schema refused.
+    /// A batch the database refuses (for a row's data or for now) goes
+    /// again row by row ([`Thread::one_by_one`]), so a bad row fails alone.
     fn commit(&mut self, batch: Vec<Job>) -> bool {
-        let Some(db) = self.db.as_mut() else {
+        let Some((res, took)) = self.timed(&batch, |db, rows| db.insert(rows)) else {
             self.pending.extend(batch);
             return true;
         };
-        let rows: Vec<Row> = batch.iter().map(|j| j.row.clone()).collect();
-        let started = Instant::now();
-        let res = db.insert(&rows);
-        let took = started.elapsed();
-        let results = match res {
+        match res {
             Ok(written) => {
                 self.confirmed();
-                batch
-                    .iter()
-                    .zip(written)
-                    .map(|(j, w)| (j.handle, Ok(w)))
-                    .collect()
-            }
-            Err(DbError::Connection(e)) => {
-                // Retried on the next connection, until their deadlines.
-                for j in batch.into_iter().rev() {
-                    self.pending.push_front(j);
-                }
-                self.lost(e);
-                return true;
-            }
-            Err(DbError::Schema(e)) => {
-                self.tell(Completion::Fatal(DbError::Schema(e)));
-                return false;
-            }
-            // Logged by the loop (rate-limited): a client can send these at will.
-            Err(e @ DbError::Unstorable(_)) if batch.len() == 1 => {
-                vec![(batch[0].handle, Err(e))]
-            }
-            Err(DbError::Rejected(e)) if batch.len() == 1 => {
-                self.refused(&e);
-                vec![(batch[0].handle, Err(DbError::Rejected(e)))]
+                let results = batch.iter().zip(written).map(|(j, w)| (j.handle, Ok(w)));
+                self.tell(Completion::Committed {
+                    results: results.collect(),
+                    took,
+                })
             }
             Err(DbError::Rejected(e) | DbError::Unstorable(e)) => {
                 log::debug!(
                     "database refused a batch of {} ({e}); one by one",
                     batch.len()
                 );
-                let n = batch.len();
-                for j in batch.into_iter().rev() {
-                    self.pending.push_front(j);
-                }
-                return self.one_by_one(n);
+                self.one_by_one(batch)
             }
-        };
-        self.tell(Completion::Committed { results, took })
+            Err(e) => self.failed(batch, e, took),
+        }
     }
 
-    /// Commits the first `n` pending rows (the refused batch) each on its
-    /// own ([`Database::insert_each`]: one transaction, a savepoint per
-    /// row), so a refused row fails alone. Rows whose deadline passed
-    /// meanwhile are dropped unwritten, as in [`Thread::run`]. False when
-    /// the loop is gone or the schema refused.
-    fn one_by_one(&mut self, n: usize) -> bool {
+    /// Commits `batch` (a refused one) each row on its own
+    /// ([`Database::insert_each`]: one transaction, a savepoint per row),
+    /// so a refused row fails alone: a row refused for its data is
+    /// answered so for good (logged by the loop, rate-limited: a client can
+    /// send these at will), one refused for now is answered `not_recorded`.
+    /// Rows whose deadline passed meanwhile are dropped unwritten, as in
+    /// [`Thread::run`]. False when the loop is gone or the schema refused.
+    fn one_by_one(&mut self, mut batch: Vec<Job>) -> bool {
         let now = Instant::now();
-        let mut batch: Vec<Job> = self.pending.drain(..n.min(self.pending.len())).collect();
         batch.retain(|j| j.deadline > now);
         if batch.is_empty() {
             return true;
         }
-        let Some(db) = self.db.as_mut() else {
+        let Some((res, took)) = self.timed(&batch, |db, rows| db.insert_each(rows)) else {
             self.pending.extend(batch);
             return true;
         };
-        let rows: Vec<Row> = batch.iter().map(|j| j.row.clone()).collect();
-        let started = Instant::now();
-        let res = db.insert_each(&rows);
-        let took = started.elapsed();
         let each = match res {
             Ok(each) => each,
-            Err(DbError::Connection(e)) => {
-                for j in batch.into_iter().rev() {
-                    self.pending.push_front(j);
-                }
-                self.lost(e);
-                return true;
-            }
-            Err(DbError::Schema(e)) => {
-                self.tell(Completion::Fatal(DbError::Schema(e)));
-                return false;
-            }
-            // The commit itself refused: every row is answered so (sent again).
-            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => return self.failed(batch, e, took),
         };
         let mut results = Vec::with_capacity(batch.len());
         for (j, r) in batch.iter().zip(each) {
             match &r {
                 Ok(_) => self.confirmed(),
                 Err(DbError::Rejected(e)) => self.refused(e),
-                // Logged by the loop (rate-limited).
                 Err(_) => {}
             }
             results.push((j.handle, r));
         }
         self.tell(Completion::Committed { results, took })
+    }
+
+    /// Runs `op` on the rows of `batch` and times it; `None` without a
+    /// connection.
+    fn timed<T>(
+        &mut self,
+        batch: &[Job],
+        op: impl FnOnce(&mut dyn Database, &[Row]) -> T,
+    ) -> Option<(T, Duration)> {
+        let db = self.db.as_mut()?;
+        let rows: Vec<Row> = batch.iter().map(|j| j.row.clone()).collect();
+        let started = Instant::now();
+        let res = op(db.as_mut(), &rows);
+        Some((res, started.elapsed()))
+    }
+
+    /// `batch` failed as a whole with `e` after `took`: the connection (its
+    /// rows wait for the next one, until their deadlines), the schema
+    /// (fatal), or the commit refused (each row answered so). False when
+    /// the loop is gone or the schema refused.
+    fn failed(&mut self, batch: Vec<Job>, e: DbError, took: Duration) -> bool {
+        match e {
+            DbError::Connection(m) => {
+                for j in batch.into_iter().rev() {
+                    self.pending.push_front(j);
+                }
+                self.lost(m);
+                true
+            }
+            DbError::Schema(m) => {
+                self.tell(Completion::Fatal(DbError::Schema(m)));
+                false
+            }
+            e => {
+                let results = batch.iter().map(|j| (j.handle, Err(e.clone())));
+                self.tell(Completion::Committed {
+                    results: results.collect(),
+                    took,
+                })
+            }
+        }
     }
 
     /// A row refused for now, with the connection fine (counted as a sink
