@@ -278,41 +278,7 @@ mod tests {
     use quic_report_core::ConnKey;
 
     use super::*;
-    use crate::database::{Connect, Database, Row};
-
-    /// Every read blocks until the test lets it go.
-    struct SlowReads(Arc<Mutex<()>>);
-
-    impl Database for SlowReads {
-        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
-            Ok(vec![Written::Inserted; rows.len()])
-        }
-
-        fn latest(
-            &mut self,
-            _: usize,
-            _: Option<&str>,
-        ) -> Result<Vec<(String, String, String)>, DbError> {
-            Ok(Vec::new())
-        }
-
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
-            let _gate = self.0.lock().expect("gate");
-            Ok((0, 0))
-        }
-    }
-
-    struct Never;
-
-    impl Connect for Never {
-        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
-            Err(DbError::Connection("no".into()))
-        }
-
-        fn describe(&self) -> String {
-            "never".into()
-        }
-    }
+    use crate::database::testing::{Down, Gated};
 
     #[test]
     fn reads_past_the_bound_are_refused_busy_until_answers_come_back() {
@@ -321,8 +287,12 @@ mod tests {
         let gate = Arc::new(Mutex::new(()));
         let closed = gate.lock().expect("gate");
         let writer = Writer::start(
-            Box::new(Never),
-            Some(Box::new(SlowReads(Arc::clone(&gate)))),
+            Box::new(Down),
+            Some(Box::new(Gated {
+                gate: Arc::clone(&gate),
+                inserts: false,
+                reads: true,
+            })),
             waker,
             [1; 32],
         )

@@ -260,3 +260,61 @@ mod tests {
         assert_eq!(big.seq, -1, "the same 64 bits");
     }
 }
+
+/// Test doubles shared by the writer's and the held reports' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use super::{Connect, Database, DbError, Row, Written};
+
+    /// Never connects.
+    pub(crate) struct Down;
+
+    impl Connect for Down {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Err(DbError::Connection("refused".into()))
+        }
+
+        fn describe(&self) -> String {
+            "down".into()
+        }
+    }
+
+    /// Takes every row as new and reads nothing; its inserts (or its
+    /// reads) wait while the test holds `gate`.
+    pub(crate) struct Gated {
+        pub(crate) gate: Arc<Mutex<()>>,
+        pub(crate) inserts: bool,
+        pub(crate) reads: bool,
+    }
+
+    impl Gated {
+        fn pass(&self, gated: bool) {
+            if gated {
+                drop(self.gate.lock().expect("gate"));
+            }
+        }
+    }
+
+    impl Database for Gated {
+        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
+            self.pass(self.inserts);
+            Ok(vec![Written::Inserted; rows.len()])
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            self.pass(self.reads);
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            self.pass(self.reads);
+            Ok((0, 0))
+        }
+    }
+}

@@ -592,6 +592,7 @@ mod tests {
     use quic_report_core::ConnKey;
 
     use super::*;
+    use crate::database::testing::{Down, Gated};
 
     /// A table in memory that, as PostgreSQL does, refuses a whole
     /// statement for one row it cannot store (a body with `\u0000`) or one
@@ -747,19 +748,6 @@ mod tests {
         );
     }
 
-    /// Never connects.
-    struct Down;
-
-    impl Connect for Down {
-        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
-            Err(DbError::Connection("refused".into()))
-        }
-
-        fn describe(&self) -> String {
-            "down".into()
-        }
-    }
-
     #[test]
     fn a_read_while_the_database_is_down_is_answered_at_once() {
         let (_poll, waker) = waker();
@@ -791,28 +779,6 @@ mod tests {
         }
     }
 
-    /// Blocks every insert until the test lets it go.
-    struct Stalled(Arc<Mutex<()>>);
-
-    impl Database for Stalled {
-        fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
-            let _gate = self.0.lock().expect("gate");
-            Ok(vec![Written::Inserted; rows.len()])
-        }
-
-        fn latest(
-            &mut self,
-            _: usize,
-            _: Option<&str>,
-        ) -> Result<Vec<(String, String, String)>, DbError> {
-            Ok(Vec::new())
-        }
-
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
-            Ok((0, 0))
-        }
-    }
-
     #[test]
     fn rows_past_their_deadline_count_in_the_custody_until_the_thread_drops_them() {
         let (_poll, waker) = waker();
@@ -820,7 +786,11 @@ mod tests {
         let held = gate.lock().expect("gate");
         let writer = Writer::start(
             Box::new(Down),
-            Some(Box::new(Stalled(Arc::clone(&gate)))),
+            Some(Box::new(Gated {
+                gate: Arc::clone(&gate),
+                inserts: true,
+                reads: false,
+            })),
             waker,
             [5; 32],
         )
