@@ -213,7 +213,9 @@ fn sqlite_survives_sigkilled_servers_mid_write() {
         .expect("a server")
         .wait_for("recording into sqlite:");
     // Reports every 10 ms: the kills land while batches are being written.
-    let n = 150;
+    // 4 s of samples, well past the three rounds of kills (150 let the
+    // client finish before the last kill once).
+    let n = 400;
     let mut client = start_client(&listen, &url, n, "10ms");
     for round in 2..=4 {
         let before = sqlite_seqs(&db.0).len();
