@@ -531,6 +531,15 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
     let again = db.insert(&rows[..10]).expect("insert again");
     assert!(again.iter().all(|w| *w == Written::Duplicate), "{again:?}");
     assert_eq!(pg_seqs(&pg).len() as i64, n);
+    // Each row's received_at is the millisecond it was given.
+    let stamps = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM reports \
+             WHERE received_at = to_timestamp((1796000000000 + seq) / 1000.0)",
+        )
+        .expect("psql");
+    assert_eq!(stamps.trim(), n.to_string(), "received_at of every row");
     // Two identities; the latest of each client is its highest seq.
     db.insert(&[
         row("device-1", "d", 3, r#"{"v":"d3"}"#),

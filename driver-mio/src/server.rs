@@ -16,7 +16,9 @@
 //! **Batches:** datagrams are read 32 at a time (`recvmmsg`), each batch is
 //! handled and answered (events, then everything to send, 32 datagrams per
 //! `sendmmsg`) before the next is read, until the socket is empty; see
-//! [`crate::batch`].
+//! [`crate::batch`]. With a database sink, what it committed meanwhile is
+//! answered with each batch too (not only once per turn), so a commit's
+//! answers leave with the next `sendmmsg` instead of after the whole read.
 //!
 //! Before serving, the keys in [`ServerOptions::recorded`] (reports a
 //! previous process recorded, read back from its file) are marked recorded
@@ -312,6 +314,7 @@ impl ServerDriver {
             db_reads: std::collections::HashMap::new(),
             closing_since: None,
             next_tick: Instant::now(),
+            fatal: None,
         };
         let res = event_loop::run(&mut state, &mut self);
         if let Recorder::Inline(sink) = &mut state.sink
@@ -385,6 +388,9 @@ struct Loop<'a> {
     closing_since: Option<Instant>,
     /// When the observer wants its next tick.
     next_tick: Instant,
+    /// The database thread's fatal error, met while reading: returned by
+    /// the turn's [`Steps::drain`].
+    fatal: Option<DriverError>,
 }
 
 impl Steps for Loop<'_> {
@@ -447,6 +453,9 @@ impl Steps for Loop<'_> {
     /// Answers what the database committed, drains the core, then the
     /// observer's tick and the sink's periodic sync.
     fn drain(&mut self, d: &mut ServerDriver, now: Instant) -> Result<(), DriverError> {
+        if let Some(e) = self.fatal.take() {
+            return Err(e);
+        }
         self.settle(now)?;
         self.drain_core(d, now);
         let now = Instant::now();
@@ -537,8 +546,14 @@ impl Loop<'_> {
                 return false;
             }
             // Answer this batch now (its ACKs and answers go out before the
-            // next batch is handled), then read on: datagrams that arrived
-            // meanwhile are taken in this turn, without an epoll_wait.
+            // next batch is handled), with what the database committed
+            // meanwhile, then read on: datagrams that arrived meanwhile are
+            // taken in this turn, without an epoll_wait.
+            if self.fatal.is_none()
+                && let Err(e) = self.settle(now)
+            {
+                self.fatal = Some(e);
+            }
             self.drain_core(d, now);
         }
         true

@@ -56,6 +56,15 @@ use quic_report_core::Report;
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i32 = 1;
 
+/// `received_at` as SQLite stores it, ISO 8601 in UTC with milliseconds
+/// (`2026-12-02T13:05:41.844Z`; what `strftime('%Y-%m-%dT%H:%M:%fZ')`
+/// writes). The server's own clock: never before 1970 nor after 9999.
+pub fn iso_millis(unix_ms: i64) -> String {
+    let ms = u64::try_from(unix_ms).unwrap_or(0).min(253_402_300_799_999);
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// One report as a row of `reports`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -111,7 +120,11 @@ impl KeylessKeys {
             // The same 64 bits (see the module doc).
             seq: seq as i64,
             received_at_ms: i64::try_from(received_at_ms).unwrap_or(i64::MAX),
-            body: String::from_utf8_lossy(report.json()).into_owned(),
+            // A report's JSON is UTF-8 (it was parsed): checked the fast way.
+            body: match std::str::from_utf8(report.json()) {
+                Ok(s) => s.to_owned(),
+                Err(_) => String::from_utf8_lossy(report.json()).into_owned(),
+            },
         }
     }
 }

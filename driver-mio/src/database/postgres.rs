@@ -37,7 +37,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
@@ -49,8 +49,8 @@ use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, che
 pub const ROWS_PER_STATEMENT: usize = 1000;
 
 const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
-     SELECT i, c, s, to_timestamp(r / 1000.0), b::jsonb \
-     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS t(i, c, s, r, b) \
+     SELECT i, c, s, r, b::jsonb \
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::timestamptz[], $5::text[]) AS t(i, c, s, r, b) \
      ON CONFLICT DO NOTHING RETURNING identity, client, seq";
 
 /// How to secure the connection (`sslmode`).
@@ -588,6 +588,11 @@ impl Postgres {
     }
 }
 
+/// A row's `received_at` as the crate sends a `timestamptz`.
+fn system_time(unix_ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0))
+}
+
 /// Inserts `rows` with one statement; a row is new if the statement
 /// returned its key. The first row of a key repeated in `rows` (or in an
 /// earlier statement of the same transaction) is the new one.
@@ -599,7 +604,7 @@ fn insert_rows(
     let ids: Vec<&str> = rows.iter().map(|r| r.identity.as_str()).collect();
     let clients: Vec<&str> = rows.iter().map(|r| r.client.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let at: Vec<i64> = rows.iter().map(|r| r.received_at_ms).collect();
+    let at: Vec<SystemTime> = rows.iter().map(|r| system_time(r.received_at_ms)).collect();
     let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
     let returned = client.query(insert, &[&ids, &clients, &seqs, &at, &bodies])?;
     let mut new: HashSet<(String, String, i64)> = returned

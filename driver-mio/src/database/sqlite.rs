@@ -25,7 +25,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema};
 
 const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
-     VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', ?4 / 1000.0, 'unixepoch'), ?5) \
+     VALUES (?1, ?2, ?3, ?4, ?5) \
      ON CONFLICT DO NOTHING";
 
 /// Opens `PATH` (created if missing).
@@ -142,14 +142,36 @@ struct Sqlite {
     what: String,
 }
 
+/// `received_at`'s text, made once for the rows of a batch that share
+/// their millisecond (all the rows one loop turn read).
+#[derive(Default)]
+struct Stamp {
+    ms: Option<i64>,
+    text: String,
+}
+
+impl Stamp {
+    fn text(&mut self, ms: i64) -> &str {
+        if self.ms != Some(ms) {
+            self.ms = Some(ms);
+            self.text = super::iso_millis(ms);
+        }
+        &self.text
+    }
+}
+
 /// One row through the prepared [`INSERT`]: its change count (0 or 1)
 /// says whether it was new.
-fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Row) -> rusqlite::Result<Written> {
+fn insert_row(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    stamp: &mut Stamp,
+    r: &Row,
+) -> rusqlite::Result<Written> {
     let n = stmt.execute(rusqlite::params![
         r.identity,
         r.client,
         r.seq,
-        r.received_at_ms,
+        stamp.text(r.received_at_ms),
         r.body
     ])?;
     Ok(if n == 1 {
@@ -170,8 +192,9 @@ impl Database for Sqlite {
         let mut out = Vec::with_capacity(rows.len());
         {
             let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
+            let mut stamp = Stamp::default();
             for r in rows {
-                out.push(insert_row(&mut stmt, r).map_err(err)?);
+                out.push(insert_row(&mut stmt, &mut stamp, r).map_err(err)?);
             }
         }
         tx.commit().map_err(err)?;
@@ -188,9 +211,10 @@ impl Database for Sqlite {
         let mut out = Vec::with_capacity(rows.len());
         {
             let mut stmt = tx.prepare_cached(INSERT).map_err(err)?;
+            let mut stamp = Stamp::default();
             for r in rows {
                 tx.execute_batch("SAVEPOINT one_row").map_err(err)?;
-                match insert_row(&mut stmt, r).map_err(err) {
+                match insert_row(&mut stmt, &mut stamp, r).map_err(err) {
                     Ok(w) => {
                         tx.execute_batch("RELEASE one_row").map_err(err)?;
                         out.push(Ok(w));
@@ -304,6 +328,15 @@ mod tests {
         let again = other.insert(&[row("a", 2), row("a", 3)]).expect("inserts");
         assert_eq!(again, vec![Written::Duplicate, Written::Inserted]);
         assert_eq!(db.counts().expect("counts"), (3, 1));
+        let stamps: Vec<String> = rusqlite::Connection::open(&path)
+            .expect("opens")
+            .prepare("SELECT DISTINCT received_at FROM reports")
+            .expect("query")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("text");
+        assert_eq!(stamps, ["2023-11-14T22:13:20.123Z"], "ISO 8601 UTC, ms");
         let latest = db.latest(10, None).expect("latest");
         assert_eq!(latest.len(), 1);
         assert_eq!(latest[0].2, r#"{"client":"a","seq":3}"#);
