@@ -1050,6 +1050,7 @@ impl Server {
             return Some(Transmit { len, to, from });
         }
         while let Some((key, conn)) = self.conns.next_to_send() {
+            write_due_fins(conn);
             match conn.quic.send(buf) {
                 Ok((len, info)) => return Some(Transmit::sent(len, &info)),
                 Err(_) => {
@@ -1473,7 +1474,8 @@ impl Server {
     }
 
     /// Moves ready answers (in order) into quiche, sends FIN when all is
-    /// answered, and forgets finished streams.
+    /// answered (with the last answer, or on its own just before the next
+    /// packet: [`write_due_fins`]), and forgets finished streams.
     fn write_streams(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -1492,7 +1494,17 @@ impl Server {
                 st.first_index += 1;
             }
             let all_answered = st.read_done && st.slots.is_empty() && st.splitter_done();
-            if !st.write_done && (!st.out.is_empty() || all_answered) {
+            if !st.write_done && st.out.is_empty() && all_answered {
+                // A FIN without data waits for the connection's next packet
+                // (`write_due_fins`): quiche 0.30 collects a stream whose
+                // data is all acknowledged as soon as its FIN is written,
+                // so an ACK read in between (a later datagram of the same
+                // batch) would drop a FIN written now before it is ever
+                // sent (cloudflare/quiche#2525).
+                if !conn.fins_due.contains(&sid) {
+                    conn.fins_due.push(sid);
+                }
+            } else if !st.write_done && !st.out.is_empty() {
                 match conn.quic.stream_send(sid, &st.out, all_answered) {
                     Ok(n) => {
                         st.out.drain(..n);
@@ -1653,4 +1665,27 @@ fn close_reason(q: &quiche::Connection) -> CloseReason {
         };
     }
     CloseReason::IdleTimeout
+}
+
+/// Writes the FINs `Server::write_streams` left due, right before quiche
+/// builds the connection's next packet (nothing can acknowledge the
+/// stream in between), and forgets the streams that are then finished.
+fn write_due_fins(conn: &mut Conn) {
+    for sid in std::mem::take(&mut conn.fins_due) {
+        let Some(st) = conn.streams.get_mut(&sid) else {
+            continue;
+        };
+        match conn.quic.stream_send(sid, &[], true) {
+            // Not now (no credit for a frame): at the next packet.
+            Err(quiche::Error::Done) => {
+                conn.fins_due.push(sid);
+                continue;
+            }
+            // Written; or the client stopped our side or the stream is gone.
+            Ok(_) | Err(_) => st.write_done = true,
+        }
+        if st.read_done && st.slots.is_empty() {
+            conn.streams.remove(&sid);
+        }
+    }
 }

@@ -42,6 +42,10 @@ pub(super) struct Conn {
     /// When a handshake still in progress is reaped.
     pub(super) handshake_deadline: Instant,
     pub(super) streams: BTreeMap<u64, StreamState>,
+    /// Streams whose every answer quiche has taken and whose FIN is due:
+    /// written just before the connection's next packet is built (see
+    /// `Server::write_streams`).
+    pub(super) fins_due: Vec<u64>,
     /// Objects received on it.
     pub(super) reports: u64,
     /// Its routing entries.
@@ -73,6 +77,7 @@ impl Conn {
             peer,
             handshake_deadline,
             streams: BTreeMap::new(),
+            fins_due: Vec::new(),
             reports: 0,
             cids: Vec::new(),
             opened: false,
