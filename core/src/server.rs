@@ -1494,17 +1494,9 @@ impl Server {
                 st.first_index += 1;
             }
             let all_answered = st.read_done && st.slots.is_empty() && st.splitter_done();
-            if !st.write_done && st.out.is_empty() && all_answered {
-                // A FIN without data waits for the connection's next packet
-                // (`write_due_fins`): quiche 0.30 collects a stream whose
-                // data is all acknowledged as soon as its FIN is written,
-                // so an ACK read in between (a later datagram of the same
-                // batch) would drop a FIN written now before it is ever
-                // sent (cloudflare/quiche#2525).
-                if !conn.fins_due.contains(&sid) {
-                    conn.fins_due.push(sid);
-                }
-            } else if !st.write_done && !st.out.is_empty() {
+            if st.write_done {
+                // Nothing more to write.
+            } else if !st.out.is_empty() {
                 match conn.quic.stream_send(sid, &st.out, all_answered) {
                     Ok(n) => {
                         st.out.drain(..n);
@@ -1520,8 +1512,16 @@ impl Server {
                         st.write_done = true;
                     }
                 }
+            } else if all_answered && !conn.fins_due.contains(&sid) {
+                // A FIN without data waits for the connection's next packet
+                // (`write_due_fins`): quiche 0.30 collects a stream whose
+                // data is all acknowledged as soon as its FIN is written,
+                // so an ACK read in between (a later datagram of the same
+                // batch) would drop a FIN written now before it is ever
+                // sent (cloudflare/quiche#2525).
+                conn.fins_due.push(sid);
             }
-            if st.write_done && st.read_done && st.slots.is_empty() {
+            if st.finished() {
                 finished.push(sid);
             }
         }
@@ -1532,6 +1532,11 @@ impl Server {
 }
 
 impl StreamState {
+    /// Both sides done and every answer taken: the stream can be forgotten.
+    fn finished(&self) -> bool {
+        self.write_done && self.read_done && self.slots.is_empty()
+    }
+
     fn splitter_done(&self) -> bool {
         self.request.is_some() || self.splitter.is_done() || self.splitter.is_failed()
     }
@@ -1684,7 +1689,7 @@ fn write_due_fins(conn: &mut Conn) {
             // Written; or the client stopped our side or the stream is gone.
             Ok(_) | Err(_) => st.write_done = true,
         }
-        if st.read_done && st.slots.is_empty() {
+        if st.finished() {
             conn.streams.remove(&sid);
         }
     }

@@ -56,13 +56,18 @@ use quic_report_core::Report;
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i32 = 1;
 
+/// A row's `received_at` (Unix milliseconds of the server's own clock) as
+/// a time, kept within 1970 to 9999 (what both databases can store).
+pub fn received_time(unix_ms: i64) -> std::time::SystemTime {
+    let ms = u64::try_from(unix_ms).unwrap_or(0).min(253_402_300_799_999);
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
 /// `received_at` as SQLite stores it, ISO 8601 in UTC with milliseconds
 /// (`2026-12-02T13:05:41.844Z`; what `strftime('%Y-%m-%dT%H:%M:%fZ')`
-/// writes). The server's own clock: never before 1970 nor after 9999.
+/// writes).
 pub fn iso_millis(unix_ms: i64) -> String {
-    let ms = u64::try_from(unix_ms).unwrap_or(0).min(253_402_300_799_999);
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(at).to_string()
+    humantime::format_rfc3339_millis(received_time(unix_ms)).to_string()
 }
 
 /// One report as a row of `reports`.

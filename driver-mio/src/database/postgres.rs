@@ -37,13 +37,15 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
 use postgres::{Client, GenericClient, Statement};
 
-use super::{Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema};
+use super::{
+    Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema, received_time,
+};
 
 /// Most rows in one INSERT statement.
 pub const ROWS_PER_STATEMENT: usize = 1000;
@@ -588,11 +590,6 @@ impl Postgres {
     }
 }
 
-/// A row's `received_at` as the crate sends a `timestamptz`.
-fn system_time(unix_ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0))
-}
-
 /// Inserts `rows` with one statement; a row is new if the statement
 /// returned its key. The first row of a key repeated in `rows` (or in an
 /// earlier statement of the same transaction) is the new one.
@@ -604,7 +601,10 @@ fn insert_rows(
     let ids: Vec<&str> = rows.iter().map(|r| r.identity.as_str()).collect();
     let clients: Vec<&str> = rows.iter().map(|r| r.client.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let at: Vec<SystemTime> = rows.iter().map(|r| system_time(r.received_at_ms)).collect();
+    let at: Vec<SystemTime> = rows
+        .iter()
+        .map(|r| received_time(r.received_at_ms))
+        .collect();
     let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
     let returned = client.query(insert, &[&ids, &clients, &seqs, &at, &bodies])?;
     let mut new: HashSet<(String, String, i64)> = returned
