@@ -71,7 +71,7 @@ pub fn iso_millis(unix_ms: i64) -> String {
 }
 
 /// One report as a row of `reports`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Row {
     /// Who reported (`""`: anonymous).
     pub identity: String,

@@ -458,8 +458,8 @@ impl Thread {
     /// Commits `batch`; false when the loop is gone or the schema refused.
     /// A batch the database refuses (for a row's data or for now) goes
     /// again row by row ([`Thread::one_by_one`]), so a bad row fails alone.
-    fn commit(&mut self, batch: Vec<Job>) -> bool {
-        let Some((res, took)) = self.timed(&batch, |db, rows| db.insert(rows)) else {
+    fn commit(&mut self, mut batch: Vec<Job>) -> bool {
+        let Some((res, took)) = self.timed(&mut batch, |db, rows| db.insert(rows)) else {
             self.pending.extend(batch);
             return true;
         };
@@ -496,7 +496,7 @@ impl Thread {
         if batch.is_empty() {
             return true;
         }
-        let Some((res, took)) = self.timed(&batch, |db, rows| db.insert_each(rows)) else {
+        let Some((res, took)) = self.timed(&mut batch, |db, rows| db.insert_each(rows)) else {
             self.pending.extend(batch);
             return true;
         };
@@ -517,17 +517,22 @@ impl Thread {
     }
 
     /// Runs `op` on the rows of `batch` and times it; `None` without a
-    /// connection.
+    /// connection. The rows are lent to `op` (moved out and back, not
+    /// copied): a failed batch goes back to the pending rows whole.
     fn timed<T>(
         &mut self,
-        batch: &[Job],
+        batch: &mut [Job],
         op: impl FnOnce(&mut dyn Database, &[Row]) -> T,
     ) -> Option<(T, Duration)> {
         let db = self.db.as_mut()?;
-        let rows: Vec<Row> = batch.iter().map(|j| j.row.clone()).collect();
+        let rows: Vec<Row> = batch.iter_mut().map(|j| std::mem::take(&mut j.row)).collect();
         let started = Instant::now();
         let res = op(db.as_mut(), &rows);
-        Some((res, started.elapsed()))
+        let took = started.elapsed();
+        for (j, row) in batch.iter_mut().zip(rows) {
+            j.row = row;
+        }
+        Some((res, took))
     }
 
     /// `batch` failed as a whole with `e` after `took`: the connection (its
