@@ -399,7 +399,13 @@ mod tests {
         let key = |id: &str, seq| (id.to_owned(), seq);
         assert_eq!(
             keys,
-            [key("", 1), key("", 2), key("", 3), key("device-1", 1), key("device-1", 2)]
+            [
+                key("", 1),
+                key("", 2),
+                key("", 3),
+                key("device-1", 1),
+                key("device-1", 2)
+            ]
         );
     }
 

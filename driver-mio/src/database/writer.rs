@@ -525,7 +525,10 @@ impl Thread {
         op: impl FnOnce(&mut dyn Database, &[Row]) -> T,
     ) -> Option<(T, Duration)> {
         let db = self.db.as_mut()?;
-        let rows: Vec<Row> = batch.iter_mut().map(|j| std::mem::take(&mut j.row)).collect();
+        let rows: Vec<Row> = batch
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.row))
+            .collect();
         let started = Instant::now();
         let res = op(db.as_mut(), &rows);
         let took = started.elapsed();
