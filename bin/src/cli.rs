@@ -86,8 +86,9 @@ pub struct ServerArgs {
     #[arg(long)]
     pub reuseport: bool,
     /// With a database sink: a report not committed within this is answered
-    /// `not_recorded` (the client keeps it and sends it again). Keep it
-    /// below the clients' --response-timeout (5 s).
+    /// `not_recorded` (the client keeps it and sends it again), and a read
+    /// (`/latest`, `/stats`) not answered within it is answered
+    /// "unavailable". Keep it below the clients' --response-timeout (5 s).
     #[arg(long, default_value = "3s", value_name = "DURATION", value_parser = positive_duration)]
     pub commit_timeout: Duration,
     /// With a database sink: most reports waiting for their commit; past it

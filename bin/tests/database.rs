@@ -356,6 +356,73 @@ fn latest_and_stats_come_from_the_shared_database() {
     drop((sa, sb));
 }
 
+/// A read the database cannot answer (the table locked by another
+/// session) is answered "unavailable" at the server's `--commit-timeout`,
+/// not held open; once the lock is gone the same read is answered from
+/// the table again.
+#[test]
+fn a_read_behind_a_lock_is_answered_at_its_deadline() {
+    let pg = cluster();
+    let (_source, url) = start_source();
+    let a = format!("127.0.0.1:{}", free_udp_port());
+    let sink = pg.url("postgres");
+    let sa = Logged::spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &a,
+            "--sink",
+            &sink,
+            "--commit-timeout",
+            "1s",
+        ],
+    );
+    sa.wait_for("recording into ");
+    let (status, _) = start_client(&a, &url, 3, "20ms").finish();
+    assert!(status.success());
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&get(&format!("https://{a}/stats"))).expect("JSON")
+    };
+    assert_eq!(stats()["database_rows"], 3);
+    thread::scope(|s| {
+        let locker = s.spawn(|| {
+            pg.psql(
+                "postgres",
+                "BEGIN; LOCK TABLE reports IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;",
+            )
+        });
+        wait_rows("pg_locks (the lock held)", 1, || {
+            pg.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_locks \
+                 WHERE relation = 'reports'::regclass AND mode = 'AccessExclusiveLock' AND granted",
+            )
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+        });
+        let body = get(&format!("https://{a}/stats"));
+        assert!(
+            body.contains("database unavailable") && body.contains("did not answer within 1s"),
+            "{body}"
+        );
+        locker.join().expect("locker").expect("the lock's session");
+    });
+    // The read that waited behind the lock, then this one.
+    let until = Instant::now() + LIMIT;
+    loop {
+        let body = get(&format!("https://{a}/stats"));
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+            assert_eq!(v["database_rows"], 3, "{v}");
+            break;
+        }
+        assert!(Instant::now() < until, "/stats after the lock: {body}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(sa);
+}
+
 #[test]
 fn tls_to_postgres_is_verified_when_the_url_asks() {
     let pg = cluster();

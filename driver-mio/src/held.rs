@@ -26,7 +26,7 @@
 //! answering `not_recorded`. Before that, each connection's stream credit
 //! (100 concurrent streams) bounds what one client has waiting.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -79,9 +79,12 @@ pub(crate) enum Settled {
     Read(ReportHandle, Result<ReadResult, String>),
 }
 
-/// Database reads (`/latest`, `/stats`) waiting at most; more are
-/// answered "busy" at once, so that reads cannot pile up ahead of the
-/// commits they take turns with.
+/// Database reads (`/latest`, `/stats`) the thread holds at most; more
+/// are answered "busy" at once, so that reads cannot pile up ahead of the
+/// commits they take turns with. A read not answered within
+/// [`WaitLimits::deadline`] is answered "unavailable" at its deadline (a
+/// database stalled in a statement does not hold the request open); it
+/// still counts here until the thread gives it back.
 pub(crate) const MAX_READS: usize = 64;
 
 /// What became of a read asked of the thread.
@@ -105,8 +108,11 @@ pub(crate) struct Held {
     expiry: VecDeque<(Instant, ReportHandle)>,
     bytes: usize,
     keyless: KeylessKeys,
-    /// Reads sent and not answered yet.
+    /// Reads the thread holds (sent, and not given back).
     reads: usize,
+    /// Reads not answered yet, and their deadlines in order.
+    reads_waiting: HashSet<ReportHandle>,
+    read_expiry: VecDeque<(Instant, ReportHandle)>,
 }
 
 impl Held {
@@ -119,6 +125,8 @@ impl Held {
             bytes: 0,
             keyless: KeylessKeys::new(instance),
             reads: 0,
+            reads_waiting: HashSet::new(),
+            read_expiry: VecDeque::new(),
         }
     }
 
@@ -166,14 +174,21 @@ impl Held {
     }
 
     /// Asks the thread for a read, unless [`MAX_READS`] wait already.
-    pub(crate) fn read(&mut self, handle: ReportHandle, what: Read) -> ReadQueued {
+    pub(crate) fn read(&mut self, now: Instant, handle: ReportHandle, what: Read) -> ReadQueued {
         if self.reads >= MAX_READS {
             return ReadQueued::Busy(self.reads);
         }
-        if !self.writer.send(Request::Read { handle, what }) {
+        let deadline = now + self.limits.deadline;
+        if !self.writer.send(Request::Read {
+            handle,
+            what,
+            deadline,
+        }) {
             return ReadQueued::Gone;
         }
         self.reads += 1;
+        self.reads_waiting.insert(handle);
+        self.read_expiry.push_back((deadline, handle));
         ReadQueued::Sent
     }
 
@@ -211,7 +226,10 @@ impl Held {
                 }
                 Completion::Read { handle, result } => {
                     self.reads = self.reads.saturating_sub(1);
-                    out.push(Settled::Read(handle, result));
+                    // Unless answered at its deadline already.
+                    if self.reads_waiting.remove(&handle) {
+                        out.push(Settled::Read(handle, result));
+                    }
                 }
                 Completion::Failed => {
                     m.errors += 1;
@@ -234,13 +252,15 @@ impl Held {
         }
     }
 
-    /// The next deadline, if any report waits.
+    /// The next deadline, if any report or read waits.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.expiry.front().map(|(t, _)| *t)
+        let report = self.expiry.front().map(|(t, _)| *t);
+        let read = self.read_expiry.front().map(|(t, _)| *t);
+        report.into_iter().chain(read).min()
     }
 
-    /// Answers the reports whose deadline passed, and forgets the
-    /// deadlines of reports answered already (so [`Held::deadline`] is the
+    /// Answers the reports and reads whose deadline passed, and forgets the
+    /// deadlines of those answered already (so [`Held::deadline`] is the
     /// next one that matters, and an idle loop does not wake for nothing).
     fn expire(&mut self, now: Instant, out: &mut Vec<Settled>, m: &mut DbMetrics) {
         while let Some(&(at, handle)) = self.expiry.front() {
@@ -255,6 +275,16 @@ impl Held {
                     self.limits.deadline
                 );
                 out.push(Settled::Report(w, Outcome::NotRecorded(why)));
+            }
+        }
+        while let Some(&(at, handle)) = self.read_expiry.front() {
+            if at > now && self.reads_waiting.contains(&handle) {
+                break;
+            }
+            self.read_expiry.pop_front();
+            if self.reads_waiting.remove(&handle) {
+                let why = format!("it did not answer within {:?}", self.limits.deadline);
+                out.push(Settled::Read(handle, Err(why)));
             }
         }
     }
@@ -304,10 +334,13 @@ mod tests {
             index: 0,
         };
         for i in 0..MAX_READS as u64 {
-            assert_eq!(held.read(handle(i), Read::Counts), ReadQueued::Sent);
+            assert_eq!(
+                held.read(Instant::now(), handle(i), Read::Counts),
+                ReadQueued::Sent
+            );
         }
         assert_eq!(
-            held.read(handle(999), Read::Counts),
+            held.read(Instant::now(), handle(999), Read::Counts),
             ReadQueued::Busy(MAX_READS)
         );
         drop(closed);
@@ -323,6 +356,80 @@ mod tests {
                 .count();
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(held.read(handle(1000), Read::Counts), ReadQueued::Sent);
+        assert_eq!(
+            held.read(Instant::now(), handle(1000), Read::Counts),
+            ReadQueued::Sent
+        );
+    }
+
+    #[test]
+    fn a_read_the_database_does_not_answer_is_answered_at_its_deadline_once() {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let gate = Arc::new(Mutex::new(()));
+        let closed = gate.lock().expect("gate");
+        let writer = Writer::start(
+            Box::new(Down),
+            Some(Box::new(Gated {
+                gate: Arc::clone(&gate),
+                inserts: false,
+                reads: true,
+            })),
+            waker,
+            [1; 32],
+        )
+        .expect("writer");
+        let limits = WaitLimits {
+            deadline: Duration::from_millis(100),
+            ..WaitLimits::default()
+        };
+        let mut held = Held::new(writer, limits, [2; 16]);
+        let handle = |i: u64| ReportHandle {
+            conn: ConnKey(1),
+            stream: i * 4,
+            index: 0,
+        };
+        let start = Instant::now();
+        // The first blocks in the database; the second waits behind it.
+        assert_eq!(held.read(start, handle(1), Read::Counts), ReadQueued::Sent);
+        assert_eq!(held.read(start, handle(2), Read::Counts), ReadQueued::Sent);
+        assert_eq!(held.deadline(), Some(start + limits.deadline));
+        let (mut out, mut m) = (Vec::new(), DbMetrics::default());
+        held.poll(start, &mut out, &mut m).expect("poll");
+        assert!(out.is_empty(), "{out:?}");
+        held.poll(start + limits.deadline, &mut out, &mut m)
+            .expect("poll");
+        let mut answered: Vec<_> = out
+            .drain(..)
+            .map(|s| match s {
+                Settled::Read(h, Err(e)) => {
+                    assert!(e.contains("did not answer within 100ms"), "{e}");
+                    h
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        answered.sort_by_key(|h| h.stream);
+        assert_eq!(answered, [handle(1), handle(2)]);
+        assert_eq!(held.deadline(), None);
+        // Both still count under the bound until the thread gives them
+        // back; the late result is not answered a second time.
+        assert_eq!(held.reads, 2);
+        drop(closed);
+        let until = Instant::now() + Duration::from_secs(10);
+        while held.reads > 0 {
+            assert!(
+                Instant::now() < until,
+                "{} reads not given back",
+                held.reads
+            );
+            held.poll(Instant::now(), &mut out, &mut m).expect("poll");
+            assert!(out.is_empty(), "answered twice: {out:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(
+            held.read(Instant::now(), handle(3), Read::Counts),
+            ReadQueued::Sent
+        );
     }
 }

@@ -654,7 +654,7 @@ impl Loop<'_> {
                 };
                 let mut body = None;
                 if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read) {
-                    match held.read(*handle, read) {
+                    match held.read(now, *handle, read) {
                         ReadQueued::Sent => {
                             self.db_reads.insert(*handle, only);
                             (self.on_event)(ev);

@@ -23,9 +23,11 @@
 //! full disk) therefore stays in one outage, with one warning and a
 //! growing backoff, instead of a reconnect per batch. Rows whose deadline
 //! passed are dropped from the pending rows unwritten (the loop has
-//! answered them `not_recorded` by then). While the database is down a
-//! read is answered at once ("unavailable"); otherwise reads and batches
-//! take turns, so a queue of reads cannot hold the commits back.
+//! answered them `not_recorded` by then), and reads whose deadline passed
+//! are answered without being run (the loop answered their requests by
+//! then). While the database is down a read is answered at once
+//! ("unavailable"); otherwise reads and batches take turns, so a queue of
+//! reads cannot hold the commits back.
 //!
 //! **Custody:** every [`Job`] carries a [`Ticket`] that counts its row
 //! and bytes in the [`Custody`] the loop checks its waiting bound
@@ -135,6 +137,8 @@ pub enum Request {
         handle: ReportHandle,
         /// What to read.
         what: Read,
+        /// After this the loop has answered it: it is not run.
+        deadline: Instant,
     },
 }
 
@@ -278,7 +282,7 @@ struct Thread {
     outbox: Sender<Completion>,
     waker: Arc<Waker>,
     pending: VecDeque<Job>,
-    reads: VecDeque<(ReportHandle, Read)>,
+    reads: VecDeque<(ReportHandle, Read, Instant)>,
     outage: Option<Outage>,
     backoff: Backoff,
     rng: CoreRng,
@@ -300,12 +304,15 @@ impl Thread {
             }
             let now = Instant::now();
             self.pending.retain(|j| j.deadline > now);
+            if !self.drop_late_reads(now) {
+                return;
+            }
             if self.pending.is_empty() && self.reads.is_empty() {
                 continue;
             }
             let Some(db) = self.db.as_mut() else {
                 // Reads are answered at once: the answer says it is down.
-                while let Some((handle, _)) = self.reads.pop_front() {
+                while let Some((handle, _, _)) = self.reads.pop_front() {
                     let result = Err(format!(
                         "{} is down (reconnecting)",
                         self.connect.describe()
@@ -322,7 +329,7 @@ impl Thread {
             // Batches and reads take turns.
             let read_turn = !self.reads.is_empty() && (self.pending.is_empty() || self.read_next);
             self.read_next = !read_turn;
-            if read_turn && let Some((handle, what)) = self.reads.pop_front() {
+            if read_turn && let Some((handle, what, _)) = self.reads.pop_front() {
                 let result = match what {
                     Read::Latest { limit, identity } => db
                         .latest(limit, identity.as_deref())
@@ -384,8 +391,31 @@ impl Thread {
     fn take(&mut self, r: Request) {
         match r {
             Request::Rows(jobs) => self.pending.extend(jobs),
-            Request::Read { handle, what } => self.reads.push_back((handle, what)),
+            Request::Read {
+                handle,
+                what,
+                deadline,
+            } => self.reads.push_back((handle, what, deadline)),
         }
+    }
+
+    /// Answers the reads whose deadline passed without running them (the
+    /// loop answered them already; the answer only gives it back the
+    /// read's place under its bound). False when the loop is gone.
+    fn drop_late_reads(&mut self, now: Instant) -> bool {
+        let mut kept = VecDeque::with_capacity(self.reads.len());
+        for (handle, what, deadline) in std::mem::take(&mut self.reads) {
+            if deadline > now {
+                kept.push_back((handle, what, deadline));
+            } else if !self.tell(Completion::Read {
+                handle,
+                result: Err("not read: its deadline passed".into()),
+            }) {
+                return false;
+            }
+        }
+        self.reads = kept;
+        true
     }
 
     /// One connection attempt. False if the schema is refused (fatal).
@@ -767,7 +797,8 @@ mod tests {
         };
         assert!(writer.send(Request::Read {
             handle,
-            what: Read::Counts
+            what: Read::Counts,
+            deadline: Instant::now() + Duration::from_secs(60),
         }));
         let until = Instant::now() + Duration::from_secs(5);
         let answer = loop {
