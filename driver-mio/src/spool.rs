@@ -34,7 +34,9 @@
 //!
 //! The log is rewritten (compacted) when it is at least [`COMPACT_AT`]
 //! bytes and at most half of it is still pending: a new file with the
-//! identity and the pending samples, renamed over the old one.
+//! identity and the pending samples, renamed over the old one. A
+//! compaction that fails (a full disk) is tried again after the log has
+//! grown by a quarter of [`COMPACT_AT`].
 //!
 //! # Durability ([`Fsync`], as the server's `--fsync`)
 //!
@@ -203,6 +205,8 @@ pub struct Spool {
     last_sync: Option<Instant>,
     /// After a failed deferred fsync, not before this.
     sync_retry_at: Option<Instant>,
+    /// After a failed compaction, not before the log is this long.
+    compact_at: u64,
     recovery: Recovery,
     buf: Vec<u8>,
 }
@@ -282,6 +286,7 @@ impl Spool {
             dirty: false,
             last_sync: None,
             sync_retry_at: None,
+            compact_at: COMPACT_AT,
             recovery: Recovery::default(),
             buf: Vec::new(),
         };
@@ -541,8 +546,14 @@ impl Spool {
         };
         self.pending_bytes -= u64::from(len);
         self.write_record(KIND_DONE, &seq.to_le_bytes())?;
-        if self.len >= COMPACT_AT && self.pending_bytes <= self.len / 2 {
+        if self.len >= self.compact_at && self.pending_bytes <= self.len / 2 {
+            // A compaction that failed (a full disk: the new log is written
+            // whole before it replaces the old one) is tried again once the
+            // log has grown by a quarter of COMPACT_AT, not at every done
+            // mark.
+            self.compact_at = self.len + COMPACT_AT / 4;
             self.rewrite()?;
+            self.compact_at = COMPACT_AT;
         }
         Ok(())
     }
@@ -1176,6 +1187,49 @@ mod tests {
             Some(4000)
         );
         assert_eq!(s.next_seq(), 601);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_is_not_tried_again_at_every_done_mark() {
+        let dir = TempDir::new("compact-fails");
+        let now = Instant::now();
+        let pad = "x".repeat(4000);
+        let big = |v: u64| {
+            Sample::from_json(
+                format!("{{\"value\": {v}, \"pad\": \"{pad}\"}}").as_bytes(),
+                v,
+            )
+            .expect("object")
+        };
+        // The new log cannot be created: a directory holds its name.
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+        let blocker = dir.0.join("spool.log.new");
+        fs::create_dir(&blocker).expect("mkdir");
+        let mut failed = Vec::new();
+        for seq in 1..=400 {
+            s.append(now, seq, &big(seq)).expect("append");
+            if s.remove(seq).is_err() {
+                failed.push(seq);
+            }
+        }
+        // About 1 MiB at seq 250, then every 256 KiB: three attempts, not
+        // one per done mark past the first.
+        assert_eq!(failed.len(), 3, "{failed:?}");
+        assert!(failed.windows(2).all(|w| w[1] - w[0] > 60), "{failed:?}");
+        let path = dir.0.join("spool.log");
+        assert!(fs::metadata(&path).expect("stat").len() > COMPACT_AT);
+        fs::remove_dir(&blocker).expect("rmdir");
+        for seq in 401..=500 {
+            s.append(now, seq, &big(seq)).expect("append");
+            s.remove(seq).expect("done, and compacted once possible");
+        }
+        assert!(
+            fs::metadata(&path).expect("stat").len() < COMPACT_AT,
+            "compacted"
+        );
+        drop(s);
+        let s = Spool::open(&opts(&dir, Fsync::Never), || "x".into()).expect("reopen");
+        assert_eq!((s.client_id(), s.next_seq(), s.pending()), ("id", 501, 0));
     }
 
     #[test]
