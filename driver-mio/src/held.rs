@@ -310,29 +310,34 @@ mod tests {
     use super::*;
     use crate::database::testing::{Down, Gated};
 
-    #[test]
-    fn reads_past_the_bound_are_refused_busy_until_answers_come_back() {
+    /// A `Held` whose database's reads wait while the gate is held (keep
+    /// the `Poll`: the thread wakes it).
+    fn gated_reads(limits: WaitLimits) -> (Held, Arc<Mutex<()>>, mio::Poll) {
         let poll = mio::Poll::new().expect("poll");
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
         let gate = Arc::new(Mutex::new(()));
-        let closed = gate.lock().expect("gate");
-        let writer = Writer::start(
-            Box::new(Down),
-            Some(Box::new(Gated {
-                gate: Arc::clone(&gate),
-                inserts: false,
-                reads: true,
-            })),
-            waker,
-            [1; 32],
-        )
-        .expect("writer");
-        let mut held = Held::new(writer, WaitLimits::default(), [2; 16]);
-        let handle = |i: u64| ReportHandle {
+        let db = Gated {
+            gate: Arc::clone(&gate),
+            inserts: false,
+            reads: true,
+        };
+        let writer =
+            Writer::start(Box::new(Down), Some(Box::new(db)), waker, [1; 32]).expect("writer");
+        (Held::new(writer, limits, [2; 16]), gate, poll)
+    }
+
+    fn handle(i: u64) -> ReportHandle {
+        ReportHandle {
             conn: ConnKey(1),
             stream: i * 4,
             index: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn reads_past_the_bound_are_refused_busy_until_answers_come_back() {
+        let (mut held, gate, _poll) = gated_reads(WaitLimits::default());
+        let closed = gate.lock().expect("gate");
         for i in 0..MAX_READS as u64 {
             assert_eq!(
                 held.read(Instant::now(), handle(i), Read::Counts),
@@ -364,31 +369,12 @@ mod tests {
 
     #[test]
     fn a_read_the_database_does_not_answer_is_answered_at_its_deadline_once() {
-        let poll = mio::Poll::new().expect("poll");
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
-        let gate = Arc::new(Mutex::new(()));
-        let closed = gate.lock().expect("gate");
-        let writer = Writer::start(
-            Box::new(Down),
-            Some(Box::new(Gated {
-                gate: Arc::clone(&gate),
-                inserts: false,
-                reads: true,
-            })),
-            waker,
-            [1; 32],
-        )
-        .expect("writer");
         let limits = WaitLimits {
             deadline: Duration::from_millis(100),
             ..WaitLimits::default()
         };
-        let mut held = Held::new(writer, limits, [2; 16]);
-        let handle = |i: u64| ReportHandle {
-            conn: ConnKey(1),
-            stream: i * 4,
-            index: 0,
-        };
+        let (mut held, gate, _poll) = gated_reads(limits);
+        let closed = gate.lock().expect("gate");
         let start = Instant::now();
         // The first blocks in the database; the second waits behind it.
         assert_eq!(held.read(start, handle(1), Read::Counts), ReadQueued::Sent);
