@@ -263,11 +263,7 @@ impl Held {
     /// deadlines of those answered already (so [`Held::deadline`] is the
     /// next one that matters, and an idle loop does not wake for nothing).
     fn expire(&mut self, now: Instant, out: &mut Vec<Settled>, m: &mut DbMetrics) {
-        while let Some(&(at, handle)) = self.expiry.front() {
-            if at > now && self.waiting.contains_key(&handle) {
-                break;
-            }
-            self.expiry.pop_front();
+        while let Some(handle) = next_due(&mut self.expiry, now, |h| self.waiting.contains_key(h)) {
             if let Some(w) = self.take(handle) {
                 m.expired += 1;
                 let why = format!(
@@ -277,15 +273,12 @@ impl Held {
                 out.push(Settled::Report(w, Outcome::NotRecorded(why)));
             }
         }
-        while let Some(&(at, handle)) = self.read_expiry.front() {
-            if at > now && self.reads_waiting.contains(&handle) {
-                break;
-            }
-            self.read_expiry.pop_front();
-            if self.reads_waiting.remove(&handle) {
-                let why = format!("it did not answer within {:?}", self.limits.deadline);
-                out.push(Settled::Read(handle, Err(why)));
-            }
+        while let Some(handle) = next_due(&mut self.read_expiry, now, |h| {
+            self.reads_waiting.contains(h)
+        }) {
+            self.reads_waiting.remove(&handle);
+            let why = format!("it did not answer within {:?}", self.limits.deadline);
+            out.push(Settled::Read(handle, Err(why)));
         }
     }
 
@@ -299,6 +292,27 @@ impl Held {
         m.waiting_reports = self.waiting.len() as u64;
         m.waiting_bytes = self.bytes as u64;
     }
+}
+
+/// Pops the deadlines of `expiry` (in order) up to the first one still
+/// ahead of `now`, dropping those of entries no longer `waiting`; returns
+/// the next entry whose deadline passed while it waits.
+fn next_due(
+    expiry: &mut VecDeque<(Instant, ReportHandle)>,
+    now: Instant,
+    waiting: impl Fn(&ReportHandle) -> bool,
+) -> Option<ReportHandle> {
+    while let Some(&(at, handle)) = expiry.front() {
+        let live = waiting(&handle);
+        if at > now && live {
+            return None;
+        }
+        expiry.pop_front();
+        if live {
+            return Some(handle);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -824,6 +824,16 @@ mod tests {
         Sample::from_json(format!("{{\"value\": {v}}}").as_bytes(), 1000 + v).expect("object")
     }
 
+    /// A sample of about 4 KB (a value and 4,000 bytes of padding).
+    fn padded(v: u64) -> Sample {
+        let pad = "x".repeat(4000);
+        Sample::from_json(
+            format!("{{\"value\": {v}, \"pad\": \"{pad}\"}}").as_bytes(),
+            v,
+        )
+        .expect("object")
+    }
+
     fn values(restored: &[(Seq, Sample)]) -> Vec<(Seq, u64, u64)> {
         restored
             .iter()
@@ -1158,19 +1168,11 @@ mod tests {
         let dir = TempDir::new("compact");
         let now = Instant::now();
         let path = dir.0.join("spool.log");
-        let big = "x".repeat(4000);
-        let s_big = |v: u64| {
-            Sample::from_json(
-                format!("{{\"value\": {v}, \"pad\": \"{big}\"}}").as_bytes(),
-                v,
-            )
-            .expect("object")
-        };
         {
             let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
-            s.append(now, 1, &s_big(1)).expect("append");
+            s.append(now, 1, &padded(1)).expect("append");
             for seq in 2..=600 {
-                s.append(now, seq, &s_big(seq)).expect("append");
+                s.append(now, seq, &padded(seq)).expect("append");
                 s.remove(seq).expect("done");
             }
             assert!(
@@ -1193,21 +1195,13 @@ mod tests {
     fn a_compaction_that_fails_is_not_tried_again_at_every_done_mark() {
         let dir = TempDir::new("compact-fails");
         let now = Instant::now();
-        let pad = "x".repeat(4000);
-        let big = |v: u64| {
-            Sample::from_json(
-                format!("{{\"value\": {v}, \"pad\": \"{pad}\"}}").as_bytes(),
-                v,
-            )
-            .expect("object")
-        };
         // The new log cannot be created: a directory holds its name.
         let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
         let blocker = dir.0.join("spool.log.new");
         fs::create_dir(&blocker).expect("mkdir");
         let mut failed = Vec::new();
         for seq in 1..=400 {
-            s.append(now, seq, &big(seq)).expect("append");
+            s.append(now, seq, &padded(seq)).expect("append");
             if s.remove(seq).is_err() {
                 failed.push(seq);
             }
@@ -1220,7 +1214,7 @@ mod tests {
         assert!(fs::metadata(&path).expect("stat").len() > COMPACT_AT);
         fs::remove_dir(&blocker).expect("rmdir");
         for seq in 401..=500 {
-            s.append(now, seq, &big(seq)).expect("append");
+            s.append(now, seq, &padded(seq)).expect("append");
             s.remove(seq).expect("done, and compacted once possible");
         }
         assert!(

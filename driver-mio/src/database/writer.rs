@@ -403,19 +403,16 @@ impl Thread {
     /// loop answered them already; the answer only gives it back the
     /// read's place under its bound). False when the loop is gone.
     fn drop_late_reads(&mut self, now: Instant) -> bool {
-        let mut kept = VecDeque::with_capacity(self.reads.len());
-        for (handle, what, deadline) in std::mem::take(&mut self.reads) {
-            if deadline > now {
-                kept.push_back((handle, what, deadline));
-            } else if !self.tell(Completion::Read {
+        let (late, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.reads)
+            .into_iter()
+            .partition(|(_, _, deadline)| *deadline <= now);
+        self.reads = kept;
+        late.into_iter().all(|(handle, _, _)| {
+            self.tell(Completion::Read {
                 handle,
                 result: Err("not read: its deadline passed".into()),
-            }) {
-                return false;
-            }
-        }
-        self.reads = kept;
-        true
+            })
+        })
     }
 
     /// One connection attempt. False if the schema is refused (fatal).
