@@ -18,7 +18,9 @@
 #   QUIC_REPORT_PG_URL   a PostgreSQL for the database row (make bench runs
 #                        this script under target/release/pg-cluster, which
 #                        starts a private cluster and sets it); without it
-#                        the PostgreSQL row is skipped
+#                        the PostgreSQL row is skipped (QUIC_REPORT_PG_DATA,
+#                        also set by pg-cluster, names the cluster whose
+#                        processes are measured)
 #
 # Method (shared/PERFORMANCE.md): the server (or the UDP echo server) runs
 # pinned to CPU 1, the generator to CPU 0 (taskset, when there are two
@@ -26,7 +28,9 @@
 # taken within one repetition; the table shows the median and the min-max
 # over the repetitions. Server CPU per operation comes from
 # /proc/PID/task/*/schedstat (ns), read by the generator at the start and the
-# end of the measured window.
+# end of the measured window; so do the database rows' parts (the server's
+# loop and commit thread, PostgreSQL's processes, the generator), each with
+# its run-queue wait (the second schedstat field).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -323,6 +327,43 @@ for db in "${DBS[@]}"; do
   PIDS+=("${DBPID[$db]}")
   wait_udp "${DBPORT[$db]}" || true
 done
+# The private cluster's processes (its postmaster and the postmaster's
+# children: our connection's backend, the WAL writer, ...), comma-separated,
+# for the generator's --database-pids.
+pg_pids() {
+  local pm s rest ppid pids
+  pm=$(head -1 "${QUIC_REPORT_PG_DATA:-/nonexistent}/postmaster.pid" 2>/dev/null) || return 0
+  pids=$pm
+  for s in /proc/[0-9]*/stat; do
+    rest=$(cat "$s" 2>/dev/null) || continue
+    rest=${rest##*) } # the fields after the command name
+    read -r _ ppid _ <<<"$rest"
+    if [[ $ppid == "$pm" ]]; then
+      s=${s#/proc/}
+      pids+=",${s%/stat}"
+    fi
+  done
+  echo "$pids"
+}
+# CPU per report of arm $1's trial just run, by part, from its detail:
+# the generator, the server's loop (its main thread), its commit thread
+# (`sink`) and the database's processes; each with its run-queue wait
+# (time runnable but waiting for a CPU).
+thread_time() { tr ',' '\n' <<<"$(detail server_threads)" | awk -F'[:+]' -v n="$1" '$1 == n { print $2, $3 }'; }
+record_parts() {
+  local cpu wait
+  add "gcpu_$1" "$(detail generator_cpu_us_per_op)"
+  add "gwait_$1" "$(detail generator_wait_us_per_op)"
+  read -r cpu wait <<<"$(thread_time main)"
+  add "lcpu_$1" "$cpu"
+  add "lwait_$1" "$wait"
+  read -r cpu wait <<<"$(thread_time sink)"
+  add "scpu_$1" "$cpu"
+  add "swait_$1" "$wait"
+  add "dcpu_$1" "$(detail database_cpu_us_per_op)"
+  add "dwait_$1" "$(detail database_wait_us_per_op)"
+}
+
 # "rows_sum rows_count commit_seconds_sum commit_count" of server $1's metrics
 sink_sample() {
   curl -s "http://127.0.0.1:${DBMET[$1]}/metrics" | awk '
@@ -365,6 +406,7 @@ for rep in $(seq "$REPS"); do
     add "dg_$id" "$(detail dgrams_out_per_op)/$(detail dgrams_in_per_op)"
     add "ratio_$id" "$(awk -v a="$ours" -v b="$raw" 'BEGIN { if (b > 0) printf "%.3f", a / b }')"
     if [[ $id == 16x8 ]]; then
+      record_parts stdout
       trial --udp-echo --echo-addr "127.0.0.1:$EPORT_B" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "$ECHO_B"
       add "rawb_$id" "$(kv round_trips_per_s "$OUT")"
       add "rawbcpu_$id" "$(detail server_cpu_us_per_op)"
@@ -373,8 +415,11 @@ for rep in $(seq "$REPS"); do
       add "infocpu_$id" "$(detail server_cpu_us_per_op)"
       for db in "${DBS[@]}"; do
         read -r rs0 rc0 cs0 cc0 <<<"$(sink_sample "$db")"
-        trial --server "127.0.0.1:${DBPORT[$db]}" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "${DBPID[$db]}"
+        dbargs=()
+        [[ $db == postgres ]] && dbargs=(--database-pids "$(pg_pids)")
+        trial --server "127.0.0.1:${DBPORT[$db]}" -c "$c" -k "$k" -d "$DUR" --warmup "$WARM" --server-pid "${DBPID[$db]}" "${dbargs[@]}"
         out=$OUT
+        record_parts "$db"
         sleep 0.3 # the metrics snapshot is published every 100 ms
         read -r rs1 rc1 cs1 cc1 <<<"$(sink_sample "$db")"
         rate=$(kv reports_per_s "$out")
@@ -529,6 +574,13 @@ for db in "${DBS[@]}"; do
 done
 [[ -n ${QUIC_REPORT_PG_URL:-} ]] || echo "  (no QUIC_REPORT_PG_URL: the PostgreSQL row needs a database; make bench starts a private cluster)"
 echo "  (stdout: the C=16 K=8 row above; the ratio is taken per repetition; rows per commit and commit ms are means over each trial, from the server's /metrics)"
+printf '%-34s %-18s %-18s %-18s %-18s\n' "CPU per report, C=16 K=8 (us)" "generator" "server loop" "commit thread" "database"
+# "CPU + wait" of part $1 (g, l, s, d as in record_parts) of arm $2, if measured.
+part() { [[ $(m "${1}cpu_$2") == nan ]] || printf '%s + %s' "$(m "${1}cpu_$2")" "$(m "${1}wait_$2")"; }
+for arm in stdout "${DBS[@]}"; do
+  printf '%-34s %-18s %-18s %-18s %-18s\n' "$arm" "$(part g "$arm")" "$(part l "$arm")" "$(part s "$arm")" "$(part d "$arm")"
+done
+echo "  (medians; each part's CPU time + its run-queue wait (runnable, waiting for a CPU), per acknowledged report, from schedstat over the measured window; database: the private cluster's postmaster and its children)"
 echo
 printf '%-34s %-26s %-14s %-12s %-10s %-16s %-10s %-10s\n' "handshakes (connect+report+close)" "handshakes/s" "server us/hs" "gen us/hs" "gen util" "p50 / p99 ms" "errors" "other CPUs"
 for w in 1 4 4v 4m; do

@@ -245,7 +245,7 @@ pub(super) fn run_client(args: &BenchArgs) -> Result<(), Error> {
     loop {
         let now = Instant::now();
         if cpu_start.is_none() && now >= measure_start {
-            cpu_start = Some(CpuSample::take(args.server_pid));
+            cpu_start = Some(CpuSample::take(args.server_pid, &args.database_pids));
         }
         if now >= measure_end || args.count.is_some_and(|n| ops >= n) {
             break;
@@ -310,7 +310,7 @@ pub(super) fn run_client(args: &BenchArgs) -> Result<(), Error> {
         }
     }
     let end = Instant::now();
-    let cpu_end = CpuSample::take(args.server_pid);
+    let cpu_end = CpuSample::take(args.server_pid, &args.database_pids);
     let wall = end
         .duration_since(start + args.warmup)
         .as_secs_f64()

@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// /proc/PID/task/*/schedstat, and VmRSS in --idle-connections mode.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
+    /// Also measure these processes (a database's, e.g. PostgreSQL's
+    /// backend): their CPU time and run-queue wait per operation, as
+    /// `database_cpu_us_per_op` and `database_wait_us_per_op`.
+    #[arg(long, value_name = "PID,...", value_delimiter = ',')]
+    pub database_pids: Vec<u32>,
     /// Handshake mode: C workers each repeating connect (full handshake),
     /// one report, close. Prints `handshakes_per_s=`.
     #[arg(long)]
@@ -191,19 +196,54 @@ impl Latencies {
 
 /// CPU time (ns) of every thread of a process, from schedstat.
 pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
-    let mut total = 0u64;
+    threads(pid).map(|ts| ts.iter().map(|t| t.cpu).sum())
+}
+
+/// One thread's (or a group of same-named threads') schedstat: time on
+/// a CPU and time waiting on a run queue for one, ns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ThreadTime {
+    /// `main` for the process's first thread, else the thread's name.
+    pub(crate) name: String,
+    pub(crate) cpu: u64,
+    pub(crate) wait: u64,
+}
+
+/// The threads of a process, summed by name (`main` is the thread whose
+/// id is the process's), in name order; `None` if the process is gone.
+pub(crate) fn threads(pid: u32) -> Option<Vec<ThreadTime>> {
+    let mut by_name = std::collections::BTreeMap::<String, (u64, u64)>::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let path: PathBuf = entry.ok()?.path().join("schedstat");
-        if let Ok(s) = std::fs::read_to_string(path)
-            && let Some(ns) = s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-        {
-            total += ns;
-        }
+        let dir: PathBuf = entry.ok()?.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let mut fields = stat.split_whitespace().map(|v| v.parse::<u64>().ok());
+        let (Some(Some(cpu)), Some(Some(wait))) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let name = if dir.file_name().and_then(|n| n.to_str()) == Some(&pid.to_string()) {
+            "main".to_string()
+        } else {
+            std::fs::read_to_string(dir.join("comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default()
+        };
+        let e = by_name.entry(name).or_default();
+        e.0 += cpu;
+        e.1 += wait;
     }
-    Some(total)
+    Some(
+        by_name
+            .into_iter()
+            .map(|(name, (cpu, wait))| ThreadTime { name, cpu, wait })
+            .collect(),
+    )
+}
+
+/// Run-queue wait (ns) of every thread of a process.
+fn wait_ns(pid: u32) -> Option<u64> {
+    threads(pid).map(|ts| ts.iter().map(|t| t.wait).sum())
 }
 
 /// VmRSS of a process, KiB.
@@ -232,60 +272,111 @@ fn machine_busy_ns() -> Option<u64> {
     Some(busy * (1_000_000_000 / hz))
 }
 
-/// Samples the CPU time of this process, of the server if given, and of the
-/// whole machine (to tell how much CPU other processes took).
-#[derive(Debug, Clone, Copy)]
+/// Samples the CPU time of this process, of the server (per thread) if
+/// given, of the database's processes if given, and of the whole machine
+/// (to tell how much CPU other processes took).
+#[derive(Debug, Clone)]
 pub(crate) struct CpuSample {
     at: std::time::Instant,
     own: Option<u64>,
-    server: Option<u64>,
+    own_wait: Option<u64>,
+    server: Option<Vec<ThreadTime>>,
+    /// CPU and run-queue wait of the database's processes, summed.
+    database: Option<(u64, u64)>,
     machine: Option<u64>,
 }
 
 impl CpuSample {
-    pub(crate) fn take(server_pid: Option<u32>) -> CpuSample {
+    pub(crate) fn take(server_pid: Option<u32>, database_pids: &[u32]) -> CpuSample {
+        let database = (!database_pids.is_empty()).then(|| {
+            database_pids
+                .iter()
+                .filter_map(|&p| threads(p))
+                .flatten()
+                .fold((0, 0), |(c, w), t| (c + t.cpu, w + t.wait))
+        });
         CpuSample {
             at: std::time::Instant::now(),
             own: cpu_ns(std::process::id()),
-            server: server_pid.and_then(cpu_ns),
+            own_wait: wait_ns(std::process::id()),
+            server: server_pid.and_then(threads),
+            database,
             machine: machine_busy_ns(),
         }
     }
 
-    /// `server_cpu_us_per_op`, both utilisations, and `other_cpu_util`
-    /// (CPUs' worth taken by other processes: machine busy time minus ours
-    /// and the server's; /proc/stat counts in clock ticks, so +-0.01 or so),
+    fn server_ns(&self) -> Option<u64> {
+        self.server
+            .as_ref()
+            .map(|ts| ts.iter().map(|t| t.cpu).sum())
+    }
+
+    /// `server_cpu_us_per_op`, `server_threads` (each thread's CPU and
+    /// run-queue wait per operation, µs: `main:7.31+0.12,sink:4.65+6.29`,
+    /// threads under 1 % of the server's CPU left out), both
+    /// utilisations, the generator's own run-queue wait, the database's
+    /// CPU and wait, and `other_cpu_util` (CPUs' worth taken by other
+    /// processes: machine busy time minus ours, the server's and the
+    /// database's; /proc/stat counts in clock ticks, so +-0.01 or so),
     /// since `self`.
     pub(crate) fn detail(&self, end: &CpuSample, ops: u64) -> String {
         let wall = end.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let per_op = |ns: u64| ns as f64 / 1e3 / ops.max(1) as f64;
+        let diff = |x: Option<u64>, y: Option<u64>| match (x, y) {
+            (Some(x), Some(y)) => y.saturating_sub(x),
+            _ => 0,
+        };
+        let database = match (self.database, end.database) {
+            (Some(a), Some(b)) => Some((b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))),
+            _ => None,
+        };
         let mut s = String::new();
         if let (Some(a), Some(b)) = (self.machine, end.machine) {
-            let ours = |x: Option<u64>, y: Option<u64>| match (x, y) {
-                (Some(x), Some(y)) => y.saturating_sub(x),
-                _ => 0,
-            };
             let other = b.saturating_sub(a) as f64
-                - ours(self.own, end.own) as f64
-                - ours(self.server, end.server) as f64;
+                - diff(self.own, end.own) as f64
+                - diff(self.server_ns(), end.server_ns()) as f64
+                - database.map_or(0, |d| d.0) as f64;
             s.push_str(&format!(
                 " other_cpu_util={:.3}",
                 (other / 1e9 / wall).max(0.0)
             ));
         }
-        if let (Some(a), Some(b)) = (self.server, end.server) {
-            let ns = b.saturating_sub(a) as f64;
+        if let (Some(a), Some(b)) = (self.server_ns(), end.server_ns()) {
+            let ns = b.saturating_sub(a);
             s.push_str(&format!(
                 " server_cpu_us_per_op={:.2} server_cpu_util={:.3}",
-                ns / 1e3 / ops.max(1) as f64,
-                ns / 1e9 / wall
+                per_op(ns),
+                ns as f64 / 1e9 / wall
             ));
+            if let (Some(before), Some(after)) = (&self.server, &end.server) {
+                let threads: Vec<String> = after
+                    .iter()
+                    .filter_map(|t| {
+                        let b = before.iter().find(|x| x.name == t.name);
+                        let cpu = t.cpu.saturating_sub(b.map_or(0, |x| x.cpu));
+                        let wait = t.wait.saturating_sub(b.map_or(0, |x| x.wait));
+                        (cpu * 100 >= ns)
+                            .then(|| format!("{}:{:.2}+{:.2}", t.name, per_op(cpu), per_op(wait)))
+                    })
+                    .collect();
+                s.push_str(&format!(" server_threads={}", threads.join(",")));
+            }
         }
         if let (Some(a), Some(b)) = (self.own, end.own) {
-            let ns = b.saturating_sub(a) as f64;
+            let ns = b.saturating_sub(a);
             s.push_str(&format!(
-                " generator_cpu_us_per_op={:.2} generator_cpu_util={:.3}",
-                ns / 1e3 / ops.max(1) as f64,
-                ns / 1e9 / wall
+                " generator_cpu_us_per_op={:.2} generator_wait_us_per_op={:.2} generator_cpu_util={:.3}",
+                per_op(ns),
+                per_op(diff(self.own_wait, end.own_wait)),
+                ns as f64 / 1e9 / wall
+            ));
+        }
+        if let Some((cpu, wait)) = database {
+            s.push_str(&format!(
+                " database_cpu_us_per_op={:.2} database_wait_us_per_op={:.2} database_cpu_util={:.3}",
+                per_op(cpu),
+                per_op(wait),
+                cpu as f64 / 1e9 / wall
             ));
         }
         s
@@ -307,5 +398,76 @@ fn raise_fd_limit(want: u64) {
                 log::warn!("cannot raise the open-file limit to {want}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// This thread's CPU time, ns.
+    fn thread_cpu_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid pointer to a local timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0);
+        u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0)
+    }
+
+    #[test]
+    fn threads_are_summed_by_name_with_the_first_one_as_main() {
+        let before = threads(std::process::id()).expect("this process");
+        let (spun_tx, spun) = mpsc::channel();
+        let mut go_on = Vec::new();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let spun_tx = spun_tx.clone();
+                let (tx, rx) = mpsc::channel::<()>();
+                go_on.push(tx);
+                std::thread::Builder::new()
+                    .name("bench-spin".into())
+                    .spawn(move || {
+                        // 20 ms of this thread's own CPU time, then wait
+                        // (alive: a thread's schedstat goes with it).
+                        while thread_cpu_ns() < 20_000_000 {
+                            std::hint::black_box(0u64);
+                        }
+                        spun_tx.send(()).expect("send");
+                        let _ = rx.recv();
+                    })
+                    .expect("spawn")
+            })
+            .collect();
+        for _ in 0..2 {
+            spun.recv().expect("spun");
+        }
+        let during = threads(std::process::id()).expect("this process");
+        drop(go_on);
+        for w in workers {
+            w.join().expect("join");
+        }
+        let spin_cpu = |ts: &[ThreadTime]| {
+            ts.iter()
+                .find(|t| t.name == "bench-spin")
+                .map_or(0, |t| t.cpu)
+        };
+        assert_eq!(spin_cpu(&before), 0);
+        // Two threads of one name make one entry, with the CPU of both.
+        assert_eq!(
+            during.iter().filter(|t| t.name == "bench-spin").count(),
+            1,
+            "{during:?}"
+        );
+        // (schedstat may not have counted the last few ms of a thread still
+        // running: it is brought up to date at ticks and switches.)
+        assert!(spin_cpu(&during) >= 30_000_000, "{during:?}");
+        // The process's first thread is `main`.
+        assert!(during.iter().any(|t| t.name == "main"), "{during:?}");
+        assert!(threads(u32::MAX).is_none());
     }
 }

@@ -608,11 +608,17 @@ impl Gen<'_> {
                     until: now + self.args.duration,
                 };
                 self.measure_start = Some(now);
-                self.cpu_start = Some(CpuSample::take(self.args.server_pid));
+                self.cpu_start = Some(CpuSample::take(
+                    self.args.server_pid,
+                    &self.args.database_pids,
+                ));
             }
             Phase::Measure { until } if until <= now || count_reached => {
                 self.measure_end = Some(now);
-                self.cpu_end = Some(CpuSample::take(self.args.server_pid));
+                self.cpu_end = Some(CpuSample::take(
+                    self.args.server_pid,
+                    &self.args.database_pids,
+                ));
                 self.close_all(now)?;
             }
             Phase::Settle { until } if until <= now => {
