@@ -419,20 +419,30 @@ impl Loop<'_> {
         };
         while let Some(sample) = self.held.front() {
             let seq = self.client.next_seq();
-            if let Err(e) = spool.append(now, seq, sample) {
-                self.retry_at = Some(now + SPOOL_RETRY);
-                if self.holding {
-                    log::debug!("{e}: {} sample(s) held back", self.held.len());
-                } else {
-                    self.holding = true;
-                    log::warn!(
-                        "{e}: {} sample(s) held back, not reported until they are in the spool (retrying every {}s; at most {} are held, then the oldest is dropped)",
-                        self.held.len(),
-                        SPOOL_RETRY.as_secs(),
-                        self.held_limit
-                    );
+            match spool.append(now, seq, sample) {
+                Ok(()) => {}
+                Err(e @ crate::spool::SpoolError::TooLarge { .. }) => {
+                    // Never storable: dropped, so the samples behind it go on.
+                    self.held.pop_front();
+                    self.held_dropped += 1;
+                    log::error!("{e}; the sample is dropped and lost");
+                    continue;
                 }
-                return;
+                Err(e) => {
+                    self.retry_at = Some(now + SPOOL_RETRY);
+                    if self.holding {
+                        log::debug!("{e}: {} sample(s) held back", self.held.len());
+                    } else {
+                        self.holding = true;
+                        log::warn!(
+                            "{e}: {} sample(s) held back, not reported until they are in the spool (retrying every {}s; at most {} are held, then the oldest is dropped)",
+                            self.held.len(),
+                            SPOOL_RETRY.as_secs(),
+                            self.held_limit
+                        );
+                    }
+                    return;
+                }
             }
             let Some(sample) = self.held.pop_front() else {
                 break;

@@ -84,7 +84,7 @@ const MAGIC: &[u8; 8] = b"QRSPOOL1";
 const HEADER: usize = 8;
 
 /// Largest record we write or accept (a sample is at most the 64 KiB body
-/// limit plus its seq and stamp).
+/// limit plus its seq and stamp; [`Spool::append`] refuses a larger one).
 const MAX_RECORD: usize = 1024 * 1024;
 
 /// Compact the log once it is at least this large (and half of it done).
@@ -151,6 +151,18 @@ pub enum SpoolError {
         /// The one asked for.
         configured: String,
     },
+    /// A sample too large for one record: it cannot be kept (nothing was
+    /// written, and the seq is not used).
+    #[error(
+        "sample seq {seq} is {bytes} bytes encoded, over the spool's limit of {max} bytes a record: it cannot be kept",
+        max = MAX_RECORD
+    )]
+    TooLarge {
+        /// The seq it was to have.
+        seq: Seq,
+        /// Its record's kind and payload, bytes.
+        bytes: usize,
+    },
     /// A file operation failed.
     #[error("spool {}: {what}: {source}", path.display())]
     Io {
@@ -196,6 +208,12 @@ pub struct Spool {
     /// The samples read at open, until taken.
     restored: Vec<(Seq, Sample)>,
     len: u64,
+    /// Where the log must be cut back to before anything more is written:
+    /// a failed write left bytes past `len` that the cut right after could
+    /// not remove (the log is opened for appending, so the next record
+    /// would land after them, and a reopen would read them as a corrupt
+    /// record and cut off everything behind it).
+    cut_to: Option<u64>,
     pending_bytes: u64,
     /// This boot's id, and the seq bound durably reserved in it.
     boot: String,
@@ -280,6 +298,7 @@ impl Spool {
             pending: BTreeMap::new(),
             restored: Vec::new(),
             len: 0,
+            cut_to: None,
             pending_bytes: 0,
             boot: boot_id(),
             reserved: 0,
@@ -466,7 +485,10 @@ impl Spool {
     }
 
     /// Writes `sample` as report `seq`: in the OS when this returns, and
-    /// fsynced as the policy says.
+    /// fsynced as the policy says. A sample over the record limit (1 MiB
+    /// encoded) is refused with [`SpoolError::TooLarge`] and nothing is
+    /// written: a record that large would be read back as corrupt, and the
+    /// records after it cut away with it.
     pub fn append(&mut self, now: Instant, seq: Seq, sample: &Sample) -> Result<(), SpoolError> {
         let fields = serde_json::to_vec(&sample.fields).map_err(|e| SpoolError::Io {
             what: "encoding a sample",
@@ -477,6 +499,12 @@ impl Spool {
         payload.extend_from_slice(&seq.to_le_bytes());
         payload.extend_from_slice(&sample.sampled_at_ms.to_le_bytes());
         payload.extend_from_slice(&fields);
+        if 1 + payload.len() > MAX_RECORD {
+            return Err(SpoolError::TooLarge {
+                seq,
+                bytes: 1 + payload.len(),
+            });
+        }
         if seq == 0 || seq > MAX_SEQ {
             return Err(SpoolError::Io {
                 what: "numbering a sample",
@@ -494,11 +522,8 @@ impl Spool {
                 self.pending_bytes -= u64::from(len);
             }
             if self.len > start {
-                // If even this fails, the torn or unsynced tail is skipped
-                // or read back at the next open: never sent twice under
-                // two seqs, as the seq is not used now.
-                let _ = self.file.set_len(start);
-                self.len = start;
+                // Never sent twice under two seqs: the seq is not used now.
+                self.cut_back(start);
             }
         }
         res
@@ -603,10 +628,18 @@ impl Spool {
     /// Appends one record with one `write(2)`; on a failure the file is cut
     /// back to where it was. Returns the record's length.
     fn write_record(&mut self, kind: u8, payload: &[u8]) -> Result<u32, SpoolError> {
+        if let Some(to) = self.cut_to {
+            self.file.set_len(to).map_err(|source| SpoolError::Io {
+                what: "cutting off a torn record",
+                path: self.path.clone(),
+                source,
+            })?;
+            self.cut_to = None;
+        }
         encode_record(&mut self.buf, kind, payload);
         let res = self.file.write_all(&self.buf);
         if let Err(source) = res {
-            let _ = self.file.set_len(self.len);
+            self.cut_back(self.len);
             return Err(SpoolError::Io {
                 what: "writing",
                 path: self.path.clone(),
@@ -616,6 +649,16 @@ impl Spool {
         let n = self.buf.len();
         self.len += n as u64;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Cuts the log back to `to` bytes; if that fails, before the next
+    /// record ([`Spool::cut_to`]).
+    fn cut_back(&mut self, to: u64) {
+        self.cut_to = match self.file.set_len(to) {
+            Ok(()) => None,
+            Err(_) => Some(self.cut_to.map_or(to, |c| c.min(to))),
+        };
+        self.len = to;
     }
 
     /// Writes a new log (magic, identity, pending samples), fsyncs it
@@ -685,6 +728,7 @@ impl Spool {
         fs::rename(tmp, &self.path).map_err(io_err("renaming into place", tmp))?;
         self.file = f;
         self.len = out.len() as u64;
+        self.cut_to = None;
         self.pending = moved;
         self.dirty = false;
         if self.fsync != Fsync::Never {
@@ -861,6 +905,68 @@ mod tests {
         assert_eq!(s.next_seq(), 5, "seq 4 was used, even if done");
         assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (3, 3, 1003)]);
         assert_eq!(s.recovery().skipped, None);
+    }
+
+    #[test]
+    fn a_sample_over_the_record_limit_is_refused_and_the_next_ones_are_kept() {
+        let dir = TempDir::new("too-large");
+        let now = Instant::now();
+        let big = Sample::from_json(
+            format!("{{\"value\": 7, \"pad\": \"{}\"}}", "x".repeat(MAX_RECORD)).as_bytes(),
+            7,
+        )
+        .expect("object");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into()).expect("open");
+            s.append(now, 1, &sample(1)).expect("append");
+            let len = fs::metadata(dir.0.join("spool.log")).expect("stat").len();
+            match s.append(now, 2, &big) {
+                Err(SpoolError::TooLarge { seq: 2, bytes }) => assert!(bytes > MAX_RECORD),
+                other => panic!("expected TooLarge, got {other:?}"),
+            }
+            let after = fs::metadata(dir.0.join("spool.log")).expect("stat").len();
+            assert_eq!(after, len, "nothing written");
+            // Seq 2 was not used: the next sample takes it.
+            s.append(now, 2, &sample(2))
+                .expect("append after the refusal");
+        }
+        let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into()).expect("reopen");
+        assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (2, 2, 1002)]);
+        assert_eq!(s.recovery().skipped, None, "nothing read back as corrupt");
+    }
+
+    #[test]
+    fn a_torn_write_that_cannot_be_cut_at_once_is_cut_before_the_next_record() {
+        let dir = TempDir::new("uncut");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
+            s.append(now, 1, &sample(1)).expect("append");
+            // A write cut short (a full disk) left half a record behind...
+            let mut torn = Vec::new();
+            encode_record(&mut torn, KIND_SAMPLE, b"0123456789abcdef{}");
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("open")
+                .write_all(&torn[..torn.len() / 2])
+                .expect("tear");
+            // ... and neither the write nor the cut works for now (a
+            // handle that can do neither stands in for the failing disk).
+            let good = std::mem::replace(&mut s.file, File::open(&path).expect("read-only"));
+            assert!(s.append(now, 2, &sample(2)).is_err());
+            s.file = good;
+            // The disk works again: the next record cuts the torn bytes
+            // off first.
+            s.append(now, 2, &sample(2)).expect("append");
+            s.append(now, 3, &sample(3)).expect("append");
+            s.remove(3).expect("done");
+        }
+        let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("reopen");
+        assert_eq!(s.recovery().skipped, None, "no torn record mid-log");
+        assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (2, 2, 1002)]);
+        assert_eq!(s.next_seq(), 4);
     }
 
     #[test]
