@@ -46,6 +46,12 @@ const LATEST_LIMITS: IdentityLimits = IdentityLimits {
 /// - the anonymous identity: everything if `anonymous_reads_all` (an
 ///   anonymous server on a loopback address: everyone there is anonymous
 ///   and trusted alike), else nothing.
+///
+/// The default is the closed one: no readers, and anonymous peers read
+/// nothing (a certificate identity still reads its own `/latest`). The
+/// `server` command opens it as its `--reader` flags and listen address
+/// say; a program embedding the driver sets
+/// [`ServerOptions::read_policy`](crate::server::ServerOptions::read_policy).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReadPolicy {
     /// Identities that may read everything (`--reader`).
