@@ -661,6 +661,13 @@ impl Server {
         self.conns.len()
     }
 
+    /// Streams whose state the server holds, over every connection: each
+    /// stays until both sides are done and its every answer is taken (a
+    /// number that only grows points at a stream never let go).
+    pub fn streams_held(&self) -> usize {
+        self.conns.values().map(|c| c.streams.len()).sum()
+    }
+
     /// Connections whose handshake is in progress (what
     /// [`RetryMode::Auto`] compares with its threshold).
     pub fn handshakes_in_progress(&self) -> usize {
@@ -1485,7 +1492,9 @@ impl Server {
             while let Some(Slot::Ready(_)) = st.slots.front() {
                 if let Some(Slot::Ready(a)) = st.slots.pop_front() {
                     st.ready_bytes -= a.len();
-                    if st.out.is_empty() {
+                    if st.write_done {
+                        // Nobody reads our side any more: dropped.
+                    } else if st.out.is_empty() {
                         st.out = a;
                     } else {
                         st.out.extend_from_slice(&a);
@@ -1504,7 +1513,10 @@ impl Server {
                             st.write_done = true;
                         }
                     }
-                    Err(quiche::Error::Done) => {}
+                    // No credit now; or the stream is gone: quiche answers
+                    // `Done` for a stream it has collected (the client
+                    // stopped our side and finished its own).
+                    Err(quiche::Error::Done) if !conn.quic.stream_closed(sid) => {}
                     Err(_) => {
                         // The client stopped reading (STOP_SENDING) or the
                         // stream is gone: nothing more to write.
@@ -1681,8 +1693,9 @@ fn write_due_fins(conn: &mut Conn) {
             continue;
         };
         match conn.quic.stream_send(sid, &[], true) {
-            // Not now (no credit for a frame): at the next packet.
-            Err(quiche::Error::Done) => {
+            // Not now (no credit for a frame): at the next packet. (A
+            // stream quiche collected answers `Done` too, for good.)
+            Err(quiche::Error::Done) if !conn.quic.stream_closed(sid) => {
                 conn.fins_due.push(sid);
                 continue;
             }

@@ -355,3 +355,69 @@ fn the_fin_after_all_answers_survives_their_ack_arriving_behind_the_clients_fin(
     assert!(seen.fin, "the server FINed its side: {seen:?}");
     assert_eq!(seen.answers().len(), 1, "no extra answer: {seen:?}");
 }
+
+/// A client that stops our side of a stream (STOP_SENDING) once it has its
+/// answer, then FINs its own: quiche collects the stream at once, and the
+/// server lets go of its state too (a collected stream answers every write
+/// with `Done`, which once read as "later" kept it, and its due FIN, for
+/// the connection's life: anyone could pile them up, 100 streams a round
+/// trip).
+#[test]
+fn a_stream_stopped_then_finished_by_the_client_is_let_go() {
+    let mut sim = Sim::new(seed_or(28), NetConfig::default());
+    let from: SocketAddr = "198.51.100.8:4000".parse().expect("address");
+    let mut peer = sim.detached_raw(from);
+    carry(&mut sim, &mut peer, from, |_| false);
+    for i in 0..20u64 {
+        let sid = 4 * i;
+        // Answered at once (a bad field), the stream left open.
+        peer.write(sid, br#"{"value":1,"seq":"x"}"#, false);
+        carry(&mut sim, &mut peer, from, |p| !p.seen(sid).data.is_empty());
+        assert_eq!(code(&peer.seen(sid).answers()[0]), "invalid_field");
+        peer.conn
+            .stream_shutdown(sid, quiche::Shutdown::Read, 0)
+            .expect("STOP_SENDING");
+        peer.write(sid, b"", true);
+        carry(&mut sim, &mut peer, from, |_| false);
+    }
+    // A last, ordinary report: the connection still works.
+    peer.write(80, br#"{"value":2,"client":"after","seq":1}"#, true);
+    carry(&mut sim, &mut peer, from, |_| false);
+    assert_eq!(peer.seen(80).answers()[0]["ok"], true);
+    assert!(peer.seen(80).fin);
+    let server = sim.server.as_ref().expect("the server runs");
+    assert_eq!(server.streams_held(), 0, "no stream state kept");
+}
+
+/// A client that stopped reading our side of a stream and goes on writing
+/// reports on it: they are still recorded, and their answers, which no one
+/// will read, are dropped instead of piling up until the unanswered-bytes
+/// limit closes the whole connection.
+#[test]
+fn answers_on_a_stream_the_client_stopped_are_dropped_not_held() {
+    let mut sim = Sim::new(seed_or(29), NetConfig::default());
+    let from: SocketAddr = "198.51.100.9:4000".parse().expect("address");
+    let mut peer = sim.detached_raw(from);
+    carry(&mut sim, &mut peer, from, |_| false);
+    peer.write(0, br#"{"value":0,"client":"deaf","seq":1}"#, false);
+    carry(&mut sim, &mut peer, from, |p| !p.seen(0).data.is_empty());
+    peer.conn
+        .stream_shutdown(0, quiche::Shutdown::Read, 0)
+        .expect("STOP_SENDING");
+    carry(&mut sim, &mut peer, from, |_| false);
+    // 1.5 MB of answers' worth, over the 1 MiB limit.
+    let pad = "x".repeat(1000);
+    let n = 1500u64;
+    for seq in 2..=n {
+        let r = format!(r#"{{"value":{seq},"client":"deaf","seq":{seq},"pad":"{pad}"}}"#);
+        peer.write(0, r.as_bytes(), false);
+        carry(&mut sim, &mut peer, from, |_| false);
+    }
+    assert!(
+        peer.conn.peer_error().is_none(),
+        "the connection stays open: {:?}",
+        peer.conn.peer_error()
+    );
+    let server = sim.server.as_ref().expect("the server runs");
+    assert_eq!(server.stats().reports, n, "every report handed over");
+}
