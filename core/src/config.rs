@@ -290,8 +290,15 @@ pub struct ServerConfig {
     /// but not yet taken by quiche (the client does not read them) plus
     /// the bytes of reports not yet complete. Over it, the connection is
     /// closed with [`codes::EXCESSIVE_LOAD`] (default 1 MiB; at least
-    /// `max_report_bytes`).
+    /// `max_report_bytes`). Answers to HTTP/0.9 reads are counted apart,
+    /// against `max_response_bytes`.
     pub max_unanswered_bytes: usize,
+    /// Bytes of HTTP/0.9 answers (`/latest`, `/stats`) the server holds
+    /// for one connection at most, not yet taken by quiche: a body is
+    /// handed over whole and goes out as the reader's flow control allows.
+    /// Over it, the connection is closed with [`codes::EXCESSIVE_LOAD`]
+    /// (default 16 MiB, what `quic-report get` accepts).
+    pub max_response_bytes: usize,
 }
 
 impl ServerConfig {
@@ -313,6 +320,7 @@ impl ServerConfig {
             retry: RetryMode::default(),
             retry_token_lifetime: Duration::from_secs(10),
             max_unanswered_bytes: 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
         }
     }
 

@@ -32,8 +32,9 @@
 //! ([`ServerConfig::max_streams`], enforced by quiche, which closes a
 //! connection that opens more with STREAM_LIMIT_ERROR), bytes per report,
 //! unanswered bytes per connection ([`ServerConfig::max_unanswered_bytes`],
-//! closed with [`codes::EXCESSIVE_LOAD`]), the handshake deadline and the
-//! idle timeout.
+//! and apart from them [`ServerConfig::max_response_bytes`] for HTTP/0.9
+//! answers; closed with [`codes::EXCESSIVE_LOAD`]), the handshake deadline
+//! and the idle timeout.
 //!
 //! Per connection: handshake (reaped after the handshake timeout) ->
 //! established ([`ServerEvent::ConnectionOpened`]) -> closed (idle timeout,
@@ -1457,10 +1458,11 @@ impl Server {
     }
 
     /// Closes a connection that makes us hold more than
-    /// [`ServerConfig::max_unanswered_bytes`] (a client that sends reports
-    /// but does not read the answers, or keeps many half-sent reports):
-    /// CONNECTION_CLOSE with [`codes::EXCESSIVE_LOAD`], and its buffers are
-    /// freed at once.
+    /// [`ServerConfig::max_unanswered_bytes`] for its reports (a client that
+    /// sends reports but does not read the answers, or keeps many half-sent
+    /// reports) or [`ServerConfig::max_response_bytes`] for its HTTP/0.9
+    /// answers (a reader that does not read): CONNECTION_CLOSE with
+    /// [`codes::EXCESSIVE_LOAD`], and its buffers are freed at once.
     fn check_unanswered(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -1468,8 +1470,14 @@ impl Server {
         if conn.quic.local_error().is_some() {
             return;
         }
-        let held: usize = conn.streams.values().map(StreamState::unanswered).sum();
-        if held <= self.cfg.max_unanswered_bytes {
+        let (reports, responses) = conn.streams.values().fold((0, 0), |(r, h), st| {
+            if st.request.is_some() {
+                (r, h + st.unanswered())
+            } else {
+                (r + st.unanswered(), h)
+            }
+        });
+        if reports <= self.cfg.max_unanswered_bytes && responses <= self.cfg.max_response_bytes {
             return;
         }
         let _ = conn

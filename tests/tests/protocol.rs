@@ -421,3 +421,61 @@ fn answers_on_a_stream_the_client_stopped_are_dropped_not_held() {
     let server = sim.server.as_ref().expect("the server runs");
     assert_eq!(server.stats().reports, n, "every report handed over");
 }
+
+/// An HTTP/0.9 answer larger than the reports' unanswered-bytes limit (a
+/// `/latest` of a large fleet) goes out whole as the reader reads it: it
+/// counts against `max_response_bytes`, not against the limit that guards
+/// the reports (which closed the reader's connection after the first
+/// megabyte).
+#[test]
+fn a_large_http09_answer_reaches_the_reader() {
+    let mut sim = Sim::new(seed_or(30), NetConfig::default());
+    let from: SocketAddr = "198.51.100.10:4000".parse().expect("address");
+    let mut peer = RawPeer::connect(
+        from,
+        sim.server_addr,
+        &[quic_report_core::config::HQ_ALPN],
+        &mut quic_report_core::CoreRng::from_seed(30),
+    );
+    let body: Vec<u8> = (0..3 * 1024 * 1024)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    peer.write(0, b"GET /latest\r\n", true);
+    let (now, to) = (sim.clock.now(), sim.server_addr);
+    let server = sim.server.as_mut().expect("the server runs");
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..10_000 {
+        let mut moved = false;
+        while let Some((mut d, _)) = peer.next_datagram() {
+            let _ = server.handle_datagram(now, from, to, &mut d);
+            moved = true;
+        }
+        while let Some(ev) = server.poll_event() {
+            if let ServerEvent::Request { handle, .. } = ev {
+                server
+                    .respond_request(now, handle, body.clone())
+                    .expect("respond");
+            }
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            peer.receive(to, &mut buf[..t.len]);
+            moved = true;
+        }
+        if !moved || peer.seen(0).fin {
+            break;
+        }
+    }
+    assert!(
+        peer.conn.peer_error().is_none(),
+        "{:?}",
+        peer.conn.peer_error()
+    );
+    let seen = peer.seen(0);
+    assert!(seen.fin, "the whole body, then FIN");
+    assert!(
+        seen.data == body,
+        "{} bytes of {}",
+        seen.data.len(),
+        body.len()
+    );
+}
