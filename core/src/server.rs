@@ -1002,7 +1002,13 @@ impl Server {
                 } else if matches!(outcome, Outcome::Unstorable(_)) {
                     self.stats.rejected += 1;
                 }
-                self.fill_slot(h, answer(&outcome, copy.ok));
+                // A copy's answer says `duplicate` already.
+                let a = if stored {
+                    copy.ok
+                } else {
+                    answer(&outcome, copy.ok)
+                };
+                self.fill_slot(h, a);
                 self.after_io(now, h.conn);
             }
         }

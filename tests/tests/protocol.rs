@@ -479,3 +479,59 @@ fn a_large_http09_answer_reaches_the_reader() {
         body.len()
     );
 }
+
+/// A second copy of a report that arrives while the application still
+/// holds the first is answered with the first's fate, once it is known; a
+/// first copy the store found there already (`Duplicate`) makes the
+/// second's answer a duplicate too, with the field said once.
+#[test]
+fn a_copy_waiting_on_the_first_is_answered_with_its_fate_once() {
+    let mut sim = Sim::new(seed_or(31), NetConfig::default());
+    let from: SocketAddr = "198.51.100.11:4000".parse().expect("address");
+    let mut peer = sim.detached_raw(from);
+    let (now, to) = (sim.clock.now(), sim.server_addr);
+    let server = sim.server.as_mut().expect("the server runs");
+    let mut buf = vec![0u8; 65536];
+    let mut held = Vec::new();
+    let mut exchange =
+        |peer: &mut RawPeer, held: &mut Vec<_>, server: &mut quic_report_core::Server| {
+            for _ in 0..100 {
+                let mut moved = false;
+                while let Some((mut d, _)) = peer.next_datagram() {
+                    let _ = server.handle_datagram(now, from, to, &mut d);
+                    moved = true;
+                }
+                while let Some(ev) = server.poll_event() {
+                    if let ServerEvent::Report { handle, .. } = ev {
+                        held.push(handle);
+                    }
+                }
+                while let Some(t) = server.poll_transmit(now, &mut buf) {
+                    peer.receive(to, &mut buf[..t.len]);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+        };
+    exchange(&mut peer, &mut held, server);
+    let report = br#"{"value":1,"client":"twice","seq":5}"#;
+    peer.write(0, report, true);
+    exchange(&mut peer, &mut held, server);
+    peer.write(4, report, true);
+    exchange(&mut peer, &mut held, server);
+    assert_eq!(held.len(), 1, "the copy waits on the first, unseen");
+    assert!(peer.seen(4).data.is_empty(), "no answer before the first's");
+    server
+        .respond(now, held[0], Outcome::Duplicate)
+        .expect("respond");
+    exchange(&mut peer, &mut held, server);
+    for sid in [0, 4] {
+        let seen = peer.seen(sid);
+        let text = String::from_utf8_lossy(&seen.data);
+        assert_eq!(text.matches("\"duplicate\":true").count(), 1, "{text}");
+        assert_eq!(seen.answers()[0]["ok"], true, "{text}");
+        assert!(seen.fin);
+    }
+}
