@@ -447,6 +447,10 @@ struct StreamState {
     out: Vec<u8>,
     /// Bytes of the `Ready` slots still in `slots`.
     ready_bytes: usize,
+    /// Bytes of the answers of this stream's parked copies (`Pending`
+    /// slots waiting on another copy the application holds), kept in
+    /// `Server::awaiting` until that copy's fate is known.
+    parked_bytes: usize,
     /// On an HTTP/0.9 connection: the request line so far.
     request: Option<Vec<u8>>,
     /// The client's side is done (FIN, reset, or we stopped reading).
@@ -464,6 +468,7 @@ impl StreamState {
             next_index: 0,
             out: Vec::new(),
             ready_bytes: 0,
+            parked_bytes: 0,
             request: None,
             read_done: false,
             write_done: false,
@@ -1002,6 +1007,13 @@ impl Server {
                 } else if matches!(outcome, Outcome::Unstorable(_)) {
                     self.stats.rejected += 1;
                 }
+                if let Some(st) = self
+                    .conns
+                    .get_mut(h.conn)
+                    .and_then(|c| c.streams.get_mut(&h.stream))
+                {
+                    st.parked_bytes = st.parked_bytes.saturating_sub(copy.ok.len());
+                }
                 // A copy's answer says `duplicate` already.
                 let a = if stored {
                     copy.ok
@@ -1419,13 +1431,17 @@ impl Server {
             }
             if let Some(waiting) = self.parked.get_mut(k) {
                 waiting.push(handle);
-                self.awaiting.insert(
-                    handle,
-                    Awaiting {
-                        key: None,
-                        ok: ok_answer(report.json(), true),
-                    },
-                );
+                let ok = ok_answer(report.json(), true);
+                // Counted as the stream's until answered: a flood of copies
+                // meets the unanswered-bytes limit.
+                if let Some(st) = self
+                    .conns
+                    .get_mut(handle.conn)
+                    .and_then(|c| c.streams.get_mut(&handle.stream))
+                {
+                    st.parked_bytes += ok.len();
+                }
+                self.awaiting.insert(handle, Awaiting { key: None, ok });
                 return Slot::Pending;
             }
             self.parked.insert(k.clone(), Vec::new());
@@ -1567,10 +1583,10 @@ impl StreamState {
         self.request.is_some() || self.splitter.is_done() || self.splitter.is_failed()
     }
 
-    /// Bytes held for this stream: answers not yet taken by quiche, and
-    /// the report in progress.
+    /// Bytes held for this stream: answers not yet taken by quiche (or
+    /// kept for its parked copies), and the report in progress.
     fn unanswered(&self) -> usize {
-        self.out.len() + self.ready_bytes + self.splitter.buffered()
+        self.out.len() + self.ready_bytes + self.parked_bytes + self.splitter.buffered()
     }
 }
 

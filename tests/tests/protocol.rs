@@ -535,3 +535,58 @@ fn a_copy_waiting_on_the_first_is_answered_with_its_fate_once() {
         assert!(seen.fin);
     }
 }
+
+/// Copies of one report sent again and again while the application holds
+/// the first: each waits with its answer, and those answers count against
+/// the connection's unanswered-bytes limit, so a flood of them closes that
+/// connection instead of growing the server's memory without bound.
+#[test]
+fn a_flood_of_copies_waiting_on_their_first_meets_the_unanswered_limit() {
+    let mut sim = Sim::new(seed_or(32), NetConfig::default());
+    let from: SocketAddr = "198.51.100.12:4000".parse().expect("address");
+    let mut peer = sim.detached_raw(from);
+    let (now, to) = (sim.clock.now(), sim.server_addr);
+    let server = sim.server.as_mut().expect("the server runs");
+    let mut buf = vec![0u8; 65536];
+    let mut exchange = |peer: &mut RawPeer, server: &mut quic_report_core::Server| {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some((mut d, _)) = peer.next_datagram() {
+                let _ = server.handle_datagram(now, from, to, &mut d);
+                moved = true;
+            }
+            while server.poll_event().is_some() {} // the first stays held
+            while let Some(t) = server.poll_transmit(now, &mut buf) {
+                peer.receive(to, &mut buf[..t.len]);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    };
+    exchange(&mut peer, server);
+    let pad = "x".repeat(1000);
+    let report = format!(r#"{{"value":1,"client":"flood","seq":9,"pad":"{pad}"}}"#);
+    // 1,200 copies of 1 KB, on 10 streams left open.
+    for i in 0..1200u64 {
+        peer.write(4 * (i % 10), report.as_bytes(), false);
+        exchange(&mut peer, server);
+        if peer.conn.peer_error().is_some() {
+            break;
+        }
+    }
+    let closed = peer.conn.peer_error().map(|e| e.error_code);
+    assert_eq!(
+        closed,
+        Some(quic_report_core::config::codes::EXCESSIVE_LOAD),
+        "the flood closes its connection"
+    );
+    assert_eq!(
+        server
+            .stats()
+            .limits
+            .get(quic_report_core::Limit::UnansweredBytes),
+        1
+    );
+}
