@@ -220,6 +220,9 @@ pub struct Spool {
     reserved: Seq,
     /// A sample written since the last fsync.
     dirty: bool,
+    /// When the first sample since the last fsync was written: the deferred
+    /// fsync is due then if no fsync was ever done (`last_sync` is `None`).
+    dirty_since: Option<Instant>,
     last_sync: Option<Instant>,
     /// After a failed deferred fsync, not before this.
     sync_retry_at: Option<Instant>,
@@ -303,6 +306,7 @@ impl Spool {
             boot: boot_id(),
             reserved: 0,
             dirty: false,
+            dirty_since: None,
             last_sync: None,
             sync_retry_at: None,
             compact_at: COMPACT_AT,
@@ -542,7 +546,10 @@ impl Spool {
         let len = self.write_record(KIND_SAMPLE, payload)?;
         self.pending.insert(seq, (at, len));
         self.pending_bytes += u64::from(len);
-        self.dirty = true;
+        if !self.dirty {
+            self.dirty = true;
+            self.dirty_since = Some(now);
+        }
         if let Some(bound) = reserve {
             self.sync(now)?;
             self.reserved = bound;
@@ -587,9 +594,13 @@ impl Spool {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.fsync {
             Fsync::Interval(d) if self.dirty => {
-                let due = self
-                    .last_sync
-                    .map_or_else(Instant::now, |t| t.checked_add(d).unwrap_or(t));
+                // Never a fresh `Instant::now()`: always later than the
+                // loop's `now`, it would never be due and the loop would spin.
+                let due = match (self.last_sync, self.dirty_since) {
+                    (Some(t), _) => t.checked_add(d).unwrap_or(t),
+                    (None, Some(t)) => t,
+                    (None, None) => return None,
+                };
                 Some(self.sync_retry_at.map_or(due, |r| due.max(r)))
             }
             _ => None,
@@ -1348,5 +1359,29 @@ mod tests {
         assert_eq!(s.poll_timeout(), None);
         s.remove(2).expect("done");
         assert_eq!(s.poll_timeout(), None, "a done mark alone needs no fsync");
+    }
+
+    /// Samples written, and no fsync ever done (the first one failed, e.g.
+    /// on a dying disk): the deferred fsync is due from the first write on,
+    /// at a fixed time. (It was a fresh `Instant::now()` at every call,
+    /// always later than the loop's `now`: never due, and the loop woke
+    /// again at once, about a thousand times a second.)
+    #[test]
+    fn a_deferred_fsync_with_none_done_yet_is_due_at_a_fixed_time() {
+        let dir = TempDir::new("never-synced");
+        let t0 = Instant::now();
+        let d = Duration::from_millis(100);
+        let mut s = Spool::open(&opts(&dir, Fsync::Interval(d)), || "id".into()).expect("open");
+        s.append(t0, 1, &sample(1)).expect("append");
+        // As after a failed first fsync whose retry time has passed.
+        s.dirty = true;
+        s.dirty_since = Some(t0);
+        s.last_sync = None;
+        s.sync_retry_at = None;
+        let later = t0 + Duration::from_millis(1);
+        assert_eq!(s.poll_timeout(), Some(t0));
+        assert_eq!(s.poll_timeout(), Some(t0), "the same at every call");
+        s.handle_timeout(later).expect("sync");
+        assert_eq!(s.poll_timeout(), None, "done: fsynced");
     }
 }
