@@ -23,6 +23,11 @@
 //!
 //! The client keeps the latest TLS session ticket and offers it on every
 //! reconnect, so reports queued during an outage go out in 0-RTT.
+//!
+//! The backoff between attempts starts over once a connection has carried
+//! an answer, not once its handshake is done: a server that accepts and
+//! closes at once (overloaded, shutting down) meets a growing delay, not a
+//! reconnect every first step.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -704,7 +709,6 @@ impl Client {
             self.stats.connections += 1;
             self.stats.resumed += u32::from(resumed);
             self.stats.early_data_accepted += u32::from(early_data);
-            self.backoff.reset();
             self.events.push_back(ClientEvent::Connected {
                 conn_id: c.id_hex.clone(),
                 resumed,
@@ -738,6 +742,7 @@ impl Client {
             _ => return,
         };
         let mut hold = false;
+        let mut answered = false;
         for sid in conn.quic.readable() {
             loop {
                 let (n, fin) = match conn.quic.stream_recv(sid, scratch) {
@@ -772,7 +777,9 @@ impl Client {
                 }
                 let f = conn.in_flight.remove(&sid).expect("looked up just above");
                 let line = &f.response[..line_end.unwrap_or(f.response.len())];
-                match Response::parse(line) {
+                let parsed = Response::parse(line);
+                answered |= parsed.is_ok();
+                match parsed {
                     Ok(response) if response.is_retryable() => {
                         queue.requeue(f.seq);
                         hold = true;
@@ -825,6 +832,10 @@ impl Client {
         }
         if hold {
             conn.hold_until = Some(now + RETRY_HOLD);
+        }
+        if answered {
+            // A working connection: the next outage's backoff starts over.
+            self.backoff.reset();
         }
     }
 

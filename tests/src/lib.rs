@@ -108,6 +108,9 @@ pub struct Sim {
     /// whose key has it: another server recorded it) and answers
     /// [`Outcome::Duplicate`].
     pub stored_elsewhere: bool,
+    /// While set, the server closes every connection as soon as it opens
+    /// (an overloaded server that takes handshakes and sheds them).
+    pub close_on_open: bool,
     /// The reporting clients.
     pub clients: Vec<SimClient>,
     /// Raw quiche peers (for protocol tests).
@@ -147,6 +150,7 @@ impl Sim {
             records: Vec::new(),
             sink_failing: false,
             stored_elsewhere: false,
+            close_on_open: false,
             clients: Vec::new(),
             raws: Vec::new(),
             gets: Vec::new(),
@@ -525,6 +529,12 @@ impl Sim {
     fn on_server_event(&mut self, now: Instant, ev: ServerEvent) {
         self.server_events.push(ev.clone());
         match &ev {
+            ServerEvent::ConnectionOpened { conn, .. } if self.close_on_open => {
+                self.log("server", format_args!("opened {conn}, closing it at once"));
+                if let Some(s) = &mut self.server {
+                    s.close_all(now);
+                }
+            }
             ServerEvent::Report { handle, report, .. } => {
                 let outcome = if self.sink_failing {
                     Outcome::NotRecorded("sink failing".into())

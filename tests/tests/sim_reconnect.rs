@@ -123,3 +123,55 @@ fn graceful_shutdown_closes_every_connection_and_clients_come_back() {
         );
     }
 }
+
+/// A server that takes every handshake and closes the connection at once
+/// (overloaded, shedding load): the client's delay between attempts grows
+/// as after any failed attempt, since no connection carried an answer. It
+/// started over at every handshake, so such a server met a reconnect at
+/// every first step (about ten a second per client) for as long as it
+/// lasted. Once the server works again, every report arrives, once.
+#[test]
+fn a_server_that_closes_at_once_meets_a_growing_backoff() {
+    let mut sim = Sim::new(seed_or(12), NetConfig::default());
+    sim.close_on_open = true;
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 3, Duration::from_millis(100));
+    sim.run_for(Duration::from_secs(10));
+    let delays: Vec<Duration> = sim.clients[c]
+        .events
+        .iter()
+        .filter_map(|(at, e)| match e {
+            ClientEvent::ReconnectScheduled { at: when, .. } => Some((*at, *when)),
+            _ => None,
+        })
+        .map(|(at, when)| {
+            let then = sim.clock.now() - (sim.clock.elapsed() - at);
+            when.saturating_duration_since(then)
+        })
+        .collect();
+    let opened = sim
+        .server_events
+        .iter()
+        .filter(|e| matches!(e, quic_report_core::ServerEvent::ConnectionOpened { .. }))
+        .count();
+    assert!(opened >= 3, "the server took handshakes{}", sim.context());
+    assert!(
+        delays.len() <= 16,
+        "{} attempts in 10 s: {delays:?}{}",
+        delays.len(),
+        sim.context()
+    );
+    assert!(
+        delays
+            .iter()
+            .rev()
+            .take(3)
+            .all(|d| *d >= Duration::from_millis(500)),
+        "the last delays are near the cap: {delays:?}{}",
+        sim.context()
+    );
+    sim.close_on_open = false;
+    let ok = sim.run_until(Duration::from_secs(30), Sim::all_acked);
+    assert!(ok, "every report acknowledged{}", sim.context());
+    sim.assert_exactly_once();
+}
