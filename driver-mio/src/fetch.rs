@@ -41,8 +41,12 @@ use ureq::{Agent, Proxy};
 
 use crate::client::SampleSender;
 
-/// Largest source body we read.
-pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+/// Largest source body we read: 63 KiB, so that the report made of it
+/// (the body's fields plus `id`, `client`, `seq` and `sampled_at_ms`, at
+/// most a few hundred bytes) fits the server's default limit of 64 KiB a
+/// report. At 64 KiB a body near the limit was fetched, spooled and sent,
+/// then refused for good as `too_large`.
+pub const MAX_BODY_BYTES: u64 = 63 * 1024;
 
 /// Redirects followed per fetch at most; one more is an error.
 pub const MAX_REDIRECTS: u32 = 5;

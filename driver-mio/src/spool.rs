@@ -83,7 +83,7 @@ const MAGIC: &[u8; 8] = b"QRSPOOL1";
 /// Bytes before the kind: length and CRC.
 const HEADER: usize = 8;
 
-/// Largest record we write or accept (a sample is at most the 64 KiB body
+/// Largest record we write or accept (a sample is at most the 63 KiB body
 /// limit plus its seq and stamp; [`Spool::append`] refuses a larger one).
 const MAX_RECORD: usize = 1024 * 1024;
 
