@@ -29,6 +29,10 @@ use crate::object::{JsonObject, Seen, SeenSeed, is_whitespace};
 pub const FIELD_ID: &str = "id";
 /// Field: random hex naming the client process; with `seq`, the dedup key.
 pub const FIELD_CLIENT: &str = "client";
+/// Longest `client` the server takes, in bytes (ours are at most 64 hex
+/// digits). The duplicate filter keeps every client's id, so an unbounded
+/// one would let a peer fill the server's memory with a few reports.
+pub const MAX_CLIENT_BYTES: usize = 256;
 /// Field: the report's sequence number, increasing per client.
 pub const FIELD_SEQ: &str = "seq";
 /// Field: unix milliseconds when the value was fetched.
@@ -178,6 +182,12 @@ impl Report {
             Some(Seen::Str(c)) => c,
             _ => None,
         };
+        if client.as_ref().is_some_and(|c| c.len() > MAX_CLIENT_BYTES) {
+            return Err(StreamError::InvalidField {
+                field: FIELD_CLIENT,
+                expected: "a string of at most 256 bytes",
+            });
+        }
         let (identity, identity_fields) = match known.identity {
             Some(Seen::Str(Some(name))) => (
                 Identity::from_stored(&name),
@@ -490,6 +500,18 @@ mod tests {
         assert_eq!(fields["id"], "abcd");
         assert_eq!(fields["sampled_at_ms"], 1234);
         assert_eq!(r.json(), &out[..]);
+    }
+
+    #[test]
+    fn a_client_id_over_256_bytes_is_refused() {
+        let at = |n: usize| format!(r#"{{"client":"{}","seq":1}}"#, "c".repeat(n));
+        let ok = Report::from_json_object(JsonObject::parse(at(256).as_bytes()).expect("json"))
+            .expect("256 bytes is fine");
+        assert_eq!(ok.key().map(|(c, _)| c.len()), Some(256));
+        let e = Report::from_json_object(JsonObject::parse(at(257).as_bytes()).expect("json"))
+            .expect_err("257 bytes");
+        assert_eq!(e.code(), "invalid_field");
+        assert!(!e.is_fatal(), "the stream carries on");
     }
 
     #[test]
