@@ -1158,12 +1158,13 @@ impl Server {
     /// Settles the identity of a connection before any of its streams is
     /// read, and says whether they may be read now.
     ///
-    /// It is settled once the handshake is complete, or earlier while the
-    /// connection is in 0-RTT early data: a resumed session carries the
-    /// client certificate of the session it resumes (BoringSSL keeps the
-    /// peer's chain in the session ticket), so its early reports are bound
-    /// to that identity. While in early data without a certificate the
-    /// decision waits for the handshake. With [`ServerConfig::client_ca`],
+    /// It is settled once the handshake is complete, and not before: 0-RTT
+    /// reports wait in quiche until then, so a replayed 0-RTT flight (an
+    /// on-path copy of a client's first packets, which cannot finish the
+    /// handshake) is never read. A resumed session carries the client
+    /// certificate of the session it resumes (BoringSSL keeps the peer's
+    /// chain in the session ticket), so the identity is that one. With
+    /// [`ServerConfig::client_ca`],
     /// a peer without a certificate is closed with
     /// [`codes::CERTIFICATE_REQUIRED`] (quiche's `verify_peer` alone lets
     /// it through), one whose name cannot be an identity with
@@ -1194,8 +1195,7 @@ impl Server {
             }
             return false;
         }
-        let early = conn.quic.is_in_early_data();
-        if !conn.quic.is_established() && !early {
+        if !conn.quic.is_established() {
             return false;
         }
         if self.cfg.client_ca.is_none() {
@@ -1207,7 +1207,6 @@ impl Server {
                 conn.identity = Some(identity);
                 return true;
             }
-            None if early => return false,
             None => {
                 let _ = conn.quic.close(
                     false,

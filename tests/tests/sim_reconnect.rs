@@ -175,3 +175,63 @@ fn a_server_that_closes_at_once_meets_a_growing_backoff() {
     assert!(ok, "every report acknowledged{}", sim.context());
     sim.assert_exactly_once();
 }
+
+/// An on-path copy of a client's resumed connection (its ClientHello and
+/// 0-RTT reports, and the rest of its packets), replayed to a server with
+/// the same ticket key: 0-RTT keys come from the session alone, so the
+/// server can read those reports, but the copy cannot finish the handshake
+/// (its Finished answers another server's key share), and nothing is read
+/// before the handshake completes. Nothing is recorded a second time, even
+/// by a server whose duplicate filter is empty.
+#[test]
+fn a_replayed_zero_rtt_flight_records_nothing() {
+    let mut sim = Sim::new(seed_or(13), NetConfig::default());
+    sim.server_cfg.secret = Some(quic_report_core::ServerSecret::from_bytes([7; 32]));
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 40, Duration::from_millis(250));
+    sim.run_for(Duration::from_secs(3));
+    // A restart: the client resumes, with 0-RTT. Everything it sends the
+    // new server is captured.
+    sim.kill_server();
+    sim.run_for(Duration::from_millis(400));
+    sim.start_server();
+    sim.captured = Some(Vec::new());
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+    assert!(
+        sim.clients[c].events.iter().any(|(_, e)| matches!(
+            e,
+            ClientEvent::Connected {
+                resumed: true,
+                early_data: true,
+                ..
+            }
+        )),
+        "the client resumed with 0-RTT accepted{}",
+        sim.context()
+    );
+    let captured = sim.captured.take().expect("captured");
+    let recorded = sim.records.len();
+    // The replay, to a fresh server (same secret, empty filter).
+    sim.kill_server();
+    sim.start_server();
+    let before = sim.server_events.len();
+    for mut p in captured {
+        let _ = sim.inject(p.from, &mut p.data);
+    }
+    sim.run_for(Duration::from_secs(15));
+    let replayed = &sim.server_events[before..];
+    assert!(
+        !replayed
+            .iter()
+            .any(|e| matches!(e, quic_report_core::ServerEvent::Report { .. })),
+        "no replayed report read{}",
+        sim.context()
+    );
+    assert_eq!(sim.records.len(), recorded, "nothing recorded again");
+}
