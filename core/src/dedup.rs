@@ -54,11 +54,13 @@ impl DedupConfig {
     }
 }
 
-/// One client's recorded seqs: everything below `floor`, and `above`.
+/// One client's recorded seqs: everything below `floor`, and `above`; and
+/// `u64::MAX` if `max` (a floor past it cannot be written).
 #[derive(Debug)]
 struct Seen {
     floor: u64,
     above: SeqSet,
+    max: bool,
 }
 
 impl Default for Seen {
@@ -67,16 +69,21 @@ impl Default for Seen {
         Seen {
             floor: 1,
             above: SeqSet::new(),
+            max: false,
         }
     }
 }
 
 impl Seen {
     fn contains(&self, seq: u64) -> bool {
-        seq < self.floor || self.above.contains(seq)
+        seq < self.floor || self.above.contains(seq) || (seq == u64::MAX && self.max)
     }
 
     fn insert(&mut self, seq: u64, cap: usize) {
+        if seq == u64::MAX {
+            self.max = true;
+            return;
+        }
         if seq < self.floor {
             return;
         }
@@ -171,6 +178,27 @@ mod tests {
         assert!(!d.contains(&key("", "b", 1)));
         d.insert(&key("", "a", 3));
         assert!(d.contains(&key("", "a", 3)));
+    }
+
+    #[test]
+    fn the_largest_seq_is_remembered_too() {
+        let mut d = Dedup::new(DedupConfig::default());
+        for s in [1, u64::MAX - 1, u64::MAX] {
+            d.insert(&key("", "a", s));
+        }
+        for s in [1, u64::MAX - 1, u64::MAX] {
+            assert!(d.contains(&key("", "a", s)), "{s}");
+        }
+        // The floor climbs to the top (seqs in order): MAX is still known.
+        let mut d = Dedup::new(DedupConfig {
+            per_client: 2,
+            ..DedupConfig::default()
+        });
+        for s in [u64::MAX - 3, u64::MAX - 2, u64::MAX - 1, u64::MAX] {
+            d.insert(&key("", "b", s));
+        }
+        assert!(d.contains(&key("", "b", u64::MAX)));
+        assert!(d.contains(&key("", "b", u64::MAX - 1)));
     }
 
     #[test]
