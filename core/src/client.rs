@@ -457,7 +457,10 @@ impl Client {
             return Err(DatagramError::NoConnection);
         };
         let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
-        if res.is_ok() {
+        // The server answered once quiche has processed a packet of it:
+        // `recv` says `Ok` for a datagram it dropped too (one it cannot
+        // decrypt: a stray packet of an old connection, garbage).
+        if conn.connect_deadline.is_some() && res.is_ok() && conn.quic.stats().recv > 0 {
             conn.connect_deadline = None;
         }
         self.pump(now);

@@ -235,3 +235,40 @@ fn a_replayed_zero_rtt_flight_records_nothing() {
     );
     assert_eq!(sim.records.len(), recorded, "nothing recorded again");
 }
+
+/// A datagram from the server's address that quiche drops (it cannot be
+/// decrypted: a stray packet of an old connection, garbage) does not count
+/// as the server answering: the attempt still ends at the connect timeout
+/// (1 s), not at the idle timeout.
+#[test]
+fn a_stray_datagram_does_not_stretch_the_connect_timeout() {
+    let mut sim = Sim::new(seed_or(14), NetConfig::default());
+    sim.kill_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 1, Duration::from_millis(10));
+    sim.run_for(Duration::from_millis(100));
+    let (now, from, to) = (sim.clock.now(), sim.server_addr, sim.clients[c].addr);
+    let mut stray = vec![0x40u8; 60];
+    stray[1..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let _ = sim.clients[c]
+        .client
+        .handle_datagram(now, from, to, &mut stray);
+    sim.run_for(Duration::from_secs(3));
+    let at = |want: fn(&ClientEvent) -> bool| {
+        sim.clients[c]
+            .events
+            .iter()
+            .find(|(_, e)| want(e))
+            .map(|(t, _)| *t)
+    };
+    let started = at(|e| matches!(e, ClientEvent::Connecting { .. })).expect("an attempt");
+    let ended = at(|e| matches!(e, ClientEvent::Disconnected { .. }));
+    assert!(
+        ended.is_some_and(|t| t - started < Duration::from_millis(1500)),
+        "the first attempt ended at its connect timeout: {started:?} .. {ended:?}{}",
+        sim.context()
+    );
+}
