@@ -1035,6 +1035,16 @@ pub(crate) fn classify_close(
     }
     // Closed with no error on either side and not timed out: quiche's
     // signature of a stateless reset.
+    if !was_established {
+        // While connecting, that is a reset meant for the connection
+        // before (a resumed session brings back its reset token, and a
+        // restarted server answers each of its packets still on the way):
+        // a failed attempt, with its backoff, not "come back at once".
+        return DisconnectReason::HandshakeFailed(
+            "closed by a stateless reset while connecting (one meant for the previous connection)"
+                .into(),
+        );
+    }
     DisconnectReason::Reset
 }
 

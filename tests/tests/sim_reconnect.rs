@@ -272,3 +272,44 @@ fn a_stray_datagram_does_not_stretch_the_connect_timeout() {
         sim.context()
     );
 }
+
+/// A restarted server answers each packet of the client's old connection
+/// with a stateless reset. The client's next connection resumes the old
+/// session, and quiche takes the old connection's reset token from it, so
+/// a reset meant for the old connection can close the new one while it
+/// connects. That is a failed attempt (backoff), not "the server
+/// restarted, come back at once" again and again.
+#[test]
+fn a_reset_while_connecting_is_a_failed_attempt() {
+    let mut sim = Sim::new(seed_or(15), NetConfig::default());
+    sim.server_cfg.secret = Some(quic_report_core::ServerSecret::from_bytes([5; 32]));
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 400, Duration::from_millis(5));
+    sim.run_for(Duration::from_millis(600));
+    sim.kill_server();
+    sim.run_for(Duration::from_millis(30));
+    sim.start_server();
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+    // Every Reset closed an established connection.
+    let mut established = false;
+    for (t, e) in &sim.clients[c].events {
+        match e {
+            ClientEvent::Connecting { .. } => established = false,
+            ClientEvent::Connected { .. } => established = true,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::Reset,
+            } => assert!(
+                established,
+                "a Reset of a connection still connecting, at {t:?}{}",
+                sim.context()
+            ),
+            _ => {}
+        }
+    }
+}
