@@ -704,9 +704,15 @@ impl Client {
         if let State::Connecting(c) = &self.state
             && c.quic.is_established()
         {
-            let State::Connecting(c) = std::mem::replace(&mut self.state, State::Closed) else {
+            let State::Connecting(mut c) = std::mem::replace(&mut self.state, State::Closed) else {
                 unreachable!("matched Connecting just above");
             };
+            // Reports sent in 0-RTT wait for their answer from now on: the
+            // server reads them only once the handshake is done, which on a
+            // bad link can take longer than the answer timeout.
+            for f in c.in_flight.values_mut() {
+                f.sent_at = f.sent_at.max(now);
+            }
             let resumed = c.quic.is_resumed();
             let early_data = c.quic.early_data_reason() == SSL_EARLY_DATA_ACCEPTED;
             self.stats.connections += 1;
