@@ -758,9 +758,12 @@ impl Client {
                     Ok(r) => r,
                     Err(quiche::Error::Done) => break,
                     Err(_) => {
-                        // Reset by the server without an answer: send again.
+                        // Reset by the server without an answer: send again,
+                        // after the same pause as any answer to retry (a
+                        // server resetting every stream is not a busy loop).
                         if let Some(f) = conn.in_flight.remove(&sid) {
                             queue.requeue(f.seq);
+                            hold = true;
                             events.push_back(ClientEvent::Retrying {
                                 seq: f.seq,
                                 reason: "stream reset by the server".into(),
