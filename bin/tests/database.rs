@@ -308,6 +308,24 @@ fn a_schema_from_the_future_is_refused_at_start() {
     );
 }
 
+#[test]
+fn a_schema_table_of_another_make_is_refused_at_start_not_a_panic() {
+    let pg = cluster();
+    // Our table names, another program's column type.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE quic_report_schema (version bigint NOT NULL); \
+         INSERT INTO quic_report_schema VALUES (1)",
+    )
+    .expect("a foreign schema table");
+    let mut srv = server("server", "127.0.0.1:0", &pg.url("postgres"));
+    let msg = srv.wait_for("error: ");
+    assert!(!srv.wait(LIMIT).success(), "the server must exit non-zero");
+    assert!(msg.contains("does not understand"), "{msg}");
+    let lines = srv.lines_so_far();
+    assert!(!lines.iter().any(|l| l.contains("panicked")), "{lines:?}");
+}
+
 /// `quic-report get URL` against a server: its stdout.
 fn get(url: &str) -> String {
     let out = std::process::Command::new(common::EXE)

@@ -486,12 +486,14 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
             &[],
         )
         .map_err(err)?;
-    let (has_version, has_reports): (bool, bool) = (row.get(0), row.get(1));
+    let (has_version, has_reports): (bool, bool) =
+        (row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?);
     let found = if has_version {
         let v: Option<i32> = tx
             .query_one("SELECT max(version) FROM quic_report_schema", &[])
             .map_err(err)?
-            .get(0);
+            .try_get(0)
+            .map_err(err)?;
         Found::Versioned(v.map(i64::from))
     } else if has_reports {
         Found::ForeignReports
@@ -531,6 +533,16 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
 /// for another reason.
 fn classify(what: &str, e: &postgres::Error) -> DbError {
     let msg = format!("{what}: {}", describe(e));
+    // A column of another type than ours (a table made by someone else,
+    // with our version in quic_report_schema): not something a retry fixes.
+    if std::error::Error::source(e)
+        .is_some_and(|s| s.is::<postgres::types::WrongType>() || s.is::<postgres::types::WasNull>())
+    {
+        return DbError::Schema(format!(
+            "{msg}: a column this quic-report does not understand (the table was not made by it); \
+             point --sink at another database"
+        ));
+    }
     let Some(code) = e.code() else {
         // No SQLSTATE: I/O, TLS, a closed connection, a timeout.
         return DbError::Connection(msg);
@@ -609,8 +621,8 @@ fn insert_rows(
     let returned = client.query(insert, &[&ids, &clients, &seqs, &at, &bodies])?;
     let mut new: HashSet<(String, String, i64)> = returned
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, postgres::Error>>()?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -710,10 +722,10 @@ impl Database for Postgres {
             ),
         }
         .map_err(|e| self.err(&e))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, postgres::Error>>()
+            .map_err(|e| self.err(&e))
     }
 
     fn counts(&mut self) -> Result<(u64, u64), DbError> {
@@ -724,7 +736,10 @@ impl Database for Postgres {
                 &[],
             )
             .map_err(|e| self.err(&e))?;
-        let (rows, clients): (i64, i64) = (row.get(0), row.get(1));
+        let (rows, clients): (i64, i64) = (
+            row.try_get(0).map_err(|e| self.err(&e))?,
+            row.try_get(1).map_err(|e| self.err(&e))?,
+        );
         Ok((
             u64::try_from(rows).unwrap_or(0),
             u64::try_from(clients).unwrap_or(0),
