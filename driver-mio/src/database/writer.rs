@@ -17,10 +17,11 @@
 //! *down*: the failed batch goes back to the front of the pending rows,
 //! one warning is logged for the whole outage, and connecting is retried
 //! with backoff (100 ms doubling to 5 s, with jitter) while rows are
-//! pending -> *connected, unconfirmed* -> (the first insert or read that
-//! works) -> *connected* again, logged once with the outage's length. A
-//! database that takes connections but fails every insert (a standby, a
-//! full disk) therefore stays in one outage, with one warning and a
+//! pending -> *connected, unconfirmed* -> (the first insert that works; a
+//! read that works is not enough) -> *connected* again, logged once with
+//! the outage's length. A database that takes connections but fails every
+//! insert (a standby, a full disk, INSERT revoked), even one that still
+//! answers reads, therefore stays in one outage, with one warning and a
 //! growing backoff, instead of a reconnect per batch. Rows whose deadline
 //! passed are dropped from the pending rows unwritten (the loop has
 //! answered them `not_recorded` by then), and reads whose deadline passed
@@ -336,10 +337,10 @@ impl Thread {
                         .map(ReadResult::Latest),
                     Read::Counts => db.counts().map(|(r, c)| ReadResult::Counts(r, c)),
                 };
-                match &result {
-                    Err(DbError::Connection(e)) => self.lost(e.clone()),
-                    Ok(_) => self.confirmed(),
-                    Err(_) => {}
+                // A read that works does not end an outage: a standby, a
+                // full disk or a revoked INSERT all still answer reads.
+                if let Err(DbError::Connection(e)) = &result {
+                    self.lost(e.clone());
                 }
                 let result = result.map_err(|e| e.to_string());
                 if !self.tell(Completion::Read { handle, result }) {
@@ -458,7 +459,7 @@ impl Thread {
         self.tell(Completion::Failed);
     }
 
-    /// An insert or a read worked: the outage, if one was on, is over.
+    /// An insert worked: the outage, if one was on, is over.
     fn confirmed(&mut self) {
         self.backoff.reset();
         if let Some(o) = self.outage.take() {
