@@ -132,6 +132,17 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
 /// be stored, anything else refused the rows for now.
 fn classify(what: &str, e: rusqlite::Error) -> DbError {
     let msg = format!("{what}: {e}");
+    // Our table gone or changed under us (dropped, a column renamed): it
+    // refuses every row, like PostgreSQL's undefined table (42P01), so it
+    // is an outage, warned about once and retried with backoff, not a
+    // refusal of each row that only the debug log would show.
+    if e.sqlite_error_code() == Some(ErrorCode::Unknown)
+        && ["no such table", "no such column", "has no column named"]
+            .iter()
+            .any(|m| msg.contains(m))
+    {
+        return DbError::Connection(msg);
+    }
     match e.sqlite_error_code() {
         Some(ErrorCode::TooBig) => DbError::Unstorable(e.to_string()),
         Some(
@@ -443,6 +454,22 @@ mod tests {
             )]
         );
         assert!(db.latest(3, Some("nobody")).expect("latest").is_empty());
+    }
+
+    #[test]
+    fn a_dropped_reports_table_is_an_outage_not_a_refusal_of_each_row() {
+        let path = temp("dropped");
+        let _rm = Rm(path.clone());
+        let mut db = SqliteConnect::new(&path).connect().expect("opens");
+        db.insert(&[row("a", 1)]).expect("inserts");
+        rusqlite::Connection::open(&path)
+            .expect("opens")
+            .execute_batch("DROP TABLE reports")
+            .expect("dropped");
+        match db.insert(&[row("a", 2)]) {
+            Err(DbError::Connection(m)) => assert!(m.contains("no such table"), "{m}"),
+            other => panic!("expected an outage, got {other:?}"),
+        }
     }
 
     #[test]
