@@ -530,6 +530,14 @@ impl Thread {
         };
         let each = match res {
             Ok(each) => each,
+            // Only a row's own statement may refuse it for good: the
+            // transaction around them failing for the data (a deferred
+            // check at COMMIT) refuses them for now, and they come again.
+            Err(DbError::Unstorable(m)) => {
+                let m = format!("the rows' transaction: {m}");
+                self.refused(&m);
+                return self.failed(batch, DbError::Rejected(m), took);
+            }
             Err(e) => return self.failed(batch, e, took),
         };
         let mut results = Vec::with_capacity(batch.len());
@@ -782,6 +790,60 @@ mod tests {
             failed == n || failed == n + 1,
             "{failed} errors, {n} connects"
         );
+    }
+
+    /// Every statement and every transaction fails for the data (as a
+    /// deferred check at COMMIT would).
+    struct FailsAtCommit;
+
+    impl Database for FailsAtCommit {
+        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
+            Err(DbError::Unstorable("check violated at commit".into()))
+        }
+
+        fn insert_each(&mut self, _: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+            Err(DbError::Unstorable("check violated at commit".into()))
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+            Ok((0, 0))
+        }
+    }
+
+    #[test]
+    fn rows_whose_transaction_fails_for_the_data_are_refused_for_now_not_for_good() {
+        let (_poll, waker) = waker();
+        let writer = Writer::start(
+            Box::new(Down),
+            Some(Box::new(FailsAtCommit)),
+            waker,
+            [8; 32],
+        )
+        .expect("writer");
+        assert!(writer.send(Request::Rows(vec![job(1, "{}"), job(2, "{}")])));
+        let until = Instant::now() + Duration::from_secs(10);
+        let results = loop {
+            match writer.try_recv() {
+                Some(Completion::Committed { results, .. }) => break results,
+                Some(other) => panic!("{other:?}"),
+                None => {
+                    assert!(Instant::now() < until, "no answer");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        assert_eq!(results.len(), 2);
+        for (_, r) in results {
+            assert!(matches!(r, Err(DbError::Rejected(_))), "{r:?}");
+        }
     }
 
     #[test]
