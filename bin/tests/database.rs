@@ -712,3 +712,51 @@ fn sqlite_rows_each_on_their_own_commit_together() {
     drop(db);
     assert_eq!(sqlite_seqs(&path.0), [1, 2]);
 }
+
+/// A database that takes the TCP connection and never answers (a pooler
+/// whose backend is gone, a stopped postmaster): the server does not hang
+/// at start. It serves after its wait for the first answer, and its
+/// clients' reports are answered `not_recorded` (kept, sent again).
+#[test]
+fn a_database_that_never_answers_does_not_hold_the_server_at_start() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+    let port = silent.local_addr().expect("its address").port();
+    // Accepts and holds every connection, never writes a byte.
+    let held = thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(4) {
+            conns.push(c);
+        }
+        thread::sleep(Duration::from_secs(60));
+    });
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server(
+        "server",
+        &listen,
+        &format!("postgres://u@127.0.0.1:{port}/db?password=p"),
+    );
+    let started = Instant::now();
+    let rest = srv.wait_for("has not answered within");
+    assert!(rest.contains("serving anyway"), "{rest}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let (_source, url) = common::Logged::start_source();
+    let client = Logged::spawn(
+        "client",
+        &[
+            "client",
+            "--server",
+            &listen,
+            "--insecure",
+            "--source",
+            &url,
+            "--interval",
+            "50ms",
+        ],
+    );
+    // (wait_for fails the test after LIMIT without the line)
+    let why = client.wait_for("not recorded");
+    assert!(why.contains("did not commit"), "{why}");
+    client.kill();
+    srv.kill();
+    drop(held);
+}

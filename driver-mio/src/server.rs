@@ -61,6 +61,10 @@ const UNSTEERED: u8 = 0xff;
 /// Clients `/latest` shows at most when it reads the database.
 const MAX_LATEST_ROWS: usize = 10_000;
 
+/// How long the server waits at start for its database's first answer
+/// before it serves without it (the connection goes on being made).
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(10);
+
 /// Datagrams read per wake-up before the loop services timers and sends.
 const RECV_BUDGET: usize = 1024;
 
@@ -325,26 +329,30 @@ impl ServerDriver {
         res
     }
 
-    /// Connects to the database once and starts its helper thread.
-    fn start_database(&self, mut db: DatabaseSink) -> Result<Box<Held>, DriverError> {
+    /// Starts the database's helper thread, which connects first, and
+    /// waits up to [`FIRST_CONNECT_WAIT`] for that: a schema this build
+    /// does not understand is refused at start, a database that is down
+    /// or does not answer is served around (reports answered
+    /// `not_recorded` until it is back).
+    fn start_database(&self, db: DatabaseSink) -> Result<Box<Held>, DriverError> {
         let what = db.connect.describe();
-        let first = match db.connect.connect() {
-            Ok(conn) => {
-                log::info!("recording into {what}");
-                Some(conn)
-            }
-            Err(DbError::Schema(e)) => return Err(DriverError::Database(e)),
-            Err(e) => {
-                log::warn!(
-                    "database unavailable at start: {e}; serving anyway: reports are answered \
-                     not_recorded (the clients keep them) until it is back; reconnecting with backoff"
-                );
-                None
-            }
-        };
         let seed = os_seed()?;
-        let writer = Writer::start(db.connect, first, Arc::clone(&self.sources.waker), seed)
-            .map_err(DriverError::io("starting the database thread"))?;
+        let (writer, first) =
+            Writer::start_connecting(db.connect, Arc::clone(&self.sources.waker), seed)
+                .map_err(DriverError::io("starting the database thread"))?;
+        match first.recv_timeout(FIRST_CONNECT_WAIT) {
+            Ok(Ok(())) => log::info!("recording into {what}"),
+            Ok(Err(DbError::Schema(e))) => return Err(DriverError::Database(e)),
+            Ok(Err(e)) => log::warn!(
+                "database unavailable at start: {e}; serving anyway: reports are answered \
+                 not_recorded (the clients keep them) until it is back; reconnecting with backoff"
+            ),
+            Err(_) => log::warn!(
+                "database {what} has not answered within {}s at start; serving anyway: reports \
+                 are answered not_recorded (the clients keep them) until it answers",
+                FIRST_CONNECT_WAIT.as_secs()
+            ),
+        }
         let mut instance = [0u8; 16];
         instance.copy_from_slice(&os_seed()?[..16]);
         Ok(Box::new(Held::new(writer, db.limits, instance)))

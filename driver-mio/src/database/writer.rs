@@ -210,6 +210,16 @@ impl Writer {
         waker: Arc<Waker>,
         seed: [u8; 32],
     ) -> std::io::Result<Writer> {
+        Writer::start_with(connect, db, None, waker, seed)
+    }
+
+    fn start_with(
+        connect: Box<dyn Connect>,
+        db: Option<Box<dyn Database>>,
+        first: Option<Sender<Result<(), DbError>>>,
+        waker: Arc<Waker>,
+        seed: [u8; 32],
+    ) -> std::io::Result<Writer> {
         let (requests, inbox) = mpsc::channel();
         let (outbox, completions) = mpsc::channel();
         let mut thread = Thread {
@@ -226,8 +236,9 @@ impl Writer {
             next_attempt: Instant::now(),
             read_next: false,
             refusals: (None, 0),
+            first,
         };
-        if thread.db.is_none() {
+        if thread.db.is_none() && thread.first.is_none() {
             thread.outage = Some(Outage {
                 since: Instant::now(),
                 attempts: 1,
@@ -242,6 +253,22 @@ impl Writer {
             custody: Arc::new(Custody::default()),
             _thread: handle,
         })
+    }
+
+    /// Starts the thread, which connects first: the outcome of that first
+    /// attempt comes on the receiver. The caller may stop waiting for it (a
+    /// database that takes the TCP connection and never answers would
+    /// hold a connect on the caller's thread); the thread then logs the
+    /// outcome itself, and a schema it does not understand still ends it
+    /// ([`Completion::Fatal`]).
+    pub fn start_connecting(
+        connect: Box<dyn Connect>,
+        waker: Arc<Waker>,
+        seed: [u8; 32],
+    ) -> std::io::Result<(Writer, Receiver<Result<(), DbError>>)> {
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer::start_with(connect, None, Some(tx), waker, seed)?;
+        Ok((writer, rx))
     }
 
     /// What the thread holds (the loop's waiting bound counts it).
@@ -292,6 +319,9 @@ struct Thread {
     read_next: bool,
     /// When a refused row was last logged, and how many since.
     refusals: (Option<Instant>, u64),
+    /// Set by [`Writer::start_connecting`]: where the first connection's
+    /// outcome goes, once it is known.
+    first: Option<Sender<Result<(), DbError>>>,
 }
 
 /// At most one "refused a report" line per this.
@@ -299,6 +329,11 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Thread {
     fn run(mut self) {
+        if let Some(first) = self.first.take()
+            && !self.connect_first(&first)
+        {
+            return;
+        }
         loop {
             if !self.wait() {
                 return;
@@ -437,6 +472,41 @@ impl Thread {
                     self.outage_starts(&e.to_string());
                 }
                 self.next_attempt = Instant::now() + self.backoff.next_delay(&mut self.rng);
+                true
+            }
+        }
+    }
+
+    /// The first connection, its outcome sent on `first`; if nobody waits
+    /// for it any more, logged here, and a schema error told as fatal.
+    /// False if the thread must end.
+    fn connect_first(&mut self, first: &Sender<Result<(), DbError>>) -> bool {
+        let what = self.connect.describe();
+        match self.connect.connect() {
+            Ok(db) => {
+                self.db = Some(db);
+                if first.send(Ok(())).is_err() {
+                    log::warn!("database {what} answered at last: recording into it");
+                }
+                true
+            }
+            Err(DbError::Schema(e)) => {
+                if first.send(Err(DbError::Schema(e.clone()))).is_err() {
+                    log::error!("{e}");
+                    self.tell(Completion::Fatal(DbError::Schema(e)));
+                }
+                false
+            }
+            Err(e) => {
+                self.outage = Some(Outage {
+                    since: Instant::now(),
+                    attempts: 1,
+                });
+                self.next_attempt = Instant::now() + self.backoff.next_delay(&mut self.rng);
+                let msg = e.to_string();
+                if first.send(Err(e)).is_err() {
+                    log::warn!("database {what} unavailable: {msg}; reconnecting with backoff");
+                }
                 true
             }
         }
