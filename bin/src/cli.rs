@@ -96,8 +96,10 @@ pub struct ServerArgs {
     /// once, and counted (quic_report_sink_busy_total).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_waiting_reports: u64,
-    /// With a database sink: most bytes of report waiting for their commit.
-    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    /// With a database sink: most bytes of report waiting for their commit
+    /// (at least 65536, the largest report: a smaller bound would refuse
+    /// the largest reports every time they are sent).
+    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(65536..))]
     pub max_waiting_bytes: u64,
     /// When to fsync --out. Every report is written to the OS before it is
     /// acknowledged, so it survives a crash of the server. `always`: fsync
