@@ -10,8 +10,8 @@
 //! ```sql
 //! CREATE TABLE quic_report_schema (version integer NOT NULL);   -- one row: 1
 //! CREATE TABLE reports (
-//!     identity    text        NOT NULL,  -- who reported ('' = anonymous)
-//!     client      text        NOT NULL,  -- the report's `client`
+//!     identity    text        COLLATE "C" NOT NULL,  -- who reported ('' = anonymous)
+//!     client      text        COLLATE "C" NOT NULL,  -- the report's `client`
 //!     seq         bigint      NOT NULL,  -- the report's `seq`
 //!     received_at timestamptz NOT NULL,  -- when the server read it
 //!     body        jsonb       NOT NULL,  -- the report object as received
