@@ -618,6 +618,30 @@ impl Sim {
         self.clients[i].events.push((elapsed, ev));
     }
 
+    /// Runs until every report is acknowledged (60 s at most), and asserts
+    /// each was recorded once and client `c` resumed a session with 0-RTT
+    /// accepted on one of its connections.
+    pub fn assert_all_acked_once_resumed_with_zero_rtt(&mut self, c: usize) {
+        assert!(
+            self.run_until(Duration::from_secs(60), Sim::all_acked),
+            "{}",
+            self.context()
+        );
+        self.assert_exactly_once();
+        assert!(
+            self.clients[c].events.iter().any(|(_, e)| matches!(
+                e,
+                ClientEvent::Connected {
+                    resumed: true,
+                    early_data: true,
+                    ..
+                }
+            )),
+            "the client resumed with 0-RTT accepted{}",
+            self.context()
+        );
+    }
+
     /// Appends a line to the trace, stamped with virtual time.
     pub fn log(&mut self, who: &str, what: std::fmt::Arguments<'_>) {
         let t = self.clock.elapsed().as_secs_f64() * 1e3;

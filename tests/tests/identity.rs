@@ -261,24 +261,7 @@ fn resumed_zero_rtt_connection_keeps_its_identity() {
     sim.run_for(Duration::from_millis(400));
     let before = sim.server_events.len();
     sim.start_server();
-    assert!(
-        sim.run_until(Duration::from_secs(60), Sim::all_acked),
-        "{}",
-        sim.context()
-    );
-    sim.assert_exactly_once();
-    assert!(
-        sim.clients[c].events.iter().any(|(_, e)| matches!(
-            e,
-            ClientEvent::Connected {
-                resumed: true,
-                early_data: true,
-                ..
-            }
-        )),
-        "the client resumed with 0-RTT accepted{}",
-        sim.context()
-    );
+    sim.assert_all_acked_once_resumed_with_zero_rtt(c);
     let after = &sim.server_events[before..];
     let opened = after
         .iter()

@@ -3,9 +3,9 @@
 //! and the connection surviving each of them.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use quic_report_core::{ALPN, Outcome, ServerEvent};
+use quic_report_core::{ALPN, Outcome, Server, ServerEvent};
 use quic_report_tests::{NetConfig, RawPeer, Sim, seed_or};
 use serde_json::Value;
 
@@ -299,21 +299,36 @@ fn our_hq_get_fetches_latest_and_stats() {
 /// or `stop` holds after the server's datagrams were delivered (what the
 /// peer would send next is then still in it).
 fn carry(sim: &mut Sim, peer: &mut RawPeer, from: SocketAddr, stop: impl Fn(&RawPeer) -> bool) {
+    let answer = |server: &mut Server, now, ev| {
+        if let ServerEvent::Report { handle, .. } = ev {
+            server
+                .respond(now, handle, Outcome::Recorded)
+                .expect("respond");
+        }
+    };
+    carry_with(sim, peer, from, 100, answer, stop);
+}
+
+/// [`carry`] for at most `rounds`, the server's events handed to `on_event`.
+fn carry_with(
+    sim: &mut Sim,
+    peer: &mut RawPeer,
+    from: SocketAddr,
+    rounds: usize,
+    mut on_event: impl FnMut(&mut Server, Instant, ServerEvent),
+    stop: impl Fn(&RawPeer) -> bool,
+) {
     let (now, to) = (sim.clock.now(), sim.server_addr);
     let server = sim.server.as_mut().expect("the server runs");
     let mut buf = vec![0u8; 65536];
-    for _ in 0..100 {
+    for _ in 0..rounds {
         let mut moved = false;
         while let Some((mut d, _)) = peer.next_datagram() {
             let _ = server.handle_datagram(now, from, to, &mut d);
             moved = true;
         }
         while let Some(ev) = server.poll_event() {
-            if let ServerEvent::Report { handle, .. } = ev {
-                server
-                    .respond(now, handle, Outcome::Recorded)
-                    .expect("respond");
-            }
+            on_event(server, now, ev);
         }
         while let Some(t) = server.poll_transmit(now, &mut buf) {
             peer.receive(to, &mut buf[..t.len]);
@@ -323,7 +338,7 @@ fn carry(sim: &mut Sim, peer: &mut RawPeer, from: SocketAddr, stop: impl Fn(&Raw
             return;
         }
     }
-    panic!("datagrams still moving after 100 rounds");
+    panic!("datagrams still moving after {rounds} rounds");
 }
 
 /// The seed client's shape again, with the ACK of the last answer reaching
@@ -441,30 +456,14 @@ fn a_large_http09_answer_reaches_the_reader() {
         .map(|i| b'a' + (i % 26) as u8)
         .collect();
     peer.write(0, b"GET /latest\r\n", true);
-    let (now, to) = (sim.clock.now(), sim.server_addr);
-    let server = sim.server.as_mut().expect("the server runs");
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..10_000 {
-        let mut moved = false;
-        while let Some((mut d, _)) = peer.next_datagram() {
-            let _ = server.handle_datagram(now, from, to, &mut d);
-            moved = true;
+    let answer = |server: &mut Server, now, ev| {
+        if let ServerEvent::Request { handle, .. } = ev {
+            server
+                .respond_request(now, handle, body.clone())
+                .expect("respond");
         }
-        while let Some(ev) = server.poll_event() {
-            if let ServerEvent::Request { handle, .. } = ev {
-                server
-                    .respond_request(now, handle, body.clone())
-                    .expect("respond");
-            }
-        }
-        while let Some(t) = server.poll_transmit(now, &mut buf) {
-            peer.receive(to, &mut buf[..t.len]);
-            moved = true;
-        }
-        if !moved || peer.seen(0).fin {
-            break;
-        }
-    }
+    };
+    carry_with(&mut sim, &mut peer, from, 10_000, answer, |p| p.seen(0).fin);
     assert!(
         peer.conn.peer_error().is_none(),
         "{:?}",
@@ -489,44 +488,30 @@ fn a_copy_waiting_on_the_first_is_answered_with_its_fate_once() {
     let mut sim = Sim::new(seed_or(31), NetConfig::default());
     let from: SocketAddr = "198.51.100.11:4000".parse().expect("address");
     let mut peer = sim.detached_raw(from);
-    let (now, to) = (sim.clock.now(), sim.server_addr);
-    let server = sim.server.as_mut().expect("the server runs");
-    let mut buf = vec![0u8; 65536];
     let mut held = Vec::new();
-    let mut exchange =
-        |peer: &mut RawPeer, held: &mut Vec<_>, server: &mut quic_report_core::Server| {
-            for _ in 0..100 {
-                let mut moved = false;
-                while let Some((mut d, _)) = peer.next_datagram() {
-                    let _ = server.handle_datagram(now, from, to, &mut d);
-                    moved = true;
-                }
-                while let Some(ev) = server.poll_event() {
-                    if let ServerEvent::Report { handle, .. } = ev {
-                        held.push(handle);
-                    }
-                }
-                while let Some(t) = server.poll_transmit(now, &mut buf) {
-                    peer.receive(to, &mut buf[..t.len]);
-                    moved = true;
-                }
-                if !moved {
-                    return;
-                }
+    let exchange = |sim: &mut Sim, peer: &mut RawPeer, held: &mut Vec<_>| {
+        let hold = |_: &mut Server, _, ev| {
+            if let ServerEvent::Report { handle, .. } = ev {
+                held.push(handle);
             }
         };
-    exchange(&mut peer, &mut held, server);
+        carry_with(sim, peer, from, 100, hold, |_| false);
+    };
+    exchange(&mut sim, &mut peer, &mut held);
     let report = br#"{"value":1,"client":"twice","seq":5}"#;
     peer.write(0, report, true);
-    exchange(&mut peer, &mut held, server);
+    exchange(&mut sim, &mut peer, &mut held);
     peer.write(4, report, true);
-    exchange(&mut peer, &mut held, server);
+    exchange(&mut sim, &mut peer, &mut held);
     assert_eq!(held.len(), 1, "the copy waits on the first, unseen");
     assert!(peer.seen(4).data.is_empty(), "no answer before the first's");
-    server
+    let now = sim.clock.now();
+    sim.server
+        .as_mut()
+        .expect("the server runs")
         .respond(now, held[0], Outcome::Duplicate)
         .expect("respond");
-    exchange(&mut peer, &mut held, server);
+    exchange(&mut sim, &mut peer, &mut held);
     for sid in [0, 4] {
         let seen = peer.seen(sid);
         let text = String::from_utf8_lossy(&seen.data);
@@ -545,33 +530,17 @@ fn a_flood_of_copies_waiting_on_their_first_meets_the_unanswered_limit() {
     let mut sim = Sim::new(seed_or(32), NetConfig::default());
     let from: SocketAddr = "198.51.100.12:4000".parse().expect("address");
     let mut peer = sim.detached_raw(from);
-    let (now, to) = (sim.clock.now(), sim.server_addr);
-    let server = sim.server.as_mut().expect("the server runs");
-    let mut buf = vec![0u8; 65536];
-    let mut exchange = |peer: &mut RawPeer, server: &mut quic_report_core::Server| {
-        for _ in 0..100 {
-            let mut moved = false;
-            while let Some((mut d, _)) = peer.next_datagram() {
-                let _ = server.handle_datagram(now, from, to, &mut d);
-                moved = true;
-            }
-            while server.poll_event().is_some() {} // the first stays held
-            while let Some(t) = server.poll_transmit(now, &mut buf) {
-                peer.receive(to, &mut buf[..t.len]);
-                moved = true;
-            }
-            if !moved {
-                return;
-            }
-        }
+    // The first copy stays with the application, unanswered.
+    let exchange = |sim: &mut Sim, peer: &mut RawPeer| {
+        carry_with(sim, peer, from, 100, |_: &mut Server, _, _| {}, |_| false);
     };
-    exchange(&mut peer, server);
+    exchange(&mut sim, &mut peer);
     let pad = "x".repeat(1000);
     let report = format!(r#"{{"value":1,"client":"flood","seq":9,"pad":"{pad}"}}"#);
     // 1,200 copies of 1 KB, on 10 streams left open.
     for i in 0..1200u64 {
         peer.write(4 * (i % 10), report.as_bytes(), false);
-        exchange(&mut peer, server);
+        exchange(&mut sim, &mut peer);
         if peer.conn.peer_error().is_some() {
             break;
         }
@@ -582,6 +551,7 @@ fn a_flood_of_copies_waiting_on_their_first_meets_the_unanswered_limit() {
         Some(quic_report_core::config::codes::EXCESSIVE_LOAD),
         "the flood closes its connection"
     );
+    let server = sim.server.as_ref().expect("the server runs");
     assert_eq!(
         server
             .stats()

@@ -197,24 +197,7 @@ fn a_replayed_zero_rtt_flight_records_nothing() {
     sim.run_for(Duration::from_millis(400));
     sim.start_server();
     sim.captured = Some(Vec::new());
-    assert!(
-        sim.run_until(Duration::from_secs(60), Sim::all_acked),
-        "{}",
-        sim.context()
-    );
-    sim.assert_exactly_once();
-    assert!(
-        sim.clients[c].events.iter().any(|(_, e)| matches!(
-            e,
-            ClientEvent::Connected {
-                resumed: true,
-                early_data: true,
-                ..
-            }
-        )),
-        "the client resumed with 0-RTT accepted{}",
-        sim.context()
-    );
+    sim.assert_all_acked_once_resumed_with_zero_rtt(c);
     let captured = sim.captured.take().expect("captured");
     let recorded = sim.records.len();
     // The replay, to a fresh server (same secret, empty filter).
