@@ -97,9 +97,8 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_waiting_reports: u64,
     /// With a database sink: most bytes of report waiting for their commit
-    /// (at least 65536, the largest report: a smaller bound would refuse
-    /// the largest reports every time they are sent).
-    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(65536..))]
+    /// (a report is taken when nothing else waits, whatever its size).
+    #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_waiting_bytes: u64,
     /// When to fsync --out. Every report is written to the OS before it is
     /// acknowledged, so it survives a crash of the server. `always`: fsync
@@ -299,7 +298,8 @@ pub struct ClientArgs {
     /// sent after half of it).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
     pub idle_timeout: Duration,
-    /// Give up a handshake that takes longer than this, and retry.
+    /// Give up an attempt the server has not answered within this (a packet
+    /// of it processed, or a Retry), and retry.
     #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = positive_duration)]
     pub connect_timeout: Duration,
     /// Give up a connection whose oldest report has no answer after this long, and reconnect.

@@ -456,11 +456,18 @@ impl Client {
         let Some(conn) = self.conn_mut() else {
             return Err(DatagramError::NoConnection);
         };
+        let before = conn
+            .connect_deadline
+            .map(|_| conn.quic.destination_id().into_owned());
         let res = conn.quic.recv(data, quiche::RecvInfo { from, to });
-        // The server answered once quiche has processed a packet of it:
-        // `recv` says `Ok` for a datagram it dropped too (one it cannot
-        // decrypt: a stray packet of an old connection, garbage).
-        if conn.connect_deadline.is_some() && res.is_ok() && conn.quic.stats().recv > 0 {
+        // The server answered once quiche has processed a packet of it, or
+        // a Retry (which replaces the destination ID, uncounted): `recv`
+        // says `Ok` for a datagram it dropped too (one it cannot decrypt:
+        // a stray packet of an old connection, garbage).
+        if let Some(dcid) = before
+            && res.is_ok()
+            && (conn.quic.stats().recv > 0 || conn.quic.destination_id() != dcid)
+        {
             conn.connect_deadline = None;
         }
         self.pump(now);

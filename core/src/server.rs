@@ -674,6 +674,12 @@ impl Server {
         self.conns.values().map(|c| c.streams.len()).sum()
     }
 
+    /// Reports not yet answered: those handed to the application, and the
+    /// copies parked on one of them.
+    pub fn awaiting(&self) -> usize {
+        self.awaiting.len()
+    }
+
     /// Connections whose handshake is in progress (what
     /// [`RetryMode::Auto`] compares with its threshold).
     pub fn handshakes_in_progress(&self) -> usize {
@@ -1007,12 +1013,11 @@ impl Server {
                 } else if matches!(outcome, Outcome::Unstorable(_)) {
                     self.stats.rejected += 1;
                 }
-                if let Some(st) = self
-                    .conns
-                    .get_mut(h.conn)
-                    .and_then(|c| c.streams.get_mut(&h.stream))
-                {
-                    st.parked_bytes = st.parked_bytes.saturating_sub(copy.ok.len());
+                if let Some(c) = self.conns.get_mut(h.conn) {
+                    c.parked = c.parked.saturating_sub(1);
+                    if let Some(st) = c.streams.get_mut(&h.stream) {
+                        st.parked_bytes = st.parked_bytes.saturating_sub(copy.ok.len());
+                    }
                 }
                 // A copy's answer says `duplicate` already.
                 let a = if stored {
@@ -1262,8 +1267,32 @@ impl Server {
         let _ = now;
     }
 
+    /// Drops the parked copies of connection `key` (closed, or its streams
+    /// cleared): no answer of theirs can reach the client, and their kept
+    /// answers must not outlive the connection's bound.
+    fn forget_parked(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if std::mem::take(&mut conn.parked) == 0 {
+            return;
+        }
+        let awaiting = &mut self.awaiting;
+        for copies in self.parked.values_mut() {
+            copies.retain(|h| {
+                if h.conn == key {
+                    awaiting.remove(h);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
     /// Removes a closed connection and reports it.
     fn reap(&mut self, key: ConnKey, reason: CloseReason) {
+        self.forget_parked(key);
         let Some(conn) = self.conns.remove(key) else {
             return;
         };
@@ -1433,12 +1462,11 @@ impl Server {
                 let ok = ok_answer(report.json(), true);
                 // Counted as the stream's until answered: a flood of copies
                 // meets the unanswered-bytes limit.
-                if let Some(st) = self
-                    .conns
-                    .get_mut(handle.conn)
-                    .and_then(|c| c.streams.get_mut(&handle.stream))
-                {
-                    st.parked_bytes += ok.len();
+                if let Some(c) = self.conns.get_mut(handle.conn) {
+                    c.parked += 1;
+                    if let Some(st) = c.streams.get_mut(&handle.stream) {
+                        st.parked_bytes += ok.len();
+                    }
                 }
                 self.awaiting.insert(handle, Awaiting { key: None, ok });
                 return Slot::Pending;
@@ -1506,6 +1534,7 @@ impl Server {
             .close(true, codes::EXCESSIVE_LOAD, b"too many unanswered bytes");
         conn.streams.clear();
         let peer = conn.peer;
+        self.forget_parked(key);
         self.limit_hit(Some(key), peer, Limit::UnansweredBytes);
     }
 

@@ -149,7 +149,10 @@ impl Held {
             let custody = self.writer.custody();
             let held = self.waiting.len().max(custody.rows());
             let bytes = self.bytes.max(custody.bytes());
-            if held >= self.limits.max_reports || bytes + size > self.limits.max_bytes {
+            // A report alone is always taken, whatever its size: a bound
+            // below the largest report must not refuse it every time.
+            if held >= self.limits.max_reports || (held > 0 && bytes + size > self.limits.max_bytes)
+            {
                 m.busy += 1;
                 let why = format!("the server is busy: {held} report(s) wait for the database");
                 refused.push(Settled::Report(w, Outcome::NotRecorded(why)));
@@ -346,6 +349,37 @@ mod tests {
             stream: i * 4,
             index: 0,
         }
+    }
+
+    fn waiting(i: u64, pad: usize) -> Waiting {
+        let mut fields = serde_json::Map::new();
+        fields.insert("client".into(), "c".into());
+        fields.insert("seq".into(), i.into());
+        fields.insert("pad".into(), "x".repeat(pad).into());
+        Waiting {
+            handle: handle(i),
+            peer: "127.0.0.1:9".parse().expect("address"),
+            report: Report::from_object(fields).expect("a report"),
+            line: Vec::new(),
+            turn: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_report_over_the_byte_bound_is_taken_when_nothing_else_waits() {
+        let limits = WaitLimits {
+            max_bytes: 1000,
+            ..WaitLimits::default()
+        };
+        let (mut held, _gate, _poll) = gated_reads(limits);
+        let (mut refused, mut m) = (Vec::new(), DbMetrics::default());
+        // Alone, 2 KB against a 1,000-byte bound: taken.
+        held.submit(Instant::now(), vec![waiting(1, 2000)], &mut refused, &mut m);
+        assert!(refused.is_empty(), "{refused:?}");
+        // With it waiting, the next one is past the bound: busy.
+        held.submit(Instant::now(), vec![waiting(2, 10)], &mut refused, &mut m);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(m.busy, 1);
     }
 
     #[test]

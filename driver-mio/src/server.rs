@@ -347,7 +347,12 @@ impl ServerDriver {
                 "database unavailable at start: {e}; serving anyway: reports are answered \
                  not_recorded (the clients keep them) until it is back; reconnecting with backoff"
             ),
-            Err(_) => log::warn!(
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(DriverError::Database(format!(
+                    "{what}: the database thread ended before its first connection"
+                )));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => log::warn!(
                 "database {what} has not answered within {}s at start; serving anyway: reports \
                  are answered not_recorded (the clients keep them) until it answers",
                 FIRST_CONNECT_WAIT.as_secs()

@@ -559,4 +559,7 @@ fn a_flood_of_copies_waiting_on_their_first_meets_the_unanswered_limit() {
             .get(quic_report_core::Limit::UnansweredBytes),
         1
     );
+    // The copies' kept answers went with the connection; the first copy
+    // still waits for the application.
+    assert_eq!(server.awaiting(), 1);
 }

@@ -209,6 +209,18 @@ fn a_replayed_zero_rtt_flight_records_nothing() {
     }
     sim.run_for(Duration::from_secs(15));
     let replayed = &sim.server_events[before..];
+    // The replay reached the server: a handshake began and was given up.
+    assert!(
+        replayed.iter().any(|e| matches!(
+            e,
+            quic_report_core::ServerEvent::ConnectionClosed {
+                established: false,
+                ..
+            }
+        )),
+        "the replayed connection was never seen{}",
+        sim.context()
+    );
     assert!(
         !replayed
             .iter()
@@ -279,6 +291,18 @@ fn a_reset_while_connecting_is_a_failed_attempt() {
         sim.context()
     );
     sim.assert_exactly_once();
+    // The scenario happened: an attempt was closed by a reset meant for
+    // the connection before.
+    assert!(
+        sim.clients[c].events.iter().any(|(_, e)| matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::HandshakeFailed(why)
+            } if why.contains("stateless reset while connecting")
+        )),
+        "no attempt met a stale reset: the test tests nothing{}",
+        sim.context()
+    );
     // Every Reset closed an established connection.
     let mut established = false;
     for (t, e) in &sim.clients[c].events {
@@ -295,4 +319,37 @@ fn a_reset_while_connecting_is_a_failed_attempt() {
             _ => {}
         }
     }
+}
+
+/// A server that answers every first Initial with a Retry, across a link
+/// whose round trip (600 ms) makes the Retry, the new Initial and the
+/// server's reply take longer than the 1 s connect timeout: the Retry is
+/// the server answering, so the attempt goes on instead of timing out
+/// every time (each new attempt would get a Retry again).
+#[test]
+fn a_retry_counts_as_the_server_answering() {
+    let net = NetConfig {
+        delay: Duration::from_millis(300),
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(seed_or(17), net);
+    sim.server_cfg.retry = quic_report_core::RetryMode::Always;
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 3, Duration::from_millis(500));
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+    let timed_out = sim.clients[c].events.iter().any(|(_, e)| {
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::ConnectTimeout
+            }
+        )
+    });
+    assert!(!timed_out, "an attempt timed out{}", sim.context());
 }

@@ -48,6 +48,9 @@ pub(super) struct Conn {
     pub(super) fins_due: Vec<u64>,
     /// Objects received on it.
     pub(super) reports: u64,
+    /// Its copies parked on another copy the application holds (their
+    /// answers wait in `Server::awaiting` until that one's fate is known).
+    pub(super) parked: usize,
     /// Its routing entries.
     cids: Vec<ConnectionId<'static>>,
     /// Its handshake completed.
@@ -79,6 +82,7 @@ impl Conn {
             streams: BTreeMap::new(),
             fins_due: Vec::new(),
             reports: 0,
+            parked: 0,
             cids: Vec::new(),
             opened: false,
             deadline: None,

@@ -455,7 +455,7 @@ impl Thread {
     fn reconnect(&mut self) -> bool {
         match self.connect.connect() {
             Ok(db) => {
-                // Back once an insert or a read works on it (`confirmed`).
+                // Back once an insert works on it (`confirmed`).
                 self.db = Some(db);
                 true
             }
