@@ -1278,7 +1278,8 @@ impl Server {
             return;
         }
         let awaiting = &mut self.awaiting;
-        for copies in self.parked.values_mut() {
+        // In any order: each copy of `key` goes, whatever the visit order.
+        self.parked.retain(|_, copies| {
             copies.retain(|h| {
                 if h.conn == key {
                     awaiting.remove(h);
@@ -1287,7 +1288,8 @@ impl Server {
                     true
                 }
             });
-        }
+            true
+        });
     }
 
     /// Removes a closed connection and reports it.
