@@ -218,10 +218,9 @@ pub struct Spool {
     /// This boot's id, and the seq bound durably reserved in it.
     boot: String,
     reserved: Seq,
-    /// A sample written since the last fsync.
-    dirty: bool,
-    /// When the first sample since the last fsync was written: the deferred
-    /// fsync is due then if no fsync was ever done (`last_sync` is `None`).
+    /// When the first sample since the last fsync was written (`None`:
+    /// nothing to fsync). The deferred fsync is due then if no fsync was
+    /// ever done (`last_sync` is `None`).
     dirty_since: Option<Instant>,
     last_sync: Option<Instant>,
     /// After a failed deferred fsync, not before this.
@@ -305,7 +304,6 @@ impl Spool {
             pending_bytes: 0,
             boot: boot_id(),
             reserved: 0,
-            dirty: false,
             dirty_since: None,
             last_sync: None,
             sync_retry_at: None,
@@ -503,11 +501,9 @@ impl Spool {
         payload.extend_from_slice(&seq.to_le_bytes());
         payload.extend_from_slice(&sample.sampled_at_ms.to_le_bytes());
         payload.extend_from_slice(&fields);
-        if 1 + payload.len() > MAX_RECORD {
-            return Err(SpoolError::TooLarge {
-                seq,
-                bytes: 1 + payload.len(),
-            });
+        let bytes = 1 + payload.len(); // the record's kind and payload
+        if bytes > MAX_RECORD {
+            return Err(SpoolError::TooLarge { seq, bytes });
         }
         if seq == 0 || seq > MAX_SEQ {
             return Err(SpoolError::Io {
@@ -546,10 +542,7 @@ impl Spool {
         let len = self.write_record(KIND_SAMPLE, payload)?;
         self.pending.insert(seq, (at, len));
         self.pending_bytes += u64::from(len);
-        if !self.dirty {
-            self.dirty = true;
-            self.dirty_since = Some(now);
-        }
+        self.dirty_since.get_or_insert(now);
         if let Some(bound) = reserve {
             self.sync(now)?;
             self.reserved = bound;
@@ -593,14 +586,13 @@ impl Spool {
     /// When [`Spool::handle_timeout`] wants to run: a deferred fsync.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.fsync {
-            Fsync::Interval(d) if self.dirty => {
+            Fsync::Interval(d) => {
                 // Never a fresh `Instant::now()`: always later than the
                 // loop's `now`, it would never be due and the loop would spin.
-                let due = match (self.last_sync, self.dirty_since) {
-                    (Some(t), _) => t.checked_add(d).unwrap_or(t),
-                    (None, Some(t)) => t,
-                    (None, None) => return None,
-                };
+                let since = self.dirty_since?;
+                let due = self
+                    .last_sync
+                    .map_or(since, |t| t.checked_add(d).unwrap_or(t));
                 Some(self.sync_retry_at.map_or(due, |r| due.max(r)))
             }
             _ => None,
@@ -617,7 +609,7 @@ impl Spool {
 
     /// Fsyncs what was written (unless the policy is `Never`).
     pub fn sync(&mut self, now: Instant) -> Result<(), SpoolError> {
-        if self.fsync == Fsync::Never || !self.dirty {
+        if self.fsync == Fsync::Never || self.dirty_since.is_none() {
             return Ok(());
         }
         if let Err(source) = self.file.sync_data() {
@@ -630,7 +622,7 @@ impl Spool {
                 source,
             });
         }
-        self.dirty = false;
+        self.dirty_since = None;
         self.last_sync = Some(now);
         self.sync_retry_at = None;
         Ok(())
@@ -741,7 +733,7 @@ impl Spool {
         self.len = out.len() as u64;
         self.cut_to = None;
         self.pending = moved;
-        self.dirty = false;
+        self.dirty_since = None;
         if self.fsync != Fsync::Never {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
@@ -1374,7 +1366,6 @@ mod tests {
         let mut s = Spool::open(&opts(&dir, Fsync::Interval(d)), || "id".into()).expect("open");
         s.append(t0, 1, &sample(1)).expect("append");
         // As after a failed first fsync whose retry time has passed.
-        s.dirty = true;
         s.dirty_since = Some(t0);
         s.last_sync = None;
         s.sync_retry_at = None;
