@@ -194,11 +194,6 @@ impl Latencies {
     }
 }
 
-/// CPU time (ns) of every thread of a process, from schedstat.
-pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
-    threads(pid).map(|ts| ts.iter().map(|t| t.cpu).sum())
-}
-
 /// One thread's (or a group of same-named threads') schedstat: time on
 /// a CPU and time waiting on a run queue for one, ns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,9 +236,11 @@ pub(crate) fn threads(pid: u32) -> Option<Vec<ThreadTime>> {
     )
 }
 
-/// Run-queue wait (ns) of every thread of a process.
-fn wait_ns(pid: u32) -> Option<u64> {
-    threads(pid).map(|ts| ts.iter().map(|t| t.wait).sum())
+/// CPU time and run-queue wait (ns) of `threads`, summed.
+fn summed(threads: &[ThreadTime]) -> (u64, u64) {
+    threads
+        .iter()
+        .fold((0, 0), |(c, w), t| (c + t.cpu, w + t.wait))
 }
 
 /// VmRSS of a process, KiB.
@@ -278,8 +275,8 @@ fn machine_busy_ns() -> Option<u64> {
 #[derive(Debug, Clone)]
 pub(crate) struct CpuSample {
     at: std::time::Instant,
-    own: Option<u64>,
-    own_wait: Option<u64>,
+    /// This process's CPU time and run-queue wait.
+    own: Option<(u64, u64)>,
     server: Option<Vec<ThreadTime>>,
     /// CPU and run-queue wait of the database's processes, summed.
     database: Option<(u64, u64)>,
@@ -292,13 +289,12 @@ impl CpuSample {
             database_pids
                 .iter()
                 .filter_map(|&p| threads(p))
-                .flatten()
-                .fold((0, 0), |(c, w), t| (c + t.cpu, w + t.wait))
+                .map(|ts| summed(&ts))
+                .fold((0, 0), |(c, w), (pc, pw)| (c + pc, w + pw))
         });
         CpuSample {
             at: std::time::Instant::now(),
-            own: cpu_ns(std::process::id()),
-            own_wait: wait_ns(std::process::id()),
+            own: threads(std::process::id()).map(|ts| summed(&ts)),
             server: server_pid.and_then(threads),
             database,
             machine: machine_busy_ns(),
@@ -306,9 +302,7 @@ impl CpuSample {
     }
 
     fn server_ns(&self) -> Option<u64> {
-        self.server
-            .as_ref()
-            .map(|ts| ts.iter().map(|t| t.cpu).sum())
+        self.server.as_ref().map(|ts| summed(ts).0)
     }
 
     /// `server_cpu_us_per_op`, `server_threads` (each thread's CPU and
@@ -333,7 +327,7 @@ impl CpuSample {
         let mut s = String::new();
         if let (Some(a), Some(b)) = (self.machine, end.machine) {
             let other = b.saturating_sub(a) as f64
-                - diff(self.own, end.own) as f64
+                - diff(self.own.map(|o| o.0), end.own.map(|o| o.0)) as f64
                 - diff(self.server_ns(), end.server_ns()) as f64
                 - database.map_or(0, |d| d.0) as f64;
             s.push_str(&format!(
@@ -362,12 +356,12 @@ impl CpuSample {
                 s.push_str(&format!(" server_threads={}", threads.join(",")));
             }
         }
-        if let (Some(a), Some(b)) = (self.own, end.own) {
+        if let (Some((a, a_wait)), Some((b, b_wait))) = (self.own, end.own) {
             let ns = b.saturating_sub(a);
             s.push_str(&format!(
                 " generator_cpu_us_per_op={:.2} generator_wait_us_per_op={:.2} generator_cpu_util={:.3}",
                 per_op(ns),
-                per_op(diff(self.own_wait, end.own_wait)),
+                per_op(b_wait.saturating_sub(a_wait)),
                 ns as f64 / 1e9 / wall
             ));
         }
