@@ -284,18 +284,24 @@ fn a_database_down_at_start_is_waited_for() {
     assert_exactly_once(&pg_seqs(&pg), n, &out);
 }
 
-#[test]
-fn a_schema_from_the_future_is_refused_at_start() {
-    let pg = cluster();
-    pg.psql(
-        "postgres",
-        "CREATE TABLE quic_report_schema (version integer NOT NULL); \
-         INSERT INTO quic_report_schema VALUES (2)",
-    )
-    .expect("a future schema");
+/// A server started on `pg`'s database after `sql` made its tables: it
+/// must exit non-zero; its error line, and every line it wrote.
+fn refused_at_start(pg: &PgCluster, sql: &str) -> (String, Vec<String>) {
+    pg.psql("postgres", sql).expect("the tables");
     let mut srv = server("server", "127.0.0.1:0", &pg.url("postgres"));
     let msg = srv.wait_for("error: ");
     assert!(!srv.wait(LIMIT).success(), "the server must exit non-zero");
+    (msg, srv.lines_so_far())
+}
+
+#[test]
+fn a_schema_from_the_future_is_refused_at_start() {
+    let pg = cluster();
+    let (msg, _) = refused_at_start(
+        &pg,
+        "CREATE TABLE quic_report_schema (version integer NOT NULL); \
+         INSERT INTO quic_report_schema VALUES (2)",
+    );
     assert!(
         msg.contains("schema version 2") && msg.contains("upgrade quic-report"),
         "{msg}"
@@ -312,17 +318,12 @@ fn a_schema_from_the_future_is_refused_at_start() {
 fn a_schema_table_of_another_make_is_refused_at_start_not_a_panic() {
     let pg = cluster();
     // Our table names, another program's column type.
-    pg.psql(
-        "postgres",
+    let (msg, lines) = refused_at_start(
+        &pg,
         "CREATE TABLE quic_report_schema (version bigint NOT NULL); \
          INSERT INTO quic_report_schema VALUES (1)",
-    )
-    .expect("a foreign schema table");
-    let mut srv = server("server", "127.0.0.1:0", &pg.url("postgres"));
-    let msg = srv.wait_for("error: ");
-    assert!(!srv.wait(LIMIT).success(), "the server must exit non-zero");
+    );
     assert!(msg.contains("does not understand"), "{msg}");
-    let lines = srv.lines_so_far();
     assert!(!lines.iter().any(|l| l.contains("panicked")), "{lines:?}");
 }
 
