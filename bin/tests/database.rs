@@ -9,7 +9,10 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -737,8 +740,12 @@ fn a_database_that_never_answers_does_not_hold_the_server_at_start() {
         &format!("postgres://u@127.0.0.1:{port}/db?password=p"),
     );
     let started = Instant::now();
-    let rest = srv.wait_for("has not answered within");
-    assert!(rest.contains("serving anyway"), "{rest}");
+    let rest = srv.wait_for("database unavailable at start: ");
+    assert!(
+        rest.contains("no answer within 5000 ms (connect_timeout)")
+            && rest.contains("serving anyway"),
+        "{rest}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     let (_source, url) = common::Logged::start_source();
     let client = Logged::spawn(
@@ -760,4 +767,154 @@ fn a_database_that_never_answers_does_not_hold_the_server_at_start() {
     client.kill();
     srv.kill();
     drop(held);
+}
+
+/// A TCP relay to a local port that can go silent: then it cuts the
+/// connections it forwards and takes new ones without ever forwarding a
+/// byte (a proxy in front of a database host that vanished). Frozen, it
+/// keeps the connections it forwards open and forwards nothing on them.
+struct Relay {
+    port: u16,
+    silent: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
+    forwarded: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+        let port = listener.local_addr().expect("its address").port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(Mutex::new(Vec::new()));
+        let (quiet, still, cut) = (
+            Arc::clone(&silent),
+            Arc::clone(&frozen),
+            Arc::clone(&forwarded),
+        );
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for down in listener.incoming().take(200).flatten() {
+                if quiet.load(Ordering::SeqCst) {
+                    held.push(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let pair = [&down, &up].map(|s| s.try_clone().expect("a clone"));
+                let mut kept = cut.lock().expect("the list");
+                kept.extend(pair);
+                for (mut from, mut to) in [
+                    (
+                        down.try_clone().expect("a clone"),
+                        up.try_clone().expect("a clone"),
+                    ),
+                    (up, down),
+                ] {
+                    let still = Arc::clone(&still);
+                    thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if !still.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            silent,
+            frozen,
+            forwarded,
+        }
+    }
+
+    fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        for s in self.forwarded.lock().expect("the list").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn speak(&self) {
+        self.silent.store(false, Ordering::SeqCst);
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A connection whose peer stops answering mid-statement (it still holds
+/// the connection, and TCP still acknowledges): the insert is given up on
+/// at the statement deadline as a lost connection, instead of holding the
+/// commit thread until the peer speaks.
+#[test]
+fn a_statement_without_an_answer_is_given_up_on_as_a_lost_connection() {
+    let pg = cluster();
+    let relay = Relay::start(pg.port());
+    let mut connect = PostgresConnect::parse(&format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.password(),
+        relay.port
+    ))
+    .expect("a URL");
+    connect.set_statement_deadline(Duration::from_millis(500));
+    let mut db = connect.connect().expect("connects through the relay");
+    assert_eq!(
+        db.insert(&[row("", "a", 1, "{}")]).expect("inserted"),
+        [Written::Inserted]
+    );
+    relay.freeze();
+    // On a thread, so that an insert that never returns fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(db.insert(&[row("", "a", 2, "{}")]));
+    });
+    let e = rx
+        .recv_timeout(LIMIT)
+        .expect("the insert returns")
+        .expect_err("no answer");
+    assert!(
+        matches!(&e, DbError::Connection(m) if m.contains("no answer within 0.5 s; taken for dead")),
+        "{e:?}"
+    );
+    assert_eq!(pg_seqs(&pg), [1]);
+}
+
+/// The database's host vanishes mid-run behind a proxy that still takes
+/// connections: the reconnect's attempt gets no answer, is given up on at
+/// `connect_timeout`, and a later attempt reaches the database once it is
+/// back. Every report is recorded and acknowledged once.
+#[test]
+fn a_database_that_stops_answering_mid_run_is_connected_to_again() {
+    let pg = cluster();
+    let relay = Relay::start(pg.port());
+    let sink = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres?sslmode=disable&connect_timeout=1",
+        pg.password(),
+        relay.port
+    );
+    let (_source, url) = start_source();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &sink);
+    srv.wait_for("recording into postgres://");
+    let n = 60;
+    let client = start_client(&listen, &url, n, "50ms");
+    wait_rows("reports", 10, || pg_seqs(&pg).len());
+    relay.go_silent();
+    srv.wait_for("database unavailable: ");
+    // Attempts that reach the silent proxy are given up on, and retried.
+    client.wait_for("will be sent again: ");
+    thread::sleep(Duration::from_secs(2));
+    relay.speak();
+    srv.wait_for("is back after ");
+    let (status, out) = client.finish();
+    assert!(status.success(), "client: {status}");
+    assert_exactly_once(&pg_seqs(&pg), n, &out);
 }

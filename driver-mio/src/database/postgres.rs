@@ -1,12 +1,19 @@
-//! The PostgreSQL backend (`--sink postgres://...`), with the `postgres`
-//! crate (blocking; it runs on the sink's helper thread only).
+//! The PostgreSQL backend (`--sink postgres://...`), with `tokio-postgres`
+//! driven by a current-thread runtime on the sink's helper thread only
+//! (each call blocks that thread until done or past its deadline).
 //!
 //! **The URL** is libpq's: `postgres://[user[:password]@][host][:port][/dbname][?param=value&...]`
 //! (`postgresql://` too), with libpq's defaults for what it leaves out:
 //! `PGHOST` or the socket directory `/var/run/postgresql`, `PGPORT` or
 //! 5432, `PGUSER` or the OS user, `PGDATABASE` or the user name. A host
 //! that starts with `/` (percent-encoded in the URL, or `?host=/dir`) is a
-//! Unix socket directory. `connect_timeout` defaults to 5 s.
+//! Unix socket directory. `connect_timeout` defaults to 5 s; as in libpq
+//! it bounds the whole attempt (TCP, TLS, authentication, and here the
+//! schema check), per host: a peer that takes the TCP connection and
+//! never answers is given up on then. A statement unanswered for
+//! [`STATEMENT_DEADLINE`] (30 s) takes the connection for dead too, and it
+//! is made again. (The blocking `postgres` crate, which wraps the same
+//! client in the same kind of runtime, has no way to give up on either.)
 //!
 //! **The password**, in libpq's order: the URL, `PGPASSWORD`, then the
 //! password file (`PGPASSFILE`, default `~/.pgpass`, lines
@@ -39,13 +46,25 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use postgres::config::{Host, SslMode};
-use postgres::error::SqlState;
-use postgres::{Client, GenericClient, Statement};
+use tokio::runtime::Runtime;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::{
     Connect, Database, DbError, Found, Row, SCHEMA_VERSION, Written, check_schema, received_time,
 };
+
+/// How long one statement (an insert with its commit, a read) may go
+/// unanswered before the connection is taken for dead, dropped and made
+/// again: a database behind a proxy that still holds the connection, or a
+/// host that keeps acknowledging TCP without answering, would otherwise
+/// hold the commit thread until the peer speaks. A batch given up on may
+/// still commit: its rows are sent again and then answered `duplicate`.
+pub const STATEMENT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `connect_timeout` when the URL has none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most rows in one INSERT statement.
 pub const ROWS_PER_STATEMENT: usize = 1000;
@@ -75,9 +94,10 @@ pub enum Tls {
 /// A parsed `postgres://` URL, ready to connect.
 #[derive(Clone)]
 pub struct PostgresConnect {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     tls: Tls,
     shown: String,
+    statement_deadline: Duration,
 }
 
 impl std::fmt::Debug for PostgresConnect {
@@ -119,7 +139,8 @@ impl PostgresConnect {
         } else {
             format!("{base}?{}", kept.join("&"))
         };
-        let mut config = postgres::Config::from_str(&rebuilt).map_err(|e| fail(e.to_string()))?;
+        let mut config =
+            tokio_postgres::Config::from_str(&rebuilt).map_err(|e| fail(e.to_string()))?;
         let tls = match mode.as_str() {
             "disable" => Tls::Disable,
             "allow" | "prefer" | "require" => Tls::Unverified,
@@ -151,7 +172,12 @@ impl PostgresConnect {
                 config.password(p);
             }
         }
-        Ok(PostgresConnect { config, tls, shown })
+        Ok(PostgresConnect {
+            config,
+            tls,
+            shown,
+            statement_deadline: STATEMENT_DEADLINE,
+        })
     }
 
     /// The TLS mode the URL asked for.
@@ -186,7 +212,7 @@ fn home() -> Option<PathBuf> {
 }
 
 /// libpq's defaults for host, port, user and database name.
-fn fill_defaults(config: &mut postgres::Config) -> Result<(), String> {
+fn fill_defaults(config: &mut tokio_postgres::Config) -> Result<(), String> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     if config.get_hosts().is_empty() {
         match env("PGHOST") {
@@ -217,7 +243,7 @@ fn fill_defaults(config: &mut postgres::Config) -> Result<(), String> {
         config.dbname(&db);
     }
     if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
     // A database that stops answering is noticed within seconds, not hours.
     config.keepalives_idle(Duration::from_secs(10));
@@ -229,7 +255,7 @@ fn fill_defaults(config: &mut postgres::Config) -> Result<(), String> {
 }
 
 /// The password for `config` from the password file, if any line matches.
-fn pgpass_password(config: &postgres::Config) -> Option<String> {
+fn pgpass_password(config: &tokio_postgres::Config) -> Option<String> {
     let path = std::env::var_os("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| home().map(|h| h.join(".pgpass")))?;
@@ -296,30 +322,84 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
     None
 }
 
+impl PostgresConnect {
+    /// How long one connection attempt may take, all of it (TCP, TLS,
+    /// authentication, the schema check): `connect_timeout` per host, as
+    /// in libpq, where it bounds the whole connection too.
+    pub fn attempt_deadline(&self) -> Duration {
+        let per_host = self
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let hosts = u32::try_from(self.config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        per_host.saturating_mul(hosts)
+    }
+
+    /// How long a statement may go unanswered on the connections made from
+    /// now on ([`STATEMENT_DEADLINE`] unless set).
+    pub fn set_statement_deadline(&mut self, deadline: Duration) {
+        self.statement_deadline = deadline;
+    }
+}
+
 impl Connect for PostgresConnect {
     fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
         let what = self.shown.clone();
-        let client = match &self.tls {
-            Tls::Disable => self.config.connect(postgres::NoTls),
-            tls => {
-                let connector = tokio_postgres_rustls::MakeRustlsConnect::new(
-                    tls_config(tls).map_err(|e| DbError::Connection(format!("{what}: {e}")))?,
-                );
-                self.config.connect(connector)
-            }
-        };
-        let mut client = client.map_err(|e| classify(&what, &e))?;
-        setup(&mut client, &what)?;
-        let insert = client.prepare(INSERT).map_err(|e| classify(&what, &e))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Connection(format!("{what}: starting its runtime: {e}")))?;
+        let deadline = self.attempt_deadline();
+        let (client, insert) = rt
+            .block_on(async { tokio::time::timeout(deadline, self.open(&what)).await })
+            .map_err(|_| {
+                DbError::Connection(format!(
+                    "{what}: no answer within {} ms (connect_timeout)",
+                    deadline.as_millis()
+                ))
+            })??;
         Ok(Box::new(Postgres {
+            rt,
             client,
             insert,
             what,
+            deadline: self.statement_deadline,
         }))
     }
 
     fn describe(&self) -> String {
         self.shown.clone()
+    }
+}
+
+impl PostgresConnect {
+    /// Connects, checks the schema and prepares the insert; on the
+    /// runtime of the caller's `block_on`, which drives the connection.
+    async fn open(&self, what: &str) -> Result<(Client, Statement), DbError> {
+        let err = |e: tokio_postgres::Error| classify(what, &e);
+        let mut client = match &self.tls {
+            Tls::Disable => {
+                let (client, conn) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(err)?;
+                tokio::spawn(conn);
+                client
+            }
+            tls => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new(
+                    tls_config(tls).map_err(|e| DbError::Connection(format!("{what}: {e}")))?,
+                );
+                let (client, conn) = self.config.connect(connector).await.map_err(err)?;
+                tokio::spawn(conn);
+                client
+            }
+        };
+        setup(&mut client, what).await?;
+        let insert = client.prepare(INSERT).await.map_err(err)?;
+        Ok((client, insert))
     }
 }
 
@@ -475,22 +555,25 @@ mod verify {
 /// Creates the schema if missing and checks its version, under a
 /// transaction-scoped advisory lock (servers starting together create it
 /// once).
-fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
-    let err = |e: postgres::Error| classify(what, &e);
-    let mut tx = client.transaction().map_err(err)?;
+async fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
+    let err = |e: tokio_postgres::Error| classify(what, &e);
+    let tx = client.transaction().await.map_err(err)?;
     tx.execute("SELECT pg_advisory_xact_lock(7175312143)", &[])
+        .await
         .map_err(err)?;
     let row = tx
         .query_one(
             "SELECT to_regclass('quic_report_schema') IS NOT NULL, to_regclass('reports') IS NOT NULL",
             &[],
         )
+        .await
         .map_err(err)?;
     let (has_version, has_reports): (bool, bool) =
         (row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?);
     let found = if has_version {
         let v: Option<i32> = tx
             .query_one("SELECT max(version) FROM quic_report_schema", &[])
+            .await
             .map_err(err)?
             .try_get(0)
             .map_err(err)?;
@@ -511,15 +594,17 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
                  body        jsonb       NOT NULL,
                  PRIMARY KEY (identity, client, seq));",
         )
+        .await
         .map_err(err)?;
         tx.execute(
             "INSERT INTO quic_report_schema (version) VALUES ($1)",
             &[&SCHEMA_VERSION],
         )
+        .await
         .map_err(err)?;
         log::info!("{what}: created the reports table (schema version {SCHEMA_VERSION})");
     }
-    tx.commit().map_err(err)
+    tx.commit().await.map_err(err)
 }
 
 /// Sorts the crate's errors: the connection or the server is gone, busy or
@@ -531,13 +616,13 @@ fn setup(client: &mut Client, what: &str) -> Result<(), DbError> {
 /// data exception, and 54, program limit exceeded, such as a key over the
 /// index's row size: [`DbError::Unstorable`]), or the rows were refused
 /// for another reason.
-fn classify(what: &str, e: &postgres::Error) -> DbError {
+fn classify(what: &str, e: &tokio_postgres::Error) -> DbError {
     let msg = format!("{what}: {}", describe(e));
     // A column of another type than ours (a table made by someone else,
     // with our version in quic_report_schema): not something a retry fixes.
-    if std::error::Error::source(e)
-        .is_some_and(|s| s.is::<postgres::types::WrongType>() || s.is::<postgres::types::WasNull>())
-    {
+    if std::error::Error::source(e).is_some_and(|s| {
+        s.is::<tokio_postgres::types::WrongType>() || s.is::<tokio_postgres::types::WasNull>()
+    }) {
         return DbError::Schema(format!(
             "{msg}: a column this quic-report does not understand (the table was not made by it); \
              point --sink at another database"
@@ -565,7 +650,7 @@ fn classify(what: &str, e: &postgres::Error) -> DbError {
 
 /// The server's message when there is one (the crate's `Display` says only
 /// "db error").
-fn describe(e: &postgres::Error) -> String {
+fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {
             Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
@@ -584,14 +669,53 @@ fn describe(e: &postgres::Error) -> String {
     }
 }
 
+/// An open connection, and the runtime that drives it: a current-thread
+/// runtime of the sink's thread, run only inside [`Postgres::run`].
 struct Postgres {
+    rt: Runtime,
     client: Client,
     insert: Statement,
     what: String,
+    /// [`PostgresConnect::set_statement_deadline`].
+    deadline: Duration,
+}
+
+/// An operation's failure: the database's error, or no answer in time.
+enum Failed {
+    Db(tokio_postgres::Error),
+    Deadline,
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(e: tokio_postgres::Error) -> Failed {
+        Failed::Db(e)
+    }
 }
 
 impl Postgres {
-    fn err(&self, e: &postgres::Error) -> DbError {
+    /// Runs `op` on the connection until it is done or [`Postgres::deadline`]
+    /// passes (the connection is then taken for dead).
+    fn run<T>(
+        &mut self,
+        op: impl AsyncFnOnce(&mut Client, &Statement) -> Result<T, Failed>,
+    ) -> Result<T, DbError> {
+        let deadline = self.deadline;
+        let outcome = self.rt.block_on(async {
+            tokio::time::timeout(deadline, op(&mut self.client, &self.insert))
+                .await
+                .unwrap_or(Err(Failed::Deadline))
+        });
+        outcome.map_err(|f| match f {
+            Failed::Db(e) => self.err(&e),
+            Failed::Deadline => DbError::Connection(format!(
+                "{}: no answer within {} s; taken for dead",
+                self.what,
+                deadline.as_secs_f64()
+            )),
+        })
+    }
+
+    fn err(&self, e: &tokio_postgres::Error) -> DbError {
         match classify(&self.what, e) {
             // A failed statement on a connection that died is a connection error.
             DbError::Rejected(m) | DbError::Unstorable(m) if self.client.is_closed() => {
@@ -605,11 +729,11 @@ impl Postgres {
 /// Inserts `rows` with one statement; a row is new if the statement
 /// returned its key. The first row of a key repeated in `rows` (or in an
 /// earlier statement of the same transaction) is the new one.
-fn insert_rows(
-    client: &mut impl GenericClient,
+async fn insert_rows(
+    client: &impl GenericClient,
     insert: &Statement,
     rows: &[Row],
-) -> Result<Vec<Written>, postgres::Error> {
+) -> Result<Vec<Written>, tokio_postgres::Error> {
     let ids: Vec<&str> = rows.iter().map(|r| r.identity.as_str()).collect();
     let clients: Vec<&str> = rows.iter().map(|r| r.client.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
@@ -618,11 +742,13 @@ fn insert_rows(
         .map(|r| received_time(r.received_at_ms))
         .collect();
     let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
-    let returned = client.query(insert, &[&ids, &clients, &seqs, &at, &bodies])?;
+    let returned = client
+        .query(insert, &[&ids, &clients, &seqs, &at, &bodies])
+        .await?;
     let mut new: HashSet<(String, String, i64)> = returned
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-        .collect::<Result<_, postgres::Error>>()?;
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -636,47 +762,63 @@ fn insert_rows(
         .collect())
 }
 
+/// One row's outcome in [`Database::insert_each`]'s pass.
+enum Each {
+    Written(Vec<Written>),
+    Refused(tokio_postgres::Error),
+}
+
 impl Database for Postgres {
     fn insert(&mut self, rows: &[Row]) -> Result<Vec<Written>, DbError> {
-        let insert = &self.insert;
-        let res = if rows.len() <= ROWS_PER_STATEMENT {
-            insert_rows(&mut self.client, insert, rows)
-        } else {
+        self.run(async |client, insert| {
+            if rows.len() <= ROWS_PER_STATEMENT {
+                return Ok(insert_rows(client, insert, rows).await?);
+            }
             // Several statements, one transaction: the batch commits whole or not at all.
-            (|| {
-                let mut tx = self.client.transaction()?;
-                let mut out = Vec::with_capacity(rows.len());
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    out.extend(insert_rows(&mut tx, insert, chunk)?);
-                }
-                tx.commit()?;
-                Ok(out)
-            })()
-        };
-        res.map_err(|e| self.err(&e))
+            let tx = client.transaction().await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                out.extend(insert_rows(&tx, insert, chunk).await?);
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
     }
 
     fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
-        let (insert, what) = (&self.insert, self.what.as_str());
-        let err = |e: postgres::Error| classify(what, &e);
-        let mut tx = self.client.transaction().map_err(err)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let mut one = tx.savepoint("one_row").map_err(err)?;
-            match insert_rows(&mut one, insert, std::slice::from_ref(r)).map_err(err) {
-                Ok(w) => {
-                    one.commit().map_err(err)?;
-                    out.extend(w.into_iter().map(Ok));
-                }
-                Err(e @ (DbError::Connection(_) | DbError::Schema(_))) => return Err(e),
-                Err(e) => {
-                    one.rollback().map_err(err)?;
-                    out.push(Err(e));
+        let what = self.what.clone();
+        let outcomes = self.run(async |client, insert| {
+            let mut tx = client.transaction().await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let one = tx.savepoint("one_row").await?;
+                match insert_rows(&one, insert, std::slice::from_ref(r)).await {
+                    Ok(w) => {
+                        one.commit().await?;
+                        out.push(Each::Written(w));
+                    }
+                    Err(e) => {
+                        // Connection and schema errors end the pass (below);
+                        // a row refused alone is rolled back and the pass goes on.
+                        let refused = classify(&what, &e);
+                        if matches!(refused, DbError::Connection(_) | DbError::Schema(_)) {
+                            return Err(Failed::Db(e));
+                        }
+                        one.rollback().await?;
+                        out.push(Each::Refused(e));
+                    }
                 }
             }
-        }
-        tx.commit().map_err(err)?;
-        Ok(out)
+            tx.commit().await?;
+            Ok(out)
+        })?;
+        Ok(outcomes
+            .into_iter()
+            .flat_map(|o| match o {
+                Each::Written(w) => w.into_iter().map(Ok).collect::<Vec<_>>(),
+                Each::Refused(e) => vec![Err(classify(&what, &e))],
+            })
+            .collect())
     }
 
     fn latest(
@@ -689,9 +831,12 @@ impl Database for Postgres {
         // the next (identity, client), one for its highest seq, and no more
         // than `limit` of each (a recursive query is evaluated as far as it
         // is read), where DISTINCT ON would read the whole table.
-        let rows = match identity {
-            None => self.client.query(
-                "WITH RECURSIVE c AS (
+        self.run(async |client, _| {
+            let rows = match identity {
+                None => {
+                    client
+                        .query(
+                            "WITH RECURSIVE c AS (
                      (SELECT identity, client FROM reports ORDER BY identity, client LIMIT 1)
                      UNION ALL
                      SELECT n.identity, n.client FROM c CROSS JOIN LATERAL
@@ -703,10 +848,14 @@ impl Database for Postgres {
                       WHERE r.identity = c.identity AND r.client = c.client
                       ORDER BY seq DESC LIMIT 1) AS l
                  LIMIT $1",
-                &[&limit],
-            ),
-            Some(id) => self.client.query(
-                "WITH RECURSIVE c AS (
+                            &[&limit],
+                        )
+                        .await?
+                }
+                Some(id) => {
+                    client
+                        .query(
+                            "WITH RECURSIVE c AS (
                      (SELECT client FROM reports WHERE identity = $2 ORDER BY client LIMIT 1)
                      UNION ALL
                      SELECT n.client FROM c CROSS JOIN LATERAL
@@ -718,28 +867,28 @@ impl Database for Postgres {
                       WHERE r.identity = $2 AND r.client = c.client
                       ORDER BY seq DESC LIMIT 1) AS l
                  LIMIT $1",
-                &[&limit, &id],
-            ),
-        }
-        .map_err(|e| self.err(&e))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .collect::<Result<_, postgres::Error>>()
-            .map_err(|e| self.err(&e))
+                            &[&limit, &id],
+                        )
+                        .await?
+                }
+            };
+            Ok(rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
     }
 
     fn counts(&mut self) -> Result<(u64, u64), DbError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT count(*), count(DISTINCT (identity, client)) FROM reports",
-                &[],
-            )
-            .map_err(|e| self.err(&e))?;
-        let (rows, clients): (i64, i64) = (
-            row.try_get(0).map_err(|e| self.err(&e))?,
-            row.try_get(1).map_err(|e| self.err(&e))?,
-        );
+        let (rows, clients): (i64, i64) = self.run(async |client, _| {
+            let row = client
+                .query_one(
+                    "SELECT count(*), count(DISTINCT (identity, client)) FROM reports",
+                    &[],
+                )
+                .await?;
+            Ok((row.try_get(0)?, row.try_get(1)?))
+        })?;
         Ok((
             u64::try_from(rows).unwrap_or(0),
             u64::try_from(clients).unwrap_or(0),
