@@ -575,6 +575,11 @@ fn sqlite_records_the_report_postgres_refuses() {
     assert_eq!(texts, ["a\u{0}b"], "stored as it came");
 }
 
+/// A deadline no read here reaches.
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(600)
+}
+
 fn row(identity: &str, client: &str, seq: i64, body: &str) -> Row {
     Row {
         identity: identity.into(),
@@ -636,7 +641,7 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         row("device-1", "e", 1, r#"{"v":"e1"}"#),
     ])
     .expect("insert");
-    let latest = db.latest(100, None).expect("latest");
+    let latest = db.latest(100, None, far()).expect("latest");
     assert_eq!(
         latest.len(),
         9,
@@ -656,7 +661,7 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         assert_eq!(v["v"], expected, "{identity:?} {client:?}");
     }
     let own = db
-        .latest(100, Some("device-1"))
+        .latest(100, Some("device-1"), far())
         .expect("latest of device-1");
     let own: Vec<(&str, &str)> = own
         .iter()
@@ -664,11 +669,11 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         .collect();
     assert_eq!(own, [("device-1", "d"), ("device-1", "e")]);
     assert_eq!(
-        db.latest(4, None).expect("latest").len(),
+        db.latest(4, None, far()).expect("latest").len(),
         4,
         "at most limit"
     );
-    assert_eq!(db.counts().expect("counts"), (n as u64 + 3, 9));
+    assert_eq!(db.counts(far()).expect("counts"), (n as u64 + 3, 9));
     // Row by row in one transaction: the row it cannot store fails alone.
     let each = db
         .insert_each(&[

@@ -192,15 +192,20 @@ pub trait Database: Send {
     /// The latest report (highest `seq`) of each `(identity, client)`, as
     /// `(identity, client, body)`, at most `limit` of them; with `identity`,
     /// that identity's alone (selected before the limit, so that its rows
-    /// are never crowded out by other identities').
+    /// are never crowded out by other identities'). A backend that can
+    /// stop a statement midway gives up at `deadline` (nobody waits for
+    /// the answer after it) with [`DbError::Rejected`]; the others run it
+    /// to its end.
     fn latest(
         &mut self,
         limit: usize,
         identity: Option<&str>,
+        deadline: std::time::Instant,
     ) -> Result<Vec<(String, String, String)>, DbError>;
 
-    /// Rows in the table, and distinct `(identity, client)` among them.
-    fn counts(&mut self) -> Result<(u64, u64), DbError>;
+    /// Rows in the table, and distinct `(identity, client)` among them;
+    /// `deadline` as for [`Database::latest`].
+    fn counts(&mut self, deadline: std::time::Instant) -> Result<(u64, u64), DbError>;
 }
 
 /// Opens connections to one database (again after a failure).
@@ -325,12 +330,13 @@ pub(crate) mod testing {
             &mut self,
             _: usize,
             _: Option<&str>,
+            _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
             self.pass(self.reads);
             Ok(Vec::new())
         }
 
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             self.pass(self.reads);
             Ok((0, 0))
         }

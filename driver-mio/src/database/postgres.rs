@@ -44,7 +44,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::runtime::Runtime;
 use tokio_postgres::config::{Host, SslMode};
@@ -821,10 +821,14 @@ impl Database for Postgres {
             .collect())
     }
 
+    /// Runs to its end (at most [`STATEMENT_DEADLINE`]): stopping it
+    /// would take a cancel request on another connection, and the skip
+    /// scan takes a few index probes per client.
     fn latest(
         &mut self,
         limit: usize,
         identity: Option<&str>,
+        _: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // A skip scan of the primary key: one index probe per client to find
@@ -879,7 +883,7 @@ impl Database for Postgres {
         })
     }
 
-    fn counts(&mut self) -> Result<(u64, u64), DbError> {
+    fn counts(&mut self, _: Instant) -> Result<(u64, u64), DbError> {
         let (rows, clients): (i64, i64) = self.run(async |client, _| {
             let row = client
                 .query_one(

@@ -18,7 +18,7 @@
 //! `WITHOUT ROWID` by an earlier build is used as it is.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
@@ -39,6 +39,11 @@ const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, b
 const INSERT_ANONYMOUS: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
      VALUES ('', ?1, ?2, ?3, ?4) \
      ON CONFLICT DO NOTHING";
+
+/// Steps of SQLite's virtual machine between two looks at a read's
+/// deadline (a look is a clock read: tens of nanoseconds per thousand
+/// steps).
+const PROGRESS_OPS: std::ffi::c_int = 1000;
 
 /// Opens `PATH` (created if missing).
 #[derive(Debug, Clone)]
@@ -271,9 +276,8 @@ impl Database for Sqlite {
         &mut self,
         limit: usize,
         identity: Option<&str>,
+        deadline: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
-        let what = &self.what;
-        let err = |e| classify(what, e);
         // The primary key's order: one index seek per client (for one
         // identity, within its range of the key).
         const ALL: &str = "SELECT identity, client, body FROM reports AS r \
@@ -286,31 +290,26 @@ impl Database for Sqlite {
                           WHERE identity = r.identity AND client = r.client) \
              ORDER BY client LIMIT ?1";
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached(if identity.is_some() { ONE } else { ALL })
-            .map_err(err)?;
-        let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
-        let rows = match identity {
-            Some(id) => stmt.query_map(rusqlite::params![limit, id], row),
-            None => stmt.query_map(rusqlite::params![limit], row),
-        }
-        .map_err(err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(err)
+        self.read_until(deadline, |conn| {
+            let mut stmt = conn.prepare_cached(if identity.is_some() { ONE } else { ALL })?;
+            let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+            let rows = match identity {
+                Some(id) => stmt.query_map(rusqlite::params![limit, id], row),
+                None => stmt.query_map(rusqlite::params![limit], row),
+            }?;
+            rows.collect()
+        })
     }
 
-    fn counts(&mut self) -> Result<(u64, u64), DbError> {
-        let what = &self.what;
-        let err = |e| classify(what, e);
-        let (rows, clients): (i64, i64) = self
-            .conn
-            .query_row(
+    fn counts(&mut self, deadline: Instant) -> Result<(u64, u64), DbError> {
+        let (rows, clients): (i64, i64) = self.read_until(deadline, |conn| {
+            conn.query_row(
                 "SELECT (SELECT count(*) FROM reports), \
                         (SELECT count(*) FROM (SELECT DISTINCT identity, client FROM reports))",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map_err(err)?;
+        })?;
         Ok((
             u64::try_from(rows).unwrap_or(0),
             u64::try_from(clients).unwrap_or(0),
@@ -318,9 +317,38 @@ impl Database for Sqlite {
     }
 }
 
+impl Sqlite {
+    /// Runs the read `read`, stopped at `deadline` (SQLite's progress
+    /// handler, asked every [`PROGRESS_OPS`] steps of its virtual machine):
+    /// `/latest` reads the whole key index, about 1 s per million rows, and
+    /// the commits wait behind it on this thread.
+    fn read_until<T>(
+        &mut self,
+        deadline: Instant,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        self.conn
+            .progress_handler(PROGRESS_OPS, Some(move || Instant::now() >= deadline));
+        let result = read(&self.conn);
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        result.map_err(|e| {
+            if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) {
+                DbError::Rejected(format!("{}: stopped at its deadline", self.what))
+            } else {
+                classify(&self.what, e)
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deadline no read here reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(600)
+    }
 
     fn temp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!(
@@ -362,7 +390,7 @@ mod tests {
         let mut other = SqliteConnect::new(&path).connect().expect("opens again");
         let again = other.insert(&[row("a", 2), row("a", 3)]).expect("inserts");
         assert_eq!(again, vec![Written::Duplicate, Written::Inserted]);
-        assert_eq!(db.counts().expect("counts"), (3, 1));
+        assert_eq!(db.counts(far()).expect("counts"), (3, 1));
         let stamps: Vec<String> = rusqlite::Connection::open(&path)
             .expect("opens")
             .prepare("SELECT DISTINCT received_at FROM reports")
@@ -372,9 +400,45 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("text");
         assert_eq!(stamps, ["2023-11-14T22:13:20.123Z"], "ISO 8601 UTC, ms");
-        let latest = db.latest(10, None).expect("latest");
+        let latest = db.latest(10, None, far()).expect("latest");
         assert_eq!(latest.len(), 1);
         assert_eq!(latest[0].2, r#"{"client":"a","seq":3}"#);
+    }
+
+    /// A read past its deadline is stopped midway, and the connection
+    /// still commits (it is not taken for broken).
+    #[test]
+    fn a_read_past_its_deadline_is_stopped_and_the_commits_go_on() {
+        let path = temp("deadline");
+        let _rm = Rm(path.clone());
+        let mut db = SqliteConnect::new(&path).connect().expect("opens");
+        let rows: Vec<Row> = (0..3000)
+            .map(|i| row(&format!("c{}", i % 500), i))
+            .collect();
+        assert!(
+            db.insert(&rows)
+                .expect("inserts")
+                .iter()
+                .all(|w| *w == Written::Inserted)
+        );
+        let past = Instant::now();
+        for e in [
+            db.latest(1000, None, past)
+                .map(|_| ())
+                .expect_err("stopped"),
+            db.counts(past).map(|_| ()).expect_err("stopped"),
+        ] {
+            assert!(
+                matches!(&e, DbError::Rejected(m) if m.ends_with(": stopped at its deadline")),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            db.insert(&[row("c0", 3000)]).expect("commits"),
+            [Written::Inserted]
+        );
+        assert_eq!(db.latest(1000, None, far()).expect("read").len(), 500);
+        assert_eq!(db.counts(far()).expect("counted"), (3001, 500));
     }
 
     #[test]
@@ -442,9 +506,9 @@ mod tests {
             ..row("mine", 2)
         });
         db.insert(&rows).expect("inserts");
-        let all = db.latest(3, None).expect("latest");
+        let all = db.latest(3, None, far()).expect("latest");
         assert!(all.iter().all(|(id, _, _)| id == "a-filler"), "{all:?}");
-        let own = db.latest(3, Some("device-1")).expect("latest");
+        let own = db.latest(3, Some("device-1"), far()).expect("latest");
         assert_eq!(
             own,
             vec![(
@@ -453,7 +517,11 @@ mod tests {
                 r#"{"client":"mine","seq":2}"#.to_owned()
             )]
         );
-        assert!(db.latest(3, Some("nobody")).expect("latest").is_empty());
+        assert!(
+            db.latest(3, Some("nobody"), far())
+                .expect("latest")
+                .is_empty()
+        );
     }
 
     #[test]

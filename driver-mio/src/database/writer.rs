@@ -26,7 +26,8 @@
 //! passed are dropped from the pending rows unwritten (the loop has
 //! answered them `not_recorded` by then), and reads whose deadline passed
 //! are answered without being run (the loop answered their requests by
-//! then). While the database is down a read is answered at once
+//! then); a read is given its deadline, and SQLite stops one still
+//! running then. While the database is down a read is answered at once
 //! ("unavailable"); otherwise reads and batches take turns, so a queue of
 //! reads cannot hold the commits back.
 //!
@@ -365,12 +366,12 @@ impl Thread {
             // Batches and reads take turns.
             let read_turn = !self.reads.is_empty() && (self.pending.is_empty() || self.read_next);
             self.read_next = !read_turn;
-            if read_turn && let Some((handle, what, _)) = self.reads.pop_front() {
+            if read_turn && let Some((handle, what, deadline)) = self.reads.pop_front() {
                 let result = match what {
                     Read::Latest { limit, identity } => db
-                        .latest(limit, identity.as_deref())
+                        .latest(limit, identity.as_deref(), deadline)
                         .map(ReadResult::Latest),
-                    Read::Counts => db.counts().map(|(r, c)| ReadResult::Counts(r, c)),
+                    Read::Counts => db.counts(deadline).map(|(r, c)| ReadResult::Counts(r, c)),
                 };
                 // A read that works does not end an outage: a standby, a
                 // full disk or a revoked INSERT all still answer reads.
@@ -739,11 +740,12 @@ mod tests {
             &mut self,
             _: usize,
             _: Option<&str>,
+            _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
             Ok(Vec::new())
         }
 
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             Ok((0, 0))
         }
     }
@@ -807,11 +809,12 @@ mod tests {
             &mut self,
             _: usize,
             _: Option<&str>,
+            _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
             Err(DbError::Connection("read-only".into()))
         }
 
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             Err(DbError::Connection("read-only".into()))
         }
     }
@@ -879,11 +882,12 @@ mod tests {
             &mut self,
             _: usize,
             _: Option<&str>,
+            _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
             Ok(Vec::new())
         }
 
-        fn counts(&mut self) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             Ok((0, 0))
         }
     }
