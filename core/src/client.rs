@@ -14,6 +14,13 @@
 //!   certificate rejected   ──► Failed (no retry: it would fail the same way)
 //! ```
 //!
+//! A server certificate refused only for its dates (expired, or not yet
+//! valid) is the exception: the attempt fails and is retried with backoff
+//! like any other. Our clock may be wrong (a device without a battery
+//! clock starts in 1970 until NTP sets it), or the server's certificate
+//! is about to be renewed; either heals by itself, and a fleet that
+//! stopped for good would need every device restarted by hand.
+//!
 //! Every sample handed to [`Client::submit`] becomes a report with the next
 //! `seq` and waits in the [`ReportQueue`] until the server acknowledges it.
 //! Each report goes on a fresh client-initiated bidirectional stream (IDs
@@ -134,6 +141,9 @@ pub enum DisconnectReason {
     HandshakeFailed(String),
     /// The server's certificate was refused; the string names the problem.
     Certificate(String),
+    /// The server's certificate was refused for its dates only (expired or
+    /// not yet valid, by our clock): retried, as the module says.
+    CertificateOutOfDate(String),
     /// The server refused our client certificate (none given, not signed
     /// by a CA it trusts, or a name it cannot use): a TLS alert from the
     /// server; the string names it.
@@ -175,6 +185,10 @@ impl fmt::Display for DisconnectReason {
             }
             DisconnectReason::HandshakeFailed(why) => write!(f, "handshake failed: {why}"),
             DisconnectReason::Certificate(why) => write!(f, "server certificate refused: {why}"),
+            DisconnectReason::CertificateOutOfDate(why) => write!(
+                f,
+                "server certificate refused: {why}; retrying (is this machine's clock right?)"
+            ),
             DisconnectReason::ClientCertificate(why) => {
                 write!(f, "the server refused our client certificate: {why}")
             }
@@ -1018,7 +1032,11 @@ pub(crate) fn classify_close(
     {
         if let Some(alert) = e.error_code.checked_sub(0x100).filter(|a| *a < 0x100) {
             if let Some(why) = certificate_alert(alert, server_name) {
-                return DisconnectReason::Certificate(why);
+                return if alert == ALERT_CERTIFICATE_EXPIRED {
+                    DisconnectReason::CertificateOutOfDate(why)
+                } else {
+                    DisconnectReason::Certificate(why)
+                };
             }
             return DisconnectReason::HandshakeFailed(format!("TLS alert {alert}"));
         }
@@ -1076,6 +1094,10 @@ fn client_certificate_alert(alert: u64) -> Option<String> {
         _ => return None,
     })
 }
+
+/// TLS alert `certificate_expired`: BoringSSL's for a certificate out of
+/// date either way (expired, or not yet valid).
+const ALERT_CERTIFICATE_EXPIRED: u64 = 45;
 
 /// The TLS alerts (RFC 8446 6.2) that mean "your certificate is not
 /// acceptable", named for a person. BoringSSL sends `bad_certificate` when

@@ -7,7 +7,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use quic_report_core::{ClientEvent, ClientStats, ConnKey, Report, Response, ServerEvent};
+use quic_report_core::{
+    ClientEvent, ClientStats, ConnKey, DisconnectReason, Report, Response, ServerEvent,
+};
 
 /// An event's line and its importance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,10 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
         ClientEvent::Retrying { seq, reason } => {
             Shown::Info(format!("report seq={seq} will be sent again: {reason}"))
         }
+        // Retried, but nothing gets through until a person or NTP acts.
+        ClientEvent::Disconnected {
+            reason: reason @ DisconnectReason::CertificateOutOfDate(_),
+        } => Shown::Warn(format!("disconnected: {reason}")),
         ClientEvent::Disconnected { reason } => Shown::Info(format!("disconnected: {reason}")),
         ClientEvent::ReconnectScheduled { at, attempt } => {
             let ms = at.saturating_duration_since(Instant::now()).as_millis();

@@ -1,6 +1,7 @@
 //! The client never reports to a server it has not verified, unless told
 //! to: each certificate problem fails the client for good, with a message
-//! that names it, and nothing is recorded.
+//! that names it, and nothing is recorded; except a certificate out of
+//! date, which is retried until the server (or our clock) is right.
 
 use std::time::Duration;
 
@@ -71,10 +72,44 @@ fn unverified_server_refused_with_clear_error_name_mismatch() {
     assert_refused(&sim, failed, "reports.example.com");
 }
 
+/// An expired certificate is refused every time, but the client keeps
+/// trying (the server's certificate may be renewed, our clock may be
+/// wrong); once the server has a valid one, every report arrives once.
 #[test]
-fn unverified_server_refused_with_clear_error_expired() {
-    let (sim, failed) = attempt(52, "test/expired.pem", "test/expired.key", None);
-    assert_refused(&sim, failed, "expired");
+fn an_expired_server_certificate_is_refused_and_retried_until_renewed() {
+    let mut sim = Sim::new(seed_or(52), NetConfig::default());
+    sim.server_cfg.cert_chain = cert_path("test/expired.pem");
+    sim.server_cfg.private_key = cert_path("test/expired.key");
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 3, Duration::from_millis(500));
+    sim.run_for(Duration::from_secs(20));
+    let refused: Vec<String> = sim.clients[c]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::CertificateOutOfDate(why),
+            } => Some(why.clone()),
+            ClientEvent::Failed { reason } => panic!("gave up: {reason}{}", sim.context()),
+            _ => None,
+        })
+        .collect();
+    assert!(refused.len() >= 3, "retried: {refused:?}{}", sim.context());
+    assert!(refused.iter().all(|w| w.contains("expired")), "{refused:?}");
+    assert!(sim.records.is_empty(), "nothing recorded");
+    assert_ne!(sim.clients[c].client.state(), ClientState::Failed);
+
+    sim.kill_server();
+    sim.server_cfg.cert_chain = cert_path("localhost.pem");
+    sim.server_cfg.private_key = cert_path("localhost.key");
+    sim.start_server();
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
 }
 
 #[test]
