@@ -54,6 +54,11 @@ pub struct ServerArgs {
     /// Most connections at once; further handshakes are ignored.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+    /// Most connections of one client-certificate identity at once (with
+    /// --client-ca); one more is closed after its handshake (EXCESSIVE_LOAD)
+    /// and its client retries later. Raise it for a fleet sharing one certificate.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_identity: u64,
     /// Most concurrent report streams per connection.
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_streams: u64,

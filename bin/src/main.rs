@@ -96,6 +96,10 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     let mut opts = ServerOptions::new(args.listen, cert, key);
     opts.config.idle_timeout = args.idle_timeout;
     opts.config.max_connections = to_usize(args.max_connections, "--max-connections")?;
+    opts.config.max_connections_per_identity = to_usize(
+        args.max_connections_per_identity,
+        "--max-connections-per-identity",
+    )?;
     opts.config.max_streams = args.max_streams;
     opts.config.max_report_bytes = to_usize(args.max_report_bytes, "--max-report-bytes")?;
     opts.config.max_unanswered_bytes = args.max_unanswered_bytes;

@@ -264,6 +264,15 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections at most (default 10000).
     pub max_connections: usize,
+    /// Established connections of one certificate identity at once
+    /// (default 1000): past it, a new connection of that identity is
+    /// closed with [`codes::EXCESSIVE_LOAD`] once its handshake is done, so
+    /// that one certificate holder (a device in a reconnect loop, a stolen
+    /// key) cannot take every connection slot. The anonymous identity is
+    /// not limited by it (without `client_ca` every peer shares it, and
+    /// [`ServerConfig::max_connections`] is the bound). A fleet that shares
+    /// one certificate among more devices raises it.
+    pub max_connections_per_identity: usize,
     /// Concurrent client streams per connection (default 100).
     pub max_streams: u64,
     /// Largest report object in bytes (default 64 KiB).
@@ -310,6 +319,7 @@ impl ServerConfig {
             client_ca: None,
             idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_connections_per_identity: 1000,
             max_streams: 100,
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             handshake_timeout: Duration::from_secs(10),
@@ -325,9 +335,14 @@ impl ServerConfig {
     }
 
     pub(crate) fn quiche_config(&self) -> Result<quiche::Config, ConfigError> {
-        if self.max_report_bytes == 0 || self.max_streams == 0 || self.max_connections == 0 {
+        if self.max_report_bytes == 0
+            || self.max_streams == 0
+            || self.max_connections == 0
+            || self.max_connections_per_identity == 0
+        {
             return Err(ConfigError::Invalid(
-                "max report bytes, streams and connections must be at least 1".into(),
+                "max report bytes, streams, connections and connections per identity must be at least 1"
+                    .into(),
             ));
         }
         if self.max_unanswered_bytes < self.max_report_bytes {

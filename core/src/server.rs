@@ -190,6 +190,10 @@ pub enum Limit {
     HandshakeTimeout,
     /// [`ServerConfig::idle_timeout`]: an idle connection was closed.
     IdleTimeout,
+    /// [`ServerConfig::max_connections_per_identity`]: a connection of an
+    /// identity that had that many was closed after its handshake, with
+    /// [`codes::EXCESSIVE_LOAD`].
+    IdentityConnections,
 }
 
 impl fmt::Display for Limit {
@@ -201,6 +205,9 @@ impl fmt::Display for Limit {
             Limit::UnansweredBytes => "too many unanswered bytes: connection closed",
             Limit::HandshakeTimeout => "handshake not done in time: connection reaped",
             Limit::IdleTimeout => "idle timeout: connection closed",
+            Limit::IdentityConnections => {
+                "connection limit of its identity reached: connection closed"
+            }
         })
     }
 }
@@ -222,6 +229,9 @@ pub struct LimitCounts {
     pub handshake_timeouts: u64,
     /// [`Limit::IdleTimeout`]: connections closed by the idle timeout.
     pub idle_timeouts: u64,
+    /// [`Limit::IdentityConnections`]: connections closed as one too many
+    /// of their identity.
+    pub identity_connections: u64,
 }
 
 impl LimitCounts {
@@ -234,6 +244,7 @@ impl LimitCounts {
             Limit::UnansweredBytes => self.unanswered_bytes,
             Limit::HandshakeTimeout => self.handshake_timeouts,
             Limit::IdleTimeout => self.idle_timeouts,
+            Limit::IdentityConnections => self.identity_connections,
         }
     }
 
@@ -245,6 +256,7 @@ impl LimitCounts {
             Limit::UnansweredBytes => &mut self.unanswered_bytes,
             Limit::HandshakeTimeout => &mut self.handshake_timeouts,
             Limit::IdleTimeout => &mut self.idle_timeouts,
+            Limit::IdentityConnections => &mut self.identity_connections,
         };
         *n += 1;
     }
@@ -539,6 +551,9 @@ pub struct Server {
     /// [`Limit::Connections`] was reported and the server has not been
     /// below the limit since.
     conn_limit_reported: bool,
+    /// Connections holding each certificate identity (none for the
+    /// anonymous one; [`ServerConfig::max_connections_per_identity`]).
+    identity_conns: HashMap<Identity, usize>,
     reset_budget: ResetBudget,
 }
 
@@ -619,6 +634,7 @@ impl Server {
             shutting_down: false,
             tokens,
             conn_limit_reported: false,
+            identity_conns: HashMap::new(),
             reset_budget: ResetBudget::full(cfg.max_resets_per_sec),
             dedup: Dedup::new(cfg.dedup),
             cfg,
@@ -1209,6 +1225,20 @@ impl Server {
         }
         let refusal = match conn.quic.peer_cert().map(Identity::from_certificate) {
             Some(Ok(identity)) => {
+                let held = self.identity_conns.entry(identity.clone()).or_default();
+                if *held >= self.cfg.max_connections_per_identity {
+                    let _ = conn.quic.close(
+                        false,
+                        codes::EXCESSIVE_LOAD,
+                        b"too many connections of this identity",
+                    );
+                    conn.refused = true;
+                    let peer = conn.peer;
+                    self.limit_hit(Some(key), peer, Limit::IdentityConnections);
+                    return false;
+                }
+                // Counted while the connection holds its identity: until reaped.
+                *held += 1;
                 conn.identity = Some(identity);
                 return true;
             }
@@ -1298,6 +1328,14 @@ impl Server {
         let Some(conn) = self.conns.remove(key) else {
             return;
         };
+        if let Some(identity) = conn.identity.as_ref().filter(|i| !i.is_anonymous())
+            && let Some(held) = self.identity_conns.get_mut(identity)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.identity_conns.remove(identity);
+            }
+        }
         let s = conn.quic.stats();
         let rtt = conn.quic.path_stats().next().map(|p| p.rtt);
         self.events.push_back(ServerEvent::ConnectionClosed {

@@ -369,3 +369,52 @@ fn anonymous_session_ticket_resumed_against_a_server_now_requiring_certificates_
         sim.context()
     );
 }
+
+/// One identity holds at most `max_connections_per_identity` connections:
+/// one more is closed after its handshake (`EXCESSIVE_LOAD`, counted) with
+/// nothing of it read, another identity still gets in, and the refused
+/// client gets in on a later attempt once a slot is free. Every report
+/// arrives once.
+#[test]
+fn one_identity_cannot_hold_more_connections_than_its_limit() {
+    let mut sim = Sim::new(seed_or(330), NetConfig::default());
+    sim.server_cfg.client_ca = Some(cert_path("ca.pem"));
+    sim.server_cfg.secret = Some(ServerSecret::from_bytes([9; 32]));
+    sim.server_cfg.max_connections_per_identity = 2;
+    sim.start_server();
+    let device = |sim: &mut Sim, name: &str| {
+        let c = sim.add_client(|cfg| cfg.client_cert = Some(client_cert(name)));
+        sim.schedule_reports(c, 3, Duration::from_millis(200));
+        c
+    };
+    let held = [device(&mut sim, "device-1"), device(&mut sim, "device-1")];
+    sim.run_for(Duration::from_secs(2));
+    let third = device(&mut sim, "device-1");
+    let other = device(&mut sim, "device-2");
+    sim.run_for(Duration::from_secs(3));
+    let closed_for_load = sim.clients[third].events.iter().any(|(_, e)| {
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::PeerClosed { code, .. }
+            } if *code == codes::EXCESSIVE_LOAD
+        )
+    });
+    assert!(closed_for_load, "the third is closed{}", sim.context());
+    let stats = sim.server.as_ref().expect("a server").stats();
+    assert!(stats.limits.identity_connections >= 1, "{stats:?}");
+    let acked = |sim: &Sim, c: usize| sim.clients[c].client.stats().acknowledged;
+    for c in held.into_iter().chain([other]) {
+        assert_eq!(acked(&sim, c), 3, "client {c}{}", sim.context());
+    }
+    assert_eq!(acked(&sim, third), 0, "nothing of the third read");
+    // One of the two closes; the third gets in on its next attempt.
+    let now = sim.clock.now();
+    sim.clients[held[0]].client.close(now);
+    assert!(
+        sim.run_until(Duration::from_secs(120), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+}
