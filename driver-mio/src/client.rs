@@ -687,9 +687,15 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
     }
     let r = spool.recovery();
     if let Some((at, bytes)) = r.skipped {
-        let kept = r.kept.as_ref().map_or_else(String::new, |k| {
-            format!(", moved to {} (not sent)", k.display())
-        });
+        let kept = match (&r.kept, &r.kept_later) {
+            (Some(k), _) => format!(", moved to {} (not sent)", k.display()),
+            (None, Some(why)) => format!(
+                ", left at the end of the log for now ({why}): it is moved aside before the \
+                 next sample is spooled, and until there is room for it new samples are held \
+                 back as on a full disk"
+            ),
+            (None, None) => String::new(),
+        };
         let afresh = if r.created {
             " The client id was among them: this spool starts afresh under a new one."
         } else {

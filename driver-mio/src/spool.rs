@@ -25,7 +25,10 @@
 //! tail torn by a power loss (or any corrupt record) detectable: reading
 //! stops there, warns, and truncates the file to the last good record,
 //! after keeping what it cuts (made durable) in
-//! `DIR/spool.log.corrupt-<unix ms>`. Numbering then goes on past the last
+//! `DIR/spool.log.corrupt-<unix ms>` (on a full disk, where that copy
+//! cannot be written, the spool opens anyway: the bytes stay where they
+//! are and are kept and cut off before the next record; until then writes
+//! fail as on any full disk). Numbering then goes on past the last
 //! bound reserved and past any seq or bound the cut part still names
 //! (whatever the boot): a sample cut away may have been sent. SQLite
 //! would give the same guarantees for a transaction (two B-tree updates and
@@ -188,6 +191,11 @@ pub struct Recovery {
     /// Where the skipped bytes were kept (`DIR/spool.log.corrupt-<unix
     /// ms>`): nothing that may hold samples is thrown away.
     pub kept: Option<PathBuf>,
+    /// Why the skipped bytes could not be kept aside at open (a full
+    /// disk): they stay at the end of the log, and are kept aside and cut
+    /// off before the next record is written (until then every write
+    /// fails with that error, as on a full disk).
+    pub kept_later: Option<String>,
     /// Whether the spool was created now.
     pub created: bool,
 }
@@ -214,6 +222,9 @@ pub struct Spool {
     /// would land after them, and a reopen would read them as a corrupt
     /// record and cut off everything behind it).
     cut_to: Option<u64>,
+    /// Skipped bytes still to be kept aside before [`Spool::cut_to`] may
+    /// cut them off ([`Recovery::kept_later`]).
+    aside: Option<Vec<u8>>,
     pending_bytes: u64,
     /// This boot's id, and the seq bound durably reserved in it.
     boot: String,
@@ -301,6 +312,7 @@ impl Spool {
             restored: Vec::new(),
             len: 0,
             cut_to: None,
+            aside: None,
             pending_bytes: 0,
             boot: boot_id(),
             reserved: 0,
@@ -389,14 +401,29 @@ impl Spool {
             // Kept aside, made durable, before the log is cut: nothing
             // that may hold samples is thrown away (a corrupt length can
             // look like a record torn at the end).
-            self.recovery.kept = Some(self.keep_aside(&data[at..])?);
-            self.file
-                .set_len(at as u64)
-                .map_err(|source| SpoolError::Io {
-                    what: "truncating a torn tail",
-                    path: self.path.clone(),
-                    source,
-                })?;
+            match self.keep_aside(&data[at..]) {
+                Ok(kept) => {
+                    self.recovery.kept = Some(kept);
+                    self.file
+                        .set_len(at as u64)
+                        .map_err(|source| SpoolError::Io {
+                            what: "truncating a torn tail",
+                            path: self.path.clone(),
+                            source,
+                        })?;
+                }
+                // Without its identity there is nothing to serve from:
+                // starting afresh would replace the log.
+                Err(e) if self.client_id.is_empty() => return Err(e),
+                Err(e) => {
+                    // A full disk: the log is served as read up to `at`;
+                    // the bytes after it are kept aside and cut off before
+                    // the next record, once there is room for them.
+                    self.recovery.kept_later = Some(e.to_string());
+                    self.aside = Some(data[at..].to_vec());
+                    self.cut_to = Some(at as u64);
+                }
+            }
             // What was cut may hold samples whose reports went out, and
             // Reserve records past the last one read: never number again
             // below anything it names, nor below the last bound read.
@@ -425,6 +452,14 @@ impl Spool {
     /// Writes `part` to a new `DIR/spool.log.corrupt-<unix ms>[.N]` and
     /// fsyncs it and the directory.
     fn keep_aside(&self, part: &[u8]) -> Result<PathBuf, SpoolError> {
+        #[cfg(test)]
+        if tests::ASIDE_FAILS.with(|n| n.replace(n.get().saturating_sub(1)) > 0) {
+            return Err(SpoolError::Io {
+                what: "keeping a corrupt part aside in",
+                path: self.dir.clone(),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -631,6 +666,17 @@ impl Spool {
     /// Appends one record with one `write(2)`; on a failure the file is cut
     /// back to where it was. Returns the record's length.
     fn write_record(&mut self, kind: u8, payload: &[u8]) -> Result<u32, SpoolError> {
+        if let Some(part) = &self.aside {
+            let kept = self.keep_aside(part)?;
+            log::warn!(
+                "spool {}: the {} byte(s) skipped at open are now kept in {} (not sent)",
+                self.dir.display(),
+                part.len(),
+                kept.display()
+            );
+            self.recovery.kept = Some(kept);
+            self.aside = None;
+        }
         if let Some(to) = self.cut_to {
             self.file.set_len(to).map_err(|source| SpoolError::Io {
                 what: "cutting off a torn record",
@@ -970,6 +1016,59 @@ mod tests {
         assert_eq!(s.recovery().skipped, None, "no torn record mid-log");
         assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (2, 2, 1002)]);
         assert_eq!(s.next_seq(), 4);
+    }
+
+    thread_local! {
+        /// How many of this thread's next [`Spool::keep_aside`] calls fail
+        /// as on a full disk.
+        pub(super) static ASIDE_FAILS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A torn tail that cannot be kept aside at open (a full disk) does
+    /// not stop the spool: what was read is served, writes fail until the
+    /// part can be kept, and then it is kept and cut off first.
+    #[test]
+    fn a_tail_that_cannot_be_kept_aside_at_open_is_kept_and_cut_before_the_next_record() {
+        let dir = TempDir::new("aside");
+        let now = Instant::now();
+        let path = dir.0.join("spool.log");
+        {
+            let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into()).expect("open");
+            s.append(now, 1, &sample(1)).expect("append");
+        }
+        let mut torn = Vec::new();
+        encode_record(&mut torn, KIND_SAMPLE, b"0123456789abcdef{}");
+        let tail = &torn[..torn.len() / 2];
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(tail)
+            .expect("tear");
+        let whole = fs::metadata(&path).expect("stat").len();
+        ASIDE_FAILS.with(|n| n.set(2));
+        let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into())
+            .expect("opens though the tail cannot be kept aside");
+        assert_eq!(values(&s.take_restored()), [(1, 1, 1001)]);
+        let r = s.recovery().clone();
+        assert!(r.torn && r.kept.is_none(), "{r:?}");
+        assert!(r.kept_later.is_some_and(|w| w.contains("No space left")));
+        assert_eq!(
+            fs::metadata(&path).expect("stat").len(),
+            whole,
+            "not cut yet"
+        );
+        // Still no room: the write fails, and the tail is still there.
+        assert!(s.append(now, 2, &sample(2)).is_err());
+        assert_eq!(fs::metadata(&path).expect("stat").len(), whole);
+        // Room again: the tail is kept aside, cut off, and the record follows.
+        s.append(now, 2, &sample(2)).expect("append");
+        let kept = s.recovery().kept.clone().expect("kept aside now");
+        assert_eq!(fs::read(&kept).expect("the kept part"), tail);
+        drop(s);
+        let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into()).expect("reopen");
+        assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (2, 2, 1002)]);
+        assert_eq!(s.recovery().skipped, None, "nothing left to skip");
     }
 
     #[test]
