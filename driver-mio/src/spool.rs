@@ -993,14 +993,7 @@ mod tests {
             let mut s = Spool::open(&opts(&dir, Fsync::Never), || "id".into()).expect("open");
             s.append(now, 1, &sample(1)).expect("append");
             // A write cut short (a full disk) left half a record behind...
-            let mut torn = Vec::new();
-            encode_record(&mut torn, KIND_SAMPLE, b"0123456789abcdef{}");
-            OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .expect("open")
-                .write_all(&torn[..torn.len() / 2])
-                .expect("tear");
+            append_torn_record(&path);
             // ... and neither the write nor the cut works for now (a
             // handle that can do neither stands in for the failing disk).
             let good = std::mem::replace(&mut s.file, File::open(&path).expect("read-only"));
@@ -1016,6 +1009,21 @@ mod tests {
         assert_eq!(s.recovery().skipped, None, "no torn record mid-log");
         assert_eq!(values(&s.take_restored()), [(1, 1, 1001), (2, 2, 1002)]);
         assert_eq!(s.next_seq(), 4);
+    }
+
+    /// Appends the first half of a sample record to the log at `path` (a
+    /// write cut short); returns those bytes.
+    fn append_torn_record(path: &Path) -> Vec<u8> {
+        let mut torn = Vec::new();
+        encode_record(&mut torn, KIND_SAMPLE, b"0123456789abcdef{}");
+        torn.truncate(torn.len() / 2);
+        OpenOptions::new()
+            .append(true)
+            .open(path)
+            .expect("open")
+            .write_all(&torn)
+            .expect("tear");
+        torn
     }
 
     thread_local! {
@@ -1036,15 +1044,7 @@ mod tests {
             let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into()).expect("open");
             s.append(now, 1, &sample(1)).expect("append");
         }
-        let mut torn = Vec::new();
-        encode_record(&mut torn, KIND_SAMPLE, b"0123456789abcdef{}");
-        let tail = &torn[..torn.len() / 2];
-        OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .expect("open")
-            .write_all(tail)
-            .expect("tear");
+        let tail = append_torn_record(&path);
         let whole = fs::metadata(&path).expect("stat").len();
         ASIDE_FAILS.with(|n| n.set(2));
         let mut s = Spool::open(&opts(&dir, Fsync::Always), || "id".into())
