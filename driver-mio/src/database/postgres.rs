@@ -66,6 +66,22 @@ pub const STATEMENT_DEADLINE: Duration = Duration::from_secs(30);
 /// `connect_timeout` when the URL has none.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `c`, every (identity, client) of the table in the key's order: a skip
+/// scan of the primary key, one index probe per client for the next one
+/// (a recursive query is evaluated as far as it is read). A macro, so
+/// that the statements built on it stay literals.
+macro_rules! clients {
+    () => {
+        "WITH RECURSIVE c AS (
+             (SELECT identity, client FROM reports ORDER BY identity, client LIMIT 1)
+             UNION ALL
+             SELECT n.identity, n.client FROM c CROSS JOIN LATERAL
+                 (SELECT identity, client FROM reports AS r
+                  WHERE (r.identity, r.client) > (c.identity, c.client)
+                  ORDER BY identity, client LIMIT 1) AS n)"
+    };
+}
+
 /// Most rows in one INSERT statement.
 pub const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -831,31 +847,24 @@ impl Database for Postgres {
         _: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // A skip scan of the primary key: one index probe per client to find
-        // the next (identity, client), one for its highest seq, and no more
-        // than `limit` of each (a recursive query is evaluated as far as it
-        // is read), where DISTINCT ON would read the whole table.
+        // A skip scan of the primary key: [`clients!`], and one index probe
+        // per client for its highest seq, no more than `limit` of each,
+        // where DISTINCT ON would read the whole table.
         self.run(async |client, _| {
             let rows = match identity {
-                None => {
-                    client
-                        .query(
-                            "WITH RECURSIVE c AS (
-                     (SELECT identity, client FROM reports ORDER BY identity, client LIMIT 1)
-                     UNION ALL
-                     SELECT n.identity, n.client FROM c CROSS JOIN LATERAL
-                         (SELECT identity, client FROM reports AS r
-                          WHERE (r.identity, r.client) > (c.identity, c.client)
-                          ORDER BY identity, client LIMIT 1) AS n)
-                 SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
+                None => client
+                    .query(
+                        concat!(
+                            clients!(),
+                            " SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
                      (SELECT body FROM reports AS r
                       WHERE r.identity = c.identity AND r.client = c.client
                       ORDER BY seq DESC LIMIT 1) AS l
-                 LIMIT $1",
-                            &[&limit],
-                        )
-                        .await?
-                }
+                 LIMIT $1"
+                        ),
+                        &[&limit],
+                    )
+                    .await?,
                 Some(id) => {
                     client
                         .query(
@@ -887,7 +896,14 @@ impl Database for Postgres {
         let (rows, clients): (i64, i64) = self.run(async |client, _| {
             let row = client
                 .query_one(
-                    "SELECT count(*), count(DISTINCT (identity, client)) FROM reports",
+                    // The clients by the skip scan of `latest` (8 ms for
+                    // 1,000 clients of 2 million rows here, where
+                    // `count(DISTINCT (identity, client))` sorted every row:
+                    // 1.8 s).
+                    concat!(
+                        clients!(),
+                        " SELECT (SELECT count(*) FROM reports), (SELECT count(*) FROM c)"
+                    ),
                     &[],
                 )
                 .await?;
