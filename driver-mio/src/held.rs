@@ -79,9 +79,9 @@ pub(crate) enum Settled {
     Read(ReportHandle, Result<ReadResult, String>),
 }
 
-/// Database reads (`/latest`, `/stats`) the thread holds at most; more
-/// are answered "busy" at once, so that reads cannot pile up ahead of the
-/// commits they take turns with. A read not answered within
+/// Database reads (`/latest`, `/stats`) the read thread holds at most;
+/// more are answered "busy" at once, so that reads cannot pile up without
+/// bound behind a slow one. A read not answered within
 /// [`WaitLimits::deadline`] is answered "unavailable" at its deadline (a
 /// database stalled in a statement does not hold the request open); it
 /// still counts here until the thread gives it back.
@@ -325,7 +325,7 @@ mod tests {
     use quic_report_core::ConnKey;
 
     use super::*;
-    use crate::database::testing::{Down, Gated};
+    use crate::database::testing::Gated;
 
     /// A `Held` whose database's reads wait while the gate is held (keep
     /// the `Poll`: the thread wakes it).
@@ -338,8 +338,8 @@ mod tests {
             inserts: false,
             reads: true,
         };
-        let writer =
-            Writer::start(Box::new(Down), Some(Box::new(db)), waker, [1; 32]).expect("writer");
+        let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, [1; 32])
+            .expect("writer");
         (Held::new(writer, limits, [2; 16]), gate, poll)
     }
 

@@ -46,6 +46,7 @@
 //!   message saying so; nothing is written to it.
 
 pub mod postgres;
+mod reader;
 pub mod sqlite;
 pub mod writer;
 
@@ -215,6 +216,10 @@ pub trait Connect: Send {
 
     /// What to call the database in log lines (no password).
     fn describe(&self) -> String;
+
+    /// Another way to the same database: the read side connects with it,
+    /// on a connection of its own.
+    fn another(&self) -> Box<dyn Connect>;
 }
 
 impl fmt::Debug for dyn Connect {
@@ -302,10 +307,16 @@ pub(crate) mod testing {
         fn describe(&self) -> String {
             "down".into()
         }
+
+        fn another(&self) -> Box<dyn Connect> {
+            Box::new(Down)
+        }
     }
 
     /// Takes every row as new and reads nothing; its inserts (or its
-    /// reads) wait while the test holds `gate`.
+    /// reads) wait while the test holds `gate`. As a [`Connect`], it
+    /// connects to a copy of itself.
+    #[derive(Clone)]
     pub(crate) struct Gated {
         pub(crate) gate: Arc<Mutex<()>>,
         pub(crate) inserts: bool,
@@ -339,6 +350,20 @@ pub(crate) mod testing {
         fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             self.pass(self.reads);
             Ok((0, 0))
+        }
+    }
+
+    impl Connect for Gated {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Ok(Box::new(self.clone()))
+        }
+
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+
+        fn another(&self) -> Box<dyn Connect> {
+            Box::new(self.clone())
         }
     }
 }

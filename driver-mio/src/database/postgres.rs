@@ -387,6 +387,10 @@ impl Connect for PostgresConnect {
     fn describe(&self) -> String {
         self.shown.clone()
     }
+
+    fn another(&self) -> Box<dyn Connect> {
+        Box::new(self.clone())
+    }
 }
 
 impl PostgresConnect {
@@ -852,9 +856,10 @@ impl Database for Postgres {
         // where DISTINCT ON would read the whole table.
         self.run(async |client, _| {
             let rows = match identity {
-                None => client
-                    .query(
-                        concat!(
+                None => {
+                    client
+                        .query(
+                            concat!(
                             clients!(),
                             " SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
                      (SELECT body FROM reports AS r
@@ -862,9 +867,10 @@ impl Database for Postgres {
                       ORDER BY seq DESC LIMIT 1) AS l
                  LIMIT $1"
                         ),
-                        &[&limit],
-                    )
-                    .await?,
+                            &[&limit],
+                        )
+                        .await?
+                }
                 Some(id) => {
                     client
                         .query(

@@ -101,6 +101,10 @@ impl Connect for SqliteConnect {
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }
+
+    fn another(&self) -> Box<dyn Connect> {
+        Box::new(self.clone())
+    }
 }
 
 /// Creates the schema if missing and checks its version, in one

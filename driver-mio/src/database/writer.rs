@@ -1,12 +1,17 @@
-//! The sink's helper thread: it owns the database connection, commits the
-//! rows the server loop hands it, and hands the outcomes back through a
-//! channel and the loop's `mio::Waker`. The loop never waits on it.
+//! The sink's commit thread: it owns the database connection that
+//! commits, commits the rows the server loop hands it, and hands the
+//! outcomes back through a channel and the loop's `mio::Waker`. The loop
+//! never waits on it. Reads (`/latest`, `/stats`) go to the read thread
+//! ([`super::reader`]), started beside it, on a connection of their own.
 //!
 //! ```text
 //!  loop ──Request::Rows(jobs)──► channel ──► pending ──► one batch: everything
 //!   ▲                                          │          pending, at most MAX_BATCH rows
 //!   │                                          ▼
-//!   └──waker.wake()◄──Completion◄── insert + commit (group commit)
+//!   ├──waker.wake()◄──Completion◄── insert + commit (group commit)
+//!   │
+//!   │ ──Request::Read──► channel ──► read thread: one read at a time
+//!   └──waker.wake()◄──Completion::Read◄──┘
 //! ```
 //!
 //! **Group commit:** while a batch commits, new rows wait in the channel;
@@ -17,19 +22,15 @@
 //! *down*: the failed batch goes back to the front of the pending rows,
 //! one warning is logged for the whole outage, and connecting is retried
 //! with backoff (100 ms doubling to 5 s, with jitter) while rows are
-//! pending -> *connected, unconfirmed* -> (the first insert that works; a
-//! read that works is not enough) -> *connected* again, logged once with
-//! the outage's length. A database that takes connections but fails every
-//! insert (a standby, a full disk, INSERT revoked), even one that still
-//! answers reads, therefore stays in one outage, with one warning and a
-//! growing backoff, instead of a reconnect per batch. Rows whose deadline
-//! passed are dropped from the pending rows unwritten (the loop has
-//! answered them `not_recorded` by then), and reads whose deadline passed
-//! are answered without being run (the loop answered their requests by
-//! then); a read is given its deadline, and SQLite stops one still
-//! running then. While the database is down a read is answered at once
-//! ("unavailable"); otherwise reads and batches take turns, so a queue of
-//! reads cannot hold the commits back.
+//! pending -> *connected, unconfirmed* -> (the first insert that works)
+//! -> *connected* again, logged once with the outage's length. A
+//! database that takes connections but fails every insert (a standby, a
+//! full disk, INSERT revoked), even one that still answers reads,
+//! therefore stays in one outage, with one warning and a growing backoff,
+//! instead of a reconnect per batch. Rows whose deadline passed are
+//! dropped from the pending rows unwritten (the loop has answered them
+//! `not_recorded` by then). While this thread has no connection, the read
+//! thread answers reads at once ("down").
 //!
 //! **Custody:** every [`Job`] carries a [`Ticket`] that counts its row
 //! and bytes in the [`Custody`] the loop checks its waiting bound
@@ -51,7 +52,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,6 +61,7 @@ use mio::Waker;
 use quic_report_core::backoff::{Backoff, BackoffConfig};
 use quic_report_core::{CoreRng, ReportHandle};
 
+use super::reader::{ReadJob, Reader};
 use super::{Connect, Database, DbError, Row, Written};
 
 /// Most rows committed in one batch.
@@ -192,19 +194,23 @@ pub enum Completion {
     Fatal(DbError),
 }
 
-/// The loop's handle on the thread. Dropping it ends the thread once its
-/// current batch is done (the thread is not waited for).
+/// The loop's handle on the commit thread and the read thread. Dropping
+/// it ends each once its current batch or read is done (they are not
+/// waited for).
 #[derive(Debug)]
 pub struct Writer {
-    requests: Sender<Request>,
+    rows: Sender<Vec<Job>>,
+    reads: Sender<ReadJob>,
     completions: Receiver<Completion>,
     custody: Arc<Custody>,
     _thread: JoinHandle<()>,
 }
 
 impl Writer {
-    /// Starts the thread with `db` (if the first connection succeeded) and
-    /// the means to connect again; it wakes `waker` after each completion.
+    /// Starts the threads, the commit thread with `db` (if the first
+    /// connection succeeded) and the means to connect again, the read
+    /// thread with [`Connect::another`]; they wake `waker` after each
+    /// completion.
     pub fn start(
         connect: Box<dyn Connect>,
         db: Option<Box<dyn Database>>,
@@ -221,21 +227,30 @@ impl Writer {
         waker: Arc<Waker>,
         seed: [u8; 32],
     ) -> std::io::Result<Writer> {
-        let (requests, inbox) = mpsc::channel();
+        let (rows, inbox) = mpsc::channel();
+        let (reads, read_inbox) = mpsc::channel();
         let (outbox, completions) = mpsc::channel();
+        let connected = Arc::new(AtomicBool::new(db.is_some()));
+        let reader = Reader {
+            connect: connect.another(),
+            db: None,
+            inbox: read_inbox,
+            outbox: outbox.clone(),
+            waker: Arc::clone(&waker),
+            writer_connected: Arc::clone(&connected),
+        };
         let mut thread = Thread {
             connect,
             db,
+            connected,
             inbox,
             outbox,
             waker,
             pending: VecDeque::new(),
-            reads: VecDeque::new(),
             outage: None,
             backoff: Backoff::new(RECONNECT),
             rng: CoreRng::from_seed_bytes(seed),
             next_attempt: Instant::now(),
-            read_next: false,
             refusals: (None, 0),
             first,
         };
@@ -245,11 +260,15 @@ impl Writer {
                 attempts: 1,
             });
         }
+        std::thread::Builder::new()
+            .name("sink-read".into())
+            .spawn(move || reader.run())?;
         let handle = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || thread.run())?;
         Ok(Writer {
-            requests,
+            rows,
+            reads,
             completions,
             custody: Arc::new(Custody::default()),
             _thread: handle,
@@ -282,9 +301,17 @@ impl Writer {
         Custody::ticket(&self.custody, bytes)
     }
 
-    /// Hands a request to the thread; false if the thread is gone.
+    /// Hands rows to the commit thread, a read to the read thread; false
+    /// if that thread is gone.
     pub fn send(&self, request: Request) -> bool {
-        self.requests.send(request).is_ok()
+        match request {
+            Request::Rows(jobs) => self.rows.send(jobs).is_ok(),
+            Request::Read {
+                handle,
+                what,
+                deadline,
+            } => self.reads.send((handle, what, deadline)).is_ok(),
+        }
     }
 
     /// The next completion, if one is ready.
@@ -292,8 +319,8 @@ impl Writer {
         self.completions.try_recv().ok()
     }
 
-    /// Whether the thread has ended: after a [`Completion::Fatal`], or
-    /// (with none sent) because it panicked.
+    /// Whether the commit thread has ended: after a [`Completion::Fatal`],
+    /// or (with none sent) because it panicked.
     pub fn ended(&self) -> bool {
         self._thread.is_finished()
     }
@@ -306,18 +333,18 @@ struct Outage {
 
 struct Thread {
     connect: Box<dyn Connect>,
+    /// Set through [`Thread::set_db`], which keeps `connected` in step.
     db: Option<Box<dyn Database>>,
-    inbox: Receiver<Request>,
+    /// Whether `db` is some: the read thread answers "down" while not.
+    connected: Arc<AtomicBool>,
+    inbox: Receiver<Vec<Job>>,
     outbox: Sender<Completion>,
     waker: Arc<Waker>,
     pending: VecDeque<Job>,
-    reads: VecDeque<(ReportHandle, Read, Instant)>,
     outage: Option<Outage>,
     backoff: Backoff,
     rng: CoreRng,
     next_attempt: Instant,
-    /// Whether a read goes before the next batch (they alternate).
-    read_next: bool,
     /// When a refused row was last logged, and how many since.
     refusals: (Option<Instant>, u64),
     /// Set by [`Writer::start_connecting`]: where the first connection's
@@ -341,45 +368,11 @@ impl Thread {
             }
             let now = Instant::now();
             self.pending.retain(|j| j.deadline > now);
-            if !self.drop_late_reads(now) {
-                return;
-            }
-            if self.pending.is_empty() && self.reads.is_empty() {
+            if self.pending.is_empty() {
                 continue;
             }
-            let Some(db) = self.db.as_mut() else {
-                // Reads are answered at once: the answer says it is down.
-                while let Some((handle, _, _)) = self.reads.pop_front() {
-                    let result = Err(format!(
-                        "{} is down (reconnecting)",
-                        self.connect.describe()
-                    ));
-                    if !self.tell(Completion::Read { handle, result }) {
-                        return;
-                    }
-                }
+            if self.db.is_none() {
                 if now >= self.next_attempt && !self.reconnect() {
-                    return;
-                }
-                continue;
-            };
-            // Batches and reads take turns.
-            let read_turn = !self.reads.is_empty() && (self.pending.is_empty() || self.read_next);
-            self.read_next = !read_turn;
-            if read_turn && let Some((handle, what, deadline)) = self.reads.pop_front() {
-                let result = match what {
-                    Read::Latest { limit, identity } => db
-                        .latest(limit, identity.as_deref(), deadline)
-                        .map(ReadResult::Latest),
-                    Read::Counts => db.counts(deadline).map(|(r, c)| ReadResult::Counts(r, c)),
-                };
-                // A read that works does not end an outage: a standby, a
-                // full disk or a revoked INSERT all still answer reads.
-                if let Err(DbError::Connection(e)) = &result {
-                    self.lost(e.clone());
-                }
-                let result = result.map_err(|e| e.to_string());
-                if !self.tell(Completion::Read { handle, result }) {
                     return;
                 }
                 continue;
@@ -396,7 +389,7 @@ impl Thread {
     /// arrived (and, while the database is down, waits until the next
     /// attempt for more). False when the loop is gone.
     fn wait(&mut self) -> bool {
-        let idle = self.pending.is_empty() && self.reads.is_empty();
+        let idle = self.pending.is_empty();
         let first = if idle {
             match self.inbox.recv() {
                 Ok(r) => Some(r),
@@ -412,12 +405,12 @@ impl Thread {
         } else {
             None
         };
-        if let Some(r) = first {
-            self.take(r);
+        if let Some(jobs) = first {
+            self.pending.extend(jobs);
         }
         loop {
             match self.inbox.try_recv() {
-                Ok(r) => self.take(r),
+                Ok(jobs) => self.pending.extend(jobs),
                 Err(TryRecvError::Empty) => return true,
                 // The loop is gone: finish what is pending (until its deadlines).
                 Err(TryRecvError::Disconnected) => return !idle,
@@ -425,31 +418,10 @@ impl Thread {
         }
     }
 
-    fn take(&mut self, r: Request) {
-        match r {
-            Request::Rows(jobs) => self.pending.extend(jobs),
-            Request::Read {
-                handle,
-                what,
-                deadline,
-            } => self.reads.push_back((handle, what, deadline)),
-        }
-    }
-
-    /// Answers the reads whose deadline passed without running them (the
-    /// loop answered them already; the answer only gives it back the
-    /// read's place under its bound). False when the loop is gone.
-    fn drop_late_reads(&mut self, now: Instant) -> bool {
-        let (late, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.reads)
-            .into_iter()
-            .partition(|(_, _, deadline)| *deadline <= now);
-        self.reads = kept;
-        late.into_iter().all(|(handle, _, _)| {
-            self.tell(Completion::Read {
-                handle,
-                result: Err("not read: its deadline passed".into()),
-            })
-        })
+    /// Takes `db` as the connection (or none), and tells the read thread.
+    fn set_db(&mut self, db: Option<Box<dyn Database>>) {
+        self.connected.store(db.is_some(), Ordering::Relaxed);
+        self.db = db;
     }
 
     /// One connection attempt. False if the schema is refused (fatal).
@@ -457,7 +429,7 @@ impl Thread {
         match self.connect.connect() {
             Ok(db) => {
                 // Back once an insert works on it (`confirmed`).
-                self.db = Some(db);
+                self.set_db(Some(db));
                 true
             }
             Err(DbError::Schema(e)) => {
@@ -485,7 +457,7 @@ impl Thread {
         let what = self.connect.describe();
         match self.connect.connect() {
             Ok(db) => {
-                self.db = Some(db);
+                self.set_db(Some(db));
                 if first.send(Ok(())).is_err() {
                     log::warn!("database {what} answered at last: recording into it");
                 }
@@ -518,7 +490,7 @@ impl Thread {
     /// a connection that breaks again before anything worked on it is
     /// retried later each time.
     fn lost(&mut self, e: String) {
-        self.db = None;
+        self.set_db(None);
         match self.outage.as_mut() {
             Some(o) => {
                 o.attempts += 1;
@@ -760,6 +732,10 @@ mod tests {
         fn describe(&self) -> String {
             "memory".into()
         }
+
+        fn another(&self) -> Box<dyn Connect> {
+            Box::new(Again(Arc::clone(&self.0)))
+        }
     }
 
     fn job(seq: u64, body: &str) -> Job {
@@ -827,6 +803,10 @@ mod tests {
 
         fn describe(&self) -> String {
             "read-only".into()
+        }
+
+        fn another(&self) -> Box<dyn Connect> {
+            Box::new(TakesNoWrites(Arc::clone(&self.0)))
         }
     }
 
@@ -947,6 +927,61 @@ mod tests {
                 assert_eq!(h, handle);
                 let e = result.expect_err("unavailable");
                 assert!(e.contains("down is down"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A read the database does not answer (a lock, a long count) holds
+    /// its own connection only: rows sent after it are committed while it
+    /// waits, and it is answered once the database answers it.
+    #[test]
+    fn a_read_that_waits_in_the_database_does_not_hold_the_commits_back() {
+        let (_poll, waker) = waker();
+        let gate = Arc::new(Mutex::new(()));
+        let db = Gated {
+            gate: Arc::clone(&gate),
+            inserts: false,
+            reads: true,
+        };
+        let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, [6; 32])
+            .expect("writer");
+        let closed = gate.lock().expect("gate");
+        let handle = ReportHandle {
+            conn: ConnKey(9),
+            stream: 0,
+            index: 0,
+        };
+        assert!(writer.send(Request::Read {
+            handle,
+            what: Read::Counts,
+            deadline: Instant::now() + Duration::from_secs(60),
+        }));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(writer.send(Request::Rows(vec![job(1, "{}"), job(2, "{}")])));
+        let next = |what: &str| {
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(c) = writer.try_recv() {
+                    break c;
+                }
+                assert!(Instant::now() < until, "no {what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        match next("commit while the read waits") {
+            Completion::Committed { results, .. } => {
+                let seqs: Vec<u64> = results.iter().map(|(h, _)| h.stream / 4).collect();
+                assert_eq!(seqs, [1, 2]);
+                assert!(results.iter().all(|(_, r)| r == &Ok(Written::Inserted)));
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(closed);
+        match next("answer to the read") {
+            Completion::Read { handle: h, result } => {
+                assert_eq!(h, handle);
+                assert_eq!(result, Ok(ReadResult::Counts(0, 0)));
             }
             other => panic!("{other:?}"),
         }
