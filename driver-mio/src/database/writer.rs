@@ -900,10 +900,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_while_the_database_is_down_is_answered_at_once() {
-        let (_poll, waker) = waker();
-        let writer = Writer::start(Box::new(Down), None, waker, [4; 32]).expect("writer");
+    /// Sends a `/stats` read due in 60 s; its request's handle.
+    fn send_counts(writer: &Writer) -> ReportHandle {
         let handle = ReportHandle {
             conn: ConnKey(9),
             stream: 0,
@@ -914,6 +912,14 @@ mod tests {
             what: Read::Counts,
             deadline: Instant::now() + Duration::from_secs(60),
         }));
+        handle
+    }
+
+    #[test]
+    fn a_read_while_the_database_is_down_is_answered_at_once() {
+        let (_poll, waker) = waker();
+        let writer = Writer::start(Box::new(Down), None, waker, [4; 32]).expect("writer");
+        let handle = send_counts(&writer);
         let until = Instant::now() + Duration::from_secs(5);
         let answer = loop {
             if let Some(c) = writer.try_recv() {
@@ -947,16 +953,7 @@ mod tests {
         let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, [6; 32])
             .expect("writer");
         let closed = gate.lock().expect("gate");
-        let handle = ReportHandle {
-            conn: ConnKey(9),
-            stream: 0,
-            index: 0,
-        };
-        assert!(writer.send(Request::Read {
-            handle,
-            what: Read::Counts,
-            deadline: Instant::now() + Duration::from_secs(60),
-        }));
+        let handle = send_counts(&writer);
         std::thread::sleep(Duration::from_millis(50));
         assert!(writer.send(Request::Rows(vec![job(1, "{}"), job(2, "{}")])));
         let next = |what: &str| {
