@@ -82,6 +82,26 @@ macro_rules! clients {
     };
 }
 
+/// `/latest` for everyone: [`clients!`], and one index probe per client
+/// for its highest seq, no more than `$1` of each, where DISTINCT ON would
+/// read the whole table.
+const LATEST_ALL: &str = concat!(
+    clients!(),
+    " SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
+         (SELECT body FROM reports AS r
+          WHERE r.identity = c.identity AND r.client = c.client
+          ORDER BY seq DESC LIMIT 1) AS l
+     LIMIT $1"
+);
+
+/// `/stats`: the rows, and the clients by [`clients!`] (8 ms for 1,000
+/// clients of 2 million rows here, where `count(DISTINCT (identity,
+/// client))` sorted every row: 1.8 s).
+const COUNTS: &str = concat!(
+    clients!(),
+    " SELECT (SELECT count(*) FROM reports), (SELECT count(*) FROM c)"
+);
+
 /// Most rows in one INSERT statement.
 pub const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -851,26 +871,11 @@ impl Database for Postgres {
         _: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // A skip scan of the primary key: [`clients!`], and one index probe
-        // per client for its highest seq, no more than `limit` of each,
-        // where DISTINCT ON would read the whole table.
+        // A skip scan of the primary key ([`LATEST_ALL`]; for one identity,
+        // the same within its range of the key).
         self.run(async |client, _| {
             let rows = match identity {
-                None => {
-                    client
-                        .query(
-                            concat!(
-                            clients!(),
-                            " SELECT c.identity, c.client, l.body::text FROM c CROSS JOIN LATERAL
-                     (SELECT body FROM reports AS r
-                      WHERE r.identity = c.identity AND r.client = c.client
-                      ORDER BY seq DESC LIMIT 1) AS l
-                 LIMIT $1"
-                        ),
-                            &[&limit],
-                        )
-                        .await?
-                }
+                None => client.query(LATEST_ALL, &[&limit]).await?,
                 Some(id) => {
                     client
                         .query(
@@ -900,19 +905,7 @@ impl Database for Postgres {
 
     fn counts(&mut self, _: Instant) -> Result<(u64, u64), DbError> {
         let (rows, clients): (i64, i64) = self.run(async |client, _| {
-            let row = client
-                .query_one(
-                    // The clients by the skip scan of `latest` (8 ms for
-                    // 1,000 clients of 2 million rows here, where
-                    // `count(DISTINCT (identity, client))` sorted every row:
-                    // 1.8 s).
-                    concat!(
-                        clients!(),
-                        " SELECT (SELECT count(*) FROM reports), (SELECT count(*) FROM c)"
-                    ),
-                    &[],
-                )
-                .await?;
+            let row = client.query_one(COUNTS, &[]).await?;
             Ok((row.try_get(0)?, row.try_get(1)?))
         })?;
         Ok((

@@ -49,16 +49,16 @@ const INSERT_ANONYMOUS: &str = "INSERT INTO reports (identity, client, seq, rece
 // rows here, however few the clients.
 
 /// The first (identity, client) of the table.
-const LATEST_FIRST: &str = "SELECT identity, client FROM reports \
+const CLIENTS_FIRST: &str = "SELECT identity, client FROM reports \
      ORDER BY identity, client LIMIT 1";
 /// The first client of identity `?1`.
-const LATEST_FIRST_OF: &str = "SELECT identity, client FROM reports WHERE identity = ?1 \
+const CLIENTS_FIRST_OF: &str = "SELECT identity, client FROM reports WHERE identity = ?1 \
      ORDER BY client LIMIT 1";
 /// The client after `?2` in identity `?1`.
-const LATEST_NEXT_CLIENT: &str = "SELECT identity, client FROM reports \
+const CLIENTS_NEXT: &str = "SELECT identity, client FROM reports \
      WHERE identity = ?1 AND client > ?2 ORDER BY client LIMIT 1";
 /// The first client of the identity after `?1`.
-const LATEST_NEXT_IDENTITY: &str = "SELECT identity, client FROM reports WHERE identity > ?1 \
+const CLIENTS_NEXT_IDENTITY: &str = "SELECT identity, client FROM reports WHERE identity > ?1 \
      ORDER BY identity, client LIMIT 1";
 /// The body of client `?2`'s highest seq in identity `?1`.
 const LATEST_LAST: &str = "SELECT body FROM reports WHERE identity = ?1 AND client = ?2 \
@@ -357,8 +357,8 @@ impl<'c> Clients<'c> {
         deadline: Instant,
     ) -> rusqlite::Result<Clients<'c>> {
         let next = match identity {
-            Some(id) => probe(conn, LATEST_FIRST_OF, &[&id])?,
-            None => probe(conn, LATEST_FIRST, &[])?,
+            Some(id) => probe(conn, CLIENTS_FIRST_OF, &[&id])?,
+            None => probe(conn, CLIENTS_FIRST, &[])?,
         };
         Ok(Clients {
             conn,
@@ -378,10 +378,10 @@ impl<'c> Clients<'c> {
                 None,
             ));
         }
-        self.next = match probe(self.conn, LATEST_NEXT_CLIENT, &[&id, &client])? {
+        self.next = match probe(self.conn, CLIENTS_NEXT, &[&id, &client])? {
             Some(next) => Some(next),
             None if self.identity.is_some() => None,
-            None => probe(self.conn, LATEST_NEXT_IDENTITY, &[&id])?,
+            None => probe(self.conn, CLIENTS_NEXT_IDENTITY, &[&id])?,
         };
         Ok(Some((id, client)))
     }
@@ -400,8 +400,7 @@ fn probe(
 
 impl Sqlite {
     /// Runs the read `read`, stopped at `deadline` (SQLite's progress
-    /// handler, asked every [`PROGRESS_OPS`] steps of its virtual machine):
-    /// the commits wait behind a read on this thread.
+    /// handler, asked every [`PROGRESS_OPS`] steps of its virtual machine).
     fn read_until<T>(
         &mut self,
         deadline: Instant,
@@ -641,9 +640,9 @@ mod tests {
         assert_eq!(db.latest(9, None, far()).expect("latest").len(), 9);
         assert_eq!(db.counts(far()).expect("counts"), (8500, 10));
         let steps: i32 = [
-            LATEST_FIRST,
-            LATEST_NEXT_CLIENT,
-            LATEST_NEXT_IDENTITY,
+            CLIENTS_FIRST,
+            CLIENTS_NEXT,
+            CLIENTS_NEXT_IDENTITY,
             LATEST_LAST,
         ]
         .iter()
