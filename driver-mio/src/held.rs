@@ -332,14 +332,7 @@ mod tests {
     fn gated_reads(limits: WaitLimits) -> (Held, Arc<Mutex<()>>, mio::Poll) {
         let poll = mio::Poll::new().expect("poll");
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
-        let gate = Arc::new(Mutex::new(()));
-        let db = Gated {
-            gate: Arc::clone(&gate),
-            inserts: false,
-            reads: true,
-        };
-        let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, [1; 32])
-            .expect("writer");
+        let (writer, gate) = Gated::reads_writer(waker, [1; 32]);
         (Held::new(writer, limits, [2; 16]), gate, poll)
     }
 

@@ -294,6 +294,7 @@ mod tests {
 pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
+    use super::writer::Writer;
     use super::{Connect, Database, DbError, Row, Written};
 
     /// Never connects.
@@ -350,6 +351,25 @@ pub(crate) mod testing {
         fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
             self.pass(self.reads);
             Ok((0, 0))
+        }
+    }
+
+    impl Gated {
+        /// A [`Writer`] on a `Gated` whose reads (not its inserts) wait
+        /// while the returned gate is held, on either thread's connection.
+        pub(crate) fn reads_writer(
+            waker: Arc<mio::Waker>,
+            seed: [u8; 32],
+        ) -> (Writer, Arc<Mutex<()>>) {
+            let gate = Arc::new(Mutex::new(()));
+            let db = Gated {
+                gate: Arc::clone(&gate),
+                inserts: false,
+                reads: true,
+            };
+            let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, seed)
+                .expect("writer");
+            (writer, gate)
         }
     }
 

@@ -944,14 +944,7 @@ mod tests {
     #[test]
     fn a_read_that_waits_in_the_database_does_not_hold_the_commits_back() {
         let (_poll, waker) = waker();
-        let gate = Arc::new(Mutex::new(()));
-        let db = Gated {
-            gate: Arc::clone(&gate),
-            inserts: false,
-            reads: true,
-        };
-        let writer = Writer::start(Box::new(db.clone()), Some(Box::new(db)), waker, [6; 32])
-            .expect("writer");
+        let (writer, gate) = Gated::reads_writer(waker, [6; 32]);
         let closed = gate.lock().expect("gate");
         let handle = send_counts(&writer);
         std::thread::sleep(Duration::from_millis(50));
