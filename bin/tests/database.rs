@@ -408,22 +408,8 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
     };
     assert_eq!(stats()["database_rows"], 3);
     thread::scope(|s| {
-        let locker = s.spawn(|| {
-            pg.psql(
-                "postgres",
-                "BEGIN; LOCK TABLE reports IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;",
-            )
-        });
-        wait_rows("pg_locks (the lock held)", 1, || {
-            pg.psql(
-                "postgres",
-                "SELECT count(*) FROM pg_locks \
-                 WHERE relation = 'reports'::regclass AND mode = 'AccessExclusiveLock' AND granted",
-            )
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-        });
+        let locker = s.spawn(|| lock_reports(&pg, 4));
+        wait_for_the_lock(&pg);
         let body = get(&format!("https://{a}/stats"));
         assert!(
             body.contains("database unavailable") && body.contains("did not answer within 1s"),
@@ -443,6 +429,70 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
         thread::sleep(Duration::from_millis(50));
     }
     drop(sa);
+}
+
+/// Holds `reports` locked from another session for `seconds`.
+fn lock_reports(pg: &PgCluster, seconds: u32) -> Result<String, String> {
+    pg.psql(
+        "postgres",
+        &format!(
+            "BEGIN; LOCK TABLE reports IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds}); COMMIT;"
+        ),
+    )
+}
+
+/// Waits until [`lock_reports`] holds its lock.
+fn wait_for_the_lock(pg: &PgCluster) {
+    wait_rows("pg_locks (the lock held)", 1, || {
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_locks \
+             WHERE relation = 'reports'::regclass AND mode = 'AccessExclusiveLock' AND granted",
+        )
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+    });
+}
+
+/// The backend on its own: a read behind a lock is cancelled by
+/// PostgreSQL at the read's deadline (not run until the lock goes, up to
+/// the 30 s statement deadline, holding the read thread), and the same
+/// connection reads the table once the lock is gone.
+#[test]
+fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_goes_on() {
+    let pg = cluster();
+    let mut db = PostgresConnect::parse(&pg.url("postgres"))
+        .expect("URL")
+        .connect()
+        .expect("connect");
+    db.insert(&[row("", "a", 1, "{}"), row("d", "b", 1, "{}")])
+        .expect("insert");
+    let soon = || Instant::now() + Duration::from_millis(300);
+    let stopped = |e: DbError| {
+        assert!(
+            matches!(&e, DbError::Rejected(m) if m.ends_with(": stopped at its deadline")),
+            "{e:?}"
+        )
+    };
+    thread::scope(|s| {
+        let locker = s.spawn(|| lock_reports(&pg, 3));
+        wait_for_the_lock(&pg);
+        stopped(db.counts(soon()).expect_err("/stats stopped"));
+        stopped(db.latest(10, None, soon()).expect_err("/latest stopped"));
+        stopped(
+            db.latest(10, Some("d"), soon())
+                .expect_err("/latest?identity stopped"),
+        );
+        assert!(
+            !locker.is_finished(),
+            "the reads were stopped while the lock was held"
+        );
+        locker.join().expect("locker").expect("the lock's session");
+    });
+    assert_eq!(db.counts(far()).expect("/stats"), (2, 2));
+    let latest = db.latest(10, Some("d"), far()).expect("/latest");
+    assert_eq!(latest, [("d".into(), "b".into(), "{}".into())]);
 }
 
 #[test]

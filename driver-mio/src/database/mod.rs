@@ -193,10 +193,9 @@ pub trait Database: Send {
     /// The latest report (highest `seq`) of each `(identity, client)`, as
     /// `(identity, client, body)`, at most `limit` of them; with `identity`,
     /// that identity's alone (selected before the limit, so that its rows
-    /// are never crowded out by other identities'). A backend that can
-    /// stop a statement midway gives up at `deadline` (nobody waits for
-    /// the answer after it) with [`DbError::Rejected`]; the others run it
-    /// to its end.
+    /// are never crowded out by other identities'). Stopped at `deadline`
+    /// (nobody waits for the answer after it) with [`DbError::Rejected`],
+    /// the connection kept.
     fn latest(
         &mut self,
         limit: usize,

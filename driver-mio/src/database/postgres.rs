@@ -33,6 +33,11 @@
 //! before. A batch over [`ROWS_PER_STATEMENT`] rows is several statements
 //! in one transaction, so a batch commits whole or not at all.
 //!
+//! **Reads** (`/latest`, `/stats`) run in a read-only transaction whose
+//! `statement_timeout` is the time left to the read's deadline: PostgreSQL
+//! cancels a read held by a lock (or one over a huge table) then, and the
+//! connection goes on.
+//!
 //! **The key's text columns are `COLLATE "C"`**: `identity` and `client`
 //! are identifiers compared byte by byte, not words to sort for people, and
 //! an index in the C collation does not depend on the operating system's
@@ -93,6 +98,21 @@ const LATEST_ALL: &str = concat!(
           ORDER BY seq DESC LIMIT 1) AS l
      LIMIT $1"
 );
+
+/// `/latest` for the identity `$2`: the same walk within its range of
+/// the key, at most `$1` clients.
+const LATEST_OF: &str = "WITH RECURSIVE c AS (
+         (SELECT client FROM reports WHERE identity = $2 ORDER BY client LIMIT 1)
+         UNION ALL
+         SELECT n.client FROM c CROSS JOIN LATERAL
+             (SELECT client FROM reports AS r
+              WHERE r.identity = $2 AND r.client > c.client
+              ORDER BY client LIMIT 1) AS n)
+     SELECT $2::text, c.client, l.body::text FROM c CROSS JOIN LATERAL
+         (SELECT body FROM reports AS r
+          WHERE r.identity = $2 AND r.client = c.client
+          ORDER BY seq DESC LIMIT 1) AS l
+     LIMIT $1";
 
 /// `/stats`: the rows, and the clients by [`clients!`] (8 ms for 1,000
 /// clients of 2 million rows here, where `count(DISTINCT (identity,
@@ -724,6 +744,9 @@ struct Postgres {
 enum Failed {
     Db(tokio_postgres::Error),
     Deadline,
+    /// A read that PostgreSQL cancelled at the read's own deadline
+    /// ([`Postgres::read`]); the connection goes on.
+    Stopped,
 }
 
 impl From<tokio_postgres::Error> for Failed {
@@ -752,6 +775,33 @@ impl Postgres {
                 self.what,
                 deadline.as_secs_f64()
             )),
+            Failed::Stopped => DbError::Rejected(format!("{}: stopped at its deadline", self.what)),
+        })
+    }
+
+    /// Runs the read `op` in a read-only transaction whose statements
+    /// PostgreSQL itself cancels at `deadline` (`SET LOCAL
+    /// statement_timeout`, which counts the time waited for a lock too),
+    /// so that nobody's read outlives its answer; [`DbError::Rejected`]
+    /// then, and the connection goes on. The statement deadline still
+    /// bounds a database that does not answer at all.
+    fn read<T>(
+        &mut self,
+        deadline: Instant,
+        op: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, DbError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.min(self.deadline).as_millis().max(1);
+        self.run(async |client, _| {
+            let tx = client.build_transaction().read_only(true).start().await?;
+            tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+                .await?;
+            let out = match op(&tx).await {
+                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Err(Failed::Stopped),
+                other => other.map_err(Failed::Db),
+            }?;
+            tx.commit().await?;
+            Ok(out)
         })
     }
 
@@ -861,51 +911,31 @@ impl Database for Postgres {
             .collect())
     }
 
-    /// Runs to its end (at most [`STATEMENT_DEADLINE`]): stopping it
-    /// would take a cancel request on another connection, and the skip
-    /// scan takes a few index probes per client.
+    /// Stopped at `deadline` ([`Postgres::read`]).
     fn latest(
         &mut self,
         limit: usize,
         identity: Option<&str>,
-        _: Instant,
+        deadline: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // A skip scan of the primary key ([`LATEST_ALL`]; for one identity,
         // the same within its range of the key).
-        self.run(async |client, _| {
+        self.read(deadline, async |tx| {
             let rows = match identity {
-                None => client.query(LATEST_ALL, &[&limit]).await?,
-                Some(id) => {
-                    client
-                        .query(
-                            "WITH RECURSIVE c AS (
-                     (SELECT client FROM reports WHERE identity = $2 ORDER BY client LIMIT 1)
-                     UNION ALL
-                     SELECT n.client FROM c CROSS JOIN LATERAL
-                         (SELECT client FROM reports AS r
-                          WHERE r.identity = $2 AND r.client > c.client
-                          ORDER BY client LIMIT 1) AS n)
-                 SELECT $2::text, c.client, l.body::text FROM c CROSS JOIN LATERAL
-                     (SELECT body FROM reports AS r
-                      WHERE r.identity = $2 AND r.client = c.client
-                      ORDER BY seq DESC LIMIT 1) AS l
-                 LIMIT $1",
-                            &[&limit, &id],
-                        )
-                        .await?
-                }
+                None => tx.query(LATEST_ALL, &[&limit]).await?,
+                Some(id) => tx.query(LATEST_OF, &[&limit, &id]).await?,
             };
-            Ok(rows
-                .iter()
+            rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect::<Result<_, tokio_postgres::Error>>()?)
+                .collect()
         })
     }
 
-    fn counts(&mut self, _: Instant) -> Result<(u64, u64), DbError> {
-        let (rows, clients): (i64, i64) = self.run(async |client, _| {
-            let row = client.query_one(COUNTS, &[]).await?;
+    /// Stopped at `deadline` ([`Postgres::read`]).
+    fn counts(&mut self, deadline: Instant) -> Result<(u64, u64), DbError> {
+        let (rows, clients): (i64, i64) = self.read(deadline, async |tx| {
+            let row = tx.query_one(COUNTS, &[]).await?;
             Ok((row.try_get(0)?, row.try_get(1)?))
         })?;
         Ok((
