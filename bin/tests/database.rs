@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{LIMIT, Logged, TempPath, free_udp_port};
 use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
 use quic_report_mio::database::sqlite::SqliteConnect;
-use quic_report_mio::database::{Connect, DbError, Row, Written};
+use quic_report_mio::database::{Connect, Counts, DbError, Row, Written};
 use quic_report_pg_cluster::PgCluster;
 
 fn start_source() -> (Logged, String) {
@@ -370,6 +370,7 @@ fn latest_and_stats_come_from_the_shared_database() {
     let stats: serde_json::Value =
         serde_json::from_str(&get(&format!("https://{a}/stats"))).expect("JSON");
     assert_eq!(stats["database_rows"], 12, "{stats}");
+    assert_eq!(stats["database_rows_estimated"], false, "{stats}");
     assert_eq!(stats["database_clients"], 2, "{stats}");
     assert_eq!(
         stats["reports_recorded"], 5,
@@ -401,31 +402,41 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
         ],
     );
     sa.wait_for("recording into ");
-    let (status, _) = start_client(&a, &url, 3, "20ms").finish();
-    assert!(status.success());
     let stats = || -> serde_json::Value {
         serde_json::from_str(&get(&format!("https://{a}/stats"))).expect("JSON")
     };
+    let idle = stats();
+    assert_eq!(idle["database"]["up"], true, "up before any commit: {idle}");
+    assert_eq!(idle["database_rows"], 0, "{idle}");
+    let (status, _) = start_client(&a, &url, 3, "20ms").finish();
+    assert!(status.success());
     assert_eq!(stats()["database_rows"], 3);
     thread::scope(|s| {
         let locker = s.spawn(|| lock_reports(&pg, 4));
         wait_for_the_lock(&pg);
-        let body = get(&format!("https://{a}/stats"));
+        // The server's own counters, and why the database's are missing:
+        // the loop's answer at the deadline, or PostgreSQL's cancel of
+        // the read at the same deadline, whichever came first.
+        let v = stats();
+        let error = v["database_error"].as_str().unwrap_or_default();
         assert!(
-            body.contains("database unavailable") && body.contains("did not answer within 1s"),
-            "{body}"
+            error.starts_with("database unavailable: ")
+                && (error.contains("did not answer within 1s")
+                    || error.ends_with("stopped at its deadline")),
+            "{v}"
         );
+        assert_eq!(v["reports_recorded"], 3, "{v}");
+        assert_eq!(v["database_rows"], serde_json::Value::Null, "{v}");
         locker.join().expect("locker").expect("the lock's session");
     });
-    // The read that waited behind the lock, then this one.
+    // Once the lock is gone, from the table again.
     let until = Instant::now() + LIMIT;
     loop {
-        let body = get(&format!("https://{a}/stats"));
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-            assert_eq!(v["database_rows"], 3, "{v}");
+        let v = stats();
+        if v["database_rows"] == 3 {
             break;
         }
-        assert!(Instant::now() < until, "/stats after the lock: {body}");
+        assert!(Instant::now() < until, "/stats after the lock: {v}");
         thread::sleep(Duration::from_millis(50));
     }
     drop(sa);
@@ -490,7 +501,7 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
         );
         locker.join().expect("locker").expect("the lock's session");
     });
-    assert_eq!(db.counts(far()).expect("/stats"), (2, 2));
+    assert_eq!(db.counts(far()).expect("/stats"), counted(2, 2));
     let latest = db.latest(10, Some("d"), far()).expect("/latest");
     assert_eq!(latest, [("d".into(), "b".into(), "{}".into())]);
 }
@@ -625,6 +636,41 @@ fn sqlite_records_the_report_postgres_refuses() {
     assert_eq!(texts, ["a\u{0}b"], "stored as it came");
 }
 
+/// What [`Database::counts`] answers for a table it counted.
+fn counted(rows: u64, clients: u64) -> Counts {
+    Counts {
+        rows,
+        rows_estimated: false,
+        clients,
+    }
+}
+
+/// Above the exact-count limit `/stats`'s rows are PostgreSQL's estimate
+/// (its rows per page at the last `ANALYZE`, times the pages now), where a
+/// count would read the whole key index; before any `ANALYZE` there is no
+/// estimate, and the rows are counted.
+#[test]
+fn postgres_rows_above_the_exact_count_limit_are_the_planners_estimate() {
+    let pg = cluster();
+    let mut connect = PostgresConnect::parse(&pg.url("postgres")).expect("URL");
+    connect.set_exact_count_up_to(100);
+    let mut db = connect.connect().expect("connect");
+    let rows: Vec<Row> = (1..=300)
+        .map(|s| row("", &format!("c{}", s % 7), s, "{}"))
+        .collect();
+    db.insert(&rows).expect("insert");
+    assert_eq!(db.counts(far()).expect("counts"), counted(300, 7));
+    pg.psql("postgres", "ANALYZE reports").expect("ANALYZE");
+    assert_eq!(
+        db.counts(far()).expect("counts"),
+        Counts {
+            rows: 300,
+            rows_estimated: true,
+            clients: 7
+        }
+    );
+}
+
 /// A deadline no read here reaches.
 fn far() -> Instant {
     Instant::now() + Duration::from_secs(600)
@@ -723,7 +769,7 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         4,
         "at most limit"
     );
-    assert_eq!(db.counts(far()).expect("counts"), (n as u64 + 3, 9));
+    assert_eq!(db.counts(far()).expect("counts"), counted(n as u64 + 3, 9));
     // Row by row in one transaction: the row it cannot store fails alone.
     let each = db
         .insert_each(&[

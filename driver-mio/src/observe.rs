@@ -211,7 +211,8 @@ impl Histogram {
 /// A database sink's figures.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DbMetrics {
-    /// The last database operation succeeded.
+    /// The last database operation succeeded: the first connection at
+    /// start, then each commit (a reconnect counts once an insert works).
     pub up: bool,
     /// Batches committed.
     pub commits: u64,
@@ -467,11 +468,7 @@ impl Observer {
     pub fn body(&self, path: &str, only: Option<&Identity>) -> Vec<u8> {
         match path {
             "/latest" => self.latest_body(only),
-            "/stats" => {
-                let mut body = serde_json::to_vec(&stats_json(&self.snap)).unwrap_or_default();
-                body.push(b'\n');
-                body
-            }
+            "/stats" => Self::json_body(&stats_json(&self.snap)),
             _ => b"not found\n".to_vec(),
         }
     }
@@ -540,15 +537,29 @@ impl Observer {
                     })
                     .collect(),
             ),
-            ReadResult::Counts(rows, clients) => {
+            ReadResult::Counts(counts) => {
                 let mut stats = stats_json(&self.snap);
-                stats["database_rows"] = rows.into();
-                stats["database_clients"] = clients.into();
-                let mut body = serde_json::to_vec(&stats).unwrap_or_default();
-                body.push(b'\n');
-                body
+                stats["database_rows"] = counts.rows.into();
+                stats["database_rows_estimated"] = counts.rows_estimated.into();
+                stats["database_clients"] = counts.clients.into();
+                Self::json_body(&stats)
             }
         }
+    }
+
+    /// `/stats` when the database could not be read: the server's own
+    /// counters, with `database_error` saying why (a monitor that scrapes
+    /// it keeps its numbers through an outage).
+    pub fn stats_without_database(&self, error: &str) -> Vec<u8> {
+        let mut stats = stats_json(&self.snap);
+        stats["database_error"] = error.into();
+        Self::json_body(&stats)
+    }
+
+    fn json_body(stats: &Value) -> Vec<u8> {
+        let mut body = serde_json::to_vec(stats).unwrap_or_default();
+        body.push(b'\n');
+        body
     }
 }
 

@@ -334,14 +334,18 @@ impl ServerDriver {
     /// does not understand is refused at start, a database that is down
     /// or does not answer is served around (reports answered
     /// `not_recorded` until it is back).
-    fn start_database(&self, db: DatabaseSink) -> Result<Box<Held>, DriverError> {
+    fn start_database(&mut self, db: DatabaseSink) -> Result<Box<Held>, DriverError> {
         let what = db.connect.describe();
         let seed = os_seed()?;
         let (writer, first) =
             Writer::start_connecting(db.connect, Arc::clone(&self.sources.waker), seed)
                 .map_err(DriverError::io("starting the database thread"))?;
         match first.recv_timeout(FIRST_CONNECT_WAIT) {
-            Ok(Ok(())) => log::info!("recording into {what}"),
+            Ok(Ok(())) => {
+                // Up before the first commit: an idle server is not down.
+                self.observer.database().up = true;
+                log::info!("recording into {what}");
+            }
             Ok(Err(DbError::Schema(e))) => return Err(DriverError::Database(e)),
             Ok(Err(e)) => log::warn!(
                 "database unavailable at start: {e}; serving anyway: reports are answered \
@@ -396,7 +400,10 @@ struct Loop<'a> {
     throttles: Throttles,
     /// Reads the database answers: whose entries each may show (`None`:
     /// everyone's).
-    db_reads: std::collections::HashMap<ReportHandle, Option<quic_report_core::Identity>>,
+    /// Per read sent to the database: the identity it is limited to, and
+    /// whether it is `/stats` (answered with the server's own counters
+    /// when the database cannot be read).
+    db_reads: std::collections::HashMap<ReportHandle, (Option<quic_report_core::Identity>, bool)>,
     /// When the shutdown started, if it did.
     closing_since: Option<Instant>,
     /// When the observer wants its next tick.
@@ -667,9 +674,10 @@ impl Loop<'_> {
                 };
                 let mut body = None;
                 if let (Recorder::Database(held), Some(read)) = (&mut self.sink, read) {
+                    let stats = read == Read::Counts;
                     match held.read(now, *handle, read) {
                         ReadQueued::Sent => {
-                            self.db_reads.insert(*handle, only);
+                            self.db_reads.insert(*handle, (only, stats));
                             (self.on_event)(ev);
                             continue;
                         }
@@ -808,9 +816,12 @@ impl Loop<'_> {
                     self.answer(now, w.turn, w.handle, w.peer, &w.report, w.line, outcome);
                 }
                 Settled::Read(handle, result) => {
-                    let only = self.db_reads.remove(&handle).flatten();
+                    let (only, stats) = self.db_reads.remove(&handle).unwrap_or((None, false));
                     let body = match result {
                         Ok(r) => self.observer.http_body_from(r, only.as_ref()),
+                        Err(e) if stats => self
+                            .observer
+                            .stats_without_database(&format!("database unavailable: {e}")),
                         Err(e) => format!("database unavailable: {e}\n").into_bytes(),
                     };
                     if let Err(e) = self.server.respond_request(now, handle, body) {

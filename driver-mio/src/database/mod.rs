@@ -144,6 +144,27 @@ pub enum Written {
     Duplicate,
 }
 
+/// `/stats`'s numbers from the database ([`Database::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows in the table: counted, or the database's estimate when it
+    /// holds more than [`EXACT_COUNT_UP_TO`] rows (`rows_estimated`).
+    pub rows: u64,
+    /// Whether `rows` is an estimate.
+    pub rows_estimated: bool,
+    /// Distinct `(identity, client)` among the rows (always counted: one
+    /// index probe per client).
+    pub clients: u64,
+}
+
+/// Up to how many rows `/stats` counts the table. A count reads the whole
+/// key index (10 ms per million rows in SQLite here, 25 in PostgreSQL),
+/// so a table that grows for ever would soon pass the read's deadline and
+/// `/stats` would never be answered; above this, its row number is the
+/// database's estimate, which takes two index probes (SQLite) or one
+/// catalogue row (PostgreSQL).
+pub const EXACT_COUNT_UP_TO: u64 = 10_000_000;
+
 /// Why a database operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DbError {
@@ -203,9 +224,11 @@ pub trait Database: Send {
         deadline: std::time::Instant,
     ) -> Result<Vec<(String, String, String)>, DbError>;
 
-    /// Rows in the table, and distinct `(identity, client)` among them;
-    /// `deadline` as for [`Database::latest`].
-    fn counts(&mut self, deadline: std::time::Instant) -> Result<(u64, u64), DbError>;
+    /// Rows in the table (counted up to the backend's exact-count limit,
+    /// [`EXACT_COUNT_UP_TO`] unless a test set another, estimated beyond)
+    /// and distinct `(identity, client)` among them; `deadline` as for
+    /// [`Database::latest`].
+    fn counts(&mut self, deadline: std::time::Instant) -> Result<Counts, DbError>;
 }
 
 /// Opens connections to one database (again after a failure).
@@ -294,7 +317,7 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
     use super::writer::Writer;
-    use super::{Connect, Database, DbError, Row, Written};
+    use super::{Connect, Counts, Database, DbError, Row, Written};
 
     /// Never connects.
     pub(crate) struct Down;
@@ -347,9 +370,9 @@ pub(crate) mod testing {
             Ok(Vec::new())
         }
 
-        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
             self.pass(self.reads);
-            Ok((0, 0))
+            Ok(Counts::default())
         }
     }
 

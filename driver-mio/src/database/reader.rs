@@ -87,7 +87,7 @@ impl Reader {
             Read::Latest { limit, identity } => db
                 .latest(*limit, identity.as_deref(), deadline)
                 .map(ReadResult::Latest),
-            Read::Counts => db.counts(deadline).map(|(r, c)| ReadResult::Counts(r, c)),
+            Read::Counts => db.counts(deadline).map(ReadResult::Counts),
         };
         if let Err(DbError::Connection(_)) = &result {
             self.db = None;

@@ -62,7 +62,7 @@ use quic_report_core::backoff::{Backoff, BackoffConfig};
 use quic_report_core::{CoreRng, ReportHandle};
 
 use super::reader::{ReadJob, Reader};
-use super::{Connect, Database, DbError, Row, Written};
+use super::{Connect, Counts, Database, DbError, Row, Written};
 
 /// Most rows committed in one batch.
 pub const MAX_BATCH: usize = 4096;
@@ -167,7 +167,7 @@ pub enum ReadResult {
     /// `(identity, client, body)` per client.
     Latest(Vec<(String, String, String)>),
     /// Rows, distinct `(identity, client)`.
-    Counts(u64, u64),
+    Counts(Counts),
 }
 
 /// What the thread tells the loop.
@@ -717,8 +717,8 @@ mod tests {
             Ok(Vec::new())
         }
 
-        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
-            Ok((0, 0))
+        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
+            Ok(Counts::default())
         }
     }
 
@@ -790,7 +790,7 @@ mod tests {
             Err(DbError::Connection("read-only".into()))
         }
 
-        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
+        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
             Err(DbError::Connection("read-only".into()))
         }
     }
@@ -867,8 +867,8 @@ mod tests {
             Ok(Vec::new())
         }
 
-        fn counts(&mut self, _: std::time::Instant) -> Result<(u64, u64), DbError> {
-            Ok((0, 0))
+        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
+            Ok(Counts::default())
         }
     }
 
@@ -971,7 +971,7 @@ mod tests {
         match next("answer to the read") {
             Completion::Read { handle: h, result } => {
                 assert_eq!(h, handle);
-                assert_eq!(result, Ok(ReadResult::Counts(0, 0)));
+                assert_eq!(result, Ok(ReadResult::Counts(Counts::default())));
             }
             other => panic!("{other:?}"),
         }
