@@ -1,22 +1,54 @@
 //! Passwords out of URLs before they are shown: a database URL or a proxy
-//! URL may carry one (`scheme://user:password@host/...`), and what is
-//! logged or put in an error message must not.
+//! URL may carry one (`scheme://user:password@host/...`, or libpq's
+//! `?password=...`), and what is logged, put in an error message or
+//! answered to a reader must not.
 
-/// `url` with the password of its userinfo replaced by `***` (the user
-/// name stays, to say which account); unchanged without one.
+/// Query parameters whose value is a secret (libpq's names).
+const SECRET_PARAMS: [&str; 2] = ["password", "sslpassword"];
+
+/// `url` with the password of its userinfo and the values of its
+/// password parameters replaced by `***` (the user name stays, to say
+/// which account); unchanged without either.
+///
+/// The userinfo is hidden as far as either reading of it goes: a URL
+/// parser's (RFC 3986: up to the last `@` before the path) and
+/// tokio-postgres's (up to the first `@` anywhere, so that a password may
+/// hold a `/` or a `?`).
 pub fn password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (auth, tail) = rest.split_at(auth_end);
-    match auth.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..auth_end].rfind('@').or_else(|| rest.find('@'));
+    let shown = match at.and_then(|at| rest[..at].find(':').map(|colon| (colon, at))) {
+        Some((colon, at)) => format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]),
         None => url.to_owned(),
+    };
+    hide_params(&shown)
+}
+
+/// `url` with the values of its [`SECRET_PARAMS`] replaced by `***`.
+fn hide_params(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
     }
+    out
 }
 
 #[cfg(test)]
@@ -36,5 +68,26 @@ mod tests {
         assert_eq!(password("http://proxy:3128"), "http://proxy:3128");
         assert_eq!(password("http://alice@proxy"), "http://alice@proxy");
         assert_eq!(password("proxy:3128"), "proxy:3128");
+    }
+
+    /// The forms the first version let through: libpq's `password`
+    /// parameter, a password with a `/`, `?` or `@` in it.
+    #[test]
+    fn passwords_in_parameters_and_with_delimiters_are_hidden_too() {
+        assert_eq!(
+            password("postgres://u@h/db?password=hunter2"),
+            "postgres://u@h/db?password=***"
+        );
+        assert_eq!(
+            password("postgres://u@h/db?sslmode=require&password=hunter2&sslpassword=k3y#f"),
+            "postgres://u@h/db?sslmode=require&password=***&sslpassword=***#f"
+        );
+        assert_eq!(password("postgres://u:pa/ss@db/x"), "postgres://u:***@db/x");
+        assert_eq!(password("postgres://u:pa?ss@db/x"), "postgres://u:***@db/x");
+        assert_eq!(password("http://u:p@ss@host/"), "http://u:***@host/");
+        assert_eq!(
+            password("postgres://u@h/db?passwords=kept"),
+            "postgres://u@h/db?passwords=kept"
+        );
     }
 }

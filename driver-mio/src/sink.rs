@@ -63,7 +63,8 @@ impl std::str::FromStr for SinkUrl {
             Ok(SinkUrl::Postgres(s.to_owned()))
         } else {
             Err(format!(
-                "{s:?}: expected -, file:PATH, sqlite:PATH or postgres://USER@HOST:PORT/DB"
+                "{:?}: expected -, file:PATH, sqlite:PATH or postgres://USER@HOST:PORT/DB",
+                crate::redact::password(s)
             ))
         }
     }

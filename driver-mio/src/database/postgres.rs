@@ -1021,5 +1021,14 @@ mod tests {
         assert!(e.to_string().contains("sslmode=sometimes"), "{e}");
         let c = PostgresConnect::parse("postgres://a@h/db?sslmode=disable").expect("parses");
         assert_eq!(c.tls(), &Tls::Disable);
+        // The password as the driver reads it, wherever the URL puts it.
+        for (url, password) in [
+            ("postgres://a@h/db?password=hunter2", "hunter2"),
+            ("postgres://a:pa/ss@h/db", "pa/ss"),
+        ] {
+            let c = PostgresConnect::parse(url).expect("parses");
+            assert_eq!(c.config.get_password(), Some(password.as_bytes()), "{url}");
+            assert!(!c.describe().contains(password), "{}", c.describe());
+        }
     }
 }
