@@ -287,6 +287,46 @@ fn a_database_down_at_start_is_waited_for() {
     assert_exactly_once(&pg_seqs(&pg), n, &out);
 }
 
+/// A server nobody reports to reconnects by itself once the database is
+/// back (before, the commit thread retried only with rows to commit, so
+/// its reads were answered "down" for ever): `/stats` is read from the
+/// table again, and the sink is shown up, before any report.
+#[test]
+fn an_idle_server_reconnects_once_the_database_is_back() {
+    let pg = cluster();
+    pg.stop().expect("PostgreSQL stopped");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &pg.url("postgres"));
+    srv.wait_for("database unavailable at start: ");
+    srv.wait_for("listening on ");
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&get(&format!("https://{listen}/stats"))).expect("JSON")
+    };
+    let down = stats();
+    assert!(
+        down["database_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is down")),
+        "{down}"
+    );
+    assert_eq!(down["database"]["up"], false, "{down}");
+    pg.start_server().expect("PostgreSQL started");
+    let until = Instant::now() + LIMIT;
+    loop {
+        let v = stats();
+        if v["database_rows"] == 0 {
+            assert_eq!(v["database"]["up"], true, "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "/stats never read the database again: {v}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(srv);
+}
+
 /// A server started on `pg`'s database after `sql` made its tables: it
 /// must exit non-zero; its error line, and every line it wrote.
 fn refused_at_start(pg: &PgCluster, sql: &str) -> (String, Vec<String>) {

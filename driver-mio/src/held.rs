@@ -207,10 +207,16 @@ impl Held {
         while let Some(c) = self.writer.try_recv() {
             match c {
                 Completion::Committed { results, took } => {
-                    m.up = true;
-                    m.commits += 1;
-                    m.commit_latency.observe(took);
-                    m.batch_rows.observe_value(results.len() as f64);
+                    // Up if the database took or judged a row; a commit
+                    // if a row was written (not a batch refused whole).
+                    m.up = results
+                        .iter()
+                        .any(|(_, r)| matches!(r, Ok(_) | Err(DbError::Unstorable(_))));
+                    if results.iter().any(|(_, r)| r.is_ok()) {
+                        m.commits += 1;
+                        m.commit_latency.observe(took);
+                        m.batch_rows.observe_value(results.len() as f64);
+                    }
                     for (handle, result) in results {
                         let Some(w) = self.take(handle) else {
                             continue; // answered at its deadline already
@@ -238,6 +244,7 @@ impl Held {
                     m.errors += 1;
                     m.up = false;
                 }
+                Completion::Connected => m.up = true,
                 Completion::Fatal(e) => fatal = Some(e),
             }
         }
@@ -326,6 +333,7 @@ mod tests {
 
     use super::*;
     use crate::database::testing::Gated;
+    use crate::database::{Connect, Counts, Database, Row};
 
     /// A `Held` whose database's reads wait while the gate is held (keep
     /// the `Poll`: the thread wakes it).
@@ -356,6 +364,96 @@ mod tests {
             line: Vec::new(),
             turn: Instant::now(),
         }
+    }
+
+    /// Refuses every row for now (a check constraint, say), whole or one
+    /// by one, on a connection that is fine.
+    #[derive(Clone)]
+    struct RefusesEveryRow;
+
+    impl Database for RefusesEveryRow {
+        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
+            Err(DbError::Rejected("check violated".into()))
+        }
+
+        fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+            Ok(rows
+                .iter()
+                .map(|_| Err(DbError::Rejected("check violated".into())))
+                .collect())
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+            _: Instant,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self, _: Instant) -> Result<Counts, DbError> {
+            Ok(Counts::default())
+        }
+    }
+
+    impl Connect for RefusesEveryRow {
+        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+            Ok(Box::new(self.clone()))
+        }
+
+        fn describe(&self) -> String {
+            "refuses".into()
+        }
+
+        fn another(&self) -> Box<dyn Connect> {
+            Box::new(self.clone())
+        }
+    }
+
+    /// A batch the database refuses row by row commits nothing: it is no
+    /// commit in the metrics, and the sink is not shown up (both were,
+    /// for every refused batch).
+    #[test]
+    fn a_batch_whose_every_row_is_refused_is_no_commit_and_the_sink_not_up() {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let writer = Writer::start(
+            Box::new(RefusesEveryRow),
+            Some(Box::new(RefusesEveryRow)),
+            waker,
+            [4; 32],
+        )
+        .expect("writer");
+        let mut held = Held::new(writer, WaitLimits::default(), [2; 16]);
+        let mut m = DbMetrics {
+            up: true,
+            ..DbMetrics::default()
+        };
+        let mut out = Vec::new();
+        held.submit(
+            Instant::now(),
+            vec![waiting(1, 0), waiting(2, 0)],
+            &mut out,
+            &mut m,
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        while out.len() < 2 && Instant::now() < until {
+            held.poll(Instant::now(), &mut out, &mut m)
+                .expect("no fatal");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(out.len(), 2, "both answered");
+        for s in &out {
+            assert!(
+                matches!(s, Settled::Report(_, Outcome::NotRecorded(why)) if why.contains("check violated")),
+                "{s:?}"
+            );
+        }
+        assert!(!m.up, "refused rows are no sign of a working sink");
+        assert_eq!(m.commits, 0);
+        assert_eq!(m.batch_rows.count(), 0);
+        assert_eq!(m.errors, 2);
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! **States of the connection:** *connected* -> (a connection error) ->
 //! *down*: the failed batch goes back to the front of the pending rows,
 //! one warning is logged for the whole outage, and connecting is retried
-//! with backoff (100 ms doubling to 5 s, with jitter) while rows are
-//! pending -> *connected, unconfirmed* -> (the first insert that works)
+//! with backoff (100 ms doubling to 5 s, with jitter), with rows pending
+//! or not (the read thread waits for it too) -> *connected, unconfirmed*
+//! (told to the loop, which shows the sink up) -> (the first insert that works)
 //! -> *connected* again, logged once with the outage's length. A
 //! database that takes connections but fails every insert (a standby, a
 //! full disk, INSERT revoked), even one that still answers reads,
@@ -190,6 +191,9 @@ pub enum Completion {
     },
     /// The database failed (counted as a sink error; the rows wait on).
     Failed,
+    /// A connection was made after an outage, or after the loop stopped
+    /// waiting for the first one.
+    Connected,
     /// The database cannot be used by this build: the server stops.
     Fatal(DbError),
 }
@@ -368,13 +372,15 @@ impl Thread {
             }
             let now = Instant::now();
             self.pending.retain(|j| j.deadline > now);
-            if self.pending.is_empty() {
-                continue;
-            }
+            // Reconnected even with nothing to commit: the reads wait for
+            // it, and an idle server is not down.
             if self.db.is_none() {
                 if now >= self.next_attempt && !self.reconnect() {
                     return;
                 }
+                continue;
+            }
+            if self.pending.is_empty() {
                 continue;
             }
             let n = self.pending.len().min(MAX_BATCH);
@@ -385,22 +391,22 @@ impl Thread {
         }
     }
 
-    /// Waits for work: blocks while nothing is pending, else takes what
-    /// arrived (and, while the database is down, waits until the next
-    /// attempt for more). False when the loop is gone.
+    /// Waits for work: while the database is down, until the next
+    /// attempt at most; else blocks while nothing is pending, and takes
+    /// what arrived. False when the loop is gone.
     fn wait(&mut self) -> bool {
         let idle = self.pending.is_empty();
-        let first = if idle {
-            match self.inbox.recv() {
-                Ok(r) => Some(r),
-                Err(_) => return false,
-            }
-        } else if self.db.is_none() {
+        let first = if self.db.is_none() {
             let left = self.next_attempt.saturating_duration_since(Instant::now());
             match self.inbox.recv_timeout(left) {
                 Ok(r) => Some(r),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        } else if idle {
+            match self.inbox.recv() {
+                Ok(r) => Some(r),
+                Err(_) => return false,
             }
         } else {
             None
@@ -428,9 +434,9 @@ impl Thread {
     fn reconnect(&mut self) -> bool {
         match self.connect.connect() {
             Ok(db) => {
-                // Back once an insert works on it (`confirmed`).
+                // Back once an insert works on it (`confirmed`); up now.
                 self.set_db(Some(db));
-                true
+                self.tell(Completion::Connected)
             }
             Err(DbError::Schema(e)) => {
                 log::error!("{e}");
@@ -460,6 +466,7 @@ impl Thread {
                 self.set_db(Some(db));
                 if first.send(Ok(())).is_err() {
                     log::warn!("database {what} answered at last: recording into it");
+                    return self.tell(Completion::Connected);
                 }
                 true
             }
@@ -833,11 +840,20 @@ mod tests {
         // 100 ms doubling (with jitter, at least half of each step): at
         // most 5 attempts in 1.5 s; without the backoff, thousands.
         assert!((1..=6).contains(&n), "{n} connections in 1.5 s");
-        let mut failed = 0;
+        let (mut failed, mut connected) = (0, 0);
         while let Some(c) = writer.try_recv() {
-            assert!(matches!(c, Completion::Failed), "{c:?}");
-            failed += 1;
+            match c {
+                Completion::Failed => failed += 1,
+                Completion::Connected => connected += 1,
+                other => panic!("{other:?}"),
+            }
         }
+        // Each reconnect is told (the loop shows the sink up until the
+        // insert on it fails).
+        assert!(
+            connected == n - 1 || connected == n,
+            "{connected} told, {n} connects"
+        );
         // One sink error per failed insert (the last may be on its way).
         assert!(
             failed == n || failed == n + 1,
