@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{LIMIT, Logged, TempPath, free_udp_port};
 use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
 use quic_report_mio::database::sqlite::SqliteConnect;
-use quic_report_mio::database::{Connect, Counts, DbError, Row, Written};
+use quic_report_mio::database::{Connect, CountLimits, Counts, DbError, Row, Written};
 use quic_report_pg_cluster::PgCluster;
 
 fn start_source() -> (Logged, String) {
@@ -682,18 +682,23 @@ fn counted(rows: u64, clients: u64) -> Counts {
         rows,
         rows_estimated: false,
         clients,
+        clients_capped: false,
     }
 }
 
-/// Above the exact-count limit `/stats`'s rows are PostgreSQL's estimate
-/// (its rows per page at the last `ANALYZE`, times the pages now), where a
+/// Above the rows' limit `/stats`'s rows are PostgreSQL's estimate (its
+/// rows per page at the last `ANALYZE`, times the pages now), where a
 /// count would read the whole key index; before any `ANALYZE` there is no
-/// estimate, and the rows are counted.
+/// estimate, and the rows are counted. The clients are counted up to
+/// theirs.
 #[test]
-fn postgres_rows_above_the_exact_count_limit_are_the_planners_estimate() {
+fn postgres_counts_past_their_limits_are_the_planners_estimate_and_capped_clients() {
     let pg = cluster();
     let mut connect = PostgresConnect::parse(&pg.url("postgres")).expect("URL");
-    connect.set_exact_count_up_to(100);
+    connect.set_count_limits(CountLimits {
+        rows: 100,
+        clients: 7,
+    });
     let mut db = connect.connect().expect("connect");
     let rows: Vec<Row> = (1..=300)
         .map(|s| row("", &format!("c{}", s % 7), s, "{}"))
@@ -706,9 +711,20 @@ fn postgres_rows_above_the_exact_count_limit_are_the_planners_estimate() {
         Counts {
             rows: 300,
             rows_estimated: true,
-            clients: 7
+            clients: 7,
+            clients_capped: false,
         }
     );
+    connect.set_count_limits(CountLimits {
+        rows: 100,
+        clients: 6,
+    });
+    let capped = connect
+        .connect()
+        .expect("connect")
+        .counts(far())
+        .expect("counts");
+    assert_eq!((capped.clients, capped.clients_capped), (6, true));
 }
 
 /// A deadline no read here reaches.

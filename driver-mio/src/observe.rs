@@ -542,6 +542,7 @@ impl Observer {
                 stats["database_rows"] = counts.rows.into();
                 stats["database_rows_estimated"] = counts.rows_estimated.into();
                 stats["database_clients"] = counts.clients.into();
+                stats["database_clients_capped"] = counts.clients_capped.into();
                 Self::json_body(&stats)
             }
         }

@@ -682,10 +682,12 @@ impl Loop<'_> {
                             continue;
                         }
                         ReadQueued::Busy(n) => {
-                            body = Some(
-                                format!("database busy: {n} reads wait for it; try again\n")
-                                    .into_bytes(),
-                            );
+                            let why = format!("database busy: {n} reads wait for it; try again");
+                            body = Some(if stats {
+                                self.observer.stats_without_database(&why)
+                            } else {
+                                format!("{why}\n").into_bytes()
+                            });
                         }
                         // Its fatal error stops the server; meanwhile, memory.
                         ReadQueued::Gone => {}

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::{
-    Connect, Counts, Database, DbError, EXACT_COUNT_UP_TO, Found, Row, SCHEMA_VERSION, Written,
-    check_schema,
+    COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, Row, SCHEMA_VERSION,
+    Written, check_schema,
 };
 
 const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
@@ -81,7 +81,7 @@ const PROGRESS_OPS: std::ffi::c_int = 1000;
 #[derive(Debug, Clone)]
 pub struct SqliteConnect {
     path: PathBuf,
-    exact_count_up_to: u64,
+    count_limits: CountLimits,
 }
 
 impl SqliteConnect {
@@ -89,14 +89,14 @@ impl SqliteConnect {
     pub fn new(path: &Path) -> SqliteConnect {
         SqliteConnect {
             path: path.to_owned(),
-            exact_count_up_to: EXACT_COUNT_UP_TO,
+            count_limits: COUNT_LIMITS,
         }
     }
 
-    /// Up to how many rows `/stats` counts the table on the connections
-    /// made from now on ([`EXACT_COUNT_UP_TO`] unless set).
-    pub fn set_exact_count_up_to(&mut self, rows: u64) {
-        self.exact_count_up_to = rows;
+    /// How far `/stats` counts on the connections made from now on
+    /// ([`COUNT_LIMITS`] unless set).
+    pub fn set_count_limits(&mut self, limits: CountLimits) {
+        self.count_limits = limits;
     }
 }
 
@@ -111,10 +111,13 @@ impl Connect for SqliteConnect {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| classify(&what, e))?;
         setup(&mut conn, &what)?;
+        // A table made `WITHOUT ROWID` by an earlier build has no rowids.
+        let rowids = conn.prepare("SELECT rowid FROM reports LIMIT 0").is_ok();
         Ok(Box::new(Sqlite {
             conn,
             what,
-            exact_count_up_to: self.exact_count_up_to,
+            count_limits: self.count_limits,
+            rowids,
         }))
     }
 
@@ -216,8 +219,11 @@ fn classify(what: &str, e: rusqlite::Error) -> DbError {
 struct Sqlite {
     conn: Connection,
     what: String,
-    /// [`SqliteConnect::set_exact_count_up_to`].
-    exact_count_up_to: u64,
+    /// [`SqliteConnect::set_count_limits`].
+    count_limits: CountLimits,
+    /// Whether `reports` has rowids, which the row estimate is made of (a
+    /// table without them is always counted).
+    rowids: bool,
 }
 
 /// `received_at`'s text, made once for the rows of a batch that share
@@ -344,15 +350,19 @@ impl Database for Sqlite {
     }
 
     fn counts(&mut self, deadline: Instant) -> Result<Counts, DbError> {
-        let exact_up_to = self.exact_count_up_to;
+        let (limits, rowids) = (self.count_limits, self.rowids);
         self.read_until(deadline, |conn| {
-            // At most the rows there are, in two probes: rowids are
+            // At least the rows there are, in two probes: rowids are
             // unique, and a new row's is the highest plus one, so the span
             // is the row count unless rows other than the oldest were
             // deleted.
-            let span: i64 = conn.query_row(ROWID_SPAN, [], |r| r.get(0))?;
-            let span = u64::try_from(span).unwrap_or(0);
-            let (rows, rows_estimated) = if span <= exact_up_to {
+            let span = if rowids {
+                let span: i64 = conn.query_row(ROWID_SPAN, [], |r| r.get(0))?;
+                u64::try_from(span).unwrap_or(0)
+            } else {
+                0
+            };
+            let (rows, rows_estimated) = if span <= limits.rows {
                 // SQLite's count of the key index's entries (10 ms per
                 // million rows here; one step of its virtual machine,
                 // which the deadline cannot stop, hence the limit).
@@ -362,14 +372,19 @@ impl Database for Sqlite {
                 (span, true)
             };
             let mut walk = Clients::new(conn, None, deadline)?;
-            let mut clients = 0u64;
+            let (mut clients, mut clients_capped) = (0u64, false);
             while walk.next()?.is_some() {
+                if clients == limits.clients {
+                    clients_capped = true;
+                    break;
+                }
                 clients += 1;
             }
             Ok(Counts {
                 rows,
                 rows_estimated,
                 clients,
+                clients_capped,
             })
         })
     }
@@ -481,6 +496,7 @@ mod tests {
             rows,
             rows_estimated: false,
             clients,
+            clients_capped: false,
         }
     }
 
@@ -567,17 +583,21 @@ mod tests {
         assert_eq!(db.counts(far()).expect("counted"), counted(3001, 500));
     }
 
-    /// Above the exact-count limit, `/stats`'s rows are the rowid span
-    /// (two probes) instead of a count of the whole key index, which no
+    /// Above the rows' limit, `/stats`'s rows are the rowid span (two
+    /// probes) instead of a count of the whole key index, which no
     /// deadline can stop; a key refused as a duplicate takes no rowid,
     /// and a retention job that deletes the oldest rows keeps the span
-    /// right. Below the limit the rows are counted.
+    /// right. Below the limit the rows are counted. The clients are
+    /// counted up to theirs.
     #[test]
-    fn rows_above_the_exact_count_limit_are_estimated_from_the_rowids() {
+    fn counts_past_their_limits_are_estimated_rows_and_capped_clients() {
         let path = temp("estimate");
         let _rm = Rm(path.clone());
         let mut connect = SqliteConnect::new(&path);
-        connect.set_exact_count_up_to(100);
+        connect.set_count_limits(CountLimits {
+            rows: 100,
+            clients: 7,
+        });
         let mut db = connect.connect().expect("opens");
         let rows: Vec<Row> = (0..300).map(|i| row(&format!("c{}", i % 7), i)).collect();
         db.insert(&rows).expect("inserts");
@@ -587,6 +607,7 @@ mod tests {
             rows: 300,
             rows_estimated: true,
             clients: 7,
+            clients_capped: false,
         };
         assert_eq!(db.counts(far()).expect("counts"), estimated);
         let other = Connection::open(&path).expect("opens");
@@ -602,6 +623,48 @@ mod tests {
             .execute("DELETE FROM reports WHERE seq < 220 OR seq = 250", [])
             .expect("deletes more");
         assert_eq!(db.counts(far()).expect("counts"), counted(79, 7));
+        connect.set_count_limits(CountLimits {
+            rows: 100,
+            clients: 6,
+        });
+        let capped = connect
+            .connect()
+            .expect("opens")
+            .counts(far())
+            .expect("counts");
+        assert_eq!((capped.clients, capped.clients_capped), (6, true));
+    }
+
+    /// A table an earlier build made `WITHOUT ROWID` has no rowids to
+    /// estimate from: it is counted (the estimate's query failed there,
+    /// and every `/stats` with it).
+    #[test]
+    fn a_table_without_rowids_is_counted() {
+        let path = temp("without-rowid");
+        let _rm = Rm(path.clone());
+        let c = Connection::open(&path).expect("opens");
+        c.execute_batch(
+            "CREATE TABLE quic_report_schema (version integer NOT NULL);
+             INSERT INTO quic_report_schema (version) VALUES (1);
+             CREATE TABLE reports (
+                 identity    text    NOT NULL,
+                 client      text    NOT NULL,
+                 seq         integer NOT NULL,
+                 received_at text    NOT NULL,
+                 body        text    NOT NULL,
+                 PRIMARY KEY (identity, client, seq)) WITHOUT ROWID;",
+        )
+        .expect("the earlier layout");
+        drop(c);
+        let mut connect = SqliteConnect::new(&path);
+        connect.set_count_limits(CountLimits {
+            rows: 1,
+            ..COUNT_LIMITS
+        });
+        let mut db = connect.connect().expect("opens");
+        db.insert(&[row("a", 1), row("a", 2), row("b", 1)])
+            .expect("inserts");
+        assert_eq!(db.counts(far()).expect("counts"), counted(3, 2));
     }
 
     #[test]
@@ -701,7 +764,8 @@ mod tests {
         let mut db = Sqlite {
             conn,
             what: "test".into(),
-            exact_count_up_to: EXACT_COUNT_UP_TO,
+            count_limits: COUNT_LIMITS,
+            rowids: true,
         };
         let named = |client: &str, seq| Row {
             identity: "device-1".into(),
