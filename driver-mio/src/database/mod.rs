@@ -159,6 +159,18 @@ pub struct Counts {
     pub clients_capped: bool,
 }
 
+impl Counts {
+    /// Every row and every client counted (nothing estimated or capped).
+    pub fn counted(rows: u64, clients: u64) -> Counts {
+        Counts {
+            rows,
+            rows_estimated: false,
+            clients,
+            clients_capped: false,
+        }
+    }
+}
+
 /// How far `/stats` counts. Its answer must come within the read's
 /// deadline however large the table grows, or it would never come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

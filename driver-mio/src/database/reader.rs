@@ -13,6 +13,8 @@
 //! down, without connecting (the commit thread owns the outage: its
 //! warning, its backoff); a read whose deadline passed while it waited is
 //! answered without being run (the loop answered its request by then).
+//! The answers do not name the database (its host, port and user): a
+//! reader may be a device; the log has them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,12 +48,15 @@ impl Reader {
             let result = if Instant::now() >= deadline {
                 Err("not read: its deadline passed".to_owned())
             } else if !self.writer_connected.load(Ordering::Relaxed) {
-                Err(format!(
-                    "{} is down (reconnecting)",
-                    self.connect.describe()
-                ))
+                Err("the database is down (reconnecting)".to_owned())
             } else {
-                self.read(&what, deadline).map_err(|e| e.to_string())
+                self.read(&what, deadline).map_err(|e| {
+                    log::debug!("a read failed: {e}");
+                    // The reader may be a device reading its own entries:
+                    // the database's address is for the log alone.
+                    e.to_string()
+                        .replace(&self.connect.describe(), "the database")
+                })
             };
             if self
                 .outbox

@@ -490,16 +490,6 @@ mod tests {
         ))
     }
 
-    /// What [`Database::counts`] answers for a table it counted.
-    fn counted(rows: u64, clients: u64) -> Counts {
-        Counts {
-            rows,
-            rows_estimated: false,
-            clients,
-            clients_capped: false,
-        }
-    }
-
     struct Rm(PathBuf);
     impl Drop for Rm {
         fn drop(&mut self) {
@@ -532,7 +522,7 @@ mod tests {
         let mut other = SqliteConnect::new(&path).connect().expect("opens again");
         let again = other.insert(&[row("a", 2), row("a", 3)]).expect("inserts");
         assert_eq!(again, vec![Written::Duplicate, Written::Inserted]);
-        assert_eq!(db.counts(far()).expect("counts"), counted(3, 1));
+        assert_eq!(db.counts(far()).expect("counts"), Counts::counted(3, 1));
         let stamps: Vec<String> = rusqlite::Connection::open(&path)
             .expect("opens")
             .prepare("SELECT DISTINCT received_at FROM reports")
@@ -580,7 +570,10 @@ mod tests {
             [Written::Inserted]
         );
         assert_eq!(db.latest(1000, None, far()).expect("read").len(), 500);
-        assert_eq!(db.counts(far()).expect("counted"), counted(3001, 500));
+        assert_eq!(
+            db.counts(far()).expect("counted"),
+            Counts::counted(3001, 500)
+        );
     }
 
     /// Above the rows' limit, `/stats`'s rows are the rowid span (two
@@ -622,7 +615,7 @@ mod tests {
         other
             .execute("DELETE FROM reports WHERE seq < 220 OR seq = 250", [])
             .expect("deletes more");
-        assert_eq!(db.counts(far()).expect("counts"), counted(79, 7));
+        assert_eq!(db.counts(far()).expect("counts"), Counts::counted(79, 7));
         connect.set_count_limits(CountLimits {
             rows: 100,
             clients: 6,
@@ -664,7 +657,7 @@ mod tests {
         let mut db = connect.connect().expect("opens");
         db.insert(&[row("a", 1), row("a", 2), row("b", 1)])
             .expect("inserts");
-        assert_eq!(db.counts(far()).expect("counts"), counted(3, 2));
+        assert_eq!(db.counts(far()).expect("counts"), Counts::counted(3, 2));
     }
 
     #[test]
@@ -787,7 +780,7 @@ mod tests {
         expect.extend((0..2).map(|c| format!(r#"device-1/d{c}: {{"client":"d{c}","seq":250}}"#)));
         assert_eq!(keys, expect);
         assert_eq!(db.latest(9, None, far()).expect("latest").len(), 9);
-        assert_eq!(db.counts(far()).expect("counts"), counted(8500, 10));
+        assert_eq!(db.counts(far()).expect("counts"), Counts::counted(8500, 10));
         let steps: i32 = [
             CLIENTS_FIRST,
             CLIENTS_NEXT,
