@@ -129,6 +129,9 @@ pub enum DisconnectReason {
     PeerClosed {
         /// Its error code.
         code: u64,
+        /// Whether `code` is an application code (quic-report's
+        /// `config::codes`), not a QUIC transport error.
+        app: bool,
         /// Its reason phrase.
         reason: String,
     },
@@ -172,8 +175,9 @@ impl fmt::Display for DisconnectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
-            DisconnectReason::PeerClosed { code, reason } => {
-                write!(f, "server closed the connection (code {code:#x}")?;
+            DisconnectReason::PeerClosed { code, app, reason } => {
+                let kind = if *app { "code" } else { "QUIC transport error" };
+                write!(f, "server closed the connection ({kind} {code:#x}")?;
                 if !reason.is_empty() {
                     write!(f, ": {reason}")?;
                 }
@@ -1064,6 +1068,7 @@ pub(crate) fn classify_close(
         }
         return DisconnectReason::PeerClosed {
             code: e.error_code,
+            app: e.is_app,
             reason,
         };
     }

@@ -690,6 +690,17 @@ impl Server {
         self.conns.values().map(|c| c.streams.len()).sum()
     }
 
+    /// Bytes held for the connections' streams: answers quiche has not
+    /// taken, parts of reports, request lines (what the unanswered-bytes
+    /// limits count).
+    pub fn bytes_held(&self) -> usize {
+        self.conns
+            .values()
+            .flat_map(|c| c.streams.values())
+            .map(StreamState::unanswered)
+            .sum()
+    }
+
     /// Reports not yet answered: those handed to the application, and the
     /// copies parked on one of them.
     pub fn awaiting(&self) -> usize {
@@ -1228,7 +1239,7 @@ impl Server {
                 let held = self.identity_conns.entry(identity.clone()).or_default();
                 if *held >= self.cfg.max_connections_per_identity {
                     let _ = conn.quic.close(
-                        false,
+                        true,
                         codes::EXCESSIVE_LOAD,
                         b"too many connections of this identity",
                     );
@@ -1654,7 +1665,11 @@ impl StreamState {
     /// Bytes held for this stream: answers not yet taken by quiche (or
     /// kept for its parked copies), and the report in progress.
     fn unanswered(&self) -> usize {
-        self.out.len() + self.ready_bytes + self.parked_bytes + self.splitter.buffered()
+        self.out.len()
+            + self.ready_bytes
+            + self.parked_bytes
+            + self.splitter.buffered()
+            + self.request.as_ref().map_or(0, Vec::capacity)
     }
 }
 

@@ -773,3 +773,48 @@ fn report_size_and_idle_limits_are_counted() {
     assert_eq!(server(&sim).stats().limits.idle_timeouts, 1);
     assert!(limit_event(&sim, Limit::IdleTimeout), "{}", sim.context());
 }
+
+/// HTTP/0.9 request lines are held to their limit however they come: a
+/// reader that sends 60 KB "lines" on 20 streams, reordered (so that data
+/// held back becomes readable at once, 64 KiB in one read), and never
+/// reads its answers leaves the server holding a few hundred bytes per
+/// stream. It kept each line's last read whole (up to 64 KiB), counted by
+/// no limit.
+#[test]
+fn http09_request_lines_are_held_to_their_limit_however_they_come() {
+    let net = NetConfig {
+        reorder: 0.5,
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(seed_or(311), net);
+    sim.start_server();
+    let h = sim.add_raw_with(
+        &[quic_report_core::config::HQ_ALPN],
+        |c| c.set_initial_max_stream_data_bidi_local(0),
+        None,
+    );
+    let mut line = b"GET /x".to_vec();
+    line.extend(std::iter::repeat_n(b'y', 60 * 1024));
+    let streams = 20;
+    for i in 0..streams {
+        sim.raws[h].write(4 * i, &line, false);
+    }
+    let mut most = 0;
+    for _ in 0..50 {
+        sim.run_for(Duration::from_millis(100));
+        most = most.max(server(&sim).bytes_held());
+    }
+    assert!(
+        server(&sim).streams_held() >= streams as usize,
+        "every stream read{}",
+        sim.context()
+    );
+    // The `bad request` answers that cannot leave, and lines being read
+    // (4 KiB and one byte at most). The old read kept what crossed the
+    // limit: 157,375 bytes here.
+    assert!(
+        most <= streams as usize * 2048,
+        "{most} bytes held for {streams} streams"
+    );
+    assert!(!sim.raws[h].conn.is_closed());
+}

@@ -396,7 +396,7 @@ fn one_identity_cannot_hold_more_connections_than_its_limit() {
         matches!(
             e,
             ClientEvent::Disconnected {
-                reason: DisconnectReason::PeerClosed { code, .. }
+                reason: DisconnectReason::PeerClosed { code, app: true, .. }
             } if *code == codes::EXCESSIVE_LOAD
         )
     });

@@ -40,7 +40,10 @@ pub(super) fn read_requests(
         };
         let mut too_long = false;
         while !st.read_done {
-            match conn.quic.stream_recv(sid, scratch) {
+            // At most one byte past the limit: a read may return as much as
+            // `scratch` holds (64 KiB, out-of-order data made contiguous).
+            let room = (MAX_REQUEST_BYTES + 1 - req.len()).min(scratch.len());
+            match conn.quic.stream_recv(sid, &mut scratch[..room]) {
                 Ok((n, fin)) => {
                     req.extend_from_slice(&scratch[..n]);
                     st.read_done = fin;
@@ -66,7 +69,10 @@ pub(super) fn read_requests(
                 .stream_shutdown(sid, quiche::Shutdown::Read, codes::STREAM_REJECTED);
             st.read_done = true;
         }
-        match parse_request(req) {
+        // The line is read: its bytes go now (the stream may wait long for
+        // its answer).
+        let req = std::mem::take(req);
+        match parse_request(&req) {
             Some(path) => {
                 st.slots.push_back(Slot::Pending);
                 let handle = ReportHandle {
