@@ -948,7 +948,7 @@ mod tests {
             Completion::Read { handle: h, result } => {
                 assert_eq!(h, handle);
                 let e = result.expect_err("unavailable");
-                assert!(e.contains("down is down"), "{e}");
+                assert_eq!(e, "the database is down (reconnecting)");
             }
             other => panic!("{other:?}"),
         }
