@@ -322,7 +322,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     });
     log::info!(
         "reporting {} every {} to {server} (certificate name {:?})",
-        args.source,
+        quic_report_mio::redact::password(&args.source),
         humantime::format_duration(args.interval),
         opts.config.server_name
     );

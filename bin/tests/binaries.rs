@@ -140,6 +140,48 @@ fn client_fails_with_a_message_when_the_certificate_is_refused() {
     assert!(server.finish().0.success());
 }
 
+/// A source URL's password and token are not logged: not in the start
+/// line, not in the warnings of the fetches that fail, not in the error.
+#[test]
+fn the_source_urls_secrets_stay_out_of_the_log() {
+    let (server, addr) = start_server("127.0.0.1:0");
+    let mut client = Logged::spawn(
+        "client",
+        &[
+            "client",
+            "--server",
+            &addr,
+            "--source",
+            "http://u:s3cret@127.0.0.1:9/value?token=t0k3n",
+            "--interval",
+            "100ms",
+            "--server-name",
+            "wrong.example",
+        ],
+    );
+    let status = client.wait(LIMIT);
+    assert!(!status.success());
+    // Every line, up to the error (the reader thread may lag the exit).
+    let mut lines = Vec::new();
+    let until = Instant::now() + LIMIT;
+    while !lines.iter().any(|l: &String| l.contains("error: ")) {
+        assert!(Instant::now() < until, "no error line: {lines:#?}");
+        lines.extend(client.lines_so_far());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("http://u:***@127.0.0.1:9/value?token=***")),
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert!(!l.contains("s3cret") && !l.contains("t0k3n"), "{l}");
+    }
+    server.signal(libc::SIGINT);
+    assert!(server.finish().0.success());
+}
+
 /// `--ca FILE` is the whole trust store. quiche also loads BoringSSL's
 /// default roots (the file named by SSL_CERT_FILE, else the system bundle);
 /// here that file holds the server's real CA, and `--ca` an unrelated one:

@@ -104,27 +104,28 @@ impl FetchOptions {
         if self.interval > MAX_INTERVAL {
             return Err("the fetch interval must be at most 10 years".into());
         }
+        let shown = crate::redact::password(&self.url);
         let uri: Uri = self
             .url
             .parse()
-            .map_err(|e| format!("source URL {:?}: {e}", self.url))?;
+            .map_err(|e| format!("source URL {shown:?}: {e}"))?;
         match uri.scheme_str() {
             Some("http" | "https") => {}
             Some(other) => {
                 return Err(format!(
                     "source URL {:?}: scheme {other:?} not supported (use http or https)",
-                    self.url
+                    shown
                 ));
             }
             None => {
                 return Err(format!(
                     "source URL {:?} has no scheme (e.g. http://host:port/)",
-                    self.url
+                    shown
                 ));
             }
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("source URL {:?} has no host", self.url));
+            return Err(format!("source URL {:?} has no host", shown));
         }
         Ok(uri)
     }
@@ -518,7 +519,7 @@ impl Source {
                     if let Some(more) = failures.allow(Instant::now()) {
                         log::warn!(
                             "fetching {} failed, sample skipped: {why}{}",
-                            self.url,
+                            crate::redact::password(&self.url),
                             crate::observe::more_since(more)
                         );
                     }

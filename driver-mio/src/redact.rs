@@ -3,8 +3,17 @@
 //! `?password=...`), and what is logged, put in an error message or
 //! answered to a reader must not.
 
-/// Query parameters whose value is a secret (libpq's names).
-const SECRET_PARAMS: [&str; 2] = ["password", "sslpassword"];
+/// Query parameters whose value is a secret (libpq's names, and the usual
+/// names of an HTTP source's token).
+const SECRET_PARAMS: [&str; 7] = [
+    "password",
+    "sslpassword",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "secret",
+];
 
 /// `url` with the password of its userinfo and the values of its
 /// password parameters replaced by `***` (the user name stays, to say
@@ -88,6 +97,10 @@ mod tests {
         assert_eq!(
             password("postgres://u@h/db?passwords=kept"),
             "postgres://u@h/db?passwords=kept"
+        );
+        assert_eq!(
+            password("http://u:s3cret@source:8000/value?token=t0k&unit=c"),
+            "http://u:***@source:8000/value?token=***&unit=c"
         );
     }
 }
