@@ -297,6 +297,13 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
     opts.config.client_id = args.client_id.clone();
+    if let (Some(id), None) = (&args.client_id, &args.spool) {
+        log::warn!(
+            "--client-id {id} without --spool: seqs start at 1 again on every start, and the \
+             server answers `duplicate` to (and does not record) the reports whose seq an earlier \
+             run already used; give --spool DIR to carry the numbering over"
+        );
+    }
     let trust = match (&args.source_ca, system_trust) {
         (Some(ca), _) => SourceTrust::ca_file(ca).map_err(|e| format!("--source-ca {e}"))?,
         (None, Some(system)) => system,

@@ -182,6 +182,33 @@ fn the_source_urls_secrets_stay_out_of_the_log() {
     assert!(server.finish().0.success());
 }
 
+/// A fixed `--client-id` without a spool starts its seqs at 1 on every
+/// start, which the server takes for duplicates of an earlier run: the
+/// client says so at start.
+#[test]
+fn a_fixed_client_id_without_a_spool_is_warned_about() {
+    let (server, addr) = start_server("127.0.0.1:0");
+    let client = Logged::spawn(
+        "client",
+        &[
+            "client",
+            "--server",
+            &addr,
+            "--source",
+            "http://127.0.0.1:9/",
+            "--client-id",
+            "c0ffee",
+            "--server-name",
+            "wrong.example",
+        ],
+    );
+    let warning = client.wait_for("--client-id c0ffee without --spool: ");
+    assert!(warning.contains("duplicate"), "{warning}");
+    assert!(!client.finish().0.success());
+    server.signal(libc::SIGINT);
+    assert!(server.finish().0.success());
+}
+
 /// `--ca FILE` is the whole trust store. quiche also loads BoringSSL's
 /// default roots (the file named by SSL_CERT_FILE, else the system bundle);
 /// here that file holds the server's real CA, and `--ca` an unrelated one:
