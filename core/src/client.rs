@@ -34,7 +34,8 @@
 //! The backoff between attempts starts over once a connection has carried
 //! an answer, not once its handshake is done: a server that accepts and
 //! closes at once (overloaded, shutting down) meets a growing delay, not a
-//! reconnect every first step.
+//! reconnect every first step. A stateless reset (the server restarted)
+//! brings the client back at once, but only the first since an answer.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -183,7 +184,9 @@ impl fmt::Display for DisconnectReason {
                 }
                 f.write_str(")")
             }
-            DisconnectReason::Reset => f.write_str("stateless reset: the server restarted"),
+            DisconnectReason::Reset => {
+                f.write_str("stateless reset: the server does not know the connection (restarted?)")
+            }
             DisconnectReason::ConnectTimeout => {
                 f.write_str("no handshake within the connect timeout")
             }
@@ -296,6 +299,9 @@ pub struct Client {
     client_id: String,
     queue: ReportQueue,
     backoff: Backoff,
+    /// A stateless reset brought us back at once since a connection last
+    /// carried an answer (the next one waits out the backoff).
+    reset_skipped_backoff: bool,
     state: State,
     /// An abandoned connection whose CONNECTION_CLOSE is still to be sent.
     retiring: Option<quiche::Connection>,
@@ -345,6 +351,7 @@ impl Client {
         let mut client = Client {
             queue: ReportQueue::new(cfg.queue_limit, 1),
             backoff: Backoff::new(cfg.backoff),
+            reset_skipped_backoff: false,
             cfg,
             quic_cfg,
             rng,
@@ -873,6 +880,7 @@ impl Client {
         if answered {
             // A working connection: the next outage's backoff starts over.
             self.backoff.reset();
+            self.reset_skipped_backoff = false;
         }
     }
 
@@ -1004,8 +1012,11 @@ impl Client {
             return;
         }
         // A stateless reset proves the server is up (it restarted): come
-        // back at once. Anything else waits out the backoff.
-        let at = if reason == DisconnectReason::Reset {
+        // back at once, once. A reset again before any answer (a server
+        // that resets every connection: a stale steering byte, forged
+        // resets) and anything else wait out the backoff.
+        let at = if reason == DisconnectReason::Reset && !self.reset_skipped_backoff {
+            self.reset_skipped_backoff = true;
             now
         } else {
             now + self.backoff.next_delay(&mut self.rng)

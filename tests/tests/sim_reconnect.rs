@@ -353,3 +353,98 @@ fn a_retry_counts_as_the_server_answering() {
     });
     assert!(!timed_out, "an attempt timed out{}", sim.context());
 }
+
+/// A server that resets every connection before answering anything (a
+/// stale steering byte, forged resets): the first reset after an answer
+/// brings the client back at once, as a restart should; the next ones,
+/// with no answer between, wait out the growing backoff (each was an
+/// immediate reconnect, a storm for as long as it lasted).
+#[test]
+fn resets_with_no_answer_between_meet_the_backoff() {
+    let mut sim = Sim::new(seed_or(16), NetConfig::default());
+    sim.server_cfg.secret = Some(quic_report_core::ServerSecret::from_bytes([6; 32]));
+    sim.start_server();
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 1, Duration::from_millis(5));
+    assert!(
+        sim.run_until(Duration::from_secs(10), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.captured = Some(Vec::new());
+    let from = sim.clients[c].addr;
+    let mut delays = Vec::new();
+    for round in 0..4 {
+        // The client's latest 1-RTT datagram, to hand a server that does
+        // not know its connection.
+        let connected = |s: &Sim| {
+            s.captured
+                .as_ref()
+                .and_then(|p| {
+                    p.iter()
+                        .rev()
+                        .find(|p| p.from == from && p.data[0] & 0x80 == 0)
+                })
+                .is_some()
+        };
+        assert!(
+            sim.run_until(Duration::from_secs(30), connected),
+            "round {round}: no 1-RTT datagram{}",
+            sim.context()
+        );
+        let mut packet = sim
+            .captured
+            .replace(Vec::new())
+            .and_then(|p| {
+                p.into_iter()
+                    .rev()
+                    .find(|p| p.from == from && p.data[0] & 0x80 == 0)
+            })
+            .expect("found above")
+            .data;
+        let events = sim.clients[c].events.len();
+        sim.kill_server();
+        sim.start_server();
+        sim.inject(from, &mut packet);
+        let reset = |s: &Sim| {
+            s.clients[c].events[events..]
+                .iter()
+                .any(|(_, e)| matches!(e, ClientEvent::ReconnectScheduled { .. }))
+        };
+        assert!(
+            sim.run_until(Duration::from_secs(5), reset),
+            "round {round}: not reset{}",
+            sim.context()
+        );
+        let (at, e) = sim.clients[c].events[events..]
+            .iter()
+            .find(|(_, e)| matches!(e, ClientEvent::ReconnectScheduled { .. }))
+            .expect("found above");
+        assert!(
+            sim.clients[c].events[events..]
+                .iter()
+                .any(|(_, e)| matches!(
+                    e,
+                    ClientEvent::Disconnected {
+                        reason: DisconnectReason::Reset
+                    }
+                )),
+            "round {round}: closed by the reset{}",
+            sim.context()
+        );
+        if let ClientEvent::ReconnectScheduled { at: when, .. } = e {
+            let then = sim.clock.now() - (sim.clock.elapsed() - *at);
+            delays.push(when.saturating_duration_since(then));
+        }
+    }
+    assert_eq!(delays[0], Duration::ZERO, "the first: at once ({delays:?})");
+    assert!(
+        delays[1..].iter().all(|d| *d > Duration::ZERO),
+        "the next ones wait: {delays:?}"
+    );
+    assert!(
+        delays[3] > delays[1],
+        "and wait longer each time: {delays:?}"
+    );
+    assert_eq!(sim.clients[c].acked.len(), 1);
+}
