@@ -1,5 +1,5 @@
-//! Reconnect delays: exponential backoff with jitter, reset after a
-//! successful handshake.
+//! Reconnect delays: exponential backoff with jitter, reset once a
+//! connection has carried an answer (see the client's module doc).
 //!
 //! Attempt `n` (0-based) waits a uniform time in `[d/2, d]` where
 //! `d = min(initial * 2^n, max)` ("equal jitter"): never zero, never above

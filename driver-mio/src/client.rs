@@ -696,10 +696,14 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
             ),
             (None, None) => String::new(),
         };
-        let afresh = if r.created {
-            " The client id was among them: this spool starts afresh under a new one."
-        } else {
-            ""
+        let afresh = match (r.created, client_id.is_some()) {
+            (true, false) => {
+                " The client id was among them: this spool starts afresh under a new one."
+            }
+            (true, true) => {
+                " The client id was among them: this spool starts afresh, under --client-id."
+            }
+            (false, _) => "",
         };
         if r.torn {
             log::warn!(
