@@ -114,21 +114,27 @@ fn client_delivers_everything_across_a_server_restart() {
     assert_eq!(seqs.len(), 20, "a report was recorded twice:\n{jsonl}");
 }
 
+/// A client of the server at `addr` that refuses its certificate (the
+/// wrong name), so that it fails at its first handshake; `source` and
+/// `extra` as given.
+fn refusing_client(addr: &str, source: &str, extra: &[&str]) -> Logged {
+    let mut args = vec![
+        "client",
+        "--server",
+        addr,
+        "--source",
+        source,
+        "--server-name",
+        "wrong.example",
+    ];
+    args.extend_from_slice(extra);
+    Logged::spawn("client", &args)
+}
+
 #[test]
 fn client_fails_with_a_message_when_the_certificate_is_refused() {
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &addr,
-            "--source",
-            "http://127.0.0.1:9/",
-            "--server-name",
-            "wrong.example",
-        ],
-    );
+    let client = refusing_client(&addr, "http://127.0.0.1:9/", &[]);
     let started = Instant::now();
     // The message is on stderr: wait for it before the process is reaped.
     let msg = client.wait_for("error: ");
@@ -145,19 +151,10 @@ fn client_fails_with_a_message_when_the_certificate_is_refused() {
 #[test]
 fn the_source_urls_secrets_stay_out_of_the_log() {
     let (server, addr) = start_server("127.0.0.1:0");
-    let mut client = Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &addr,
-            "--source",
-            "http://u:s3cret@127.0.0.1:9/value?token=t0k3n",
-            "--interval",
-            "100ms",
-            "--server-name",
-            "wrong.example",
-        ],
+    let mut client = refusing_client(
+        &addr,
+        "http://u:s3cret@127.0.0.1:9/value?token=t0k3n",
+        &["--interval", "100ms"],
     );
     let status = client.wait(LIMIT);
     assert!(!status.success());
@@ -188,20 +185,7 @@ fn the_source_urls_secrets_stay_out_of_the_log() {
 #[test]
 fn a_fixed_client_id_without_a_spool_is_warned_about() {
     let (server, addr) = start_server("127.0.0.1:0");
-    let client = Logged::spawn(
-        "client",
-        &[
-            "client",
-            "--server",
-            &addr,
-            "--source",
-            "http://127.0.0.1:9/",
-            "--client-id",
-            "c0ffee",
-            "--server-name",
-            "wrong.example",
-        ],
-    );
+    let client = refusing_client(&addr, "http://127.0.0.1:9/", &["--client-id", "c0ffee"]);
     let warning = client.wait_for("--client-id c0ffee without --spool: ");
     assert!(warning.contains("duplicate"), "{warning}");
     assert!(!client.finish().0.success());
