@@ -28,11 +28,16 @@
 //! its own, and the smallest number among the probes that arrive on its
 //! socket is its index (probes past the group's size fall back to the hash
 //! and may land anywhere, always on a larger number). It probes at start
-//! and every [`PROBE_EVERY`], so after a process dies and another takes its
-//! place, every process issues the right byte again within that time;
-//! connections issued a byte that went stale meanwhile get one stateless
-//! reset and reconnect. Up to [`MAX_WORKERS`] processes are steered; more
-//! are served by the hash alone.
+//! and every [`PROBE_EVERY`]. A round's smallest number is taken when two
+//! rounds in a row agree on it: a round whose own probe was lost (a full
+//! receive buffer under load) sees only hashed ones, a number no socket
+//! of the group may have, and one round must not make the process issue
+//! it. So a process issues its byte two rounds after start, and after a
+//! process dies and another takes its place, every process issues the
+//! right byte again within two rounds; connections issued a byte that
+//! went stale meanwhile get a stateless reset and reconnect. Up to
+//! [`MAX_WORKERS`] processes are steered; more are served by the hash
+//! alone.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -144,7 +149,9 @@ pub struct Steering {
     nonce: u64,
     /// The smallest index seen in this round.
     best: Option<u8>,
-    /// Our index as last learned.
+    /// The smallest index of the round before.
+    last_best: Option<u8>,
+    /// Our index as last learned (two rounds agreed on it).
     index: Option<u8>,
     next: Instant,
 }
@@ -174,6 +181,7 @@ impl Steering {
             target,
             nonce: 0,
             best: None,
+            last_best: None,
             index: None,
             next: now,
         })
@@ -184,11 +192,21 @@ impl Steering {
         self.next
     }
 
-    /// Sends a round of probes (a new nonce: arrivals of older rounds are
-    /// ignored).
-    pub fn probe(&mut self, now: Instant, nonce: u64) {
+    /// Ends the round under way and sends a new one (a new nonce:
+    /// arrivals of older rounds are ignored). Returns our index when it
+    /// changed: the smallest of the round that ended, if the round before
+    /// saw the same.
+    pub fn probe(&mut self, now: Instant, nonce: u64) -> Option<u8> {
+        let seen = self.best.take();
+        let learned = match seen {
+            Some(b) if self.last_best == seen && self.index != seen => {
+                self.index = Some(b);
+                Some(b)
+            }
+            _ => None,
+        };
+        self.last_best = seen;
         self.nonce = nonce;
-        self.best = None;
         self.next = now + PROBE_EVERY;
         let mut d = [0u8; PROBE_LEN];
         d[0] = 0x40;
@@ -200,26 +218,23 @@ impl Steering {
                 log::debug!("reuseport probe {i} to {}: {e}", self.target);
             }
         }
+        learned
     }
 
     /// Whether `data` is a probe (ours or another process's): it is not
-    /// for the core. A probe of ours tells our index; returns the new
-    /// index when it changed.
-    pub fn intercept(&mut self, data: &[u8]) -> Option<Option<u8>> {
-        if data.len() != PROBE_LEN || &data[2..2 + PROBE_MAGIC.len()] != PROBE_MAGIC {
-            return None;
+    /// for the core. A probe of this round counts towards its smallest
+    /// index ([`Steering::probe`] takes it).
+    pub fn intercept(&mut self, data: &[u8]) -> bool {
+        if !is_probe(data) {
+            return false;
         }
-        let nonce = u64::from_be_bytes(data[2 + PROBE_MAGIC.len()..].try_into().ok()?);
+        let mut nonce = [0u8; 8];
+        nonce.copy_from_slice(&data[2 + PROBE_MAGIC.len()..]);
         let index = data[1];
-        if nonce != self.nonce || self.best.is_some_and(|b| b <= index) {
-            return Some(None);
+        if u64::from_be_bytes(nonce) == self.nonce && self.best.is_none_or(|b| index < b) {
+            self.best = Some(index);
         }
-        self.best = Some(index);
-        if self.index == Some(index) {
-            return Some(None);
-        }
-        self.index = Some(index);
-        Some(Some(index))
+        true
     }
 
     /// Our index as last learned.
@@ -247,22 +262,39 @@ mod tests {
     }
 
     #[test]
-    fn the_smallest_probe_of_this_round_is_the_index() {
+    fn the_smallest_probe_is_the_index_once_two_rounds_agree() {
         let now = Instant::now();
         let mut s = Steering::new("127.0.0.1:9".parse().expect("addr"), now).expect("binds");
-        s.probe(now, 7);
         let probe = |i: u8, nonce: u64| {
             let mut d = vec![0x40, i];
             d.extend_from_slice(PROBE_MAGIC);
             d.extend_from_slice(&nonce.to_be_bytes());
             d
         };
-        assert_eq!(s.intercept(&probe(5, 7)), Some(Some(5)));
-        assert_eq!(s.intercept(&probe(9, 7)), Some(None), "larger: hashed");
-        assert_eq!(s.intercept(&probe(1, 6)), Some(None), "an old round");
-        assert_eq!(s.intercept(&probe(1, 7)), Some(Some(1)));
+        // Each round: its arrivals, then what the next round's start learns.
+        let round = |s: &mut Steering, nonce: u64, arrivals: &[u8]| {
+            for i in arrivals {
+                assert!(s.intercept(&probe(*i, nonce)));
+            }
+            assert!(s.intercept(&probe(0, nonce - 1)), "an old round's probe");
+            s.probe(now, nonce + 1)
+        };
+        assert_eq!(s.probe(now, 7), None);
+        assert_eq!(
+            round(&mut s, 7, &[5, 1, 9]),
+            None,
+            "one round is not enough"
+        );
+        assert_eq!(round(&mut s, 8, &[1, 12]), Some(1), "two agree");
         assert_eq!(s.index(), Some(1));
-        assert_eq!(s.intercept(b"\x40\x01 not a probe at all"), None);
+        // Our own probe lost: only a hashed one, a number past the group.
+        assert_eq!(round(&mut s, 9, &[9]), None);
+        assert_eq!(s.index(), Some(1), "kept");
+        assert_eq!(round(&mut s, 10, &[1]), None);
+        // A real change (a process before us died): two rounds, then taken.
+        assert_eq!(round(&mut s, 11, &[0, 3]), None);
+        assert_eq!(round(&mut s, 12, &[0]), Some(0));
+        assert!(!s.intercept(b"\x40\x01 not a probe at all"));
         assert!(is_probe(&probe(0, 1)));
     }
 }

@@ -465,8 +465,10 @@ impl Steps for Loop<'_> {
         }
         if let Some(st) = d.steering.as_mut()
             && st.deadline() <= now
+            && let Some(index) = st.probe(now, rand::random())
         {
-            st.probe(now, rand::random());
+            log::info!("reuseport: this process is worker {index} of its group");
+            self.server.set_cid_prefix(Some(index));
         }
     }
 
@@ -550,12 +552,8 @@ impl Loop<'_> {
                     continue;
                 }
                 if let Some(st) = d.steering.as_mut()
-                    && let Some(learned) = st.intercept(data)
+                    && st.intercept(data)
                 {
-                    if let Some(index) = learned {
-                        log::info!("reuseport: this process is worker {index} of its group");
-                        self.server.set_cid_prefix(Some(index));
-                    }
                     continue;
                 }
                 if let Err(e) = self.server.handle_datagram(now, from, local, data) {
