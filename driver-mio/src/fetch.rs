@@ -113,19 +113,17 @@ impl FetchOptions {
             Some("http" | "https") => {}
             Some(other) => {
                 return Err(format!(
-                    "source URL {:?}: scheme {other:?} not supported (use http or https)",
-                    shown
+                    "source URL {shown:?}: scheme {other:?} not supported (use http or https)"
                 ));
             }
             None => {
                 return Err(format!(
-                    "source URL {:?} has no scheme (e.g. http://host:port/)",
-                    shown
+                    "source URL {shown:?} has no scheme (e.g. http://host:port/)"
                 ));
             }
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("source URL {:?} has no host", shown));
+            return Err(format!("source URL {shown:?} has no host"));
         }
         Ok(uri)
     }

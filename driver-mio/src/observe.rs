@@ -548,13 +548,17 @@ impl Observer {
         }
     }
 
-    /// `/stats` when the database could not be read: the server's own
-    /// counters, with `database_error` saying why (a monitor that scrapes
-    /// it keeps its numbers through an outage).
-    pub fn stats_without_database(&self, error: &str) -> Vec<u8> {
-        let mut stats = stats_json(&self.snap);
-        stats["database_error"] = error.into();
-        Self::json_body(&stats)
+    /// The body for a read the database could not answer (`why`):
+    /// `/stats` (`stats`) still answers the server's own counters, with
+    /// `database_error` saying why (a monitor that scrapes it keeps its
+    /// numbers through an outage); `/latest`, the line.
+    pub fn read_failed(&self, stats: bool, why: &str) -> Vec<u8> {
+        if !stats {
+            return format!("{why}\n").into_bytes();
+        }
+        let mut body = stats_json(&self.snap);
+        body["database_error"] = why.into();
+        Self::json_body(&body)
     }
 
     fn json_body(stats: &Value) -> Vec<u8> {

@@ -398,11 +398,9 @@ struct Loop<'a> {
     settled: Vec<Settled>,
     observer: Observer,
     throttles: Throttles,
-    /// Reads the database answers: whose entries each may show (`None`:
-    /// everyone's).
-    /// Per read sent to the database: the identity it is limited to, and
-    /// whether it is `/stats` (answered with the server's own counters
-    /// when the database cannot be read).
+    /// Per read sent to the database: whose entries it may show (`None`:
+    /// everyone's), and whether it is `/stats` (answered with the server's
+    /// own counters when the database cannot be read).
     db_reads: std::collections::HashMap<ReportHandle, (Option<quic_report_core::Identity>, bool)>,
     /// When the shutdown started, if it did.
     closing_since: Option<Instant>,
@@ -680,12 +678,10 @@ impl Loop<'_> {
                             continue;
                         }
                         ReadQueued::Busy(n) => {
-                            let why = format!("database busy: {n} reads wait for it; try again");
-                            body = Some(if stats {
-                                self.observer.stats_without_database(&why)
-                            } else {
-                                format!("{why}\n").into_bytes()
-                            });
+                            body = Some(self.observer.read_failed(
+                                stats,
+                                &format!("database busy: {n} reads wait for it; try again"),
+                            ));
                         }
                         // Its fatal error stops the server; meanwhile, memory.
                         ReadQueued::Gone => {}
@@ -819,10 +815,9 @@ impl Loop<'_> {
                     let (only, stats) = self.db_reads.remove(&handle).unwrap_or((None, false));
                     let body = match result {
                         Ok(r) => self.observer.http_body_from(r, only.as_ref()),
-                        Err(e) if stats => self
+                        Err(e) => self
                             .observer
-                            .stats_without_database(&format!("database unavailable: {e}")),
-                        Err(e) => format!("database unavailable: {e}\n").into_bytes(),
+                            .read_failed(stats, &format!("database unavailable: {e}")),
                     };
                     if let Err(e) = self.server.respond_request(now, handle, body) {
                         log::debug!("{}: cannot answer a read: {e}", handle.conn);
