@@ -332,8 +332,7 @@ mod tests {
     use quic_report_core::ConnKey;
 
     use super::*;
-    use crate::database::testing::Gated;
-    use crate::database::{Connect, Counts, Database, Row};
+    use crate::database::testing::{Down, FailsAtCommit, Gated};
 
     /// A `Held` whose database's reads wait while the gate is held (keep
     /// the `Poll`: the thread wakes it).
@@ -366,61 +365,16 @@ mod tests {
         }
     }
 
-    /// Refuses every row for now (a check constraint, say), whole or one
-    /// by one, on a connection that is fine.
-    #[derive(Clone)]
-    struct RefusesEveryRow;
-
-    impl Database for RefusesEveryRow {
-        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
-            Err(DbError::Rejected("check violated".into()))
-        }
-
-        fn insert_each(&mut self, rows: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
-            Ok(rows
-                .iter()
-                .map(|_| Err(DbError::Rejected("check violated".into())))
-                .collect())
-        }
-
-        fn latest(
-            &mut self,
-            _: usize,
-            _: Option<&str>,
-            _: Instant,
-        ) -> Result<Vec<(String, String, String)>, DbError> {
-            Ok(Vec::new())
-        }
-
-        fn counts(&mut self, _: Instant) -> Result<Counts, DbError> {
-            Ok(Counts::default())
-        }
-    }
-
-    impl Connect for RefusesEveryRow {
-        fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
-            Ok(Box::new(self.clone()))
-        }
-
-        fn describe(&self) -> String {
-            "refuses".into()
-        }
-
-        fn another(&self) -> Box<dyn Connect> {
-            Box::new(self.clone())
-        }
-    }
-
-    /// A batch the database refuses row by row commits nothing: it is no
-    /// commit in the metrics, and the sink is not shown up (both were,
+    /// A batch whose every row the database refuses commits nothing: it is
+    /// no commit in the metrics, and the sink is not shown up (both were,
     /// for every refused batch).
     #[test]
     fn a_batch_whose_every_row_is_refused_is_no_commit_and_the_sink_not_up() {
         let poll = mio::Poll::new().expect("poll");
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
         let writer = Writer::start(
-            Box::new(RefusesEveryRow),
-            Some(Box::new(RefusesEveryRow)),
+            Box::new(Down),
+            Some(Box::new(FailsAtCommit)),
             waker,
             [4; 32],
         )

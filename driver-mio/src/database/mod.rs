@@ -362,6 +362,33 @@ pub(crate) mod testing {
         }
     }
 
+    /// Every statement and every transaction fails for the data (as a
+    /// deferred check at COMMIT would): every row is refused for now.
+    pub(crate) struct FailsAtCommit;
+
+    impl Database for FailsAtCommit {
+        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
+            Err(DbError::Unstorable("check violated at commit".into()))
+        }
+
+        fn insert_each(&mut self, _: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
+            Err(DbError::Unstorable("check violated at commit".into()))
+        }
+
+        fn latest(
+            &mut self,
+            _: usize,
+            _: Option<&str>,
+            _: std::time::Instant,
+        ) -> Result<Vec<(String, String, String)>, DbError> {
+            Ok(Vec::new())
+        }
+
+        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
+            Ok(Counts::default())
+        }
+    }
+
     /// Takes every row as new and reads nothing; its inserts (or its
     /// reads) wait while the test holds `gate`. As a [`Connect`], it
     /// connects to a copy of itself.

@@ -686,7 +686,7 @@ mod tests {
     use quic_report_core::ConnKey;
 
     use super::*;
-    use crate::database::testing::{Down, Gated};
+    use crate::database::testing::{Down, FailsAtCommit, Gated};
 
     /// A table in memory that, as PostgreSQL does, refuses a whole
     /// statement for one row it cannot store (a body with `\u0000`) or one
@@ -859,33 +859,6 @@ mod tests {
             failed == n || failed == n + 1,
             "{failed} errors, {n} connects"
         );
-    }
-
-    /// Every statement and every transaction fails for the data (as a
-    /// deferred check at COMMIT would).
-    struct FailsAtCommit;
-
-    impl Database for FailsAtCommit {
-        fn insert(&mut self, _: &[Row]) -> Result<Vec<Written>, DbError> {
-            Err(DbError::Unstorable("check violated at commit".into()))
-        }
-
-        fn insert_each(&mut self, _: &[Row]) -> Result<Vec<Result<Written, DbError>>, DbError> {
-            Err(DbError::Unstorable("check violated at commit".into()))
-        }
-
-        fn latest(
-            &mut self,
-            _: usize,
-            _: Option<&str>,
-            _: std::time::Instant,
-        ) -> Result<Vec<(String, String, String)>, DbError> {
-            Ok(Vec::new())
-        }
-
-        fn counts(&mut self, _: std::time::Instant) -> Result<Counts, DbError> {
-            Ok(Counts::default())
-        }
     }
 
     #[test]
