@@ -5,7 +5,8 @@
 # every other target depends on it. The interop tests (bin/tests/interop.rs)
 # need python3 with venv too: they pip-install aioquic into target/interop-venv.
 # The database tests start private PostgreSQL clusters from postgresql's
-# binaries.
+# binaries. The network tests (bin/tests/netns.rs) make network namespaces of
+# their own, which needs root.
 
 CARGO ?= cargo
 SHELL := /bin/bash
@@ -14,8 +15,9 @@ SHELL := /bin/bash
 
 # What quiche's build and the tests need, asked of dpkg by package name (a
 # file glob would take the image's libclang-cpp14 for the libclang-dev that
-# bindgen loads). PostgreSQL's server is for the database tests and the bench.
-DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3
+# bindgen loads). PostgreSQL's server is for the database tests and the bench;
+# iproute2's ip(8) sets up the network namespaces of bin/tests/netns.rs.
+DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3 iproute2
 
 deps:
 	@missing=""; \

@@ -327,8 +327,10 @@ pub struct ClientArgs {
 /// Which server to talk to and how to verify it (`client`, and `quic-report-bench`).
 #[derive(Debug, Args)]
 pub struct TargetArgs {
-    /// The server's UDP address, `host:port` (a hostname is resolved, and is
-    /// the name checked in the certificate unless --server-name says otherwise).
+    /// The server's UDP address, `host:port`. A host name is the name checked
+    /// in the certificate unless --server-name says otherwise; `client` looks
+    /// it up again before every reconnect attempt (a server that moves is
+    /// found, and a name that does not resolve yet is retried).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
     pub server: String,
     #[command(flatten)]
@@ -431,29 +433,101 @@ pub fn client_id(s: &str) -> Result<String, String> {
     Ok(s.to_ascii_lowercase())
 }
 
-/// `--server` as an address and the default certificate name: an IP
-/// address gives [`default_server_name`], a hostname itself.
-pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok((addr, default_server_name(addr)));
+/// `--server`: an address, or a name looked up when used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerArg {
+    /// An IP address and port.
+    Addr(SocketAddr),
+    /// `host:port` with a host name.
+    Name {
+        /// The whole `host:port`, as looked up.
+        name: String,
+        /// The host, the default certificate name.
+        host: String,
+    },
+}
+
+impl ServerArg {
+    /// Parses `host:port` or `ip:port` (`[v6]:port`); the port is required.
+    pub fn parse(s: &str) -> Result<ServerArg, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ServerArg::Addr(addr));
+        }
+        let expected = "expected host:port, e.g. collector.example.net:4433 or 192.0.2.1:4433";
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--server {s:?} has no port ({expected})"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("--server {s:?}: {port:?} is not a port ({expected})"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(format!(
+                "--server {s:?}: {host:?} is not a host name ({expected})"
+            ));
+        }
+        Ok(ServerArg::Name {
+            name: s.to_owned(),
+            host: host.to_owned(),
+        })
     }
-    let addr = s
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve --server {s:?} (expected host:port): {e}"))?
-        .next()
-        .ok_or_else(|| format!("--server {s:?} resolves to no address"))?;
-    let host = s.rsplit_once(':').map_or(s, |(h, _)| h);
-    Ok((
-        addr,
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    ))
+
+    /// The default certificate name: an IP address gives
+    /// [`default_server_name`], a host name itself.
+    pub fn default_name(&self) -> String {
+        match self {
+            ServerArg::Addr(addr) => default_server_name(*addr),
+            ServerArg::Name { host, .. } => host.clone(),
+        }
+    }
+}
+
+/// `--server` as an address (looked up now) and the default certificate
+/// name, for a command that runs once (`get`).
+pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
+    let arg = ServerArg::parse(s)?;
+    let addr = match &arg {
+        ServerArg::Addr(addr) => *addr,
+        ServerArg::Name { name, .. } => name
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve --server {s:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("--server {s:?} resolves to no address"))?,
+    };
+    Ok((addr, arg.default_name()))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Duration, client_id, duration, positive_duration, split_url};
+    use super::{Duration, ServerArg, client_id, duration, positive_duration, split_url};
+
+    #[test]
+    fn server_is_an_address_or_a_host_name_with_a_port() {
+        let addr = ServerArg::parse("192.0.2.1:4433").expect("an address");
+        assert_eq!(addr.default_name(), "192.0.2.1");
+        assert!(matches!(
+            ServerArg::parse("[::1]:4433"),
+            Ok(ServerArg::Addr(_))
+        ));
+        let name = ServerArg::parse("collector.example.net:4433").expect("a name");
+        assert_eq!(
+            name,
+            ServerArg::Name {
+                name: "collector.example.net:4433".into(),
+                host: "collector.example.net".into()
+            }
+        );
+        assert_eq!(name.default_name(), "collector.example.net");
+        for bad in [
+            "collector",
+            "collector:",
+            "collector:99999",
+            ":4433",
+            "a b:1",
+            "http://x:1",
+        ] {
+            assert!(ServerArg::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn client_id_is_one_to_64_hex_digits_lowered() {

@@ -272,10 +272,34 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
 /// `client`; `system_trust`: the system's CAs, read at start (when there is
 /// no --source-ca).
 fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Error> {
-    let (server, default_name) = cli::resolve_server(&args.target.server)?;
+    let target = cli::ServerArg::parse(&args.target.server)?;
     let mut _dev = None;
-    let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut _dev)?;
-    let mut opts = ClientOptions::new(server, verify);
+    let (verify, server_name) =
+        tls::verification(&args.target.tls, target.default_name(), &mut _dev)?;
+    let mut opts = match &target {
+        cli::ServerArg::Addr(addr) => ClientOptions::new(*addr, verify),
+        cli::ServerArg::Name { name, .. } => {
+            // A name is looked up again before every reconnect attempt, so a
+            // server that moves is found; one that does not resolve yet (no
+            // network at boot) is no reason to stop.
+            let lookup = quic_report_mio::ServerLookup::system(name.clone());
+            let first = match lookup.resolve() {
+                Ok(addrs) => Some(addrs[0]),
+                Err(e) => {
+                    log::warn!(
+                        "cannot look up --server {name}: {e}; reporting starts, and the name is \
+                         looked up again before each attempt"
+                    );
+                    None
+                }
+            };
+            let placeholder = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+            let mut opts = ClientOptions::new(first.unwrap_or(placeholder), verify);
+            opts.config.server = first;
+            opts.lookup = Some(lookup);
+            opts
+        }
+    };
     opts.config.server_name = server_name;
     opts.config.client_cert = tls::client_cert(&args.target.tls)?;
     opts.config.idle_timeout = args.idle_timeout;
@@ -328,9 +352,10 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         fsync: args.spool_fsync.into(),
     });
     log::info!(
-        "reporting {} every {} to {server} (certificate name {:?})",
+        "reporting {} every {} to {} (certificate name {:?})",
         quic_report_mio::redact::password(&args.source),
         humantime::format_duration(args.interval),
+        args.target.server,
         opts.config.server_name
     );
     let queue = args.queue;

@@ -14,6 +14,14 @@
 //!   certificate rejected   ──► Failed (no retry: it would fail the same way)
 //! ```
 //!
+//! The path, our address and the server's, is an input too
+//! ([`Client::set_path`]): a driver gives a new one when its own address
+//! changed (a new socket) or the server's name resolves anew, and the next
+//! attempt takes it; a connection under way keeps its own. Without a
+//! server address (a name that does not resolve yet) an attempt fails at
+//! once with [`DisconnectReason::NoAddress`], sending nothing, and the
+//! backoff runs as after any failed attempt.
+//!
 //! A server certificate refused only for its dates (expired, or not yet
 //! valid) is the exception: the attempt fails and is retried with backoff
 //! like any other. Our clock may be wrong (a device without a battery
@@ -156,6 +164,9 @@ pub enum DisconnectReason {
     NoResponse,
     /// The network said the server is unreachable (ICMP).
     Unreachable,
+    /// The server has no address yet (its name does not resolve): nothing
+    /// was sent (see [`Client::set_path`]).
+    NoAddress,
     /// quiche closed the connection on a protocol error of its own.
     Protocol(String),
     /// We closed it ([`Client::close`]).
@@ -201,6 +212,9 @@ impl fmt::Display for DisconnectReason {
             }
             DisconnectReason::NoResponse => f.write_str("no answer within the response timeout"),
             DisconnectReason::Unreachable => f.write_str("server unreachable"),
+            DisconnectReason::NoAddress => {
+                f.write_str("no address for the server (its name does not resolve)")
+            }
             DisconnectReason::Protocol(why) => write!(f, "protocol error: {why}"),
             DisconnectReason::Closed => f.write_str("closed by us"),
         }
@@ -256,6 +270,9 @@ struct InFlight {
 
 struct Conn {
     quic: quiche::Connection,
+    /// The server's address for this connection (a later
+    /// [`Client::set_path`] does not move it).
+    peer: SocketAddr,
     id_hex: String,
     /// Give up the attempt then if the server has said nothing; once it
     /// answers, quiche's own timers govern the handshake.
@@ -475,12 +492,12 @@ impl Client {
         to: SocketAddr,
         data: &mut [u8],
     ) -> Result<(), DatagramError> {
-        if from != self.cfg.server {
-            return Err(DatagramError::UnexpectedPeer);
-        }
         let Some(conn) = self.conn_mut() else {
             return Err(DatagramError::NoConnection);
         };
+        if from != conn.peer {
+            return Err(DatagramError::UnexpectedPeer);
+        }
         let before = conn
             .connect_deadline
             .map(|_| conn.quic.destination_id().into_owned());
@@ -556,6 +573,22 @@ impl Client {
         if matches!(self.state, State::Connecting(_) | State::Connected(_)) {
             self.abandon(now, DisconnectReason::Unreachable);
         }
+    }
+
+    /// The path the next connection attempt takes: `local`, the address
+    /// the caller now sends from (a new socket), and `server`, the server's
+    /// address (`None`: unknown, its name does not resolve). A connection
+    /// under way keeps its own path and is not disturbed; one whose path is
+    /// gone fails as usual (no answer, unreachable) and the next attempt
+    /// takes this one.
+    pub fn set_path(&mut self, local: SocketAddr, server: Option<SocketAddr>) {
+        self.cfg.local = local;
+        self.cfg.server = server;
+    }
+
+    /// The path the next attempt takes: our address and the server's.
+    pub fn path(&self) -> (SocketAddr, Option<SocketAddr>) {
+        (self.cfg.local, self.cfg.server)
     }
 
     /// Closes the connection cleanly (CONNECTION_CLOSE, code 0) and stops.
@@ -686,6 +719,11 @@ impl Client {
     fn start_connect(&mut self, now: Instant) {
         self.stats.attempts += 1;
         let attempt = self.stats.attempts;
+        self.events.push_back(ClientEvent::Connecting { attempt });
+        let Some(server) = self.cfg.server else {
+            self.disconnected(now, DisconnectReason::NoAddress);
+            return;
+        };
         let mut scid = [0u8; LOCAL_CID_LEN];
         self.rng.fill(&mut scid);
         let cid = quiche::ConnectionId::from_ref(&scid);
@@ -693,10 +731,9 @@ impl Client {
             Some(&self.cfg.server_name),
             &cid,
             self.cfg.local,
-            self.cfg.server,
+            server,
             &mut self.quic_cfg,
         );
-        self.events.push_back(ClientEvent::Connecting { attempt });
         let mut quic = match res {
             Ok(q) => q,
             Err(e) => {
@@ -714,6 +751,7 @@ impl Client {
         attach_debug_logs(&mut self.debug_logs, &mut quic);
         let conn = Conn {
             quic,
+            peer: server,
             id_hex: hex::encode(scid),
             connect_deadline: Some(now + self.cfg.connect_timeout),
             in_flight: BTreeMap::new(),

@@ -107,8 +107,10 @@ pub enum Verify {
 /// Everything a [`crate::Client`] needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The server's address.
-    pub server: SocketAddr,
+    /// The server's address; `None` while it is not known (its name does
+    /// not resolve yet): attempts then fail at once, with nothing sent,
+    /// until [`crate::Client::set_path`] gives one.
+    pub server: Option<SocketAddr>,
     /// Our local address (the socket the caller sends from).
     pub local: SocketAddr,
     /// The name to verify in the server's certificate (and to send as SNI).
@@ -146,7 +148,7 @@ impl ClientConfig {
     pub fn new(server: SocketAddr, local: SocketAddr, verify: Verify) -> ClientConfig {
         let idle = Duration::from_secs(10);
         ClientConfig {
-            server,
+            server: Some(server),
             local,
             server_name: default_server_name(server),
             verify,

@@ -24,6 +24,10 @@
 //! 4. **wait** until a datagram arrives or `poll_timeout` passes, then call
 //!    `handle_timeout` (early is harmless).
 //!
+//! A client's `set_path` (where its next attempt goes and comes from: a new
+//! socket, the server's name resolved anew) is a setting, not an input: it
+//! changes no state and emits nothing, so it needs no drain.
+//!
 //! ```text
 //! loop {
 //!     wait for a datagram or until core.poll_timeout()

@@ -23,6 +23,16 @@
 //! loop wakes for the earliest of the core's deadline, the spool's (a
 //! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
+//! Every reconnect attempt gets a new socket, bound afresh and connected
+//! to the server's address, so a client whose own address changed (a new
+//! network, a renewed DHCP lease, a network that was not up at boot) sends
+//! from the address it has now. With a [`ServerLookup`], the server's name
+//! is looked up again on a helper thread whenever an attempt is scheduled,
+//! and the next attempt goes where it points (see [`crate::lookup`]): a
+//! name that does not resolve at start is no error, the core waits for an
+//! address (see `Client::set_path`). A connection that works is never
+//! moved.
+//!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
 //! server's certificate was refused; returns [`DriverError::ClientFailed`]).
@@ -45,6 +55,7 @@ use quic_report_core::{
 use crate::debuglog;
 use crate::event_loop::{self, SOCKET, Sources, Steps};
 use crate::fetch::{FetchOptions, Fetcher};
+use crate::lookup::{self, Lookups, ServerLookup};
 use crate::observe::SUMMARY_EVERY;
 use crate::spool::{Spool, SpoolOptions};
 use crate::turn::Wait;
@@ -62,8 +73,12 @@ pub const SPOOL_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// The core's configuration. `config.local` is overwritten with the
-    /// socket's address once bound.
+    /// socket's address once bound; `config.server` is where the first
+    /// attempt goes (`None`: nowhere until `lookup` finds the server).
     pub config: ClientConfig,
+    /// The server's name, looked up again before every reconnect attempt
+    /// (`None`: `config.server` for good).
+    pub lookup: Option<ServerLookup>,
     /// Where and how often to fetch samples (`None`: samples only come
     /// through [`ClientDriver::sample_sender`]).
     pub fetch: Option<FetchOptions>,
@@ -89,13 +104,9 @@ impl ClientOptions {
     /// Defaults for a client of `server`, verifying as `verify` says, with
     /// no fetching, no count, and signals caught.
     pub fn new(server: SocketAddr, verify: Verify) -> ClientOptions {
-        let local: SocketAddr = if server.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
         ClientOptions {
-            config: ClientConfig::new(server, local, verify),
+            config: ClientConfig::new(server, crate::udp::unspecified(server), verify),
+            lookup: None,
             fetch: None,
             spool: None,
             count: None,
@@ -168,8 +179,9 @@ pub fn run_client(
 
 impl ClientDriver {
     /// Binds a UDP socket on an ephemeral port of the server's family,
-    /// connects it to the server, opens and locks the spool (if any), and
-    /// sets up the poll (socket, waker, signals). Nothing is sent yet.
+    /// connects it to the server (if it has an address and a route yet),
+    /// opens and locks the spool (if any), and sets up the poll (socket,
+    /// waker, signals). Nothing is sent yet.
     pub fn new(mut opts: ClientOptions) -> Result<ClientDriver, DriverError> {
         if let Some(f) = &opts.fetch {
             f.validate().map_err(DriverError::InvalidOption)?;
@@ -179,7 +191,15 @@ impl ClientDriver {
             None => None,
         };
         let sources = Sources::new(opts.stop.clone(), opts.handle_signals)?;
-        let io = UdpIo::connect(opts.config.server, sources.poll.registry(), SOCKET)?;
+        let io = match opts.config.server {
+            Some(server) => UdpIo::connect(server, sources.poll.registry(), SOCKET)?,
+            // A placeholder until the server has an address.
+            None => UdpIo::bind(
+                crate::udp::unspecified(opts.config.local),
+                sources.poll.registry(),
+                SOCKET,
+            )?,
+        };
         opts.config.local = io.local_addr();
         let (samples_tx, samples_rx) = mpsc::channel();
         Ok(ClientDriver {
@@ -247,9 +267,17 @@ impl ClientDriver {
             "client {} on {} -> {} ({})",
             client.client_id(),
             self.io.local_addr(),
-            self.opts.config.server,
+            self.opts
+                .config
+                .server
+                .map_or_else(|| "no address yet".into(), |a| a.to_string()),
             self.opts.config.server_name
         );
+        let lookups = self
+            .opts
+            .lookup
+            .clone()
+            .map(|l| Lookups::new(l, Arc::clone(&self.sources.waker)));
         let fetch = match &self.opts.fetch {
             Some(f) => {
                 Some(Fetcher::spawn(f, self.sample_sender()).map_err(DriverError::InvalidOption)?)
@@ -276,6 +304,11 @@ impl ClientDriver {
             next_summary: log::log_enabled!(log::Level::Info)
                 .then(|| Instant::now() + SUMMARY_EVERY),
             last_acked: 0,
+            lookups,
+            lookup_failing: false,
+            target: self.opts.config.server,
+            repath: false,
+            socket_failing: false,
         };
         let res = state.run(&mut self);
         state.fetch = None; // stops the fetch thread
@@ -348,6 +381,19 @@ struct Loop<'h> {
     next_summary: Option<Instant>,
     /// Acknowledged reports at the last summary line.
     last_acked: u64,
+    /// Lookups of the server's name (with a [`ServerLookup`]).
+    lookups: Option<Lookups>,
+    /// The last lookup failed (warned once until one succeeds).
+    lookup_failing: bool,
+    /// Where the next attempt goes: the last lookup's choice, else the
+    /// configured address.
+    target: Option<SocketAddr>,
+    /// An attempt was scheduled: it gets a new socket and path (done at
+    /// the end of the drain, once the old connection's last datagrams
+    /// are out).
+    repath: bool,
+    /// The last new socket could not be made (warned once until one is).
+    socket_failing: bool,
 }
 
 impl Loop<'_> {
@@ -519,8 +565,86 @@ impl Loop<'_> {
                 }
             }
             if !self.handle_events(d, now) {
+                break;
+            }
+        }
+        if std::mem::take(&mut self.repath) && self.closing_since.is_none() {
+            self.new_socket(d);
+            if let Some(l) = &mut self.lookups {
+                l.start();
+            }
+        }
+    }
+
+    /// A new socket for the next attempt, connected to [`Loop::target`],
+    /// and the path that goes with it for the core. Making one fails only
+    /// on a lack of resources (file descriptors): warned once, and the old
+    /// socket is kept.
+    fn new_socket(&mut self, d: &mut ClientDriver) {
+        // No address yet: the placeholder stays, as does the core's path.
+        let Some(server) = self.target else {
+            return;
+        };
+        let io = match UdpIo::connect(server, d.sources.poll.registry(), SOCKET) {
+            Ok(io) => {
+                if std::mem::take(&mut self.socket_failing) {
+                    log::info!("a new socket could be made again");
+                }
+                io
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.socket_failing, true) {
+                    log::warn!("{e}: the next attempt keeps the old socket");
+                } else {
+                    log::debug!("{e}");
+                }
                 return;
             }
+        };
+        log::debug!("next attempt from {} to {server}", io.local_addr());
+        d.io = io;
+        self.client.set_path(d.io.local_addr(), self.target);
+    }
+
+    /// Takes a lookup's answer: the address the next attempt goes to. A
+    /// new one while the client waits to reconnect is taken at once (a new
+    /// socket); while a connection is under way, at its next attempt.
+    fn on_lookup(&mut self, d: &mut ClientDriver, answer: std::io::Result<Vec<SocketAddr>>) {
+        let Some(name) = self.lookups.as_ref().map(|l| l.name().to_owned()) else {
+            return;
+        };
+        let addrs = match answer {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                let keeping = self
+                    .target
+                    .map_or_else(|| "no address yet".to_owned(), |a| format!("keeping {a}"));
+                if !std::mem::replace(&mut self.lookup_failing, true) {
+                    log::warn!(
+                        "cannot look up the server {name}: {e} ({keeping}; looked up again before each attempt)"
+                    );
+                } else {
+                    log::debug!("cannot look up the server {name}: {e} ({keeping})");
+                }
+                return;
+            }
+        };
+        let next = lookup::next_address(&addrs, self.target);
+        if std::mem::take(&mut self.lookup_failing) {
+            log::info!("the server {name} resolves again: {next}");
+        } else if self.target.is_none_or(|t| !addrs.contains(&t)) {
+            log::info!(
+                "the server {name} is at {next}{}",
+                self.target
+                    .map_or_else(String::new, |t| format!(" (was {t})"))
+            );
+        }
+        if self.target == Some(next) {
+            return;
+        }
+        self.target = Some(next);
+        if self.client.state() == ClientState::Waiting && self.closing_since.is_none() {
+            self.new_socket(d);
         }
     }
 
@@ -554,6 +678,7 @@ impl Loop<'_> {
                 }
             }
             ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
+            ClientEvent::ReconnectScheduled { .. } => self.repath = true,
             _ => {}
         }
     }
@@ -605,10 +730,14 @@ impl Steps for Loop<'_> {
         self.read(d, now)
     }
 
-    /// Submits the samples the fetch thread (or a [`SampleSender`]) sent.
+    /// Submits the samples the fetch thread (or a [`SampleSender`]) sent,
+    /// and takes a lookup's answer.
     fn on_wake(&mut self, d: &mut ClientDriver, now: Instant) {
         while let Ok(sample) = d.samples_rx.try_recv() {
             self.submit(now, sample);
+        }
+        if let Some(answer) = self.lookups.as_mut().and_then(Lookups::poll) {
+            self.on_lookup(d, answer);
         }
     }
 

@@ -36,11 +36,7 @@ pub struct GetOptions {
 /// body that is an error object (`{"ok":false,"code":"forbidden",...}`: the
 /// server refused this identity the read) is [`DriverError::ReadRefused`].
 pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
-    let any: SocketAddr = if opts.server.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
+    let any = crate::udp::unspecified(opts.server);
     let sock = UdpSocket::bind(any).map_err(|source| DriverError::Bind { addr: any, source })?;
     sock.connect(opts.server)
         .map_err(DriverError::io("connecting the UDP socket"))?;

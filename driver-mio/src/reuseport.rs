@@ -169,12 +169,7 @@ impl Steering {
             }
             other => other,
         };
-        let local: SocketAddr = if target.is_ipv4() {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let prober = UdpSocket::bind(local)?;
+        let prober = UdpSocket::bind(crate::udp::unspecified(target))?;
         prober.set_nonblocking(true)?;
         Ok(Steering {
             prober,

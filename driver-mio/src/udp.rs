@@ -7,7 +7,8 @@
 //!   warning (QUIC's loss recovery resends what matters).
 //! - On a connected socket the kernel reports ICMP errors (port or host
 //!   unreachable) as `ECONNREFUSED`/`EHOSTUNREACH`/`ENETUNREACH` on the next
-//!   receive or send; those are reported as [`Recv::Unreachable`] /
+//!   receive or send; those (and a send with no route, or from an address
+//!   that is gone) are reported as [`Recv::Unreachable`] /
 //!   [`Sent::Unreachable`] so the client can give up its attempt at once.
 
 use std::collections::VecDeque;
@@ -71,23 +72,29 @@ impl UdpIo {
 
     /// Binds a socket on an ephemeral port of `peer`'s family and connects
     /// it to `peer`, so ICMP errors surface as `ECONNREFUSED`.
+    ///
+    /// With no route to `peer` (the network is not up yet: `connect` says
+    /// `ENETUNREACH`), the socket is left unconnected: sends to `peer` then
+    /// come back [`Sent::Unreachable`] until there is a route, and the
+    /// caller makes a new socket for a later attempt.
     pub fn connect(
         peer: SocketAddr,
         registry: &Registry,
         token: Token,
     ) -> Result<UdpIo, DriverError> {
-        let any: SocketAddr = if peer.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
+        let any = unspecified(peer);
         let socket =
             UdpSocket::bind(any).map_err(|source| DriverError::Bind { addr: any, source })?;
-        socket
-            .connect(peer)
-            .map_err(|source| DriverError::Bind { addr: peer, source })?;
+        let connected = match socket.connect(peer) {
+            Ok(()) => true,
+            Err(e) if is_unreachable(&e) => {
+                log::debug!("no route to {peer} yet ({e}): the socket stays unconnected");
+                false
+            }
+            Err(source) => return Err(DriverError::Bind { addr: peer, source }),
+        };
         let mut io = UdpIo::from_socket(socket, registry, token)?;
-        io.peer = Some(peer);
+        io.peer = connected.then_some(peer);
         Ok(io)
     }
 
@@ -304,11 +311,28 @@ impl UdpIo {
     }
 }
 
-/// Whether a socket error is an ICMP "unreachable" report.
+/// Whether a socket error says the peer cannot be reached from here: an
+/// ICMP "unreachable" report, no route, a network that is down, or a
+/// source address that is gone (ours changed).
 pub fn is_unreachable(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::ConnectionRefused
         || matches!(
             e.raw_os_error(),
-            Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+            Some(
+                libc::ECONNREFUSED
+                    | libc::EHOSTUNREACH
+                    | libc::ENETUNREACH
+                    | libc::ENETDOWN
+                    | libc::EADDRNOTAVAIL
+            )
         )
+}
+
+/// The unspecified address, port 0, of `peer`'s family.
+pub fn unspecified(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    }
 }

@@ -448,3 +448,104 @@ fn resets_with_no_answer_between_meet_the_backoff() {
     );
     assert_eq!(sim.clients[c].acked.len(), 1);
 }
+
+/// A client whose server has no address yet (its name does not resolve at
+/// boot) sends nothing: each attempt fails at once and the backoff grows.
+/// Once the driver gives it a path, every report submitted meanwhile
+/// arrives, once.
+#[test]
+fn a_client_without_a_server_address_sends_nothing_until_it_has_one() {
+    let mut sim = Sim::new(seed_or(17), NetConfig::default());
+    let c = sim.add_client(|cfg| cfg.server = None);
+    sim.schedule_reports(c, 10, Duration::from_secs(2));
+    sim.run_for(Duration::from_secs(40));
+    let from = sim.clients[c].addr;
+    assert_eq!(
+        sim.net.stats.sent,
+        0,
+        "a datagram went out{}",
+        sim.context()
+    );
+    assert!(sim.records.is_empty(), "{}", sim.context());
+    let events = &sim.clients[c].events;
+    let reasons: Vec<_> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::Disconnected { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons.len() >= 3 && reasons.iter().all(|r| *r == DisconnectReason::NoAddress),
+        "every attempt failed for want of an address: {reasons:?}{}",
+        sim.context()
+    );
+    // The backoff grows to its cap (1 s; each delay at least half of it):
+    // no attempt every few milliseconds.
+    let scheduled: Vec<Duration> = events
+        .iter()
+        .filter_map(|(t, e)| matches!(e, ClientEvent::ReconnectScheduled { .. }).then_some(*t))
+        .collect();
+    let gaps: Vec<Duration> = scheduled.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.len() > 20 && gaps[5..].iter().all(|g| *g >= Duration::from_millis(500)),
+        "attempts at {scheduled:?}{}",
+        sim.context()
+    );
+    sim.clients[c].client.set_path(from, Some(sim.server_addr));
+    assert!(
+        sim.run_until(Duration::from_secs(90), Sim::all_acked),
+        "not every report arrived once the address was known{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+}
+
+/// A new path given while connected leaves the connection on its own: the
+/// server's datagrams are still taken and reports flow. The next attempt,
+/// after the server went away, takes the new path (here an address where
+/// nothing answers), and the one after the path is set back reaches the
+/// server again.
+#[test]
+fn a_new_path_is_taken_by_the_next_attempt_not_the_connection_under_way() {
+    let mut sim = Sim::new(seed_or(18), NetConfig::default());
+    let c = sim.add_client(|_| {});
+    sim.schedule_reports(c, 30, Duration::from_secs(1));
+    sim.run_for(Duration::from_secs(5));
+    let before = sim.records.len();
+    assert!(before >= 3, "reports flowed{}", sim.context());
+    let local = sim.clients[c].addr;
+    let nowhere: std::net::SocketAddr = "127.0.0.9:4433".parse().expect("an address");
+    sim.clients[c].client.set_path(local, Some(nowhere));
+    sim.run_for(Duration::from_secs(5));
+    assert!(
+        sim.records.len() >= before + 4,
+        "the connection under way kept its path: {} -> {} records{}",
+        before,
+        sim.records.len(),
+        sim.context()
+    );
+    let events = sim.clients[c].events.len();
+    sim.kill_server();
+    sim.start_server();
+    // The restarted server does not know the connection; the next attempts
+    // go to `nowhere` and are not answered.
+    sim.run_for(Duration::from_secs(30));
+    let recorded = sim.records.len();
+    assert!(
+        sim.clients[c].events[events..]
+            .iter()
+            .all(|(_, e)| !matches!(e, ClientEvent::Connected { .. })),
+        "connected while the path led nowhere{}",
+        sim.context()
+    );
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.records.len(), recorded, "{}", sim.context());
+    sim.clients[c].client.set_path(local, Some(sim.server_addr));
+    assert!(
+        sim.run_until(Duration::from_secs(90), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    sim.assert_exactly_once();
+}

@@ -1,0 +1,135 @@
+//! The client loop with a server name ([`ServerLookup`]) over real UDP on
+//! 127.0.0.1: a name that does not resolve at start, and a server that
+//! moves to another address mid-run. The lookups are the test's own
+//! functions (no DNS); everything else is real. Bounded by watchdogs;
+//! asserts on what the servers recorded and what the client saw.
+
+mod common;
+
+use common::{client_options, sample, start_server, watchdog};
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use quic_report_core::{ClientEvent, DisconnectReason, Report};
+use quic_report_mio::{ClientDriver, ServerLookup};
+
+fn seqs(recorded: &mpsc::Receiver<Report>) -> Vec<u64> {
+    let mut seqs: Vec<u64> = recorded.try_iter().filter_map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// A device that boots before its network (or its DNS) is up: the client
+/// starts anyway, sends nothing while the name does not resolve, and
+/// reports everything once it does.
+#[test]
+fn a_server_name_that_does_not_resolve_at_start_is_looked_up_until_it_does() {
+    let (addr, server_stop, recorded, server) = start_server();
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&lookups);
+    let mut opts = client_options(addr);
+    opts.config.server = None;
+    opts.lookup = Some(ServerLookup::with("collector.test:4433", move |_| {
+        if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+            Err(io::Error::new(io::ErrorKind::NotFound, "no network yet"))
+        } else {
+            Ok(vec![addr])
+        }
+    }));
+    opts.count = Some(3);
+    let driver = ClientDriver::new(opts).expect("a client without an address starts");
+    let _dog = watchdog(driver.stop_handle(), Duration::from_secs(30));
+    let samples = driver.sample_sender();
+    for v in [0.25, 0.5, 0.75] {
+        samples.send(sample(v)).expect("loop alive");
+    }
+    let mut reasons = Vec::new();
+    let summary = driver
+        .run(&mut |ev, _| {
+            if let ClientEvent::Disconnected { reason } = ev {
+                reasons.push(reason.clone());
+            }
+        })
+        .expect("the client ends after its count");
+    server_stop.stop();
+    server.join().expect("server thread").expect("server ok");
+    assert_eq!(summary.stats.acknowledged, 3, "reasons: {reasons:?}");
+    assert_eq!(seqs(&recorded), [1, 2, 3]);
+    let no_address = reasons
+        .iter()
+        .filter(|r| **r == DisconnectReason::NoAddress)
+        .count();
+    assert!(
+        no_address >= 2 && lookups.load(Ordering::SeqCst) >= 3,
+        "attempts failed for want of an address until the third lookup: {reasons:?}"
+    );
+}
+
+/// A server that moves (a DNS failover, a new host): once the old one is
+/// gone, the next attempts go where the name points now, on a new socket,
+/// and every report is recorded once across the two.
+#[test]
+fn a_server_that_moves_is_found_at_its_new_address() {
+    let (old, old_stop, old_recorded, old_server) = start_server();
+    let (new, new_stop, new_recorded, new_server) = start_server();
+    let points_to = Arc::new(Mutex::new(old));
+    let pointer = Arc::clone(&points_to);
+    let mut opts = client_options(old);
+    opts.lookup = Some(ServerLookup::with("collector.test:4433", move |_| {
+        let at: SocketAddr = *pointer.lock().map_err(|_| io::Error::other("poisoned"))?;
+        Ok(vec![at])
+    }));
+    opts.count = Some(6);
+    let driver = ClientDriver::new(opts).expect("client binds");
+    let stop = driver.stop_handle();
+    let _dog = watchdog(stop.clone(), Duration::from_secs(40));
+    let samples = driver.sample_sender();
+    let (events_tx, events) = mpsc::channel();
+    let client = thread::spawn(move || {
+        driver.run(&mut |ev, _| {
+            let _ = events_tx.send(ev.clone());
+        })
+    });
+    let acked = |n: usize, what: &str| {
+        let mut seen = 0;
+        while seen < n {
+            match events.recv_timeout(Duration::from_secs(20)) {
+                Ok(ClientEvent::Acknowledged { .. }) => seen += 1,
+                Ok(_) => {}
+                Err(e) => panic!("{what}: {seen} of {n} acknowledged ({e})"),
+            }
+        }
+    };
+    for v in [1.0, 2.0, 3.0] {
+        samples.send(sample(v)).expect("loop alive");
+    }
+    acked(3, "at the old address");
+    *points_to.lock().expect("not poisoned") = new;
+    old_stop.stop();
+    old_server
+        .join()
+        .expect("server thread")
+        .expect("server ok");
+    for v in [4.0, 5.0, 6.0] {
+        samples.send(sample(v)).expect("loop alive");
+    }
+    acked(3, "at the new address");
+    let summary = client
+        .join()
+        .expect("client thread")
+        .expect("the client ends after its count");
+    new_stop.stop();
+    new_server
+        .join()
+        .expect("server thread")
+        .expect("server ok");
+    assert_eq!(seqs(&old_recorded), [1, 2, 3]);
+    assert_eq!(seqs(&new_recorded), [4, 5, 6]);
+    assert_eq!(summary.stats.acknowledged, 6);
+    assert!(summary.stats.connections >= 2);
+}
