@@ -296,7 +296,8 @@ pub struct ClientArgs {
     /// Time between two fetches (e.g. 200ms, 2s, 1m).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = positive_duration)]
     pub interval: Duration,
-    /// Stop (and exit 0) after this many reports are acknowledged. Default: run until Ctrl-C.
+    /// Fetch this many samples, then exit 0 once each is settled:
+    /// acknowledged, or refused or dropped (each logged). Default: run until Ctrl-C.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// Close the connection after this long without traffic (a keep-alive is

@@ -311,3 +311,68 @@ fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
         "reported in the order fetched"
     );
 }
+
+/// A run of `--count` samples ends by itself once every sample is
+/// settled, including those dropped because the spool could not take them
+/// (a full disk) and more than `--queue` were held: a dropped sample
+/// counts as settled. The reports that were made are recorded once, seqs
+/// without gaps. An earlier build waited for ever, even once the disk had
+/// room again, for reports the dropped samples never became.
+#[test]
+fn a_counted_run_ends_when_samples_the_spool_never_took_are_dropped() {
+    use std::os::unix::process::CommandExt;
+    let (source, url) = Logged::start_source();
+    let dir = TempPath::new("full-count");
+    std::fs::create_dir_all(&dir.0).expect("mkdir");
+    let spool = dir.join("spool");
+    let out = dir.join("out.jsonl");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
+    server.wait_for("listening on ");
+
+    let mut cmd = std::process::Command::new(common::EXE);
+    cmd.args(client_args(
+        &listen,
+        &url,
+        "50ms",
+        &["--spool", &spool, "--queue", "2", "--count", "30"],
+    ));
+    // SAFETY: as in the test above.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            set_file_size_limit(0, 1500)
+        });
+    }
+    let mut client = Logged::spawn_command("client", cmd);
+    let pid = libc::pid_t::try_from(client.child.id()).expect("pid fits");
+    let mut values = Vec::new();
+    wait_until("the source served 30 values", || {
+        served(&source, &mut values);
+        values.len() >= 30
+    });
+    // The client took the last one (a hold or a drop) before the disk has
+    // room again.
+    thread::sleep(Duration::from_millis(300));
+    set_file_size_limit(pid, libc::RLIM_INFINITY).expect("raise the client's limit");
+    let status = client.wait(LIMIT);
+    assert!(status.success(), "the client ended with {status}");
+    let dropped = client
+        .lines_so_far()
+        .iter()
+        .filter(|l| l.contains("a sample the spool could not take was dropped and lost"))
+        .count();
+    assert!(
+        dropped > 0,
+        "no sample was dropped: the test proves nothing"
+    );
+    let recs = records(Path::new(&out));
+    let mut seqs: Vec<u64> = recs.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    seqs.sort_unstable();
+    let want = 30 - dropped as u64;
+    assert_eq!(
+        seqs,
+        (1..=want).collect::<Vec<_>>(),
+        "each report once, without gaps ({dropped} samples dropped)"
+    );
+}

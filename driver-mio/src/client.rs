@@ -87,6 +87,9 @@ pub struct ClientOptions {
     pub spool: Option<SpoolOptions>,
     /// Close the client once this many reports are settled: acknowledged
     /// (duplicates included), or rejected or dropped (those are logged).
+    /// A sample dropped before it became a report (one the spool never
+    /// took, see the module docs) counts too, so a run of `count` samples
+    /// ends even when some were lost.
     pub count: Option<u64>,
     /// Catch SIGINT and SIGTERM and close gracefully (default `true`).
     pub handle_signals: bool,
@@ -125,7 +128,8 @@ pub struct ClientSummary {
     pub client_id: String,
     /// The core's counters.
     pub stats: ClientStats,
-    /// Reports settled in this run (acknowledged, rejected or dropped).
+    /// Reports settled in this run (acknowledged, rejected or dropped),
+    /// and samples dropped before they became reports.
     pub settled: u64,
     /// Reports never acknowledged (given up at close).
     pub unacknowledged: usize,
@@ -296,6 +300,7 @@ impl ClientDriver {
             retry_at: None,
             handler,
             settled: 0,
+            count: self.opts.count,
             closing_since: None,
             failure: None,
             out: vec![0u8; MAX_DATAGRAM_SIZE],
@@ -371,6 +376,8 @@ struct Loop<'h> {
     retry_at: Option<Instant>,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
+    /// [`ClientOptions::count`].
+    count: Option<u64>,
     closing_since: Option<Instant>,
     failure: Option<DisconnectReason>,
     /// The datagram being sent.
@@ -449,6 +456,7 @@ impl Loop<'_> {
                 "a sample the spool could not take was dropped and lost ({} so far; at most {limit} are held)",
                 self.held_dropped
             );
+            self.settle(now);
         }
         if self.retry_at.is_none() {
             self.spool_held(now);
@@ -460,10 +468,10 @@ impl Loop<'_> {
     /// next retry.
     fn spool_held(&mut self, now: Instant) {
         self.retry_at = None;
-        let Some(spool) = &mut self.spool else {
-            return;
-        };
         while let Some(sample) = self.held.front() {
+            let Some(spool) = &mut self.spool else {
+                return;
+            };
             let seq = self.client.next_seq();
             match spool.append(now, seq, sample) {
                 Ok(()) => {}
@@ -472,6 +480,7 @@ impl Loop<'_> {
                     self.held.pop_front();
                     self.held_dropped += 1;
                     log::error!("{e}; the sample is dropped and lost");
+                    self.settle(now);
                     continue;
                 }
                 Err(e) => {
@@ -554,7 +563,7 @@ impl Loop<'_> {
     /// has, then events again until a drain of events after the transmits
     /// finds none: the core's contract (the crate docs of `quic_report_core`).
     fn drain_core(&mut self, d: &mut ClientDriver, now: Instant) {
-        self.handle_events(d, now);
+        self.handle_events(now);
         loop {
             while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
                 if d.io
@@ -564,7 +573,7 @@ impl Loop<'_> {
                     self.client.handle_unreachable(now);
                 }
             }
-            if !self.handle_events(d, now) {
+            if !self.handle_events(now) {
                 break;
             }
         }
@@ -649,17 +658,17 @@ impl Loop<'_> {
     }
 
     /// Hands every event of the core to the handler; false if there were none.
-    fn handle_events(&mut self, d: &ClientDriver, now: Instant) -> bool {
+    fn handle_events(&mut self, now: Instant) -> bool {
         let mut any = false;
         while let Some(ev) = self.client.poll_event() {
             any = true;
-            self.on_event(&ev, d.opts.count, now);
+            self.on_event(&ev, now);
             (self.handler)(&ev, &self.client);
         }
         any
     }
 
-    fn on_event(&mut self, ev: &ClientEvent, count: Option<u64>, now: Instant) {
+    fn on_event(&mut self, ev: &ClientEvent, now: Instant) {
         log::debug!("client event: {ev:?}");
         match ev {
             ClientEvent::Acknowledged { seq, .. }
@@ -672,14 +681,20 @@ impl Loop<'_> {
                         " (marking a report done; after a restart it is sent again, and the server answers it as a duplicate)",
                     );
                 }
-                self.settled += 1;
-                if count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
-                    self.close_client(now, "count reached");
-                }
+                self.settle(now);
             }
             ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
             ClientEvent::ReconnectScheduled { .. } => self.repath = true,
             _ => {}
+        }
+    }
+
+    /// One more report (or lost sample) settled; closes the client once
+    /// `count` are.
+    fn settle(&mut self, now: Instant) {
+        self.settled += 1;
+        if self.count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
+            self.close_client(now, "count reached");
         }
     }
 
