@@ -460,8 +460,7 @@ impl ServerArg {
             .ok_or_else(|| format!("--server {s:?} has no port ({expected})"))?;
         port.parse::<u16>()
             .map_err(|_| format!("--server {s:?}: {port:?} is not a port ({expected})"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/[]".contains(c)) {
             return Err(format!(
                 "--server {s:?}: {host:?} is not a host name ({expected})"
             ));

@@ -278,26 +278,11 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         tls::verification(&args.target.tls, target.default_name(), &mut _dev)?;
     let mut opts = match &target {
         cli::ServerArg::Addr(addr) => ClientOptions::new(*addr, verify),
+        // A name is looked up again before every reconnect attempt, so a
+        // server that moves is found; one that does not resolve yet (no
+        // network at boot) is no reason to stop.
         cli::ServerArg::Name { name, .. } => {
-            // A name is looked up again before every reconnect attempt, so a
-            // server that moves is found; one that does not resolve yet (no
-            // network at boot) is no reason to stop.
-            let lookup = quic_report_mio::ServerLookup::system(name.clone());
-            let first = match lookup.resolve() {
-                Ok(addrs) => Some(addrs[0]),
-                Err(e) => {
-                    log::warn!(
-                        "cannot look up --server {name}: {e}; reporting starts, and the name is \
-                         looked up again before each attempt"
-                    );
-                    None
-                }
-            };
-            let placeholder = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
-            let mut opts = ClientOptions::new(first.unwrap_or(placeholder), verify);
-            opts.config.server = first;
-            opts.lookup = Some(lookup);
-            opts
+            ClientOptions::named(quic_report_mio::ServerLookup::system(name.clone()), verify)
         }
     };
     opts.config.server_name = server_name;

@@ -107,7 +107,7 @@ fn a_client_whose_own_address_changes_reports_from_the_new_one() {
     // The server's namespace, held by a process while the test runs.
     let holder = Reap(
         Command::new("unshare")
-            .args(["-n", "sleep", "120"])
+            .args(["-n", "sleep", "infinity"])
             .spawn()
             .expect("unshare(1) runs"),
     );

@@ -24,14 +24,15 @@
 //! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
 //! Every reconnect attempt gets a new socket, bound afresh and connected
-//! to the server's address, so a client whose own address changed (a new
-//! network, a renewed DHCP lease, a network that was not up at boot) sends
-//! from the address it has now. With a [`ServerLookup`], the server's name
-//! is looked up again on a helper thread whenever an attempt is scheduled,
-//! and the next attempt goes where it points (see [`crate::lookup`]): a
-//! name that does not resolve at start is no error, the core waits for an
-//! address (see `Client::set_path`). A connection that works is never
-//! moved.
+//! to the server's address right before the attempt starts, so a client
+//! whose own address changed (a new network, a renewed DHCP lease, a
+//! network that was not up at boot) sends from the address it has now.
+//! With a [`ServerLookup`], the server's name is looked up when the driver
+//! is made and again, on a helper thread, whenever an attempt is
+//! scheduled; the next attempt goes where it points (see
+//! [`crate::lookup`]). A name that does not resolve at start is no error:
+//! the core's attempts fail at once, sending nothing, until it does (see
+//! `Client::set_path`). A connection that works is never moved.
 //!
 //! The loop ends when the core is finished: `Closed` after a stop request,
 //! a signal or `count` settled reports (returns `Ok`), or `Failed` (e.g. the
@@ -66,6 +67,10 @@ use crate::{DriverError, RECV_BUF_SIZE, StopHandle, os_seed};
 /// (the rest are read on the next turn, without sleeping).
 const RECV_BUDGET: usize = 256;
 
+/// Most addresses remembered as having failed to get a socket (for the
+/// warning, once each); past that the memory starts over.
+const MAX_SOCKET_WARNED: usize = 64;
+
 /// How often samples the spool could not take are written again.
 pub const SPOOL_RETRY: Duration = Duration::from_secs(1);
 
@@ -76,7 +81,8 @@ pub struct ClientOptions {
     /// socket's address once bound; `config.server` is where the first
     /// attempt goes (`None`: nowhere until `lookup` finds the server).
     pub config: ClientConfig,
-    /// The server's name, looked up again before every reconnect attempt
+    /// The server's name, looked up again before every reconnect attempt,
+    /// and by [`ClientDriver::new`] when `config.server` is `None`
     /// (`None`: `config.server` for good).
     pub lookup: Option<ServerLookup>,
     /// Where and how often to fetch samples (`None`: samples only come
@@ -104,6 +110,22 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
+    /// Defaults for a client of the server `lookup` names (`host:port`),
+    /// verifying the host's name in its certificate as `verify` says: see
+    /// [`ClientOptions::lookup`].
+    pub fn named(lookup: ServerLookup, verify: Verify) -> ClientOptions {
+        let any = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        let mut opts = ClientOptions::new(any, verify);
+        let host = lookup
+            .name()
+            .rsplit_once(':')
+            .map_or(lookup.name(), |(h, _)| h);
+        opts.config.server_name = host.to_owned();
+        opts.config.server = None;
+        opts.lookup = Some(lookup);
+        opts
+    }
+
     /// Defaults for a client of `server`, verifying as `verify` says, with
     /// no fetching, no count, and signals caught.
     pub fn new(server: SocketAddr, verify: Verify) -> ClientOptions {
@@ -170,6 +192,8 @@ pub struct ClientDriver {
     samples_tx: Sender<Sample>,
     samples_rx: Receiver<Sample>,
     spool: Option<Spool>,
+    /// The lookup in [`ClientDriver::new`] failed (and was warned about).
+    lookup_failed_at_start: bool,
 }
 
 /// Binds, then runs the client until it is finished (see [`ClientDriver`]).
@@ -189,6 +213,26 @@ impl ClientDriver {
     pub fn new(mut opts: ClientOptions) -> Result<ClientDriver, DriverError> {
         if let Some(f) = &opts.fetch {
             f.validate().map_err(DriverError::InvalidOption)?;
+        }
+        let mut lookup_failed_at_start = false;
+        match (&opts.lookup, opts.config.server) {
+            (None, None) => {
+                return Err(DriverError::InvalidOption(
+                    "no server address, and no name to look up".into(),
+                ));
+            }
+            (Some(lookup), None) => match lookup.resolve() {
+                Ok(addrs) => opts.config.server = Some(addrs[0]),
+                Err(e) => {
+                    lookup_failed_at_start = true;
+                    log::warn!(
+                        "cannot look up the server {}: {e}; reporting starts, and the name is \
+                         looked up again before each attempt",
+                        lookup.name()
+                    );
+                }
+            },
+            (_, Some(_)) => {}
         }
         let spool = match &opts.spool {
             Some(s) => Some(open_spool(s, &mut opts.config.client_id)?),
@@ -213,6 +257,7 @@ impl ClientDriver {
             samples_tx,
             samples_rx,
             spool,
+            lookup_failed_at_start,
         })
     }
 
@@ -310,10 +355,12 @@ impl ClientDriver {
                 .then(|| Instant::now() + SUMMARY_EVERY),
             last_acked: 0,
             lookups,
-            lookup_failing: false,
+            lookup_failing: self.lookup_failed_at_start,
             target: self.opts.config.server,
-            repath: false,
-            socket_failing: false,
+            renew: false,
+            connected: false,
+            last_attempt_connected: false,
+            socket_warned: std::collections::HashSet::new(),
         };
         let res = state.run(&mut self);
         state.fetch = None; // stops the fetch thread
@@ -395,12 +442,16 @@ struct Loop<'h> {
     /// Where the next attempt goes: the last lookup's choice, else the
     /// configured address.
     target: Option<SocketAddr>,
-    /// An attempt was scheduled: it gets a new socket and path (done at
-    /// the end of the drain, once the old connection's last datagrams
-    /// are out).
-    repath: bool,
-    /// The last new socket could not be made (warned once until one is).
-    socket_failing: bool,
+    /// A reconnect attempt is scheduled: it gets a new socket and path
+    /// when it starts.
+    renew: bool,
+    /// The current attempt's handshake completed.
+    connected: bool,
+    /// The last attempt's handshake had completed when it ended (a lookup
+    /// keeps its address then, rather than trying the next one).
+    last_attempt_connected: bool,
+    /// Addresses a socket could not be made for (warned once each).
+    socket_warned: std::collections::HashSet<SocketAddr>,
 }
 
 impl Loop<'_> {
@@ -574,36 +625,31 @@ impl Loop<'_> {
                 }
             }
             if !self.handle_events(now) {
-                break;
-            }
-        }
-        if std::mem::take(&mut self.repath) && self.closing_since.is_none() {
-            self.new_socket(d);
-            if let Some(l) = &mut self.lookups {
-                l.start();
+                return;
             }
         }
     }
 
-    /// A new socket for the next attempt, connected to [`Loop::target`],
-    /// and the path that goes with it for the core. Making one fails only
-    /// on a lack of resources (file descriptors): warned once, and the old
-    /// socket is kept.
+    /// A new socket for the attempt about to start, connected to
+    /// [`Loop::target`], and the path that goes with it for the core. Called
+    /// right before the attempt (the old socket has sent all the last
+    /// connection had to say). Making one can fail (no file descriptors
+    /// left; an address this host cannot use, such as IPv6 where it is
+    /// disabled): warned once per address, and the attempt goes out on the
+    /// old socket and path.
     fn new_socket(&mut self, d: &mut ClientDriver) {
         // No address yet: the placeholder stays, as does the core's path.
         let Some(server) = self.target else {
             return;
         };
         let io = match UdpIo::connect(server, d.sources.poll.registry(), SOCKET) {
-            Ok(io) => {
-                if std::mem::take(&mut self.socket_failing) {
-                    log::info!("a new socket could be made again");
-                }
-                io
-            }
+            Ok(io) => io,
             Err(e) => {
-                if !std::mem::replace(&mut self.socket_failing, true) {
-                    log::warn!("{e}: the next attempt keeps the old socket");
+                if self.socket_warned.len() >= MAX_SOCKET_WARNED {
+                    self.socket_warned.clear();
+                }
+                if self.socket_warned.insert(server) {
+                    log::warn!("{e}: the attempt goes out on the old socket");
                 } else {
                     log::debug!("{e}");
                 }
@@ -611,14 +657,14 @@ impl Loop<'_> {
             }
         };
         log::debug!("next attempt from {} to {server}", io.local_addr());
-        d.io = io;
+        let mut old = std::mem::replace(&mut d.io, io);
+        old.deregister(d.sources.poll.registry());
         self.client.set_path(d.io.local_addr(), self.target);
     }
 
-    /// Takes a lookup's answer: the address the next attempt goes to. A
-    /// new one while the client waits to reconnect is taken at once (a new
-    /// socket); while a connection is under way, at its next attempt.
-    fn on_lookup(&mut self, d: &mut ClientDriver, answer: std::io::Result<Vec<SocketAddr>>) {
+    /// Takes a lookup's answer: the address the next attempt goes to (its
+    /// new socket is made when it starts).
+    fn on_lookup(&mut self, answer: std::io::Result<Vec<SocketAddr>>) {
         let Some(name) = self.lookups.as_ref().map(|l| l.name().to_owned()) else {
             return;
         };
@@ -638,7 +684,7 @@ impl Loop<'_> {
                 return;
             }
         };
-        let next = lookup::next_address(&addrs, self.target);
+        let next = lookup::next_address(&addrs, self.target, !self.last_attempt_connected);
         if std::mem::take(&mut self.lookup_failing) {
             log::info!("the server {name} resolves again: {next}");
         } else if self.target.is_none_or(|t| !addrs.contains(&t)) {
@@ -648,13 +694,7 @@ impl Loop<'_> {
                     .map_or_else(String::new, |t| format!(" (was {t})"))
             );
         }
-        if self.target == Some(next) {
-            return;
-        }
         self.target = Some(next);
-        if self.client.state() == ClientState::Waiting && self.closing_since.is_none() {
-            self.new_socket(d);
-        }
     }
 
     /// Hands every event of the core to the handler; false if there were none.
@@ -684,7 +724,15 @@ impl Loop<'_> {
                 self.settle(now);
             }
             ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
-            ClientEvent::ReconnectScheduled { .. } => self.repath = true,
+            ClientEvent::Connecting { .. } => self.connected = false,
+            ClientEvent::Connected { .. } => self.connected = true,
+            ClientEvent::Disconnected { .. } => self.last_attempt_connected = self.connected,
+            ClientEvent::ReconnectScheduled { .. } => {
+                self.renew = true;
+                if let Some(l) = &mut self.lookups {
+                    l.start(now);
+                }
+            }
             _ => {}
         }
     }
@@ -752,7 +800,7 @@ impl Steps for Loop<'_> {
             self.submit(now, sample);
         }
         if let Some(answer) = self.lookups.as_mut().and_then(Lookups::poll) {
-            self.on_lookup(d, answer);
+            self.on_lookup(answer);
         }
     }
 
@@ -766,7 +814,7 @@ impl Steps for Loop<'_> {
 
     /// The retry of held samples, the spool's deferred fsync, then the
     /// core's deadline.
-    fn on_deadline(&mut self, _: &mut ClientDriver, now: Instant, core_due: bool) {
+    fn on_deadline(&mut self, d: &mut ClientDriver, now: Instant, core_due: bool) {
         if self.retry_at.is_some_and(|t| t <= now) {
             self.spool_held(now);
         }
@@ -776,6 +824,13 @@ impl Steps for Loop<'_> {
             self.spool_result(Err(e), " (a power loss may lose the last samples)");
         }
         if core_due {
+            if self.client.state() == ClientState::Waiting
+                && std::mem::take(&mut self.renew)
+                && self.closing_since.is_none()
+            {
+                // The backoff is over: the attempt starts in this call.
+                self.new_socket(d);
+            }
             self.client.handle_timeout(now);
         }
     }

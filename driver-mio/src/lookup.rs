@@ -5,15 +5,17 @@
 //! A device that boots before its network is up, or whose server moves to
 //! another address (a DNS failover, a new host), must find the server again
 //! by itself. The client loop starts a lookup whenever an attempt is
-//! scheduled (at most one runs at a time) and takes the answer once it
-//! arrives, through the loop's waker. A lookup that fails keeps the last
-//! address that was known.
+//! scheduled (at most one runs at a time, see [`LOOKUP_PATIENCE`]) and
+//! takes the answer once it arrives, through the loop's waker. A lookup
+//! that fails keeps the last address that was known.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 
 use mio::Waker;
 
@@ -73,28 +75,30 @@ impl fmt::Debug for ServerLookup {
     }
 }
 
-/// Lookups of one name on helper threads, one at a time, answered through
-/// a channel and the loop's waker.
+/// How long a lookup may take before another may start beside it (a
+/// resolver that hangs: a stuck NSS module, a DNS server that drops
+/// queries with no timeout of its own).
+pub const LOOKUP_PATIENCE: Duration = Duration::from_secs(30);
+
+type Answer = io::Result<Vec<SocketAddr>>;
+
+/// Lookups of one name on helper threads, one at a time, each answered
+/// through a channel of its own and the loop's waker.
 #[derive(Debug)]
 pub(crate) struct Lookups {
     lookup: ServerLookup,
     waker: Arc<Waker>,
-    tx: Sender<io::Result<Vec<SocketAddr>>>,
-    rx: Receiver<io::Result<Vec<SocketAddr>>>,
-    /// A lookup runs (its answer has not been taken yet).
-    busy: bool,
+    /// The lookup that runs: its answer's channel and when it started.
+    running: Option<(Receiver<Answer>, Instant)>,
 }
 
 impl Lookups {
     /// Lookups of `lookup`'s name, waking the loop through `waker`.
     pub(crate) fn new(lookup: ServerLookup, waker: Arc<Waker>) -> Lookups {
-        let (tx, rx) = mpsc::channel();
         Lookups {
             lookup,
             waker,
-            tx,
-            rx,
-            busy: false,
+            running: None,
         }
     }
 
@@ -103,43 +107,65 @@ impl Lookups {
         self.lookup.name()
     }
 
-    /// Starts a lookup unless one runs already.
-    pub(crate) fn start(&mut self) {
-        if self.busy {
-            return;
+    /// Starts a lookup unless one runs already (for less than
+    /// [`LOOKUP_PATIENCE`]: past that, its answer is no longer waited for).
+    pub(crate) fn start(&mut self, now: Instant) {
+        if let Some((_, since)) = &self.running {
+            if now < *since + LOOKUP_PATIENCE {
+                return;
+            }
+            log::warn!(
+                "the lookup of {} has not answered in {}s: starting another",
+                self.lookup.name(),
+                LOOKUP_PATIENCE.as_secs()
+            );
         }
+        let (tx, rx) = mpsc::channel();
         let lookup = self.lookup.clone();
-        let tx = self.tx.clone();
         let waker = Arc::clone(&self.waker);
         let spawned = std::thread::Builder::new()
             .name("lookup".into())
             .spawn(move || {
-                // The loop may be gone (the client stopped): nobody to tell.
-                if tx.send(lookup.resolve()).is_ok() {
+                let answer = std::panic::catch_unwind(AssertUnwindSafe(|| lookup.resolve()))
+                    .unwrap_or_else(|_| Err(io::Error::other("the lookup panicked")));
+                // The loop may be gone (the client stopped), or have given
+                // up on this lookup: nobody to tell.
+                if tx.send(answer).is_ok() {
                     let _ = waker.wake();
                 }
             });
         match spawned {
-            Ok(_) => self.busy = true,
+            Ok(_) => self.running = Some((rx, now)),
             Err(e) => log::warn!("cannot start a lookup of {}: {e}", self.lookup.name()),
         }
     }
 
     /// The answer of the lookup that ran, once it is in.
-    pub(crate) fn poll(&mut self) -> Option<io::Result<Vec<SocketAddr>>> {
-        let answer = self.rx.try_recv().ok()?;
-        self.busy = false;
+    pub(crate) fn poll(&mut self) -> Option<Answer> {
+        let (rx, _) = self.running.as_ref()?;
+        let answer = match rx.try_recv() {
+            Ok(answer) => answer,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => Err(io::Error::other("the lookup gave no answer")),
+        };
+        self.running = None;
         Some(answer)
     }
 }
 
-/// The address the next attempt takes from a lookup's `addrs`: the one after
-/// `current` when it is among them (so a name with several addresses is
-/// tried address by address while attempts fail), else the first.
-pub(crate) fn next_address(addrs: &[SocketAddr], current: Option<SocketAddr>) -> SocketAddr {
+/// The address the next attempt takes from a lookup's `addrs`. `current`
+/// when it is among them, or with `rotate` (the last attempt failed) the
+/// one after it, so a name with several addresses is tried address by
+/// address while attempts fail; else the first.
+pub(crate) fn next_address(
+    addrs: &[SocketAddr],
+    current: Option<SocketAddr>,
+    rotate: bool,
+) -> SocketAddr {
     let at = current.and_then(|c| addrs.iter().position(|a| *a == c));
     match at {
-        Some(i) => addrs[(i + 1) % addrs.len()],
+        Some(i) if rotate => addrs[(i + 1) % addrs.len()],
+        Some(i) => addrs[i],
         None => addrs[0],
     }
 }
@@ -149,15 +175,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_next_address_goes_round_the_answer_and_starts_at_its_head() {
+    fn the_next_address_goes_round_the_answer_while_attempts_fail() {
         let a: SocketAddr = "10.0.0.1:4433".parse().expect("addr");
         let b: SocketAddr = "10.0.0.2:4433".parse().expect("addr");
         let c: SocketAddr = "[::1]:4433".parse().expect("addr");
-        assert_eq!(next_address(&[a, b, c], None), a);
-        assert_eq!(next_address(&[a, b, c], Some(a)), b);
-        assert_eq!(next_address(&[a, b, c], Some(c)), a);
-        assert_eq!(next_address(&[b], Some(a)), b);
-        assert_eq!(next_address(&[a], Some(a)), a);
+        assert_eq!(next_address(&[a, b, c], None, true), a);
+        assert_eq!(next_address(&[a, b, c], Some(a), true), b);
+        assert_eq!(next_address(&[a, b, c], Some(c), true), a);
+        assert_eq!(next_address(&[b], Some(a), true), b);
+        assert_eq!(next_address(&[a], Some(a), true), a);
+        // After an attempt that connected, the address that worked stays.
+        assert_eq!(next_address(&[a, b, c], Some(b), false), b);
+        assert_eq!(next_address(&[b, c], Some(a), false), b);
     }
 
     #[test]

@@ -132,6 +132,21 @@ impl UdpIo {
         })
     }
 
+    /// Takes the socket out of the poll (before it is dropped for a new
+    /// one, as mio asks); a failure is logged, the socket closes anyway.
+    pub fn deregister(&mut self, registry: &Registry) {
+        if let Err(e) = registry.deregister(&mut self.socket) {
+            log::debug!("deregistering the UDP socket {}: {e}", self.local);
+        }
+        if !self.held.is_empty() {
+            log::debug!(
+                "{} datagram(s) held for the old socket {} dropped",
+                self.held.len(),
+                self.local
+            );
+        }
+    }
+
     /// The address the socket is bound to (after `connect`, with the source
     /// IP the kernel chose).
     pub fn local_addr(&self) -> SocketAddr {

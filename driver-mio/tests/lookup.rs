@@ -133,3 +133,101 @@ fn a_server_that_moves_is_found_at_its_new_address() {
     assert_eq!(summary.stats.acknowledged, 6);
     assert!(summary.stats.connections >= 2);
 }
+
+/// A server restarted on the same port under a live connection (killed
+/// without a word: `abort`) answers the client's next packet with a
+/// stateless reset. The client's next attempt, at once, goes out on its new
+/// socket and connects: the socket is renewed before that attempt starts,
+/// not under it (an attempt whose socket was replaced after its Initial
+/// left timed out: its answer went to the closed port).
+#[test]
+fn the_attempt_after_a_stateless_reset_connects_on_its_new_socket() {
+    use common::{server_options, start_server_with};
+    let (tx, recorded) = mpsc::channel();
+    let sink = move |r: &Report| -> io::Result<()> {
+        let _ = tx.send(r.clone());
+        Ok(())
+    };
+    let (addr, first_stop, first) = start_server_with(server_options(), sink.clone());
+    let mut opts = client_options(addr);
+    opts.lookup = Some(ServerLookup::with("collector.test:4433", move |_| {
+        Ok(vec![addr])
+    }));
+    let driver = ClientDriver::new(opts).expect("client binds");
+    let stop = driver.stop_handle();
+    let _dog = watchdog(stop.clone(), Duration::from_secs(40));
+    let samples = driver.sample_sender();
+    let (events_tx, events) = mpsc::channel();
+    let client = thread::spawn(move || {
+        driver.run(&mut |ev, _| {
+            let _ = events_tx.send(ev.clone());
+        })
+    });
+    let mut seen = Vec::new();
+    let until_acked = |seq: u64, seen: &mut Vec<ClientEvent>| loop {
+        match events.recv_timeout(Duration::from_secs(20)) {
+            Ok(ev) => {
+                let done = matches!(ev, ClientEvent::Acknowledged { seq: s, .. } if s == seq);
+                seen.push(ev);
+                if done {
+                    return;
+                }
+            }
+            Err(e) => panic!("seq {seq} not acknowledged ({e}): {seen:?}"),
+        }
+    };
+    samples.send(sample(1.0)).expect("loop alive");
+    until_acked(1, &mut seen);
+    first_stop.abort();
+    first.join().expect("server thread").expect("server ok");
+    let mut again = server_options();
+    again.listen = addr;
+    let (_, second_stop, second) = start_server_with(again, sink);
+    let before = seen.len();
+    samples.send(sample(2.0)).expect("loop alive");
+    until_acked(2, &mut seen);
+    stop.stop();
+    client
+        .join()
+        .expect("client thread")
+        .expect("the client closes");
+    second_stop.stop();
+    second.join().expect("server thread").expect("server ok");
+    let after: Vec<&ClientEvent> = seen[before..]
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                ClientEvent::Disconnected { .. } | ClientEvent::Connected { .. }
+            )
+        })
+        .collect();
+    assert!(
+        matches!(
+            after[..],
+            [
+                ClientEvent::Disconnected {
+                    reason: DisconnectReason::Reset
+                },
+                ClientEvent::Connected { .. },
+                ..
+            ]
+        ),
+        "reset, then connected at the first attempt: {after:?}"
+    );
+    assert_eq!(seqs(&recorded), [1, 2]);
+}
+
+/// No address and no name to look one up by: refused at once, clearly,
+/// rather than a client that retries nothing for ever.
+#[test]
+fn a_client_with_neither_address_nor_name_is_refused() {
+    let mut opts = client_options(common::loopback());
+    opts.config.server = None;
+    match ClientDriver::new(opts) {
+        Err(quic_report_mio::DriverError::InvalidOption(why)) => {
+            assert!(why.contains("no server address"), "{why}");
+        }
+        other => panic!("expected InvalidOption, got {other:?}"),
+    }
+}
