@@ -16,8 +16,9 @@ SHELL := /bin/bash
 # What quiche's build and the tests need, asked of dpkg by package name (a
 # file glob would take the image's libclang-cpp14 for the libclang-dev that
 # bindgen loads). PostgreSQL's server is for the database tests and the bench;
-# iproute2's ip(8) sets up the network namespaces of bin/tests/netns.rs.
-DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3 iproute2
+# iproute2's ip(8) and util-linux's unshare(1) and nsenter(1) set up the
+# network namespaces of bin/tests/netns.rs.
+DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3 iproute2 util-linux
 
 deps:
 	@missing=""; \

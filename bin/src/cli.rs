@@ -330,8 +330,8 @@ pub struct ClientArgs {
 pub struct TargetArgs {
     /// The server's UDP address, `host:port`. A host name is the name checked
     /// in the certificate unless --server-name says otherwise; `client` looks
-    /// it up again before every reconnect attempt (a server that moves is
-    /// found, and a name that does not resolve yet is retried).
+    /// it up again whenever it reconnects (a server that moves is found, and
+    /// a name that does not resolve yet is retried).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
     pub server: String,
     #[command(flatten)]
@@ -460,7 +460,7 @@ impl ServerArg {
             .ok_or_else(|| format!("--server {s:?} has no port ({expected})"))?;
         port.parse::<u16>()
             .map_err(|_| format!("--server {s:?}: {port:?} is not a port ({expected})"))?;
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/[]".contains(c)) {
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/[]:".contains(c)) {
             return Err(format!(
                 "--server {s:?}: {host:?} is not a host name ({expected})"
             ));

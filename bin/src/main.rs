@@ -278,7 +278,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         tls::verification(&args.target.tls, target.default_name(), &mut _dev)?;
     let mut opts = match &target {
         cli::ServerArg::Addr(addr) => ClientOptions::new(*addr, verify),
-        // A name is looked up again before every reconnect attempt, so a
+        // A name is looked up again whenever the client reconnects, so a
         // server that moves is found; one that does not resolve yet (no
         // network at boot) is no reason to stop.
         cli::ServerArg::Name { name, .. } => {

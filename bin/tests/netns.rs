@@ -177,4 +177,13 @@ fn a_client_whose_own_address_changes_reports_from_the_new_one() {
     let mut client = client;
     let status = client.wait(LIMIT);
     assert!(status.success(), "the client ended with {status}");
+    // Abandoned at once (the kernel refuses the old source address), not
+    // after the 5 s answer timeout.
+    let lines = client.lines_so_far();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("disconnected: server unreachable")),
+        "{lines:#?}"
+    );
 }

@@ -1,4 +1,5 @@
-//! The client loop: one connected UDP socket, the samples handed in by the
+//! The client loop: a UDP socket (renewed for every reconnect attempt, see
+//! below), the samples handed in by the
 //! fetch thread ([`crate::fetch::Fetcher`]) or a [`SampleSender`],
 //! SIGINT/SIGTERM, and a [`quic_report_core::Client`] driven per the core's
 //! contract.
@@ -24,13 +25,14 @@
 //! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
 //! Every reconnect attempt gets a new socket, bound afresh and connected
-//! to the server's address right before the attempt starts, so a client
+//! to the server's address (left unconnected while there is no route to
+//! it) right before the attempt starts, so a client
 //! whose own address changed (a new network, a renewed DHCP lease, a
 //! network that was not up at boot) sends from the address it has now.
 //! With a [`ServerLookup`], the server's name is looked up when the driver
 //! is made and again, on a helper thread, whenever an attempt is
-//! scheduled; the next attempt goes where it points (see
-//! [`crate::lookup`]). A name that does not resolve at start is no error:
+//! scheduled; the first attempt to start after the answer goes where it
+//! points (see [`crate::lookup`]). A name that does not resolve at start is no error:
 //! the core's attempts fail at once, sending nothing, until it does (see
 //! `Client::set_path`). A connection that works is never moved.
 //!
@@ -50,7 +52,7 @@ use std::time::{Duration, Instant};
 use mio::Waker;
 use quic_report_core::{
     Client, ClientConfig, ClientEvent, ClientState, ClientStats, CoreRng, DisconnectReason,
-    MAX_DATAGRAM_SIZE, Sample, Verify,
+    MAX_DATAGRAM_SIZE, Sample, Seq, Verify,
 };
 
 use crate::debuglog;
@@ -81,8 +83,8 @@ pub struct ClientOptions {
     /// socket's address once bound; `config.server` is where the first
     /// attempt goes (`None`: nowhere until `lookup` finds the server).
     pub config: ClientConfig,
-    /// The server's name, looked up again before every reconnect attempt,
-    /// and by [`ClientDriver::new`] when `config.server` is `None`
+    /// The server's name, looked up again whenever a reconnect attempt is
+    /// scheduled, and by [`ClientDriver::new`] when `config.server` is `None`
     /// (`None`: `config.server` for good).
     pub lookup: Option<ServerLookup>,
     /// Where and how often to fetch samples (`None`: samples only come
@@ -95,7 +97,8 @@ pub struct ClientOptions {
     /// (duplicates included), or rejected or dropped (those are logged).
     /// A sample dropped before it became a report (one the spool never
     /// took, see the module docs) counts too, so a run of `count` samples
-    /// ends even when some were lost.
+    /// ends even when some were lost; reports restored from the spool do
+    /// not (they settle besides).
     pub count: Option<u64>,
     /// Catch SIGINT and SIGTERM and close gracefully (default `true`).
     pub handle_signals: bool,
@@ -215,32 +218,38 @@ impl ClientDriver {
             f.validate().map_err(DriverError::InvalidOption)?;
         }
         let mut lookup_failed_at_start = false;
-        match (&opts.lookup, opts.config.server) {
+        // Where the first attempt may go, in order of preference.
+        let candidates = match (&opts.lookup, opts.config.server) {
             (None, None) => {
                 return Err(DriverError::InvalidOption(
                     "no server address, and no name to look up".into(),
                 ));
             }
             (Some(lookup), None) => match lookup.resolve() {
-                Ok(addrs) => opts.config.server = Some(addrs[0]),
+                Ok(addrs) => addrs,
                 Err(e) => {
                     lookup_failed_at_start = true;
                     log::warn!(
                         "cannot look up the server {}: {e}; reporting starts, and the name is \
-                         looked up again before each attempt",
+                         looked up again at each reconnect",
                         lookup.name()
                     );
+                    Vec::new()
                 }
             },
-            (_, Some(_)) => {}
-        }
+            (_, Some(server)) => vec![server],
+        };
         let spool = match &opts.spool {
             Some(s) => Some(open_spool(s, &mut opts.config.client_id)?),
             None => None,
         };
         let sources = Sources::new(opts.stop.clone(), opts.handle_signals)?;
-        let io = match opts.config.server {
-            Some(server) => UdpIo::connect(server, sources.poll.registry(), SOCKET)?,
+        let io = match first_socket(&candidates, &sources) {
+            Some(Ok((io, server))) => {
+                opts.config.server = Some(server);
+                io
+            }
+            Some(Err(e)) => return Err(e),
             // A placeholder until the server has an address.
             None => UdpIo::bind(
                 crate::udp::unspecified(opts.config.local),
@@ -312,6 +321,9 @@ impl ClientDriver {
             }
             client.resume(Instant::now(), s.next_seq(), restored);
         }
+        // Reports restored from the spool settle too, but `count` counts
+        // this run's samples.
+        let counted_from = client.next_seq();
         log::debug!(
             "client {} on {} -> {} ({})",
             client.client_id(),
@@ -345,6 +357,8 @@ impl ClientDriver {
             retry_at: None,
             handler,
             settled: 0,
+            counted: 0,
+            counted_from,
             count: self.opts.count,
             closing_since: None,
             failure: None,
@@ -357,7 +371,6 @@ impl ClientDriver {
             lookups,
             lookup_failing: self.lookup_failed_at_start,
             target: self.opts.config.server,
-            renew: false,
             connected: false,
             last_attempt_connected: false,
             socket_warned: std::collections::HashSet::new(),
@@ -423,6 +436,11 @@ struct Loop<'h> {
     retry_at: Option<Instant>,
     handler: &'h mut dyn FnMut(&ClientEvent, &Client),
     settled: u64,
+    /// This run's samples settled (as reports or dropped before), towards
+    /// `count`.
+    counted: u64,
+    /// The first seq of this run (those below were restored from the spool).
+    counted_from: Seq,
     /// [`ClientOptions::count`].
     count: Option<u64>,
     closing_since: Option<Instant>,
@@ -442,9 +460,6 @@ struct Loop<'h> {
     /// Where the next attempt goes: the last lookup's choice, else the
     /// configured address.
     target: Option<SocketAddr>,
-    /// A reconnect attempt is scheduled: it gets a new socket and path
-    /// when it starts.
-    renew: bool,
     /// The current attempt's handshake completed.
     connected: bool,
     /// The last attempt's handshake had completed when it ended (a lookup
@@ -676,7 +691,7 @@ impl Loop<'_> {
                     .map_or_else(|| "no address yet".to_owned(), |a| format!("keeping {a}"));
                 if !std::mem::replace(&mut self.lookup_failing, true) {
                     log::warn!(
-                        "cannot look up the server {name}: {e} ({keeping}; looked up again before each attempt)"
+                        "cannot look up the server {name}: {e} ({keeping}; looked up again at each reconnect)"
                     );
                 } else {
                     log::debug!("cannot look up the server {name}: {e} ({keeping})");
@@ -721,14 +736,17 @@ impl Loop<'_> {
                         " (marking a report done; after a restart it is sent again, and the server answers it as a duplicate)",
                     );
                 }
-                self.settle(now);
+                if *seq >= self.counted_from {
+                    self.settle(now);
+                } else {
+                    self.settled += 1;
+                }
             }
             ClientEvent::Failed { reason } => self.failure = Some(reason.clone()),
             ClientEvent::Connecting { .. } => self.connected = false,
             ClientEvent::Connected { .. } => self.connected = true,
             ClientEvent::Disconnected { .. } => self.last_attempt_connected = self.connected,
             ClientEvent::ReconnectScheduled { .. } => {
-                self.renew = true;
                 if let Some(l) = &mut self.lookups {
                     l.start(now);
                 }
@@ -737,11 +755,12 @@ impl Loop<'_> {
         }
     }
 
-    /// One more report (or lost sample) settled; closes the client once
-    /// `count` are.
+    /// One more of this run's samples settled (its report, or itself
+    /// dropped); closes the client once `count` are.
     fn settle(&mut self, now: Instant) {
         self.settled += 1;
-        if self.count.is_some_and(|n| self.settled >= n) && self.closing_since.is_none() {
+        self.counted += 1;
+        if self.count.is_some_and(|n| self.counted >= n) && self.closing_since.is_none() {
             self.close_client(now, "count reached");
         }
     }
@@ -824,11 +843,9 @@ impl Steps for Loop<'_> {
             self.spool_result(Err(e), " (a power loss may lose the last samples)");
         }
         if core_due {
-            if self.client.state() == ClientState::Waiting
-                && std::mem::take(&mut self.renew)
-                && self.closing_since.is_none()
-            {
-                // The backoff is over: the attempt starts in this call.
+            if self.client.state() == ClientState::Waiting && self.closing_since.is_none() {
+                // The backoff is over (Waiting is only ever a reconnect's
+                // wait): the attempt starts in this call, on a new socket.
                 self.new_socket(d);
             }
             self.client.handle_timeout(now);
@@ -855,6 +872,26 @@ impl Steps for Loop<'_> {
     fn deadline_name(&self) -> String {
         format!("core deadline {:?}", self.client.deadline().map(|d| d.kind))
     }
+}
+
+/// A socket for the first of `candidates` one can be made for (an address
+/// of a family this host has, say), and that address; `None` when there
+/// are none, else the first error when none works.
+fn first_socket(
+    candidates: &[SocketAddr],
+    sources: &Sources,
+) -> Option<Result<(UdpIo, SocketAddr), DriverError>> {
+    let mut first_error = None;
+    for &server in candidates {
+        match UdpIo::connect(server, sources.poll.registry(), SOCKET) {
+            Ok(io) => return Some(Ok((io, server))),
+            Err(e) => {
+                log::debug!("{e}: trying the next address");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map(Err)
 }
 
 /// Opens the spool and makes the client's id its own.

@@ -1,19 +1,21 @@
-//! [`ServerLookup`]: the server's name, looked up again before reconnect
-//! attempts, on a helper thread ([`Lookups`]) so a slow resolver never
+//! [`ServerLookup`]: the server's name, looked up again when reconnect
+//! attempts are scheduled, on a helper thread ([`Lookups`]) so a slow resolver never
 //! stalls the loop.
 //!
 //! A device that boots before its network is up, or whose server moves to
 //! another address (a DNS failover, a new host), must find the server again
 //! by itself. The client loop starts a lookup whenever an attempt is
-//! scheduled (at most one runs at a time, see [`LOOKUP_PATIENCE`]) and
-//! takes the answer once it arrives, through the loop's waker. A lookup
-//! that fails keeps the last address that was known.
+//! scheduled (one at a time: another starts beside it only once it has
+//! hung for [`LOOKUP_PATIENCE`], and at most [`MAX_LOOKUP_THREADS`] are
+//! alive) and takes the answer once it arrives, through the loop's waker.
+//! A lookup that fails keeps the last address that was known.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,10 @@ impl fmt::Debug for ServerLookup {
 /// queries with no timeout of its own).
 pub const LOOKUP_PATIENCE: Duration = Duration::from_secs(30);
 
+/// Most lookup threads alive at once (hung ones included): past that no
+/// new lookup starts until one ends.
+pub const MAX_LOOKUP_THREADS: usize = 4;
+
 type Answer = io::Result<Vec<SocketAddr>>;
 
 /// Lookups of one name on helper threads, one at a time, each answered
@@ -90,6 +96,19 @@ pub(crate) struct Lookups {
     waker: Arc<Waker>,
     /// The lookup that runs: its answer's channel and when it started.
     running: Option<(Receiver<Answer>, Instant)>,
+    /// Lookup threads alive (each decrements it as it ends).
+    alive: Arc<AtomicUsize>,
+    /// A lookup was given up on as hung (warned once until one answers).
+    hung: bool,
+}
+
+/// Counts a lookup thread out when it ends, however it ends.
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Lookups {
@@ -99,6 +118,8 @@ impl Lookups {
             lookup,
             waker,
             running: None,
+            alive: Arc::new(AtomicUsize::new(0)),
+            hung: false,
         }
     }
 
@@ -114,18 +135,28 @@ impl Lookups {
             if now < *since + LOOKUP_PATIENCE {
                 return;
             }
-            log::warn!(
-                "the lookup of {} has not answered in {}s: starting another",
-                self.lookup.name(),
-                LOOKUP_PATIENCE.as_secs()
-            );
+            let alive = self.alive.load(Ordering::SeqCst);
+            if alive >= MAX_LOOKUP_THREADS {
+                log::debug!("{alive} lookups of {} hang: none more", self.lookup.name());
+                return;
+            }
+            if !std::mem::replace(&mut self.hung, true) {
+                log::warn!(
+                    "the lookup of {} has not answered in {}s: starting another beside it",
+                    self.lookup.name(),
+                    LOOKUP_PATIENCE.as_secs()
+                );
+            }
         }
         let (tx, rx) = mpsc::channel();
         let lookup = self.lookup.clone();
         let waker = Arc::clone(&self.waker);
+        self.alive.fetch_add(1, Ordering::SeqCst);
+        let alive = Alive(Arc::clone(&self.alive));
         let spawned = std::thread::Builder::new()
             .name("lookup".into())
             .spawn(move || {
+                let _alive = alive;
                 let answer = std::panic::catch_unwind(AssertUnwindSafe(|| lookup.resolve()))
                     .unwrap_or_else(|_| Err(io::Error::other("the lookup panicked")));
                 // The loop may be gone (the client stopped), or have given
@@ -149,6 +180,7 @@ impl Lookups {
             Err(TryRecvError::Disconnected) => Err(io::Error::other("the lookup gave no answer")),
         };
         self.running = None;
+        self.hung = false;
         Some(answer)
     }
 }
@@ -187,6 +219,44 @@ mod tests {
         // After an attempt that connected, the address that worked stays.
         assert_eq!(next_address(&[a, b, c], Some(b), false), b);
         assert_eq!(next_address(&[b, c], Some(a), false), b);
+    }
+
+    /// Waits (bounded) for the answer of the lookup under way.
+    fn answer(lookups: &mut Lookups, poll: &mut mio::Poll) -> Answer {
+        let mut events = mio::Events::with_capacity(4);
+        for _ in 0..100 {
+            if let Some(a) = lookups.poll() {
+                return a;
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .expect("poll");
+        }
+        panic!("no answer within 10 s");
+    }
+
+    #[test]
+    fn a_lookup_that_panics_is_an_error_and_the_next_one_runs() {
+        let mut poll = mio::Poll::new().expect("a poll");
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).expect("a waker"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let at: SocketAddr = "10.0.0.1:4433".parse().expect("addr");
+        let lookup = ServerLookup::with("collector.test:4433", move |_| {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a resolver bug");
+            }
+            Ok(vec![at])
+        });
+        let mut lookups = Lookups::new(lookup, waker);
+        let now = Instant::now();
+        lookups.start(now);
+        assert!(answer(&mut lookups, &mut poll).is_err());
+        lookups.start(now);
+        assert_eq!(
+            answer(&mut lookups, &mut poll).expect("an answer"),
+            vec![at]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -159,16 +159,17 @@ fn the_attempt_after_a_stateless_reset_connects_on_its_new_socket() {
     let samples = driver.sample_sender();
     let (events_tx, events) = mpsc::channel();
     let client = thread::spawn(move || {
-        driver.run(&mut |ev, _| {
-            let _ = events_tx.send(ev.clone());
+        driver.run(&mut |ev, c| {
+            // With the port of the socket the next attempt takes.
+            let _ = events_tx.send((ev.clone(), c.path().0.port()));
         })
     });
     let mut seen = Vec::new();
-    let until_acked = |seq: u64, seen: &mut Vec<ClientEvent>| loop {
+    let until_acked = |seq: u64, seen: &mut Vec<(ClientEvent, u16)>| loop {
         match events.recv_timeout(Duration::from_secs(20)) {
-            Ok(ev) => {
+            Ok((ev, port)) => {
                 let done = matches!(ev, ClientEvent::Acknowledged { seq: s, .. } if s == seq);
-                seen.push(ev);
+                seen.push((ev, port));
                 if done {
                     return;
                 }
@@ -193,9 +194,14 @@ fn the_attempt_after_a_stateless_reset_connects_on_its_new_socket() {
         .expect("the client closes");
     second_stop.stop();
     second.join().expect("server thread").expect("server ok");
-    let after: Vec<&ClientEvent> = seen[before..]
+    let first_port = seen
         .iter()
-        .filter(|e| {
+        .find(|(e, _)| matches!(e, ClientEvent::Connected { .. }))
+        .map(|(_, p)| *p)
+        .expect("connected before the restart");
+    let after: Vec<&(ClientEvent, u16)> = seen[before..]
+        .iter()
+        .filter(|(e, _)| {
             matches!(
                 e,
                 ClientEvent::Disconnected { .. } | ClientEvent::Connected { .. }
@@ -206,14 +212,18 @@ fn the_attempt_after_a_stateless_reset_connects_on_its_new_socket() {
         matches!(
             after[..],
             [
-                ClientEvent::Disconnected {
-                    reason: DisconnectReason::Reset
-                },
-                ClientEvent::Connected { .. },
+                (
+                    ClientEvent::Disconnected {
+                        reason: DisconnectReason::Reset
+                    },
+                    _
+                ),
+                (ClientEvent::Connected { .. }, port),
                 ..
-            ]
+            ] if *port != first_port
         ),
-        "reset, then connected at the first attempt: {after:?}"
+        "reset, then connected at the first attempt, from a new socket (first on port \
+         {first_port}): {after:?}"
     );
     assert_eq!(seqs(&recorded), [1, 2]);
 }
