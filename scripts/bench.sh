@@ -311,18 +311,23 @@ wait_udp "$EPORT_B" || true
 # Database sinks (README "Scaling out"): servers recording into SQLite and
 # PostgreSQL, acknowledging after each commit; their /metrics give the rows
 # per commit and the commit latency of each trial.
-DBS=(sqlite)
+# sqlite-interval: the same under --fsync interval (synchronous=NORMAL, the
+# WAL synced within 100 ms after the acknowledgement, as a file sink's
+# default): what the per-commit fsync costs.
+DBS=(sqlite sqlite-interval)
 [[ -n ${QUIC_REPORT_PG_URL:-} ]] && DBS+=(postgres)
 declare -A DBPORT DBMET DBPID
 for db in "${DBS[@]}"; do
+  dbflags=()
   case $db in
     sqlite) sink="sqlite:$TMP/bench.db" ;;
+    sqlite-interval) sink="sqlite:$TMP/bench-interval.db" dbflags=(--fsync interval) ;;
     postgres) sink=$QUIC_REPORT_PG_URL ;;
   esac
   DBPORT[$db]=$(free_port)
   DBMET[$db]=$(free_port)
   RUST_LOG=warn "${SRV_PIN[@]}" "$B" server --listen "127.0.0.1:${DBPORT[$db]}" --sink "$sink" \
-    --metrics "127.0.0.1:${DBMET[$db]}" >/dev/null 2>>"$TMP/server-$db.log" &
+    "${dbflags[@]}" --metrics "127.0.0.1:${DBMET[$db]}" >/dev/null 2>>"$TMP/server-$db.log" &
   DBPID[$db]=$!
   PIDS+=("${DBPID[$db]}")
   wait_udp "${DBPORT[$db]}" || true

@@ -105,13 +105,14 @@ pub struct ServerArgs {
     /// (a report is taken when nothing else waits, whatever its size).
     #[arg(long, value_name = "N", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_waiting_bytes: u64,
-    /// When to fsync --out. Every report is written to the OS before it is
-    /// acknowledged, so it survives a crash of the server. `always`: fsync
-    /// before acknowledging (once per batch), it survives a power loss too;
-    /// `interval`: fsync at most every 100 ms and within 100 ms of a write,
-    /// after acknowledging (a power loss can lose the last 100 ms); `never`:
-    /// leave it to the OS.
-    /// Default: interval.
+    /// When to fsync --out or a SQLite sink. Every report is written to the
+    /// OS before it is acknowledged, so it survives a crash of the server.
+    /// `always`: fsync before acknowledging (once per batch), it survives a
+    /// power loss too; `interval`: fsync at most every 100 ms and within
+    /// 100 ms of a write, after acknowledging (a power loss can lose the
+    /// last 100 ms; SQLite: synchronous=NORMAL, its WAL synced); `never`:
+    /// leave it to the OS (SQLite: to its checkpoints).
+    /// Default: interval for a file, always for SQLite.
     #[arg(long, value_enum, value_name = "WHEN")]
     pub fsync: Option<FsyncArg>,
     /// File with the server's 32-byte secret (raw, or 64 hex digits), from

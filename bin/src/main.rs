@@ -127,8 +127,13 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         log::info!("server secret read from {}", path.display());
     }
     let url = url_of(args);
-    if !matches!(url, SinkUrl::File(_)) && args.fsync.is_some() {
-        return Err("--fsync is for a file sink (--out FILE or --sink file:PATH)".into());
+    if matches!(url, SinkUrl::Stdout | SinkUrl::Postgres(_)) && args.fsync.is_some() {
+        return Err(
+            "--fsync is for a file or SQLite sink (--out FILE, --sink file:PATH or \
+                    --sink sqlite:PATH); PostgreSQL's durability is its own setting \
+                    (synchronous_commit)"
+                .into(),
+        );
     }
     let limits = WaitLimits {
         deadline: args.commit_timeout,
@@ -149,7 +154,10 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
             run_server(opts, &mut sink, &mut |_| {})?;
         }
         SinkUrl::Sqlite(path) => {
-            let connect = Box::new(SqliteConnect::new(&path));
+            let mut connect = Box::new(SqliteConnect::new(&path));
+            // Unlike a file's, a database's commits are durable by default.
+            connect.set_fsync(args.fsync.unwrap_or(cli::FsyncArg::Always).into());
+            log::info!("sqlite:{}: {}", path.display(), connect.durability());
             run_server(opts, DatabaseSink { connect, limits }, &mut |_| {})?;
         }
         SinkUrl::Postgres(url) => {

@@ -48,6 +48,7 @@
 pub mod postgres;
 mod reader;
 pub mod sqlite;
+mod wal_sync;
 pub mod writer;
 
 use std::fmt;

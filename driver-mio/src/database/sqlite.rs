@@ -1,9 +1,13 @@
 //! The SQLite backend (`--sink sqlite:PATH`), embedded through rusqlite.
 //!
-//! The file is opened in WAL mode with `synchronous=FULL`: a committed
-//! batch survives a crash of the server and a power loss, and several
-//! server processes on one host may share the file (each commit takes the
-//! write lock for one transaction; a process waits up to 5 s for it). A
+//! The file is opened in WAL mode, and several server processes on one
+//! host may share it (each commit takes the write lock for one
+//! transaction; a process waits up to 5 s for it). A committed batch
+//! survives a crash of the server; whether it survives a power loss before
+//! it is acknowledged is `--fsync` ([`Fsync`]): `always` (the default) is
+//! `synchronous=FULL`, the WAL synced in every commit; `interval` is
+//! `synchronous=NORMAL` with the WAL synced within the period after a
+//! commit ([`WalSync`]); `never` leaves it to SQLite's checkpoints. A
 //! batch is one `BEGIN IMMEDIATE` transaction of `INSERT ... ON CONFLICT DO
 //! NOTHING` statements, one per row, whose change count (0 or 1) says
 //! whether the row was new.
@@ -22,10 +26,12 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
+use super::wal_sync::WalSync;
 use super::{
     COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, Row, SCHEMA_VERSION,
     Written, check_schema,
 };
+use crate::sink::Fsync;
 
 const INSERT: &str = "INSERT INTO reports (identity, client, seq, received_at, body) \
      VALUES (?1, ?2, ?3, ?4, ?5) \
@@ -82,14 +88,42 @@ const PROGRESS_OPS: std::ffi::c_int = 1000;
 pub struct SqliteConnect {
     path: PathBuf,
     count_limits: CountLimits,
+    fsync: Fsync,
 }
 
 impl SqliteConnect {
-    /// For the database file at `path`.
+    /// For the database file at `path`, synced in every commit
+    /// ([`Fsync::Always`]).
     pub fn new(path: &Path) -> SqliteConnect {
         SqliteConnect {
             path: path.to_owned(),
             count_limits: COUNT_LIMITS,
+            fsync: Fsync::Always,
+        }
+    }
+
+    /// When the connections made from now on make their commits durable
+    /// (see the module docs). A zero interval is [`Fsync::Always`].
+    pub fn set_fsync(&mut self, fsync: Fsync) {
+        self.fsync = match fsync {
+            Fsync::Interval(d) if d.is_zero() => Fsync::Always,
+            other => other,
+        };
+    }
+
+    /// What [`SqliteConnect::set_fsync`] promises, for the log.
+    pub fn durability(&self) -> String {
+        match self.fsync {
+            Fsync::Always => {
+                "every commit synced before it is acknowledged (synchronous=FULL)".into()
+            }
+            Fsync::Interval(d) => format!(
+                "commits synced within {d:?} after they are acknowledged (synchronous=NORMAL, \
+                 --fsync interval): a power loss may lose the last {d:?}"
+            ),
+            Fsync::Never => "commits synced by SQLite's checkpoints only (synchronous=NORMAL, \
+                 --fsync never): a power loss may lose acknowledged reports"
+                .into(),
         }
     }
 
@@ -108,16 +142,38 @@ impl Connect for SqliteConnect {
             .map_err(|e| classify(&what, e))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| classify(&what, e))?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        let synchronous = if self.fsync == Fsync::Always {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        conn.pragma_update(None, "synchronous", synchronous)
             .map_err(|e| classify(&what, e))?;
         setup(&mut conn, &what)?;
         // A table made `WITHOUT ROWID` by an earlier build has no rowids.
         let rowids = conn.prepare("SELECT rowid FROM reports LIMIT 0").is_ok();
+        let wal_sync = match self.fsync {
+            Fsync::Interval(period) => {
+                // setup() wrote in WAL mode: the log exists, and stays
+                // while this connection is open.
+                let mut wal = self.path.clone().into_os_string();
+                wal.push("-wal");
+                let wal = PathBuf::from(wal);
+                Some(WalSync::start(&wal, period).map_err(|e| {
+                    DbError::Connection(format!(
+                        "{what}: opening {} to sync it: {e}",
+                        wal.display()
+                    ))
+                })?)
+            }
+            Fsync::Always | Fsync::Never => None,
+        };
         Ok(Box::new(Sqlite {
             conn,
             what,
             count_limits: self.count_limits,
             rowids,
+            wal_sync,
         }))
     }
 
@@ -224,6 +280,8 @@ struct Sqlite {
     /// Whether `reports` has rowids, which the row estimate is made of (a
     /// table without them is always counted).
     rowids: bool,
+    /// Under `--fsync interval`: syncs the WAL after commits.
+    wal_sync: Option<WalSync>,
 }
 
 /// `received_at`'s text, made once for the rows of a batch that share
@@ -295,6 +353,9 @@ impl Database for Sqlite {
             }
         }
         tx.commit().map_err(err)?;
+        if let Some(w) = &self.wal_sync {
+            w.committed();
+        }
         Ok(out)
     }
 
@@ -325,6 +386,9 @@ impl Database for Sqlite {
             }
         }
         tx.commit().map_err(err)?;
+        if let Some(w) = &self.wal_sync {
+            w.committed();
+        }
         Ok(out)
     }
 
@@ -509,6 +573,36 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             body: format!(r#"{{"client":"{client}","seq":{seq}}}"#),
         }
+    }
+
+    /// Under `--fsync interval` the connection runs in synchronous=NORMAL
+    /// with its WAL synced by a thread of its own: the key still answers
+    /// duplicates, a second connection sees the commits, and so does a
+    /// reopening after the first is gone (its sync thread ended with it).
+    #[test]
+    fn fsync_interval_commits_as_always() {
+        let path = temp("interval");
+        let _rm = Rm(path.clone());
+        let mut connect = SqliteConnect::new(&path);
+        connect.set_fsync(Fsync::Interval(Duration::from_millis(10)));
+        assert!(connect.durability().contains("synchronous=NORMAL"));
+        let mut db = connect.connect().expect("opens");
+        let first = db.insert(&[row("a", 1), row("a", 2)]).expect("inserts");
+        assert_eq!(first, vec![Written::Inserted, Written::Inserted]);
+        let each = db
+            .insert_each(&[row("a", 2), row("a", 3)])
+            .expect("inserts");
+        assert_eq!(each, vec![Ok(Written::Duplicate), Ok(Written::Inserted)]);
+        let mut other = SqliteConnect::new(&path).connect().expect("opens again");
+        assert_eq!(other.counts(far()).expect("counts"), Counts::counted(3, 1));
+        drop(db);
+        drop(other);
+        let mut again = SqliteConnect::new(&path).connect().expect("reopens");
+        assert_eq!(again.counts(far()).expect("counts"), Counts::counted(3, 1));
+        // A zero interval is a sync in every commit.
+        let mut zero = SqliteConnect::new(&path);
+        zero.set_fsync(Fsync::Interval(Duration::ZERO));
+        assert!(zero.durability().contains("synchronous=FULL"));
     }
 
     #[test]
@@ -759,6 +853,7 @@ mod tests {
             what: "test".into(),
             count_limits: COUNT_LIMITS,
             rowids: true,
+            wal_sync: None,
         };
         let named = |client: &str, seq| Row {
             identity: "device-1".into(),
