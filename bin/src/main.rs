@@ -352,23 +352,21 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         opts.config.server_name
     );
     let queue = args.queue;
-    let summary = run_client(
-        opts,
-        &mut |ev, c| match show::client_event(ev, &c.stats()) {
-            Shown::Ack(line) => println!("{line}"),
-            Shown::Info(line) => log::info!("{line}"),
-            Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
-                "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
-                c.dropped()
-            ),
-            // A permanent refusal: the report is dropped, never sent again.
-            Shown::Warn(line) if matches!(ev, ClientEvent::Rejected { .. }) => {
-                log::error!("{line}; the report is dropped")
-            }
-            Shown::Warn(line) => log::warn!("{line}"),
-            Shown::Debug(line) => log::debug!("{line}"),
-        },
-    )?;
+    let mut lines = show::ClientLog::default();
+    let summary = run_client(opts, &mut |ev, c| match lines.line(ev, &c.stats()) {
+        Shown::Ack(line) => println!("{line}"),
+        Shown::Info(line) => log::info!("{line}"),
+        Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
+            "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
+            c.dropped()
+        ),
+        // A permanent refusal: the report is dropped, never sent again.
+        Shown::Warn(line) if matches!(ev, ClientEvent::Rejected { .. }) => {
+            log::error!("{line}; the report is dropped")
+        }
+        Shown::Warn(line) => log::warn!("{line}"),
+        Shown::Debug(line) => log::debug!("{line}"),
+    })?;
     log::info!(
         "done: {} acknowledged, {} rejected (dropped), {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
         summary.stats.acknowledged,

@@ -97,6 +97,162 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
     }
 }
 
+/// Client lines with each outage said once: the first failed attempt of a
+/// run of failures is shown at its level, the same reason again and every
+/// "reconnecting" after the first at debug, until a connection is made,
+/// whose line then says how many attempts it took. A device that boots
+/// without a network, or whose server is gone for hours, logs a line per
+/// outage (and per change of reason), not two per attempt; the client's
+/// summary line still says every 10 s that it is waiting.
+#[derive(Debug, Default)]
+pub struct ClientLog {
+    outage: Option<Outage>,
+    /// The client's attempts when it last connected.
+    attempts_then: u32,
+}
+
+#[derive(Debug)]
+struct Outage {
+    /// The last reason shown.
+    reason: String,
+    /// A "reconnecting" line was shown in it.
+    scheduled_shown: bool,
+}
+
+impl ClientLog {
+    /// The line of `ev` ([`client_event`]), at debug when it repeats the
+    /// outage.
+    pub fn line(&mut self, ev: &ClientEvent, stats: &ClientStats) -> Shown {
+        let shown = client_event(ev, stats);
+        let quiet = |shown: Shown| match shown {
+            Shown::Info(s) => Shown::Debug(s),
+            other => other,
+        };
+        match ev {
+            ClientEvent::Disconnected { reason } => {
+                let reason = reason.to_string();
+                match &mut self.outage {
+                    Some(o) if o.reason == reason => quiet(shown),
+                    Some(o) => {
+                        o.reason = reason;
+                        o.scheduled_shown = false;
+                        shown
+                    }
+                    None => {
+                        self.outage = Some(Outage {
+                            reason,
+                            scheduled_shown: false,
+                        });
+                        shown
+                    }
+                }
+            }
+            ClientEvent::ReconnectScheduled { .. } => match &mut self.outage {
+                Some(o) if o.scheduled_shown => quiet(shown),
+                Some(o) => {
+                    o.scheduled_shown = true;
+                    shown
+                }
+                None => shown,
+            },
+            ClientEvent::Connected { .. } => {
+                let attempts = stats.attempts - self.attempts_then;
+                self.attempts_then = stats.attempts;
+                match (self.outage.take(), shown) {
+                    (Some(_), Shown::Info(s)) if attempts > 1 => {
+                        Shown::Info(format!("{s}, after {attempts} attempts"))
+                    }
+                    (_, shown) => shown,
+                }
+            }
+            _ => shown,
+        }
+    }
+}
+
+#[cfg(test)]
+mod client_log_tests {
+    use super::*;
+
+    /// An outage of many attempts for one reason: its first failure and
+    /// first "reconnecting" at info, the rest at debug, and the connection
+    /// that ends it says how many attempts it took. A new outage is shown
+    /// again.
+    /// `ev`'s line, its level pushed onto `levels`.
+    fn at(
+        log: &mut ClientLog,
+        levels: &mut Vec<&'static str>,
+        ev: ClientEvent,
+        stats: &ClientStats,
+    ) -> String {
+        let shown = log.line(&ev, stats);
+        levels.push(match &shown {
+            Shown::Debug(_) => "debug",
+            _ => "info",
+        });
+        shown.text().to_owned()
+    }
+
+    #[test]
+    fn an_outage_is_said_once() {
+        let mut log = ClientLog::default();
+        let mut stats = ClientStats::default();
+        let mut levels = Vec::new();
+        let later = Instant::now();
+        for attempt in 1..=5 {
+            stats.attempts = attempt;
+            at(
+                &mut log,
+                &mut levels,
+                ClientEvent::Connecting { attempt },
+                &stats,
+            );
+            at(
+                &mut log,
+                &mut levels,
+                ClientEvent::Disconnected {
+                    reason: DisconnectReason::Unreachable,
+                },
+                &stats,
+            );
+            at(
+                &mut log,
+                &mut levels,
+                ClientEvent::ReconnectScheduled {
+                    at: later,
+                    attempt: attempt + 1,
+                },
+                &stats,
+            );
+        }
+        stats.attempts = 6;
+        at(
+            &mut log,
+            &mut levels,
+            ClientEvent::Connecting { attempt: 6 },
+            &stats,
+        );
+        let connected = ClientEvent::Connected {
+            conn_id: "ab".into(),
+            resumed: false,
+            early_data: false,
+        };
+        let line = at(&mut log, &mut levels, connected.clone(), &stats);
+        assert!(line.ends_with(", after 6 attempts"), "{line}");
+        let shown: Vec<_> = levels.iter().filter(|l| **l == "info").collect();
+        assert_eq!(shown.len(), 3, "{levels:?}");
+        // Connected again at the first attempt of the next outage: plain.
+        let idle = ClientEvent::Disconnected {
+            reason: DisconnectReason::IdleTimeout,
+        };
+        at(&mut log, &mut levels, idle, &stats);
+        assert_eq!(levels.last(), Some(&"info"));
+        stats.attempts = 7;
+        let line = at(&mut log, &mut levels, connected, &stats);
+        assert!(!line.contains("after"), "{line}");
+    }
+}
+
 /// The line of a server event. A report is shown when it is answered
 /// ([`Recorded`]); its event alone is only for debug logs.
 pub fn server_event(ev: &ServerEvent) -> Shown {
