@@ -216,6 +216,63 @@ fn set_file_size_limit(pid: libc::pid_t, bytes: libc::rlim_t) -> std::io::Result
     Ok(())
 }
 
+/// A source, a server recording to a file, and a spool directory: what the
+/// full-disk tests share.
+struct FullDisk {
+    source: Logged,
+    url: String,
+    listen: String,
+    spool: String,
+    out: String,
+    _server: Logged,
+    _dir: TempPath,
+}
+
+impl FullDisk {
+    fn new(name: &str) -> FullDisk {
+        let (source, url) = Logged::start_source();
+        let dir = TempPath::new(name);
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        let spool = dir.join("spool");
+        let out = dir.join("out.jsonl");
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
+        server.wait_for("listening on ");
+        FullDisk {
+            source,
+            url,
+            listen,
+            spool,
+            out,
+            _server: server,
+            _dir: dir,
+        }
+    }
+
+    /// A client on the spool with `extra` flags, fetching every
+    /// `interval`, whose files may not grow past 1,500 bytes (its pid for
+    /// [`set_file_size_limit`]).
+    fn client(&self, interval: &str, extra: &[&str]) -> (Logged, libc::pid_t) {
+        use std::os::unix::process::CommandExt;
+        let mut flags = vec!["--spool", &self.spool];
+        flags.extend_from_slice(extra);
+        let mut cmd = std::process::Command::new(common::EXE);
+        cmd.args(client_args(&self.listen, &self.url, interval, &flags));
+        // SAFETY: signal(2) and setrlimit(2) are async-signal-safe; nothing
+        // else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // A write past the limit fails with EFBIG instead of killing.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                set_file_size_limit(0, 1500)
+            });
+        }
+        let client = Logged::spawn_command("client", cmd);
+        let pid = libc::pid_t::try_from(client.child.id()).expect("pid fits");
+        (client, pid)
+    }
+}
+
 /// A full disk, as the kernel reports it to a process past its file size
 /// limit (RLIMIT_FSIZE: a failed write(2), as ENOSPC is, without needing a
 /// small filesystem or root). A sample the spool cannot take is not
@@ -223,30 +280,10 @@ fn set_file_size_limit(pid: libc::pid_t, bytes: libc::rlim_t) -> std::io::Result
 /// reported (in order, under the next seq) once the spool takes it.
 #[test]
 fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
-    use std::os::unix::process::CommandExt;
-    let (source, url) = Logged::start_source();
-    let dir = TempPath::new("full");
-    std::fs::create_dir_all(&dir.0).expect("mkdir");
-    let spool = dir.join("spool");
-    let out = dir.join("out.jsonl");
-    let out_path = PathBuf::from(&out);
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
-    server.wait_for("listening on ");
-
-    let mut cmd = std::process::Command::new(common::EXE);
-    cmd.args(client_args(&listen, &url, "100ms", &["--spool", &spool]));
-    // SAFETY: signal(2) and setrlimit(2) are async-signal-safe; nothing
-    // else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // A write past the limit fails with EFBIG instead of killing.
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            set_file_size_limit(0, 1500)
-        });
-    }
-    let mut client = Logged::spawn_command("client", cmd);
-    let pid = libc::pid_t::try_from(client.child.id()).expect("pid fits");
+    let disk = FullDisk::new("full");
+    let source = &disk.source;
+    let out_path = PathBuf::from(&disk.out);
+    let (mut client, pid) = disk.client("100ms", &[]);
     let rest = client.wait_for("File too large (os error 27): ");
     assert!(
         rest.starts_with("1 sample(s) held back, not reported until they are in the spool"),
@@ -264,7 +301,7 @@ fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
         "reported while the spool could not take them"
     );
     let mut values = Vec::new();
-    served(&source, &mut values);
+    served(source, &mut values);
 
     // Room again: the held samples go in and out, in order.
     set_file_size_limit(pid, libc::RLIM_INFINITY).expect("raise the client's limit");
@@ -320,35 +357,13 @@ fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
 /// room again, for reports the dropped samples never became.
 #[test]
 fn a_counted_run_ends_when_samples_the_spool_never_took_are_dropped() {
-    use std::os::unix::process::CommandExt;
-    let (source, url) = Logged::start_source();
-    let dir = TempPath::new("full-count");
-    std::fs::create_dir_all(&dir.0).expect("mkdir");
-    let spool = dir.join("spool");
-    let out = dir.join("out.jsonl");
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let server = Logged::spawn("server", &["server", "--listen", &listen, "--out", &out]);
-    server.wait_for("listening on ");
-
-    let mut cmd = std::process::Command::new(common::EXE);
-    cmd.args(client_args(
-        &listen,
-        &url,
-        "50ms",
-        &["--spool", &spool, "--queue", "2", "--count", "30"],
-    ));
-    // SAFETY: as in the test above.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            set_file_size_limit(0, 1500)
-        });
-    }
-    let mut client = Logged::spawn_command("client", cmd);
-    let pid = libc::pid_t::try_from(client.child.id()).expect("pid fits");
+    let disk = FullDisk::new("full-count");
+    let source = &disk.source;
+    let out = &disk.out;
+    let (mut client, pid) = disk.client("50ms", &["--queue", "2", "--count", "30"]);
     let mut values = Vec::new();
     wait_until("the source served 30 values", || {
-        served(&source, &mut values);
+        served(source, &mut values);
         values.len() >= 30
     });
     // The client took the last one (a hold or a drop) before the disk has

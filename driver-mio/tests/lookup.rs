@@ -18,6 +18,24 @@ use std::time::Duration;
 use quic_report_core::{ClientEvent, DisconnectReason, Report};
 use quic_report_mio::{ClientDriver, ServerLookup};
 
+/// Runs `driver` on a thread: its end, and every event it emits with the
+/// local port of the socket the client's next attempt takes.
+#[allow(clippy::type_complexity)]
+fn run_on_a_thread(
+    driver: ClientDriver,
+) -> (
+    thread::JoinHandle<Result<quic_report_mio::ClientSummary, quic_report_mio::DriverError>>,
+    mpsc::Receiver<(ClientEvent, u16)>,
+) {
+    let (events_tx, events) = mpsc::channel();
+    let client = thread::spawn(move || {
+        driver.run(&mut |ev, c| {
+            let _ = events_tx.send((ev.clone(), c.path().0.port()));
+        })
+    });
+    (client, events)
+}
+
 fn seqs(recorded: &mpsc::Receiver<Report>) -> Vec<u64> {
     let mut seqs: Vec<u64> = recorded.try_iter().filter_map(|r| r.seq).collect();
     seqs.sort_unstable();
@@ -89,17 +107,12 @@ fn a_server_that_moves_is_found_at_its_new_address() {
     let stop = driver.stop_handle();
     let _dog = watchdog(stop.clone(), Duration::from_secs(40));
     let samples = driver.sample_sender();
-    let (events_tx, events) = mpsc::channel();
-    let client = thread::spawn(move || {
-        driver.run(&mut |ev, _| {
-            let _ = events_tx.send(ev.clone());
-        })
-    });
+    let (client, events) = run_on_a_thread(driver);
     let acked = |n: usize, what: &str| {
         let mut seen = 0;
         while seen < n {
             match events.recv_timeout(Duration::from_secs(20)) {
-                Ok(ClientEvent::Acknowledged { .. }) => seen += 1,
+                Ok((ClientEvent::Acknowledged { .. }, _)) => seen += 1,
                 Ok(_) => {}
                 Err(e) => panic!("{what}: {seen} of {n} acknowledged ({e})"),
             }
@@ -157,13 +170,7 @@ fn the_attempt_after_a_stateless_reset_connects_on_its_new_socket() {
     let stop = driver.stop_handle();
     let _dog = watchdog(stop.clone(), Duration::from_secs(40));
     let samples = driver.sample_sender();
-    let (events_tx, events) = mpsc::channel();
-    let client = thread::spawn(move || {
-        driver.run(&mut |ev, c| {
-            // With the port of the socket the next attempt takes.
-            let _ = events_tx.send((ev.clone(), c.path().0.port()));
-        })
-    });
+    let (client, events) = run_on_a_thread(driver);
     let mut seen = Vec::new();
     let until_acked = |seq: u64, seen: &mut Vec<(ClientEvent, u16)>| loop {
         match events.recv_timeout(Duration::from_secs(20)) {

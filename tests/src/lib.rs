@@ -78,6 +78,17 @@ pub struct SimClient {
 }
 
 impl SimClient {
+    /// Why each of its connections (or attempts) ended, in order.
+    pub fn disconnect_reasons(&self) -> Vec<quic_report_core::DisconnectReason> {
+        self.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                ClientEvent::Disconnected { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether every submitted report was acknowledged.
     pub fn all_acked(&self) -> bool {
         let acked: BTreeSet<_> = self.acked.iter().collect();

@@ -236,12 +236,5 @@ fn reports_the_store_had_already_are_acknowledged_as_duplicates() {
 }
 
 fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
-    s.clients[0]
-        .events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            ClientEvent::Disconnected { reason } => Some(reason.clone()),
-            _ => None,
-        })
-        .collect()
+    s.clients[0].disconnect_reasons()
 }

@@ -49,13 +49,7 @@ fn client_reconnects_after_server_gone_longer_than_idle_timeout() {
         "reconnected{}",
         sim.context()
     );
-    let reasons: Vec<_> = events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            ClientEvent::Disconnected { reason } => Some(reason.clone()),
-            _ => None,
-        })
-        .collect();
+    let reasons = sim.clients[c].disconnect_reasons();
     assert!(
         reasons.iter().all(|r| !r.is_permanent()),
         "no permanent failure: {reasons:?}{}",
@@ -468,13 +462,7 @@ fn a_client_without_a_server_address_sends_nothing_until_it_has_one() {
     );
     assert!(sim.records.is_empty(), "{}", sim.context());
     let events = &sim.clients[c].events;
-    let reasons: Vec<_> = events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            ClientEvent::Disconnected { reason } => Some(reason.clone()),
-            _ => None,
-        })
-        .collect();
+    let reasons = sim.clients[c].disconnect_reasons();
     assert!(
         reasons.len() >= 3 && reasons.iter().all(|r| *r == DisconnectReason::NoAddress),
         "every attempt failed for want of an address: {reasons:?}{}",
