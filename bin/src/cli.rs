@@ -111,7 +111,7 @@ pub struct ServerArgs {
     /// power loss too; `interval`: fsync at most every 100 ms and within
     /// 100 ms of a write, after acknowledging (a power loss can lose the
     /// last 100 ms; SQLite: synchronous=NORMAL, its WAL synced); `never`:
-    /// leave it to the OS (SQLite: to its checkpoints).
+    /// leave it to the OS (SQLite: to its checkpoints and the OS).
     /// Default: interval for a file, always for SQLite.
     #[arg(long, value_enum, value_name = "WHEN")]
     pub fsync: Option<FsyncArg>,

@@ -218,7 +218,7 @@ fn sqlite_survives_sigkilled_servers_mid_write() {
 fn sqlite_with_fsync_interval_survives_sigkilled_servers_mid_write() {
     sigkilled_sqlite_servers(
         &["--fsync", "interval"],
-        "commits synced within 100ms after they are acknowledged",
+        "each commit synced within 100ms of it",
     );
 }
 

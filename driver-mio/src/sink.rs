@@ -150,7 +150,10 @@ pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// When a [`FileSink`] calls fsync. Under every policy a report is written
 /// to the OS (one `write(2)`, no user-space buffer) before it is
-/// acknowledged, so it survives a crash of the server process.
+/// acknowledged, so it survives a crash of the server process. The SQLite
+/// sink takes the same policies for its commits
+/// ([`crate::database::sqlite::SqliteConnect::set_fsync`], where a zero
+/// interval means `Always`; a file refuses it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
     /// Before every acknowledgement (once per batch of reports): an

@@ -7,7 +7,8 @@
 //! it is acknowledged is `--fsync` ([`Fsync`]): `always` (the default) is
 //! `synchronous=FULL`, the WAL synced in every commit; `interval` is
 //! `synchronous=NORMAL` with the WAL synced within the period after a
-//! commit ([`WalSync`]); `never` leaves it to SQLite's checkpoints. A
+//! commit ([`WalSync`]), which may be acknowledged first; `never` leaves it
+//! to SQLite's checkpoints and the kernel's writeback. A
 //! batch is one `BEGIN IMMEDIATE` transaction of `INSERT ... ON CONFLICT DO
 //! NOTHING` statements, one per row, whose change count (0 or 1) says
 //! whether the row was new.
@@ -118,11 +119,12 @@ impl SqliteConnect {
                 "every commit synced before it is acknowledged (synchronous=FULL)".into()
             }
             Fsync::Interval(d) => format!(
-                "commits synced within {d:?} after they are acknowledged (synchronous=NORMAL, \
-                 --fsync interval): a power loss may lose the last {d:?}"
+                "each commit synced within {d:?} of it, maybe after its acknowledgement \
+                 (synchronous=NORMAL, --fsync interval): a power loss may lose the last {d:?}"
             ),
-            Fsync::Never => "commits synced by SQLite's checkpoints only (synchronous=NORMAL, \
-                 --fsync never): a power loss may lose acknowledged reports"
+            Fsync::Never => "commits synced only by SQLite's checkpoints and the kernel's \
+                 writeback (synchronous=NORMAL, --fsync never): a power loss may lose \
+                 acknowledged reports"
                 .into(),
         }
     }
@@ -136,6 +138,26 @@ impl SqliteConnect {
 
 impl Connect for SqliteConnect {
     fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
+        Ok(Box::new(self.open()?))
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    /// For the read thread: the same file; its connection commits nothing,
+    /// so it needs no sync of the log.
+    fn another(&self) -> Box<dyn Connect> {
+        Box::new(SqliteConnect {
+            fsync: Fsync::Never,
+            ..self.clone()
+        })
+    }
+}
+
+impl SqliteConnect {
+    /// [`Connect::connect`], unboxed.
+    fn open(&self) -> Result<Sqlite, DbError> {
         let what = self.describe();
         let mut conn = Connection::open(&self.path).map_err(|e| classify(&what, e))?;
         conn.busy_timeout(Duration::from_secs(5))
@@ -154,9 +176,11 @@ impl Connect for SqliteConnect {
         let rowids = conn.prepare("SELECT rowid FROM reports LIMIT 0").is_ok();
         let wal_sync = match self.fsync {
             Fsync::Interval(period) => {
-                // setup() wrote in WAL mode: the log exists, and stays
-                // while this connection is open.
-                let mut wal = self.path.clone().into_os_string();
+                // SQLite's own name of the file (symlinks resolved), whose
+                // log this connection created when it opened it in WAL mode.
+                let mut wal = conn
+                    .path()
+                    .map_or_else(|| self.path.clone().into_os_string(), Into::into);
                 wal.push("-wal");
                 let wal = PathBuf::from(wal);
                 Some(WalSync::start(&wal, period).map_err(|e| {
@@ -168,21 +192,13 @@ impl Connect for SqliteConnect {
             }
             Fsync::Always | Fsync::Never => None,
         };
-        Ok(Box::new(Sqlite {
+        Ok(Sqlite {
             conn,
             what,
             count_limits: self.count_limits,
             rowids,
             wal_sync,
-        }))
-    }
-
-    fn describe(&self) -> String {
-        format!("sqlite:{}", self.path.display())
-    }
-
-    fn another(&self) -> Box<dyn Connect> {
-        Box::new(self.clone())
+        })
     }
 }
 
@@ -573,6 +589,58 @@ mod tests {
             received_at_ms: 1_700_000_000_123,
             body: format!(r#"{{"client":"{client}","seq":{seq}}}"#),
         }
+    }
+
+    /// `synchronous` of a connection (1 NORMAL, 2 FULL).
+    fn synchronous(db: &Sqlite) -> i64 {
+        db.conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("pragma")
+    }
+
+    /// Each `--fsync` as SQLite runs it: `always` FULL with no sync
+    /// thread, `never` NORMAL with none, `interval` NORMAL with a thread
+    /// that syncs the log after a commit.
+    #[test]
+    fn fsync_sets_synchronous_and_the_interval_syncs_the_log() {
+        let path = temp("modes");
+        let _rm = Rm(path.clone());
+        let mut connect = SqliteConnect::new(&path);
+        let always = connect.open().expect("opens");
+        assert_eq!(synchronous(&always), 2);
+        assert!(always.wal_sync.is_none());
+        connect.set_fsync(Fsync::Never);
+        let never = connect.open().expect("opens");
+        assert_eq!(synchronous(&never), 1);
+        assert!(never.wal_sync.is_none());
+        connect.set_fsync(Fsync::Interval(Duration::from_millis(10)));
+        let mut interval = connect.open().expect("opens");
+        assert_eq!(synchronous(&interval), 1);
+        let syncs = |db: &Sqlite| db.wal_sync.as_ref().map(WalSync::syncs);
+        assert_eq!(syncs(&interval), Some(0), "nothing to sync yet");
+        interval.insert(&[row("a", 1)]).expect("inserts");
+        let until = Instant::now() + Duration::from_secs(10);
+        while syncs(&interval) == Some(0) {
+            assert!(Instant::now() < until, "the log was not synced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A database reached through a symlink keeps its log beside the file
+    /// it points to (SQLite resolves the link): the sync thread opens that
+    /// one.
+    #[test]
+    fn fsync_interval_finds_the_log_of_a_symlinked_database() {
+        let target = temp("target");
+        let _rm = Rm(target.clone());
+        let link = temp("link");
+        let _rm_link = Rm(link.clone());
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let mut connect = SqliteConnect::new(&link);
+        connect.set_fsync(Fsync::Interval(Duration::from_millis(10)));
+        let mut db = connect.open().expect("opens through the link");
+        db.insert(&[row("a", 1)]).expect("inserts");
+        assert!(db.wal_sync.is_some());
     }
 
     /// Under `--fsync interval` the connection runs in synchronous=NORMAL

@@ -207,7 +207,24 @@ pub struct Writer {
     reads: Sender<ReadJob>,
     completions: Receiver<Completion>,
     custody: Arc<Custody>,
-    _thread: JoinHandle<()>,
+    thread: JoinHandle<()>,
+}
+
+/// How long a dropped [`Writer`] waits for its commit thread to end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+impl Drop for Writer {
+    /// Tells the commit thread the loop is gone and gives it
+    /// [`SHUTDOWN_WAIT`] to finish and close its connection (SQLite's log
+    /// is then synced under `--fsync interval`); a database that hangs does
+    /// not hold the server's exit longer.
+    fn drop(&mut self) {
+        drop(std::mem::replace(&mut self.rows, mpsc::channel().0));
+        let until = Instant::now() + SHUTDOWN_WAIT;
+        while !self.thread.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 impl Writer {
@@ -275,7 +292,7 @@ impl Writer {
             reads,
             completions,
             custody: Arc::new(Custody::default()),
-            _thread: handle,
+            thread: handle,
         })
     }
 
@@ -326,7 +343,7 @@ impl Writer {
     /// Whether the commit thread has ended: after a [`Completion::Fatal`],
     /// or (with none sent) because it panicked.
     pub fn ended(&self) -> bool {
-        self._thread.is_finished()
+        self.thread.is_finished()
     }
 }
 
