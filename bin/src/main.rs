@@ -364,6 +364,8 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         Shown::Warn(line) if matches!(ev, ClientEvent::Rejected { .. }) => {
             log::error!("{line}; the report is dropped")
         }
+        // A lost report.
+        Shown::Warn(line) if matches!(ev, ClientEvent::SeqReused { .. }) => log::error!("{line}"),
         Shown::Warn(line) => log::warn!("{line}"),
         Shown::Debug(line) => log::debug!("{line}"),
     })?;
@@ -376,6 +378,15 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         summary.stats.connections,
         summary.stats.attempts
     );
+    if summary.stats.seq_reused > 0 {
+        log::error!(
+            "{} report(s) lost: the server had their seq before they were first sent \
+             (another client uses client id {}, or its numbering started over: give each \
+             client its own id, and a --spool that survives)",
+            summary.stats.seq_reused,
+            summary.client_id
+        );
+    }
     Ok(())
 }
 

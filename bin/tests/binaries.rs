@@ -193,6 +193,56 @@ fn a_fixed_client_id_without_a_spool_is_warned_about() {
     assert!(server.finish().0.success());
 }
 
+/// The run after that one: its first seqs are the earlier run's, the
+/// server answers them `duplicate` at their first send, and the client
+/// says the first is lost and counts them all at exit; its seqs past the earlier
+/// run's are recorded. (The same server: its duplicate memory is the key.)
+#[test]
+fn a_run_whose_seqs_an_earlier_run_used_says_each_is_lost() {
+    let (_source, url) = start_source();
+    let (server, addr) = start_server("127.0.0.1:0");
+    let run = |count: &str| {
+        Logged::spawn(
+            "client",
+            &[
+                "client",
+                "--server",
+                &addr,
+                "--source",
+                &url,
+                "--interval",
+                "50ms",
+                "--client-id",
+                "c0ffee",
+                "--count",
+                count,
+            ],
+        )
+    };
+    let (status, _) = run("3").finish();
+    assert!(status.success());
+    let again = run("5");
+    let lost = again.wait_for("report seq=1 is lost: ");
+    assert!(
+        lost.contains("another client uses this client id"),
+        "{lost}"
+    );
+    // The others at debug; the count at exit.
+    let total = again.wait_for(" 3 report(s) lost: ");
+    assert!(total.starts_with("the server had their seq"), "{total}");
+    let (status, out) = again.finish();
+    assert!(status.success());
+    assert_eq!(
+        out.lines().filter(|l| l.contains("(duplicate)")).count(),
+        3,
+        "{out}"
+    );
+    server.signal(libc::SIGINT);
+    let (status, records) = server.finish();
+    assert!(status.success());
+    assert_eq!(recorded(&records), [1, 2, 3, 4, 5]);
+}
+
 /// `--ca FILE` is the whole trust store. quiche also loads BoringSSL's
 /// default roots (the file named by SSL_CERT_FILE, else the system bundle);
 /// here that file holds the server's real CA, and `--ca` an unrelated one:

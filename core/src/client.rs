@@ -86,6 +86,16 @@ pub enum ClientEvent {
         /// The server's full answer.
         response: Response,
     },
+    /// The server already had this seq when the client first sent it: the
+    /// client id's numbering was used before, by another client with the
+    /// same id or by this one before its numbering started over (no spool,
+    /// or a lost one). The server answers it `duplicate` (an
+    /// [`ClientEvent::Acknowledged`] follows) and this report is not
+    /// recorded: it is lost.
+    SeqReused {
+        /// The report.
+        seq: Seq,
+    },
     /// The server refused a report for good (it is malformed); it is dropped.
     Rejected {
         /// The report.
@@ -255,6 +265,9 @@ pub struct ClientStats {
     pub sent: u64,
     /// Reports rejected for good.
     pub rejected: u64,
+    /// Reports whose seq the server had before their first send
+    /// ([`ClientEvent::SeqReused`]): lost.
+    pub seq_reused: u64,
 }
 
 /// One report on its stream, waiting for its answer.
@@ -872,7 +885,15 @@ impl Client {
                         events.push_back(ClientEvent::Retrying { seq: f.seq, reason });
                     }
                     Ok(response) => {
-                        if queue.ack(f.seq).is_some() {
+                        if let Some(entry) = queue.ack(f.seq) {
+                            if let Response::Ok {
+                                duplicate: true, ..
+                            } = response
+                                && entry.sends == 1
+                            {
+                                stats.seq_reused += 1;
+                                events.push_back(ClientEvent::SeqReused { seq: f.seq });
+                            }
                             events.push_back(match response {
                                 Response::Ok { duplicate, .. } => {
                                     stats.acknowledged += 1;

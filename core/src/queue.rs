@@ -23,7 +23,8 @@ pub struct Entry {
     pub seq: Seq,
     /// What it reports.
     pub sample: Sample,
-    /// How many times it was sent.
+    /// How many times it was sent (a restored report counts one: an
+    /// earlier run of the client sent it, or may have).
     pub sends: u32,
 }
 
@@ -95,7 +96,7 @@ impl ReportQueue {
             Entry {
                 seq,
                 sample,
-                sends: 0,
+                sends: 1,
             },
         );
         self.waiting.insert(seq);

@@ -72,6 +72,11 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
             }
             Shown::Ack(s)
         }
+        ClientEvent::SeqReused { seq } => Shown::Warn(format!(
+            "report seq={seq} is lost: the server had this seq before it was first sent \
+             (another client uses this client id, or its numbering started over without its \
+             spool)"
+        )),
         ClientEvent::Rejected { seq, code, reason } => Shown::Warn(format!(
             "report seq={seq} rejected by the server ({code}): {reason}"
         )),
@@ -97,7 +102,8 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
     }
 }
 
-/// Client lines with each outage said once: the first failed attempt of a
+/// Client lines with each outage said once (and reports lost to a reused
+/// seq: the first, then every hundredth): the first failed attempt of a
 /// run of failures is shown at its level, the same reason again and every
 /// "reconnecting" after the first at debug, until a connection is made,
 /// whose line then says how many attempts it took. A device that boots
@@ -107,6 +113,8 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
 #[derive(Debug, Default)]
 pub struct ClientLog {
     outage: Option<Outage>,
+    /// Reports lost to a reused seq so far.
+    reused: u64,
     /// The client's attempts when it last connected.
     attempts_then: u32,
 }
@@ -155,6 +163,20 @@ impl ClientLog {
                 }
                 None => shown,
             },
+            // Each is a lost report, but a numbering that started over loses
+            // one per sample until it passes the old one: the first, then
+            // every hundredth with the count.
+            ClientEvent::SeqReused { .. } => {
+                self.reused += 1;
+                match shown {
+                    Shown::Warn(s) if self.reused == 1 => Shown::Warn(s),
+                    Shown::Warn(s) if self.reused.is_multiple_of(100) => {
+                        Shown::Warn(format!("{s} ({} so far)", self.reused))
+                    }
+                    Shown::Warn(s) => Shown::Debug(s),
+                    other => other,
+                }
+            }
             ClientEvent::Connected { .. } => {
                 let attempts = stats.attempts - self.attempts_then;
                 self.attempts_then = stats.attempts;

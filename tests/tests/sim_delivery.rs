@@ -93,3 +93,57 @@ fn permanently_rejected_report_is_dropped_and_the_rest_flow() {
     assert_eq!(sim.clients[c].client.queued(), 0, "and is no longer queued");
     assert_eq!(sim.records.len(), 3);
 }
+
+/// A client whose numbering started over under an id already used (a
+/// reinstalled device with a fixed client id and no spool): its first
+/// reports carry seqs the server has, and are answered `duplicate` at
+/// their first send. The client says so for each (they are lost) and
+/// counts them; its reports past the old numbering are recorded. A resend
+/// answered `duplicate` (a lost answer) and a report restored from a
+/// spool are not such a loss and are not flagged.
+#[test]
+fn a_seq_the_server_had_before_its_first_send_is_flagged_lost() {
+    use quic_report_core::{ClientEvent, Sample};
+    let mut sim = Sim::new(seed_or(19), NetConfig::default());
+    let first = sim.add_client(|cfg| cfg.client_id = Some("device".into()));
+    sim.schedule_reports(first, 5, Duration::from_millis(200));
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    let again = sim.add_client(|cfg| cfg.client_id = Some("device".into()));
+    // Restored from a spool: sent by an earlier run, answered duplicate.
+    let now = sim.clock.now();
+    let restored = Sample::from_json(br#"{"value":0.5}"#, 1).expect("a sample");
+    sim.clients[again].client.resume(now, 3, [(2, restored)]);
+    sim.schedule_reports(again, 6, Duration::from_millis(200));
+    assert!(
+        sim.run_until(Duration::from_secs(60), Sim::all_acked),
+        "{}",
+        sim.context()
+    );
+    let reused: Vec<u64> = sim.clients[again]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ClientEvent::SeqReused { seq } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    // seq 2 was restored (not flagged); 3, 4 and 5 were the old run's; 6..8 new.
+    assert_eq!(reused, [3, 4, 5], "{}", sim.context());
+    assert_eq!(sim.clients[again].client.stats().seq_reused, 3);
+    assert!(
+        sim.clients[first]
+            .events
+            .iter()
+            .all(|(_, e)| !matches!(e, ClientEvent::SeqReused { .. })),
+        "{}",
+        sim.context()
+    );
+    let mut keys = sim.recorded_keys();
+    keys.sort();
+    let want: Vec<(String, u64)> = (1..=8).map(|s| ("device".to_owned(), s)).collect();
+    assert_eq!(keys, want, "{}", sim.context());
+}

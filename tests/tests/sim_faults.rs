@@ -29,6 +29,16 @@ fn finish(mut sim: Sim, case: &str, fault_end: Option<Duration>) -> Sim {
         sim.context()
     );
     sim.assert_exactly_once();
+    // Every `duplicate` here answers a resend (an answer lost with its
+    // connection): none is a seq the server had before its first send.
+    let events = &sim.clients[0].events;
+    assert!(
+        events
+            .iter()
+            .all(|(_, e)| !matches!(e, ClientEvent::SeqReused { .. })),
+        "{case}: a resend was taken for a reused seq{}",
+        sim.context()
+    );
     let recovery = fault_end
         .and_then(|t| sim.first_record_after(t))
         .map_or("-".to_owned(), |d| {
