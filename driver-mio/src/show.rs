@@ -178,7 +178,7 @@ impl ClientLog {
                 }
             }
             ClientEvent::Connected { .. } => {
-                let attempts = stats.attempts - self.attempts_then;
+                let attempts = stats.attempts.saturating_sub(self.attempts_then);
                 self.attempts_then = stats.attempts;
                 match (self.outage.take(), shown) {
                     (Some(_), Shown::Info(s)) if attempts > 1 => {
@@ -196,10 +196,6 @@ impl ClientLog {
 mod client_log_tests {
     use super::*;
 
-    /// An outage of many attempts for one reason: its first failure and
-    /// first "reconnecting" at info, the rest at debug, and the connection
-    /// that ends it says how many attempts it took. A new outage is shown
-    /// again.
     /// `ev`'s line, its level pushed onto `levels`.
     fn at(
         log: &mut ClientLog,
@@ -215,6 +211,10 @@ mod client_log_tests {
         shown.text().to_owned()
     }
 
+    /// An outage of many attempts for one reason: its first failure and
+    /// first "reconnecting" at info, the rest at debug, and the connection
+    /// that ends it says how many attempts it took. A new outage is shown
+    /// again.
     #[test]
     fn an_outage_is_said_once() {
         let mut log = ClientLog::default();
