@@ -370,8 +370,9 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         Shown::Debug(line) => log::debug!("{line}"),
     })?;
     log::info!(
-        "done: {} acknowledged, {} rejected (dropped), {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
-        summary.stats.acknowledged,
+        "done: {} acknowledged, {} lost (seq reused), {} rejected (dropped), {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
+        summary.stats.acknowledged - summary.stats.seq_reused,
+        summary.stats.seq_reused,
         summary.stats.rejected,
         summary.unacknowledged,
         summary.dropped,

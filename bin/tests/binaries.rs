@@ -227,7 +227,13 @@ fn a_run_whose_seqs_an_earlier_run_used_says_each_is_lost() {
         lost.contains("another client uses this client id"),
         "{lost}"
     );
-    // The others at debug; the count at exit.
+    // The others at debug; the count at exit, where the lost are not
+    // counted as acknowledged.
+    let done = again.wait_for("done: ");
+    assert!(
+        done.starts_with("2 acknowledged, 3 lost (seq reused), "),
+        "{done}"
+    );
     let total = again.wait_for(" 3 report(s) lost: ");
     assert!(total.starts_with("the server had their seq"), "{total}");
     let (status, out) = again.finish();

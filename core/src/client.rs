@@ -81,17 +81,24 @@ pub enum ClientEvent {
     Acknowledged {
         /// The report.
         seq: Seq,
-        /// It had been recorded before (a resend whose first answer was lost).
+        /// It had been recorded before: a resend whose earlier answer was
+        /// lost, or a seq reused (then [`ClientEvent::SeqReused`] came
+        /// first).
         duplicate: bool,
         /// The server's full answer.
         response: Response,
     },
-    /// The server already had this seq when the client first sent it: the
-    /// client id's numbering was used before, by another client with the
-    /// same id or by this one before its numbering started over (no spool,
-    /// or a lost one). The server answers it `duplicate` (an
-    /// [`ClientEvent::Acknowledged`] follows) and this report is not
-    /// recorded: it is lost.
+    /// The server already had this seq before any send of this report could
+    /// have reached it: the client id's numbering was used before, by
+    /// another client with the same id or by this one before its numbering
+    /// started over (no spool, or a lost one). The server answers it
+    /// `duplicate` (an [`ClientEvent::Acknowledged`] follows) and this
+    /// report is not recorded: it is lost.
+    ///
+    /// Said only when it is certain: a report handed whole to an earlier
+    /// connection that was lost before the answer may have been recorded
+    /// then, so its `duplicate` is taken as that. Reused seqs are at least
+    /// as many as these events.
     SeqReused {
         /// The report.
         seq: Seq,
@@ -265,8 +272,8 @@ pub struct ClientStats {
     pub sent: u64,
     /// Reports rejected for good.
     pub rejected: u64,
-    /// Reports whose seq the server had before their first send
-    /// ([`ClientEvent::SeqReused`]): lost.
+    /// Reports whose seq the server had before they could have reached it
+    /// ([`ClientEvent::SeqReused`]): lost. A lower bound.
     pub seq_reused: u64,
 }
 
@@ -274,6 +281,9 @@ pub struct ClientStats {
 #[derive(Debug)]
 struct InFlight {
     seq: Seq,
+    /// An earlier send may have been recorded (so a `duplicate` answer is
+    /// not news).
+    resend: bool,
     sent_at: Instant,
     /// Bytes quiche has not taken yet (flow control); written on writable.
     unsent: Vec<u8>,
@@ -885,11 +895,11 @@ impl Client {
                         events.push_back(ClientEvent::Retrying { seq: f.seq, reason });
                     }
                     Ok(response) => {
-                        if let Some(entry) = queue.ack(f.seq) {
+                        if queue.ack(f.seq).is_some() {
                             if let Response::Ok {
                                 duplicate: true, ..
                             } = response
-                                && entry.sends == 1
+                                && !f.resend
                             {
                                 stats.seq_reused += 1;
                                 events.push_back(ClientEvent::SeqReused { seq: f.seq });
@@ -959,6 +969,9 @@ impl Client {
             {
                 f.unsent.drain(..n);
                 conn.last_send = now;
+                if f.unsent.is_empty() {
+                    queue.handed(f.seq);
+                }
             }
         }
         if conn.hold_until.is_some_and(|t| t > now) {
@@ -971,6 +984,7 @@ impl Client {
                 break;
             };
             let seq = entry.seq;
+            let resend = entry.maybe_recorded;
             let mut body = Vec::with_capacity(128);
             entry
                 .sample
@@ -979,6 +993,9 @@ impl Client {
             match conn.quic.stream_send(sid, &body, true) {
                 Ok(n) => {
                     body.drain(..n);
+                    if body.is_empty() {
+                        queue.handed(seq);
+                    }
                 }
                 Err(quiche::Error::Done) => {}
                 Err(_) => {
@@ -993,6 +1010,7 @@ impl Client {
                 sid,
                 InFlight {
                     seq,
+                    resend,
                     sent_at: now,
                     unsent: body,
                     response: Vec::new(),

@@ -23,9 +23,12 @@ pub struct Entry {
     pub seq: Seq,
     /// What it reports.
     pub sample: Sample,
-    /// How many times it was sent (a restored report counts one: an
-    /// earlier run of the client sent it, or may have).
+    /// How many times it was taken to be sent.
     pub sends: u32,
+    /// Some earlier send handed all of it to a connection, so the server
+    /// may have recorded it ([`ReportQueue::handed`]); a restored report
+    /// may have been recorded by an earlier run of the client.
+    pub maybe_recorded: bool,
 }
 
 /// Bounded, seq-ordered queue of unacknowledged reports.
@@ -70,6 +73,7 @@ impl ReportQueue {
                 seq,
                 sample,
                 sends: 0,
+                maybe_recorded: false,
             },
         );
         self.waiting.insert(seq);
@@ -96,7 +100,8 @@ impl ReportQueue {
             Entry {
                 seq,
                 sample,
-                sends: 1,
+                sends: 0,
+                maybe_recorded: true,
             },
         );
         self.waiting.insert(seq);
@@ -120,6 +125,14 @@ impl ReportQueue {
             .expect("every waiting seq has an entry");
         e.sends += 1;
         Some(e)
+    }
+
+    /// All of `seq`'s report has been handed to a connection: from now on
+    /// the server may have recorded it, whatever becomes of this send.
+    pub fn handed(&mut self, seq: Seq) {
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.maybe_recorded = true;
+        }
     }
 
     /// The server acknowledged (or permanently rejected) `seq`: forget it.
@@ -203,6 +216,22 @@ mod tests {
         assert_eq!(q.take_waiting().map(|e| (e.seq, e.sends)), Some((1, 2)));
         assert_eq!(q.take_waiting().map(|e| e.seq), Some(2));
         assert!(q.take_waiting().is_none());
+    }
+
+    #[test]
+    fn a_report_may_be_recorded_once_handed_whole_or_restored() {
+        let mut q = ReportQueue::new(10, 1);
+        q.restore(1, sample(1));
+        assert_eq!(q.push(sample(2)), (2, None));
+        let restored = q.take_waiting().expect("1 then 2");
+        assert!(restored.maybe_recorded, "an earlier run may have sent it");
+        let taken = q.take_waiting().expect("2");
+        assert!(!taken.maybe_recorded, "taken but not handed yet");
+        q.requeue(2);
+        assert!(!q.take_waiting().expect("2 again").maybe_recorded);
+        q.handed(2);
+        q.requeue(2);
+        assert!(q.take_waiting().expect("2 again").maybe_recorded);
     }
 
     #[test]

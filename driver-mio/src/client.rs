@@ -959,9 +959,10 @@ fn open_spool(opts: &SpoolOptions, client_id: &mut Option<String>) -> Result<Spo
     }
     if r.created {
         log::info!(
-            "spool {}: new, client id {}",
+            "spool {}: new, client id {}, seqs from {}",
             opts.dir.display(),
-            spool.client_id()
+            spool.client_id(),
+            spool.next_seq()
         );
     } else {
         log::info!(

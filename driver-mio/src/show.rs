@@ -103,28 +103,33 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
 }
 
 /// Client lines with each outage said once (and reports lost to a reused
-/// seq: the first, then every hundredth): the first failed attempt of a
-/// run of failures is shown at its level, the same reason again and every
-/// "reconnecting" after the first at debug, until a connection is made,
-/// whose line then says how many attempts it took. A device that boots
-/// without a network, or whose server is gone for hours, logs a line per
-/// outage (and per change of reason), not two per attempt; the client's
-/// summary line still says every 10 s that it is waiting.
+/// seq: the first, then every hundredth). An outage runs from a failure to
+/// the next answer from the server (a connection that is closed before
+/// answering does not end it: a server that takes the handshake and closes
+/// at once is one outage). In it, each reason is shown once at its level,
+/// and again only at debug; the first "reconnecting" after a new reason
+/// and the first connection are shown, later ones at debug; the first
+/// connection says how many attempts it took. A device that boots without
+/// a network, or whose server is gone for hours, logs a few lines per
+/// outage, not two or three per attempt; the client's summary line still
+/// says every 10 s that it is waiting.
 #[derive(Debug, Default)]
 pub struct ClientLog {
     outage: Option<Outage>,
     /// Reports lost to a reused seq so far.
     reused: u64,
-    /// The client's attempts when it last connected.
+    /// The client's attempts when the last outage ended.
     attempts_then: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Outage {
-    /// The last reason shown.
-    reason: String,
-    /// A "reconnecting" line was shown in it.
+    /// The reasons shown in it.
+    reasons: Vec<String>,
+    /// A "reconnecting" line was shown since the last new reason.
     scheduled_shown: bool,
+    /// A connection was shown in it.
+    connected_shown: bool,
 }
 
 impl ClientLog {
@@ -133,26 +138,19 @@ impl ClientLog {
     pub fn line(&mut self, ev: &ClientEvent, stats: &ClientStats) -> Shown {
         let shown = client_event(ev, stats);
         let quiet = |shown: Shown| match shown {
-            Shown::Info(s) => Shown::Debug(s),
+            Shown::Info(s) | Shown::Warn(s) => Shown::Debug(s),
             other => other,
         };
         match ev {
             ClientEvent::Disconnected { reason } => {
                 let reason = reason.to_string();
-                match &mut self.outage {
-                    Some(o) if o.reason == reason => quiet(shown),
-                    Some(o) => {
-                        o.reason = reason;
-                        o.scheduled_shown = false;
-                        shown
-                    }
-                    None => {
-                        self.outage = Some(Outage {
-                            reason,
-                            scheduled_shown: false,
-                        });
-                        shown
-                    }
+                let o = self.outage.get_or_insert_with(Outage::default);
+                if o.reasons.contains(&reason) {
+                    quiet(shown)
+                } else {
+                    o.reasons.push(reason);
+                    o.scheduled_shown = false;
+                    shown
                 }
             }
             ClientEvent::ReconnectScheduled { .. } => match &mut self.outage {
@@ -179,13 +177,25 @@ impl ClientLog {
             }
             ClientEvent::Connected { .. } => {
                 let attempts = stats.attempts.saturating_sub(self.attempts_then);
-                self.attempts_then = stats.attempts;
-                match (self.outage.take(), shown) {
-                    (Some(_), Shown::Info(s)) if attempts > 1 => {
-                        Shown::Info(format!("{s}, after {attempts} attempts"))
+                match (&mut self.outage, shown) {
+                    (Some(o), shown) if o.connected_shown => quiet(shown),
+                    (Some(o), Shown::Info(s)) => {
+                        o.connected_shown = true;
+                        if attempts > 1 {
+                            Shown::Info(format!("{s}, after {attempts} attempts"))
+                        } else {
+                            Shown::Info(s)
+                        }
                     }
                     (_, shown) => shown,
                 }
+            }
+            // An answer: the server works, the outage is over.
+            ClientEvent::Acknowledged { .. } | ClientEvent::Rejected { .. } => {
+                if self.outage.take().is_some() {
+                    self.attempts_then = stats.attempts;
+                }
+                shown
             }
             _ => shown,
         }
@@ -196,82 +206,155 @@ impl ClientLog {
 mod client_log_tests {
     use super::*;
 
-    /// `ev`'s line, its level pushed onto `levels`.
-    fn at(
-        log: &mut ClientLog,
-        levels: &mut Vec<&'static str>,
-        ev: ClientEvent,
-        stats: &ClientStats,
-    ) -> String {
-        let shown = log.line(&ev, stats);
-        levels.push(match &shown {
-            Shown::Debug(_) => "debug",
-            _ => "info",
-        });
-        shown.text().to_owned()
+    /// Feeds the client's events to one [`ClientLog`] and keeps each line's
+    /// level.
+    struct Run {
+        log: ClientLog,
+        stats: ClientStats,
+        levels: Vec<&'static str>,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                log: ClientLog::default(),
+                stats: ClientStats::default(),
+                levels: Vec::new(),
+            }
+        }
+
+        /// `ev`'s line; its level is pushed onto `levels`.
+        fn at(&mut self, ev: ClientEvent) -> String {
+            let shown = self.log.line(&ev, &self.stats);
+            self.levels.push(match &shown {
+                Shown::Debug(_) => "debug",
+                Shown::Warn(_) => "warn",
+                _ => "info",
+            });
+            shown.text().to_owned()
+        }
+
+        /// An attempt that fails for `reason`, and the next one scheduled.
+        fn failed(&mut self, reason: DisconnectReason) {
+            self.connecting();
+            self.at(ClientEvent::Disconnected { reason });
+            self.at(ClientEvent::ReconnectScheduled {
+                at: Instant::now(),
+                attempt: self.stats.attempts + 1,
+            });
+        }
+
+        fn connecting(&mut self) {
+            self.stats.attempts += 1;
+            let attempt = self.stats.attempts;
+            self.at(ClientEvent::Connecting { attempt });
+        }
+
+        fn connected(&mut self) -> String {
+            self.at(ClientEvent::Connected {
+                conn_id: "ab".into(),
+                resumed: false,
+                early_data: false,
+            })
+        }
+
+        fn answered(&mut self) {
+            self.at(ClientEvent::Acknowledged {
+                seq: 1,
+                duplicate: false,
+                response: Response::Ok {
+                    duplicate: false,
+                    received: "null".into(),
+                },
+            });
+        }
+
+        /// The levels logged since `from`, other than debug.
+        fn shown_since(&self, from: usize) -> Vec<&'static str> {
+            self.levels[from..]
+                .iter()
+                .copied()
+                .filter(|l| *l != "debug")
+                .collect()
+        }
+    }
+
+    fn peer_closed() -> DisconnectReason {
+        DisconnectReason::PeerClosed {
+            code: 0,
+            app: true,
+            reason: "go away".into(),
+        }
     }
 
     /// An outage of many attempts for one reason: its first failure and
     /// first "reconnecting" at info, the rest at debug, and the connection
-    /// that ends it says how many attempts it took. A new outage is shown
-    /// again.
+    /// that ends it says how many attempts it took. After an answer, a new
+    /// outage is shown again.
     #[test]
     fn an_outage_is_said_once() {
-        let mut log = ClientLog::default();
-        let mut stats = ClientStats::default();
-        let mut levels = Vec::new();
-        let later = Instant::now();
-        for attempt in 1..=5 {
-            stats.attempts = attempt;
-            at(
-                &mut log,
-                &mut levels,
-                ClientEvent::Connecting { attempt },
-                &stats,
-            );
-            at(
-                &mut log,
-                &mut levels,
-                ClientEvent::Disconnected {
-                    reason: DisconnectReason::Unreachable,
-                },
-                &stats,
-            );
-            at(
-                &mut log,
-                &mut levels,
-                ClientEvent::ReconnectScheduled {
-                    at: later,
-                    attempt: attempt + 1,
-                },
-                &stats,
-            );
+        let mut run = Run::new();
+        for _ in 0..5 {
+            run.failed(DisconnectReason::Unreachable);
         }
-        stats.attempts = 6;
-        at(
-            &mut log,
-            &mut levels,
-            ClientEvent::Connecting { attempt: 6 },
-            &stats,
-        );
-        let connected = ClientEvent::Connected {
-            conn_id: "ab".into(),
-            resumed: false,
-            early_data: false,
-        };
-        let line = at(&mut log, &mut levels, connected.clone(), &stats);
+        run.connecting();
+        let line = run.connected();
         assert!(line.ends_with(", after 6 attempts"), "{line}");
-        let shown: Vec<_> = levels.iter().filter(|l| **l == "info").collect();
-        assert_eq!(shown.len(), 3, "{levels:?}");
+        assert_eq!(run.shown_since(0), ["info"; 3], "{:?}", run.levels);
+        run.answered();
         // Connected again at the first attempt of the next outage: plain.
-        let idle = ClientEvent::Disconnected {
+        let from = run.levels.len();
+        run.at(ClientEvent::Disconnected {
             reason: DisconnectReason::IdleTimeout,
-        };
-        at(&mut log, &mut levels, idle, &stats);
-        assert_eq!(levels.last(), Some(&"info"));
-        stats.attempts = 7;
-        let line = at(&mut log, &mut levels, connected, &stats);
+        });
+        run.connecting();
+        let line = run.connected();
         assert!(!line.contains("after"), "{line}");
+        assert_eq!(run.shown_since(from), ["info"; 2], "{:?}", run.levels);
+    }
+
+    /// A server that takes the handshake and closes before answering, and
+    /// a reason that alternates with another: still one outage, each reason
+    /// and the first connection shown once, until the first answer.
+    #[test]
+    fn connections_that_close_before_answering_are_one_outage() {
+        let mut run = Run::new();
+        run.connecting();
+        run.connected();
+        run.answered();
+        let from = run.levels.len();
+        for i in 0..6 {
+            run.at(ClientEvent::Disconnected {
+                reason: peer_closed(),
+            });
+            run.at(ClientEvent::ReconnectScheduled {
+                at: Instant::now(),
+                attempt: run.stats.attempts + 1,
+            });
+            if i % 2 == 1 {
+                run.failed(DisconnectReason::Unreachable);
+            }
+            run.connecting();
+            run.connected();
+        }
+        // peer closed, reconnecting, connected; unreachable, reconnecting.
+        assert_eq!(run.shown_since(from), ["info"; 5], "{:?}", run.levels);
+        run.answered();
+        let from = run.levels.len();
+        run.at(ClientEvent::Disconnected {
+            reason: peer_closed(),
+        });
+        assert_eq!(run.shown_since(from), ["info"], "a new outage");
+    }
+
+    /// A reason logged as a warning is not repeated either.
+    #[test]
+    fn a_warning_repeated_in_an_outage_is_quieted() {
+        let mut run = Run::new();
+        for _ in 0..4 {
+            run.failed(DisconnectReason::CertificateOutOfDate("expired".into()));
+        }
+        assert_eq!(run.shown_since(0), ["warn", "info"], "{:?}", run.levels);
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Net {
     queue: BinaryHeap<Reverse<(Instant, u64, Packet)>>,
     index: u64,
     blackhole_until: Option<Instant>,
+    /// Packets from this address sent before this time are lost.
+    silenced: Option<(SocketAddr, Instant)>,
     /// Counters.
     pub stats: NetStats,
 }
@@ -86,6 +88,7 @@ impl Net {
             queue: BinaryHeap::new(),
             index: 0,
             blackhole_until: None,
+            silenced: None,
             stats: NetStats::default(),
         }
     }
@@ -93,6 +96,12 @@ impl Net {
     /// Every packet sent before `until` is lost.
     pub fn blackhole(&mut self, until: Instant) {
         self.blackhole_until = Some(until);
+    }
+
+    /// Every packet `from` sends before `until` is lost (one way: what it
+    /// is sent still arrives).
+    pub fn silence(&mut self, from: SocketAddr, until: Instant) {
+        self.silenced = Some((from, until));
     }
 
     /// Sends a datagram at `now`.
@@ -107,7 +116,8 @@ impl Net {
             self.rng.unit_f64(),
             self.rng.unit_f64(),
         );
-        if self.blackhole_until.is_some_and(|t| now < t) || l < self.cfg.loss {
+        let silenced = self.silenced.is_some_and(|(a, t)| a == from && now < t);
+        if silenced || self.blackhole_until.is_some_and(|t| now < t) || l < self.cfg.loss {
             self.stats.lost += 1;
             return;
         }

@@ -134,6 +134,18 @@ fn a_seq_the_server_had_before_its_first_send_is_flagged_lost() {
     // seq 2 was restored (not flagged); 3, 4 and 5 were the old run's; 6..8 new.
     assert_eq!(reused, [3, 4, 5], "{}", sim.context());
     assert_eq!(sim.clients[again].client.stats().seq_reused, 3);
+    let restored_ack = sim.clients[again].events.iter().find_map(|(_, e)| match e {
+        ClientEvent::Acknowledged {
+            seq: 2, duplicate, ..
+        } => Some(*duplicate),
+        _ => None,
+    });
+    assert_eq!(
+        restored_ack,
+        Some(true),
+        "the restored 2 was answered duplicate (and not flagged){}",
+        sim.context()
+    );
     assert!(
         sim.clients[first]
             .events

@@ -39,13 +39,14 @@ fn finish(mut sim: Sim, case: &str, fault_end: Option<Duration>) -> Sim {
         "{case}: a resend was taken for a reused seq{}",
         sim.context()
     );
+    let duplicates = duplicate_acks(&sim);
     let recovery = fault_end
         .and_then(|t| sim.first_record_after(t))
         .map_or("-".to_owned(), |d| {
             format!("{:.0} ms", d.as_secs_f64() * 1e3)
         });
     println!(
-        "| {case:<36} | seed {:>3} | {:>4} records | recovery {recovery:>9} | {:>6} pkts lost |",
+        "| {case:<36} | seed {:>3} | {:>4} records | {duplicates:>3} duplicates | recovery {recovery:>9} | {:>6} pkts lost |",
         sim.seed,
         sim.records.len(),
         sim.net.stats.lost
@@ -112,6 +113,27 @@ fn blackhole_60s() {
     s.run_for(Duration::from_secs(60));
     let end = s.clock.elapsed();
     finish(s, "blackhole 60 s", Some(end));
+}
+
+/// The server records but its answers are lost for 40 s: the reports it
+/// recorded before the client gave the connection up are sent again and
+/// answered `duplicate`, and none of those is taken for a reused seq
+/// (checked in `finish`).
+#[test]
+fn answers_lost_for_40s() {
+    let mut s = sim(113, NetConfig::default());
+    s.run_for(Duration::from_secs(9));
+    let until = s.clock.now() + Duration::from_secs(40);
+    let server = s.server_addr;
+    s.net.silence(server, until);
+    s.run_for(Duration::from_secs(40));
+    let end = s.clock.elapsed();
+    let s = finish(s, "answers lost 40 s", Some(end));
+    assert!(
+        duplicate_acks(&s) >= 1,
+        "the reports recorded while the answers were lost came back as duplicates{}",
+        s.context()
+    );
 }
 
 #[test]
@@ -243,6 +265,29 @@ fn reports_the_store_had_already_are_acknowledged_as_duplicates() {
     );
     let stats = s.server.as_ref().map(|sv| sv.stats()).unwrap_or_default();
     assert_eq!(stats.duplicates, REPORTS as u64, "counted as duplicates");
+    assert_eq!(
+        s.clients[0].client.stats().seq_reused,
+        REPORTS as u64,
+        "the store had each before its first send: each a reused seq{}",
+        s.context()
+    );
+}
+
+/// How many answers said `duplicate` (resends whose earlier answer was lost).
+fn duplicate_acks(s: &Sim) -> usize {
+    s.clients[0]
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                ClientEvent::Acknowledged {
+                    duplicate: true,
+                    ..
+                }
+            )
+        })
+        .count()
 }
 
 fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
