@@ -4,6 +4,9 @@
 #   scripts/bench.sh            the table (about 3 minutes)
 #   scripts/bench.sh profile    the server under callgrind: Ir per report and
 #                               per handshake, and the top functions
+#                               (PROFILE_SINK=sqlite: into a new SQLite file
+#                               per run instead of stdout; PROFILE_SERVER_ARGS
+#                               adds server flags, e.g. "--fsync interval")
 #
 # It reports; it never fails on a figure. Environment:
 #   QUIC_REPORT=path     the server, client and source (default
@@ -227,13 +230,17 @@ cg_diff_top() {
 profile() {
   command -v valgrind >/dev/null || { echo "bench profile: valgrind is missing" >&2; exit 1; }
   local port n1=${PROFILE_REPORTS_SMALL:-4000} n2=${PROFILE_REPORTS:-20000} hs=${PROFILE_HANDSHAKES:-200}
-  echo "tool: valgrind --tool=callgrind (this machine has no hardware perf counters); server: RUST_LOG=warn, stdout to /dev/null"
+  echo "tool: valgrind --tool=callgrind (this machine has no hardware perf counters); server: RUST_LOG=warn, stdout to /dev/null, sink ${PROFILE_SINK:-stdout} ${PROFILE_SERVER_ARGS:-}"
   echo "generator native: reports C=16 K=8 (fixed counts $n1 and $n2), handshakes 4 workers (0 and $hs)"
   local -A ir
   for what in r$n1 r$n2 h0 h$hs; do
     port=$(free_port)
+    local sink=()
+    [[ ${PROFILE_SINK:-stdout} == sqlite ]] && sink=(--sink "sqlite:$TMP/profile.$what.db")
+    # shellcheck disable=SC2086 # PROFILE_SERVER_ARGS is a list of flags
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$what" \
-      "$B" server --listen "127.0.0.1:$port" >/dev/null 2>>"$TMP/valgrind.log" &
+      "$B" server --listen "127.0.0.1:$port" "${sink[@]}" ${PROFILE_SERVER_ARGS:-} \
+      >/dev/null 2>>"$TMP/valgrind.log" &
     local pid=$!
     PIDS+=("$pid")
     wait_udp "$port" || true
