@@ -87,6 +87,20 @@ impl Sample {
         }
     }
 
+    /// The most bytes [`Sample::encode_report`] can write for this sample,
+    /// whatever the connection, client id (up to 64 characters) and seq.
+    /// It can exceed the source's body: the fields are written out again
+    /// (`1e2` becomes `100.0`). Compare it with the server's limit
+    /// ([`crate::config::DEFAULT_MAX_REPORT_BYTES`] by default) before
+    /// queueing a sample, or the server refuses the report for good.
+    pub fn max_report_len(&self) -> usize {
+        let conn_id = "0".repeat(2 * quiche::MAX_CONN_ID_LEN);
+        let client = "0".repeat(64);
+        let mut out = Vec::new();
+        self.encode_report(&conn_id, &client, u64::MAX, &mut out);
+        out.len()
+    }
+
     /// Writes the report object for this sample: the source's fields plus
     /// `id`, `client`, `seq` and `sampled_at_ms` (ours win over the source's),
     /// without any `identity` of the source's (the server adds the

@@ -35,6 +35,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quic_report_core::Sample;
+use quic_report_core::config::DEFAULT_MAX_REPORT_BYTES;
 use ureq::http::{StatusCode, Uri};
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use ureq::{Agent, Proxy};
@@ -351,6 +352,17 @@ pub enum FetchError {
     /// The body is over [`MAX_BODY_BYTES`].
     #[error("body larger than {MAX_BODY_BYTES} bytes")]
     BodyTooLarge,
+    /// The body is within [`MAX_BODY_BYTES`], but the report made of it
+    /// may not be within the server's default limit (its fields written out
+    /// again, `1e2` as `100.0`, can be longer).
+    #[error(
+        "the report made of the body could be {bytes} bytes, over the server's limit of \
+         {DEFAULT_MAX_REPORT_BYTES} (its JSON written out again is longer than the source's)"
+    )]
+    ReportTooLarge {
+        /// Its length at most.
+        bytes: usize,
+    },
     /// The answer is not HTTP as we know it.
     #[error("bad response: {0}")]
     Protocol(String),
@@ -548,7 +560,12 @@ impl Source {
             .limit(MAX_BODY_BYTES)
             .read_to_vec()
             .map_err(|e| self.error(e))?;
-        Ok(Sample::from_json(&body, unix_ms())?)
+        let sample = Sample::from_json(&body, unix_ms())?;
+        let bytes = sample.max_report_len();
+        if bytes > DEFAULT_MAX_REPORT_BYTES {
+            return Err(FetchError::ReportTooLarge { bytes });
+        }
+        Ok(sample)
     }
 
     /// ureq's error in our words.

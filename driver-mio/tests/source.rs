@@ -329,12 +329,19 @@ fn each_failure_names_its_cause() {
         "/missing" => ("404 Not Found", String::new(), "no".into()),
         // Over 63 KiB: a report made of it would not fit the server's 64 KiB.
         "/big" => ("200 OK", String::new(), " ".repeat(64_600)),
+        // Under 63 KiB, but written out again (`1e2` as `100.0`) over 64 KiB.
+        "/grows" => (
+            "200 OK",
+            String::new(),
+            format!("{{\"v\":[{}1e2]}}", "1e2,".repeat(15_000)),
+        ),
         "/text" => ("200 OK", String::new(), "hello".into()),
         _ => ("200 OK", String::new(), "[1, 2]".into()),
     });
     for (path, want) in [
         ("/missing", "HTTP status 404 Not Found"),
         ("/big", "body larger than 64512 bytes"),
+        ("/grows", "the report made of the body could be 90"),
         ("/text", "source answered invalid JSON"),
         ("/array", "source answered array, not a JSON object"),
     ] {
