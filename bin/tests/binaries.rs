@@ -239,7 +239,9 @@ fn a_run_whose_seqs_an_earlier_run_used_says_each_is_lost() {
     let (status, out) = again.finish();
     assert!(status.success());
     assert_eq!(
-        out.lines().filter(|l| l.contains("(duplicate)")).count(),
+        out.lines()
+            .filter(|l| l.contains("(duplicate) (lost: the seq was used before)"))
+            .count(),
         3,
         "{out}"
     );

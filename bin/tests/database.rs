@@ -893,6 +893,43 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
     assert_eq!(e, [1, 3]);
 }
 
+/// A row the database refuses for now (here a trigger someone added):
+/// the client is told the database's reason in a `not_recorded` answer
+/// that does not name the database (its path here; a PostgreSQL URL's
+/// host, port and user), keeps the reports, and once the trigger is gone
+/// every one is recorded once.
+#[test]
+fn a_refused_row_is_answered_without_the_databases_address() {
+    const N: u64 = 6;
+    let db = TempDb::new("refusing");
+    drop(
+        SqliteConnect::new(&db.0)
+            .connect()
+            .expect("the schema made"),
+    );
+    let c = rusqlite::Connection::open(&db.0).expect("open");
+    c.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON reports \
+         BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END;",
+    )
+    .expect("the trigger");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let srv = server("server", &listen, &db.url());
+    srv.wait_for("listening on ");
+    let (_source, url) = start_source();
+    let client = start_client(&listen, &url, N, "100ms");
+    let why = client.wait_for(" will be sent again: ");
+    assert!(why.contains("refused by a trigger"), "{why}");
+    let path = db.0.display().to_string();
+    assert!(!why.contains(&path), "the answer names the database: {why}");
+    c.execute_batch("DROP TRIGGER refuse")
+        .expect("the trigger dropped");
+    let (status, out) = client.finish();
+    assert!(status.success(), "{out}");
+    assert_exactly_once(&sqlite_seqs(&db.0), N, &out);
+    srv.kill();
+}
+
 #[test]
 fn sqlite_rows_each_on_their_own_commit_together() {
     let path = TempPath::new("each.db");

@@ -470,18 +470,21 @@ struct Loop<'h> {
 }
 
 impl Loop<'_> {
-    /// The line logged every [`SUMMARY_EVERY`]; returns the acked count.
+    /// The line logged every [`SUMMARY_EVERY`]; returns the acked count
+    /// (the reports lost to a reused seq, answered `duplicate`, not
+    /// among them).
     fn summary(&self, last_acked: u64) -> u64 {
         let c = &self.client;
         let s = c.stats();
+        let acked = s.acknowledged - s.seq_reused;
         let rtt = c
             .rtt()
             .map_or_else(|| "-".into(), |r| format!("{:.1}ms", r.as_secs_f64() * 1e3));
         log::info!(
             "summary: {:?}, {} acknowledged (+{} in {}s), {} queued, {} dropped, rtt {rtt}, {} connection(s) ({} resumed, {} with 0-RTT)",
             c.state(),
-            s.acknowledged,
-            s.acknowledged - last_acked,
+            acked,
+            acked.saturating_sub(last_acked),
             SUMMARY_EVERY.as_secs(),
             c.queued(),
             c.dropped(),
@@ -489,7 +492,7 @@ impl Loop<'_> {
             s.resumed,
             s.early_data_accepted,
         );
-        s.acknowledged
+        acked
     }
 
     fn run(&mut self, d: &mut ClientDriver) -> Result<(), DriverError> {

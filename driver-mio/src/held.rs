@@ -204,6 +204,9 @@ impl Held {
         m: &mut DbMetrics,
     ) -> Result<(), DbError> {
         let mut fatal = None;
+        // Looked at before the channel is drained: whatever the thread sent
+        // before it ended (its fatal error) is then in the channel.
+        let ended = self.writer.ended();
         while let Some(c) = self.writer.try_recv() {
             match c {
                 Completion::Committed { results, took } => {
@@ -248,7 +251,7 @@ impl Held {
                 Completion::Fatal(e) => fatal = Some(e),
             }
         }
-        if fatal.is_none() && self.writer.ended() {
+        if fatal.is_none() && ended {
             // Ended without a fatal error: it panicked (said on stderr).
             fatal = Some(DbError::Schema(
                 "the database thread ended unexpectedly; nothing can be recorded".into(),

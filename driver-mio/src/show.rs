@@ -104,26 +104,47 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
 
 /// Client lines with each outage said once (and reports lost to a reused
 /// seq: the first, then every hundredth). An outage runs from a failure to
-/// the next answer from the server (a connection that is closed before
-/// answering does not end it: a server that takes the handshake and closes
-/// at once is one outage). In it, each reason is shown once at its level,
-/// and again only at debug; the first "reconnecting" after a new reason
-/// and the first connection are shown, later ones at debug; the first
-/// connection says how many attempts it took. A device that boots without
-/// a network, or whose server is gone for hours, logs a few lines per
-/// outage, not two or three per attempt; the client's summary line still
-/// says every 10 s that it is waiting.
+/// the next answer from the server, whatever it says (a connection that
+/// is closed before answering does not end it: a server that takes the
+/// handshake and closes at once is one outage). In it, each reason is
+/// shown once at its level, and again only at debug; the first
+/// "reconnecting" after a new reason and the first connection are shown,
+/// later ones at debug; the first connection says how many attempts it
+/// took. Likewise a report to be sent again (the server could not record
+/// it) is shown once per reason until a report is acknowledged. A device
+/// that boots without a network, or whose server or database is gone for
+/// hours, logs a few lines per outage, not two or three per attempt or
+/// one per report; the client's summary line still says every 10 s that
+/// it is waiting.
+///
+/// The acknowledgement of a report lost to a reused seq says so:
+/// `(duplicate) (lost: the seq was used before)`.
 #[derive(Debug, Default)]
 pub struct ClientLog {
+    // Reasons come from the server (its close reason, its answers): at
+    // most MAX_REASONS of each kind are remembered and shown, the rest
+    // only at debug.
     outage: Option<Outage>,
     /// Reports lost to a reused seq so far.
     reused: u64,
-    /// The client's attempts when the last outage ended.
-    attempts_then: u32,
+    /// The seq of the last such report (its acknowledgement comes next).
+    reused_seq: Option<u64>,
+    /// The current attempt connected.
+    up: bool,
+    /// The reasons of "sent again" lines shown since the last
+    /// acknowledgement.
+    retry_reasons: Vec<String>,
 }
+
+/// Most distinct reasons a [`ClientLog`] shows in one outage (and "sent
+/// again" reasons between acknowledgements).
+const MAX_REASONS: usize = 16;
 
 #[derive(Debug, Default)]
 struct Outage {
+    /// The first attempt it counts: the one that failed, or the one after
+    /// a connection that was lost.
+    first_attempt: u32,
     /// The reasons shown in it.
     reasons: Vec<String>,
     /// A "reconnecting" line was shown since the last new reason.
@@ -144,8 +165,13 @@ impl ClientLog {
         match ev {
             ClientEvent::Disconnected { reason } => {
                 let reason = reason.to_string();
-                let o = self.outage.get_or_insert_with(Outage::default);
-                if o.reasons.contains(&reason) {
+                let first_attempt = stats.attempts + u32::from(self.up);
+                self.up = false;
+                let o = self.outage.get_or_insert_with(|| Outage {
+                    first_attempt,
+                    ..Outage::default()
+                });
+                if o.reasons.contains(&reason) || o.reasons.len() >= MAX_REASONS {
                     quiet(shown)
                 } else {
                     o.reasons.push(reason);
@@ -164,8 +190,9 @@ impl ClientLog {
             // Each is a lost report, but a numbering that started over loses
             // one per sample until it passes the old one: the first, then
             // every hundredth with the count.
-            ClientEvent::SeqReused { .. } => {
+            ClientEvent::SeqReused { seq } => {
                 self.reused += 1;
+                self.reused_seq = Some(*seq);
                 match shown {
                     Shown::Warn(s) if self.reused == 1 => Shown::Warn(s),
                     Shown::Warn(s) if self.reused.is_multiple_of(100) => {
@@ -176,11 +203,12 @@ impl ClientLog {
                 }
             }
             ClientEvent::Connected { .. } => {
-                let attempts = stats.attempts.saturating_sub(self.attempts_then);
+                self.up = true;
                 match (&mut self.outage, shown) {
                     (Some(o), shown) if o.connected_shown => quiet(shown),
                     (Some(o), Shown::Info(s)) => {
                         o.connected_shown = true;
+                        let attempts = (stats.attempts + 1).saturating_sub(o.first_attempt);
                         if attempts > 1 {
                             Shown::Info(format!("{s}, after {attempts} attempts"))
                         } else {
@@ -190,11 +218,27 @@ impl ClientLog {
                     (_, shown) => shown,
                 }
             }
-            // An answer: the server works, the outage is over.
-            ClientEvent::Acknowledged { .. } | ClientEvent::Rejected { .. } => {
-                if self.outage.take().is_some() {
-                    self.attempts_then = stats.attempts;
+            ClientEvent::Retrying { reason, .. } => {
+                self.outage = None;
+                if self.retry_reasons.contains(reason) || self.retry_reasons.len() >= MAX_REASONS {
+                    quiet(shown)
+                } else {
+                    self.retry_reasons.push(reason.clone());
+                    shown
                 }
+            }
+            ClientEvent::Acknowledged { seq, .. } => {
+                self.outage = None;
+                self.retry_reasons.clear();
+                match shown {
+                    Shown::Ack(s) if self.reused_seq.take() == Some(*seq) => {
+                        Shown::Ack(s + " (lost: the seq was used before)")
+                    }
+                    shown => shown,
+                }
+            }
+            ClientEvent::Rejected { .. } => {
+                self.outage = None;
                 shown
             }
             _ => shown,
@@ -335,7 +379,11 @@ mod client_log_tests {
                 run.failed(DisconnectReason::Unreachable);
             }
             run.connecting();
-            run.connected();
+            let line = run.connected();
+            if i == 0 {
+                // The lost connection's own attempt is not counted.
+                assert!(!line.contains("after"), "{line}");
+            }
         }
         // peer closed, reconnecting, connected; unreachable, reconnecting.
         assert_eq!(run.shown_since(from), ["info"; 5], "{:?}", run.levels);
@@ -345,6 +393,55 @@ mod client_log_tests {
             reason: peer_closed(),
         });
         assert_eq!(run.shown_since(from), ["info"], "a new outage");
+    }
+
+    /// A server that answers every report `not_recorded` (its database
+    /// down): one line per reason until a report is acknowledged, not one
+    /// per report.
+    #[test]
+    fn reports_sent_again_are_said_once_per_reason() {
+        let mut run = Run::new();
+        run.connecting();
+        run.connected();
+        let retry = |seq| ClientEvent::Retrying {
+            seq,
+            reason: "not_recorded: the database is down".into(),
+        };
+        for seq in 1..=50 {
+            run.at(retry(seq));
+        }
+        run.at(ClientEvent::Retrying {
+            seq: 1,
+            reason: "stream reset by the server".into(),
+        });
+        // connected, the first not_recorded, the reset.
+        assert_eq!(run.shown_since(0), ["info"; 3], "{:?}", run.levels);
+        run.answered();
+        let from = run.levels.len();
+        run.at(retry(2));
+        assert_eq!(run.shown_since(from), ["info"], "after an ack, said again");
+    }
+
+    /// The acknowledgement of a report lost to a reused seq says it is lost.
+    #[test]
+    fn the_ack_of_a_lost_report_says_so() {
+        let mut run = Run::new();
+        let ack = |seq| ClientEvent::Acknowledged {
+            seq,
+            duplicate: true,
+            response: Response::Ok {
+                duplicate: true,
+                received: "null".into(),
+            },
+        };
+        run.at(ClientEvent::SeqReused { seq: 3 });
+        let lost = run.at(ack(3));
+        assert!(
+            lost.ends_with(" (duplicate) (lost: the seq was used before)"),
+            "{lost}"
+        );
+        let resent = run.at(ack(4));
+        assert!(resent.ends_with(" (duplicate)"), "{resent}");
     }
 
     /// A reason logged as a warning is not repeated either.

@@ -201,7 +201,9 @@ pub enum DbError {
     #[error("{0}")]
     Connection(String),
     /// The database refused the rows for now (e.g. a constraint it may
-    /// stop enforcing); the connection is fine. Sent again later.
+    /// stop enforcing); the connection is fine. Sent again later. The
+    /// message is the database's, without the database's address: it
+    /// goes to the client in the answer.
     #[error("{0}")]
     Rejected(String),
     /// The database can never store this row (a data exception: a value

@@ -427,14 +427,26 @@ impl Connect for PostgresConnect {
             .build()
             .map_err(|e| DbError::Connection(format!("{what}: starting its runtime: {e}")))?;
         let deadline = self.attempt_deadline();
-        let (client, insert) = rt
+        let opened = rt
             .block_on(async { tokio::time::timeout(deadline, self.open(&what)).await })
             .map_err(|_| {
                 DbError::Connection(format!(
                     "{what}: no answer within {} ms (connect_timeout)",
                     deadline.as_millis()
                 ))
-            })??;
+            })
+            .and_then(|r| r);
+        let (client, insert) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                // Dropping the runtime would wait for its blocking tasks: a
+                // host name's lookup (getaddrinfo) that the timeout cut
+                // short goes on for as long as the resolver takes. Left to
+                // finish on its own thread instead.
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Box::new(Postgres {
             rt,
             client,
@@ -713,7 +725,9 @@ fn classify(what: &str, e: &tokio_postgres::Error) -> DbError {
         // No SQLSTATE: I/O, TLS, a closed connection, a timeout.
         return DbError::Connection(msg);
     };
-    let class = &code.code()[..2];
+    // A SQLSTATE is five ASCII characters; a server (or a pooler, or
+    // anything posing as one) may send anything.
+    let class = code.code().get(..2).unwrap_or("");
     let transient = e.is_closed()
         || matches!(
             class,
@@ -725,7 +739,7 @@ fn classify(what: &str, e: &tokio_postgres::Error) -> DbError {
     } else if matches!(class, "22" | "54") {
         DbError::Unstorable(describe(e))
     } else {
-        DbError::Rejected(msg)
+        DbError::Rejected(describe(e))
     }
 }
 

@@ -284,7 +284,7 @@ fn classify(what: &str, e: rusqlite::Error) -> DbError {
             | ErrorCode::ReadOnly
             | ErrorCode::PermissionDenied,
         ) => DbError::Connection(msg),
-        _ => DbError::Rejected(msg),
+        _ => DbError::Rejected(e.to_string()),
     }
 }
 

@@ -677,7 +677,10 @@ impl Thread {
         let (last, since) = &mut self.refusals;
         *since += 1;
         if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
-            log::warn!("database refused a report ({since} since the last such line): {e}");
+            log::warn!(
+                "database {} refused a report ({since} since the last such line): {e}",
+                self.connect.describe()
+            );
             *last = Some(now);
             *since = 0;
         }
