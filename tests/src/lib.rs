@@ -89,6 +89,22 @@ impl SimClient {
             .collect()
     }
 
+    /// How many of its reports were answered `duplicate`.
+    pub fn duplicate_acks(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e,
+                    ClientEvent::Acknowledged {
+                        duplicate: true,
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
     /// Whether every submitted report was acknowledged.
     pub fn all_acked(&self) -> bool {
         let acked: BTreeSet<_> = self.acked.iter().collect();

@@ -201,19 +201,7 @@ fn second_identity_claiming_first_clients_id_and_next_seqs_makes_it_lose_nothing
         sim.context()
     );
     assert_eq!(of("device-2"), (1..=100).collect::<Vec<_>>());
-    let duplicates = sim.clients[victim]
-        .events
-        .iter()
-        .filter(|(_, e)| {
-            matches!(
-                e,
-                ClientEvent::Acknowledged {
-                    duplicate: true,
-                    ..
-                }
-            )
-        })
-        .count();
+    let duplicates = sim.clients[victim].duplicate_acks();
     assert_eq!(
         duplicates, 0,
         "none of the victim's reports was a duplicate"

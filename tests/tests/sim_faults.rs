@@ -39,7 +39,7 @@ fn finish(mut sim: Sim, case: &str, fault_end: Option<Duration>) -> Sim {
         "{case}: a resend was taken for a reused seq{}",
         sim.context()
     );
-    let duplicates = duplicate_acks(&sim);
+    let duplicates = sim.clients[0].duplicate_acks();
     let recovery = fault_end
         .and_then(|t| sim.first_record_after(t))
         .map_or("-".to_owned(), |d| {
@@ -130,7 +130,7 @@ fn answers_lost_for_40s() {
     let end = s.clock.elapsed();
     let s = finish(s, "answers lost 40 s", Some(end));
     assert!(
-        duplicate_acks(&s) >= 1,
+        s.clients[0].duplicate_acks() >= 1,
         "the reports recorded while the answers were lost came back as duplicates{}",
         s.context()
     );
@@ -271,23 +271,6 @@ fn reports_the_store_had_already_are_acknowledged_as_duplicates() {
         "the store had each before its first send: each a reused seq{}",
         s.context()
     );
-}
-
-/// How many answers said `duplicate` (resends whose earlier answer was lost).
-fn duplicate_acks(s: &Sim) -> usize {
-    s.clients[0]
-        .events
-        .iter()
-        .filter(|(_, e)| {
-            matches!(
-                e,
-                ClientEvent::Acknowledged {
-                    duplicate: true,
-                    ..
-                }
-            )
-        })
-        .count()
 }
 
 fn disconnects(s: &Sim) -> Vec<DisconnectReason> {
