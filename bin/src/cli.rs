@@ -84,7 +84,8 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Share --listen with other server processes (SO_REUSEPORT; start one
-    /// per core with the same flags and one database sink), with a BPF
+    /// per core with the same flags and one database sink, but each its
+    /// own --metrics address, if any: counters are per process), with a BPF
     /// program that keeps each client on the process holding its
     /// connection when the client's address changes. See the README's
     /// "Scaling out".

@@ -218,8 +218,10 @@ impl ServerDriver {
             let sock = reuseport::bind_reuseport(addr)
                 .map_err(|source| DriverError::Bind { addr, source })?;
             let steering = match reuseport::attach_steering(&sock) {
+                // The bound address: with port 0 the kernel chose the port
+                // the probes must go to.
                 Ok(()) => Some(
-                    Steering::new(addr, Instant::now())
+                    Steering::new(sock.local_addr().unwrap_or(addr), Instant::now())
                         .map_err(DriverError::io("binding the reuseport probe socket"))?,
                 ),
                 Err(e) => {
