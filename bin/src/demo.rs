@@ -393,7 +393,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     if let Ok(summary) = &client_res {
         println!(
             "[client] done: {} acknowledged, {} not acknowledged, {} connection(s)",
-            summary.stats.acknowledged - summary.stats.seq_reused,
+            summary.stats.acknowledged_kept(),
             summary.unacknowledged,
             summary.stats.connections
         );

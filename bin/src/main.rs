@@ -371,7 +371,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     })?;
     log::info!(
         "done: {} acknowledged, {} lost (seq reused), {} rejected (dropped), {} not acknowledged, {} dropped (queue full), {} connection(s), {} attempt(s)",
-        summary.stats.acknowledged - summary.stats.seq_reused,
+        summary.stats.acknowledged_kept(),
         summary.stats.seq_reused,
         summary.stats.rejected,
         summary.unacknowledged,

@@ -277,6 +277,14 @@ pub struct ClientStats {
     pub seq_reused: u64,
 }
 
+impl ClientStats {
+    /// Reports acknowledged as recorded, now or before: `acknowledged`
+    /// without those lost to a reused seq.
+    pub fn acknowledged_kept(&self) -> u64 {
+        self.acknowledged - self.seq_reused
+    }
+}
+
 /// One report on its stream, waiting for its answer.
 #[derive(Debug)]
 struct InFlight {

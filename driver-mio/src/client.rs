@@ -476,7 +476,7 @@ impl Loop<'_> {
     fn summary(&self, last_acked: u64) -> u64 {
         let c = &self.client;
         let s = c.stats();
-        let acked = s.acknowledged - s.seq_reused;
+        let acked = s.acknowledged_kept();
         let rtt = c
             .rtt()
             .map_or_else(|| "-".into(), |r| format!("{:.1}ms", r.as_secs_f64() * 1e3));

@@ -140,6 +140,16 @@ pub struct ClientLog {
 /// again" reasons between acknowledgements).
 const MAX_REASONS: usize = 16;
 
+/// Whether `reason` is new to `seen` (and room is left to remember it,
+/// [`MAX_REASONS`]); remembers it if so.
+fn first_time(seen: &mut Vec<String>, reason: &str) -> bool {
+    if seen.len() >= MAX_REASONS || seen.iter().any(|r| r == reason) {
+        return false;
+    }
+    seen.push(reason.to_owned());
+    true
+}
+
 #[derive(Debug, Default)]
 struct Outage {
     /// The first attempt it counts: the one that failed, or the one after
@@ -171,12 +181,11 @@ impl ClientLog {
                     first_attempt,
                     ..Outage::default()
                 });
-                if o.reasons.contains(&reason) || o.reasons.len() >= MAX_REASONS {
-                    quiet(shown)
-                } else {
-                    o.reasons.push(reason);
+                if first_time(&mut o.reasons, &reason) {
                     o.scheduled_shown = false;
                     shown
+                } else {
+                    quiet(shown)
                 }
             }
             ClientEvent::ReconnectScheduled { .. } => match &mut self.outage {
@@ -220,11 +229,10 @@ impl ClientLog {
             }
             ClientEvent::Retrying { reason, .. } => {
                 self.outage = None;
-                if self.retry_reasons.contains(reason) || self.retry_reasons.len() >= MAX_REASONS {
-                    quiet(shown)
-                } else {
-                    self.retry_reasons.push(reason.clone());
+                if first_time(&mut self.retry_reasons, reason) {
                     shown
+                } else {
+                    quiet(shown)
                 }
             }
             ClientEvent::Acknowledged { seq, .. } => {
