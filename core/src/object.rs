@@ -9,8 +9,12 @@
 //! removed, are what the sink records and what the answer echoes, so a report
 //! is written exactly as it was sent (numbers keep their spelling).
 //!
-//! Duplicate keys are kept in the bytes as sent; for the protocol fields the
-//! last one counts, as for any JSON parser that keeps one value per key.
+//! Duplicate keys are kept in the bytes as sent. A protocol field that
+//! occurs more than once is noted ([`Known::repeated`], and
+//! [`Known::identity_repeated`] for `identity`) and the report refused by
+//! the checks: parsers differ on which copy counts (the last, the first, or
+//! an error), so the server, its sinks and whoever reads the records back
+//! could otherwise disagree on a report's key.
 
 use std::fmt;
 
@@ -52,6 +56,9 @@ pub(crate) struct Known {
     pub(crate) identity: Option<Seen>,
     /// `identity` occurs more than once (parsers differ on which counts).
     pub(crate) identity_repeated: bool,
+    /// The first of `id`, `client`, `seq`, `sampled_at_ms` found more than
+    /// once.
+    pub(crate) repeated: Option<&'static str>,
 }
 
 /// What a scan of an object's bytes already found out, so that
@@ -172,20 +179,23 @@ impl<'de> Visitor<'de> for ObjectVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Known, A::Error> {
         let mut known = Known::default();
         while let Some(name) = map.next_key::<FieldName>()? {
-            let slot = match name {
-                FieldName::Id => &mut known.id,
-                FieldName::Client => &mut known.client,
-                FieldName::Seq => &mut known.seq,
-                FieldName::SampledAt => &mut known.sampled_at,
+            let (slot, field) = match name {
+                FieldName::Id => (&mut known.id, FIELD_ID),
+                FieldName::Client => (&mut known.client, FIELD_CLIENT),
+                FieldName::Seq => (&mut known.seq, FIELD_SEQ),
+                FieldName::SampledAt => (&mut known.sampled_at, FIELD_SAMPLED_AT),
                 FieldName::Identity => {
                     known.identity_repeated |= known.identity.is_some();
-                    &mut known.identity
+                    (&mut known.identity, FIELD_IDENTITY)
                 }
                 FieldName::Other => {
                     map.next_value::<Checked>()?;
                     continue;
                 }
             };
+            if slot.is_some() && name != FieldName::Identity {
+                known.repeated.get_or_insert(field);
+            }
             let keep = matches!(name, FieldName::Client | FieldName::Identity);
             *slot = Some(map.next_value_seed(SeenSeed { keep })?);
         }

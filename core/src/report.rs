@@ -157,9 +157,15 @@ pub struct Report {
 impl Report {
     /// Checks the fields the protocol defines: `id` and `client` must be
     /// strings, `seq` a positive integer and `sampled_at_ms` an unsigned
-    /// integer. Others are free.
+    /// integer, each given at most once. Others are free.
     pub fn from_json_object(object: JsonObject) -> Result<Report, StreamError> {
         let (json, known) = object.into_parts();
+        if let Some(field) = known.repeated {
+            return Err(StreamError::InvalidField {
+                field,
+                expected: "given once (the field occurs more than once)",
+            });
+        }
         for (name, seen) in [
             (FIELD_ID, &known.id),
             (FIELD_CLIENT, &known.client),
@@ -562,6 +568,34 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_protocol_field_given_twice_is_refused() {
+        // Parsers differ on which copy counts; the file sink's read-back at
+        // start must see the key the server deduplicated on.
+        for (json, field) in [
+            (r#"{"client":"a","seq":1,"client":"b"}"#, "client"),
+            (r#"{"client":"a","seq":1,"seq":2}"#, "seq"),
+            (r#"{"client":"a","se\u0071":1,"seq":1}"#, "seq"),
+            (r#"{"id":"ab","id":"ab","client":"a","seq":1}"#, "id"),
+            (r#"{"sampled_at_ms":1,"sampled_at_ms":1}"#, "sampled_at_ms"),
+            (r#"{"seq":1,"seq":1,"client":"a","client":"a"}"#, "seq"),
+        ] {
+            let e = Report::from_json_object(JsonObject::parse(json.as_bytes()).expect("json"))
+                .expect_err(json);
+            assert_eq!(e.code(), "invalid_field", "{json}");
+            assert!(
+                matches!(e, StreamError::InvalidField { field: f, .. } if f == field),
+                "{json}: {e}"
+            );
+            assert!(!e.is_fatal(), "the stream carries on");
+        }
+        let other = r#"{"value":1,"value":2,"client":"a","seq":1}"#;
+        let r = Report::from_json_object(JsonObject::parse(other.as_bytes()).expect("json"))
+            .expect("other keys may repeat");
+        assert_eq!(r.key(), Some(("a", 1)));
+        assert_eq!(r.json(), other.as_bytes(), "kept as sent");
     }
 
     #[test]
