@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{LIMIT, Logged, TempPath, free_udp_port};
 use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
 use quic_report_mio::database::sqlite::SqliteConnect;
-use quic_report_mio::database::{Connect, CountLimits, Counts, DbError, Row, Written};
+use quic_report_mio::database::{Connect, CountLimits, Counts, DbError, LatestLimit, Row, Written};
 use quic_report_pg_cluster::PgCluster;
 
 fn start_source() -> (Logged, String) {
@@ -579,9 +579,12 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
         let locker = s.spawn(|| lock_reports(&pg, 3));
         wait_for_the_lock(&pg);
         stopped(db.counts(soon()).expect_err("/stats stopped"));
-        stopped(db.latest(10, None, soon()).expect_err("/latest stopped"));
         stopped(
-            db.latest(10, Some("d"), soon())
+            db.latest(LatestLimit::rows(10), None, soon())
+                .expect_err("/latest stopped"),
+        );
+        stopped(
+            db.latest(LatestLimit::rows(10), Some("d"), soon())
                 .expect_err("/latest?identity stopped"),
         );
         assert!(
@@ -591,7 +594,9 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
         locker.join().expect("locker").expect("the lock's session");
     });
     assert_eq!(db.counts(far()).expect("/stats"), Counts::counted(2, 2));
-    let latest = db.latest(10, Some("d"), far()).expect("/latest");
+    let latest = db
+        .latest(LatestLimit::rows(10), Some("d"), far())
+        .expect("/latest");
     assert_eq!(latest, [("d".into(), "b".into(), "{}".into())]);
 }
 
@@ -783,7 +788,8 @@ fn row(identity: &str, client: &str, seq: i64, body: &str) -> Row {
 
 /// The backend on its own, below the server: a batch longer than one
 /// statement commits whole or not at all, a key repeated in a batch is new
-/// once, and `/latest`'s skip scan finds each client's highest seq.
+/// once, `/latest`'s skip scan finds each client's highest seq, and its
+/// byte limit stops it at a prefix of the key's order.
 #[test]
 fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_client() {
     let pg = cluster();
@@ -832,7 +838,9 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         row("device-1", "e", 1, r#"{"v":"e1"}"#),
     ])
     .expect("insert");
-    let latest = db.latest(100, None, far()).expect("latest");
+    let latest = db
+        .latest(LatestLimit::rows(100), None, far())
+        .expect("latest");
     assert_eq!(
         latest.len(),
         9,
@@ -852,7 +860,7 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         assert_eq!(v["v"], expected, "{identity:?} {client:?}");
     }
     let own = db
-        .latest(100, Some("device-1"), far())
+        .latest(LatestLimit::rows(100), Some("device-1"), far())
         .expect("latest of device-1");
     let own: Vec<(&str, &str)> = own
         .iter()
@@ -860,7 +868,9 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         .collect();
     assert_eq!(own, [("device-1", "d"), ("device-1", "e")]);
     assert_eq!(
-        db.latest(4, None, far()).expect("latest").len(),
+        db.latest(LatestLimit::rows(4), None, far())
+            .expect("latest")
+            .len(),
         4,
         "at most limit"
     );
@@ -891,6 +901,41 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
         .filter_map(|l| l.parse().ok())
         .collect();
     assert_eq!(e, [1, 3]);
+    // The byte limit stops `/latest` at a prefix of the key's order, past
+    // the portal's first chunks of rows.
+    let big: Vec<Row> = (0..600)
+        .map(|k| {
+            let body = format!(r#"{{"v":"{}"}}"#, "x".repeat(100));
+            row("big", &format!("c{k:03}"), 1, &body)
+        })
+        .collect();
+    db.insert(&big).expect("insert");
+    // Sized as read back (jsonb writes its own spacing).
+    let one = db
+        .latest(LatestLimit::rows(1), Some("big"), far())
+        .expect("latest");
+    let each = LatestLimit::row_bytes("big", "c000", one[0].2.as_bytes());
+    let limit = LatestLimit {
+        rows: 1000,
+        bytes: 400 * each + each / 2,
+    };
+    let latest = db.latest(limit, Some("big"), far()).expect("latest");
+    let clients: Vec<&str> = latest.iter().map(|(_, c, _)| c.as_str()).collect();
+    let expected: Vec<String> = (0..400).map(|k| format!("c{k:03}")).collect();
+    assert_eq!(clients, expected, "the first 400 clients, and only they");
+    let all = db.latest(limit, None, far()).expect("latest");
+    let size: usize = all
+        .iter()
+        .map(|(i, c, b)| LatestLimit::row_bytes(i, c, b.as_bytes()))
+        .sum();
+    assert!(size <= limit.bytes, "{size} bytes");
+    // In the key's order "" < "big" < "device-1" < "e": it stops in "big".
+    let ids: BTreeMap<&str, usize> = all.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.0.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(ids.keys().copied().collect::<Vec<_>>(), ["", "big"]);
+    assert!(ids["big"] < 600, "{ids:?}");
 }
 
 /// A row the database refuses for now (here a trigger someone added):

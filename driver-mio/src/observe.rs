@@ -26,6 +26,7 @@ use quic_report_core::report::{CODE_FORBIDDEN, CODE_UNSTORABLE};
 use quic_report_core::{Identity, Outcome, Report, Response, ServerEvent, ServerStats};
 
 use crate::database::writer::ReadResult;
+use crate::database::{LatestLimit, Taking};
 use serde_json::Value;
 
 /// How many latest reports are kept: per identity (and for the anonymous
@@ -36,6 +37,16 @@ const LATEST_LIMITS: IdentityLimits = IdentityLimits {
     max_identities: 10_000,
     clients_per_identity: 16,
     anonymous_clients: 10_000,
+};
+
+/// What one `/latest` answer holds at most, from memory or from a
+/// database: 10,000 clients, the first in order of identity and client, and
+/// no more of them than 12 MiB; below the default 16 MiB cap on an answer's
+/// unsent bytes (`ServerConfig::max_response_bytes`), past which the
+/// reader's connection would be closed instead.
+pub const LATEST_READ: LatestLimit = LatestLimit {
+    rows: 10_000,
+    bytes: 12 << 20,
 };
 
 /// Who may read what over HTTP/0.9 (`/latest`, `/stats`).
@@ -495,12 +506,17 @@ impl Observer {
 }
 
 /// `{"<identity>":{"<client>":<record>,...},...}\n` from rows of records
-/// that are JSON objects already, sorted by identity and client.
+/// that are JSON objects already, sorted by identity and client, as many
+/// as [`LATEST_READ`] allows.
 fn latest_json(mut rows: Vec<(&str, &str, &[u8])>) -> Vec<u8> {
     rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut body = vec![b'{'];
     let mut current: Option<&str> = None;
+    let mut taking = Taking::new(LATEST_READ);
     for (identity, client, record) in rows {
+        if !taking.take(LatestLimit::row_bytes(identity, client, record)) {
+            break;
+        }
         if current != Some(identity) {
             if current.is_some() {
                 body.extend_from_slice(b"},");
@@ -890,6 +906,30 @@ mod tests {
             o.next_summary
         );
         assert_eq!(shared.lock().expect("lock").reads_refused, 1, "published");
+    }
+
+    #[test]
+    fn latest_stops_before_its_byte_limit_in_key_order() {
+        // 400 clients of 60 KB records (the anonymous identity may hold
+        // 10,000): the answer keeps the first ones within 12 MiB, as JSON.
+        let record = format!(r#"{{"v":"{}"}}"#, "x".repeat(60_000));
+        let clients: Vec<String> = (0..400).map(|k| format!("c{k:03}")).collect();
+        let rows = clients
+            .iter()
+            .rev()
+            .map(|c| ("", c.as_str(), record.as_bytes()))
+            .collect();
+        let body = latest_json(rows);
+        assert!(body.len() <= LATEST_READ.bytes, "{} bytes", body.len());
+        let v: Value = serde_json::from_slice(&body).expect("JSON");
+        let shown: Vec<&String> = v[""].as_object().expect("one identity").keys().collect();
+        let fit = LATEST_READ.bytes / LatestLimit::row_bytes("", "c000", record.as_bytes());
+        assert_eq!(shown.len(), fit);
+        assert_eq!(
+            shown,
+            clients[..fit].iter().collect::<Vec<_>>(),
+            "the first"
+        );
     }
 
     #[test]

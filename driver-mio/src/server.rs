@@ -58,9 +58,6 @@ use crate::{DriverError, StopHandle, os_seed};
 /// the steering program uses, so the kernel's hash decides.
 const UNSTEERED: u8 = 0xff;
 
-/// Clients `/latest` shows at most when it reads the database.
-const MAX_LATEST_ROWS: usize = 10_000;
-
 /// How long the server waits at start for its database's first answer
 /// before it serves without it (the connection goes on being made).
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -664,7 +661,7 @@ impl Loop<'_> {
                     // Only its own: selected by the database, not after
                     // its row limit.
                     "/latest" => Some(Read::Latest {
-                        limit: MAX_LATEST_ROWS,
+                        limit: crate::observe::LATEST_READ,
                         identity: only.as_ref().map(|i| i.as_str().to_owned()),
                     }),
                     "/stats" => Some(Read::Counts),

@@ -45,6 +45,7 @@
 //!   without a `quic_report_schema` beside it, is refused at start with a
 //!   message saying so; nothing is written to it.
 
+mod latest;
 pub mod postgres;
 mod reader;
 pub mod sqlite;
@@ -54,6 +55,8 @@ pub mod writer;
 use std::fmt;
 
 use quic_report_core::Report;
+
+pub use latest::{LatestLimit, Taking};
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -242,14 +245,16 @@ pub trait Database: Send {
     }
 
     /// The latest report (highest `seq`) of each `(identity, client)`, as
-    /// `(identity, client, body)`, at most `limit` of them; with `identity`,
+    /// `(identity, client, body)`, in the key's order as far as `limit`
+    /// allows (its rows, and its bytes: the rows stop before the first that
+    /// would go over); with `identity`,
     /// that identity's alone (selected before the limit, so that its rows
     /// are never crowded out by other identities'). Stopped at `deadline`
     /// (nobody waits for the answer after it) with [`DbError::Rejected`],
     /// the connection kept.
     fn latest(
         &mut self,
-        limit: usize,
+        limit: LatestLimit,
         identity: Option<&str>,
         deadline: std::time::Instant,
     ) -> Result<Vec<(String, String, String)>, DbError>;
@@ -346,7 +351,7 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
 
     use super::writer::Writer;
-    use super::{Connect, Counts, Database, DbError, Row, Written};
+    use super::{Connect, Counts, Database, DbError, LatestLimit, Row, Written};
 
     /// Never connects.
     pub(crate) struct Down;
@@ -380,7 +385,7 @@ pub(crate) mod testing {
 
         fn latest(
             &mut self,
-            _: usize,
+            _: LatestLimit,
             _: Option<&str>,
             _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
@@ -418,7 +423,7 @@ pub(crate) mod testing {
 
         fn latest(
             &mut self,
-            _: usize,
+            _: LatestLimit,
             _: Option<&str>,
             _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {

@@ -57,8 +57,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::{
-    COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, Row, SCHEMA_VERSION,
-    Written, check_schema, received_time,
+    COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, LatestLimit, Row,
+    SCHEMA_VERSION, Taking, Written, check_schema, received_time,
 };
 
 /// How long one statement (an insert with its commit, a read) may go
@@ -87,6 +87,9 @@ macro_rules! clients {
                   ORDER BY identity, client LIMIT 1) AS n)"
     };
 }
+
+/// Rows of `/latest` fetched at a time (64 KiB reports: 16 MiB at most).
+const LATEST_CHUNK: i32 = 256;
 
 /// `/latest` for everyone: [`clients!`], and one index probe per client
 /// for its highest seq, no more than `$1` of each, where DISTINCT ON would
@@ -951,21 +954,38 @@ impl Database for Postgres {
     /// Stopped at `deadline` ([`Postgres::read`]).
     fn latest(
         &mut self,
-        limit: usize,
+        limit: LatestLimit,
         identity: Option<&str>,
         deadline: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = i64::try_from(limit.rows).unwrap_or(i64::MAX);
         // A skip scan of the primary key ([`LATEST_ALL`]; for one identity,
-        // the same within its range of the key).
+        // the same within its range of the key), fetched a few rows at a
+        // time through a portal so that the byte limit stops the read
+        // instead of all of it arriving first.
         self.read(deadline, async |tx| {
-            let rows = match identity {
-                None => tx.query(LATEST_ALL, &[&limit]).await?,
-                Some(id) => tx.query(LATEST_OF, &[&limit, &id]).await?,
+            let portal = match identity {
+                None => tx.bind(LATEST_ALL, &[&rows]).await?,
+                Some(id) => tx.bind(LATEST_OF, &[&rows, &id]).await?,
             };
-            rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect()
+            let mut out = Vec::new();
+            let mut taking = Taking::new(limit);
+            while !taking.full() {
+                let chunk = tx.query_portal(&portal, LATEST_CHUNK).await?;
+                let last = chunk.len() < usize::try_from(LATEST_CHUNK).unwrap_or(0);
+                for r in &chunk {
+                    let row: (String, String, String) =
+                        (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                    if !taking.take(LatestLimit::row_bytes(&row.0, &row.1, row.2.as_bytes())) {
+                        break;
+                    }
+                    out.push(row);
+                }
+                if last {
+                    break;
+                }
+            }
+            Ok(out)
         })
     }
 

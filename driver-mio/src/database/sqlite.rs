@@ -29,8 +29,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::wal_sync::WalSync;
 use super::{
-    COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, Row, SCHEMA_VERSION,
-    Written, check_schema,
+    COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, LatestLimit, Row,
+    SCHEMA_VERSION, Taking, Written, check_schema,
 };
 use crate::sink::Fsync;
 
@@ -410,7 +410,7 @@ impl Database for Sqlite {
 
     fn latest(
         &mut self,
-        limit: usize,
+        limit: LatestLimit,
         identity: Option<&str>,
         deadline: Instant,
     ) -> Result<Vec<(String, String, String)>, DbError> {
@@ -418,11 +418,15 @@ impl Database for Sqlite {
             let mut clients = Clients::new(conn, identity, deadline)?;
             let mut last = conn.prepare_cached(LATEST_LAST)?;
             let mut out = Vec::new();
-            while out.len() < limit {
+            let mut taking = Taking::new(limit);
+            while !taking.full() {
                 let Some((id, client)) = clients.next()? else {
                     break;
                 };
                 let body: String = last.query_row([&id, &client], |r| r.get(0))?;
+                if !taking.take(LatestLimit::row_bytes(&id, &client, body.as_bytes())) {
+                    break;
+                }
                 out.push((id, client, body));
             }
             Ok(out)
@@ -694,7 +698,9 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("text");
         assert_eq!(stamps, ["2023-11-14T22:13:20.123Z"], "ISO 8601 UTC, ms");
-        let latest = db.latest(10, None, far()).expect("latest");
+        let latest = db
+            .latest(LatestLimit::rows(10), None, far())
+            .expect("latest");
         assert_eq!(latest.len(), 1);
         assert_eq!(latest[0].2, r#"{"client":"a","seq":3}"#);
     }
@@ -717,7 +723,7 @@ mod tests {
         );
         let past = Instant::now();
         for e in [
-            db.latest(1000, None, past)
+            db.latest(LatestLimit::rows(1000), None, past)
                 .map(|_| ())
                 .expect_err("stopped"),
             db.counts(past).map(|_| ()).expect_err("stopped"),
@@ -731,7 +737,12 @@ mod tests {
             db.insert(&[row("c0", 3000)]).expect("commits"),
             [Written::Inserted]
         );
-        assert_eq!(db.latest(1000, None, far()).expect("read").len(), 500);
+        assert_eq!(
+            db.latest(LatestLimit::rows(1000), None, far())
+                .expect("read")
+                .len(),
+            500
+        );
         assert_eq!(
             db.counts(far()).expect("counted"),
             Counts::counted(3001, 500)
@@ -887,9 +898,13 @@ mod tests {
             ..row("mine", 2)
         });
         db.insert(&rows).expect("inserts");
-        let all = db.latest(3, None, far()).expect("latest");
+        let all = db
+            .latest(LatestLimit::rows(3), None, far())
+            .expect("latest");
         assert!(all.iter().all(|(id, _, _)| id == "a-filler"), "{all:?}");
-        let own = db.latest(3, Some("device-1"), far()).expect("latest");
+        let own = db
+            .latest(LatestLimit::rows(3), Some("device-1"), far())
+            .expect("latest");
         assert_eq!(
             own,
             vec![(
@@ -899,7 +914,7 @@ mod tests {
             )]
         );
         assert!(
-            db.latest(3, Some("nobody"), far())
+            db.latest(LatestLimit::rows(3), Some("nobody"), far())
                 .expect("latest")
                 .is_empty()
         );
@@ -932,7 +947,9 @@ mod tests {
             .collect();
         rows.extend((0..500).map(|i| named(&format!("d{}", i % 2), i / 2 + 1)));
         db.insert(&rows).expect("inserts");
-        let latest = db.latest(1000, None, far()).expect("latest");
+        let latest = db
+            .latest(LatestLimit::rows(1000), None, far())
+            .expect("latest");
         let keys: Vec<String> = latest
             .iter()
             .map(|(id, client, body)| format!("{id}/{client}: {body}"))
@@ -942,7 +959,25 @@ mod tests {
             .collect();
         expect.extend((0..2).map(|c| format!(r#"device-1/d{c}: {{"client":"d{c}","seq":250}}"#)));
         assert_eq!(keys, expect);
-        assert_eq!(db.latest(9, None, far()).expect("latest").len(), 9);
+        assert_eq!(
+            db.latest(LatestLimit::rows(9), None, far())
+                .expect("latest")
+                .len(),
+            9
+        );
+        // Bytes for three and a half rows: the first three in the key's order.
+        let each = LatestLimit::row_bytes("", "c0", br#"{"client":"c0","seq":1000}"#);
+        let limit = LatestLimit {
+            rows: 1000,
+            bytes: 3 * each + each / 2,
+        };
+        let first: Vec<String> = db
+            .latest(limit, None, far())
+            .expect("latest")
+            .into_iter()
+            .map(|(_, client, _)| client)
+            .collect();
+        assert_eq!(first, ["c0", "c1", "c2"]);
         assert_eq!(db.counts(far()).expect("counts"), Counts::counted(8500, 10));
         let steps: i32 = [
             CLIENTS_FIRST,

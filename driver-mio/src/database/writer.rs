@@ -63,7 +63,7 @@ use quic_report_core::backoff::{Backoff, BackoffConfig};
 use quic_report_core::{CoreRng, ReportHandle};
 
 use super::reader::{ReadJob, Reader};
-use super::{Connect, Counts, Database, DbError, Row, Written};
+use super::{Connect, Counts, Database, DbError, LatestLimit, Row, Written};
 
 /// Most rows committed in one batch.
 pub const MAX_BATCH: usize = 4096;
@@ -150,11 +150,11 @@ pub enum Request {
 /// A read of the read side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
-    /// The latest report of each `(identity, client)`, at most `limit`;
-    /// with `identity`, of that identity only.
+    /// The latest report of each `(identity, client)`, as far as `limit`
+    /// allows; with `identity`, of that identity only.
     Latest {
-        /// Rows at most.
-        limit: usize,
+        /// Rows and bytes at most.
+        limit: LatestLimit,
         /// Only this identity's clients (a reader that may read only its own).
         identity: Option<String>,
     },
@@ -737,7 +737,7 @@ mod tests {
 
         fn latest(
             &mut self,
-            _: usize,
+            _: LatestLimit,
             _: Option<&str>,
             _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
@@ -810,7 +810,7 @@ mod tests {
 
         fn latest(
             &mut self,
-            _: usize,
+            _: LatestLimit,
             _: Option<&str>,
             _: std::time::Instant,
         ) -> Result<Vec<(String, String, String)>, DbError> {
