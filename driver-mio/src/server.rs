@@ -623,8 +623,9 @@ impl Loop<'_> {
     fn handle_batch(&mut self, now: Instant, batch: &[ServerEvent]) {
         for ev in batch {
             // A report's line is logged when it is answered (`answer`), and
-            // not built at all here: this is once per report.
-            if !matches!(ev, ServerEvent::Report { .. }) {
+            // not built at all here: this is once per report. A request's
+            // once it is let in (a refused one's warning is throttled).
+            if !matches!(ev, ServerEvent::Report { .. } | ServerEvent::Request { .. }) {
                 show::server_event(ev).log();
             }
             self.log_refusal(now, ev);
@@ -640,12 +641,16 @@ impl Loop<'_> {
             } = ev
             {
                 let only = match self.observer.authorize(path, identity) {
-                    Ok(only) => only,
+                    Ok(only) => {
+                        show::server_event(ev).log();
+                        only
+                    }
                     Err(refused) => {
                         if let Some(more) = self.throttles.reads.allow(now) {
                             log::warn!(
-                                "{}: GET {path} from {peer} refused to {identity}{}",
+                                "{}: GET {} from {peer} refused to {identity}{}",
                                 handle.conn,
+                                show::FromPeer(path),
                                 more_since(more)
                             );
                         }

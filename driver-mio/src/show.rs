@@ -539,8 +539,9 @@ pub fn server_event(ev: &ServerEvent) -> Shown {
             path,
             identity,
         } => Shown::Info(format!(
-            "{}: GET {path} from {peer} by {identity}",
-            handle.conn
+            "{}: GET {} from {peer} by {identity}",
+            handle.conn,
+            FromPeer(path)
         )),
         other => Shown::Debug(format!("server event: {other:?}")),
     }
@@ -584,7 +585,7 @@ impl fmt::Display for ReportText<'_> {
             write!(f, " identity={}", r.identity)?;
         }
         if let Some(c) = &r.client {
-            write!(f, " client={c}")?;
+            write!(f, " client={}", FromPeer(c))?;
         }
         if let Some(seq) = r.seq {
             write!(f, " seq={seq}")?;
@@ -593,8 +594,34 @@ impl fmt::Display for ReportText<'_> {
     }
 }
 
+/// A string a peer chose (a `client` id, a request's path), shown so that
+/// it cannot forge or garble a log line: as it is when it is printable
+/// ASCII without spaces and at most [`FromPeer::MAX`] bytes (hex ids,
+/// paths), else quoted and escaped as Rust's `{:?}` does, cut to
+/// [`FromPeer::MAX`] characters with `...` after the quote.
+#[derive(Debug, Clone, Copy)]
+pub struct FromPeer<'a>(pub &'a str);
+
+impl FromPeer<'_> {
+    /// The longest string shown whole.
+    pub const MAX: usize = 128;
+}
+
+impl fmt::Display for FromPeer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if s.len() <= Self::MAX && !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) {
+            return f.write_str(s);
+        }
+        match s.char_indices().nth(Self::MAX) {
+            Some((cut, _)) => write!(f, "{:?}...", &s[..cut]),
+            None => write!(f, "{s:?}"),
+        }
+    }
+}
+
 /// ` value=..` of a JSON object's `value` field (a float to 4 decimals,
-/// anything else as sent), or nothing if it has none.
+/// anything else as sent, through [`FromPeer`]), or nothing if it has none.
 #[derive(Debug, Clone, Copy)]
 pub struct Value<'a>(pub &'a [u8]);
 
@@ -613,14 +640,14 @@ impl fmt::Display for Value<'_> {
         let float = raw.contains(['.', 'e', 'E']);
         match raw.parse::<f64>() {
             Ok(x) if float => write!(f, " value={x:.4}"),
-            _ => write!(f, " value={raw}"),
+            _ => write!(f, " value={}", FromPeer(raw)),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Value;
+    use super::{FromPeer, Value};
 
     #[test]
     fn value_shows_floats_to_four_decimals_and_the_rest_as_sent() {
@@ -631,5 +658,22 @@ mod tests {
         assert_eq!(v(r#"{"value":"up"}"#), r#" value="up""#);
         assert_eq!(v(r#"{"other":1}"#), "");
         assert_eq!(v("not json"), "");
+        let long = format!(r#"{{"value":[{}0]}}"#, "0,".repeat(1000));
+        assert!(v(&long).len() < 150, "cut: {}", v(&long));
+        assert_eq!(v("{\"value\":\"a\u{9b}b\"}"), r#" value="\"a\u{9b}b\"""#);
+    }
+
+    #[test]
+    fn what_a_peer_chose_cannot_forge_a_log_line() {
+        let s = |x: &str| FromPeer(x).to_string();
+        assert_eq!(s("0123abcd"), "0123abcd");
+        assert_eq!(s("/latest"), "/latest");
+        assert_eq!(s("a\r\nINFO forged"), r#""a\r\nINFO forged""#);
+        assert_eq!(s("\u{1b}[2J"), r#""\u{1b}[2J""#);
+        assert_eq!(s(""), r#""""#);
+        assert_eq!(s(&"x".repeat(128)), "x".repeat(128));
+        let cut = s(&"x".repeat(4096));
+        assert_eq!(cut, format!("\"{}\"...", "x".repeat(128)));
+        assert!(!s("é\u{85}").contains('\u{85}'), "C1 controls escaped");
     }
 }
