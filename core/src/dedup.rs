@@ -3,10 +3,23 @@
 //!
 //! Per `(identity, client)`: a *floor* (every seq below it was recorded;
 //! seqs start at 1, so a new client's floor is 1) and the set of recorded
-//! seqs above it (a [`SeqSet`]). Recording the floor's seq advances the floor over the
-//! contiguous run, so a client that reports in order costs a few bytes.
-//! When a client's set grows past `per_client` entries, the floor jumps to
-//! the smallest entry (gaps below it are then taken as seen). The clients
+//! seqs above it (a [`SeqSet`], held as runs of consecutive seqs).
+//! Recording the floor's seq advances the floor over the contiguous run, so
+//! a client that reports in order costs a few bytes.
+//!
+//! States of one client's memory:
+//!
+//! - **Exact** (`sure == floor`): every seq is known recorded or not.
+//! - **Jumped** (`sure < floor`): its set grew past its cap of runs
+//!   ([`DedupConfig::per_client`], [`DedupConfig::anonymous_per_client`];
+//!   a run costs about 26 bytes), so the floor jumped over the smallest
+//!   run and the gaps below it. Seqs below `sure` are still known recorded;
+//!   those in `sure..floor` are *not known*: [`Dedup::contains`] says no, and
+//!   the report goes to the sink, which a database answers by its key
+//!   (exactly once) and `stdout`/`file:` record (a copy recorded twice
+//!   rather than a late report lost). A client stays jumped until forgotten.
+//!
+//! The clients
 //! are held in a [`PerIdentity`] table: each certificate identity keeps at
 //! most `clients_per_identity` clients (its own least recently active is
 //! forgotten first), the anonymous identity `anonymous_clients`, and at
@@ -29,8 +42,14 @@ pub struct DedupConfig {
     /// Clients remembered for the anonymous identity at most (default
     /// 100,000: every peer without a certificate shares that identity).
     pub anonymous_clients: usize,
-    /// Out-of-order seqs remembered per client at most (default 4096).
+    /// Runs of out-of-order seqs remembered per client of a certificate
+    /// identity at most (default 256; a client that keeps 8 reports in
+    /// flight leaves a few).
     pub per_client: usize,
+    /// The same for the anonymous identity's clients (default 16: strangers
+    /// share it, and its 100,000 clients then hold at most 1.6 million runs,
+    /// about 40 MB).
+    pub anonymous_per_client: usize,
 }
 
 impl Default for DedupConfig {
@@ -39,7 +58,8 @@ impl Default for DedupConfig {
             max_identities: 10_000,
             clients_per_identity: 64,
             anonymous_clients: 100_000,
-            per_client: 4096,
+            per_client: 256,
+            anonymous_per_client: 16,
         }
     }
 }
@@ -54,10 +74,12 @@ impl DedupConfig {
     }
 }
 
-/// One client's recorded seqs: everything below `floor`, and `above`; and
-/// `u64::MAX` if `max` (a floor past it cannot be written).
+/// One client's recorded seqs: everything below `sure`, `above`, and
+/// `u64::MAX` if `max` (a floor past it cannot be written); `sure..floor`
+/// not known (see the module documentation).
 #[derive(Debug)]
 struct Seen {
+    sure: u64,
     floor: u64,
     above: SeqSet,
     max: bool,
@@ -67,6 +89,7 @@ impl Default for Seen {
     fn default() -> Seen {
         // The protocol's first seq is 1 (report.rs refuses 0).
         Seen {
+            sure: 1,
             floor: 1,
             above: SeqSet::new(),
             max: false,
@@ -76,9 +99,10 @@ impl Default for Seen {
 
 impl Seen {
     fn contains(&self, seq: u64) -> bool {
-        seq < self.floor || self.above.contains(seq) || (seq == u64::MAX && self.max)
+        seq < self.sure || self.above.contains(seq) || (seq == u64::MAX && self.max)
     }
 
+    /// Remembers `seq`, with at most `cap` runs above the floor.
     fn insert(&mut self, seq: u64, cap: usize) {
         if seq == u64::MAX {
             self.max = true;
@@ -89,19 +113,24 @@ impl Seen {
         }
         self.above.insert(seq);
         self.absorb();
-        let cap = cap as u64;
-        if self.above.len() > cap
-            && let Some(s) = self.above.pop_smallest(self.above.len() - cap)
-        {
-            self.floor = s.saturating_add(1);
+        while self.above.runs_len() > cap.max(1) {
+            let Some(end) = self.above.first().and_then(|s| self.above.remove_run_at(s)) else {
+                break;
+            };
+            self.floor = end.saturating_add(1);
             self.absorb();
         }
     }
 
-    /// Moves the floor over the run of `above` that starts at it.
+    /// Moves the floor over the run of `above` that starts at it (and
+    /// `sure` with it while the memory is exact).
     fn absorb(&mut self) {
         if let Some(end) = self.above.remove_run_at(self.floor) {
+            let exact = self.sure == self.floor;
             self.floor = end.saturating_add(1);
+            if exact {
+                self.sure = self.floor;
+            }
         }
     }
 }
@@ -141,7 +170,11 @@ impl Dedup {
 
     /// Remembers that `key` was recorded.
     pub fn insert(&mut self, key: &RecordKey) {
-        let cap = self.cfg.per_client.max(1);
+        let cap = if key.identity.is_anonymous() {
+            self.cfg.anonymous_per_client
+        } else {
+            self.cfg.per_client
+        };
         self.seen
             .entry(&key.identity, &key.client, Seen::default)
             .insert(key.seq, cap);
@@ -216,9 +249,10 @@ mod tests {
         for s in 2..10_000 {
             d.insert(&key("", "a", s));
         }
-        // seq 1 never came: everything above waits in the set, up to the cap.
+        // seq 1 never came: everything above waits in the set, as one run.
         let seen = d.seen.peek("", "a").expect("known client");
-        assert!(seen.above.len() <= 4096);
+        assert_eq!(seen.above.runs_len(), 1);
+        assert!(!d.contains(&key("", "a", 1)) && d.contains(&key("", "a", 9_999)));
         let mut d = Dedup::new(DedupConfig::default());
         for s in 1..10_000 {
             d.insert(&key("", "a", s));
@@ -227,6 +261,35 @@ mod tests {
             d.seen.peek("", "a").expect("known").above.is_empty(),
             "a client that reports in order costs no set entries"
         );
+    }
+
+    #[test]
+    fn past_its_runs_a_client_forgets_gaps_as_not_known_never_as_recorded() {
+        let mut d = Dedup::new(DedupConfig::default());
+        let anonymous = DedupConfig::default().anonymous_per_client as u64;
+        let named = DedupConfig::default().per_client as u64;
+        // 1..=10 recorded, then every other seq from 12: a run each.
+        for (identity, cap) in [("", anonymous), ("alice", named)] {
+            for s in (1..=10).chain((12..).step_by(2).take(10 * cap as usize)) {
+                d.insert(&key(identity, "a", s));
+            }
+            let seen = d.seen.peek(identity, "a").expect("known");
+            assert!(seen.above.runs_len() as u64 <= cap, "{identity:?}");
+            for s in 1..=10 {
+                assert!(d.contains(&key(identity, "a", s)), "{s}: still known");
+            }
+            // A late copy of a gap below the jump: not known, so it goes to
+            // the sink (which a database answers by its key) instead of
+            // being answered duplicate and never recorded.
+            assert!(!d.contains(&key(identity, "a", 11)), "{identity:?}");
+            assert!(!d.contains(&key(identity, "a", 13)), "{identity:?}");
+            let last = 12 + 2 * (10 * cap - 1);
+            assert!(
+                d.contains(&key(identity, "a", last)),
+                "recent ones are kept"
+            );
+            assert!(!d.contains(&key(identity, "a", last - 1)));
+        }
     }
 
     #[test]

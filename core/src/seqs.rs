@@ -61,6 +61,11 @@ impl SeqSet {
         self.len
     }
 
+    /// Runs of consecutive seqs in the set (what its memory grows with).
+    pub fn runs_len(&self) -> usize {
+        self.runs.len()
+    }
+
     /// No seqs.
     pub fn is_empty(&self) -> bool {
         self.len == 0
