@@ -124,7 +124,9 @@ pub struct ServerArgs {
     pub secret_file: Option<PathBuf>,
     /// Serve Prometheus metrics over plain HTTP on ADDR (`GET /metrics`):
     /// connections, reports, duplicates, rejections by reason, resets,
-    /// retries, bytes, handshake and report latency histograms.
+    /// retries, bytes, handshake and report latency histograms. No
+    /// authentication: use a loopback ADDR (127.0.0.1:9464) or a network
+    /// only the scraper reaches.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
     /// Address validation: `auto` sends a Retry only while at least

@@ -70,7 +70,7 @@ use crate::identity::{Identity, IdentityError, RecordKey};
 use crate::report::{CODE_NOT_RECORDED, CODE_UNSTORABLE, Report, Response};
 use crate::rng::CoreRng;
 use crate::stream::ObjectSplitter;
-use crate::token::{RetryTokens, SecretKeys, ServerSecret, stateless_reset};
+use crate::token::{MIN_RESET_LEN, RetryTokens, SecretKeys, ServerSecret, stateless_reset};
 use crate::{DebugLogs, LOCAL_CID_LEN, Transmit, attach_debug_logs};
 
 /// Names a connection for the lifetime of the [`Server`] (never reused).
@@ -805,8 +805,10 @@ impl Server {
         if hdr.ty == quiche::Type::Short {
             // A connection we do not know (we restarted, or it is long
             // gone): tell the client at once with a stateless reset. Not
-            // for junk without QUIC's fixed bit.
+            // for junk without QUIC's fixed bit, nor for a packet too short
+            // to answer smaller (which must not use up the budget).
             if data[0] & 0x40 != 0
+                && len > MIN_RESET_LEN
                 && self.reset_budget.take(now, self.cfg.max_resets_per_sec)
                 && let Some(p) = stateless_reset(&self.keys, &hdr.dcid, len, &mut self.rng)
                 && self.queue_endpoint(p, from, to)

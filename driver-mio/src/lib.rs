@@ -56,6 +56,7 @@ pub mod fetch;
 pub mod get;
 pub mod held;
 pub mod lookup;
+pub mod metrics_http;
 pub mod observe;
 pub mod redact;
 pub mod reuseport;
@@ -75,7 +76,8 @@ pub use fetch::{FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 pub use get::{GetOptions, run_get};
 pub use held::WaitLimits;
 pub use lookup::ServerLookup;
-pub use observe::{MetricsServer, Observer, ReadPolicy};
+pub use metrics_http::MetricsServer;
+pub use observe::{Observer, ReadPolicy};
 pub use secret::read_secret_file;
 pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
 pub use sink::{

@@ -16,9 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use quic_report_core::per_identity::{IdentityLimits, PerIdentity};
@@ -806,80 +804,6 @@ fn write_database(out: &mut String, d: &DbMetrics) {
         "quic_report_sink_batch_rows",
         "Rows per committed batch (group commit).",
     );
-}
-
-/// The `--metrics` HTTP endpoint: `GET /metrics` (Prometheus text), on a
-/// thread of its own. Stops when dropped.
-pub struct MetricsServer {
-    http: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
-    addr: SocketAddr,
-}
-
-impl std::fmt::Debug for MetricsServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetricsServer")
-            .field("addr", &self.addr)
-            .finish()
-    }
-}
-
-impl MetricsServer {
-    /// Listens on `addr` and serves `snapshot`.
-    pub fn start(
-        addr: SocketAddr,
-        snapshot: Arc<Mutex<Snapshot>>,
-    ) -> std::io::Result<MetricsServer> {
-        let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
-        let addr = http.server_addr().to_ip().unwrap_or(addr);
-        let http = Arc::new(http);
-        let server = Arc::clone(&http);
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                for req in server.incoming_requests() {
-                    let (status, body, ctype) = match (req.method(), req.url()) {
-                        (tiny_http::Method::Get, "/metrics") => {
-                            let text = snapshot.lock().map(|s| prometheus(&s)).unwrap_or_default();
-                            (200, text, "text/plain; version=0.0.4")
-                        }
-                        (tiny_http::Method::Get, "/") => (
-                            200,
-                            "quic-report metrics: GET /metrics\n".into(),
-                            "text/plain",
-                        ),
-                        _ => (404, "not found\n".into(), "text/plain"),
-                    };
-                    let header =
-                        tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
-                            .expect("a static header is valid");
-                    let resp = tiny_http::Response::from_string(body)
-                        .with_status_code(status)
-                        .with_header(header);
-                    let _ = req.respond(resp);
-                }
-            })?;
-        log::info!("metrics on http://{addr}/metrics");
-        Ok(MetricsServer {
-            http,
-            thread: Some(thread),
-            addr,
-        })
-    }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.http.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]

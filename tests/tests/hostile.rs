@@ -507,6 +507,26 @@ fn unusable_datagrams_get_small_answers_or_none() {
     assert!(server(&sim).stats().resets_sent == 2);
 }
 
+/// Short-header packets too short to be answered by a smaller stateless
+/// reset do not use up the resets' budget (2 a second here): a real
+/// client's packet after a flood of them is still answered.
+#[test]
+fn packets_too_short_to_reset_leave_the_reset_budget_alone() {
+    let mut sim = sim_with(310, |c| c.max_resets_per_sec = 2);
+    for i in 0..50 {
+        let from = addr(&format!("203.0.113.9:{}", 7000 + i));
+        let mut d = vec![0x41; 21];
+        assert!(sim.inject(from, &mut d).expect("the server runs").is_err());
+        assert_eq!(sent_to(&sim, from), 0, "21 bytes: no answer");
+    }
+    let from = addr("198.51.100.1:7000");
+    let mut d = vec![0x41; 100];
+    assert!(sim.inject(from, &mut d).expect("the server runs").is_err());
+    let sent = sent_to(&sim, from);
+    assert!(sent > 0 && sent < 100, "reset of {sent} bytes");
+    assert_eq!(server(&sim).stats().resets_sent, 1);
+}
+
 /// A random datagram of one of several shapes, or a mutation of a real one.
 fn garbage(rng: &mut CoreRng, real: &[Vec<u8>]) -> Vec<u8> {
     let below = |rng: &mut CoreRng, n: u64| (rng.next_u64() % n.max(1)) as usize;
