@@ -27,14 +27,16 @@ use crate::database::writer::ReadResult;
 use crate::database::{LatestLimit, Taking};
 use serde_json::Value;
 
-/// How many latest reports are kept: per identity (and for the anonymous
-/// identity, which every peer without a certificate shares), the least
-/// recently reporting client forgotten first; an identity can only push
-/// out its own.
+/// How many latest reports are kept in memory (with an inline sink): per
+/// identity (and for the anonymous identity, which every peer without a
+/// certificate shares), the least recently reporting client forgotten
+/// first; an identity can only push out its own. The anonymous identity's
+/// 1,000 clients hold at most 64 MiB of reports; its entries are kept only
+/// if someone may read them ([`ReadPolicy`]).
 const LATEST_LIMITS: IdentityLimits = IdentityLimits {
     max_identities: 10_000,
     clients_per_identity: 16,
-    anonymous_clients: 10_000,
+    anonymous_clients: 1_000,
 };
 
 /// What one `/latest` answer holds at most, from memory or from a
@@ -300,6 +302,8 @@ pub struct Observer {
     snap: Snapshot,
     /// Per identity and client: its latest report's JSON line.
     latest: PerIdentity<Vec<u8>>,
+    /// Whether `latest` is kept: not when a database answers `/latest`.
+    keep_latest: bool,
     policy: ReadPolicy,
     shared: Arc<Mutex<Snapshot>>,
     published: Option<Instant>,
@@ -314,6 +318,7 @@ impl Observer {
             started: now,
             snap: Snapshot::default(),
             latest: PerIdentity::new(LATEST_LIMITS),
+            keep_latest: true,
             policy: ReadPolicy::default(),
             shared: Arc::new(Mutex::new(Snapshot::default())),
             published: None,
@@ -325,6 +330,13 @@ impl Observer {
     /// Who may read what (default: no readers, anonymous reads refused).
     pub fn set_read_policy(&mut self, policy: ReadPolicy) {
         self.policy = policy;
+    }
+
+    /// `/latest` is read from a database from now on: no latest reports
+    /// are kept in memory.
+    pub fn read_latest_from_database(&mut self) {
+        self.keep_latest = false;
+        self.latest = PerIdentity::new(LATEST_LIMITS);
     }
 
     /// The snapshot the metrics thread reads.
@@ -379,8 +391,16 @@ impl Observer {
             Outcome::Duplicate => {}
             Outcome::Recorded => self.snap.recorded += 1,
         }
-        let client = report.client.as_deref().unwrap_or("-");
-        *self.latest.entry(&report.identity, client, Vec::new) = line;
+        // Only what someone may read: a certificate identity reads its own;
+        // the anonymous identity's entries only a reader, or everyone on
+        // an anonymous loopback server.
+        let readable = !report.identity.is_anonymous()
+            || self.policy.anonymous_reads_all
+            || !self.policy.readers.is_empty();
+        if self.keep_latest && readable {
+            let client = report.client.as_deref().unwrap_or("-");
+            *self.latest.entry(&report.identity, client, Vec::new) = line;
+        }
     }
 
     /// Publishes the counters for the metrics thread (at most every
@@ -854,6 +874,52 @@ mod tests {
             clients[..fit].iter().collect::<Vec<_>>(),
             "the first"
         );
+    }
+
+    #[test]
+    fn latest_keeps_only_what_someone_may_read() {
+        let report = |identity: &Identity| {
+            Report::from_object(serde_json::from_str(r#"{"client":"c","seq":1}"#).expect("object"))
+                .expect("report")
+                .bind_identity(identity)
+                .expect("bound")
+        };
+        let (anon, alice) = (
+            Identity::anonymous(),
+            Identity::named("alice").expect("name"),
+        );
+        let answer = |o: &mut Observer, who: &Identity| {
+            let r = report(who);
+            let line = r.to_json_line();
+            o.answered(&r, line, &Outcome::Recorded, Duration::ZERO);
+        };
+        let kept = |o: &Observer| {
+            let body: Value = serde_json::from_slice(&o.body("/latest", None)).expect("JSON");
+            body.as_object()
+                .expect("object")
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        // No reader and no anonymous reads: the anonymous entry is not kept
+        // (nobody could read it); alice reads her own.
+        let mut o = Observer::new(Instant::now());
+        answer(&mut o, &anon);
+        answer(&mut o, &alice);
+        assert_eq!(kept(&o), ["alice"]);
+        // With a reader, both.
+        let mut o = Observer::new(Instant::now());
+        o.set_read_policy(ReadPolicy {
+            readers: [Identity::named("ops").expect("name")].into(),
+            ..ReadPolicy::default()
+        });
+        answer(&mut o, &anon);
+        answer(&mut o, &alice);
+        assert_eq!(kept(&o), ["", "alice"]);
+        // A database answers /latest: nothing in memory.
+        o.read_latest_from_database();
+        answer(&mut o, &alice);
+        assert!(kept(&o).is_empty());
     }
 
     #[test]

@@ -282,7 +282,10 @@ impl ServerDriver {
     ) -> Result<(), DriverError> {
         let sink = match sink.into() {
             Sink::Inline(s) => Recorder::Inline(s),
-            Sink::Database(db) => Recorder::Database(self.start_database(db)?),
+            Sink::Database(db) => {
+                self.observer.read_latest_from_database();
+                Recorder::Database(self.start_database(db)?)
+            }
         };
         let seed = os_seed()?;
         let mut server = Server::new(self.opts.config.clone(), CoreRng::from_seed_bytes(seed))?;
@@ -688,8 +691,13 @@ impl Loop<'_> {
                                 &format!("database busy: {n} reads wait for it; try again"),
                             ));
                         }
-                        // Its fatal error stops the server; meanwhile, memory.
-                        ReadQueued::Gone => {}
+                        // Its fatal error stops the server.
+                        ReadQueued::Gone => {
+                            body = Some(
+                                self.observer
+                                    .read_failed(stats, "the database sink has stopped"),
+                            );
+                        }
                     }
                 }
                 let body = body.unwrap_or_else(|| self.observer.body(path, only.as_ref()));
