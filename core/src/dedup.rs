@@ -14,10 +14,12 @@
 //!   ([`DedupConfig::per_client`], [`DedupConfig::anonymous_per_client`];
 //!   a run costs about 26 bytes), so the floor jumped over the smallest
 //!   run and the gaps below it. Seqs below `sure` are still known recorded;
-//!   those in `sure..floor` are *not known*: [`Dedup::contains`] says no, and
-//!   the report goes to the sink, which a database answers by its key
-//!   (exactly once) and `stdout`/`file:` record (a copy recorded twice
-//!   rather than a late report lost). A client stays jumped until forgotten.
+//!   those in `sure..floor` (the gaps, and the recorded seqs of the runs
+//!   given up) are *not known*: [`Dedup::contains`] says no, and the
+//!   report goes to the sink each time it comes, which a database answers
+//!   by its key (exactly once) and `stdout`/`file:` record (a copy
+//!   recorded again rather than a late report lost). A client stays
+//!   jumped until forgotten.
 //!
 //! The clients
 //! are held in a [`PerIdentity`] table: each certificate identity keeps at
@@ -225,6 +227,7 @@ mod tests {
         // The floor climbs to the top (seqs in order): MAX is still known.
         let mut d = Dedup::new(DedupConfig {
             per_client: 2,
+            anonymous_per_client: 2,
             ..DedupConfig::default()
         });
         for s in [u64::MAX - 3, u64::MAX - 2, u64::MAX - 1, u64::MAX] {

@@ -3,11 +3,14 @@
 //! of its own, with bounded resources whoever connects.
 //!
 //! One mio loop serves every connection without blocking: at most
-//! [`MAX_CONNECTIONS`] are open (a new one closes the oldest), each has
-//! [`CONNECTION_TIME`] from its accept to the end of its answer and
-//! [`MAX_HEAD`] bytes of request head, and every answer closes its
-//! connection. So idle or slow peers cost a bounded table, never a thread
-//! or memory each, and cannot keep a scraper out for longer than that.
+//! [`MAX_CONNECTIONS`] are open (a new one closes the oldest still waiting
+//! for its request, else the oldest), each has [`CONNECTION_TIME`] from its
+//! accept to the end of its answer and [`MAX_HEAD`] bytes of request head,
+//! and every answer closes its connection. So idle or slow peers cost a
+//! bounded table, never a thread or memory each, and a scrape whose request
+//! is in is answered whatever idle connections come after it; a peer that
+//! keeps opening connections faster than the scraper sends its request can
+//! still keep it out while it goes on.
 //!
 //! (tiny_http, which the `source` program uses, reads each connection on a
 //! thread of its own, started whenever all are busy and never capped, with
@@ -74,6 +77,7 @@ impl MetricsServer {
                     conns: HashMap::new(),
                     next: 2,
                     snapshot,
+                    accept_again: false,
                 };
                 if let Err(e) = served.run() {
                     log::warn!("metrics endpoint stopped: {e}");
@@ -125,7 +129,13 @@ struct Served {
     conns: HashMap<Token, Conn>,
     next: usize,
     snapshot: Arc<Mutex<Snapshot>>,
+    /// An accept failed for want of resources: try again after
+    /// [`ACCEPT_RETRY`].
+    accept_again: bool,
 }
+
+/// How soon a failed accept is tried again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 impl Served {
     fn run(&mut self) -> io::Result<()> {
@@ -137,6 +147,11 @@ impl Served {
                 .map(|c| c.accepted + CONNECTION_TIME)
                 .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match (timeout, self.accept_again) {
+                (Some(t), true) => Some(t.min(ACCEPT_RETRY)),
+                (None, true) => Some(ACCEPT_RETRY),
+                (t, false) => t,
+            };
             match self.poll.poll(&mut events, timeout) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 other => other?,
@@ -148,6 +163,9 @@ impl Served {
                     token => self.turn(token),
                 }
             }
+            if self.accept_again {
+                self.accept();
+            }
             let now = Instant::now();
             self.conns
                 .retain(|_, c| now.saturating_duration_since(c.accepted) < CONNECTION_TIME);
@@ -155,14 +173,25 @@ impl Served {
     }
 
     fn accept(&mut self) {
+        self.accept_again = false;
         loop {
             let (mut stream, _) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                // Out of file descriptors, a connection reset before its
-                // accept: the next readiness tries again.
+                // Reset before its accept: the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionAborted | ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                // Out of file descriptors: readiness is edge-triggered, so
+                // try again shortly rather than at the next connection.
                 Err(e) => {
                     log::debug!("metrics: accept: {e}");
+                    self.accept_again = true;
                     return;
                 }
             };
@@ -170,7 +199,7 @@ impl Served {
                 && let Some(oldest) = self
                     .conns
                     .iter()
-                    .min_by_key(|(_, c)| c.accepted)
+                    .min_by_key(|(_, c)| (c.answer.is_some(), c.accepted))
                     .map(|(t, _)| *t)
             {
                 self.conns.remove(&oldest);
@@ -250,6 +279,15 @@ impl Conn {
             }
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        // Bytes left unread at the close would make the kernel send a reset,
+        // which may destroy the answer before the peer reads it.
+        let mut buf = [0u8; 2048];
+        for _ in 0..32 {
+            match self.stream.read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
         Ok(Next::Done)
     }
 }

@@ -43,7 +43,8 @@ const LATEST_LIMITS: IdentityLimits = IdentityLimits {
 /// database: 10,000 clients, the first in order of identity and client, and
 /// no more of them than 12 MiB; below the default 16 MiB cap on an answer's
 /// unsent bytes (`ServerConfig::max_response_bytes`), past which the
-/// reader's connection would be closed instead.
+/// reader's connection would be closed instead. A lower cap lowers the
+/// bytes with it ([`Observer::set_answer_cap`]).
 pub const LATEST_READ: LatestLimit = LatestLimit {
     rows: 10_000,
     bytes: 12 << 20,
@@ -304,6 +305,8 @@ pub struct Observer {
     latest: PerIdentity<Vec<u8>>,
     /// Whether `latest` is kept: not when a database answers `/latest`.
     keep_latest: bool,
+    /// What one `/latest` answer holds at most.
+    latest_limit: LatestLimit,
     policy: ReadPolicy,
     shared: Arc<Mutex<Snapshot>>,
     published: Option<Instant>,
@@ -319,6 +322,7 @@ impl Observer {
             snap: Snapshot::default(),
             latest: PerIdentity::new(LATEST_LIMITS),
             keep_latest: true,
+            latest_limit: LATEST_READ,
             policy: ReadPolicy::default(),
             shared: Arc::new(Mutex::new(Snapshot::default())),
             published: None,
@@ -330,6 +334,19 @@ impl Observer {
     /// Who may read what (default: no readers, anonymous reads refused).
     pub fn set_read_policy(&mut self, policy: ReadPolicy) {
         self.policy = policy;
+    }
+
+    /// Answers may hold at most `bytes` unsent (the core's
+    /// `max_response_bytes`): `/latest` stops at three quarters of that
+    /// when it is below [`LATEST_READ`]'s.
+    pub fn set_answer_cap(&mut self, bytes: usize) {
+        self.latest_limit.bytes = LATEST_READ.bytes.min(bytes / 4 * 3);
+    }
+
+    /// What one `/latest` answer may hold ([`LATEST_READ`], or less after
+    /// [`Observer::set_answer_cap`]).
+    pub fn latest_limit(&self) -> LatestLimit {
+        self.latest_limit
     }
 
     /// `/latest` is read from a database from now on: no latest reports
@@ -519,18 +536,18 @@ impl Observer {
                 ));
             }
         }
-        latest_json(rows)
+        latest_json(rows, self.latest_limit)
     }
 }
 
 /// `{"<identity>":{"<client>":<record>,...},...}\n` from rows of records
 /// that are JSON objects already, sorted by identity and client, as many
-/// as [`LATEST_READ`] allows.
-fn latest_json(mut rows: Vec<(&str, &str, &[u8])>) -> Vec<u8> {
+/// as `limit` allows.
+fn latest_json(mut rows: Vec<(&str, &str, &[u8])>, limit: LatestLimit) -> Vec<u8> {
     rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut body = vec![b'{'];
     let mut current: Option<&str> = None;
-    let mut taking = Taking::new(LATEST_READ);
+    let mut taking = Taking::new(limit);
     for (identity, client, record) in rows {
         if !taking.take(LatestLimit::row_bytes(identity, client, record)) {
             break;
@@ -570,6 +587,7 @@ impl Observer {
                         (identity.as_str(), client.as_str(), body.as_bytes())
                     })
                     .collect(),
+                self.latest_limit,
             ),
             ReadResult::Counts(counts) => {
                 let mut stats = stats_json(&self.snap);
@@ -854,8 +872,8 @@ mod tests {
 
     #[test]
     fn latest_stops_before_its_byte_limit_in_key_order() {
-        // 400 clients of 60 KB records (the anonymous identity may hold
-        // 10,000): the answer keeps the first ones within 12 MiB, as JSON.
+        // 400 clients of 60 KB records (a database's rows, or a reader's
+        // view of memory): the answer keeps the first ones within 12 MiB, as JSON.
         let record = format!(r#"{{"v":"{}"}}"#, "x".repeat(60_000));
         let clients: Vec<String> = (0..400).map(|k| format!("c{k:03}")).collect();
         let rows = clients
@@ -863,7 +881,7 @@ mod tests {
             .rev()
             .map(|c| ("", c.as_str(), record.as_bytes()))
             .collect();
-        let body = latest_json(rows);
+        let body = latest_json(rows, LATEST_READ);
         assert!(body.len() <= LATEST_READ.bytes, "{} bytes", body.len());
         let v: Value = serde_json::from_slice(&body).expect("JSON");
         let shown: Vec<&String> = v[""].as_object().expect("one identity").keys().collect();
@@ -916,6 +934,11 @@ mod tests {
         answer(&mut o, &anon);
         answer(&mut o, &alice);
         assert_eq!(kept(&o), ["", "alice"]);
+        // A lower cap on answers lowers /latest's bytes with it.
+        assert_eq!(o.latest_limit(), LATEST_READ);
+        o.set_answer_cap(1 << 20);
+        assert_eq!(o.latest_limit().bytes, 3 << 18);
+        assert_eq!(kept(&o), ["", "alice"], "both small entries still fit");
         // A database answers /latest: nothing in memory.
         o.read_latest_from_database();
         answer(&mut o, &alice);

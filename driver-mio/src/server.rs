@@ -236,6 +236,7 @@ impl ServerDriver {
         };
         let mut observer = Observer::new(Instant::now());
         observer.set_read_policy(opts.read_policy.clone());
+        observer.set_answer_cap(opts.config.max_response_bytes);
         let metrics = match opts.metrics {
             Some(addr) => Some(
                 MetricsServer::start(addr, observer.shared())
@@ -659,7 +660,11 @@ impl Loop<'_> {
                             );
                         }
                         if let Err(e) = self.server.respond_request(now, *handle, refused.body) {
-                            log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                            log::debug!(
+                                "{}: cannot answer GET {}: {e}",
+                                handle.conn,
+                                show::FromPeer(path)
+                            );
                         }
                         (self.on_event)(ev);
                         continue;
@@ -670,7 +675,7 @@ impl Loop<'_> {
                     // Only its own: selected by the database, not after
                     // its row limit.
                     "/latest" => Some(Read::Latest {
-                        limit: crate::observe::LATEST_READ,
+                        limit: self.observer.latest_limit(),
                         identity: only.as_ref().map(|i| i.as_str().to_owned()),
                     }),
                     "/stats" => Some(Read::Counts),
@@ -702,7 +707,11 @@ impl Loop<'_> {
                 }
                 let body = body.unwrap_or_else(|| self.observer.body(path, only.as_ref()));
                 if let Err(e) = self.server.respond_request(now, *handle, body) {
-                    log::debug!("{}: cannot answer GET {path}: {e}", handle.conn);
+                    log::debug!(
+                        "{}: cannot answer GET {}: {e}",
+                        handle.conn,
+                        show::FromPeer(path)
+                    );
                 }
             }
             (self.on_event)(ev);

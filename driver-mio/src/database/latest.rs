@@ -25,11 +25,26 @@ impl LatestLimit {
         }
     }
 
-    /// What one row costs in the answer: its three strings and the JSON
-    /// around them (quotes, `:`, `,`, an identity's braces).
+    /// What one row costs in the answer: the identity and the client as
+    /// JSON strings (escapes included: a client id of 256 control
+    /// characters is 1,538 bytes written), the body (JSON already) and
+    /// the JSON around them (`:`, `,`, an identity's braces).
     pub fn row_bytes(identity: &str, client: &str, body: &[u8]) -> usize {
-        identity.len() + client.len() + body.len() + 10
+        json_string_len(identity) + json_string_len(client) + body.len() + 6
     }
+}
+
+/// The length of `s` written as a JSON string by `serde_json`, quotes
+/// included.
+fn json_string_len(s: &str) -> usize {
+    2 + s
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
 }
 
 /// One read's rows so far, against its [`LatestLimit`].
@@ -89,8 +104,21 @@ mod tests {
     }
 
     #[test]
-    fn a_row_costs_its_strings_and_some_json() {
+    fn a_row_costs_its_strings_as_written_and_some_json() {
         let json = r#""id":{"client":{"v":1}},"#;
         assert!(LatestLimit::row_bytes("id", "client", br#"{"v":1}"#) >= json.len());
+        for s in [
+            "",
+            "abc",
+            "\u{1}\u{1f}",
+            "\"\\\n\r\t\u{8}\u{c}",
+            "é€😀",
+            "\u{7f}\u{85}",
+        ] {
+            let written = serde_json::to_vec(s).expect("a string").len();
+            assert_eq!(json_string_len(s), written, "{s:?}");
+        }
+        let nasty = "\u{1}".repeat(256);
+        assert_eq!(json_string_len(&nasty), 2 + 6 * 256);
     }
 }

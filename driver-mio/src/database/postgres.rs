@@ -828,7 +828,7 @@ impl Postgres {
     fn read<T>(
         &mut self,
         deadline: Instant,
-        op: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, tokio_postgres::Error>,
+        op: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, Failed>,
     ) -> Result<T, DbError> {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.min(self.deadline).as_millis().max(1);
@@ -837,8 +837,10 @@ impl Postgres {
             tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
                 .await?;
             let out = match op(&tx).await {
-                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Err(Failed::Stopped),
-                other => other.map_err(Failed::Db),
+                Err(Failed::Db(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                    Err(Failed::Stopped)
+                }
+                other => other,
             }?;
             tx.commit().await?;
             Ok(out)
@@ -962,7 +964,8 @@ impl Database for Postgres {
         // A skip scan of the primary key ([`LATEST_ALL`]; for one identity,
         // the same within its range of the key), fetched a few rows at a
         // time through a portal so that the byte limit stops the read
-        // instead of all of it arriving first.
+        // instead of all of it arriving first. `statement_timeout` counts
+        // each fetch on its own, so the deadline is checked between them.
         self.read(deadline, async |tx| {
             let portal = match identity {
                 None => tx.bind(LATEST_ALL, &[&rows]).await?,
@@ -971,6 +974,9 @@ impl Database for Postgres {
             let mut out = Vec::new();
             let mut taking = Taking::new(limit);
             while !taking.full() {
+                if Instant::now() >= deadline {
+                    return Err(Failed::Stopped);
+                }
                 let chunk = tx.query_portal(&portal, LATEST_CHUNK).await?;
                 let last = chunk.len() < usize::try_from(LATEST_CHUNK).unwrap_or(0);
                 for r in &chunk {
