@@ -771,9 +771,10 @@ impl Spool {
             .open(tmp)
             .map_err(io_err("creating", tmp))?;
         f.write_all(&out).map_err(io_err("writing", tmp))?;
-        if self.fsync != Fsync::Never {
-            f.sync_all().map_err(io_err("fsync", tmp))?;
-        }
+        // Even under `never` (compactions are rare): a rename that reaches
+        // the disk before the new log's bytes could leave an empty log
+        // after a power loss, where the old one was whole.
+        f.sync_all().map_err(io_err("fsync", tmp))?;
         fs::rename(tmp, &self.path).map_err(io_err("renaming into place", tmp))?;
         self.file = f;
         self.len = out.len() as u64;
