@@ -184,17 +184,19 @@ impl<'de> Visitor<'de> for ObjectVisitor {
                 FieldName::Client => (&mut known.client, FIELD_CLIENT),
                 FieldName::Seq => (&mut known.seq, FIELD_SEQ),
                 FieldName::SampledAt => (&mut known.sampled_at, FIELD_SAMPLED_AT),
-                FieldName::Identity => {
-                    known.identity_repeated |= known.identity.is_some();
-                    (&mut known.identity, FIELD_IDENTITY)
-                }
+                FieldName::Identity => (&mut known.identity, FIELD_IDENTITY),
                 FieldName::Other => {
                     map.next_value::<Checked>()?;
                     continue;
                 }
             };
-            if slot.is_some() && name != FieldName::Identity {
-                known.repeated.get_or_insert(field);
+            if slot.is_some() {
+                // `identity` twice is refused as forbidden, at binding.
+                if name == FieldName::Identity {
+                    known.identity_repeated = true;
+                } else {
+                    known.repeated.get_or_insert(field);
+                }
             }
             let keep = matches!(name, FieldName::Client | FieldName::Identity);
             *slot = Some(map.next_value_seed(SeenSeed { keep })?);

@@ -73,6 +73,7 @@ pub struct ReadPolicy {
 }
 
 /// What one identity may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
     All,
     Own,
@@ -92,6 +93,12 @@ impl ReadPolicy {
         } else {
             Access::Own
         }
+    }
+
+    /// Whether anyone may read `identity`'s `/latest` entries: itself, or
+    /// a reader of everything.
+    fn someone_reads(&self, identity: &Identity) -> bool {
+        self.access(identity) != Access::Nothing || !self.readers.is_empty()
     }
 }
 
@@ -408,13 +415,9 @@ impl Observer {
             Outcome::Duplicate => {}
             Outcome::Recorded => self.snap.recorded += 1,
         }
-        // Only what someone may read: a certificate identity reads its own;
-        // the anonymous identity's entries only a reader, or everyone on
-        // an anonymous loopback server.
-        let readable = !report.identity.is_anonymous()
-            || self.policy.anonymous_reads_all
-            || !self.policy.readers.is_empty();
-        if self.keep_latest && readable {
+        // Only what someone may read (the anonymous identity's entries, on
+        // a server with no reader and no anonymous reads, nobody may).
+        if self.keep_latest && self.policy.someone_reads(&report.identity) {
             let client = report.client.as_deref().unwrap_or("-");
             *self.latest.entry(&report.identity, client, Vec::new) = line;
         }
@@ -549,7 +552,7 @@ fn latest_json(mut rows: Vec<(&str, &str, &[u8])>, limit: LatestLimit) -> Vec<u8
     let mut current: Option<&str> = None;
     let mut taking = Taking::new(limit);
     for (identity, client, record) in rows {
-        if !taking.take(LatestLimit::row_bytes(identity, client, record)) {
+        if !taking.take_row(identity, client, record) {
             break;
         }
         if current != Some(identity) {

@@ -83,6 +83,12 @@ impl Taking {
         self.bytes += bytes;
         true
     }
+
+    /// [`Taking::take`] for a row of these strings
+    /// ([`LatestLimit::row_bytes`]).
+    pub fn take_row(&mut self, identity: &str, client: &str, body: &[u8]) -> bool {
+        self.take(LatestLimit::row_bytes(identity, client, body))
+    }
 }
 
 #[cfg(test)]

@@ -982,7 +982,7 @@ impl Database for Postgres {
                 for r in &chunk {
                     let row: (String, String, String) =
                         (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-                    if !taking.take(LatestLimit::row_bytes(&row.0, &row.1, row.2.as_bytes())) {
+                    if !taking.take_row(&row.0, &row.1, row.2.as_bytes()) {
                         break;
                     }
                     out.push(row);

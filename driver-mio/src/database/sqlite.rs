@@ -424,7 +424,7 @@ impl Database for Sqlite {
                     break;
                 };
                 let body: String = last.query_row([&id, &client], |r| r.get(0))?;
-                if !taking.take(LatestLimit::row_bytes(&id, &client, body.as_bytes())) {
+                if !taking.take_row(&id, &client, body.as_bytes()) {
                     break;
                 }
                 out.push((id, client, body));
