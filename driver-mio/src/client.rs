@@ -58,7 +58,7 @@ use quic_report_core::{
 use crate::debuglog;
 use crate::event_loop::{self, SOCKET, Sources, Steps};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::lookup::{self, Lookups, ServerLookup};
+use crate::lookup::{self, FIRST_LOOKUP_WAIT, Lookups, ServerLookup};
 use crate::observe::SUMMARY_EVERY;
 use crate::spool::{Spool, SpoolOptions};
 use crate::turn::Wait;
@@ -179,10 +179,15 @@ impl SampleSender {
     /// the loop is gone.
     pub fn send(&self, sample: Sample) -> Result<(), Sample> {
         self.tx.send(sample).map_err(|e| e.0)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the loop (with nothing sent: for news it finds itself).
+    pub(crate) fn wake(&self) {
         if let Err(e) = self.waker.wake() {
             log::warn!("cannot wake the client loop: {e}");
         }
-        Ok(())
     }
 }
 
@@ -195,7 +200,11 @@ pub struct ClientDriver {
     samples_tx: Sender<Sample>,
     samples_rx: Receiver<Sample>,
     spool: Option<Spool>,
-    /// The lookup in [`ClientDriver::new`] failed (and was warned about).
+    /// Lookups of the server's name (with a [`ServerLookup`]); the first
+    /// may still be under way.
+    lookups: Option<Lookups>,
+    /// The lookup in [`ClientDriver::new`] failed or did not answer in
+    /// time (and was warned about).
     lookup_failed_at_start: bool,
 }
 
@@ -217,33 +226,54 @@ impl ClientDriver {
         if let Some(f) = &opts.fetch {
             f.validate().map_err(DriverError::InvalidOption)?;
         }
-        let mut lookup_failed_at_start = false;
-        // Where the first attempt may go, in order of preference.
-        let candidates = match (&opts.lookup, opts.config.server) {
-            (None, None) => {
-                return Err(DriverError::InvalidOption(
-                    "no server address, and no name to look up".into(),
-                ));
-            }
-            (Some(lookup), None) => match lookup.resolve() {
-                Ok(addrs) => addrs,
-                Err(e) => {
-                    lookup_failed_at_start = true;
-                    log::warn!(
-                        "cannot look up the server {}: {e}; reporting starts, and the name is \
-                         looked up again at each reconnect",
-                        lookup.name()
-                    );
-                    Vec::new()
-                }
-            },
-            (_, Some(server)) => vec![server],
-        };
+        if opts.lookup.is_none() && opts.config.server.is_none() {
+            return Err(DriverError::InvalidOption(
+                "no server address, and no name to look up".into(),
+            ));
+        }
         let spool = match &opts.spool {
             Some(s) => Some(open_spool(s, &mut opts.config.client_id)?),
             None => None,
         };
         let sources = Sources::new(opts.stop.clone(), opts.handle_signals)?;
+        let mut lookups = opts
+            .lookup
+            .clone()
+            .map(|l| Lookups::new(l, Arc::clone(&sources.waker)));
+        let mut lookup_failed_at_start = false;
+        // Where the first attempt may go, in order of preference.
+        let candidates = match (&mut lookups, opts.config.server) {
+            (_, Some(server)) => vec![server],
+            (None, None) => Vec::new(),
+            // On a helper thread, waited for a while only: a resolver that
+            // hangs at boot must not keep the client from spooling and
+            // fetching (the lookup goes on, and the loop takes its answer).
+            (Some(l), None) => {
+                l.start(Instant::now());
+                match l.wait(FIRST_LOOKUP_WAIT) {
+                    Some(Ok(addrs)) => addrs,
+                    Some(Err(e)) => {
+                        lookup_failed_at_start = true;
+                        log::warn!(
+                            "cannot look up the server {}: {e}; reporting starts, and the name is \
+                             looked up again at each reconnect",
+                            l.name()
+                        );
+                        Vec::new()
+                    }
+                    None => {
+                        lookup_failed_at_start = true;
+                        log::warn!(
+                            "the lookup of the server {} has not answered in {}s; reporting \
+                             starts, and the answer is taken when it comes",
+                            l.name(),
+                            FIRST_LOOKUP_WAIT.as_secs()
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+        };
         let io = match first_socket(&candidates, &sources) {
             Some(Ok((io, server))) => {
                 opts.config.server = Some(server);
@@ -266,6 +296,7 @@ impl ClientDriver {
             samples_tx,
             samples_rx,
             spool,
+            lookups,
             lookup_failed_at_start,
         })
     }
@@ -334,11 +365,7 @@ impl ClientDriver {
                 .map_or_else(|| "no address yet".into(), |a| a.to_string()),
             self.opts.config.server_name
         );
-        let lookups = self
-            .opts
-            .lookup
-            .clone()
-            .map(|l| Lookups::new(l, Arc::clone(&self.sources.waker)));
+        let lookups = self.lookups.take();
         let fetch = match &self.opts.fetch {
             Some(f) => {
                 Some(Fetcher::spawn(f, self.sample_sender()).map_err(DriverError::InvalidOption)?)
@@ -820,6 +847,9 @@ impl Steps for Loop<'_> {
     fn on_wake(&mut self, d: &mut ClientDriver, now: Instant) {
         while let Ok(sample) = d.samples_rx.try_recv() {
             self.submit(now, sample);
+        }
+        if let Some(f) = &mut self.fetch {
+            f.restart_if_dead();
         }
         if let Some(answer) = self.lookups.as_mut().and_then(Lookups::poll) {
             self.on_lookup(answer);

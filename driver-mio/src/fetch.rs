@@ -14,7 +14,8 @@
 //! Schedule ([`Schedule`]): fetch `k` starts at `start + k * interval` (the
 //! first at once); a fetch that overruns skips the ticks it missed rather
 //! than bunching up, and the schedule never drifts. After `count` good
-//! samples the thread stops. Each request must be answered within
+//! samples the thread stops. Each step of a request (the lookup, the
+//! connection, sending, the answer's head, its body) must end within
 //! [`FetchOptions::request_timeout`]; the body is at most
 //! [`MAX_BODY_BYTES`]. A failed fetch is skipped with a warning naming its
 //! cause ([`FetchError`]; at most one line per 10 s, counting the others,
@@ -27,9 +28,10 @@
 
 use std::fmt;
 use std::io;
-use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,7 +40,10 @@ use quic_report_core::Sample;
 use quic_report_core::config::DEFAULT_MAX_REPORT_BYTES;
 use ureq::http::{StatusCode, Uri};
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
+use ureq::unversioned::transport::DefaultConnector;
 use ureq::{Agent, Proxy};
+
+use crate::source_resolver::SourceResolver;
 
 use crate::client::SampleSender;
 
@@ -84,7 +89,8 @@ impl FetchOptions {
         }
     }
 
-    /// The timeout of one request: `min(interval, 5 s)`, at least 1 s.
+    /// The timeout of each step of a request: `min(interval, 5 s)`, at
+    /// least 1 s.
     pub fn request_timeout(&self) -> Duration {
         self.interval
             .min(Duration::from_secs(5))
@@ -131,7 +137,7 @@ impl FetchOptions {
 
     /// The agent every fetch goes through.
     fn agent(&self) -> Result<Agent, String> {
-        let uri = self.uri()?;
+        self.uri()?;
         let t = Some(self.request_timeout());
         let proxy = match &self.proxy {
             Some(p) => Some(p.to_ureq()?),
@@ -148,27 +154,22 @@ impl FetchOptions {
             .user_agent(concat!("quic-report/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls)
             .proxy(proxy);
-        // ureq looks a host name up on a thread of its own for every new
-        // connection when a global timeout is set (to bound a hanging
-        // lookup). A source given by IP needs no lookup: bound each phase
-        // instead, and no thread is spawned.
-        let host = uri.host().unwrap_or_default();
-        let is_ip = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok();
-        let config = if is_ip && self.proxy.is_none() {
-            builder
-                .timeout_connect(t)
-                .timeout_send_request(t)
-                .timeout_recv_response(t)
-                .timeout_recv_body(t)
-                .build()
-        } else {
-            builder.timeout_global(t).build()
-        };
-        Ok(Agent::new_with_config(config))
+        // Each phase is bounded, so a timeout names the one that ran out.
+        // The lookup too: the agent's own resolver would leave a thread
+        // behind at every lookup that times out; ours keeps at most one per
+        // name (crate::source_resolver).
+        let config = builder
+            .timeout_resolve(t)
+            .timeout_connect(t)
+            .timeout_send_request(t)
+            .timeout_recv_response(t)
+            .timeout_recv_body(t)
+            .build();
+        Ok(Agent::with_parts(
+            config,
+            DefaultConnector::default(),
+            SourceResolver::default(),
+        ))
     }
 }
 
@@ -377,6 +378,10 @@ pub enum FetchError {
     /// The body is not a JSON object.
     #[error(transparent)]
     Sample(#[from] quic_report_core::report::SampleError),
+    /// The HTTP client panicked (a bug): the fetch thread goes on with a
+    /// new agent.
+    #[error("the HTTP client panicked")]
+    Panicked,
     /// Anything else ureq reports.
     #[error("{0}")]
     Other(String),
@@ -431,8 +436,18 @@ impl Schedule {
 
 /// The running fetch thread. Dropping it stops the thread (without waiting
 /// for a request in progress).
+///
+/// A panic in a fetch is caught there (the fetch fails, the thread goes on
+/// with a new agent). Should the thread end by a panic anyway, it wakes the
+/// loop as it ends, and [`Fetcher::restart_if_dead`] starts it again for the
+/// samples still wanted: a client whose fetching died would otherwise stay
+/// up, reporting nothing, with nothing in its logs past the panic.
 #[derive(Debug)]
 pub struct Fetcher {
+    opts: FetchOptions,
+    samples: SampleSender,
+    /// Good samples sent so far, by every thread this fetcher started.
+    sent: Arc<AtomicU64>,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -441,25 +456,79 @@ impl Fetcher {
     /// Builds the agent (a bad proxy URL is an error here) and starts the
     /// thread; each good sample goes to `samples`.
     pub fn spawn(opts: &FetchOptions, samples: SampleSender) -> Result<Fetcher, String> {
-        let source = Source::new(opts)?;
-        let (interval, count) = (opts.interval, opts.count);
+        let mut f = Fetcher {
+            opts: opts.clone(),
+            samples,
+            sent: Arc::default(),
+            stop: None,
+            thread: None,
+        };
+        f.start()?;
+        Ok(f)
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let mut source = Source::new(&self.opts)?;
+        let interval = self.opts.interval;
+        let sent = Arc::clone(&self.sent);
+        let count = self
+            .opts
+            .count
+            .map(|n| n.saturating_sub(sent.load(Ordering::SeqCst)));
+        let samples = self.samples.clone();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = thread::Builder::new()
             .name("quic-report-fetch".into())
             .spawn(move || {
-                source.run(interval, count, &samples, &stop_rx);
+                // Wakes the loop however the thread ends.
+                let _ended = Ended(samples.clone());
+                source.run(interval, count, &samples, &sent, &stop_rx);
                 log::debug!("fetch thread stopped");
             })
             .map_err(|e| format!("starting the fetch thread: {e}"))?;
-        Ok(Fetcher {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        self.stop = Some(stop_tx);
+        self.thread = Some(thread);
+        Ok(())
     }
 
     /// Whether the thread has ended (`count` samples, or the loop is gone).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// If the thread ended by a panic: logs it and starts another for the
+    /// samples still wanted. Returns whether it did.
+    pub fn restart_if_dead(&mut self) -> bool {
+        if !self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            return false;
+        }
+        let Some(Err(panic)) = self.thread.take().map(JoinHandle::join) else {
+            return false; // it ended as it should
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        match self.start() {
+            Ok(()) => {
+                log::error!("the fetch thread died ({why}): started again");
+                true
+            }
+            Err(e) => {
+                log::error!("the fetch thread died ({why}) and cannot start again: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Wakes the client loop when dropped (the fetch thread ending).
+struct Ended(SampleSender);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.wake();
     }
 }
 
@@ -476,6 +545,7 @@ impl Drop for Fetcher {
 /// callers that want a single sample, and for tests).
 #[derive(Debug)]
 pub struct Source {
+    opts: FetchOptions,
     agent: Agent,
     url: String,
     host: String,
@@ -488,6 +558,7 @@ impl Source {
     /// The agent for `opts` (a bad URL or proxy is an error here).
     pub fn new(opts: &FetchOptions) -> Result<Source, String> {
         Ok(Source {
+            opts: opts.clone(),
             agent: opts.agent()?,
             url: opts.url.clone(),
             host: opts.uri()?.host().unwrap_or_default().to_owned(),
@@ -499,10 +570,11 @@ impl Source {
     }
 
     fn run(
-        &self,
+        &mut self,
         interval: Duration,
         count: Option<u64>,
         samples: &SampleSender,
+        sent: &AtomicU64,
         stop: &mpsc::Receiver<()>,
     ) {
         if count == Some(0) {
@@ -512,11 +584,20 @@ impl Source {
         let mut good: u64 = 0;
         let mut failures = crate::observe::Throttle::default();
         loop {
-            match self.fetch() {
+            let fetched = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch()))
+                .unwrap_or_else(|_| {
+                    // Its pool may be left half-changed: a new agent.
+                    if let Ok(agent) = self.opts.agent() {
+                        self.agent = agent;
+                    }
+                    Err(FetchError::Panicked)
+                });
+            match fetched {
                 Ok(sample) => {
                     if samples.send(sample).is_err() {
                         return; // the loop is gone
                     }
+                    sent.fetch_add(1, Ordering::SeqCst);
                     good += 1;
                     if count.is_some_and(|n| good >= n) {
                         log::debug!("fetched {good} samples: done");

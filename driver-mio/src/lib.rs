@@ -65,6 +65,7 @@ pub mod server;
 pub mod show;
 pub mod signal;
 pub mod sink;
+pub mod source_resolver;
 pub mod spool;
 pub mod stop;
 pub mod turn;

@@ -16,7 +16,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use mio::Waker;
@@ -81,6 +81,11 @@ impl fmt::Debug for ServerLookup {
 /// resolver that hangs: a stuck NSS module, a DNS server that drops
 /// queries with no timeout of its own).
 pub const LOOKUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long the client waits for its first lookup before it starts (the
+/// spool open, fetching on): past that it starts without an address, and
+/// the lookup's answer is taken when it comes.
+pub const FIRST_LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 /// Most lookup threads alive at once (hung ones included): past that no
 /// new lookup starts until one ends.
@@ -173,11 +178,29 @@ impl Lookups {
 
     /// The answer of the lookup that ran, once it is in.
     pub(crate) fn poll(&mut self) -> Option<Answer> {
+        self.take(None)
+    }
+
+    /// The answer of the lookup that runs, waiting at most `timeout` for
+    /// it (the first lookup, before the loop runs).
+    pub(crate) fn wait(&mut self, timeout: Duration) -> Option<Answer> {
+        self.take(Some(timeout))
+    }
+
+    fn take(&mut self, timeout: Option<Duration>) -> Option<Answer> {
         let (rx, _) = self.running.as_ref()?;
-        let answer = match rx.try_recv() {
-            Ok(answer) => answer,
-            Err(TryRecvError::Empty) => return None,
-            Err(TryRecvError::Disconnected) => Err(io::Error::other("the lookup gave no answer")),
+        let gone = || Err(io::Error::other("the lookup gave no answer"));
+        let answer = match timeout {
+            None => match rx.try_recv() {
+                Ok(answer) => answer,
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => gone(),
+            },
+            Some(t) => match rx.recv_timeout(t) {
+                Ok(answer) => answer,
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => gone(),
+            },
         };
         self.running = None;
         self.hung = false;

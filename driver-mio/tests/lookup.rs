@@ -88,6 +88,63 @@ fn a_server_name_that_does_not_resolve_at_start_is_looked_up_until_it_does() {
     );
 }
 
+/// A resolver that hangs at boot (a stuck NSS module, DNS that drops
+/// queries): the client starts anyway, takes samples meanwhile, and once
+/// the lookup answers reports them all. Before, `ClientDriver::new` waited
+/// for the lookup on the caller's thread, as long as it hung.
+#[test]
+fn a_lookup_that_hangs_at_start_does_not_keep_the_client_from_starting() {
+    let (addr, server_stop, recorded, server) = start_server();
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let mut opts = client_options(addr);
+    opts.config.server = None;
+    opts.lookup = Some(ServerLookup::with("collector.test:4433", move |_| {
+        // Hangs until the test lets it answer (or gives up, ending it).
+        let _ = released
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?
+            .recv();
+        Ok(vec![addr])
+    }));
+    opts.count = Some(3);
+    let (built_tx, built) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = built_tx.send(ClientDriver::new(opts));
+    });
+    let driver = built
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ClientDriver::new returns while the lookup hangs")
+        .expect("a client whose lookup hangs starts");
+    let _dog = watchdog(driver.stop_handle(), Duration::from_secs(30));
+    let samples = driver.sample_sender();
+    for v in [0.25, 0.5, 0.75] {
+        samples.send(sample(v)).expect("loop alive");
+    }
+    let (client, events) = run_on_a_thread(driver);
+    // Attempts fail for want of an address while the lookup hangs.
+    loop {
+        match events.recv_timeout(Duration::from_secs(20)) {
+            Ok((ClientEvent::Disconnected { reason }, _)) => {
+                assert_eq!(reason, DisconnectReason::NoAddress);
+                break;
+            }
+            Ok((ClientEvent::Acknowledged { .. }, _)) => panic!("acknowledged with no address"),
+            Ok(_) => {}
+            Err(e) => panic!("no attempt while the lookup hangs: {e}"),
+        }
+    }
+    release.send(()).expect("the lookup waits");
+    let summary = client
+        .join()
+        .expect("client thread")
+        .expect("the client ends after its count");
+    server_stop.stop();
+    server.join().expect("server thread").expect("server ok");
+    assert_eq!(summary.stats.acknowledged, 3);
+    assert_eq!(seqs(&recorded), [1, 2, 3]);
+}
+
 /// A server that moves (a DNS failover, a new host): once the old one is
 /// gone, the next attempts go where the name points now, on a new socket,
 /// and every report is recorded once across the two.
