@@ -330,6 +330,12 @@ const SSL_EARLY_DATA_ACCEPTED: u32 = 2;
 /// How long to wait before sending again after a retryable answer.
 const RETRY_HOLD: Duration = Duration::from_millis(500);
 
+/// Longest answer the client reads without finding its end (`\n`): a
+/// server's answer is one short line (its `id` echoed, at most a report's
+/// length); past this the stream is garbage, refused, and the report sent
+/// again.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// The Sans-IO reporting client.
 ///
 /// Methods, by kind (as quinn-proto sorts them):
@@ -876,15 +882,32 @@ impl Client {
                 let Some(f) = conn.in_flight.get_mut(&sid) else {
                     continue;
                 };
+                // Only the new bytes are searched for the end of the line:
+                // an answer read in many pieces costs its length, once.
+                let searched = f.response.len();
                 f.response.extend_from_slice(&scratch[..n]);
-                let line_end = f.response.iter().position(|&b| b == b'\n');
+                let line_end = f.response[searched..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map(|at| searched + at);
                 if line_end.is_none() && !fin {
-                    if f.response.len() > 1024 * 1024 {
-                        // Garbage without end: give up this answer.
+                    if f.response.len() > MAX_ANSWER_BYTES {
+                        // Garbage without end: give up this answer, and
+                        // the rest of the stream, and send the report again.
                         let seq = f.seq;
                         conn.in_flight.remove(&sid);
+                        let _ = conn.quic.stream_shutdown(
+                            sid,
+                            quiche::Shutdown::Read,
+                            codes::STREAM_REJECTED,
+                        );
                         queue.requeue(seq);
                         hold = true;
+                        events.push_back(ClientEvent::Retrying {
+                            seq,
+                            reason: format!("answer longer than {MAX_ANSWER_BYTES} bytes"),
+                        });
+                        break;
                     }
                     continue;
                 }
