@@ -319,6 +319,12 @@ pub struct ClientArgs {
     /// (and lost), with a warning that counts the drops.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue: u64,
+    /// Most bytes of reports kept for (re)sending, each counted at its
+    /// length; past that the oldest are dropped (and lost) as past
+    /// --queue. The default, 64 MiB, binds only for samples over 6.7 KiB
+    /// on average.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub queue_bytes: u64,
     /// Send a keep-alive after this long without sending, so the connection
     /// survives quiet periods. `0s` disables it. Default: half of --idle-timeout.
     #[arg(long, value_name = "DURATION", value_parser = duration)]

@@ -313,6 +313,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
     opts.config.connect_timeout = args.connect_timeout;
     opts.config.response_timeout = args.response_timeout;
     opts.config.queue_limit = to_usize(args.queue, "--queue")?;
+    opts.config.queue_limit_bytes = to_usize(args.queue_bytes, "--queue-bytes")?;
     opts.config.client_id = args.client_id.clone();
     if let (Some(id), None) = (&args.client_id, &args.spool) {
         log::warn!(
@@ -357,7 +358,7 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
         Shown::Ack(line) => println!("{line}"),
         Shown::Info(line) => log::info!("{line}"),
         Shown::Warn(line) if matches!(ev, ClientEvent::ReportDropped { .. }) => log::warn!(
-            "{line} and lost ({} dropped so far; --queue {queue} is full while the server is away)",
+            "{line} and lost ({} dropped so far; --queue {queue} or --queue-bytes is full while the server is away)",
             c.dropped()
         ),
         // A permanent refusal: the report is dropped, never sent again.

@@ -403,7 +403,7 @@ impl Client {
             }
         };
         let mut client = Client {
-            queue: ReportQueue::new(cfg.queue_limit, 1),
+            queue: ReportQueue::new(cfg.queue_limit, 1).with_byte_limit(cfg.queue_limit_bytes),
             backoff: Backoff::new(cfg.backoff),
             reset_skipped_backoff: false,
             cfg,
@@ -482,7 +482,7 @@ impl Client {
     /// Returns its `seq`. May emit [`ClientEvent::ReportDropped`].
     pub fn submit(&mut self, now: Instant, sample: Sample) -> Seq {
         let (seq, dropped) = self.queue.push(sample);
-        if let Some(old) = dropped {
+        for old in dropped {
             self.events
                 .push_back(ClientEvent::ReportDropped { seq: old });
         }
@@ -504,7 +504,7 @@ impl Client {
         unacknowledged: impl IntoIterator<Item = (Seq, Sample)>,
     ) {
         for (seq, sample) in unacknowledged {
-            if let Some(old) = self.queue.restore(seq, sample) {
+            for old in self.queue.restore(seq, sample) {
                 self.events
                     .push_back(ClientEvent::ReportDropped { seq: old });
             }

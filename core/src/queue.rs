@@ -6,8 +6,11 @@
 //! connection, answer pending). A lost connection puts every in-flight entry
 //! back to waiting, oldest first, so reports are sent again in `seq` order.
 //!
-//! Overflow policy: when the queue is full, the **oldest** report is dropped
-//! (and the caller says so out loud). It is the only way a report is lost.
+//! Overflow policy: when the queue is full (in reports, or in bytes: each
+//! report counted at [`Sample::max_report_len`]), the **oldest** reports are
+//! dropped until the newest fits (and the caller says so out loud). It is
+//! the only way a report is lost. The newest report is always kept, even
+//! alone over the byte limit.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +32,8 @@ pub struct Entry {
     /// may have recorded it ([`ReportQueue::handed`]); a restored report
     /// may have been recorded by an earlier run of the client.
     pub maybe_recorded: bool,
+    /// What it counts against the byte limit: its report's length at most.
+    pub bytes: usize,
 }
 
 /// Bounded, seq-ordered queue of unacknowledged reports.
@@ -37,6 +42,10 @@ pub struct ReportQueue {
     entries: BTreeMap<Seq, Entry>,
     waiting: BTreeSet<Seq>,
     limit: usize,
+    /// Most bytes queued (the entries' [`Entry::bytes`]).
+    limit_bytes: usize,
+    /// The entries' bytes.
+    bytes: usize,
     next_seq: Seq,
     dropped: u64,
 }
@@ -49,64 +58,71 @@ impl ReportQueue {
             entries: BTreeMap::new(),
             waiting: BTreeSet::new(),
             limit: limit.max(1),
+            limit_bytes: usize::MAX,
+            bytes: 0,
             next_seq: first_seq,
             dropped: 0,
         }
     }
 
-    /// Queues a sample as the next report. Returns its seq, and the seq of
-    /// the oldest report if it had to be dropped to make room.
-    pub fn push(&mut self, sample: Sample) -> (Seq, Option<Seq>) {
-        let mut dropped = None;
-        if self.entries.len() >= self.limit
-            && let Some((old, _)) = self.entries.pop_first()
-        {
+    /// The same queue holding at most `bytes` of reports as well.
+    pub fn with_byte_limit(mut self, bytes: usize) -> ReportQueue {
+        self.limit_bytes = bytes.max(1);
+        self
+    }
+
+    /// Drops the oldest reports, except `keep` (the newest), while the
+    /// queue is over either limit; their seqs, oldest first.
+    fn shed(&mut self, keep: Seq) -> Vec<Seq> {
+        let mut dropped = Vec::new();
+        while self.entries.len() > self.limit || self.bytes > self.limit_bytes {
+            let Some(&old) = self.entries.keys().find(|s| **s != keep) else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&old) {
+                self.bytes -= e.bytes;
+            }
             self.waiting.remove(&old);
             self.dropped += 1;
-            dropped = Some(old);
+            dropped.push(old);
         }
+        dropped
+    }
+
+    fn insert(&mut self, seq: Seq, sample: Sample, maybe_recorded: bool) {
+        let bytes = sample.max_report_len();
+        self.bytes += bytes;
+        let entry = Entry {
+            seq,
+            sample,
+            sends: 0,
+            maybe_recorded,
+            bytes,
+        };
+        if let Some(old) = self.entries.insert(seq, entry) {
+            self.bytes -= old.bytes;
+        }
+        self.waiting.insert(seq);
+    }
+
+    /// Queues a sample as the next report. Returns its seq, and the seqs of
+    /// the oldest reports if they had to be dropped to make room.
+    pub fn push(&mut self, sample: Sample) -> (Seq, Vec<Seq>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(
-            seq,
-            Entry {
-                seq,
-                sample,
-                sends: 0,
-                maybe_recorded: false,
-            },
-        );
-        self.waiting.insert(seq);
-        (seq, dropped)
+        self.insert(seq, sample, false);
+        (seq, self.shed(seq))
     }
 
     /// Queues a report that already has its seq (one a previous process
     /// queued and never had acknowledged), waiting, as [`ReportQueue::push`]
-    /// would: the oldest is dropped if the queue is full (its seq is
+    /// would: the oldest are dropped if the queue is full (their seqs are
     /// returned). Restore in ascending seq order, before any push; later
     /// pushes get seqs above `seq`.
-    pub fn restore(&mut self, seq: Seq, sample: Sample) -> Option<Seq> {
-        let mut dropped = None;
-        if !self.entries.contains_key(&seq)
-            && self.entries.len() >= self.limit
-            && let Some((old, _)) = self.entries.pop_first()
-        {
-            self.waiting.remove(&old);
-            self.dropped += 1;
-            dropped = Some(old);
-        }
-        self.entries.insert(
-            seq,
-            Entry {
-                seq,
-                sample,
-                sends: 0,
-                maybe_recorded: true,
-            },
-        );
-        self.waiting.insert(seq);
+    pub fn restore(&mut self, seq: Seq, sample: Sample) -> Vec<Seq> {
+        self.insert(seq, sample, true);
         self.next_seq = self.next_seq.max(seq + 1);
-        dropped
+        self.shed(seq)
     }
 
     /// Numbers the next pushed report `next` at least (seqs are never
@@ -140,7 +156,9 @@ impl ReportQueue {
     /// or dropped).
     pub fn ack(&mut self, seq: Seq) -> Option<Entry> {
         self.waiting.remove(&seq);
-        self.entries.remove(&seq)
+        let e = self.entries.remove(&seq)?;
+        self.bytes -= e.bytes;
+        Some(e)
     }
 
     /// Puts an in-flight report back to waiting (its connection was lost, or
@@ -159,6 +177,11 @@ impl ReportQueue {
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Bytes queued (each report at its length at most).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Reports waiting to be sent.
@@ -193,7 +216,7 @@ mod tests {
     fn sends_in_seq_order_and_forgets_on_ack() {
         let mut q = ReportQueue::new(10, 1);
         for i in 0..3 {
-            assert_eq!(q.push(sample(i)), (i + 1, None));
+            assert_eq!(q.push(sample(i)), (i + 1, Vec::<Seq>::new()));
         }
         let a = q.take_waiting().expect("1").seq;
         let b = q.take_waiting().expect("2").seq;
@@ -222,7 +245,7 @@ mod tests {
     fn a_report_may_be_recorded_once_handed_whole_or_restored() {
         let mut q = ReportQueue::new(10, 1);
         q.restore(1, sample(1));
-        assert_eq!(q.push(sample(2)), (2, None));
+        assert_eq!(q.push(sample(2)), (2, Vec::<Seq>::new()));
         let restored = q.take_waiting().expect("1 then 2");
         assert!(restored.maybe_recorded, "an earlier run may have sent it");
         let taken = q.take_waiting().expect("2");
@@ -239,7 +262,7 @@ mod tests {
         let mut q = ReportQueue::new(2, 1);
         q.push(sample(0));
         q.push(sample(1));
-        assert_eq!(q.push(sample(2)), (3, Some(1)));
+        assert_eq!(q.push(sample(2)), (3, vec![1]));
         assert_eq!(q.dropped(), 1);
         assert_eq!(q.take_waiting().map(|e| e.seq), Some(2));
         q.requeue(1); // dropped: nothing to requeue
@@ -250,14 +273,49 @@ mod tests {
     #[test]
     fn restored_reports_keep_their_seq_and_numbering_continues() {
         let mut q = ReportQueue::new(2, 1);
-        assert_eq!(q.restore(7, sample(7)), None);
-        assert_eq!(q.restore(9, sample(9)), None);
-        assert_eq!(q.restore(10, sample(10)), Some(7), "full: the oldest goes");
+        assert_eq!(q.restore(7, sample(7)), Vec::<Seq>::new());
+        assert_eq!(q.restore(9, sample(9)), Vec::<Seq>::new());
+        assert_eq!(q.restore(10, sample(10)), vec![7], "full: the oldest goes");
         q.continue_from(5); // below what is queued: no effect
-        assert_eq!(q.push(sample(11)), (11, Some(9)));
+        assert_eq!(q.push(sample(11)), (11, vec![9]));
         q.continue_from(20);
         assert_eq!(q.take_waiting().map(|e| e.seq), Some(10));
-        assert_eq!(q.push(sample(0)), (20, Some(10)));
+        assert_eq!(q.push(sample(0)), (20, vec![10]));
+    }
+
+    fn sized(n: u64, len: usize) -> Sample {
+        let mut fields = Map::new();
+        fields.insert("v".into(), serde_json::Value::String("x".repeat(len)));
+        Sample {
+            fields,
+            sampled_at_ms: n,
+        }
+    }
+
+    #[test]
+    fn past_the_byte_limit_the_oldest_go_until_the_newest_fits() {
+        let one = sized(0, 1000).max_report_len();
+        let mut q = ReportQueue::new(100, 1).with_byte_limit(3 * one);
+        for i in 0..3 {
+            assert_eq!(q.push(sized(i, 1000)).1, Vec::<Seq>::new());
+        }
+        assert_eq!(q.bytes(), 3 * one);
+        // Twice the size: two of the old ones make room for it.
+        let two = sized(3, 2000);
+        assert!(two.max_report_len() > one && two.max_report_len() <= 2 * one);
+        assert_eq!(q.push(two).1, vec![1, 2]);
+        assert_eq!(q.len(), 2);
+        assert!(q.bytes() <= 3 * one);
+        assert_eq!(q.dropped(), 2);
+        // An acknowledged report gives its bytes back.
+        q.ack(3);
+        assert_eq!(q.push(sized(5, 1000)).1, Vec::<Seq>::new());
+        // One larger than the whole limit is kept, alone.
+        assert_eq!(q.push(sized(6, 10_000)).1, vec![4, 5]);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.take_waiting().map(|e| e.seq), Some(6));
+        assert!(q.ack(6).is_some());
+        assert_eq!(q.bytes(), 0);
     }
 
     #[test]

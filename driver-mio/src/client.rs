@@ -19,8 +19,8 @@
 //! the spool cannot take it (a full disk), it is held back in memory, in
 //! order, with one warning naming the cause, and written again every
 //! [`SPOOL_RETRY`] (and before any newer sample) until the spool takes it;
-//! then its report goes out. At most `queue_limit` samples are held so;
-//! past that the oldest is dropped and counted (as a full queue drops). The
+//! then its report goes out. At most `queue_limit` samples, and
+//! `queue_limit_bytes`, are held so; past that the oldest is dropped and counted (as a full queue drops). The
 //! loop wakes for the earliest of the core's deadline, the spool's (a
 //! deferred fsync, a retry) and, when info logs are on, the summary line.
 //!
@@ -378,7 +378,9 @@ impl ClientDriver {
             spool,
             spool_failing: false,
             held: VecDeque::new(),
+            held_bytes: 0,
             held_limit: self.opts.config.queue_limit.max(1),
+            held_limit_bytes: self.opts.config.queue_limit_bytes,
             held_dropped: 0,
             holding: false,
             retry_at: None,
@@ -451,9 +453,13 @@ struct Loop<'h> {
     spool_failing: bool,
     /// Samples the spool could not take yet, oldest first: not reported
     /// until it does.
-    held: VecDeque<Sample>,
+    held: VecDeque<(Sample, usize)>,
+    /// The held samples' bytes (each at [`Sample::max_report_len`]).
+    held_bytes: usize,
     /// Most samples held (the queue's limit).
     held_limit: usize,
+    /// Most bytes held (the queue's byte limit).
+    held_limit_bytes: usize,
     /// Held samples dropped because too many were held.
     held_dropped: u64,
     /// The spool refused the oldest held sample (warned once until it
@@ -543,13 +549,15 @@ impl Loop<'_> {
             log::debug!("sample queued as seq {seq}");
             return;
         }
-        self.held.push_back(sample);
-        let limit = self.held_limit;
-        if self.held.len() > limit {
-            self.held.pop_front();
+        let bytes = sample.max_report_len();
+        self.held.push_back((sample, bytes));
+        self.held_bytes += bytes;
+        let (limit, limit_bytes) = (self.held_limit, self.held_limit_bytes);
+        while self.held.len() > 1 && (self.held.len() > limit || self.held_bytes > limit_bytes) {
+            self.pop_held();
             self.held_dropped += 1;
             log::warn!(
-                "a sample the spool could not take was dropped and lost ({} so far; at most {limit} are held)",
+                "a sample the spool could not take was dropped and lost ({} so far; at most {limit} samples and {limit_bytes} bytes are held)",
                 self.held_dropped
             );
             self.settle(now);
@@ -559,12 +567,19 @@ impl Loop<'_> {
         }
     }
 
+    /// The oldest held sample, no longer held.
+    fn pop_held(&mut self) -> Option<Sample> {
+        let (sample, bytes) = self.held.pop_front()?;
+        self.held_bytes -= bytes;
+        Some(sample)
+    }
+
     /// Writes the held samples to the spool, oldest first, and queues each
     /// one that is in it for the core; on a failure the rest wait for the
     /// next retry.
     fn spool_held(&mut self, now: Instant) {
         self.retry_at = None;
-        while let Some(sample) = self.held.front() {
+        while let Some((sample, _)) = self.held.front() {
             let Some(spool) = &mut self.spool else {
                 return;
             };
@@ -573,7 +588,7 @@ impl Loop<'_> {
                 Ok(()) => {}
                 Err(e @ crate::spool::SpoolError::TooLarge { .. }) => {
                     // Never storable: dropped, so the samples behind it go on.
-                    self.held.pop_front();
+                    self.pop_held();
                     self.held_dropped += 1;
                     log::error!("{e}; the sample is dropped and lost");
                     self.settle(now);
@@ -595,7 +610,7 @@ impl Loop<'_> {
                     return;
                 }
             }
-            let Some(sample) = self.held.pop_front() else {
+            let Some(sample) = self.pop_held() else {
                 break;
             };
             let queued = self.client.submit(now, sample);

@@ -728,34 +728,6 @@ impl Spool {
             let path = path.to_path_buf();
             move |source| SpoolError::Io { what, path, source }
         };
-        let mut out = Vec::with_capacity(64 + self.pending_bytes as usize);
-        out.extend_from_slice(MAGIC);
-        let mut identity = Vec::new();
-        let id = self.client_id.as_bytes();
-        identity.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_le_bytes());
-        identity.extend_from_slice(&id[..id.len().min(usize::from(u16::MAX))]);
-        identity.extend_from_slice(&self.next_seq.to_le_bytes());
-        encode_record(&mut self.buf, KIND_IDENTITY, &identity);
-        out.extend_from_slice(&self.buf);
-        if self.reserved > 0 {
-            let mut reserve = self.reserved.to_le_bytes().to_vec();
-            reserve.extend_from_slice(self.boot.as_bytes());
-            encode_record(&mut self.buf, KIND_RESERVE, &reserve);
-            out.extend_from_slice(&self.buf);
-        }
-        let mut moved = BTreeMap::new();
-        let mut rec = Vec::new();
-        for (&seq, &(off, len)) in &self.pending {
-            rec.resize(len as usize, 0);
-            self.file
-                .read_exact_at(&mut rec, off)
-                .map_err(io_err("reading a pending sample", &self.path))?;
-            moved.insert(seq, (out.len() as u64, len));
-            out.extend_from_slice(&rec);
-        }
-        // The handle that wrote it is the one appended to from now on: once
-        // renamed into place, nothing below can leave `self.file` on the
-        // old, unlinked log.
         // A stale one (a crash mid-rewrite) goes first: the new one is
         // opened for appending, which cannot truncate.
         match fs::remove_file(tmp) {
@@ -764,20 +736,56 @@ impl Spool {
             }
             _ => {}
         }
-        let mut f = OpenOptions::new()
+        // The handle that wrote it is the one appended to from now on: once
+        // renamed into place, nothing below can leave `self.file` on the
+        // old, unlinked log.
+        let f = OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
             .open(tmp)
             .map_err(io_err("creating", tmp))?;
-        f.write_all(&out).map_err(io_err("writing", tmp))?;
+        // Written through a buffer, a pending record at a time: a spool of
+        // many large samples is not copied into memory whole.
+        let mut out = io::BufWriter::with_capacity(256 * 1024, &f);
+        let mut len = 0u64;
+        let put = |out: &mut io::BufWriter<&File>, len: &mut u64, bytes: &[u8]| {
+            *len += bytes.len() as u64;
+            out.write_all(bytes).map_err(io_err("writing", tmp))
+        };
+        put(&mut out, &mut len, MAGIC)?;
+        let mut identity = Vec::new();
+        let id = self.client_id.as_bytes();
+        identity.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_le_bytes());
+        identity.extend_from_slice(&id[..id.len().min(usize::from(u16::MAX))]);
+        identity.extend_from_slice(&self.next_seq.to_le_bytes());
+        encode_record(&mut self.buf, KIND_IDENTITY, &identity);
+        put(&mut out, &mut len, &self.buf)?;
+        if self.reserved > 0 {
+            let mut reserve = self.reserved.to_le_bytes().to_vec();
+            reserve.extend_from_slice(self.boot.as_bytes());
+            encode_record(&mut self.buf, KIND_RESERVE, &reserve);
+            put(&mut out, &mut len, &self.buf)?;
+        }
+        let mut moved = BTreeMap::new();
+        let mut rec = Vec::new();
+        for (&seq, &(off, rec_len)) in &self.pending {
+            rec.resize(rec_len as usize, 0);
+            self.file
+                .read_exact_at(&mut rec, off)
+                .map_err(io_err("reading a pending sample", &self.path))?;
+            moved.insert(seq, (len, rec_len));
+            put(&mut out, &mut len, &rec)?;
+        }
+        out.flush().map_err(io_err("writing", tmp))?;
+        drop(out);
         // Even under `never` (compactions are rare): a rename that reaches
         // the disk before the new log's bytes could leave an empty log
         // after a power loss, where the old one was whole.
         f.sync_all().map_err(io_err("fsync", tmp))?;
         fs::rename(tmp, &self.path).map_err(io_err("renaming into place", tmp))?;
         self.file = f;
-        self.len = out.len() as u64;
+        self.len = len;
         self.cut_to = None;
         self.pending = moved;
         self.dirty_since = None;
