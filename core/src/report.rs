@@ -94,10 +94,17 @@ impl Sample {
     /// ([`crate::config::DEFAULT_MAX_REPORT_BYTES`] by default) before
     /// queueing a sample, or the server refuses the report for good.
     pub fn max_report_len(&self) -> usize {
-        let conn_id = "0".repeat(2 * quiche::MAX_CONN_ID_LEN);
-        let client = "0".repeat(64);
+        // The longest id (a connection ID in hex) and client id, without
+        // allocating them: this runs for every queued sample.
+        const ZEROS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+        const _: () = assert!(ZEROS.len() >= 2 * quiche::MAX_CONN_ID_LEN && ZEROS.len() == 64);
         let mut out = Vec::new();
-        self.encode_report(&conn_id, &client, u64::MAX, &mut out);
+        self.encode_report(
+            &ZEROS[..2 * quiche::MAX_CONN_ID_LEN],
+            ZEROS,
+            u64::MAX,
+            &mut out,
+        );
         out.len()
     }
 
