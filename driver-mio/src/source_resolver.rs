@@ -80,6 +80,11 @@ impl SourceResolver {
     ) -> Result<Vec<SocketAddr>, ureq::Error> {
         let timed_out = || ureq::Error::Timeout(ureq::Timeout::Resolve);
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Lookups of other names that have ended since (their answers are
+        // stale by now): they no longer count against the cap.
+        pending.retain(|n, rx| {
+            n == name || matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty))
+        });
         let rx = match pending.remove(name) {
             Some(rx) => rx,
             None if pending.len() >= MAX_SOURCE_LOOKUPS => {
@@ -257,6 +262,31 @@ mod tests {
             r.resolve(&uri("http://other:80/"), &cfg, within(5_000))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn hung_lookups_that_end_stop_counting_against_the_cap() {
+        let (r, release, _) = hanging();
+        let cfg = Config::default();
+        for i in 0..MAX_SOURCE_LOOKUPS {
+            let u = uri(&format!("http://source.test{i}:8000/"));
+            assert!(r.resolve(&u, &cfg, within(10)).is_err());
+        }
+        for _ in 0..MAX_SOURCE_LOOKUPS {
+            release.send(()).expect("a lookup waits");
+        }
+        // Those names are never fetched again; a new one is looked up.
+        let mut ok = false;
+        for _ in 0..100 {
+            if r.resolve(&uri("http://other:80/"), &cfg, within(100))
+                .is_ok()
+            {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ok, "ended lookups still fill the cap");
     }
 
     #[test]
