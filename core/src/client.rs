@@ -901,6 +901,12 @@ impl Client {
                             quiche::Shutdown::Read,
                             codes::STREAM_REJECTED,
                         );
+                        // A report still partly unsent is abandoned too.
+                        let _ = conn.quic.stream_shutdown(
+                            sid,
+                            quiche::Shutdown::Write,
+                            codes::STREAM_REJECTED,
+                        );
                         queue.requeue(seq);
                         hold = true;
                         events.push_back(ClientEvent::Retrying {

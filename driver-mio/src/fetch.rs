@@ -535,8 +535,8 @@ impl Drop for Ended {
 impl Drop for Fetcher {
     fn drop(&mut self) {
         self.stop = None;
-        // Not joined: a request in progress ends within its timeout, and
-        // its sample finds the loop gone.
+        // Not joined: a request in progress ends once its current step
+        // times out at the latest, and its sample finds the loop gone.
         drop(self.thread.take());
     }
 }
