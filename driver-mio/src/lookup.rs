@@ -91,7 +91,25 @@ pub const FIRST_LOOKUP_WAIT: Duration = Duration::from_secs(2);
 /// new lookup starts until one ends.
 pub const MAX_LOOKUP_THREADS: usize = 4;
 
-type Answer = io::Result<Vec<SocketAddr>>;
+/// A lookup's answer.
+pub(crate) type Answer = io::Result<Vec<SocketAddr>>;
+
+/// Runs `lookup` on a thread named `name` and hands its answer to
+/// `deliver`; a lookup that panics answers an error.
+pub(crate) fn on_thread(
+    name: &str,
+    lookup: impl FnOnce() -> Answer + Send + 'static,
+    deliver: impl FnOnce(Answer) + Send + 'static,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let answer = std::panic::catch_unwind(AssertUnwindSafe(lookup))
+                .unwrap_or_else(|_| Err(io::Error::other("the lookup panicked")));
+            deliver(answer);
+        })
+        .map(drop)
+}
 
 /// Lookups of one name on helper threads, one at a time, each answered
 /// through a channel of its own and the loop's waker.
@@ -158,18 +176,20 @@ impl Lookups {
         let waker = Arc::clone(&self.waker);
         self.alive.fetch_add(1, Ordering::SeqCst);
         let alive = Alive(Arc::clone(&self.alive));
-        let spawned = std::thread::Builder::new()
-            .name("lookup".into())
-            .spawn(move || {
+        let spawned = on_thread(
+            "lookup",
+            move || {
                 let _alive = alive;
-                let answer = std::panic::catch_unwind(AssertUnwindSafe(|| lookup.resolve()))
-                    .unwrap_or_else(|_| Err(io::Error::other("the lookup panicked")));
+                lookup.resolve()
+            },
+            move |answer| {
                 // The loop may be gone (the client stopped), or have given
                 // up on this lookup: nobody to tell.
                 if tx.send(answer).is_ok() {
                     let _ = waker.wake();
                 }
-            });
+            },
+        );
         match spawned {
             Ok(_) => self.running = Some((rx, now)),
             Err(e) => log::warn!("cannot start a lookup of {}: {e}", self.lookup.name()),

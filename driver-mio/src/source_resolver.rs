@@ -21,10 +21,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::lookup::{Answer, LookupFn};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -32,11 +32,6 @@ use ureq::unversioned::transport::NextTimeout;
 
 /// Most lookups under way at once (hung ones included).
 pub const MAX_SOURCE_LOOKUPS: usize = 2;
-
-/// What a lookup runs: `host:port` to its addresses.
-type LookupFn = dyn Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync;
-
-type Answer = io::Result<Vec<SocketAddr>>;
 
 /// A [`Resolver`] whose lookups of one name share one thread.
 #[derive(Clone)]
@@ -122,15 +117,13 @@ impl SourceResolver {
         let (tx, rx) = mpsc::sync_channel(1);
         let lookup = Arc::clone(&self.lookup);
         let owned = name.to_owned();
-        std::thread::Builder::new()
-            .name("source-lookup".into())
-            .spawn(move || {
-                let answer = std::panic::catch_unwind(AssertUnwindSafe(|| lookup(&owned)))
-                    .unwrap_or_else(|_| Err(io::Error::other("the lookup panicked")));
-                // The fetch may have gone: nobody to tell.
-                let _ = tx.send(answer);
-            })
-            .map_err(ureq::Error::Io)?;
+        crate::lookup::on_thread(
+            "source-lookup",
+            move || lookup(&owned),
+            // The fetch may have gone: nobody to tell.
+            move |answer| drop(tx.send(answer)),
+        )
+        .map_err(ureq::Error::Io)?;
         Ok(rx)
     }
 }
@@ -237,14 +230,19 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
+    /// As many names as the cap allows, each a lookup that hangs.
+    fn fill_the_cap(r: &SourceResolver, cfg: &Config) {
+        for i in 0..MAX_SOURCE_LOOKUPS {
+            let u = uri(&format!("http://source.test{i}:8000/"));
+            assert!(r.resolve(&u, cfg, within(10)).is_err());
+        }
+    }
+
     #[test]
     fn past_the_cap_of_hung_lookups_a_new_name_fails_at_once() {
         let (r, release, calls) = hanging();
         let cfg = Config::default();
-        for i in 0..MAX_SOURCE_LOOKUPS {
-            let u = uri(&format!("http://source.test{i}:8000/"));
-            assert!(r.resolve(&u, &cfg, within(10)).is_err());
-        }
+        fill_the_cap(&r, &cfg);
         let e = r
             .resolve(&uri("http://source.testx:8000/"), &cfg, within(10))
             .expect_err("no room for another lookup");
@@ -268,10 +266,7 @@ mod tests {
     fn hung_lookups_that_end_stop_counting_against_the_cap() {
         let (r, release, _) = hanging();
         let cfg = Config::default();
-        for i in 0..MAX_SOURCE_LOOKUPS {
-            let u = uri(&format!("http://source.test{i}:8000/"));
-            assert!(r.resolve(&u, &cfg, within(10)).is_err());
-        }
+        fill_the_cap(&r, &cfg);
         for _ in 0..MAX_SOURCE_LOOKUPS {
             release.send(()).expect("a lookup waits");
         }
