@@ -175,6 +175,11 @@ pub struct SampleSender {
 }
 
 impl SampleSender {
+    /// Samples into `tx`, the loop woken by `waker`.
+    pub(crate) fn new(tx: Sender<Sample>, waker: Arc<Waker>) -> SampleSender {
+        SampleSender { tx, waker }
+    }
+
     /// Queues `sample` for the loop and wakes it. Gives the sample back if
     /// the loop is gone.
     pub fn send(&self, sample: Sample) -> Result<(), Sample> {
@@ -313,10 +318,7 @@ impl ClientDriver {
 
     /// A way to hand samples to the loop from another thread.
     pub fn sample_sender(&self) -> SampleSender {
-        SampleSender {
-            tx: self.samples_tx.clone(),
-            waker: Arc::clone(&self.sources.waker),
-        }
+        SampleSender::new(self.samples_tx.clone(), Arc::clone(&self.sources.waker))
     }
 
     /// Runs the loop until the client is finished. `Ok` when it closed
@@ -845,6 +847,7 @@ impl Steps for Loop<'_> {
         wait.until(self.next_summary)
             .until(self.spool.as_ref().and_then(Spool::poll_timeout))
             .until(self.retry_at)
+            .until(self.fetch.as_ref().and_then(Fetcher::restart_due))
     }
 
     fn on_writable(&mut self, d: &mut ClientDriver, now: Instant) {
@@ -864,7 +867,7 @@ impl Steps for Loop<'_> {
             self.submit(now, sample);
         }
         if let Some(f) = &mut self.fetch {
-            f.restart_if_dead();
+            f.restart_if_dead(now);
         }
         if let Some(answer) = self.lookups.as_mut().and_then(Lookups::poll) {
             self.on_lookup(answer);
@@ -882,6 +885,9 @@ impl Steps for Loop<'_> {
     /// The retry of held samples, the spool's deferred fsync, then the
     /// core's deadline.
     fn on_deadline(&mut self, d: &mut ClientDriver, now: Instant, core_due: bool) {
+        if let Some(f) = &mut self.fetch {
+            f.restart_if_dead(now);
+        }
         if self.retry_at.is_some_and(|t| t <= now) {
             self.spool_held(now);
         }

@@ -30,9 +30,9 @@ use std::fmt;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,6 +74,12 @@ pub struct FetchOptions {
     pub trust: SourceTrust,
     /// The proxy to reach the source through (`None`: directly).
     pub proxy: Option<SourceProxy>,
+    /// How host names are looked up (default: the system's resolver). Its
+    /// clones share their lookups under way, so the bound on lookup
+    /// threads holds for everything made from these options: every agent
+    /// of a [`Fetcher`], the one it builds again after a panic and the
+    /// threads it starts again.
+    pub resolver: SourceResolver,
 }
 
 impl FetchOptions {
@@ -86,6 +92,7 @@ impl FetchOptions {
             count: None,
             trust: SourceTrust::none(),
             proxy: None,
+            resolver: SourceResolver::default(),
         }
     }
 
@@ -157,7 +164,8 @@ impl FetchOptions {
         // Each phase is bounded, so a timeout names the one that ran out.
         // The lookup too: the agent's own resolver would leave a thread
         // behind at every lookup that times out; ours keeps at most one per
-        // name (crate::source_resolver).
+        // name (crate::source_resolver), shared by every agent of these
+        // options.
         let config = builder
             .timeout_resolve(t)
             .timeout_connect(t)
@@ -168,7 +176,7 @@ impl FetchOptions {
         Ok(Agent::with_parts(
             config,
             DefaultConnector::default(),
-            SourceResolver::default(),
+            self.resolver.clone(),
         ))
     }
 }
@@ -439,17 +447,38 @@ impl Schedule {
 ///
 /// A panic in a fetch is caught there (the fetch fails, the thread goes on
 /// with a new agent). Should the thread end by a panic anyway, it wakes the
-/// loop as it ends, and [`Fetcher::restart_if_dead`] starts it again for the
-/// samples still wanted: a client whose fetching died would otherwise stay
-/// up, reporting nothing, with nothing in its logs past the panic.
+/// loop as it ends, and [`Fetcher::restart_if_dead`] logs it and starts
+/// another for the samples still wanted, [`restart_pause`] later (so a
+/// panic that comes back costs a thread and a line per pause, not a hot
+/// loop); a start that fails is tried again after the same pause. A
+/// client whose fetching died would otherwise stay up, reporting nothing,
+/// with nothing in its logs past the panic.
 #[derive(Debug)]
 pub struct Fetcher {
     opts: FetchOptions,
     samples: SampleSender,
-    /// Good samples sent so far, by every thread this fetcher started.
-    sent: Arc<AtomicU64>,
+    /// What every thread this fetcher started shares.
+    shared: Arc<Shared>,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// The thread died: when the next one starts.
+    restart_at: Option<Instant>,
+}
+
+/// The state of the fetch threads that outlives each one.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Good samples sent so far, by every thread.
+    sent: AtomicU64,
+    /// The failed-fetch warnings' rate limit: a thread started again does
+    /// not start a new allowance.
+    failures: Mutex<crate::observe::Throttle>,
+}
+
+/// How long after the fetch thread died the next one starts: the fetch
+/// interval, within 1 s to 60 s.
+pub fn restart_pause(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 impl Fetcher {
@@ -459,9 +488,10 @@ impl Fetcher {
         let mut f = Fetcher {
             opts: opts.clone(),
             samples,
-            sent: Arc::default(),
+            shared: Arc::default(),
             stop: None,
             thread: None,
+            restart_at: None,
         };
         f.start()?;
         Ok(f)
@@ -470,11 +500,11 @@ impl Fetcher {
     fn start(&mut self) -> Result<(), String> {
         let mut source = Source::new(&self.opts)?;
         let interval = self.opts.interval;
-        let sent = Arc::clone(&self.sent);
+        let shared = Arc::clone(&self.shared);
         let count = self
             .opts
             .count
-            .map(|n| n.saturating_sub(sent.load(Ordering::SeqCst)));
+            .map(|n| n.saturating_sub(shared.sent.load(Ordering::SeqCst)));
         let samples = self.samples.clone();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = thread::Builder::new()
@@ -482,7 +512,7 @@ impl Fetcher {
             .spawn(move || {
                 // Wakes the loop however the thread ends.
                 let _ended = Ended(samples.clone());
-                source.run(interval, count, &samples, &sent, &stop_rx);
+                source.run(interval, count, &samples, &shared, &stop_rx);
                 log::debug!("fetch thread stopped");
             })
             .map_err(|e| format!("starting the fetch thread: {e}"))?;
@@ -491,32 +521,49 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Whether the thread has ended (`count` samples, or the loop is gone).
+    /// Whether the thread has ended (`count` samples, or the loop is gone)
+    /// and none is to start again.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+        self.restart_at.is_none() && self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// If the thread ended by a panic: logs it and starts another for the
-    /// samples still wanted. Returns whether it did.
-    pub fn restart_if_dead(&mut self) -> bool {
-        if !self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+    /// When [`Fetcher::restart_if_dead`] is next due: a thread to start
+    /// again after a death.
+    pub fn restart_due(&self) -> Option<Instant> {
+        self.restart_at
+    }
+
+    /// If the thread ended by a panic: logs it, and [`restart_pause`]
+    /// later (call again then: [`Fetcher::restart_due`]) starts another
+    /// for the samples still wanted. Returns whether it started one now.
+    pub fn restart_if_dead(&mut self, now: Instant) -> bool {
+        let pause = restart_pause(self.opts.interval);
+        if self.thread.as_ref().is_some_and(JoinHandle::is_finished)
+            && let Some(Err(panic)) = self.thread.take().map(JoinHandle::join)
+        {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            log::error!(
+                "the fetch thread died ({why}): starting another in {}",
+                humanize(pause)
+            );
+            self.restart_at = Some(now + pause);
+        }
+        if self.restart_at.is_none_or(|at| at > now) {
             return false;
         }
-        let Some(Err(panic)) = self.thread.take().map(JoinHandle::join) else {
-            return false; // it ended as it should
-        };
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
         match self.start() {
             Ok(()) => {
-                log::error!("the fetch thread died ({why}): started again");
+                self.restart_at = None;
+                log::warn!("the fetch thread started again");
                 true
             }
             Err(e) => {
-                log::error!("the fetch thread died ({why}) and cannot start again: {e}");
+                log::error!("{e}; trying again in {}", humanize(pause));
+                self.restart_at = Some(now + pause);
                 false
             }
         }
@@ -574,7 +621,7 @@ impl Source {
         interval: Duration,
         count: Option<u64>,
         samples: &SampleSender,
-        sent: &AtomicU64,
+        shared: &Shared,
         stop: &mpsc::Receiver<()>,
     ) {
         if count == Some(0) {
@@ -582,7 +629,6 @@ impl Source {
         }
         let mut schedule = Schedule::new(Instant::now(), interval);
         let mut good: u64 = 0;
-        let mut failures = crate::observe::Throttle::default();
         loop {
             let fetched = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch()))
                 .unwrap_or_else(|_| {
@@ -597,7 +643,7 @@ impl Source {
                     if samples.send(sample).is_err() {
                         return; // the loop is gone
                     }
-                    sent.fetch_add(1, Ordering::SeqCst);
+                    shared.sent.fetch_add(1, Ordering::SeqCst);
                     good += 1;
                     if count.is_some_and(|n| good >= n) {
                         log::debug!("fetched {good} samples: done");
@@ -607,7 +653,12 @@ impl Source {
                 // A source that is down fails every tick: one line per
                 // 10 s, with the count of those left out.
                 Err(why) => {
-                    if let Some(more) = failures.allow(Instant::now()) {
+                    let allowed = shared
+                        .failures
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .allow(Instant::now());
+                    if let Some(more) = allowed {
                         log::warn!(
                             "fetching {} failed, sample skipped: {why}{}",
                             crate::redact::password(&self.url),
@@ -740,6 +791,94 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// An HTTP source on 127.0.0.1 answering every request with one sample.
+    fn source() -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let body = r#"{"value": 5}"#;
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        addr
+    }
+
+    /// A fetcher for `opts` whose thread has died of a panic, as if it had
+    /// sent `sent` samples; and where its samples go.
+    fn died(opts: FetchOptions, sent: u64) -> (Fetcher, mpsc::Receiver<Sample>, mio::Poll) {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+        let (tx, rx) = mpsc::channel();
+        let thread = thread::spawn(|| panic!("a bug outside a fetch"));
+        while !thread.is_finished() {
+            thread::sleep(ms(1));
+        }
+        let f = Fetcher {
+            opts,
+            samples: SampleSender::new(tx, Arc::new(waker)),
+            shared: Arc::new(Shared {
+                sent: AtomicU64::new(sent),
+                failures: Mutex::default(),
+            }),
+            stop: None,
+            thread: Some(thread),
+            restart_at: None,
+        };
+        (f, rx, poll)
+    }
+
+    #[test]
+    fn a_dead_fetch_thread_starts_again_after_a_pause_for_the_samples_still_wanted() {
+        let opts = FetchOptions {
+            count: Some(3),
+            ..FetchOptions::new(format!("http://{}/", source()), ms(50))
+        };
+        let pause = restart_pause(opts.interval);
+        assert_eq!(pause, Duration::from_secs(1));
+        let (mut f, samples, _poll) = died(opts, 2);
+        let t0 = Instant::now();
+        assert!(!f.restart_if_dead(t0), "not at once");
+        assert_eq!(f.restart_due(), Some(t0 + pause));
+        assert!(!f.is_finished(), "a thread is still to come");
+        assert!(!f.restart_if_dead(t0 + pause - ms(1)));
+        assert!(f.restart_if_dead(t0 + pause), "started when due");
+        assert_eq!(f.restart_due(), None);
+        // One sample still wanted of the 3, then the thread ends as it
+        // should, and nothing starts again.
+        let s = samples
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a sample");
+        assert_eq!(s.fields["value"], 5);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f.is_finished() && Instant::now() < deadline {
+            thread::sleep(ms(5));
+        }
+        assert!(f.is_finished());
+        assert!(!f.restart_if_dead(Instant::now() + pause * 2));
+        assert_eq!(f.restart_due(), None);
+        assert!(samples.try_recv().is_err(), "only the sample still wanted");
+    }
+
+    #[test]
+    fn a_fetch_thread_that_cannot_start_again_is_tried_again_after_each_pause() {
+        // Options that cannot make an agent: every start fails.
+        let (mut f, _samples, _poll) = died(FetchOptions::new("ftp://nowhere/", ms(50)), 0);
+        let t0 = Instant::now();
+        let pause = restart_pause(ms(50));
+        assert!(!f.restart_if_dead(t0));
+        assert!(!f.restart_if_dead(t0 + pause), "the start fails");
+        assert_eq!(f.restart_due(), Some(t0 + pause * 2), "tried again later");
+        assert!(!f.is_finished());
     }
 
     #[test]

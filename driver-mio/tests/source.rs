@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use quic_report_mio::source_resolver::SourceResolver;
 use quic_report_mio::{ClientDriver, FetchError, FetchOptions, Source, SourceProxy, SourceTrust};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -370,4 +371,52 @@ fn each_failure_names_its_cause() {
     });
     let e = error(&opts(format!("http://{garbage_addr}/")));
     assert!(e.starts_with("bad response: "), "{e}");
+}
+
+#[test]
+fn every_agent_made_from_one_set_of_options_shares_its_lookups() {
+    // A resolver that hangs until the test lets it answer, counting lookups.
+    let http = http_server(|_| ("200 OK", String::new(), r#"{"value": 3}"#.into()));
+    let lookups = Arc::new(Mutex::new(0u32));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let counted = Arc::clone(&lookups);
+    let resolver = SourceResolver::with(move |_name| {
+        *counted.lock().expect("count") += 1;
+        let _ = released
+            .lock()
+            .expect("release")
+            .recv_timeout(Duration::from_secs(20));
+        Ok(vec![http])
+    });
+    let o = FetchOptions {
+        resolver,
+        ..opts(format!("http://hung.invalid:{}/", http.port()))
+    };
+    // The fetch thread's agent, and the one it builds again after a panic
+    // (or a thread started again): both from these options.
+    let first = Source::new(&o).expect("valid");
+    let rebuilt = Source::new(&o).expect("valid");
+    for source in [&first, &rebuilt, &first] {
+        let e = source.fetch().expect_err("the lookup hangs");
+        assert!(
+            matches!(
+                e,
+                FetchError::Timeout {
+                    phase: "looking the host up",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        *lookups.lock().expect("count"),
+        1,
+        "one lookup under way for the name, whichever agent asks"
+    );
+    // Its late answer serves the next fetch, of either agent.
+    release.send(()).expect("the lookup waits");
+    assert_eq!(value(rebuilt.fetch()), 3.0);
+    assert_eq!(*lookups.lock().expect("count"), 1);
 }
