@@ -20,6 +20,7 @@ use common::{LIMIT, Logged, TempPath, free_udp_port};
 use quic_report_mio::database::postgres::{PostgresConnect, ROWS_PER_STATEMENT};
 use quic_report_mio::database::sqlite::SqliteConnect;
 use quic_report_mio::database::{Connect, CountLimits, Counts, DbError, LatestLimit, Row, Written};
+use quic_report_mio::name_lookups::NameLookups;
 use quic_report_pg_cluster::PgCluster;
 
 fn start_source() -> (Logged, String) {
@@ -598,6 +599,42 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
         .latest(LatestLimit::rows(10), Some("d"), far())
         .expect("/latest");
     assert_eq!(latest, [("d".into(), "b".into(), "{}".into())]);
+}
+
+/// A host name in the URL is looked up by the sink's own lookups (not on a
+/// thread of tokio-postgres that a timed-out attempt would leave behind),
+/// and every address it has is tried in turn: the first refuses, the
+/// second is the cluster. Each connect looks the name up again.
+#[test]
+fn a_postgres_host_name_is_looked_up_by_the_sink_and_each_of_its_addresses_tried() {
+    let pg = cluster();
+    let port = pg.port();
+    let looked_up = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&looked_up);
+    let mut connect = PostgresConnect::parse(&format!(
+        "postgres://postgres:{}@db.test:{port}/postgres?sslmode=disable&connect_timeout=5",
+        pg.password()
+    ))
+    .expect("URL");
+    connect.set_lookups(NameLookups::with(2, move |name| {
+        seen.lock().expect("names").push(name.to_owned());
+        // 127.0.0.2 is loopback too, where nothing listens on the port.
+        Ok(vec![
+            format!("127.0.0.2:{port}").parse().expect("addr"),
+            format!("127.0.0.1:{port}").parse().expect("addr"),
+        ])
+    }));
+    let mut db = connect
+        .connect()
+        .expect("connect through the second address");
+    db.insert(&[row("", "named", 1, "{}")]).expect("insert");
+    drop(db);
+    let mut again = connect.connect().expect("connect again");
+    assert_eq!(again.counts(far()).expect("/stats"), Counts::counted(1, 1));
+    assert_eq!(
+        *looked_up.lock().expect("names"),
+        [format!("db.test:{port}"), format!("db.test:{port}")]
+    );
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub mod get;
 pub mod held;
 pub mod lookup;
 pub mod metrics_http;
+pub mod name_lookups;
 pub mod observe;
 pub mod redact;
 pub mod reuseport;

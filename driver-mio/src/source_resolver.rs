@@ -2,29 +2,22 @@
 //! source's host name (and a proxy's, or a redirect's), with the number
 //! of lookup threads bounded.
 //!
-//! `getaddrinfo` cannot be cancelled, so a lookup that must end within the
-//! request's timeout runs on a thread of its own. ureq's own resolver starts
-//! one for every new connection and abandons it on timeout: under a resolver
-//! that hangs (a stuck NSS module, a DNS server that drops queries) the
-//! fetch thread left one more thread behind every interval, until `spawn`
-//! failed and took the fetch thread down with it.
-//!
-//! Here a lookup that times out is kept, not abandoned: the next fetch of
-//! the same name waits for that lookup's answer instead of starting
-//! another. So a name has at most one lookup under way, and at most
-//! [`MAX_SOURCE_LOOKUPS`] are under way at once (a redirect to another
-//! host, a proxy); past that a fetch that needs a new lookup fails at once
-//! as a timeout of its lookup. A lookup that panics is an error, and an IP
-//! address needs no lookup and no thread.
+//! ureq's own resolver starts a thread for every new connection and
+//! abandons it on timeout: under a resolver that hangs (a stuck NSS
+//! module, a DNS server that drops queries) the fetch thread left one more
+//! thread behind every interval, until `spawn` failed and took the fetch
+//! thread down with it. Here the lookups are [`NameLookups`]: a name has at
+//! most one lookup under way, whose late answer the next fetch takes, and
+//! at most [`MAX_SOURCE_LOOKUPS`] are under way at once (a redirect to
+//! another host, a proxy); past that a fetch that needs a new lookup fails
+//! at once as a timeout of its lookup. An IP address needs no lookup and no
+//! thread.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::{IpAddr, SocketAddr};
 
-use crate::lookup::{Answer, LookupFn};
+use crate::name_lookups::{NameError, NameLookups};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -33,13 +26,11 @@ use ureq::unversioned::transport::NextTimeout;
 /// Most lookups under way at once (hung ones included).
 pub const MAX_SOURCE_LOOKUPS: usize = 2;
 
-/// A [`Resolver`] whose lookups of one name share one thread.
+/// A [`Resolver`] whose lookups of one name share one thread; clones share
+/// their lookups.
 #[derive(Clone)]
 pub struct SourceResolver {
-    lookup: Arc<LookupFn>,
-    /// Lookups under way that a fetch gave up waiting for, by `host:port`:
-    /// the next fetch of that name takes its answer.
-    pending: Arc<Mutex<HashMap<String, Receiver<Answer>>>>,
+    lookups: NameLookups,
 }
 
 impl fmt::Debug for SourceResolver {
@@ -51,7 +42,9 @@ impl fmt::Debug for SourceResolver {
 impl Default for SourceResolver {
     /// The system's resolver (`getaddrinfo`).
     fn default() -> SourceResolver {
-        SourceResolver::with(|name| name.to_socket_addrs().map(Iterator::collect))
+        SourceResolver {
+            lookups: NameLookups::system(MAX_SOURCE_LOOKUPS),
+        }
     }
 }
 
@@ -61,8 +54,7 @@ impl SourceResolver {
         lookup: impl Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
     ) -> SourceResolver {
         SourceResolver {
-            lookup: Arc::new(lookup),
-            pending: Arc::default(),
+            lookups: NameLookups::with(MAX_SOURCE_LOOKUPS, lookup),
         }
     }
 
@@ -73,58 +65,12 @@ impl SourceResolver {
         name: &str,
         timeout: Option<std::time::Duration>,
     ) -> Result<Vec<SocketAddr>, ureq::Error> {
-        let timed_out = || ureq::Error::Timeout(ureq::Timeout::Resolve);
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        // Lookups of other names that have ended since (their answers are
-        // stale by now): they no longer count against the cap.
-        pending.retain(|n, rx| {
-            n == name || matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty))
-        });
-        let rx = match pending.remove(name) {
-            Some(rx) => rx,
-            None if pending.len() >= MAX_SOURCE_LOOKUPS => {
-                log::debug!(
-                    "{} source lookups hang: {name} is not looked up",
-                    pending.len()
-                );
-                return Err(timed_out());
+        self.lookups.addresses(name, timeout).map_err(|e| match e {
+            NameError::TimedOut | NameError::Full(_) => {
+                ureq::Error::Timeout(ureq::Timeout::Resolve)
             }
-            None => self.start(name)?,
-        };
-        // Not held while waiting: the lock guards the map only.
-        drop(pending);
-        let answer = match timeout {
-            Some(t) => rx.recv_timeout(t),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match answer {
-            Ok(answer) => answer.map_err(ureq::Error::Io),
-            Err(RecvTimeoutError::Timeout) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(name.to_owned(), rx);
-                Err(timed_out())
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(ureq::Error::Io(io::Error::other(
-                "the lookup gave no answer",
-            ))),
-        }
-    }
-
-    /// Starts a lookup of `name` on a thread of its own.
-    fn start(&self, name: &str) -> Result<Receiver<Answer>, ureq::Error> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let lookup = Arc::clone(&self.lookup);
-        let owned = name.to_owned();
-        crate::lookup::on_thread(
-            "source-lookup",
-            move || lookup(&owned),
-            // The fetch may have gone: nobody to tell.
-            move |answer| drop(tx.send(answer)),
-        )
-        .map_err(ureq::Error::Io)?;
-        Ok(rx)
+            NameError::Failed(e) => ureq::Error::Io(e),
+        })
     }
 }
 
@@ -178,6 +124,7 @@ impl Resolver for SourceResolver {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError, mpsc};
     use std::time::Duration;
     use ureq::unversioned::transport::time;
 

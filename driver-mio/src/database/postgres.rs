@@ -7,9 +7,11 @@
 //! `PGHOST` or the socket directory `/var/run/postgresql`, `PGPORT` or
 //! 5432, `PGUSER` or the OS user, `PGDATABASE` or the user name. A host
 //! that starts with `/` (percent-encoded in the URL, or `?host=/dir`) is a
-//! Unix socket directory. `connect_timeout` defaults to 5 s; as in libpq
+//! Unix socket directory. Host names are looked up on threads of their
+//! own, bounded in number, which a timed-out attempt does not leave behind
+//! (`hosts`). `connect_timeout` defaults to 5 s; as in libpq
 //! it bounds the whole attempt (TCP, TLS, authentication, and here the
-//! schema check), per host: a peer that takes the TCP connection and
+//! schema check), per host address, and each name's lookup: a peer that takes the TCP connection and
 //! never answers is given up on then. A statement unanswered for
 //! [`STATEMENT_DEADLINE`] (30 s) takes the connection for dead too, and it
 //! is made again. (The blocking `postgres` crate, which wraps the same
@@ -55,6 +57,11 @@ use tokio::runtime::Runtime;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Statement};
+
+use crate::name_lookups::NameLookups;
+
+mod hosts;
+pub use hosts::MAX_HOST_LOOKUPS;
 
 use super::{
     COUNT_LIMITS, Connect, CountLimits, Counts, Database, DbError, Found, LatestLimit, Row,
@@ -170,6 +177,9 @@ pub struct PostgresConnect {
     shown: String,
     statement_deadline: Duration,
     count_limits: CountLimits,
+    /// How the URL's host names are looked up (shared by every attempt and
+    /// by [`Connect::another`]'s copies, so their cap holds across them).
+    lookups: NameLookups,
 }
 
 impl std::fmt::Debug for PostgresConnect {
@@ -250,7 +260,14 @@ impl PostgresConnect {
             shown,
             statement_deadline: STATEMENT_DEADLINE,
             count_limits: COUNT_LIMITS,
+            lookups: NameLookups::system(MAX_HOST_LOOKUPS),
         })
+    }
+
+    /// Looks the URL's host names up with `lookups` from now on (tests, an
+    /// embedder's own resolver) instead of the system's resolver.
+    pub fn set_lookups(&mut self, lookups: NameLookups) {
+        self.lookups = lookups;
     }
 
     /// The TLS mode the URL asked for.
@@ -396,17 +413,14 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
 }
 
 impl PostgresConnect {
-    /// How long one connection attempt may take, all of it (TCP, TLS,
-    /// authentication, the schema check): `connect_timeout` per host, as
-    /// in libpq, where it bounds the whole connection too.
-    pub fn attempt_deadline(&self) -> Duration {
-        let per_host = self
-            .config
+    /// `connect_timeout`: how long one host's connection may take, all of
+    /// it (its name's lookup; then TCP, TLS, authentication, the schema
+    /// check), as in libpq, where it bounds the whole connection too.
+    fn per_host(&self) -> Duration {
+        self.config
             .get_connect_timeout()
             .copied()
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let hosts = u32::try_from(self.config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
-        per_host.saturating_mul(hosts)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT)
     }
 
     /// How long a statement may go unanswered on the connections made from
@@ -425,13 +439,18 @@ impl PostgresConnect {
 impl Connect for PostgresConnect {
     fn connect(&mut self) -> Result<Box<dyn Database>, DbError> {
         let what = self.shown.clone();
+        let per_host = self.per_host();
+        let config = hosts::resolve(&self.config, &self.lookups, per_host)
+            .map_err(|e| DbError::Connection(format!("{what}: {e}")))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| DbError::Connection(format!("{what}: starting its runtime: {e}")))?;
-        let deadline = self.attempt_deadline();
+        // Each address to try has its `connect_timeout`.
+        let tries = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        let deadline = per_host.saturating_mul(tries);
         let opened = rt
-            .block_on(async { tokio::time::timeout(deadline, self.open(&what)).await })
+            .block_on(async { tokio::time::timeout(deadline, self.open(&config, &what)).await })
             .map_err(|_| {
                 DbError::Connection(format!(
                     "{what}: no answer within {} ms (connect_timeout)",
@@ -443,9 +462,10 @@ impl Connect for PostgresConnect {
             Ok(opened) => opened,
             Err(e) => {
                 // Dropping the runtime would wait for its blocking tasks: a
-                // host name's lookup (getaddrinfo) that the timeout cut
-                // short goes on for as long as the resolver takes. Left to
-                // finish on its own thread instead.
+                // host name's lookup that the timeout cut short, in the
+                // URLs whose names are left to tokio-postgres (see
+                // `hosts`), goes on for as long as the resolver takes.
+                // Left to finish on its own thread instead.
                 rt.shutdown_background();
                 return Err(e);
             }
@@ -472,15 +492,15 @@ impl Connect for PostgresConnect {
 impl PostgresConnect {
     /// Connects, checks the schema and prepares the insert; on the
     /// runtime of the caller's `block_on`, which drives the connection.
-    async fn open(&self, what: &str) -> Result<(Client, Statement), DbError> {
+    async fn open(
+        &self,
+        config: &tokio_postgres::Config,
+        what: &str,
+    ) -> Result<(Client, Statement), DbError> {
         let err = |e: tokio_postgres::Error| classify(what, &e);
         let mut client = match &self.tls {
             Tls::Disable => {
-                let (client, conn) = self
-                    .config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(err)?;
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(err)?;
                 tokio::spawn(conn);
                 client
             }
@@ -488,7 +508,7 @@ impl PostgresConnect {
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new(
                     tls_config(tls).map_err(|e| DbError::Connection(format!("{what}: {e}")))?,
                 );
-                let (client, conn) = self.config.connect(connector).await.map_err(err)?;
+                let (client, conn) = config.connect(connector).await.map_err(err)?;
                 tokio::spawn(conn);
                 client
             }
