@@ -975,6 +975,50 @@ fn a_postgres_batch_of_several_statements_commits_whole_and_latest_finds_every_c
     assert!(ids["big"] < 600, "{ids:?}");
 }
 
+/// Backpressure past the waiting bound, end to end: a client whose
+/// backlog of 12 reports lands at once on a server that lets 1 report wait
+/// for its commit. The rest are answered `not_recorded` ("busy") at once,
+/// the client keeps them and sends them again, and every one ends in the
+/// table once; `/stats` counts the busy answers.
+#[test]
+fn reports_past_the_waiting_bound_are_answered_busy_and_sent_again_until_recorded_once() {
+    const N: u64 = 12;
+    let db = TempDb::new("busy");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (_source, url) = start_source();
+    // No server yet: the client queues its reports.
+    let client = start_client(&listen, &url, N, "10ms");
+    thread::sleep(Duration::from_millis(500));
+    let srv = Logged::spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--sink",
+            &db.url(),
+            "--max-waiting-reports",
+            "1",
+        ],
+    );
+    srv.wait_for("listening on ");
+    let why = client.wait_for(" will be sent again: ");
+    assert!(why.contains("the server is busy"), "{why}");
+    let (status, out) = client.finish();
+    assert!(status.success(), "client: {status}\n{out}");
+    assert_exactly_once(&sqlite_seqs(&db.0), N, &out);
+    let stats: serde_json::Value =
+        serde_json::from_str(&get(&format!("https://{listen}/stats"))).expect("JSON");
+    let busy = stats["database"]["busy"].as_u64().expect("a busy count");
+    assert!(busy >= 1, "{stats}");
+    assert!(
+        stats["reports_not_recorded"].as_u64() >= Some(busy),
+        "{stats}"
+    );
+    assert_eq!(stats["reports_recorded"], N, "{stats}");
+    drop(srv);
+}
+
 /// A row the database refuses for now (here a trigger someone added):
 /// the client is told the database's reason in a `not_recorded` answer
 /// that does not name the database (its path here; a PostgreSQL URL's
