@@ -676,6 +676,30 @@ fn tls_to_postgres_is_verified_when_the_url_asks() {
     let srv = server("server", "127.0.0.1:0", &wrong);
     let msg = srv.wait_for("database unavailable at start: ");
     assert!(msg.contains("certificate"), "{msg}");
+    drop(srv);
+
+    // Through a host name the server looks up itself (given to the connect
+    // as hostaddr): the certificate is checked against the name, not the
+    // address it was reached at.
+    let by_name = |host: &str| {
+        let mut c = PostgresConnect::parse(&format!(
+            "postgres://postgres:{}@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            pg.password(),
+            pg.port(),
+            certs.join("ca.pem").display()
+        ))
+        .expect("URL");
+        let port = pg.port();
+        c.set_lookups(NameLookups::with(2, move |_| {
+            Ok(vec![format!("127.0.0.1:{port}").parse().expect("addr")])
+        }));
+        c.connect()
+    };
+    by_name("localhost").expect("the certificate names localhost");
+    match by_name("db.test") {
+        Ok(_) => panic!("a certificate for localhost taken for db.test"),
+        Err(e) => assert!(e.to_string().contains("certificate"), "{e}"),
+    }
 }
 
 /// Waits (bounded) until the server's /metrics says `line`.

@@ -43,7 +43,7 @@ impl Default for SourceResolver {
     /// The system's resolver (`getaddrinfo`).
     fn default() -> SourceResolver {
         SourceResolver {
-            lookups: NameLookups::system(MAX_SOURCE_LOOKUPS),
+            lookups: NameLookups::system(MAX_SOURCE_LOOKUPS, "source-lookup"),
         }
     }
 }
@@ -54,7 +54,7 @@ impl SourceResolver {
         lookup: impl Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
     ) -> SourceResolver {
         SourceResolver {
-            lookups: NameLookups::with(MAX_SOURCE_LOOKUPS, lookup),
+            lookups: NameLookups::with(MAX_SOURCE_LOOKUPS, lookup).named("source-lookup"),
         }
     }
 

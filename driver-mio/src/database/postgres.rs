@@ -260,7 +260,7 @@ impl PostgresConnect {
             shown,
             statement_deadline: STATEMENT_DEADLINE,
             count_limits: COUNT_LIMITS,
-            lookups: NameLookups::system(MAX_HOST_LOOKUPS),
+            lookups: NameLookups::system(MAX_HOST_LOOKUPS, "db-host-lookup"),
         })
     }
 

@@ -4,8 +4,8 @@
 //! tokio-postgres looks a host name up on a blocking thread of the
 //! connect's runtime; a connect that times out there (a stuck NSS module,
 //! a DNS server that drops queries) left that thread running, one more per
-//! attempt. Here each name is looked up first, within `connect_timeout`,
-//! by lookups that a later attempt shares, and the connect is given the
+//! attempt. Here the names are looked up first, all at once and within
+//! one `connect_timeout`, by lookups that a later attempt shares, and the connect is given the
 //! answer as `hostaddr`s: every address of every host in the URL's order,
 //! each under its own name (for TLS's name check and the password file),
 //! so a host with several addresses still falls back from one to the next.
@@ -17,11 +17,12 @@
 //! names (a `hostaddr` cannot stand for a socket directory).
 
 use std::borrow::Cow;
-use std::net::IpAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
+use rand::seq::SliceRandom;
 use tokio_postgres::Config;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, LoadBalanceHosts};
 
 use crate::name_lookups::NameLookups;
 
@@ -35,55 +36,95 @@ struct Entry {
     port: u16,
 }
 
-/// `config` with its host names looked up, each waited on for at most
-/// `per_host`; unchanged when there is nothing to look up. The error names
-/// the host and says why.
+/// `config` with its host names looked up, all at once and waited on for
+/// at most `per_host` together; unchanged when there is nothing to look up.
+/// The error names the host and says why.
 pub(super) fn resolve<'c>(
     config: &'c Config,
     lookups: &NameLookups,
     per_host: Duration,
 ) -> Result<Cow<'c, Config>, String> {
     let hosts = config.get_hosts();
+    let ports = config.get_ports();
     let named = |h: &Host| matches!(h, Host::Tcp(n) if n.parse::<IpAddr>().is_err());
     let unix = hosts.iter().any(|h| !matches!(h, Host::Tcp(_)));
-    if !config.get_hostaddrs().is_empty() || unix || !hosts.iter().any(named) {
+    // A port list that does not match the hosts: tokio-postgres refuses it
+    // before any lookup, with its own message.
+    let ports_match = ports.len() <= 1 || ports.len() == hosts.len();
+    if !config.get_hostaddrs().is_empty() || unix || !ports_match || !hosts.iter().any(named) {
         return Ok(Cow::Borrowed(config));
     }
-    let ports = config.get_ports();
-    let mut entries = Vec::new();
-    let mut failure = None;
-    for (i, host) in hosts.iter().enumerate() {
+    let port_of = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    // Every name's lookup starts before any is waited on.
+    let deadline = Instant::now() + per_host;
+    let begun: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let Host::Tcp(name) = host else {
+                return None;
+            };
+            let port = port_of(i);
+            match name.parse::<IpAddr>() {
+                Ok(_) => None,
+                Err(_) => Some(lookups.begin(&format!("{name}:{port}"))),
+            }
+        })
+        .collect();
+    let mut groups: Vec<Vec<Entry>> = Vec::new();
+    let mut failures = Vec::new();
+    for ((i, host), begun) in hosts.iter().enumerate().zip(begun) {
         let Host::Tcp(name) = host else { continue };
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        if let Ok(addr) = name.parse::<IpAddr>() {
-            entries.push(Entry {
-                name: name.clone(),
-                addr,
-                port,
-            });
-            continue;
-        }
-        match lookups.addresses(&format!("{name}:{port}"), Some(per_host)) {
+        let port = port_of(i);
+        let entry = |addr| Entry {
+            name: name.clone(),
+            addr,
+            port,
+        };
+        let addrs = match (name.parse::<IpAddr>(), begun) {
+            (Ok(addr), _) => Ok(vec![addr]),
+            (Err(_), Some(Ok(pending))) => lookups
+                .wait(&pending, Some(deadline))
+                .map(|a| a.iter().map(SocketAddr::ip).collect()),
+            (Err(_), Some(Err(e))) => Err(e),
+            (Err(_), None) => continue,
+        };
+        match addrs {
             Ok(addrs) => {
-                let mut seen = Vec::new();
+                let mut group: Vec<Entry> = Vec::new();
                 for a in addrs {
-                    if !seen.contains(&a.ip()) {
-                        seen.push(a.ip());
-                        entries.push(Entry {
-                            name: name.clone(),
-                            addr: a.ip(),
-                            port,
-                        });
+                    if !group.iter().any(|e| e.addr == a) {
+                        group.push(entry(a));
                     }
                 }
+                if group.is_empty() {
+                    failures.push(format!("looking up {name}: no address"));
+                }
+                groups.push(group);
             }
-            Err(e) => failure = Some(format!("looking up {name}: {e}")),
+            Err(e) => failures.push(format!("looking up {name}: {e}")),
         }
     }
-    if entries.is_empty() {
-        return Err(failure.unwrap_or_else(|| "no host to connect to".into()));
-    }
     let mut out = without_hosts(config);
+    // libpq's order under load_balance_hosts=random: the hosts shuffled,
+    // then each host's addresses (not every address alike, which would
+    // favour a host with more of them).
+    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        let mut rng = rand::rng();
+        groups.shuffle(&mut rng);
+        for g in &mut groups {
+            g.shuffle(&mut rng);
+        }
+        out.load_balance_hosts(LoadBalanceHosts::Disable);
+    }
+    let entries: Vec<Entry> = groups.into_iter().flatten().collect();
+    if entries.is_empty() {
+        return Err(if failures.is_empty() {
+            "no host to connect to".into()
+        } else {
+            failures.join("; ")
+        });
+    }
     for e in &entries {
         out.host(&e.name);
         out.hostaddr(e.addr);
@@ -145,9 +186,8 @@ mod tests {
         Config::from_str(url).expect("a URL")
     }
 
-    /// Every setting but the hosts survives the copy (compared through
-    /// `Debug`, which shows them all, so a setting a newer tokio-postgres
-    /// adds and the copy misses fails here).
+    /// Every setting but the hosts survives the copy (compared whole, so a
+    /// setting a newer tokio-postgres adds and the copy misses fails here).
     #[test]
     fn the_copy_keeps_every_setting_but_the_hosts() {
         let url = "postgres://alice:pw@db.test:6543/reports?options=-c%20x%3Dy\
@@ -160,7 +200,7 @@ mod tests {
         let mut copy = without_hosts(&full);
         copy.host("db.test");
         copy.port(6543);
-        assert_eq!(format!("{copy:?}"), format!("{full:?}"));
+        assert!(copy == full, "{copy:?} != {full:?}");
     }
 
     #[test]
@@ -198,6 +238,8 @@ mod tests {
             "postgres://u@%2Ftmp/db",
             "postgres://u@db.test/db?hostaddr=10.0.0.1",
             "postgres://u@db.test,%2Ftmp/db",
+            // Three hosts, two ports: tokio-postgres's own error.
+            "postgres://u@a.test,b.test,c.test/db?port=1,2",
         ] {
             let c = config(url);
             let out = resolve(&c, &lookups, Duration::from_secs(1)).expect("unchanged");
@@ -239,5 +281,48 @@ mod tests {
             ["10.0.0.5".parse::<IpAddr>().expect("ip")]
         );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Under load_balance_hosts=random the hosts are shuffled and then each
+    /// host's addresses: a host's addresses stay together.
+    #[test]
+    fn random_order_shuffles_hosts_then_their_addresses() {
+        let lookups = NameLookups::with(4, |name| {
+            let last = if name.starts_with('a') { 1 } else { 2 };
+            Ok((0..3)
+                .map(|k| format!("10.0.{last}.{k}:5").parse().expect("addr"))
+                .collect())
+        });
+        let c = config("postgres://u@a.test:5,b.test:5/db?load_balance_hosts=random");
+        let mut orders = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let out = resolve(&c, &lookups, Duration::from_secs(5)).expect("resolved");
+            assert_eq!(out.get_load_balance_hosts(), LoadBalanceHosts::Disable);
+            let names: Vec<_> = out
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    Host::Tcp(n) => n.clone(),
+                    Host::Unix(_) => String::new(),
+                })
+                .collect();
+            assert!(
+                names
+                    == ["a.test"; 3]
+                        .iter()
+                        .chain(&["b.test"; 3])
+                        .copied()
+                        .collect::<Vec<_>>()
+                    || names
+                        == ["b.test"; 3]
+                            .iter()
+                            .chain(&["a.test"; 3])
+                            .copied()
+                            .collect::<Vec<_>>(),
+                "{names:?}"
+            );
+            orders.insert(out.get_hostaddrs().to_vec());
+        }
+        assert!(orders.len() > 2, "50 shuffles, {} orders", orders.len());
     }
 }
