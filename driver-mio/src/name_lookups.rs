@@ -144,7 +144,11 @@ impl NameLookups {
     /// The lookup of `name`: the one under way (or ended within
     /// [`ANSWER_KEPT`], its answer not yet taken), or a new one.
     pub fn begin(&self, name: &str) -> Result<Pending, NameError> {
-        let now = Instant::now();
+        self.begin_at(name, Instant::now())
+    }
+
+    /// [`NameLookups::begin`] at `now`.
+    fn begin_at(&self, name: &str, now: Instant) -> Result<Pending, NameError> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots.retain(|_, slot| !slot.stale(now));
         if let Some(slot) = slots.get(name) {
@@ -272,6 +276,61 @@ mod tests {
             .addresses("a:1", Some(Duration::from_secs(10)))
             .expect("a new lookup");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Waits (10 s at most) until the lookup of `name` has answered,
+    /// without taking the answer.
+    fn answered(lookups: &NameLookups, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let slot = lookups
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(name)
+                .map(Arc::clone)
+                .expect("the lookup is kept");
+            if !slot.running() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the lookup never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// An answer nobody took (its caller gave up) is given to the next
+    /// caller of the name within [`ANSWER_KEPT`]; after that it is out of
+    /// date and a new lookup starts.
+    #[test]
+    fn an_answer_nobody_took_is_given_within_answer_kept_and_not_after() {
+        let (lookups, release, calls) = blocking(1);
+        let wait = Some(Instant::now() + Duration::from_secs(10));
+        for name in ["a:1", "b:1"] {
+            assert!(matches!(
+                lookups.addresses(name, Some(Duration::from_millis(10))),
+                Err(NameError::TimedOut)
+            ));
+            release.send(()).expect("the lookup waits");
+            answered(&lookups, name);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let fresh = lookups
+            .begin_at("a:1", Instant::now() + ANSWER_KEPT / 2)
+            .expect("the kept lookup");
+        assert!(lookups.wait(&fresh, wait).is_ok());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the kept answer, no lookup"
+        );
+
+        let later = lookups
+            .begin_at("b:1", Instant::now() + ANSWER_KEPT + Duration::from_secs(1))
+            .expect("a new lookup");
+        release.send(()).expect("the new lookup waits");
+        assert!(lookups.wait(&later, wait).is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "looked up again");
     }
 
     /// Hung lookups fill the cap; a name waited on already does not count
