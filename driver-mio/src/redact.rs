@@ -37,27 +37,31 @@ pub fn password(url: &str) -> String {
 }
 
 /// `url` with the values of its [`SECRET_PARAMS`] replaced by `***`.
+///
+/// A parameter's name is compared as a parser reads it (percent-decoded:
+/// tokio-postgres takes `pass%77ord` for `password`), in any case, and its
+/// value runs to the next `&`: tokio-postgres reads a `#` as part of a
+/// value, so nothing after the `?` is taken for a fragment (an HTTP URL's
+/// fragment after a secret is hidden with it).
 fn hide_params(url: &str) -> String {
     let Some((base, query)) = url.split_once('?') else {
         return url.to_owned();
     };
-    let (query, fragment) = match query.split_once('#') {
-        Some((q, f)) => (q, Some(f)),
-        None => (query, None),
-    };
     let pairs: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=***"),
+            Some((k, _)) if is_secret(k) => format!("{k}=***"),
             _ => pair.to_owned(),
         })
         .collect();
-    let mut out = format!("{base}?{}", pairs.join("&"));
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
-    }
-    out
+    format!("{base}?{}", pairs.join("&"))
+}
+
+/// Whether the parameter named `name` (as written in the URL) holds a
+/// secret.
+fn is_secret(name: &str) -> bool {
+    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    SECRET_PARAMS.iter().any(|s| name.eq_ignore_ascii_case(s))
 }
 
 #[cfg(test)]
@@ -89,7 +93,7 @@ mod tests {
         );
         assert_eq!(
             password("postgres://u@h/db?sslmode=require&password=hunter2&sslpassword=k3y#f"),
-            "postgres://u@h/db?sslmode=require&password=***&sslpassword=***#f"
+            "postgres://u@h/db?sslmode=require&password=***&sslpassword=***"
         );
         assert_eq!(password("postgres://u:pa/ss@db/x"), "postgres://u:***@db/x");
         assert_eq!(password("postgres://u:pa?ss@db/x"), "postgres://u:***@db/x");
@@ -101,6 +105,25 @@ mod tests {
         assert_eq!(
             password("http://u:s3cret@source:8000/value?token=t0k&unit=c"),
             "http://u:***@source:8000/value?token=***&unit=c"
+        );
+    }
+
+    /// From review: a name written percent-encoded or in capitals is still
+    /// the parameter, and a `#` in a value is part of it (tokio-postgres
+    /// reads it so), not a fragment to show.
+    #[test]
+    fn encoded_names_and_a_hash_in_a_value_do_not_show_the_secret() {
+        assert_eq!(
+            password("postgres://u@h/db?pass%77ord=s3cret&sslmode=require"),
+            "postgres://u@h/db?pass%77ord=***&sslmode=require"
+        );
+        assert_eq!(
+            password("postgres://u@h/db?password=ab#cd"),
+            "postgres://u@h/db?password=***"
+        );
+        assert_eq!(
+            password("http://source/v?Token=t0k&unit=c#top"),
+            "http://source/v?Token=***&unit=c#top"
         );
     }
 }

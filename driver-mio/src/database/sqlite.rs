@@ -212,7 +212,8 @@ fn setup(conn: &mut Connection, what: &str) -> Result<(), DbError> {
         .map_err(err)?;
     let exists = |name: &str| -> Result<bool, DbError> {
         tx.query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            // Table names are case-insensitive: `Reports` is `reports`.
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
             [name],
             |_| Ok(()),
         )
@@ -1042,6 +1043,25 @@ mod tests {
         let Err(e) = SqliteConnect::new(&path).connect() else {
             panic!("a foreign table was accepted")
         };
+        assert!(e.to_string().contains("not created by quic-report"), "{e}");
+    }
+
+    /// From review: SQLite's table names are case-insensitive, so a
+    /// foreign `Reports` is the `reports` table, refused as one (it was
+    /// taken for none, and creating ours then failed on every attempt: an
+    /// outage that never ended instead of a clear refusal).
+    #[test]
+    fn a_foreign_table_named_in_other_letters_is_refused_too() {
+        let path = temp("foreign-case");
+        let _rm = Rm(path.clone());
+        let c = Connection::open(&path).expect("opens");
+        c.execute("CREATE TABLE Reports (x integer)", [])
+            .expect("creates");
+        drop(c);
+        let Err(e) = SqliteConnect::new(&path).connect() else {
+            panic!("a foreign table was accepted")
+        };
+        assert!(matches!(e, DbError::Schema(_)), "{e:?}");
         assert!(e.to_string().contains("not created by quic-report"), "{e}");
     }
 }
