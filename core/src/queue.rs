@@ -7,7 +7,7 @@
 //! back to waiting, oldest first, so reports are sent again in `seq` order.
 //!
 //! Overflow policy: when the queue is full (in reports, or in bytes: each
-//! report counted at [`Sample::max_report_len`]), the **oldest** reports are
+//! report counted at [`Sample::held_bytes`]), the **oldest** reports are
 //! dropped until the newest fits (and the caller says so out loud). It is
 //! the only way a report is lost. The newest report is always kept, even
 //! alone over the byte limit.
@@ -90,7 +90,7 @@ impl ReportQueue {
     }
 
     fn insert(&mut self, seq: Seq, sample: Sample, maybe_recorded: bool) {
-        let bytes = sample.max_report_len();
+        let bytes = sample.held_bytes();
         self.bytes += bytes;
         let entry = Entry {
             seq,
@@ -292,9 +292,35 @@ mod tests {
         }
     }
 
+    /// From review: a body of many small values takes far more memory
+    /// parsed than its length (32 bytes per `0`), and the byte limit counts
+    /// that, not the length: a 63 KiB `{"a":[0,0,...]}` counts about 1 MiB,
+    /// so a 4 MiB limit holds 4 such samples, not 64.
+    #[test]
+    fn the_byte_limit_counts_what_a_sample_holds_parsed() {
+        let small_values = || {
+            let body = format!("{{\"a\":[{}0]}}", "0,".repeat(31 * 1024));
+            Sample::from_json(body.as_bytes(), 0).expect("an object")
+        };
+        let s = small_values();
+        let len = s.max_report_len();
+        assert!(len < 64 * 1024, "{len}");
+        assert!(s.held_bytes() >= 31 * 1024 * 32, "{}", s.held_bytes());
+        let mut q = ReportQueue::new(1000, 1).with_byte_limit(4 << 20);
+        for _ in 0..64 {
+            q.push(small_values());
+        }
+        assert!(q.len() <= 4, "{} held", q.len());
+        assert!(q.bytes() <= 4 << 20);
+        // An ordinary sample is counted at about its report's length.
+        let plain = Sample::from_json(br#"{"value": 0.42}"#, 0).expect("an object");
+        assert!(plain.held_bytes() >= plain.max_report_len());
+        assert!(plain.held_bytes() < 2 * plain.max_report_len());
+    }
+
     #[test]
     fn past_the_byte_limit_the_oldest_go_until_the_newest_fits() {
-        let one = sized(0, 1000).max_report_len();
+        let one = sized(0, 1000).held_bytes();
         let mut q = ReportQueue::new(100, 1).with_byte_limit(3 * one);
         for i in 0..3 {
             assert_eq!(q.push(sized(i, 1000)).1, Vec::<Seq>::new());
@@ -302,7 +328,7 @@ mod tests {
         assert_eq!(q.bytes(), 3 * one);
         // Twice the size: two of the old ones make room for it.
         let two = sized(3, 2000);
-        assert!(two.max_report_len() > one && two.max_report_len() <= 2 * one);
+        assert!(two.held_bytes() > one && two.held_bytes() <= 2 * one);
         assert_eq!(q.push(two).1, vec![1, 2]);
         assert_eq!(q.len(), 2);
         assert!(q.bytes() <= 3 * one);

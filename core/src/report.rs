@@ -66,6 +66,34 @@ pub struct Sample {
     pub sampled_at_ms: u64,
 }
 
+/// The memory held by a JSON object's entries (`serde_json`'s map keeps
+/// insertion order: a vector of `(hash, key, value)` and an index of them),
+/// an estimate that counts what each part owns by capacity.
+fn entries_bytes(map: &Map<String, Value>) -> usize {
+    map.iter()
+        .map(|(k, v)| {
+            std::mem::size_of::<(usize, String, Value)>()
+                + 2 * std::mem::size_of::<usize>()
+                + k.capacity()
+                + value_heap_bytes(v)
+        })
+        .sum()
+}
+
+/// The memory `v` owns beyond its own `Value` (nesting is bounded by
+/// `serde_json`'s parser, at 128 levels).
+fn value_heap_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => s.capacity(),
+        Value::Array(a) => {
+            a.capacity() * std::mem::size_of::<Value>()
+                + a.iter().map(value_heap_bytes).sum::<usize>()
+        }
+        Value::Object(m) => entries_bytes(m),
+    }
+}
+
 /// A source answered something that is not a JSON object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -106,6 +134,17 @@ impl Sample {
             &mut out,
         );
         out.len()
+    }
+
+    /// What this sample costs held in a queue: its report's most bytes
+    /// ([`Sample::max_report_len`]), or the memory its parsed fields take
+    /// when that is more. A body of many small values takes several times
+    /// its length once parsed (`[0,0,...]`: 32 bytes per one-digit value),
+    /// and a queue bound counted at the length alone would hold that many
+    /// times its bytes.
+    pub fn held_bytes(&self) -> usize {
+        let parsed = std::mem::size_of::<Sample>() + entries_bytes(&self.fields);
+        self.max_report_len().max(parsed)
     }
 
     /// Writes the report object for this sample: the source's fields plus

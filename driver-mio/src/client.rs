@@ -456,7 +456,7 @@ struct Loop<'h> {
     /// Samples the spool could not take yet, oldest first: not reported
     /// until it does.
     held: VecDeque<(Sample, usize)>,
-    /// The held samples' bytes (each at [`Sample::max_report_len`]).
+    /// The held samples' bytes (each at [`Sample::held_bytes`]).
     held_bytes: usize,
     /// Most samples held (the queue's limit).
     held_limit: usize,
@@ -551,7 +551,7 @@ impl Loop<'_> {
             log::debug!("sample queued as seq {seq}");
             return;
         }
-        let bytes = sample.max_report_len();
+        let bytes = sample.held_bytes();
         self.held.push_back((sample, bytes));
         self.held_bytes += bytes;
         let (limit, limit_bytes) = (self.held_limit, self.held_limit_bytes);
