@@ -144,7 +144,12 @@ fn run(args: &BenchArgs) -> Result<(), Error> {
     // has emptied it (`tls::trust_only_named_cas`).
     let (server, default_name) = resolve_server(&args.target.server)?;
     let mut dev = None;
-    let (verify, server_name) = tls::verification(&args.target.tls, default_name, &mut dev)?;
+    let (verify, server_name) = tls::verification(
+        &args.target.tls,
+        default_name,
+        server.ip().is_loopback(),
+        &mut dev,
+    )?;
     let target = Target {
         server,
         server_name,

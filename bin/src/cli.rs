@@ -42,7 +42,9 @@ pub struct ServerArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4433")]
     pub listen: SocketAddr,
     /// PEM certificate chain (with --key). Default: the built-in development
-    /// certificate for localhost, 127.0.0.1 and ::1.
+    /// certificate for localhost, 127.0.0.1 and ::1, on a loopback --listen
+    /// only (its key is public: elsewhere the server refuses to start
+    /// without --cert and --key).
     #[arg(long, requires = "key", value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// PEM private key of --cert.
@@ -320,9 +322,10 @@ pub struct ClientArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue: u64,
     /// Most bytes of reports kept for (re)sending, each counted at its
-    /// length; past that the oldest are dropped (and lost) as past
-    /// --queue. The default, 64 MiB, binds only for samples over 6.7 KiB
-    /// on average.
+    /// length, or at the memory its parsed fields take when more (a body
+    /// of many small values); past that the oldest are dropped (and lost)
+    /// as past --queue. The default, 64 MiB, binds only for samples over
+    /// 6.7 KiB on average.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..))]
     pub queue_bytes: u64,
     /// Send a keep-alive after this long without sending, so the connection
@@ -352,7 +355,8 @@ pub struct TargetArgs {
 #[derive(Debug, Args)]
 pub struct TlsArgs {
     /// PEM file of the CA that signs the server's certificate. Default: the
-    /// built-in development CA.
+    /// built-in development CA, for a server on loopback (or `localhost`)
+    /// only: its key is public, so a server elsewhere needs --ca.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub ca: Option<PathBuf>,
     /// Name to check in the server's certificate (and send as SNI). Default:
@@ -479,6 +483,16 @@ impl ServerArg {
             name: s.to_owned(),
             host: host.to_owned(),
         })
+    }
+
+    /// Whether the server is on this host's loopback: a loopback address,
+    /// or the name `localhost` (the hosts file's, which only root can
+    /// change). Where the development CA may be trusted.
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            ServerArg::Addr(addr) => addr.ip().is_loopback(),
+            ServerArg::Name { host, .. } => host.eq_ignore_ascii_case("localhost"),
+        }
     }
 
     /// The default certificate name: an IP address gives

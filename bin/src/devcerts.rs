@@ -13,6 +13,12 @@ const CA_PEM: &[u8] = include_bytes!("../../certs/ca.pem");
 const CERT_PEM: &[u8] = include_bytes!("../../certs/localhost.pem");
 const KEY_PEM: &[u8] = include_bytes!("../../certs/localhost.key");
 
+/// Whether `pem` is the development certificate's private key (as in
+/// `certs/localhost.key`), which is public.
+pub fn is_dev_key(pem: &[u8]) -> bool {
+    pem == KEY_PEM
+}
+
 /// The development CA, certificate and key, written to a private directory.
 #[derive(Debug)]
 pub struct DevCerts {

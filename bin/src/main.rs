@@ -81,6 +81,19 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         (Some(cert), Some(key)) => {
             readable(cert, "--cert")?;
             readable(key, "--key")?;
+            if std::fs::read(key).is_ok_and(|pem| quic_report_cli::devcerts::is_dev_key(&pem)) {
+                log::warn!(
+                    "--key {} is the development key, which is public: anyone can pose as \
+                     this server{}; not for production",
+                    key.display(),
+                    if args.secret_file.is_none() {
+                        ", and forge the session tickets, retry tokens and stateless resets \
+                         derived from it (give --secret-file)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             (cert.clone(), key.clone())
         }
         (None, None) => {
@@ -115,6 +128,17 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     opts.config.dedup.clients_per_identity =
         to_usize(args.clients_per_identity, "--clients-per-identity")?;
     access(args, &mut opts)?;
+    if _dev.is_some() && !args.listen.ip().is_loopback() {
+        // Checked after `access`, whose refusal says more about exposure.
+        return Err(format!(
+            "refusing to listen on {} with the built-in development certificate: its key is \
+             public, so anyone could pose as this server and forge the session tickets \
+             (and with them client identities), retry tokens and stateless resets derived \
+             from it; give --cert FILE --key FILE",
+            args.listen
+        )
+        .into());
+    }
     opts.reuseport = args.reuseport;
     if args.reuseport && matches!(url_of(args), SinkUrl::Stdout | SinkUrl::File(_)) {
         log::warn!(
@@ -262,7 +286,12 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
     let (server, default_name) = cli::resolve_server(&authority)?;
     let mut _dev = None;
-    let (verify, server_name) = tls::verification(&args.tls, default_name, &mut _dev)?;
+    let (verify, server_name) = tls::verification(
+        &args.tls,
+        default_name,
+        server.ip().is_loopback(),
+        &mut _dev,
+    )?;
     let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
         server,
         server_name,
@@ -282,8 +311,12 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
 fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Error> {
     let target = cli::ServerArg::parse(&args.target.server)?;
     let mut _dev = None;
-    let (verify, server_name) =
-        tls::verification(&args.target.tls, target.default_name(), &mut _dev)?;
+    let (verify, server_name) = tls::verification(
+        &args.target.tls,
+        target.default_name(),
+        target.is_loopback(),
+        &mut _dev,
+    )?;
     let mut opts = match &target {
         cli::ServerArg::Addr(addr) => ClientOptions::new(*addr, verify),
         // A name is looked up again whenever the client reconnects, so a

@@ -32,10 +32,15 @@ pub unsafe fn trust_only_named_cas() {
 
 /// The verification the flags ask for and the name to check (the flag, or
 /// `default_name`). Without `--ca` the built-in development CA is written
-/// to `dev`, which must outlive the connection.
+/// to `dev`, which must outlive the connection; that is for a server on
+/// `loopback` only: the development CA's key is public (`certs/ca.key`),
+/// so anyone on the path to a server elsewhere could sign a certificate
+/// for its name and be taken for it. Without `--ca` (or `--insecure`) a
+/// server elsewhere is an error.
 pub fn verification(
     tls: &TlsArgs,
     default_name: String,
+    loopback: bool,
     dev: &mut Option<DevCerts>,
 ) -> Result<(Verify, String), Box<dyn std::error::Error + Send + Sync>> {
     let verify = if tls.insecure {
@@ -44,8 +49,16 @@ pub fn verification(
     } else if let Some(ca) = &tls.ca {
         std::fs::File::open(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
         Verify::CaFile(ca.clone())
-    } else {
+    } else if loopback {
         Verify::CaFile(dev.insert(DevCerts::write()?).ca())
+    } else {
+        return Err(format!(
+            "the server ({default_name}) is not on loopback: give --ca FILE, the CA that \
+             signs its certificate (--ca /etc/ssl/certs/ca-certificates.crt for the system's \
+             CAs). The built-in development CA is trusted for loopback only: its key is \
+             public, so anyone on the way could pose as the server"
+        )
+        .into());
     };
     Ok((verify, tls.server_name.clone().unwrap_or(default_name)))
 }

@@ -173,9 +173,19 @@ fn anonymous_server_on_a_non_loopback_address_refuses_to_start_unless_allowed() 
     // With --allow-anonymous it serves, warns, and refuses reads.
     let port = free_udp_port();
     let listen = format!("0.0.0.0:{port}");
+    // Its own certificate: the built-in one stays on loopback (dev_certs.rs).
     let srv = common::Logged::spawn(
         "server",
-        &["server", "--listen", &listen, "--allow-anonymous"],
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--allow-anonymous",
+            "--cert",
+            &certs("localhost.pem"),
+            "--key",
+            &certs("localhost.key"),
+        ],
     );
     let warning = srv.wait_for("anonymous mode");
     assert!(warning.contains("refused"), "{warning}");

@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use common::{LIMIT, Logged, client_args, lines_of, records, spawn};
 
+/// A file of the repository's `certs/`.
+fn certs(path: &str) -> String {
+    format!("{}/../certs/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Moves this thread (and the processes it starts from now on) into a new
 /// network namespace: one loopback interface, down.
 fn private_network() {
@@ -135,7 +140,15 @@ fn a_client_whose_own_address_changes_reports_from_the_new_one() {
 
     let mut cmd = Command::new("nsenter");
     cmd.args(["-t", &pid.to_string(), "-n", "--", common::EXE])
-        .args(["server", "--listen", "10.9.0.1:4433", "--allow-anonymous"]);
+        .args(["server", "--listen", "10.9.0.1:4433", "--allow-anonymous"])
+        // Off loopback: its own certificate, and the client names its CA
+        // (the built-in ones stay on loopback).
+        .args([
+            "--cert",
+            &certs("localhost.pem"),
+            "--key",
+            &certs("localhost.key"),
+        ]);
     let mut server = Logged::spawn_command("server", cmd);
     server.wait_for("listening on");
     let mut out = server.child.stdout.take().expect("stdout is piped");
@@ -160,7 +173,14 @@ fn a_client_whose_own_address_changes_reports_from_the_new_one() {
             "10.9.0.1:4433",
             &source_url,
             "200ms",
-            &["--server-name", "localhost", "--count", "40"],
+            &[
+                "--server-name",
+                "localhost",
+                "--ca",
+                &certs("ca.pem"),
+                "--count",
+                "40",
+            ],
         ),
     );
     let mut got = Vec::new();
