@@ -336,9 +336,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let certs = DevCerts::write()?;
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
 
-    let source = Source::bind(loopback)?;
+    let source = Source::start(loopback, |a| println!("[source] {}", a.short()))?;
     let source_url = format!("http://{}/", source.addr());
-    let source_stop = source.stopper();
 
     let client_stop = StopHandle::new();
     let signals = catch_signals(&client_stop)?;
@@ -359,12 +358,6 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         );
     }
 
-    let source_thread = thread::Builder::new()
-        .name("source".into())
-        .spawn(move || {
-            source.serve(&mut |a| println!("[source] {}", a.short()));
-        })?;
-
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let controller = {
         let plan = plan.clone();
@@ -374,9 +367,16 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             .spawn(move || control(&plan, server_addr, server, chaos, &quit_rx))?
     };
 
-    let spool_dir = args.chaos.then(|| {
-        std::env::temp_dir().join(format!("quic-report-demo-spool-{}", std::process::id()))
+    // Removed however `run` ends; a name no later demo meets again, should
+    // the process be killed first (the third Ctrl-C, SIGKILL).
+    let spool = args.chaos.then(|| {
+        Removed(std::env::temp_dir().join(format!(
+            "quic-report-demo-spool-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        )))
     });
+    let spool_dir = spool.as_ref().map(|r| r.0.clone());
     let mut acked = BTreeSet::new();
     let client_res = run_clients(
         args,
@@ -404,22 +404,32 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         Ok(res) => res,
         Err(_) => Err("the server controller panicked".into()),
     };
-    source_stop.stop();
-    if source_thread.join().is_err() {
-        log::warn!("the source thread panicked");
-    }
+    drop(source);
     println!("[server] stopped");
     println!("[source] stopped");
-    drop(certs);
 
     let summary: ClientSummary = client_res?;
     server_res?;
     if let Some(dir) = &spool_dir {
-        let pending = pending_in(dir);
-        let _ = std::fs::remove_dir_all(dir);
-        check(&lock(&plan.ledger), &summary.client_id, &acked, &pending?)?;
+        check(
+            &lock(&plan.ledger),
+            &summary.client_id,
+            &acked,
+            &pending_in(dir)?,
+        )?;
     }
+    drop(spool);
+    drop(certs);
     Ok(())
+}
+
+/// A directory removed when this is dropped.
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Where the demo's client runs, and what stops it.

@@ -426,22 +426,16 @@ fn client(args: &ClientArgs, system_trust: Option<SourceTrust>) -> Result<(), Er
 }
 
 fn source(args: &SourceArgs) -> Result<(), Error> {
-    let source = Source::bind(args.listen)?;
-    let stopper = source.stopper();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("{}: stopping", quic_report_mio::signal::signal_name(sig));
-                stopper.stop();
-            }
-        })?;
+    let source = Source::start(args.listen, |a| log::info!("{}", a.long()))?;
     log::info!("serving GET / on http://{}/", source.addr());
-    source.serve(&mut |a| log::info!("{}", a.long()));
+    if let Some(sig) = signals.forever().next() {
+        log::info!("{}: stopping", quic_report_mio::signal::signal_name(sig));
+    }
+    drop(source);
     Ok(())
 }
 

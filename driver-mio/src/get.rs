@@ -74,7 +74,14 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
             .map_err(DriverError::io("setting the read timeout"))?;
         match sock.recv(&mut buf) {
             Ok(n) => {
-                let _ = get.handle_datagram(Instant::now(), opts.server, local, &mut buf[..n]);
+                let now = Instant::now();
+                let _ = get.handle_datagram(now, opts.server, local, &mut buf[..n]);
+                // Datagrams that keep coming (junk sent faster than the
+                // read timeout) must not keep the timers from firing, the
+                // overall deadline among them.
+                if get.poll_timeout().is_some_and(|t| t <= now) {
+                    get.handle_timeout(now);
+                }
             }
             Err(e)
                 if matches!(
@@ -111,5 +118,49 @@ pub fn run_get(opts: GetOptions) -> Result<Vec<u8>, DriverError> {
         None => Err(DriverError::InvalidOption(
             "the GET ended without an outcome".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From review: a "server" that answers junk every 0.5 ms (faster than
+    /// the read timeout's 1 ms floor) kept `get` from ever reaching its
+    /// deadline. It now fails at its timeout.
+    #[test]
+    fn junk_arriving_faster_than_the_read_timeout_does_not_outlast_the_timeout() {
+        let junk = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server = junk.local_addr().expect("addr");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let blaster = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            junk.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let Ok((_, client)) = junk.recv_from(&mut buf) else {
+                return;
+            };
+            // At most 10 s: the get's end without the fix.
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end && !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = junk.send_to(&[0x40; 40], client);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        let started = Instant::now();
+        let res = run_get(GetOptions {
+            server,
+            server_name: "localhost".into(),
+            verify: Verify::Insecure,
+            client_cert: None,
+            path: "/latest".into(),
+            timeout: Duration::from_secs(1),
+        });
+        let took = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(res.is_err(), "no answer: {res:?}");
+        assert!(took < Duration::from_secs(4), "ended after {took:?}");
+        let _ = blaster.join();
     }
 }

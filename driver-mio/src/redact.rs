@@ -24,8 +24,13 @@ const SECRET_PARAMS: [&str; 7] = [
 /// tokio-postgres's (up to the first `@` anywhere, so that a password may
 /// hold a `/` or a `?`).
 pub fn password(url: &str) -> String {
+    // Without a scheme (`user:pass@proxy:3128`, which ureq takes for an
+    // http proxy, as `HTTP_PROXY` often holds), the same, with none shown.
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return password(&format!("x://{url}"))
+            .strip_prefix("x://")
+            .map(str::to_owned)
+            .unwrap_or_default();
     };
     let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let at = rest[..auth_end].rfind('@').or_else(|| rest.find('@'));
@@ -81,6 +86,10 @@ mod tests {
         assert_eq!(password("http://proxy:3128"), "http://proxy:3128");
         assert_eq!(password("http://alice@proxy"), "http://alice@proxy");
         assert_eq!(password("proxy:3128"), "proxy:3128");
+        // From review: a proxy without a scheme (ureq's http), as
+        // `HTTP_PROXY` often holds it.
+        assert_eq!(password("alice:s3cret@proxy:3128"), "alice:***@proxy:3128");
+        assert_eq!(password("proxy:3128?token=t"), "proxy:3128?token=***");
     }
 
     /// The forms the first version let through: libpq's `password`
