@@ -142,7 +142,7 @@ fn run(args: &BenchArgs) -> Result<(), Error> {
     }
     // No default CA store to parse per `Client` (one per handshake): main
     // has emptied it (`tls::trust_only_named_cas`).
-    let (server, default_name) = resolve_server(&args.target.server)?;
+    let (server, default_name) = resolve_server(&args.target.server, Duration::from_secs(10))?;
     let mut dev = None;
     let (verify, server_name) = tls::verification(
         &args.target.tls,

@@ -1,7 +1,7 @@
 //! The command line: one clap struct per subcommand, the value parsers they
 //! share, and small helpers that turn flags into driver options.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -505,17 +505,21 @@ impl ServerArg {
     }
 }
 
-/// `--server` as an address (looked up now) and the default certificate
-/// name, for a command that runs once (`get`).
-pub fn resolve_server(s: &str) -> Result<(SocketAddr, String), String> {
+/// `--server` as an address (a name looked up now, for at most `timeout`,
+/// on a helper thread: a resolver that hangs does not hold the command
+/// past it) and the default certificate name, for a command that runs
+/// once (`get`, the bench).
+pub fn resolve_server(s: &str, timeout: Duration) -> Result<(SocketAddr, String), String> {
     let arg = ServerArg::parse(s)?;
     let addr = match &arg {
         ServerArg::Addr(addr) => *addr,
-        ServerArg::Name { name, .. } => name
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve --server {s:?}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("--server {s:?} resolves to no address"))?,
+        ServerArg::Name { name, .. } => {
+            *quic_report_mio::name_lookups::NameLookups::system(1, "server-lookup")
+                .addresses(name, Some(timeout))
+                .map_err(|e| format!("cannot resolve --server {s:?}: {e}"))?
+                .first()
+                .ok_or_else(|| format!("--server {s:?} resolves to no address"))?
+        }
     };
     Ok((addr, arg.default_name()))
 }

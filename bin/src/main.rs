@@ -284,7 +284,8 @@ fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
 /// `quic-report get URL`: the body on stdout.
 fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
-    let (server, default_name) = cli::resolve_server(&authority)?;
+    let deadline = std::time::Instant::now() + args.timeout;
+    let (server, default_name) = cli::resolve_server(&authority, args.timeout)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(
         &args.tls,
@@ -298,7 +299,8 @@ fn get(args: &cli::GetArgs) -> Result<(), Error> {
         verify,
         client_cert: tls::client_cert(&args.tls)?,
         path,
-        timeout: args.timeout,
+        // What the lookup left of --timeout.
+        timeout: deadline.saturating_duration_since(std::time::Instant::now()),
     })?;
     let mut out = io::stdout().lock();
     out.write_all(&body)?;
