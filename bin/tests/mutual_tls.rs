@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    EXE, client_args, free_tcp_port, free_udp_port, http_get, records, spawn, start_server,
+    client_args, free_tcp_port, free_udp_port, http_get, records, spawn, start_server,
     start_source, wait,
 };
 use serde_json::Value;
@@ -29,12 +29,9 @@ fn cert(name: &str) -> [String; 4] {
 
 /// `quic-report get URL` with `extra` flags: exit status, stdout, stderr.
 fn get(url: &str, extra: &[String]) -> (bool, String, String) {
-    let out = std::process::Command::new(EXE)
-        .arg("get")
-        .arg(url)
-        .args(extra)
-        .output()
-        .expect("get runs");
+    let mut args = vec!["get", url];
+    args.extend(extra.iter().map(String::as_str));
+    let out = common::run_to_end(&args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -153,16 +150,16 @@ fn metrics_once_settled(addr: &str, want: &[(&str, u64)]) -> Result<String, Stri
     }
 }
 
+/// Refused before it binds anything. (With --allow-anonymous it serves,
+/// warns and refuses reads: netns.rs, in a namespace of its own, since a
+/// test listens off loopback nowhere else.)
 #[test]
 fn anonymous_server_on_a_non_loopback_address_refuses_to_start_unless_allowed() {
     for listen in [
         format!("0.0.0.0:{}", free_udp_port()),
         format!("[::]:{}", free_udp_port()),
     ] {
-        let out = std::process::Command::new(EXE)
-            .args(["server", "--listen", &listen])
-            .output()
-            .expect("server runs");
+        let out = common::run_to_end(&["server", "--listen", &listen]);
         assert!(!out.status.success(), "{listen}: refused");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -170,30 +167,6 @@ fn anonymous_server_on_a_non_loopback_address_refuses_to_start_unless_allowed() 
             "{listen}: the reason is named: {err}"
         );
     }
-    // With --allow-anonymous it serves, warns, and refuses reads.
-    let port = free_udp_port();
-    let listen = format!("0.0.0.0:{port}");
-    // Its own certificate: the built-in one stays on loopback (dev_certs.rs).
-    let srv = common::Logged::spawn(
-        "server",
-        &[
-            "server",
-            "--listen",
-            &listen,
-            "--allow-anonymous",
-            "--cert",
-            &certs("localhost.pem"),
-            "--key",
-            &certs("localhost.key"),
-        ],
-    );
-    let warning = srv.wait_for("anonymous mode");
-    assert!(warning.contains("refused"), "{warning}");
-    srv.wait_for("listening on");
-    let (ok, _, err) = get(&format!("https://127.0.0.1:{port}/latest"), &[]);
-    assert!(!ok, "reads are closed to anonymous peers off loopback");
-    assert!(err.contains("forbidden"), "{err}");
-    srv.kill();
 }
 
 /// What one run of the attack of issue 10 left: the victim's records (its
@@ -354,8 +327,8 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     // /latest for a non-reader comes from the database with its identity
     // in the query: 10,000 clients of an identity sorting first (the
     // database read's row limit) must not crowd out device-1's own.
-    let dir = std::env::temp_dir().join(format!("qr-own-latest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::TempPath::new("own-latest");
+    let dir = tmp.0.clone();
     std::fs::create_dir_all(&dir).expect("temp dir");
     let db = dir.join("reports.db");
     let server = format!("127.0.0.1:{}", free_udp_port());
@@ -411,17 +384,14 @@ fn own_latest_from_a_database_is_complete_behind_many_other_identities() {
     );
     assert!(own.get("a-filler").is_none(), "only its own: {own}");
     srv.kill();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(EXE)
-            .arg("client")
-            .args(args)
-            .output()
-            .expect("client runs");
+        let mut all = vec!["client"];
+        all.extend_from_slice(args);
+        let out = common::run_to_end(&all);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -433,8 +403,8 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     assert!(!ok && err.contains("1 to 64"), "{err}");
 
     // A spool made under one id is refused under another, saying both.
-    let dir = std::env::temp_dir().join(format!("qr-client-id-spool-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::TempPath::new("client-id-spool");
+    let dir = tmp.0.clone();
     let spool = dir.to_str().expect("UTF-8 path");
     let server = format!("127.0.0.1:{}", free_udp_port()); // nobody there
     let spooled = |id: &str| {
@@ -465,5 +435,4 @@ fn client_id_must_be_hex_and_match_the_spool_it_continues() {
     let again = spooled("c0ffee");
     assert!(again.wait_for("spool ").contains("client id c0ffee"));
     again.kill();
-    let _ = std::fs::remove_dir_all(&dir);
 }

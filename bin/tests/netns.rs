@@ -39,6 +39,38 @@ fn loopback_up() {
     assert!(status.success(), "ip link set lo up: {status}");
 }
 
+/// Anonymous mode off loopback, allowed: the server serves, warns, and
+/// refuses reads to everyone (`0.0.0.0` here is this namespace's only).
+#[test]
+fn an_allowed_anonymous_server_off_loopback_serves_and_refuses_reads() {
+    private_network();
+    loopback_up();
+    let srv = Logged::spawn(
+        "server",
+        &[
+            "server",
+            "--listen",
+            "0.0.0.0:4433",
+            "--allow-anonymous",
+            "--cert",
+            &certs("localhost.pem"),
+            "--key",
+            &certs("localhost.key"),
+        ],
+    );
+    let warning = srv.wait_for("anonymous mode");
+    assert!(warning.contains("refused"), "{warning}");
+    srv.wait_for("listening on");
+    let out = common::run_to_end(&["get", "https://127.0.0.1:4433/latest"]);
+    assert!(
+        !out.status.success(),
+        "reads are closed to anonymous peers off loopback"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forbidden"), "{err}");
+    srv.kill();
+}
+
 /// A device whose client starts before its network is up (no route at
 /// all: sending says ENETUNREACH). The client keeps going, fetching and
 /// reconnecting with backoff, and once the network is up it reports

@@ -262,9 +262,23 @@ mod tests {
                 std::thread::spawn(move || l.addresses("a:1", Some(Duration::from_secs(10))))
             })
             .collect();
-        // Both are waiting (the second would fail at once as Full, the cap
-        // being 1, had it started a lookup of its own).
-        std::thread::sleep(Duration::from_millis(200));
+        // Both hold the one lookup (the second would fail at once as Full,
+        // the cap being 1, had it started one of its own): its slot is held
+        // by the table, the lookup thread and the two callers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let holders = lookups
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get("a:1")
+                .map_or(0, Arc::strong_count);
+            if holders >= 4 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the two callers never shared it");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         release.send(()).expect("the lookup waits");
         for w in waiters {
             let addrs = w.join().expect("a waiter").expect("the answer");

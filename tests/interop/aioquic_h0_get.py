@@ -8,6 +8,9 @@ one JSON object on stdout:
     {"ok": true, "alpn": "hq-interop",
      "responses": [{"path": "/latest", "status": "complete", "body": "..."}, ...]}
 
+plus "closed": {"code": N, "reason": "..."} when the connection was closed
+(the peer's CONNECTION_CLOSE error code, or aioquic's own).
+
 HTTP/0.9 has no status line: "status" is "complete" (the body ended with the
 server's FIN), "reset" (RESET_STREAM; "code" says which) or "timeout".
 Exit status: 0 if every response is complete, 1 if not, 2 without a connection.
@@ -35,6 +38,7 @@ class H0Client(QuicConnectionProtocol):
         self.alpn = None
         self.bodies = {}
         self.waiters = {}
+        self.terminated = None
 
     def quic_event_received(self, event: QuicEvent):
         if isinstance(event, HandshakeCompleted):
@@ -42,6 +46,7 @@ class H0Client(QuicConnectionProtocol):
         elif isinstance(event, StreamReset):
             self.finish(event.stream_id, {"status": "reset", "code": event.error_code})
         elif isinstance(event, ConnectionTerminated):
+            self.terminated = {"code": event.error_code, "reason": event.reason_phrase}
             for sid in list(self.waiters):
                 self.finish(sid, {"status": "closed", "code": event.error_code})
         for ev in self.h0.handle_event(event):
@@ -69,13 +74,17 @@ class H0Client(QuicConnectionProtocol):
         return {"path": path, **outcome, "body": body.decode("utf-8", "replace")}
 
 
-async def run(args, result):
+async def run(args, result, made):
     config = QuicConfiguration(is_client=True, alpn_protocols=H0_ALPN, server_name=args.server_name)
     config.load_verify_locations(cafile=args.ca)
     if args.cert:
         config.load_cert_chain(args.cert, args.key)
     config.idle_timeout = 2 * args.timeout
-    async with connect(args.host, args.port, configuration=config, create_protocol=H0Client) as c:
+    def protocol(*a, **kw):
+        made.append(H0Client(*a, **kw))
+        return made[-1]
+
+    async with connect(args.host, args.port, configuration=config, create_protocol=protocol) as c:
         result["alpn"] = c.alpn
         for path in args.paths:
             result["responses"].append(await c.get(path, args.timeout))
@@ -95,13 +104,17 @@ def main():
     args = p.parse_args()
 
     result = {"ok": False, "alpn": None, "responses": []}
+    made = []
     status = 0
     try:
-        asyncio.run(asyncio.wait_for(run(args, result), args.deadline))
+        asyncio.run(asyncio.wait_for(run(args, result, made), args.deadline))
     except Exception as e:
         traceback.print_exc()
         result["error"] = f"{type(e).__name__}: {e}"
         status = 2
+    # How the connection ended, if the server closed it (its error code).
+    if made and made[0].terminated is not None:
+        result["closed"] = made[0].terminated
     result["ok"] = status == 0 and all(r["status"] == "complete" for r in result["responses"])
     if status == 0 and not result["ok"]:
         status = 1

@@ -99,6 +99,52 @@ pub fn client_args<'a>(
     args
 }
 
+/// Runs the binary with `args` to its end, which must come within 10 s
+/// (a refusal at start, a one-shot command); one still running then is
+/// killed and fails the test, rather than hanging it.
+pub fn run_to_end(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(EXE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    // Read on threads: a child that fills a pipe must not stall.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let err = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waits") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{args:?} still runs after 10 s\n{}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
 /// A path in the temporary directory, unique to this process and moment;
 /// whatever is there (a file or a directory) is removed when dropped.
 pub struct TempPath(pub PathBuf);
@@ -218,6 +264,8 @@ pub const LIMIT: Duration = Duration::from_secs(30);
 pub struct Logged {
     pub child: Child,
     stderr: mpsc::Receiver<String>,
+    /// Every line read from `stderr` so far, skipped ones included.
+    read: std::sync::Mutex<Vec<String>>,
 }
 
 impl Logged {
@@ -259,7 +307,11 @@ impl Logged {
                 }
             }
         });
-        Logged { child, stderr: rx }
+        Logged {
+            child,
+            stderr: rx,
+            read: std::sync::Mutex::default(),
+        }
     }
 
     /// Waits (at most [`LIMIT`]) for a stderr line containing `marker`;
@@ -272,20 +324,40 @@ impl Logged {
                 .stderr
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("no log line with {marker:?}"));
+            self.keep(&line);
             if let Some(i) = line.find(marker) {
                 return line[i + marker.len()..].trim().to_owned();
             }
         }
     }
 
+    fn keep(&self, line: &str) {
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(line.to_owned());
+    }
+
     /// The stderr lines logged so far and not yet read.
     pub fn drain(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let lines: Vec<String> = self.stderr.try_iter().collect();
+        lines.iter().for_each(|l| self.keep(l));
+        lines
     }
 
     /// The stderr lines that arrived and were not consumed yet.
     pub fn lines_so_far(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        self.drain()
+    }
+
+    /// Every stderr line that has arrived so far, those [`Logged::wait_for`]
+    /// read past included.
+    pub fn all_lines(&self) -> Vec<String> {
+        self.drain();
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn signal(&self, sig: libc::c_int) {
