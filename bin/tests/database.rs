@@ -188,7 +188,7 @@ fn pg_seqs(pg: &PgCluster) -> Vec<u64> {
 }
 
 /// Waits (bounded) until `count()` reaches `n`.
-fn wait_rows(what: &str, n: usize, count: impl Fn() -> usize) {
+fn wait_rows(what: &str, n: usize, mut count: impl FnMut() -> usize) {
     let started = Instant::now();
     loop {
         let got = count();
@@ -227,18 +227,16 @@ fn sqlite_with_fsync_interval_survives_sigkilled_servers_mid_write() {
 #[test]
 fn fsync_is_refused_for_postgres_and_stdout() {
     for sink in ["postgres://quic@127.0.0.1:1/quic", "-"] {
-        let out = std::process::Command::new(common::EXE)
-            .args([
-                "server",
-                "--listen",
-                "127.0.0.1:0",
-                "--sink",
-                sink,
-                "--fsync",
-                "always",
-            ])
-            .output()
-            .expect("the binary runs");
+        // Bounded: a server that takes the flag serves on, and is killed.
+        let out = common::run_to_end(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--sink",
+            sink,
+            "--fsync",
+            "always",
+        ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{sink}: {err}");
         assert!(
@@ -248,8 +246,52 @@ fn fsync_is_refused_for_postgres_and_stdout() {
     }
 }
 
+/// A source on 127.0.0.1 that answers `{"value":N}` to its first `open`
+/// requests, then 503 until `release` is set, then `{"value":N}` again;
+/// one request per connection. Its URL.
+fn gated_source(open: u64, release: Arc<AtomicBool>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
+    let addr = l.local_addr().expect("source address");
+    thread::spawn(move || {
+        let mut served = 0u64;
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { return };
+            let Ok(r) = s.try_clone() else { continue };
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|k| k > 2) {
+                line.clear();
+            }
+            let (status, body) = if served < open || release.load(Ordering::SeqCst) {
+                served += 1;
+                ("200 OK", format!(r#"{{"value":{served}}}"#))
+            } else {
+                (
+                    "503 Service Unavailable",
+                    r#"{"error":"not yet"}"#.to_owned(),
+                )
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/")
+}
+
 fn sigkilled_sqlite_servers(extra: &[&str], durability: &str) {
-    let (_source, url) = start_source();
+    // The client fetches at most `open` of its `n` samples before the
+    // kills are over: it cannot have finished at any kill, however slow
+    // the restarts (with the whole run fetched during one, the backlog
+    // landed at once and the client ended before the last kill).
+    let n = 400;
+    let open = n - 100;
+    let release = Arc::new(AtomicBool::new(false));
+    let url = gated_source(open, Arc::clone(&release));
     let db = TempDb::new("sigkill");
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let sink = db.url();
@@ -263,14 +305,16 @@ fn sigkilled_sqlite_servers(extra: &[&str], durability: &str) {
     srv.as_ref()
         .expect("a server")
         .wait_for("recording into sqlite:");
-    // Reports every 10 ms: the kills land while batches are being written.
-    // 4 s of samples, well past the three rounds of kills (150 let the
-    // client finish before the last kill once).
-    let n = 400;
+    // Reports every 10 ms: the kills land while batches are being written
+    // (20 rows into each server's run; at the gate, where the source holds
+    // the rest back, if a slow restart let the backlog in at once).
     let mut client = start_client(&listen, &url, n, "10ms");
+    let gate = usize::try_from(open).expect("fits");
     for round in 2..=4 {
         let before = sqlite_seqs(&db.0).len();
-        wait_rows("the SQLite file", before + 20, || sqlite_seqs(&db.0).len());
+        wait_rows("the SQLite file", (before + 20).min(gate), || {
+            sqlite_seqs(&db.0).len()
+        });
         srv.take().expect("a server").kill();
         assert!(
             client.running(),
@@ -285,6 +329,7 @@ fn sigkilled_sqlite_servers(extra: &[&str], durability: &str) {
         next.wait_for("recording into sqlite:");
         srv = Some(next);
     }
+    release.store(true, Ordering::SeqCst);
     let (status, out) = client.finish();
     assert!(status.success(), "client: {status}");
     drop(srv);
@@ -501,7 +546,8 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
     assert!(status.success());
     assert_eq!(stats()["database_rows"], 3);
     thread::scope(|s| {
-        let locker = s.spawn(|| lock_reports(&pg, 4));
+        let unlock = Unlock::new(&pg);
+        let locker = s.spawn(|| lock_reports(&pg));
         wait_for_the_lock(&pg);
         // The server's own counters, and why the database's are missing:
         // the loop's answer at the deadline, or PostgreSQL's cancel of
@@ -517,6 +563,7 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
         );
         assert_eq!(v["reports_recorded"], 3, "{v}");
         assert_eq!(v["database_rows"], serde_json::Value::Null, "{v}");
+        drop(unlock);
         locker.join().expect("locker").expect("the lock's session");
     });
     // Once the lock is gone, from the table again.
@@ -532,14 +579,48 @@ fn a_read_behind_a_lock_is_answered_at_its_deadline() {
     drop(sa);
 }
 
-/// Holds `reports` locked from another session for `seconds`.
-fn lock_reports(pg: &PgCluster, seconds: u32) -> Result<String, String> {
+/// Holds `reports` locked from another session until the [`Unlock`] made
+/// before is dropped; `Err` if that took more than a minute (a test that
+/// fails before it lets go still ends).
+fn lock_reports(pg: &PgCluster) -> Result<String, String> {
     pg.psql(
         "postgres",
-        &format!(
-            "BEGIN; LOCK TABLE reports IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds}); COMMIT;"
-        ),
+        "BEGIN; LOCK TABLE reports IN ACCESS EXCLUSIVE MODE; \
+         DO $$ BEGIN \
+           FOR i IN 1..6000 LOOP \
+             EXIT WHEN EXISTS (SELECT 1 FROM test_unlocked); \
+             PERFORM pg_sleep(0.01); \
+           END LOOP; \
+           IF NOT EXISTS (SELECT 1 FROM test_unlocked) THEN \
+             RAISE EXCEPTION 'the lock was held for a minute'; \
+           END IF; \
+         END $$; \
+         COMMIT;",
     )
+}
+
+/// Lets go of the lock [`lock_reports`] holds when dropped (also when the
+/// test fails, so that the lock's thread ends).
+struct Unlock<'a>(&'a PgCluster);
+
+impl<'a> Unlock<'a> {
+    /// Made before [`lock_reports`] starts.
+    fn new(pg: &'a PgCluster) -> Unlock<'a> {
+        pg.psql(
+            "postgres",
+            "CREATE TABLE IF NOT EXISTS test_unlocked (x integer); TRUNCATE test_unlocked",
+        )
+        .expect("the unlock flag");
+        Unlock(pg)
+    }
+}
+
+impl Drop for Unlock<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .psql("postgres", "INSERT INTO test_unlocked VALUES (1)");
+    }
 }
 
 /// Waits until [`lock_reports`] holds its lock.
@@ -577,7 +658,8 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
         )
     };
     thread::scope(|s| {
-        let locker = s.spawn(|| lock_reports(&pg, 3));
+        let unlock = Unlock::new(&pg);
+        let locker = s.spawn(|| lock_reports(&pg));
         wait_for_the_lock(&pg);
         stopped(db.counts(soon()).expect_err("/stats stopped"));
         stopped(
@@ -588,10 +670,9 @@ fn a_postgres_read_behind_a_lock_is_stopped_at_its_deadline_and_the_connection_g
             db.latest(LatestLimit::rows(10), Some("d"), soon())
                 .expect_err("/latest?identity stopped"),
         );
-        assert!(
-            !locker.is_finished(),
-            "the reads were stopped while the lock was held"
-        );
+        // (each read failed, stopped at its deadline: the lock, held until
+        // here, was in its way)
+        drop(unlock);
         locker.join().expect("locker").expect("the lock's session");
     });
     assert_eq!(db.counts(far()).expect("/stats"), Counts::counted(2, 2));
@@ -1009,10 +1090,23 @@ fn reports_past_the_waiting_bound_are_answered_busy_and_sent_again_until_recorde
     const N: u64 = 12;
     let db = TempDb::new("busy");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let (_source, url) = start_source();
-    // No server yet: the client queues its reports.
+    let (source, url) = start_source();
+    // No server yet: the client queues its reports, all of them once the
+    // source has served its N fetches.
     let client = start_client(&listen, &url, N, "10ms");
-    thread::sleep(Duration::from_millis(500));
+    let mut fetched = 0;
+    wait_rows(
+        "the source's log of values served",
+        usize::try_from(N).expect("fits"),
+        || {
+            fetched += source
+                .drain()
+                .iter()
+                .filter(|l| l.contains(" GET / -> 200 {\"value\":"))
+                .count();
+            fetched
+        },
+    );
     let srv = Logged::spawn(
         "server",
         &[
@@ -1125,14 +1219,14 @@ fn a_database_that_never_answers_does_not_hold_the_server_at_start() {
         &listen,
         &format!("postgres://u@127.0.0.1:{port}/db?password=p"),
     );
-    let started = Instant::now();
+    // (wait_for fails the test after LIMIT without the line: a server
+    // held at start never writes it)
     let rest = srv.wait_for("database unavailable at start: ");
     assert!(
         rest.contains("no answer within 5000 ms (connect_timeout)")
             && rest.contains("serving anyway"),
         "{rest}"
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
     let (_source, url) = common::Logged::start_source();
     let client = Logged::spawn(
         "client",

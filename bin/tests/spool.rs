@@ -23,6 +23,36 @@ fn records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The seqs of the complete Sample records in the spool log at `path`
+/// (the format is in `quic_report_mio::spool`: the magic, then records
+/// of a u32 LE length of kind + payload, a CRC, the kind, the payload;
+/// a Sample's payload starts with its u64 LE seq), in the log's order:
+/// what the spool took. Reading stops at a record cut short (being
+/// written, or a write that the full disk stopped and the client cuts off
+/// again).
+fn spooled_seqs(path: &Path) -> Vec<u64> {
+    const KIND_SAMPLE: u8 = 2;
+    let data = std::fs::read(path).unwrap_or_default();
+    let mut seqs = Vec::new();
+    if !data.starts_with(b"QRSPOOL1") {
+        return seqs;
+    }
+    let mut at = 8;
+    while let Some(head) = data.get(at..at + 8) {
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let Some(record) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if record.first() == Some(&KIND_SAMPLE)
+            && let Some(seq) = record.get(1..9)
+        {
+            seqs.push(u64::from_le_bytes(seq.try_into().expect("8 bytes")));
+        }
+        at += 8 + len;
+    }
+    seqs
+}
+
 /// The values the source served so far (its log lines since the last call).
 fn served(source: &Logged, into: &mut Vec<f64>) {
     for line in source.drain() {
@@ -72,16 +102,16 @@ fn a_client_sigkilled_during_an_outage_loses_nothing_on_its_spool() {
     // The server goes away; the client fetches into its spool; then it is
     // killed too.
     server.kill();
+    let recorded_before = records(&out_path).len();
     let mut values = Vec::new();
-    thread::sleep(Duration::from_millis(1500));
+    // At least 5 samples fetched and not recorded: the outage leaves some
+    // in the spool.
+    wait_until("5 values served past those recorded", || {
+        served(&source, &mut values);
+        values.len() >= recorded_before + 5
+    });
     first.kill();
     served(&source, &mut values);
-    let recorded_before = records(&out_path).len();
-    assert!(
-        values.len() >= recorded_before + 5,
-        "{} served, {recorded_before} recorded: the outage should leave some in the spool",
-        values.len()
-    );
 
     // Everything restarted: the spool is sent first.
     let _server = Logged::spawn("server 2", &server_args);
@@ -145,9 +175,9 @@ fn a_torn_spool_tail_is_skipped_with_a_warning() {
     let nowhere = format!("127.0.0.1:{}", free_udp_port());
     let first = client(&nowhere, &url, &spool, &["--keep-alive", "0s"]);
     first.wait_for("spool ");
-    thread::sleep(Duration::from_millis(800));
-    first.kill();
     let log = dir.0.join("spool/spool.log");
+    wait_until("3 samples in the spool", || spooled_seqs(&log).len() >= 3);
+    first.kill();
     let mut bytes = std::fs::read(&log).expect("the spool log");
     let good = bytes.len();
     bytes.extend_from_slice(&[0x40, 0, 0, 0, 1, 2, 3, 4, 2, b'{']);
@@ -289,19 +319,38 @@ fn a_sample_the_spool_cannot_take_is_held_back_until_it_can() {
         rest.starts_with("1 sample(s) held back, not reported until they are in the spool"),
         "{rest}"
     );
-    // Nothing more is reported while the spool takes nothing (the fetches
-    // go on every 100 ms).
-    thread::sleep(Duration::from_millis(300));
-    let before = records(&out_path).len();
-    assert!(before >= 5, "{before} reports before the spool filled up");
-    thread::sleep(Duration::from_millis(1500));
+    // What the spool took before it filled up: seqs 1..=k (the sample
+    // held back has no seq yet, and no later sample gets into a log that
+    // only grows).
+    let spooled = spooled_seqs(&Path::new(&disk.spool).join("spool.log"));
+    let k = spooled.len() as u64;
+    assert_eq!(spooled, (1..=k).collect::<Vec<_>>(), "the spool's samples");
+    assert!(k >= 5, "{k} samples in the spool before it filled up");
+    let recorded = || {
+        let mut seqs: Vec<u64> = records(&out_path)
+            .iter()
+            .filter_map(|r| r["seq"].as_u64())
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    // Their reports land (the last may still be on its way)...
+    wait_until("the reports of the spooled samples", || {
+        recorded().len() as u64 >= k
+    });
+    // ... and nothing more is reported while the spool takes nothing,
+    // though the fetches go on (every 100 ms, past a retry of the spool
+    // every second): each one is held back.
+    let mut values = Vec::new();
+    wait_until("15 values served past the one held back", || {
+        served(source, &mut values);
+        values.len() as u64 > k + 15
+    });
     assert_eq!(
-        records(&out_path).len(),
-        before,
+        recorded(),
+        (1..=k).collect::<Vec<_>>(),
         "reported while the spool could not take them"
     );
-    let mut values = Vec::new();
-    served(source, &mut values);
 
     // Room again: the held samples go in and out, in order.
     set_file_size_limit(pid, libc::RLIM_INFINITY).expect("raise the client's limit");
