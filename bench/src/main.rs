@@ -41,7 +41,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
-use quic_report_cli::cli::{TargetArgs, positive_duration, resolve_server};
+use quic_report_cli::cli::{ServerArg, TargetArgs, positive_duration};
 use quic_report_cli::tls;
 use quic_report_core::{CertFiles, Verify};
 
@@ -142,14 +142,15 @@ fn run(args: &BenchArgs) -> Result<(), Error> {
     }
     // No default CA store to parse per `Client` (one per handshake): main
     // has emptied it (`tls::trust_only_named_cas`).
-    let (server, default_name) = resolve_server(&args.target.server, Duration::from_secs(10))?;
+    let target = ServerArg::parse(&args.target.server)?;
     let mut dev = None;
     let (verify, server_name) = tls::verification(
         &args.target.tls,
-        default_name,
-        server.ip().is_loopback(),
+        target.default_name(),
+        target.is_loopback(),
         &mut dev,
     )?;
+    let server = target.resolve(Duration::from_secs(10))?;
     let target = Target {
         server,
         server_name,

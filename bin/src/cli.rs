@@ -324,8 +324,8 @@ pub struct ClientArgs {
     /// Most bytes of reports kept for (re)sending, each counted at its
     /// length, or at the memory its parsed fields take when more (a body
     /// of many small values); past that the oldest are dropped (and lost)
-    /// as past --queue. The default, 64 MiB, binds only for samples over
-    /// 6.7 KiB on average.
+    /// as past --queue. The default, 64 MiB, binds only for samples counted
+    /// over 6.7 KiB on average.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..))]
     pub queue_bytes: u64,
     /// Send a keep-alive after this long without sending, so the connection
@@ -485,6 +485,23 @@ impl ServerArg {
         })
     }
 
+    /// The address: a name looked up now, for at most `timeout`, on a
+    /// helper thread (a resolver that hangs does not hold the command past
+    /// it), for a command that runs once (`get`, the bench).
+    pub fn resolve(&self, timeout: Duration) -> Result<SocketAddr, String> {
+        match self {
+            ServerArg::Addr(addr) => Ok(*addr),
+            ServerArg::Name { name, .. } => {
+                quic_report_mio::name_lookups::NameLookups::system(1, "server-lookup")
+                    .addresses(name, Some(timeout))
+                    .map_err(|e| format!("cannot resolve {name:?}: {e}"))?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| format!("{name:?} resolves to no address"))
+            }
+        }
+    }
+
     /// Whether the server is on this host's loopback: a loopback address,
     /// or the name `localhost` (the hosts file's, which only root can
     /// change). Where the development CA may be trusted.
@@ -503,25 +520,6 @@ impl ServerArg {
             ServerArg::Name { host, .. } => host.clone(),
         }
     }
-}
-
-/// `--server` as an address (a name looked up now, for at most `timeout`,
-/// on a helper thread: a resolver that hangs does not hold the command
-/// past it) and the default certificate name, for a command that runs
-/// once (`get`, the bench).
-pub fn resolve_server(s: &str, timeout: Duration) -> Result<(SocketAddr, String), String> {
-    let arg = ServerArg::parse(s)?;
-    let addr = match &arg {
-        ServerArg::Addr(addr) => *addr,
-        ServerArg::Name { name, .. } => {
-            *quic_report_mio::name_lookups::NameLookups::system(1, "server-lookup")
-                .addresses(name, Some(timeout))
-                .map_err(|e| format!("cannot resolve --server {s:?}: {e}"))?
-                .first()
-                .ok_or_else(|| format!("--server {s:?} resolves to no address"))?
-        }
-    };
-    Ok((addr, arg.default_name()))
 }
 
 #[cfg(test)]

@@ -285,14 +285,15 @@ fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
 fn get(args: &cli::GetArgs) -> Result<(), Error> {
     let (authority, path) = cli::split_url(&args.url)?;
     let deadline = std::time::Instant::now() + args.timeout;
-    let (server, default_name) = cli::resolve_server(&authority, args.timeout)?;
+    let target = cli::ServerArg::parse(&authority)?;
     let mut _dev = None;
     let (verify, server_name) = tls::verification(
         &args.tls,
-        default_name,
-        server.ip().is_loopback(),
+        target.default_name(),
+        target.is_loopback(),
         &mut _dev,
     )?;
+    let server = target.resolve(args.timeout)?;
     let body = quic_report_mio::run_get(quic_report_mio::GetOptions {
         server,
         server_name,

@@ -138,7 +138,10 @@ mod tests {
         let mut held = TcpStream::connect(addr).expect("connect");
         held.write_all(b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n")
             .expect("write");
-        let text = send(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let text = send(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
@@ -146,7 +149,7 @@ mod tests {
             v["value"].as_f64().is_some_and(|x| (0.0..1.0).contains(&x)),
             "{v}"
         );
-        let t = send(addr, b"GET /x HTTP/1.1\r\n\r\n");
+        let t = send(addr, b"GET /x HTTP/1.0\r\n\r\n");
         assert!(t.starts_with("HTTP/1.1 404"), "{t}");
         let lines: Vec<String> = seen.try_iter().collect();
         assert!(lines.contains(&"POST / -> 405".to_owned()), "{lines:?}");

@@ -82,8 +82,19 @@ fn client_and_get_refuse_a_server_off_loopback_without_a_ca() {
             "client to {server}: {err}"
         );
     }
-    let out = run(&["get", "https://192.0.2.1:4433/latest"]);
-    assert!(!out.status.success(), "get: refused");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--ca FILE"), "get: {err}");
+    // get by the same rule as the client: a name other than `localhost`
+    // is not loopback, whatever it resolves to (the refusal comes before
+    // any lookup: this name resolves to nothing).
+    for url in [
+        "https://192.0.2.1:4433/latest",
+        "https://collector.example:4433/latest",
+    ] {
+        let out = run(&["get", url]);
+        assert!(!out.status.success(), "get {url}: refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not on loopback") && err.contains("--ca FILE"),
+            "get {url}: {err}"
+        );
+    }
 }

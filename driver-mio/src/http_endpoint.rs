@@ -6,9 +6,12 @@
 //! One mio loop serves every connection without blocking: at most
 //! [`MAX_CONNECTIONS`] are open (a new one closes the oldest still waiting
 //! for its request, else the oldest), each has [`CONNECTION_TIME`] from its
-//! accept to the end of its answer and [`MAX_HEAD`] bytes of request head,
-//! and every answer closes its connection. A request's body is never read
-//! (it is not waited for either: the answer comes once the head is in). So
+//! accept (or its previous answer) to the end of its answer and
+//! [`MAX_HEAD`] bytes of request head. An HTTP/1.1 request without a body
+//! or `Connection: close` leaves its connection open for the next one (a
+//! client's keep-alive: a fetch every 2 s reuses one connection); every
+//! other answer closes it. A request's body is never read (it is not
+//! waited for either: the answer comes once the head is in). So
 //! idle or slow peers cost a bounded table, never a thread or memory each,
 //! and a request whose head is in is answered whatever idle connections
 //! come after it; a peer that keeps opening connections faster than a
@@ -34,7 +37,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 /// Connections open at once at most; one more closes the oldest.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// From a connection's accept to the end of its answer.
+/// From a connection's accept, or its previous answer, to the end of its
+/// answer (so also how long a kept-alive connection waits for its next
+/// request).
 pub const CONNECTION_TIME: Duration = Duration::from_secs(5);
 
 /// Bytes of request line and headers at most (`431` past it).
@@ -61,7 +66,7 @@ impl Request<'_> {
     }
 }
 
-/// An answer: it closes its connection.
+/// An answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// 200, 404, ...
@@ -91,8 +96,9 @@ impl Response {
         self
     }
 
-    /// The bytes on the wire: HTTP/1.1, `Connection: close`.
-    fn encode(&self) -> Vec<u8> {
+    /// The bytes on the wire: HTTP/1.1, and `Connection: close` unless
+    /// `keep_alive`.
+    fn encode(&self, keep_alive: bool) -> Vec<u8> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -102,11 +108,14 @@ impl Response {
             _ => "",
         };
         let mut head = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
             self.content_type,
             self.body.len()
         );
+        if !keep_alive {
+            head.push_str("Connection: close\r\n");
+        }
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -192,7 +201,10 @@ impl Drop for HttpEndpoint {
 struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
-    accepted: Instant,
+    /// Its accept, or the end of its previous answer.
+    since: Instant,
+    /// The answer being written leaves the connection open for another.
+    keep_alive: bool,
     head: Vec<u8>,
     /// The answer and how much of it is written, once the head is read.
     answer: Option<(Vec<u8>, usize)>,
@@ -226,7 +238,7 @@ impl Served {
             let timeout = self
                 .conns
                 .values()
-                .map(|c| c.accepted + CONNECTION_TIME)
+                .map(|c| c.since + CONNECTION_TIME)
                 .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             let timeout = match (timeout, self.accept_again) {
@@ -250,7 +262,7 @@ impl Served {
             }
             let now = Instant::now();
             self.conns
-                .retain(|_, c| now.saturating_duration_since(c.accepted) < CONNECTION_TIME);
+                .retain(|_, c| now.saturating_duration_since(c.since) < CONNECTION_TIME);
         }
     }
 
@@ -281,7 +293,7 @@ impl Served {
                 && let Some(oldest) = self
                     .conns
                     .iter()
-                    .min_by_key(|(_, c)| (c.answer.is_some(), c.accepted))
+                    .min_by_key(|(_, c)| (c.answer.is_some(), c.since))
                     .map(|(t, _)| *t)
             {
                 self.conns.remove(&oldest);
@@ -298,7 +310,8 @@ impl Served {
                 let conn = Conn {
                     stream,
                     peer,
-                    accepted: Instant::now(),
+                    since: Instant::now(),
+                    keep_alive: false,
                     head: Vec::new(),
                     answer: None,
                 };
@@ -326,40 +339,60 @@ impl Conn {
     /// Reads what has come, answers once the head is complete, writes what
     /// the socket takes.
     fn advance(&mut self, handler: &mut Handler) -> io::Result<Next> {
-        if self.answer.is_none() {
-            let mut buf = [0u8; 2048];
-            loop {
-                match self.stream.read(&mut buf) {
+        loop {
+            if self.answer.is_none() {
+                let mut buf = [0u8; 2048];
+                loop {
+                    match self.stream.read(&mut buf) {
+                        Ok(0) => return Ok(Next::Done),
+                        Ok(n) => self.head.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                    if head_end(&self.head).is_some() || self.head.len() > MAX_HEAD {
+                        break;
+                    }
+                }
+                let (answer, keep) = match head_end(&self.head) {
+                    Some(end) => {
+                        let head = &self.head[..end];
+                        let keep = keeps_alive(head);
+                        let answer = answer(head, self.peer, handler);
+                        let keep = keep && answer.status != 400;
+                        // A request sent behind it stays for the next turn.
+                        self.head.drain(..end);
+                        (answer, keep)
+                    }
+                    None if self.head.len() > MAX_HEAD => (
+                        Response::new(431, "text/plain", "request head too large\n"),
+                        false,
+                    ),
+                    None => return Ok(Next::Open),
+                };
+                self.answer = Some((answer.encode(keep), 0));
+                self.keep_alive = keep;
+            }
+            let Some((answer, written)) = &mut self.answer else {
+                return Ok(Next::Open);
+            };
+            while *written < answer.len() {
+                match self.stream.write(&answer[*written..]) {
                     Ok(0) => return Ok(Next::Done),
-                    Ok(n) => self.head.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Ok(n) => *written += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Next::Open),
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
-                if head_end(&self.head).is_some() || self.head.len() > MAX_HEAD {
-                    break;
-                }
             }
-            let answer = match head_end(&self.head) {
-                Some(end) => answer(&self.head[..end], self.peer, handler),
-                None if self.head.len() > MAX_HEAD => {
-                    Response::new(431, "text/plain", "request head too large\n")
-                }
-                None => return Ok(Next::Open),
-            };
-            self.answer = Some((answer.encode(), 0));
-        }
-        let Some((answer, written)) = &mut self.answer else {
-            return Ok(Next::Open);
-        };
-        while *written < answer.len() {
-            match self.stream.write(&answer[*written..]) {
-                Ok(0) => return Ok(Next::Done),
-                Ok(n) => *written += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Next::Open),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+            if !self.keep_alive {
+                break;
             }
+            // Kept for the next request, which has CONNECTION_TIME from now
+            // (an idle one is the first closed to make room). Readiness is
+            // edge-triggered: read on at once, what came meanwhile included.
+            self.answer = None;
+            self.since = Instant::now();
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
         // Bytes left unread at the close would make the kernel send a reset,
@@ -373,6 +406,27 @@ impl Conn {
         }
         Ok(Next::Done)
     }
+}
+
+/// Whether the connection may carry another request after this one's
+/// answer: HTTP/1.1 without `Connection: close`, and no body (a body is
+/// never read, so what follows the head would not be the next request).
+fn keeps_alive(head: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let mut lines = text.lines();
+    let http11 = lines
+        .next()
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("http/1.1"));
+    http11
+        && !lines.any(|l| match l.split_once(':') {
+            Some((name, value)) => match name.trim() {
+                "connection" => value.split(',').any(|v| v.trim() == "close"),
+                "content-length" => value.trim() != "0",
+                "transfer-encoding" => true,
+                _ => false,
+            },
+            None => false,
+        })
 }
 
 /// Where the head ends (after its blank line), if it has.
@@ -442,7 +496,10 @@ mod tests {
         let mut huge = TcpStream::connect(addr).expect("connect");
         huge.write_all(b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\nab")
             .expect("write");
-        let text = get(addr, b"GET /?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+        let text = get(
+            addr,
+            b"GET /?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("\r\nX-Peer: 127.0.0.1\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\nGET /"), "{text}");
@@ -453,6 +510,31 @@ mod tests {
         let _ = held.read_to_string(&mut out);
         assert!(out.ends_with("POST /"), "{out}");
         assert!(get(addr, b"nonsense\r\n\r\n").starts_with("HTTP/1.1 400"));
+
+        // HTTP/1.1 without a body: one connection for several requests,
+        // a second sent behind the first included; `Connection: close`
+        // ends it.
+        let mut kept = TcpStream::connect(addr).expect("connect");
+        kept.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        kept.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut got = String::new();
+        let mut buf = [0u8; 1024];
+        while !got.contains("GET /b") {
+            let n = kept.read(&mut buf).expect("both answers, connection open");
+            assert!(n > 0, "closed after {got:?}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(!got.contains("Connection: close"), "{got}");
+        kept.write_all(b"GET /c HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("a third request on it");
+        let mut last = String::new();
+        let _ = kept.read_to_string(&mut last);
+        assert!(
+            last.contains("Connection: close\r\n") && last.ends_with("GET /c"),
+            "{last}"
+        );
         drop(endpoint);
         assert!(TcpStream::connect(addr).is_err(), "stopped when dropped");
     }

@@ -84,7 +84,10 @@ mod tests {
         let idle: Vec<TcpStream> = (0..2 * MAX_CONNECTIONS)
             .map(|_| TcpStream::connect(addr).expect("connect"))
             .collect();
-        let text = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let text = get(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(
             text.contains("quic_report_reports_recorded_total 7"),
@@ -101,7 +104,10 @@ mod tests {
             "the oldest idle connection is closed"
         );
         assert!(get(addr, b"GET /nope HTTP/1.0\n\n").starts_with("HTTP/1.1 404"));
-        assert!(get(addr, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(
+            get(addr, b"POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .starts_with("HTTP/1.1 405")
+        );
         let huge = [b'a'; MAX_HEAD + 10];
         assert!(get(addr, &huge).starts_with("HTTP/1.1 431"));
         drop(server);
