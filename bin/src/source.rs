@@ -96,13 +96,22 @@ fn answer(r: &Request<'_>) -> (Answered, Response) {
     };
     let answered = Answered {
         peer: r.peer,
-        // Shown in logs: at most 200 characters of whatever was sent.
-        method: r.method.chars().take(16).collect(),
-        url: r.target.chars().take(200).collect(),
+        // Shown in logs: at most 200 characters of whatever was sent,
+        // control characters (a terminal's escape sequences) as `?`.
+        method: printable(r.method, 16),
+        url: printable(r.target, 200),
         status: response.status,
         value,
     };
     (answered, response)
+}
+
+/// The first `max` characters of `s`, each control character as `?`.
+fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -151,7 +160,10 @@ mod tests {
         );
         let t = send(addr, b"GET /x HTTP/1.0\r\n\r\n");
         assert!(t.starts_with("HTTP/1.1 404"), "{t}");
+        let t = send(addr, b"GET /\x1b[2J HTTP/1.0\r\n\r\n");
+        assert!(t.starts_with("HTTP/1.1 404"), "{t}");
         let lines: Vec<String> = seen.try_iter().collect();
+        assert!(lines.contains(&"GET /?[2J -> 404".to_owned()), "{lines:?}");
         assert!(lines.contains(&"POST / -> 405".to_owned()), "{lines:?}");
         assert!(lines.contains(&"GET /x -> 404".to_owned()), "{lines:?}");
         assert!(

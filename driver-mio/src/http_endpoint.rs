@@ -3,19 +3,24 @@
 //! from the request line: the server's `--metrics` ([`crate::metrics_http`])
 //! and the `source` program.
 //!
-//! One mio loop serves every connection without blocking: at most
-//! [`MAX_CONNECTIONS`] are open (a new one closes the oldest still waiting
-//! for its request, else the oldest), each has [`CONNECTION_TIME`] from its
-//! accept (or its previous answer) to the end of its answer and
-//! [`MAX_HEAD`] bytes of request head. An HTTP/1.1 request without a body
-//! or `Connection: close` leaves its connection open for the next one (a
-//! client's keep-alive: a fetch every 2 s reuses one connection); every
-//! other answer closes it. A request's body is never read (it is not
-//! waited for either: the answer comes once the head is in). So
-//! idle or slow peers cost a bounded table, never a thread or memory each,
-//! and a request whose head is in is answered whatever idle connections
-//! come after it; a peer that keeps opening connections faster than a
-//! client sends its request can still keep it out while it goes on.
+//! One mio loop serves every connection without blocking (the states of a
+//! connection are `Phase`'s): at most [`MAX_CONNECTIONS`] are open (a
+//! new one closes the oldest lingering one, else the oldest waiting for
+//! its request, else the oldest), each has [`CONNECTION_TIME`] for its
+//! request head (at most [`MAX_HEAD`] bytes) and again for its answer. An
+//! HTTP/1.1 request without a body or `Connection: close` leaves its
+//! connection open for the next one, for [`KEEP_ALIVE_TIME`] (a client's
+//! keep-alive: a fetch every 2 s reuses one connection); requests sent
+//! behind one another are answered in turn, at most [`REQUESTS_PER_TURN`]
+//! before the other connections' turn. Every other answer closes its
+//! connection, after which what the peer still sends is read and dropped
+//! for a moment. A request's body is never read (it is not waited for
+//! either: the answer comes once the head is in); a `HEAD` answer has no
+//! body. So idle or slow peers cost a bounded table, never a thread or
+//! memory each, and a request whose head is in is answered whatever idle
+//! connections come after it; a peer that keeps opening connections
+//! faster than a client sends its request can still keep it out while it
+//! goes on.
 //!
 //! (tiny_http, which the `source` program used before, reads each
 //! connection on a thread of its own, started whenever all are busy and
@@ -96,9 +101,9 @@ impl Response {
         self
     }
 
-    /// The bytes on the wire: HTTP/1.1, and `Connection: close` unless
-    /// `keep_alive`.
-    fn encode(&self, keep_alive: bool) -> Vec<u8> {
+    /// The bytes on the wire: HTTP/1.1, `Connection: close` unless
+    /// `keep_alive`, the body unless `head_only`.
+    fn encode(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -121,7 +126,9 @@ impl Response {
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        out.extend_from_slice(self.body.as_bytes());
+        if !head_only {
+            out.extend_from_slice(self.body.as_bytes());
+        }
         out
     }
 }
@@ -168,6 +175,7 @@ impl HttpEndpoint {
                     conns: HashMap::new(),
                     next: 2,
                     handler,
+                    again: Vec::new(),
                     accept_again: false,
                 };
                 if let Err(e) = served.run() {
@@ -197,24 +205,64 @@ impl Drop for HttpEndpoint {
     }
 }
 
-/// One connection: reading its head, then writing its answer.
+/// A connection's phase.
+///
+/// *Reading* (its request head) -> *Writing* (the answer) -> back to
+/// *Reading* if the request keeps the connection alive, else *Lingering*
+/// (our side shut, what the peer still sends read and dropped, so that
+/// the kernel does not answer it with a reset that could destroy the
+/// answer before the peer reads it) -> closed. Each phase has a deadline.
+enum Phase {
+    Reading,
+    Writing {
+        answer: Vec<u8>,
+        written: usize,
+        keep_alive: bool,
+    },
+    Lingering {
+        dropped: usize,
+    },
+}
+
+/// One connection.
 struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
-    /// Its accept, or the end of its previous answer.
+    phase: Phase,
+    /// When its phase began (the oldest are closed first to make room).
     since: Instant,
-    /// The answer being written leaves the connection open for another.
-    keep_alive: bool,
+    /// When it is closed if still open.
+    deadline: Instant,
+    /// Request bytes read and not yet answered (a head in progress, and
+    /// whatever was sent behind it).
     head: Vec<u8>,
-    /// The answer and how much of it is written, once the head is read.
-    answer: Option<(Vec<u8>, usize)>,
+    /// The peer has shut its side: nothing more will come.
+    eof: bool,
 }
 
 /// What a connection's turn left it as.
+#[derive(Debug, PartialEq, Eq)]
 enum Next {
+    /// Waiting for readiness.
     Open,
+    /// More to do at once (its turn's share of requests was used up).
+    Again,
     Done,
 }
+
+/// Requests answered on one connection per turn at most: a peer that
+/// pipelines requests without end does not keep the others waiting.
+pub const REQUESTS_PER_TURN: usize = 8;
+
+/// How long a kept-alive connection waits for its next request: past
+/// ureq's 15 s pool, so that a client reusing it every 2-15 s never sends
+/// into a close.
+pub const KEEP_ALIVE_TIME: Duration = Duration::from_secs(20);
+
+/// How long, and how many bytes, a closed answer's connection reads and
+/// drops what the peer still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// The endpoint's thread.
 struct Served {
@@ -223,6 +271,8 @@ struct Served {
     conns: HashMap<Token, Conn>,
     next: usize,
     handler: Handler,
+    /// Connections with more to do at once ([`Next::Again`]).
+    again: Vec<Token>,
     /// An accept failed for want of resources: try again after
     /// [`ACCEPT_RETRY`].
     accept_again: bool,
@@ -238,7 +288,7 @@ impl Served {
             let timeout = self
                 .conns
                 .values()
-                .map(|c| c.since + CONNECTION_TIME)
+                .map(|c| c.deadline)
                 .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             let timeout = match (timeout, self.accept_again) {
@@ -246,9 +296,17 @@ impl Served {
                 (None, true) => Some(ACCEPT_RETRY),
                 (t, false) => t,
             };
+            let timeout = if self.again.is_empty() {
+                timeout
+            } else {
+                Some(Duration::ZERO)
+            };
             match self.poll.poll(&mut events, timeout) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 other => other?,
+            }
+            for token in std::mem::take(&mut self.again) {
+                self.turn(token);
             }
             for ev in &events {
                 match ev.token() {
@@ -261,8 +319,7 @@ impl Served {
                 self.accept();
             }
             let now = Instant::now();
-            self.conns
-                .retain(|_, c| now.saturating_duration_since(c.since) < CONNECTION_TIME);
+            self.conns.retain(|_, c| now < c.deadline);
         }
     }
 
@@ -293,7 +350,7 @@ impl Served {
                 && let Some(oldest) = self
                     .conns
                     .iter()
-                    .min_by_key(|(_, c)| (c.answer.is_some(), c.since))
+                    .min_by_key(|(_, c)| (c.phase.keep_rank(), c.since))
                     .map(|(t, _)| *t)
             {
                 self.conns.remove(&oldest);
@@ -307,13 +364,15 @@ impl Served {
                 .register(&mut stream, token, interest)
                 .is_ok()
             {
+                let now = Instant::now();
                 let conn = Conn {
                     stream,
                     peer,
-                    since: Instant::now(),
-                    keep_alive: false,
+                    phase: Phase::Reading,
+                    since: now,
+                    deadline: now + CONNECTION_TIME,
                     head: Vec::new(),
-                    answer: None,
+                    eof: false,
                 };
                 self.conns.insert(token, conn);
                 // Bytes may have arrived with the connection.
@@ -328,6 +387,7 @@ impl Served {
         };
         match conn.advance(&mut self.handler) {
             Ok(Next::Open) => {}
+            Ok(Next::Again) => self.again.push(token),
             Ok(Next::Done) | Err(_) => {
                 self.conns.remove(&token);
             }
@@ -335,76 +395,122 @@ impl Served {
     }
 }
 
+impl Phase {
+    /// Which connections are closed first to make room: lingering ones,
+    /// then those waiting for a request, then those with an answer to
+    /// write.
+    fn keep_rank(&self) -> u8 {
+        match self {
+            Phase::Lingering { .. } => 0,
+            Phase::Reading => 1,
+            Phase::Writing { .. } => 2,
+        }
+    }
+}
+
 impl Conn {
-    /// Reads what has come, answers once the head is complete, writes what
-    /// the socket takes.
+    /// Reads what has come, answers each complete request head, writes
+    /// what the socket takes; at most [`REQUESTS_PER_TURN`] requests.
     fn advance(&mut self, handler: &mut Handler) -> io::Result<Next> {
+        let mut answered = 0;
         loop {
-            if self.answer.is_none() {
-                let mut buf = [0u8; 2048];
-                loop {
-                    match self.stream.read(&mut buf) {
-                        Ok(0) => return Ok(Next::Done),
-                        Ok(n) => self.head.extend_from_slice(&buf[..n]),
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
+            match &mut self.phase {
+                Phase::Reading => {
+                    if answered == REQUESTS_PER_TURN {
+                        return Ok(Next::Again);
                     }
-                    if head_end(&self.head).is_some() || self.head.len() > MAX_HEAD {
-                        break;
+                    self.read_head()?;
+                    let (answer, keep_alive) = match head_end(&self.head) {
+                        Some(end) => {
+                            let head = &self.head[..end];
+                            let (answer, head_only) = answer(head, self.peer, handler);
+                            // Nothing more comes after a peer's FIN.
+                            let keep = keeps_alive(head) && answer.status != 400 && !self.eof;
+                            // A request sent behind it stays for the next.
+                            self.head.drain(..end);
+                            (answer.encode(keep, head_only), keep)
+                        }
+                        None if self.head.len() > MAX_HEAD => (
+                            Response::new(431, "text/plain", "request head too large\n")
+                                .encode(false, false),
+                            false,
+                        ),
+                        None if self.eof => return Ok(Next::Done),
+                        None => return Ok(Next::Open),
+                    };
+                    answered += 1;
+                    self.enter(Phase::Writing {
+                        answer,
+                        written: 0,
+                        keep_alive,
+                    });
+                }
+                Phase::Writing {
+                    answer,
+                    written,
+                    keep_alive,
+                } => {
+                    while *written < answer.len() {
+                        match self.stream.write(&answer[*written..]) {
+                            Ok(0) => return Ok(Next::Done),
+                            Ok(n) => *written += n,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Next::Open),
+                            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if *keep_alive {
+                        // Readiness is edge-triggered: read on at once
+                        // (what came meanwhile included).
+                        self.enter(Phase::Reading);
+                        self.deadline = self.since + KEEP_ALIVE_TIME;
+                    } else {
+                        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                        self.enter(Phase::Lingering { dropped: 0 });
+                        self.deadline = self.since + LINGER_TIME;
                     }
                 }
-                let (answer, keep) = match head_end(&self.head) {
-                    Some(end) => {
-                        let head = &self.head[..end];
-                        let keep = keeps_alive(head);
-                        let answer = answer(head, self.peer, handler);
-                        let keep = keep && answer.status != 400;
-                        // A request sent behind it stays for the next turn.
-                        self.head.drain(..end);
-                        (answer, keep)
+                Phase::Lingering { dropped } => {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match self.stream.read(&mut buf) {
+                            Ok(0) => return Ok(Next::Done),
+                            Ok(n) => {
+                                *dropped += n;
+                                if *dropped > LINGER_BYTES {
+                                    return Ok(Next::Done);
+                                }
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Next::Open),
+                            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                            Err(_) => return Ok(Next::Done),
+                        }
                     }
-                    None if self.head.len() > MAX_HEAD => (
-                        Response::new(431, "text/plain", "request head too large\n"),
-                        false,
-                    ),
-                    None => return Ok(Next::Open),
-                };
-                self.answer = Some((answer.encode(keep), 0));
-                self.keep_alive = keep;
-            }
-            let Some((answer, written)) = &mut self.answer else {
-                return Ok(Next::Open);
-            };
-            while *written < answer.len() {
-                match self.stream.write(&answer[*written..]) {
-                    Ok(0) => return Ok(Next::Done),
-                    Ok(n) => *written += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Next::Open),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
                 }
             }
-            if !self.keep_alive {
-                break;
-            }
-            // Kept for the next request, which has CONNECTION_TIME from now
-            // (an idle one is the first closed to make room). Readiness is
-            // edge-triggered: read on at once, what came meanwhile included.
-            self.answer = None;
-            self.since = Instant::now();
         }
-        let _ = self.stream.shutdown(std::net::Shutdown::Write);
-        // Bytes left unread at the close would make the kernel send a reset,
-        // which may destroy the answer before the peer reads it.
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.since = Instant::now();
+        self.deadline = self.since + CONNECTION_TIME;
+    }
+
+    /// Reads request bytes until the socket has no more, a head is
+    /// complete, or the head is too large; notes the peer's FIN.
+    fn read_head(&mut self) -> io::Result<()> {
         let mut buf = [0u8; 2048];
-        for _ in 0..32 {
+        while !self.eof && head_end(&self.head).is_none() && self.head.len() <= MAX_HEAD {
             match self.stream.read(&mut buf) {
-                Ok(n) if n > 0 => {}
-                _ => break,
+                Ok(0) => self.eof = true,
+                Ok(n) => self.head.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
-        Ok(Next::Done)
+        Ok(())
     }
 }
 
@@ -443,18 +549,25 @@ fn head_end(head: &[u8]) -> Option<usize> {
 }
 
 /// The answer to a complete request head: `handler`'s, for a request line
-/// of a method and a target (`400` for anything else).
-fn answer(head: &[u8], peer: SocketAddr, handler: &mut Handler) -> Response {
+/// of a method and a target (`400` for anything else); and whether it goes
+/// without its body (a `HEAD` request: the body's length only).
+fn answer(head: &[u8], peer: SocketAddr, handler: &mut Handler) -> (Response, bool) {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut words = line.split_whitespace();
     match (words.next(), words.next()) {
-        (Some(method), Some(target)) => handler(&Request {
-            peer,
-            method,
-            target,
-        }),
-        _ => Response::new(400, "text/plain", "bad request line\n"),
+        (Some(method), Some(target)) => (
+            handler(&Request {
+                peer,
+                method,
+                target,
+            }),
+            method == "HEAD",
+        ),
+        _ => (
+            Response::new(400, "text/plain", "bad request line\n"),
+            false,
+        ),
     }
 }
 
@@ -534,6 +647,64 @@ mod tests {
         assert!(
             last.contains("Connection: close\r\n") && last.ends_with("GET /c"),
             "{last}"
+        );
+
+        // From review: requests sent behind one another and then the
+        // peer's FIN are all answered (the FIN closed it with the second
+        // unanswered), past one turn's share too.
+        let mut piped = TcpStream::connect(addr).expect("connect");
+        piped
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let many: String = (0..20)
+            .map(|i| format!("GET /{i} HTTP/1.1\r\n\r\n"))
+            .collect();
+        piped.write_all(many.as_bytes()).expect("write");
+        piped.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut all = String::new();
+        let _ = piped.read_to_string(&mut all);
+        for i in 0..20 {
+            assert!(
+                all.contains(&format!("\r\n\r\nGET /{i}")),
+                "/{i} answered: {all}"
+            );
+        }
+
+        // From review: a HEAD answer has no body, so the next answer on
+        // the connection follows its head directly.
+        let head = get(
+            addr,
+            b"HEAD /h HTTP/1.1\r\n\r\nGET /g HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        let (first, rest) = head.split_once("\r\n\r\n").expect("a head");
+        assert!(
+            first.starts_with("HTTP/1.1 200 OK") && first.contains("Content-Length: 7"),
+            "{head}"
+        );
+        assert!(
+            rest.starts_with("HTTP/1.1 200 OK"),
+            "no body after HEAD's: {head}"
+        );
+        assert!(rest.ends_with("GET /g"), "{head}");
+
+        // From review: a body still coming after the answer is read and
+        // dropped, not met with a reset that could destroy the answer.
+        let mut post = TcpStream::connect(addr).expect("connect");
+        post.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        post.write_all(b"POST /p HTTP/1.1\r\nContent-Length: 400000\r\n\r\n")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..100 {
+            if post.write_all(&[b'x'; 4000]).is_err() {
+                break;
+            }
+        }
+        let mut answer = String::new();
+        let _ = post.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with("POST /p"),
+            "{answer}"
         );
         drop(endpoint);
         assert!(TcpStream::connect(addr).is_err(), "stopped when dropped");

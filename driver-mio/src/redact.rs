@@ -26,7 +26,15 @@ const SECRET_PARAMS: [&str; 7] = [
 pub fn password(url: &str) -> String {
     // Without a scheme (`user:pass@proxy:3128`, which ureq takes for an
     // http proxy, as `HTTP_PROXY` often holds), the same, with none shown.
-    let Some((scheme, rest)) = url.split_once("://") else {
+    // A scheme is letters, digits, `+`, `-`, `.` (RFC 3986): what comes
+    // before a `://` in a password (`alice:p://w@proxy`) is none.
+    let split = url.split_once("://").filter(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let Some((scheme, rest)) = split else {
         return password(&format!("x://{url}"))
             .strip_prefix("x://")
             .map(str::to_owned)
@@ -90,6 +98,7 @@ mod tests {
         // `HTTP_PROXY` often holds it.
         assert_eq!(password("alice:s3cret@proxy:3128"), "alice:***@proxy:3128");
         assert_eq!(password("proxy:3128?token=t"), "proxy:3128?token=***");
+        assert_eq!(password("alice:p://w@proxy:3128"), "alice:***@proxy:3128");
     }
 
     /// The forms the first version let through: libpq's `password`
