@@ -29,10 +29,10 @@ fn start_source() -> (Logged, String) {
     (source, url)
 }
 
-/// A source on 127.0.0.1 whose `bad`-th answer is `{"value":"a\u0000b"}`
-/// (valid JSON that PostgreSQL's `jsonb` cannot take) and every other one
-/// `{"value":N}`; one request per connection. Its URL.
-fn source_with_a_nul_escape(bad: u64) -> String {
+/// A source on 127.0.0.1 whose answer to its `n`-th request (from 1) is
+/// `answer(n)`: a status line's tail and a JSON body; one request per
+/// connection. Its URL.
+fn scripted_source(answer: impl Fn(u64) -> (&'static str, String) + Send + 'static) -> String {
     use std::io::{BufRead, BufReader, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
     let addr = l.local_addr().expect("source address");
@@ -45,20 +45,30 @@ fn source_with_a_nul_escape(bad: u64) -> String {
             while r.read_line(&mut line).is_ok_and(|k| k > 2) {
                 line.clear();
             }
-            let body = if n == bad {
-                r#"{"value":"a\u0000b"}"#.to_owned()
-            } else {
-                format!(r#"{{"value":{n}}}"#)
-            };
+            let (status, body) = answer(n);
             let _ = write!(
                 s,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
                  Connection: close\r\n\r\n{body}",
                 body.len()
             );
         }
     });
     format!("http://{addr}/")
+}
+
+/// A source whose `bad`-th answer is `{"value":"a\u0000b"}` (valid JSON
+/// that PostgreSQL's `jsonb` cannot take) and every other one
+/// `{"value":N}`. Its URL.
+fn source_with_a_nul_escape(bad: u64) -> String {
+    scripted_source(move |n| {
+        let body = if n == bad {
+            r#"{"value":"a\u0000b"}"#.to_owned()
+        } else {
+            format!(r#"{{"value":{n}}}"#)
+        };
+        ("200 OK", body)
+    })
 }
 
 /// The seq of the report the client logged as refused `unstorable` (its
@@ -246,41 +256,21 @@ fn fsync_is_refused_for_postgres_and_stdout() {
     }
 }
 
-/// A source on 127.0.0.1 that answers `{"value":N}` to its first `open`
-/// requests, then 503 until `release` is set, then `{"value":N}` again;
-/// one request per connection. Its URL.
+/// A source that answers `{"value":N}` to its first `open` requests,
+/// then 503 until `release` is set, then `{"value":N}` again. Its URL.
 fn gated_source(open: u64, release: Arc<AtomicBool>) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
-    let addr = l.local_addr().expect("source address");
-    thread::spawn(move || {
-        let mut served = 0u64;
-        for conn in l.incoming() {
-            let Ok(mut s) = conn else { return };
-            let Ok(r) = s.try_clone() else { continue };
-            let mut r = BufReader::new(r);
-            let mut line = String::new();
-            while r.read_line(&mut line).is_ok_and(|k| k > 2) {
-                line.clear();
-            }
-            let (status, body) = if served < open || release.load(Ordering::SeqCst) {
-                served += 1;
-                ("200 OK", format!(r#"{{"value":{served}}}"#))
-            } else {
-                (
-                    "503 Service Unavailable",
-                    r#"{"error":"not yet"}"#.to_owned(),
-                )
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            );
+    let served = std::sync::atomic::AtomicU64::new(0);
+    scripted_source(move |_| {
+        if served.load(Ordering::SeqCst) < open || release.load(Ordering::SeqCst) {
+            let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+            ("200 OK", format!(r#"{{"value":{n}}}"#))
+        } else {
+            (
+                "503 Service Unavailable",
+                r#"{"error":"not yet"}"#.to_owned(),
+            )
         }
-    });
-    format!("http://{addr}/")
+    })
 }
 
 fn sigkilled_sqlite_servers(extra: &[&str], durability: &str) {

@@ -572,13 +572,15 @@ fn answer(head: &[u8], peer: SocketAddr, handler: &mut Handler) -> (Response, bo
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
     use super::*;
 
-    fn get(addr: SocketAddr, request: &[u8]) -> String {
+    /// Sends `request` on a new connection; everything read until it is
+    /// closed (10 s at most).
+    pub(crate) fn get(addr: SocketAddr, request: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");

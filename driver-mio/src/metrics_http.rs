@@ -54,22 +54,13 @@ fn answer(r: &Request<'_>, snapshot: &Mutex<Snapshot>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
+    use std::io::Read;
     use std::net::TcpStream;
     use std::time::Duration;
 
     use super::*;
+    use crate::http_endpoint::tests::get;
     use crate::http_endpoint::{MAX_CONNECTIONS, MAX_HEAD};
-
-    fn get(addr: SocketAddr, request: &[u8]) -> String {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(request).expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    }
 
     #[test]
     fn idle_connections_past_the_cap_never_keep_a_scrape_out() {
