@@ -448,6 +448,17 @@ pub fn client_id(s: &str) -> Result<String, String> {
     Ok(s.to_ascii_lowercase())
 }
 
+/// Whether `ip` is this host's loopback: `127.0.0.0/8`, `::1`, or an
+/// IPv4 loopback address mapped into IPv6 (`::ffff:127.0.0.1`).
+pub fn on_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 /// `--server`: an address, or a name looked up when used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerArg {
@@ -507,7 +518,7 @@ impl ServerArg {
     /// change). Where the development CA may be trusted.
     pub fn is_loopback(&self) -> bool {
         match self {
-            ServerArg::Addr(addr) => addr.ip().is_loopback(),
+            ServerArg::Addr(addr) => on_loopback(addr.ip()),
             ServerArg::Name { host, .. } => host.eq_ignore_ascii_case("localhost"),
         }
     }
@@ -524,7 +535,30 @@ impl ServerArg {
 
 #[cfg(test)]
 mod tests {
-    use super::{Duration, ServerArg, client_id, duration, positive_duration, split_url};
+    use super::{
+        Duration, ServerArg, client_id, duration, on_loopback, positive_duration, split_url,
+    };
+
+    #[test]
+    fn loopback_is_this_host_only() {
+        for ip in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert!(on_loopback(ip.parse().expect("an IP")), "{ip}");
+        }
+        for ip in ["0.0.0.0", "::", "10.0.0.1", "::ffff:10.0.0.1", "192.0.2.1"] {
+            assert!(!on_loopback(ip.parse().expect("an IP")), "{ip}");
+        }
+        assert!(
+            ServerArg::parse("localhost:1")
+                .expect("parses")
+                .is_loopback()
+        );
+        assert!(
+            ServerArg::parse("[::ffff:127.0.0.1]:1")
+                .expect("parses")
+                .is_loopback()
+        );
+        assert!(!ServerArg::parse("vm:1").expect("parses").is_loopback());
+    }
 
     #[test]
     fn server_is_an_address_or_a_host_name_with_a_port() {

@@ -128,7 +128,7 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
     opts.config.dedup.clients_per_identity =
         to_usize(args.clients_per_identity, "--clients-per-identity")?;
     access(args, &mut opts)?;
-    if _dev.is_some() && !args.listen.ip().is_loopback() {
+    if _dev.is_some() && !cli::on_loopback(args.listen.ip()) {
         // Checked after `access`, whose refusal says more about exposure.
         return Err(format!(
             "refusing to listen on {} with the built-in development certificate: its key is \
@@ -224,7 +224,7 @@ fn access(args: &ServerArgs, opts: &mut quic_report_mio::ServerOptions) -> Resul
             );
         }
         None => {
-            let loopback = args.listen.ip().is_loopback();
+            let loopback = cli::on_loopback(args.listen.ip());
             if !loopback && !args.allow_anonymous {
                 return Err(format!(
                     "refusing to listen on {} without --client-ca: any peer that reaches it could \
