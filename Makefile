@@ -17,8 +17,9 @@ SHELL := /bin/bash
 # file glob would take the image's libclang-cpp14 for the libclang-dev that
 # bindgen loads). PostgreSQL's server is for the database tests and the bench;
 # iproute2's ip(8) and util-linux's unshare(1) and nsenter(1) set up the
-# network namespaces of bin/tests/netns.rs.
-DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3 iproute2 util-linux
+# network namespaces of bin/tests/netns.rs; curl reads the servers'
+# /metrics in `make bench`.
+DEPS_PKGS := cmake libclang-dev build-essential python3-venv postgresql sqlite3 iproute2 util-linux curl
 
 deps:
 	@missing=""; \
@@ -28,7 +29,10 @@ deps:
 	if [ -n "$$missing" ]; then \
 	  echo "make deps: installing$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	  if [ -n "$$sudo" ] && ! command -v sudo >/dev/null; then \
+	    echo "make deps: not root and no sudo: install$$missing first" >&2; exit 1; \
+	  fi; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 build: deps

@@ -20,6 +20,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Makes `dir` with mode 0700 (its parents as the umask says).
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes `bytes` to a new file `path` with mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A running private cluster.
 #[derive(Debug)]
 pub struct PgCluster {
@@ -41,16 +66,22 @@ impl PgCluster {
             std::process::id(),
             rand_u64()
         ));
-        std::fs::create_dir_all(dir.join("sock")).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let password = format!("{:016x}", rand_u64());
-        std::fs::write(dir.join("pwfile"), &password).map_err(|e| e.to_string())?;
-        let cluster = PgCluster {
-            port: free_port()?,
+        // Its owner's only (and root's): the socket directory in it takes
+        // local connections without a password, and the password file is
+        // there until initdb has read it.
+        private_dir(&dir)?;
+        // Removed (with the directory) when dropped: also if what follows
+        // fails.
+        let mut cluster = PgCluster {
+            port: 0,
             dir,
             bin,
-            password,
+            password: format!("{:016x}", rand_u64()),
             as_postgres,
         };
+        private_dir(&cluster.dir.join("sock"))?;
+        write_private(&cluster.dir.join("pwfile"), cluster.password.as_bytes())?;
+        cluster.port = free_port()?;
         if as_postgres {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -78,6 +109,17 @@ impl PgCluster {
                 "UTF8",
             ],
         )?;
+        let _ = std::fs::remove_file(cluster.dir.join("pwfile"));
+        // The socket's directory in the configuration, not on pg_ctl's
+        // command line: pg_ctl hands its options to a shell, which would
+        // split a path with a space (or run what a `$(...)` in it says).
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+        let sock = path_str(&cluster.dir.join("sock"))?.replace('\'', "''");
+        text.push_str(&format!(
+            "\nunix_socket_directories = '{sock}'\nunix_socket_permissions = 0700\n"
+        ));
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
         cluster.start_server()?;
         Ok(cluster)
     }
@@ -109,10 +151,10 @@ impl PgCluster {
     /// [`PgCluster::stop`]): on the same port, waiting until it accepts
     /// connections.
     pub fn start_server(&self) -> Result<(), String> {
+        // Numbers and fixed words only: pg_ctl passes these through a shell.
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50",
-            self.port,
-            path_str(&self.dir.join("sock"))?
+            "-p {} -c listen_addresses=127.0.0.1 -c max_connections=50",
+            self.port
         );
         self.run_ok(
             "pg_ctl",
@@ -274,9 +316,10 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         if let Ok(data) = path_str(&self.data())
             && self
-                .run("pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"])
+                .run_ok("pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"])
                 .is_err()
         {
+            // (also when no server was started: kill finds no pid then)
             let _ = self.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
