@@ -327,12 +327,29 @@ impl Drop for PgCluster {
 }
 
 /// Stops and removes the clusters of processes that are gone (dropping
-/// them does both).
+/// them does both). Only directories of the owner ours would have (the
+/// `postgres` user as root, else us), not symbolic links: a directory
+/// anyone else planted under that name, with a `postmaster.pid` naming
+/// another process, is left alone (dropping it would signal that process,
+/// as root).
 fn sweep_orphans(bin: &Path, as_postgres: bool) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
+    let Some(uid) = (if as_postgres {
+        postgres_uid()
+    } else {
+        // SAFETY: geteuid(2) has no memory effects and cannot fail.
+        Some(unsafe { libc::geteuid() })
+    }) else {
+        return;
+    };
     for e in entries.flatten() {
+        let ours = std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if !ours {
+            continue;
+        }
         let name = e.file_name();
         let Some(owner) = name
             .to_str()
@@ -353,6 +370,28 @@ fn sweep_orphans(bin: &Path, as_postgres: bool) {
             as_postgres,
         });
     }
+}
+
+/// The `postgres` user's uid, if there is one.
+fn postgres_uid() -> Option<u32> {
+    // SAFETY: passwd is plain data (integers and pointers): all zeroes is a
+    // valid value, which getpwnam_r overwrites.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r(3) (reentrant: tests start clusters on several
+    // threads) with a NUL-terminated name, an entry and a buffer that
+    // outlive the call, and their true sizes.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c"postgres".as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(pw.pw_uid)
 }
 
 fn find_bin() -> Result<PathBuf, String> {
