@@ -60,7 +60,7 @@ test: deps
 # starts it, runs the script, and stops it whatever happens).
 bench: deps
 	$(CARGO) build --release -p quic-report -p quic-report-bench -p quic-report-pg-cluster
-	target/release/pg-cluster scripts/bench.sh
+	$${CARGO_TARGET_DIR:-target}/release/pg-cluster scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -37,8 +37,8 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-B=${QUIC_REPORT:-target/release/quic-report}
-BENCH=${QUIC_REPORT_BENCH:-target/release/quic-report-bench}
+B=${QUIC_REPORT:-${CARGO_TARGET_DIR:-target}/release/quic-report}
+BENCH=${QUIC_REPORT_BENCH:-${CARGO_TARGET_DIR:-target}/release/quic-report-bench}
 REPS=${BENCH_REPS:-3}
 DUR=${BENCH_DURATION:-2s}
 WARM=${BENCH_WARMUP:-500ms}
@@ -81,7 +81,8 @@ free_port() {
   local p
   for _ in $(seq 50); do
     p=$((20000 + RANDOM % 30000))
-    if ! command -v ss >/dev/null || ! ss -Hlun "sport = :$p" | grep -q .; then
+    # Free for UDP (the servers) and TCP (their --metrics) alike.
+    if ! command -v ss >/dev/null || ! ss -Hlutn "sport = :$p" | grep -q .; then
       echo "$p"
       return
     fi
