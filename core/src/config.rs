@@ -311,7 +311,10 @@ pub struct ServerConfig {
     /// the bytes of reports not yet complete. Over it, the connection is
     /// closed with [`codes::EXCESSIVE_LOAD`] (default 1 MiB; at least
     /// `max_report_bytes`). Answers to HTTP/0.9 reads are counted apart,
-    /// against `max_response_bytes`.
+    /// against `max_response_bytes`. It is also the connection's read
+    /// budget: the reports of one connection in the application's hands
+    /// (twice their bytes and 256 each) are held to about this much, the
+    /// rest waiting in quiche until some are answered.
     pub max_unanswered_bytes: usize,
     /// Bytes of HTTP/0.9 answers (`/latest`, `/stats`) the server holds
     /// for one connection at most, not yet taken by quiche: a body is

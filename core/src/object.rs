@@ -74,6 +74,10 @@ pub(crate) struct Hints {
 /// stream splitter refuses anything deeper before parsing it.
 pub const MAX_DEPTH: usize = 127;
 
+/// Spare capacity an object's bytes may keep; past it they are shrunk to
+/// fit.
+const SLACK_KEPT: usize = 64;
+
 impl JsonObject {
     /// Checks that `bytes` are exactly one JSON object (whitespace around it
     /// allowed) and keeps them without whitespace between tokens.
@@ -92,7 +96,13 @@ impl JsonObject {
     /// need no compacting are kept as they are, without a copy.
     pub(crate) fn parse_hinted(bytes: Vec<u8>, hints: Hints) -> Result<JsonObject, StreamError> {
         let known = check(&bytes)?;
-        let json = if hints.loose { compact(&bytes) } else { bytes };
+        let mut json = if hints.loose { compact(&bytes) } else { bytes };
+        // The splitter reserves for the chunk in hand (up to 4 KiB), not for
+        // the value: a chunk of many small objects would leave each holding
+        // the rest of its reservation for as long as its report waits.
+        if json.capacity() - json.len() > SLACK_KEPT {
+            json.shrink_to_fit();
+        }
         Ok(JsonObject { json, known })
     }
 

@@ -442,8 +442,10 @@ pub struct ServerStats {
 /// One answer slot on a stream.
 #[derive(Debug)]
 enum Slot {
-    /// Waiting for the application (or for the first copy of a duplicate).
-    Pending,
+    /// Waiting for the application (or for the first copy of a duplicate),
+    /// with what it holds against the connection's read budget
+    /// ([`StreamState::pending_bytes`]; 0 for a parked copy or a request).
+    Pending(usize),
     /// The encoded answer.
     Ready(Vec<u8>),
 }
@@ -463,6 +465,10 @@ struct StreamState {
     /// slots waiting on another copy the application holds), kept in
     /// `Server::awaiting` until that copy's fate is known.
     parked_bytes: usize,
+    /// What this stream's reports in the application's hands hold
+    /// ([`pending_charge`] each), against the connection's read budget
+    /// ([`Server::read_streams`]).
+    pending_bytes: usize,
     /// On an HTTP/0.9 connection: the request line so far.
     request: Option<Vec<u8>>,
     /// The client's side is done (FIN, reset, or we stopped reading).
@@ -481,6 +487,7 @@ impl StreamState {
             out: Vec::new(),
             ready_bytes: 0,
             parked_bytes: 0,
+            pending_bytes: 0,
             request: None,
             read_done: false,
             write_done: false,
@@ -1368,10 +1375,21 @@ impl Server {
         });
     }
 
-    /// Reads every readable stream of `key` and turns its objects into
-    /// slots and events.
+    /// Reads the readable streams of `key` and turns their objects into
+    /// slots and events, within the connection's read budget
+    /// ([`ServerConfig::max_unanswered_bytes`] of reports in the
+    /// application's hands, [`pending_charge`] each, those of this pass
+    /// included). Past the budget the rest stays in quiche, whose flow
+    /// control holds the client back, and is read once the application
+    /// answers ([`Server::respond`] comes back here). Reads are cut to the
+    /// budget left ([`read_size`]), so that a window of tiny objects
+    /// (`{}{}{}...`, all there at once when the first packet of a stream
+    /// comes last) cannot become more reports in one pass than the budget
+    /// allows. What the client leaves unanswered (answers it does not take,
+    /// values in progress) has its own limit: [`Server::check_unanswered`].
     fn read_streams(&mut self, key: ConnKey) {
         let max = self.cfg.max_report_bytes;
+        let budget = self.cfg.max_unanswered_bytes;
         let mut items = std::mem::take(&mut self.items);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -1392,7 +1410,11 @@ impl Server {
             hq::read_requests(key, conn, &mut self.scratch, &mut self.events);
             return;
         }
+        let mut held: usize = conn.streams.values().map(|st| st.pending_bytes).sum();
         for sid in conn.quic.readable() {
+            if held >= budget {
+                break;
+            }
             if refuse_unless_client_bidi(&mut conn.quic, sid) {
                 continue;
             }
@@ -1400,8 +1422,9 @@ impl Server {
                 .streams
                 .entry(sid)
                 .or_insert_with(|| StreamState::new(max));
-            while !st.read_done {
-                match conn.quic.stream_recv(sid, &mut self.scratch) {
+            while !st.read_done && held < budget {
+                let want = read_size(budget - held, self.scratch.len());
+                match conn.quic.stream_recv(sid, &mut self.scratch[..want]) {
                     Ok((n, fin)) => {
                         st.splitter.push(&self.scratch[..n]);
                         if fin {
@@ -1418,12 +1441,17 @@ impl Server {
                         st.read_done = true;
                     }
                 }
+                while let Some(item) = st.splitter.next_item() {
+                    // Counted as a report in the application's hands (an
+                    // error or a duplicate, answered at once, is counted
+                    // too, for this pass only).
+                    let len = item.as_ref().map_or(0, |o| o.json().len());
+                    held = held.saturating_add(pending_charge(len));
+                    items.push((sid, item));
+                }
                 if st.splitter.is_failed() {
                     break;
                 }
-            }
-            while let Some(item) = st.splitter.next_item() {
-                items.push((sid, item));
             }
         }
         for (sid, item) in items.drain(..) {
@@ -1453,8 +1481,9 @@ impl Server {
                 .get_mut(key)
                 .and_then(|c| c.streams.get_mut(&sid))
             {
-                if let Slot::Ready(a) = &slot {
-                    st.ready_bytes += a.len();
+                match &slot {
+                    Slot::Ready(a) => st.ready_bytes += a.len(),
+                    Slot::Pending(charge) => st.pending_bytes += charge,
                 }
                 st.slots.push_back(slot);
             }
@@ -1522,19 +1551,20 @@ impl Server {
                     }
                 }
                 self.awaiting.insert(handle, Awaiting { key: None, ok });
-                return Slot::Pending;
+                return Slot::Pending(0);
             }
             self.parked.insert(k.clone(), Vec::new());
         }
         self.stats.reports += 1;
         let ok = ok_answer(report.json(), false);
+        let charge = pending_charge(report.json().len());
         self.awaiting.insert(handle, Awaiting { key, ok });
         self.events.push_back(ServerEvent::Report {
             handle,
             peer,
             report,
         });
-        Slot::Pending
+        Slot::Pending(charge)
     }
 
     /// Puts an answer in its slot. Returns false if the stream is gone.
@@ -1550,7 +1580,10 @@ impl Server {
             return false;
         };
         match st.slots.get_mut(pos as usize) {
-            Some(slot @ Slot::Pending) => {
+            Some(slot @ Slot::Pending(_)) => {
+                if let Slot::Pending(charge) = slot {
+                    st.pending_bytes -= *charge;
+                }
                 st.ready_bytes += answer.len();
                 *slot = Slot::Ready(answer);
                 true
@@ -1761,6 +1794,33 @@ const OK_HEAD: &[u8] = b"{\"ok\":true,";
 const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
 
 /// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
+/// What a report in the application's hands costs beyond its bytes: its
+/// event, its `awaiting` entry, its slot and what a driver keeps for it
+/// (an estimate, on the high side).
+const PENDING_OVERHEAD: usize = 256;
+
+/// What a report of `len` bytes holds while the application has it: its
+/// bytes, its prepared answer (a copy of them) and [`PENDING_OVERHEAD`].
+fn pending_charge(len: usize) -> usize {
+    len.saturating_mul(2)
+        .saturating_add(OK_HEAD.len() + 14)
+        .saturating_add(PENDING_OVERHEAD)
+}
+
+/// The smallest read [`read_size`] asks quiche for: at most 64 objects
+/// past the budget.
+const MIN_READ: usize = 128;
+
+/// How many bytes to read from a stream with `left` of the read budget: as
+/// many as could not take the connection past it were they all 2-byte
+/// objects ([`pending_charge`] each), `MIN_READ` at least, `scratch` at
+/// most.
+fn read_size(left: usize, scratch: usize) -> usize {
+    (left / pending_charge(2) * 2)
+        .clamp(MIN_READ, scratch.max(MIN_READ))
+        .min(scratch)
+}
+
 fn ok_answer(received: &[u8], duplicate: bool) -> Vec<u8> {
     let mut a = Vec::with_capacity(OK_HEAD.len() + DUPLICATE_FIELD.len() + received.len() + 14);
     a.extend_from_slice(OK_HEAD);

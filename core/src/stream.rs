@@ -433,6 +433,19 @@ mod tests {
         );
     }
 
+    /// From review: a chunk of many small objects left each holding the
+    /// rest of the chunk's reservation (up to 4 KiB for `{}`) for as long as
+    /// its report waited.
+    #[test]
+    fn a_small_object_keeps_no_more_than_a_little_slack() {
+        let mut s = ObjectSplitter::new(LIMIT);
+        s.push("{}".repeat(1000).as_bytes());
+        let o = s.next_item().expect("an item").expect("an object");
+        let (json, _) = o.into_parts();
+        assert_eq!(json, b"{}");
+        assert!(json.capacity() <= 2 + 64, "{} bytes held", json.capacity());
+    }
+
     #[test]
     fn objects_back_to_back() {
         let want = vec![Ok(obj(json!({"a":1}))), Ok(obj(json!({"b":2})))];

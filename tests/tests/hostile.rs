@@ -9,7 +9,9 @@ use std::time::Duration;
 use quic_report_core::config::{RetryMode, codes};
 use quic_report_core::error::TokenError;
 use quic_report_core::server::Limit;
-use quic_report_core::{ALPN, CoreRng, DatagramError, Server, ServerConfig, ServerSecret};
+use quic_report_core::{
+    ALPN, CoreRng, DatagramError, Outcome, Server, ServerConfig, ServerEvent, ServerSecret,
+};
 use quic_report_tests::raw::{put_varint, session_with_transport_param, take_varint};
 use quic_report_tests::{NetConfig, RawPeer, Sim, seed_or};
 
@@ -837,4 +839,102 @@ fn http09_request_lines_are_held_to_their_limit_however_they_come() {
         "{most} bytes held for {streams} streams"
     );
     assert!(!sim.raws[h].conn.is_closed());
+}
+
+/// Handshakes `peer` with the sim's server by hand (nothing else runs).
+fn handshake_by_hand(sim: &mut Sim, peer: &mut RawPeer) {
+    let server_addr = sim.server_addr;
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..50 {
+        let now = sim.clock.now();
+        let server = sim.server.as_mut().expect("server");
+        let mut moved = false;
+        while let Some((mut d, _)) = peer.next_datagram() {
+            let _ = server.handle_datagram(now, peer.addr, server_addr, &mut d);
+            moved = true;
+        }
+        while server.poll_event().is_some() {}
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            peer.receive(server_addr, &mut buf[..t.len]);
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert!(peer.conn.is_established(), "handshake done");
+}
+
+/// From review: a window of tiny objects (`{}` 30,000 times) that is all
+/// there at once (its stream's first packet came last) became 30,000
+/// reports in one pass, each holding a 4 KiB buffer (150 MB for one
+/// datagram), recorded before the unanswered-bytes limit closed the
+/// connection (27,974 of them answered to nobody). Now the server takes no
+/// more than its read budget of reports into the application's hands at a
+/// time, reads on as they are answered, and the client gets all 30,000
+/// answers on an open connection.
+#[test]
+fn tiny_objects_are_read_no_faster_than_they_are_answered() {
+    let mut sim = sim_with(310, |c| c.max_unanswered_bytes = 64 * 1024);
+    let server_addr = sim.server_addr;
+    let from = addr("127.0.1.1:7000");
+    let mut rng = CoreRng::from_seed(99);
+    let mut peer = RawPeer::connect_with(
+        from,
+        server_addr,
+        &[ALPN],
+        &mut rng,
+        |c| c.set_initial_congestion_window_packets(1000),
+        None,
+    );
+    handshake_by_hand(&mut sim, &mut peer);
+    let n = 30_000;
+    peer.write(0, "{}".repeat(n).as_bytes(), true);
+    let mut dgrams = Vec::new();
+    while let Some((d, _)) = peer.next_datagram() {
+        dgrams.push(d);
+    }
+    let first = dgrams.remove(0);
+    dgrams.push(first);
+    let mut buf = vec![0u8; 65536];
+    let (mut recorded, mut most_held) = (0, 0);
+    for _ in 0..10_000 {
+        let now = sim.clock.now();
+        let server = sim.server.as_mut().expect("server");
+        for mut d in dgrams.drain(..) {
+            let _ = server.handle_datagram(now, from, server_addr, &mut d);
+        }
+        let mut handles = Vec::new();
+        while let Some(ev) = server.poll_event() {
+            if let ServerEvent::Report { handle, .. } = ev {
+                handles.push(handle);
+            }
+        }
+        most_held = most_held.max(handles.len());
+        for h in handles {
+            server
+                .respond(now, h, Outcome::Recorded)
+                .expect("the connection is open");
+            recorded += 1;
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            peer.receive(server_addr, &mut buf[..t.len]);
+        }
+        while let Some((d, _)) = peer.next_datagram() {
+            dgrams.push(d);
+        }
+        if peer.seen(0).fin {
+            break;
+        }
+    }
+    assert_eq!(recorded, n, "every object recorded once");
+    let seen = peer.seen(0);
+    assert!(seen.fin, "the stream is answered to its end");
+    assert_eq!(seen.data.iter().filter(|&&b| b == b'\n').count(), n);
+    assert!(!peer.conn.is_closed(), "the connection stays open");
+    // 64 KiB of budget at about 285 bytes a report, and one read past it.
+    assert!(
+        most_held <= 400,
+        "{most_held} reports in the application's hands at once"
+    );
 }

@@ -74,7 +74,7 @@ pub(super) fn read_requests(
         let req = std::mem::take(req);
         match parse_request(&req) {
             Some(path) => {
-                st.slots.push_back(Slot::Pending);
+                st.slots.push_back(Slot::Pending(0));
                 let handle = ReportHandle {
                     conn: key,
                     stream: sid,
