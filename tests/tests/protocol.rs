@@ -479,6 +479,68 @@ fn a_large_http09_answer_reaches_the_reader() {
     );
 }
 
+/// From review: one datagram can open 100 streams of `GET /latest`, and
+/// the application built every body (up to 12 MiB each) before the
+/// answer-bytes limit closed the connection. Now the server hands it 4
+/// requests of a connection at a time, and the next as those are
+/// answered: every stream still gets its body.
+#[test]
+fn http09_requests_reach_the_application_a_few_at_a_time() {
+    let mut sim = Sim::new(seed_or(32), NetConfig::default());
+    let from: SocketAddr = "198.51.100.12:4000".parse().expect("address");
+    let mut peer = RawPeer::connect(
+        from,
+        sim.server_addr,
+        &[quic_report_core::config::HQ_ALPN],
+        &mut quic_report_core::CoreRng::from_seed(32),
+    );
+    let streams = 100u64;
+    for i in 0..streams {
+        peer.write(4 * i, b"GET /latest\r\n", true);
+    }
+    let (now, to) = (sim.clock.now(), sim.server_addr);
+    let server = sim.server.as_mut().expect("the server runs");
+    let mut buf = vec![0u8; 65536];
+    let (mut answered, mut most) = (0, 0);
+    for _ in 0..10_000 {
+        while let Some((mut d, _)) = peer.next_datagram() {
+            let _ = server.handle_datagram(now, from, to, &mut d);
+        }
+        let mut held = Vec::new();
+        while let Some(ev) = server.poll_event() {
+            if let ServerEvent::Request { handle, .. } = ev {
+                held.push(handle);
+            }
+        }
+        most = most.max(held.len());
+        for h in held {
+            server
+                .respond_request(now, h, b"{}\n".to_vec())
+                .expect("respond");
+            answered += 1;
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            peer.receive(to, &mut buf[..t.len]);
+        }
+        if (0..streams).all(|i| peer.seen(4 * i).fin) {
+            break;
+        }
+    }
+    assert_eq!(answered, streams, "every request reached the application");
+    for i in 0..streams {
+        let seen = peer.seen(4 * i);
+        assert!(
+            seen.fin && seen.data == b"{}\n",
+            "stream {}: {seen:?}",
+            4 * i
+        );
+    }
+    assert!(
+        most <= 4,
+        "{most} requests in the application's hands at once"
+    );
+}
+
 /// A second copy of a report that arrives while the application still
 /// holds the first is answered with the first's fate, once it is known; a
 /// first copy the store found there already (`Duplicate`) makes the

@@ -13,9 +13,16 @@ use crate::config::codes;
 /// Longest HTTP/0.9 request line we read.
 const MAX_REQUEST_BYTES: usize = 4096;
 
-/// Reads the request line of every readable stream of `conn` (up to FIN,
+/// Requests of one connection in the application's hands at a time. A body
+/// is built whole before it is handed over (up to 12 MiB for `/latest`),
+/// so 100 streams of `GET /latest` in one datagram would have the
+/// application build 100 of them; the others wait in quiche, unread, until
+/// one is answered (`Server::respond_request` comes back here).
+const MAX_REQUESTS_IN_HAND: usize = 4;
+
+/// Reads the request line of the readable streams of `conn` (up to FIN,
 /// or [`MAX_REQUEST_BYTES`]) and hands `GET /path` to the application as
-/// [`ServerEvent::Request`].
+/// [`ServerEvent::Request`], [`MAX_REQUESTS_IN_HAND`] at a time.
 pub(super) fn read_requests(
     key: ConnKey,
     conn: &mut Conn,
@@ -26,7 +33,15 @@ pub(super) fn read_requests(
     let Some(identity) = conn.identity.clone() else {
         return; // never read before the identity is settled
     };
+    let mut in_hand = conn
+        .streams
+        .values()
+        .filter(|st| matches!(st.slots.front(), Some(Slot::Pending(_))))
+        .count();
     for sid in conn.quic.readable() {
+        if in_hand >= MAX_REQUESTS_IN_HAND {
+            break;
+        }
         if refuse_unless_client_bidi(&mut conn.quic, sid) {
             continue;
         }
@@ -75,6 +90,7 @@ pub(super) fn read_requests(
         match parse_request(&req) {
             Some(path) => {
                 st.slots.push_back(Slot::Pending(0));
+                in_hand += 1;
                 let handle = ReportHandle {
                     conn: key,
                     stream: sid,
