@@ -52,6 +52,10 @@ pub enum DatagramError {
     /// The server is at its connection limit.
     #[error("connection limit reached")]
     TooManyConnections,
+    /// The client's origin has `MAX_HANDSHAKES_FROM` handshakes in
+    /// progress.
+    #[error("too many handshakes in progress from this address")]
+    TooManyHandshakes,
     /// The packet came from an address this endpoint does not talk to.
     #[error("datagram from an unexpected peer")]
     UnexpectedPeer,

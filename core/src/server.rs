@@ -194,6 +194,10 @@ pub enum Limit {
     /// identity that had that many was closed after its handshake, with
     /// [`codes::EXCESSIVE_LOAD`].
     IdentityConnections,
+    /// [`MAX_HANDSHAKES_FROM`]: a new connection from an origin with that
+    /// many handshakes in progress was refused (its Initial dropped; the
+    /// client sends it again).
+    HandshakesFrom,
 }
 
 impl fmt::Display for Limit {
@@ -207,6 +211,9 @@ impl fmt::Display for Limit {
             Limit::IdleTimeout => "idle timeout: connection closed",
             Limit::IdentityConnections => {
                 "connection limit of its identity reached: connection closed"
+            }
+            Limit::HandshakesFrom => {
+                "too many handshakes in progress from one address: new connection refused"
             }
         })
     }
@@ -232,6 +239,9 @@ pub struct LimitCounts {
     /// [`Limit::IdentityConnections`]: connections closed as one too many
     /// of their identity.
     pub identity_connections: u64,
+    /// [`Limit::HandshakesFrom`]: new connections refused (every refused
+    /// Initial counts).
+    pub handshakes_from: u64,
 }
 
 impl LimitCounts {
@@ -245,6 +255,7 @@ impl LimitCounts {
             Limit::HandshakeTimeout => self.handshake_timeouts,
             Limit::IdleTimeout => self.idle_timeouts,
             Limit::IdentityConnections => self.identity_connections,
+            Limit::HandshakesFrom => self.handshakes_from,
         }
     }
 
@@ -257,6 +268,7 @@ impl LimitCounts {
             Limit::HandshakeTimeout => &mut self.handshake_timeouts,
             Limit::IdleTimeout => &mut self.idle_timeouts,
             Limit::IdentityConnections => &mut self.identity_connections,
+            Limit::HandshakesFrom => &mut self.handshakes_from,
         };
         *n += 1;
     }
@@ -829,6 +841,27 @@ impl Server {
         }
         if len < 1200 {
             return Err(DatagramError::InitialTooSmall(len));
+        }
+        if !table::origin_of(from).is_loopback()
+            && self.conns.handshakes_from(from) >= MAX_HANDSHAKES_FROM
+        {
+            self.stats.limits.bump(Limit::HandshakesFrom);
+            return Err(DatagramError::TooManyHandshakes);
+        }
+        if self.conns.len() >= self.cfg.max_connections {
+            // Full: a handshake in progress for longer than any honest one
+            // takes gives its place (peers that answer the Retry and go no
+            // further would otherwise keep every slot from honest clients).
+            let stale = now
+                + self
+                    .cfg
+                    .handshake_timeout
+                    .saturating_sub(HALF_OPEN_EVICTABLE);
+            if let Some(key) = self.conns.stalest_half_open(stale) {
+                let peer = self.conns.get(key).map_or(from, |c| c.peer);
+                self.limit_hit(Some(key), peer, Limit::HandshakeTimeout);
+                self.reap(key, CloseReason::HandshakeTimeout);
+            }
         }
         if self.conns.len() >= self.cfg.max_connections {
             self.stats.limits.bump(Limit::Connections);
@@ -1794,6 +1827,19 @@ const OK_HEAD: &[u8] = b"{\"ok\":true,";
 const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
 
 /// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
+/// Handshakes in progress from one origin (an IPv4 address, an IPv6 /64:
+/// `table::origin_of`) at most; loopback is not limited (this host's own
+/// processes, the benchmarks' thousands of connections). More from there
+/// are refused until some finish: a host cannot take every connection slot
+/// with handshakes it never completes, while a site behind one NAT still
+/// gets its devices in (a handshake takes a round trip or two; a refused
+/// Initial is sent again within a second or so).
+pub const MAX_HANDSHAKES_FROM: usize = 256;
+
+/// How long a handshake must have been in progress before a new
+/// connection may take its place when the table is full.
+const HALF_OPEN_EVICTABLE: Duration = Duration::from_secs(2);
+
 /// What a report in the application's hands costs beyond its bytes: its
 /// event, its `awaiting` entry, its slot and what a driver keeps for it
 /// (an estimate, on the high side).

@@ -746,6 +746,79 @@ fn retry_after_restart_with_resumed_session() {
     assert!(server(&sim).stats().retries_sent >= 1);
 }
 
+/// From review: one host (many source ports, each answering the Retry)
+/// could fill every connection slot with handshakes it never finishes,
+/// and keep honest clients out. Now an origin has at most
+/// `MAX_HANDSHAKES_FROM` handshakes in progress, an IPv6 /64 counting as
+/// one (loopback excepted); others still get in.
+#[test]
+fn one_origin_has_a_bounded_number_of_handshakes_in_progress() {
+    let max = quic_report_core::server::MAX_HANDSHAKES_FROM;
+    let mut sim = sim_with(320, |_| {});
+    let inject_from = |sim: &mut Sim, from: SocketAddr| {
+        let mut p = sim.detached_raw(from);
+        let (mut d, _) = p.next_datagram().expect("an Initial");
+        sim.inject(from, &mut d).expect("the server runs")
+    };
+    for port in 0..max {
+        let from = addr(&format!("198.51.100.1:{}", 10_000 + port));
+        assert_eq!(inject_from(&mut sim, from), Ok(()), "handshake {port}");
+    }
+    let r = inject_from(&mut sim, addr("198.51.100.1:9999"));
+    assert_eq!(r, Err(DatagramError::TooManyHandshakes));
+    assert_eq!(server(&sim).stats().limits.handshakes_from, 1);
+    assert_eq!(inject_from(&mut sim, addr("198.51.100.2:9999")), Ok(()));
+    // An IPv6 /64 is one origin; the next /64 is another.
+    for port in 0..max {
+        let from = addr(&format!("[2001:db8:0:1::{:x}]:4433", port + 1));
+        assert_eq!(inject_from(&mut sim, from), Ok(()), "handshake {port}");
+    }
+    let r = inject_from(&mut sim, addr("[2001:db8:0:1:ffff::1]:4433"));
+    assert_eq!(r, Err(DatagramError::TooManyHandshakes));
+    assert_eq!(
+        inject_from(&mut sim, addr("[2001:db8:0:2::1]:4433")),
+        Ok(())
+    );
+    // Loopback (this host's processes) is not limited.
+    for port in 0..=max {
+        let from = addr(&format!("127.0.0.1:{}", 20_000 + port));
+        assert_eq!(inject_from(&mut sim, from), Ok(()), "handshake {port}");
+    }
+    assert_eq!(server(&sim).stats().limits.handshakes_from, 2);
+}
+
+/// When every slot is taken, a handshake in progress for 2 s or more
+/// gives its place to a new client instead of the new client being
+/// refused; younger ones keep theirs.
+#[test]
+fn a_full_table_gives_a_stale_handshake_s_place_to_a_new_client() {
+    let mut sim = sim_with(321, |c| c.max_connections = 2);
+    let inject_from = |sim: &mut Sim, from: SocketAddr| {
+        let mut p = sim.detached_raw(from);
+        let (mut d, _) = p.next_datagram().expect("an Initial");
+        sim.inject(from, &mut d).expect("the server runs")
+    };
+    assert_eq!(inject_from(&mut sim, addr("198.51.100.1:6000")), Ok(()));
+    sim.clock.advance(Duration::from_millis(1500));
+    assert_eq!(inject_from(&mut sim, addr("198.51.100.2:6000")), Ok(()));
+    // Both younger than 2 s: refused.
+    assert_eq!(
+        inject_from(&mut sim, addr("198.51.100.3:6000")),
+        Err(DatagramError::TooManyConnections)
+    );
+    // The first is 2.5 s old: it makes way; the second (1 s) does not.
+    sim.clock.advance(Duration::from_millis(1000));
+    assert_eq!(inject_from(&mut sim, addr("198.51.100.4:6000")), Ok(()));
+    assert_eq!(
+        inject_from(&mut sim, addr("198.51.100.5:6000")),
+        Err(DatagramError::TooManyConnections)
+    );
+    let s = server(&sim).stats();
+    assert_eq!(s.limits.handshake_timeouts, 1, "{s:?}");
+    assert_eq!(s.limits.connections, 2, "{s:?}");
+    assert_eq!(server(&sim).connections(), 2);
+}
+
 #[test]
 fn connection_limit_refuses_and_reports_once() {
     let mut sim = sim_with(313, |c| c.max_connections = 2);

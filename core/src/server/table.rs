@@ -7,7 +7,11 @@
 //! - `routes`: a connection by destination connection ID;
 //! - `timers`: the connections whose deadline is due, by deadline;
 //! - `sending`: the connections that may have datagrams to send;
-//! - `handshaking`: how many handshakes are in progress.
+//! - `handshaking`: how many handshakes are in progress;
+//! - `handshakes_from`: how many of them come from each origin
+//!   ([`origin_of`]);
+//! - `half_open`: the connections in the order they came, for the oldest
+//!   handshake still in progress ([`ConnTable::stalest_half_open`]).
 //!
 //! Invariants:
 //! - every route names a live connection, and a connection's `cids` are
@@ -19,10 +23,13 @@
 //!   per datagram;
 //! - `sending` holds a live connection at most once (`Conn::queued`); it may
 //!   still hold removed ones, which are skipped;
-//! - `handshaking` counts the live connections that are not established.
+//! - `handshaking` counts the live connections that are not established,
+//!   and `handshakes_from` the same by origin (no entry at 0);
+//! - `half_open` holds every live connection that is not established, in
+//!   key order; it may still hold others, which are skipped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use quiche::ConnectionId;
@@ -32,6 +39,19 @@ use crate::identity::Identity;
 
 /// Spare connection IDs an established connection is given, at most.
 const MAX_CIDS: usize = 8;
+
+/// Where a handshake comes from, for the limit on handshakes in progress
+/// from one origin: the IPv4 address (an IPv4-mapped one too), or the IPv6
+/// /64, what one host or one site is usually given.
+pub(super) fn origin_of(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
 
 /// One connection: quiche's state and ours. The fields the table keeps in
 /// its indexes are private to this module.
@@ -53,6 +73,8 @@ pub(super) struct Conn {
     pub(super) parked: usize,
     /// Its routing entries.
     cids: Vec<ConnectionId<'static>>,
+    /// Where its handshake came from ([`origin_of`] of its first address).
+    origin: IpAddr,
     /// Its handshake completed.
     opened: bool,
     /// When it next needs `Server::handle_timeout`.
@@ -84,6 +106,7 @@ impl Conn {
             reports: 0,
             parked: 0,
             cids: Vec::new(),
+            origin: origin_of(peer),
             opened: false,
             deadline: None,
             indexed: None,
@@ -114,6 +137,8 @@ pub(super) struct ConnTable {
     timers: BTreeSet<(Instant, ConnKey)>,
     sending: VecDeque<ConnKey>,
     handshaking: usize,
+    handshakes_from: HashMap<IpAddr, usize>,
+    half_open: VecDeque<ConnKey>,
     next_key: u64,
 }
 
@@ -169,9 +194,53 @@ impl ConnTable {
         conn.cids = cids;
         if !conn.opened {
             self.handshaking += 1;
+            *self.handshakes_from.entry(conn.origin).or_default() += 1;
+            self.skip_opened();
+            self.half_open.push_back(key);
         }
         self.conns.insert(key, Box::new(conn));
         key
+    }
+
+    /// Handshakes in progress from the origin of `addr` ([`origin_of`]).
+    pub(super) fn handshakes_from(&self, addr: SocketAddr) -> usize {
+        self.handshakes_from
+            .get(&origin_of(addr))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The oldest connection whose handshake is still in progress, if its
+    /// handshake deadline is `deadline` or earlier.
+    pub(super) fn stalest_half_open(&mut self, deadline: Instant) -> Option<ConnKey> {
+        self.skip_opened();
+        let key = *self.half_open.front()?;
+        let conn = self.conns.get(&key)?;
+        (conn.handshake_deadline <= deadline).then_some(key)
+    }
+
+    /// Drops the keys at the front of `half_open` that are no longer
+    /// half-open connections.
+    fn skip_opened(&mut self) {
+        while let Some(key) = self.half_open.front() {
+            match self.conns.get(key) {
+                Some(c) if !c.opened => break,
+                _ => {
+                    self.half_open.pop_front();
+                }
+            }
+        }
+    }
+
+    /// One handshake from `origin` fewer.
+    fn handshake_over(&mut self, origin: IpAddr) {
+        self.handshaking -= 1;
+        if let Some(n) = self.handshakes_from.get_mut(&origin) {
+            *n -= 1;
+            if *n == 0 {
+                self.handshakes_from.remove(&origin);
+            }
+        }
     }
 
     /// Marks the connection established if quiche says its handshake is
@@ -184,7 +253,8 @@ impl ConnTable {
             return false;
         }
         conn.opened = true;
-        self.handshaking -= 1;
+        let origin = conn.origin;
+        self.handshake_over(origin);
         true
     }
 
@@ -300,7 +370,7 @@ impl ConnTable {
     pub(super) fn remove(&mut self, key: ConnKey) -> Option<Box<Conn>> {
         let conn = self.conns.remove(&key)?;
         if !conn.opened {
-            self.handshaking -= 1;
+            self.handshake_over(conn.origin);
         }
         if let Some(at) = conn.indexed {
             self.timers.remove(&(at, key));
