@@ -71,3 +71,38 @@ fn source_serves_values_and_404s() {
     let (status, _) = get("/nope").expect("source answers");
     assert_eq!(status, 404);
 }
+
+/// From review: a server whose stdout nobody reads blocks in `write(2)`
+/// once the pipe is full, and its loop with it; SIGTERM, once or twice,
+/// only woke a loop that never came to take it, so nothing but SIGKILL
+/// ended the process. Now a signal that finds the one before it untaken
+/// ends the process at once, with the status the default disposition
+/// gives (128 + 15).
+#[test]
+fn a_server_stuck_writing_to_stdout_ends_on_a_second_sigterm() {
+    let (_source, url) = common::Logged::start_source();
+    let port = common::free_udp_port();
+    let server_addr = format!("127.0.0.1:{port}");
+    let mut server = common::Logged::spawn("server", &["server", "--listen", &server_addr]);
+    server.wait_for("listening on");
+    // Nobody reads the server's stdout: 64 KiB of pipe and the buffer fill.
+    let _client = common::Logged::spawn("client", &client_args(&server_addr, &url, "2ms", &[]));
+    let pid = server.child.id();
+    let deadline = Instant::now() + common::LIMIT;
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("pipe_write") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never blocked on its stdout (wchan {wchan:?})"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    server.signal(libc::SIGTERM);
+    thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGTERM);
+    let status = server.wait(common::LIMIT);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status}");
+}
