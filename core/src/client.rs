@@ -293,6 +293,8 @@ struct InFlight {
     /// not news).
     resend: bool,
     sent_at: Instant,
+    /// The report's length.
+    len: usize,
     /// Bytes quiche has not taken yet (flow control); written on writable.
     unsent: Vec<u8>,
     /// The answer so far.
@@ -313,6 +315,10 @@ struct Conn {
     last_send: Instant,
     /// Do not send reports before this (the server could not record one).
     hold_until: Option<Instant>,
+    /// Since when reports have been waiting with none in flight and no
+    /// stream to send them on (the server gives no stream credit): past
+    /// the response timeout the connection is given up.
+    starved_since: Option<Instant>,
 }
 
 enum State {
@@ -580,7 +586,8 @@ impl Client {
             }
             State::Connected(c) => {
                 let oldest = c.in_flight.values().map(|f| f.sent_at).min();
-                if oldest.is_some_and(|t| t + self.cfg.response_timeout <= now) {
+                let waiting_since = oldest.or(c.starved_since);
+                if waiting_since.is_some_and(|t| t + self.cfg.response_timeout <= now) {
                     abandon = Some(DisconnectReason::NoResponse);
                 } else if let Some(ka) = self.cfg.keep_alive
                     && c.in_flight.is_empty()
@@ -722,7 +729,9 @@ impl Client {
                 d = timer::earliest(
                     d,
                     timer::at(
-                        oldest.map(|t| t + self.cfg.response_timeout),
+                        oldest
+                            .or(c.starved_since)
+                            .map(|t| t + self.cfg.response_timeout),
                         TimerKind::AckWait,
                     ),
                 );
@@ -795,6 +804,7 @@ impl Client {
             next_stream: 0,
             last_send: now,
             hold_until: None,
+            starved_since: None,
         };
         self.state = State::Connecting(Box::new(conn));
         self.pump(now);
@@ -1012,11 +1022,25 @@ impl Client {
             }
         }
         if conn.hold_until.is_some_and(|t| t > now) {
+            conn.starved_since = None;
             return;
         }
+        let mut bytes: usize = conn.in_flight.values().map(|f| f.len).sum();
         while conn.in_flight.len() < self.cfg.max_in_flight
             && conn.quic.peer_streams_left_bidi() > 0
         {
+            // Past the byte limit the next waits (one report always goes):
+            // the server counts the reports it has in part against its
+            // unanswered-bytes limit, and a backlog of large reports all
+            // on the way at once closed every connection before any was
+            // answered.
+            if !conn.in_flight.is_empty()
+                && queue
+                    .next_waiting_bytes()
+                    .is_some_and(|b| bytes.saturating_add(b) > self.cfg.max_in_flight_bytes)
+            {
+                break;
+            }
             let Some(entry) = queue.take_waiting() else {
                 break;
             };
@@ -1027,6 +1051,12 @@ impl Client {
                 .sample
                 .encode_report(&conn.id_hex, &self.client_id, seq, &mut body);
             let sid = conn.next_stream;
+            // Sent whole, one after another in seq order (quiche's default
+            // interleaves open streams a packet each, so every report
+            // arrives in part until the last packets of all of them).
+            let _ = conn.quic.stream_priority(sid, 127, false);
+            let len = body.len();
+            bytes = bytes.saturating_add(len);
             match conn.quic.stream_send(sid, &body, true) {
                 Ok(n) => {
                     body.drain(..n);
@@ -1049,11 +1079,19 @@ impl Client {
                     seq,
                     resend,
                     sent_at: now,
+                    len,
                     unsent: body,
                     response: Vec::new(),
                 },
             );
         }
+        let starved =
+            conn.in_flight.is_empty() && queue.waiting() > 0 && conn.quic.is_established();
+        conn.starved_since = if starved {
+            conn.starved_since.or(Some(now))
+        } else {
+            None
+        };
     }
 
     /// Gives up the current connection (closing it politely if it was up)
@@ -1177,7 +1215,12 @@ pub(crate) fn classify_close(
     }
     if let Some(e) = q.peer_error() {
         let reason = String::from_utf8_lossy(&e.reason).into_owned();
+        // Only a server that proved who it is (our side of the handshake
+        // is done: its certificate and Finished checked) can stop us for
+        // good: before that, anyone who saw our Initial (its keys are
+        // public) can send this close.
         if !e.is_app
+            && (was_established || q.is_established())
             && let Some(why) = e
                 .error_code
                 .checked_sub(0x100)

@@ -143,6 +143,10 @@ pub struct ClientConfig {
     pub queue_limit_bytes: usize,
     /// Reports in flight on one connection at most (default 64).
     pub max_in_flight: usize,
+    /// Bytes of reports in flight on one connection at most (default
+    /// 256 KiB, a quarter of the server's default unanswered-bytes limit);
+    /// one report always goes, whatever its size.
+    pub max_in_flight_bytes: usize,
     /// The `client` field; random hex when `None`.
     pub client_id: Option<String>,
     /// Our client certificate, for a server that requires one (`--cert`,
@@ -168,6 +172,7 @@ impl ClientConfig {
             queue_limit: 10_000,
             queue_limit_bytes: DEFAULT_QUEUE_LIMIT_BYTES,
             max_in_flight: 64,
+            max_in_flight_bytes: 256 * 1024,
             client_id: None,
             client_cert: None,
         }

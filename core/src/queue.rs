@@ -143,6 +143,14 @@ impl ReportQueue {
         Some(e)
     }
 
+    /// The bytes the oldest waiting report is counted at (see
+    /// [`ReportQueue::bytes`]), the one [`ReportQueue::take_waiting`]
+    /// would take.
+    pub fn next_waiting_bytes(&self) -> Option<usize> {
+        let seq = self.waiting.first()?;
+        self.entries.get(seq).map(|e| e.bytes)
+    }
+
     /// All of `seq`'s report has been handed to a connection: from now on
     /// the server may have recorded it, whatever becomes of this send.
     pub fn handed(&mut self, seq: Seq) {
