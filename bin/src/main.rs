@@ -12,6 +12,7 @@ mod demo;
 mod source;
 
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -172,9 +173,12 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
             run_server(opts, &mut sink, &mut |_| {})?;
         }
         SinkUrl::Stdout => {
-            // Buffered: the loop flushes once per batch of reports, before
-            // it acknowledges them (one write instead of one per report).
-            let mut sink = WriterSink::new(io::BufWriter::new(io::stdout().lock()));
+            // A duplicate of stdout's descriptor, unbuffered: the sink
+            // gathers a batch and writes it in one go at its flush, and no
+            // buffer (a BufWriter, std's own for stdout) may keep bytes of
+            // reports answered not_recorded to write them later.
+            let stdout = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
+            let mut sink = WriterSink::new(stdout);
             run_server(opts, &mut sink, &mut |_| {})?;
         }
         SinkUrl::Sqlite(path) => {

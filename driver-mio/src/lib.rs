@@ -85,7 +85,8 @@ pub use observe::{Observer, ReadPolicy};
 pub use secret::read_secret_file;
 pub use server::{DatabaseSink, ServerDriver, ServerOptions, Sink, run_server};
 pub use sink::{
-    DEFAULT_FSYNC_INTERVAL, FileSink, Fsync, RecordedKeys, ReportSink, SinkUrl, WriterSink,
+    DEFAULT_FSYNC_INTERVAL, FileSink, FlushError, Fsync, RecordedKeys, ReportSink, SinkUrl,
+    WriterSink,
 };
 pub use spool::{Spool, SpoolError, SpoolOptions};
 pub use stop::StopHandle;

@@ -3,11 +3,11 @@
 //! [`ReportSink`] that records reports.
 //!
 //! **An acknowledgement means "recorded":** the loop collects the core's
-//! events, calls [`ReportSink::record`] for every [`ServerEvent::Report`]
-//! among them, then [`ReportSink::flush`] once, and only then
-//! [`Server::respond`] with [`Outcome::Recorded`] (or
-//! [`Outcome::NotRecorded`] with the error if the write or the flush failed,
-//! so the client sends it again). Responding makes more to send and maybe
+//! events, records every [`ServerEvent::Report`] among them as the
+//! [`ReportSink`] contract says (each recorded, then one flush), and only
+//! then [`Server::respond`]s with [`Outcome::Recorded`] for those the sink
+//! kept, [`Outcome::NotRecorded`] with the error for the others (the client
+//! sends them again). Responding makes more to send and maybe
 //! more events, so the loop drains `poll_transmit` and `poll_event` again
 //! until both are empty. The sink's own deadline
 //! ([`ReportSink::sync_deadline`], e.g. a periodic fsync) is part of the
@@ -49,7 +49,7 @@ use crate::metrics_http::MetricsServer;
 use crate::observe::{Observer, ReadPolicy, Throttle, more_since};
 use crate::reuseport::{self, Steering};
 use crate::show::{self, ReportText};
-use crate::sink::RecordedKeys;
+use crate::sink::{RecordedKeys, record_batch};
 pub use crate::sink::{ReportSink, WriterSink};
 use crate::turn::Wait;
 use crate::udp::{UdpIo, is_unreachable};
@@ -778,37 +778,30 @@ impl Loop<'_> {
     }
 
     /// Writes each report, flushes the sink once, then answers each:
-    /// recorded, or not recorded if its write or the flush failed.
+    /// recorded, or not recorded if its write failed or the flush did not
+    /// keep it ([`crate::sink::record_batch`]).
     fn record_inline(&mut self, turn: Instant, reports: Vec<(ReportHandle, SocketAddr, &Report)>) {
         let Recorder::Inline(sink) = &mut self.sink else {
             return;
         };
-        let mut answers = Vec::with_capacity(reports.len());
-        let mut written = 0usize;
-        for (handle, peer, report) in reports {
-            // Serialised once: the sink writes it, /latest keeps it.
-            let line = report.to_json_line();
-            let outcome = match sink.record_line(report, &line) {
-                Ok(()) => {
-                    written += 1;
-                    Outcome::Recorded
-                }
-                Err(e) => Outcome::NotRecorded(e.to_string()),
-            };
-            answers.push((handle, peer, report, line, outcome));
-        }
-        if written > 0
-            && let Err(e) = sink.flush()
-        {
-            for (_, _, _, _, outcome) in &mut answers {
-                if *outcome == Outcome::Recorded {
-                    *outcome = Outcome::NotRecorded(e.to_string());
-                }
-            }
-        }
+        // Serialised once: the sink writes it, /latest keeps it.
+        let lines: Vec<Vec<u8>> = reports.iter().map(|(_, _, r)| r.to_json_line()).collect();
+        let results = record_batch(
+            &mut **sink,
+            reports
+                .iter()
+                .zip(&lines)
+                .map(|((_, _, report), line)| (*report, line.as_slice())),
+        );
         // The sink may have taken a while: answer with a fresh `now`.
         let now = Instant::now();
-        for (handle, peer, report, line, outcome) in answers {
+        for ((handle, peer, report), (line, result)) in
+            reports.into_iter().zip(lines.into_iter().zip(results))
+        {
+            let outcome = match result {
+                Ok(()) => Outcome::Recorded,
+                Err(e) => Outcome::NotRecorded(e),
+            };
             self.answer(now, turn, handle, peer, report, line, outcome);
         }
     }

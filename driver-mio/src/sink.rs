@@ -1,10 +1,11 @@
 //! Where the server records reports.
 //!
-//! - [`ReportSink`]: the trait the server loop writes through. A report is
-//!   acknowledged only after [`ReportSink::record`] and then
-//!   [`ReportSink::flush`] succeeded; if either fails the report is answered
-//!   `not_recorded` and the client keeps it and sends it again.
-//! - [`WriterSink`]: JSON lines to any `io::Write` (stdout).
+//! - [`ReportSink`]: the trait the server loop writes through; its doc is
+//!   the contract between the loop and a sink (when a report is
+//!   acknowledged, and what a sink must not leave behind for a report
+//!   answered `not_recorded`).
+//! - [`WriterSink`]: JSON lines to any unbuffered `io::Write` (stdout's
+//!   descriptor), each batch written at its flush.
 //! - [`FileSink`]: JSON lines appended to a file, with an [`Fsync`] policy,
 //!   and undone (truncated away) when a write or an fsync fails, so a report
 //!   answered `not_recorded` is not in the file either.
@@ -70,10 +71,21 @@ impl std::str::FromStr for SinkUrl {
     }
 }
 
-/// Where recorded reports go. A report is acknowledged only after
-/// [`ReportSink::record`] and [`ReportSink::flush`] both succeeded.
+/// Where recorded reports go.
+///
+/// **The contract.** The server loop records each report of a batch
+/// ([`ReportSink::record_line`]), then, if any record succeeded, calls
+/// [`ReportSink::flush`] once, then answers every report of the batch. A
+/// report is answered `recorded` only if its record succeeded and the flush
+/// kept it: every one on `Ok`, the first [`FlushError::kept`] of them (in
+/// the order recorded) on an error. Every other report is answered
+/// `not_recorded`, and the client keeps it and sends it again; so a sink
+/// must not let such a report reach its output later (that would be a
+/// duplicate of its resend): it undoes it if it can, and its docs say
+/// what it cannot undo.
 pub trait ReportSink {
-    /// Writes one report.
+    /// Writes one report (or fails: that report is answered
+    /// `not_recorded`).
     fn record(&mut self, report: &Report) -> io::Result<()>;
 
     /// Writes one report whose JSON line (`report.to_json_line()`) the
@@ -85,9 +97,9 @@ pub trait ReportSink {
     }
 
     /// Makes what was recorded since the last flush as durable as the sink
-    /// promises before an acknowledgement. On an error none of those
-    /// reports counts as recorded (the sink undoes them if it can).
-    fn flush(&mut self) -> io::Result<()> {
+    /// promises before an acknowledgement. On an error, only the first
+    /// [`FlushError::kept`] of those reports count as recorded.
+    fn flush(&mut self) -> Result<(), FlushError> {
         Ok(())
     }
 
@@ -106,6 +118,49 @@ pub trait ReportSink {
     }
 }
 
+/// A failed [`ReportSink::flush`]: the error, and how many of the reports
+/// recorded since the previous flush (the first ones, in the order
+/// recorded) were made as durable as the sink promises before it.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct FlushError {
+    /// Reports kept: answered `recorded`. The others are answered
+    /// `not_recorded`.
+    pub kept: usize,
+    /// What failed (said to the clients of the reports not kept).
+    pub error: io::Error,
+}
+
+/// None of the reports was kept.
+impl From<io::Error> for FlushError {
+    fn from(error: io::Error) -> FlushError {
+        FlushError { kept: 0, error }
+    }
+}
+
+/// Records one batch as the contract says ([`ReportSink`]): each report,
+/// then one flush if any record succeeded. Per report, in order: `Ok` if it
+/// is recorded (to be acknowledged), else why not (to be answered
+/// `not_recorded`).
+pub fn record_batch<'r>(
+    sink: &mut dyn ReportSink,
+    reports: impl IntoIterator<Item = (&'r Report, &'r [u8])>,
+) -> Vec<Result<(), String>> {
+    let mut answers: Vec<Result<(), String>> = reports
+        .into_iter()
+        .map(|(report, line)| sink.record_line(report, line).map_err(|e| e.to_string()))
+        .collect();
+    if answers.iter().any(Result::is_ok)
+        && let Err(e) = sink.flush()
+    {
+        let why = e.to_string();
+        for answer in answers.iter_mut().filter(|a| a.is_ok()).skip(e.kept) {
+            *answer = Err(why.clone());
+        }
+    }
+    answers
+}
+
 /// Any `FnMut(&Report) -> io::Result<()>` is a sink (handy in tests).
 impl<F: FnMut(&Report) -> io::Result<()>> ReportSink for F {
     fn record(&mut self, report: &Report) -> io::Result<()> {
@@ -113,35 +168,128 @@ impl<F: FnMut(&Report) -> io::Result<()>> ReportSink for F {
     }
 }
 
-/// A sink writing each report as one JSON line ([`Report::to_json_line`]).
-#[derive(Debug)]
+/// A sink writing each report as one JSON line ([`Report::to_json_line`])
+/// to a writer (the server's stdout).
+///
+/// - It owns the lines of the batch being recorded: they are gathered here
+///   and written at [`ReportSink::flush`], straight to the writer, so no
+///   buffer holds bytes of a batch after its answers. The writer must not
+///   buffer either (a `File`, such as a duplicate of stdout's descriptor;
+///   not `io::Stdout` or a `BufWriter`): bytes a buffering writer keeps
+///   after an error reach the output later, after their reports were
+///   answered `not_recorded`, and then once more with their resend.
+/// - When a write fails, the lines written whole before it are kept
+///   ([`FlushError::kept`]); the rest of the batch is dropped (answered
+///   `not_recorded`, sent again).
+/// - A write that stopped in the middle of a line (a disk filling up)
+///   leaves a prefix of it in the output, which cannot be taken back from a
+///   pipe: the next write starts with a `\n`, so that the torn prefix is a
+///   line of its own. A consumer sees one line that is not JSON, for a
+///   report that was answered `not_recorded` and comes again whole later
+///   ([`RecordedKeys::read`] skips such lines; a [`FileSink`] truncates
+///   them away instead). A failed `flush` of the writer itself counts as
+///   such a stop (nothing kept; the next write starts with `\n`, perhaps
+///   making a blank line).
 pub struct WriterSink<W: Write> {
     writer: W,
+    /// The lines recorded since the last flush, one after another.
+    pending: Vec<u8>,
+    /// Where each of those lines ends in `pending`.
+    ends: Vec<usize>,
+    /// The output may end in a torn line: a `\n` goes first.
+    torn: bool,
 }
 
+impl<W: Write> fmt::Debug for WriterSink<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriterSink")
+            .field("pending_lines", &self.ends.len())
+            .field("torn", &self.torn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`WriterSink`] keeps between batches of at most this many bytes
+/// (a larger batch's buffer is given back).
+const KEEP_PENDING: usize = 1 << 20;
+
 impl<W: Write> WriterSink<W> {
-    /// Writes to `writer` (e.g. stdout, a file).
+    /// Writes to `writer`, which should not buffer (see [`WriterSink`]).
     pub fn new(writer: W) -> WriterSink<W> {
-        WriterSink { writer }
+        WriterSink {
+            writer,
+            pending: Vec::new(),
+            ends: Vec::new(),
+            torn: false,
+        }
     }
 
-    /// The writer back.
+    /// The writer back; lines recorded since the last flush (never
+    /// acknowledged) are dropped.
     pub fn into_inner(self) -> W {
         self.writer
     }
+
+    /// Writes the pending lines, then flushes the writer.
+    fn write_pending(&mut self) -> Result<(), FlushError> {
+        if self.torn {
+            write_counting(&mut self.writer, b"\n").map_err(|(_, e)| FlushError::from(e))?;
+            self.torn = false;
+        }
+        if let Err((done, error)) = write_counting(&mut self.writer, &self.pending) {
+            let kept = self.ends.partition_point(|&end| end <= done);
+            let whole = if kept == 0 { 0 } else { self.ends[kept - 1] };
+            self.torn = done > whole;
+            return Err(FlushError { kept, error });
+        }
+        self.writer.flush().map_err(|e| {
+            self.torn = true;
+            FlushError::from(e)
+        })
+    }
+}
+
+/// `write_all`, saying on an error how many bytes were written before it.
+fn write_counting(writer: &mut impl Write, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match writer.write(&buf[done..]) {
+            Ok(0) => {
+                return Err((
+                    done,
+                    io::Error::new(io::ErrorKind::WriteZero, "the output took no more bytes"),
+                ));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
 }
 
 impl<W: Write> ReportSink for WriterSink<W> {
     fn record(&mut self, report: &Report) -> io::Result<()> {
-        self.writer.write_all(&report.to_json_line())
+        self.record_line(report, &report.to_json_line())
     }
 
+    /// Gathers the line; written at the flush.
     fn record_line(&mut self, _report: &Report, line: &[u8]) -> io::Result<()> {
-        self.writer.write_all(line)
+        self.pending.extend_from_slice(line);
+        self.ends.push(self.pending.len());
+        Ok(())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.writer.flush()
+    fn flush(&mut self) -> Result<(), FlushError> {
+        let result = if self.ends.is_empty() {
+            Ok(())
+        } else {
+            self.write_pending()
+        };
+        self.pending.clear();
+        self.ends.clear();
+        self.pending.shrink_to(KEEP_PENDING);
+        result
     }
 }
 
@@ -342,7 +490,9 @@ impl ReportSink for FileSink {
         }
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    /// Nothing is kept on an error: the fsync covers the whole batch, and
+    /// the file is truncated back to before it.
+    fn flush(&mut self) -> Result<(), FlushError> {
         if self.committed == self.written {
             return Ok(());
         }
@@ -350,7 +500,7 @@ impl ReportSink for FileSink {
             if let Err(e) = self.file.sync_data() {
                 let len = self.committed;
                 self.truncate(len);
-                return Err(io::Error::new(e.kind(), format!("fsync: {e}")));
+                return Err(io::Error::new(e.kind(), format!("fsync: {e}")).into());
             }
             self.unsynced = false;
             self.last_sync = Instant::now();
@@ -591,6 +741,129 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    /// Records `reports` as one batch (as the server loop does): whether
+    /// each is recorded.
+    fn batch(sink: &mut dyn ReportSink, reports: &[&Report]) -> Vec<bool> {
+        let lines: Vec<Vec<u8>> = reports.iter().map(|r| r.to_json_line()).collect();
+        record_batch(
+            sink,
+            reports.iter().copied().zip(lines.iter().map(Vec::as_slice)),
+        )
+        .iter()
+        .map(Result::is_ok)
+        .collect()
+    }
+
+    /// An output that takes `room` more bytes, then fails with ENOSPC (a
+    /// disk filling up), until `room` is raised.
+    struct Room {
+        out: Vec<u8>,
+        room: std::rc::Rc<std::cell::Cell<usize>>,
+    }
+
+    impl Room {
+        fn new(room: usize) -> (Room, std::rc::Rc<std::cell::Cell<usize>>) {
+            let room = std::rc::Rc::new(std::cell::Cell::new(room));
+            let out = Room {
+                out: Vec::new(),
+                room: std::rc::Rc::clone(&room),
+            };
+            (out, room)
+        }
+    }
+
+    impl Write for Room {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room.get());
+            if n == 0 && !buf.is_empty() {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.room.set(self.room.get() - n);
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The output's lines.
+    fn lines_of(sink: WriterSink<Room>) -> Vec<String> {
+        let out = sink.into_inner().out;
+        let text = String::from_utf8(out).expect("utf-8");
+        text.lines().map(str::to_owned).collect()
+    }
+
+    /// `report`'s line, without its newline.
+    fn line(report: &Report) -> String {
+        let line = String::from_utf8(report.to_json_line()).expect("utf-8");
+        line.trim_end().to_owned()
+    }
+
+    #[test]
+    fn a_report_answered_not_recorded_is_in_the_output_once_after_its_resend() {
+        let (out, room) = Room::new(0);
+        let mut sink = WriterSink::new(out);
+        let (a, b) = (report("x", 1), report("x", 2));
+        assert_eq!(batch(&mut sink, &[&a, &b]), [false, false], "disk full");
+        room.set(usize::MAX);
+        assert_eq!(batch(&mut sink, &[&a, &b]), [true, true], "room again");
+        assert_eq!(lines_of(sink), [line(&a), line(&b)], "each line once");
+    }
+
+    #[test]
+    fn lines_written_whole_before_a_failure_are_recorded_and_the_rest_resent() {
+        let (a, b, c) = (report("x", 1), report("x", 2), report("x", 3));
+        // Room for a's line and half of b's.
+        let (out, room) = Room::new(a.to_json_line().len() + 10);
+        let mut sink = WriterSink::new(out);
+        assert_eq!(batch(&mut sink, &[&a, &b, &c]), [true, false, false]);
+        room.set(usize::MAX);
+        assert_eq!(batch(&mut sink, &[&b, &c]), [true, true], "the resend");
+        let lines = lines_of(sink);
+        // b's torn prefix is a line of its own, then b and c whole.
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], line(&a));
+        assert!(line(&b).starts_with(&lines[1]) && lines[1].len() == 10);
+        assert_eq!(lines[2..], [line(&b), line(&c)]);
+    }
+
+    #[test]
+    fn a_torn_report_is_not_glued_to_the_next_acknowledged_one() {
+        let (out, room) = Room::new(10_000);
+        let mut sink = WriterSink::new(out);
+        let mut big = serde_json::Map::new();
+        big.insert("client".into(), "x".into());
+        big.insert("seq".into(), 1.into());
+        big.insert("pad".into(), "p".repeat(20_000).into());
+        let big = Report::from_object(big).expect("report");
+        assert_eq!(batch(&mut sink, &[&big]), [false], "disk full");
+        room.set(usize::MAX);
+        let next = report("y", 1);
+        assert_eq!(batch(&mut sink, &[&next]), [true], "recorded");
+        let lines = lines_of(sink);
+        assert_eq!(lines.len(), 2, "{} lines", lines.len());
+        // The torn prefix: one unparseable line of a not_recorded report.
+        assert_eq!(lines[0].len(), 10_000);
+        assert!(serde_json::from_str::<serde_json::Value>(&lines[0]).is_err());
+        assert_eq!(lines[1], line(&next), "the acknowledged report, whole");
+    }
+
+    #[test]
+    fn a_failed_newline_before_a_batch_fails_the_whole_batch() {
+        let (out, room) = Room::new(5);
+        let mut sink = WriterSink::new(out);
+        let a = report("x", 1);
+        assert_eq!(batch(&mut sink, &[&a]), [false], "torn after 5 bytes");
+        assert_eq!(batch(&mut sink, &[&a]), [false], "still full: no newline");
+        room.set(usize::MAX);
+        assert_eq!(batch(&mut sink, &[&a]), [true]);
+        let lines = lines_of(sink);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[1], line(&a));
     }
 
     #[test]
