@@ -516,13 +516,16 @@ impl Steps for Loop<'_> {
     }
 }
 
-/// One [`Throttle`] per kind of refusal a peer can cause at will.
+/// One [`Throttle`] per kind of refusal a peer can cause at will, and for
+/// the reports an inline sink could not record (one per report and per
+/// resend while it fails).
 #[derive(Debug, Default)]
 struct Throttles {
     handshakes: Throttle,
     forbidden: Throttle,
     reads: Throttle,
     unstorable: Throttle,
+    not_recorded: Throttle,
 }
 
 impl Loop<'_> {
@@ -878,11 +881,17 @@ impl Loop<'_> {
                 handle.conn,
                 ReportText(report)
             ),
-            Outcome::NotRecorded(e) => log::warn!(
-                "{}: could not record {}: {e}; the client will send it again",
-                handle.conn,
-                ReportText(report)
-            ),
+            // Every report and every resend while a file or stdout fails.
+            Outcome::NotRecorded(e) => {
+                if let Some(more) = self.throttles.not_recorded.allow(now) {
+                    log::warn!(
+                        "{}: could not record {}: {e}; the client will send it again{}",
+                        handle.conn,
+                        ReportText(report),
+                        more_since(more)
+                    );
+                }
+            }
             // A client can send these as often as it likes.
             Outcome::Unstorable(e) => {
                 if let Some(more) = self.throttles.unstorable.allow(now) {
