@@ -303,13 +303,37 @@ pub struct Snapshot {
 /// How often at most the loop publishes its counters to the metrics thread.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
+/// One client's entry of the in-memory `/latest`: the report with the
+/// highest `seq` answered recorded (or duplicate) so far, as a database's
+/// `/latest` shows it, so that a resend of older seqs (recorded after a
+/// newer one, once a failure passed) does not replace it. Reports without
+/// a `seq` are not ordered: one replaces the entry, and the entry of one
+/// is replaced by the next report, whatever its `seq`.
+#[derive(Debug, Default)]
+struct Latest {
+    /// Its `seq`, if it has one.
+    seq: Option<u64>,
+    /// Its JSON line.
+    line: Vec<u8>,
+}
+
+impl Latest {
+    /// Whether a report with `seq` replaces this entry.
+    fn replaced_by(&self, seq: Option<u64>) -> bool {
+        match (self.seq, seq) {
+            (Some(kept), Some(new)) => new >= kept,
+            _ => true,
+        }
+    }
+}
+
 /// The loop's bookkeeping.
 #[derive(Debug)]
 pub struct Observer {
     started: Instant,
     snap: Snapshot,
-    /// Per identity and client: its latest report's JSON line.
-    latest: PerIdentity<Vec<u8>>,
+    /// Per identity and client: its latest report (see [`Latest`]).
+    latest: PerIdentity<Latest>,
     /// Whether `latest` is kept: not when a database answers `/latest`.
     keep_latest: bool,
     /// What one `/latest` answer holds at most.
@@ -400,7 +424,8 @@ impl Observer {
     }
 
     /// A report was answered, `took` after its loop turn began; `line` is
-    /// its JSON line (kept as the client's latest unless not recorded).
+    /// its JSON line (kept as the client's latest if recorded and its seq
+    /// is not below the kept one's: see [`Latest`]).
     pub fn answered(&mut self, report: &Report, line: Vec<u8>, outcome: &Outcome, took: Duration) {
         self.snap.report.observe(took);
         match outcome {
@@ -419,7 +444,13 @@ impl Observer {
         // a server with no reader and no anonymous reads, nobody may).
         if self.keep_latest && self.policy.someone_reads(&report.identity) {
             let client = report.client.as_deref().unwrap_or("-");
-            *self.latest.entry(&report.identity, client, Vec::new) = line;
+            let entry = self.latest.entry(&report.identity, client, Latest::default);
+            if entry.replaced_by(report.seq) {
+                *entry = Latest {
+                    seq: report.seq,
+                    line,
+                };
+            }
         }
     }
 
@@ -531,7 +562,7 @@ impl Observer {
             None => self.latest.identities().collect(),
         };
         for identity in identities {
-            for (client, line) in self.latest.clients_of(identity.as_str()) {
+            for (client, Latest { line, .. }) in self.latest.clients_of(identity.as_str()) {
                 rows.push((
                     identity.as_str(),
                     client,
@@ -946,6 +977,46 @@ mod tests {
         o.read_latest_from_database();
         answer(&mut o, &alice);
         assert!(kept(&o).is_empty());
+    }
+
+    #[test]
+    fn latest_shows_the_highest_seq_even_if_a_lower_one_is_answered_after() {
+        let mut o = Observer::new(Instant::now());
+        o.set_read_policy(ReadPolicy {
+            anonymous_reads_all: true,
+            ..ReadPolicy::default()
+        });
+        let answer = |o: &mut Observer, client: &str, seq: Option<u64>, outcome: Outcome| {
+            let mut object = serde_json::Map::new();
+            object.insert("client".into(), client.into());
+            if let Some(seq) = seq {
+                object.insert("seq".into(), seq.into());
+            }
+            let r = Report::from_object(object).expect("report");
+            let line = r.to_json_line();
+            o.answered(&r, line, &outcome, Duration::ZERO);
+        };
+        let shown = |o: &Observer, client: &str| {
+            let body: Value = serde_json::from_slice(&o.body("/latest", None)).expect("JSON");
+            body[""][client]["seq"].clone()
+        };
+        // Seq 7 recorded, then the resends of 5 and 6 (not recorded the
+        // first time): /latest keeps 7, as a database's does.
+        answer(&mut o, "a", Some(7), Outcome::Recorded);
+        answer(&mut o, "a", Some(5), Outcome::Recorded);
+        answer(&mut o, "a", Some(6), Outcome::Duplicate);
+        assert_eq!(shown(&o, "a"), 7);
+        answer(&mut o, "a", Some(7), Outcome::Duplicate);
+        answer(&mut o, "a", Some(8), Outcome::Recorded);
+        assert_eq!(shown(&o, "a"), 8);
+        answer(&mut o, "a", Some(9), Outcome::NotRecorded("full".into()));
+        assert_eq!(shown(&o, "a"), 8, "not recorded: not shown");
+        // Without a seq, the last one answered.
+        answer(&mut o, "b", Some(3), Outcome::Recorded);
+        answer(&mut o, "b", None, Outcome::Recorded);
+        assert_eq!(shown(&o, "b"), Value::Null);
+        answer(&mut o, "b", Some(1), Outcome::Recorded);
+        assert_eq!(shown(&o, "b"), 1);
     }
 
     #[test]
