@@ -19,6 +19,7 @@ use clap::Parser;
 use quic_report_cli::cli::{self, Cli, ClientArgs, Command, ServerArgs, SourceArgs};
 use quic_report_cli::devcerts::DevCerts;
 use quic_report_cli::tls;
+use quic_report_core::dedup::DedupConfig;
 use quic_report_core::{ClientEvent, Identity, RetryMode};
 use quic_report_mio::database::postgres::PostgresConnect;
 use quic_report_mio::database::sqlite::SqliteConnect;
@@ -169,7 +170,7 @@ fn server(args: &ServerArgs) -> Result<(), Error> {
         SinkUrl::File(path) => {
             let fsync = args.fsync.unwrap_or(cli::FsyncArg::Interval);
             let mut sink = FileSink::open(&path, fsync.into())?;
-            opts.recorded = load_recorded(&mut sink)?;
+            opts.recorded = load_recorded(&mut sink, opts.config.dedup)?;
             run_server(opts, &mut sink, &mut |_| {})?;
         }
         SinkUrl::Stdout => {
@@ -264,8 +265,8 @@ fn url_of(args: &ServerArgs) -> SinkUrl {
 
 /// The keys of the reports already in `--out`, with a log line (and one
 /// warning for unparseable lines, such as a line torn by a crash).
-fn load_recorded(sink: &mut FileSink) -> Result<RecordedKeys, Error> {
-    let keys = sink.read_recorded()?;
+fn load_recorded(sink: &mut FileSink, limits: DedupConfig) -> Result<RecordedKeys, Error> {
+    let keys = sink.read_recorded(limits)?;
     let path = sink.path().display();
     if keys.unparseable() > 0 {
         log::warn!(

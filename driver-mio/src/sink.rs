@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hashlink::LruCache;
+use quic_report_core::dedup::DedupConfig;
 use quic_report_core::{Identity, RecordKey, Report, SeqSet, Server};
 
 /// A `--sink URL`: where a server records.
@@ -433,11 +434,12 @@ impl FileSink {
     }
 
     /// Reads the file from the start and collects the `(identity, client, seq)` key
-    /// of every line (see [`RecordedKeys::read`]).
-    pub fn read_recorded(&mut self) -> io::Result<RecordedKeys> {
+    /// of every line (see [`RecordedKeys::read`]), within the duplicate
+    /// memory's `limits`.
+    pub fn read_recorded(&mut self, limits: DedupConfig) -> io::Result<RecordedKeys> {
         self.file.seek(SeekFrom::Start(0))?;
         // Appends go to the end whatever the read position.
-        RecordedKeys::read(BufReader::new(&self.file))
+        RecordedKeys::read_within(BufReader::new(&self.file), limits)
             .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", self.path.display())))
     }
 
@@ -559,11 +561,16 @@ fn lock(file: &File) -> io::Result<()> {
 
 /// The `(identity, client, seq)` keys of the reports recorded in a file,
 /// with what reading it found. Memory: a few words per client and per run
-/// of consecutive seqs, whatever the length of the file.
+/// of consecutive seqs, whatever the length of the file, and no more
+/// clients and runs than the server's duplicate memory can take
+/// ([`RecordedKeys::with_limits`]): past them the least recently seen
+/// client, and a client's oldest run, are forgotten here as the core would
+/// forget them.
 #[derive(Clone)]
 pub struct RecordedKeys {
     /// By `(identity, client)`, least recently seen first.
     clients: LruCache<(String, String), SeqSet>,
+    limits: DedupConfig,
     keys: u64,
     lines: u64,
     without_key: u64,
@@ -573,14 +580,36 @@ pub struct RecordedKeys {
 
 impl Default for RecordedKeys {
     fn default() -> RecordedKeys {
+        RecordedKeys::with_limits(DedupConfig::default())
+    }
+}
+
+/// The longest line [`RecordedKeys::read`] looks at: a report at the
+/// largest size the server takes (64 KiB by default) and its identity fit
+/// many times over; a longer line (not one the server wrote) is skipped as
+/// unparseable, without being held.
+const MAX_LINE: usize = 4 << 20;
+
+impl RecordedKeys {
+    /// No keys, held within the duplicate memory's `limits`.
+    pub fn with_limits(limits: DedupConfig) -> RecordedKeys {
         RecordedKeys {
             clients: LruCache::new_unbounded(),
+            limits,
             keys: 0,
             lines: 0,
             without_key: 0,
             unparseable: 0,
             first_unparseable: None,
         }
+    }
+
+    /// Clients the duplicate memory holds at most.
+    fn max_clients(&self) -> usize {
+        let l = &self.limits;
+        l.max_identities
+            .saturating_mul(l.clients_per_identity)
+            .saturating_add(l.anonymous_clients)
     }
 }
 
@@ -610,21 +639,32 @@ impl RecordedKeys {
     /// line torn by a crash) are skipped and counted in
     /// [`RecordedKeys::unparseable`]. Only I/O errors fail.
     pub fn read(reader: impl BufRead) -> io::Result<RecordedKeys> {
+        RecordedKeys::read_within(reader, DedupConfig::default())
+    }
+
+    /// [`RecordedKeys::read`], held within `limits` (those of the server
+    /// the keys are for).
+    pub fn read_within(reader: impl BufRead, limits: DedupConfig) -> io::Result<RecordedKeys> {
         #[derive(serde::Deserialize)]
         struct Key {
             client: Option<serde_json::Value>,
             seq: Option<serde_json::Value>,
             identity: Option<serde_json::Value>,
         }
-        let mut keys = RecordedKeys::new();
+        let mut keys = RecordedKeys::with_limits(limits);
         let mut reader = reader;
         let mut line = Vec::new();
         loop {
             line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
+            let Some(whole) = read_line_within(&mut reader, &mut line, MAX_LINE)? else {
                 break;
-            }
+            };
             keys.lines += 1;
+            if !whole {
+                keys.unparseable += 1;
+                keys.first_unparseable.get_or_insert(keys.lines);
+                continue;
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -650,12 +690,25 @@ impl RecordedKeys {
     /// Adds a key (`identity` `""`: the anonymous identity).
     pub fn insert(&mut self, identity: &str, client: &str, seq: u64) {
         self.keys += 1;
+        let max_runs = if identity.is_empty() {
+            self.limits.anonymous_per_client
+        } else {
+            self.limits.per_client
+        };
         let key = (identity.to_owned(), client.to_owned());
         match self.clients.get_mut(&key) {
             Some(seqs) => {
                 seqs.insert(seq);
+                while seqs.runs_len() > max_runs.max(1)
+                    && let Some(first) = seqs.first()
+                {
+                    seqs.remove_run_at(first);
+                }
             }
             None => {
+                if self.clients.len() >= self.max_clients() {
+                    self.clients.remove_lru();
+                }
                 self.clients.insert(key, std::iter::once(seq).collect());
             }
         }
@@ -712,6 +765,43 @@ impl RecordedKeys {
             }
         }
     }
+}
+
+/// Reads one line (up to and with its `\n`) into `line`, holding at most
+/// `max` bytes of it: `None` at the end of the input, `Some(false)` for a
+/// line longer than `max` (read to its end and dropped).
+fn read_line_within(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Option<bool>> {
+    let mut any = false;
+    let mut whole = true;
+    loop {
+        let (done, used) = {
+            let buf = reader.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            any = true;
+            let (part, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..=i], true),
+                None => (buf, false),
+            };
+            if whole && line.len() + part.len() <= max {
+                line.extend_from_slice(part);
+            } else {
+                whole = false;
+                line.clear();
+            }
+            (done, part.len())
+        };
+        reader.consume(used);
+        if done {
+            break;
+        }
+    }
+    Ok(any.then_some(whole))
 }
 
 #[cfg(test)]
@@ -880,6 +970,50 @@ mod tests {
         assert!(p("mysql://h").expect_err("unknown").contains("expected"));
     }
 
+    /// From review: the keys read back from a file were held without
+    /// bound before the core's limits applied (a file filled by anonymous
+    /// peers each inventing client ids made a restart take gigabytes), and
+    /// a line was read whole however long. Now no more clients and runs
+    /// than the duplicate memory takes are held (the least recently seen
+    /// client and a client's oldest runs go first), and a line past
+    /// `MAX_LINE` is skipped as unparseable without being held.
+    #[test]
+    fn keys_read_back_are_held_within_the_duplicate_memory() {
+        let limits = DedupConfig {
+            max_identities: 2,
+            clients_per_identity: 2,
+            anonymous_clients: 3,
+            per_client: 4,
+            anonymous_per_client: 2,
+        };
+        let mut text = String::new();
+        for c in 0..10 {
+            text.push_str(&format!("{{\"client\":\"c{c}\",\"seq\":1}}\n"));
+        }
+        for seq in (1..40).step_by(2) {
+            text.push_str(&format!(
+                "{{\"client\":\"d\",\"seq\":{seq},\"identity\":\"dev\"}}\n"
+            ));
+        }
+        text.push_str(&format!("{{\"pad\":\"{}\"}}\n", "x".repeat(MAX_LINE)));
+        text.push_str("{\"client\":\"c9\",\"seq\":2}\n");
+        let k = RecordedKeys::read_within(text.as_bytes(), limits).expect("reads");
+        // 2 x 2 + 3 clients at most: the oldest anonymous ones went.
+        assert_eq!(k.clients(), 7);
+        assert!(k.clients.peek(&(String::new(), "c0".into())).is_none());
+        let c9 = k.clients.peek(&(String::new(), "c9".into())).expect("c9");
+        assert_eq!(c9.runs().collect::<Vec<_>>(), [(1, 2)]);
+        // 4 runs at most, the newest.
+        let d = k.clients.peek(&("dev".into(), "d".into())).expect("d");
+        assert_eq!(
+            d.runs().collect::<Vec<_>>(),
+            [(33, 33), (35, 35), (37, 37), (39, 39)]
+        );
+        assert_eq!(k.unparseable(), 1);
+        assert_eq!(k.first_unparseable_line(), Some(31));
+        assert_eq!(k.lines(), 32);
+    }
+
     #[test]
     fn reads_keys_and_skips_torn_lines() {
         let text = "{\"client\":\"a\",\"seq\":1}\n\
@@ -926,7 +1060,7 @@ mod tests {
         sink.record(&report("x", 3)).expect("records");
         sink.flush().expect("flushes");
         assert_eq!(sink.sync_deadline(), None, "fsynced already");
-        let keys = sink.read_recorded().expect("reads");
+        let keys = sink.read_recorded(DedupConfig::default()).expect("reads");
         assert_eq!((keys.len(), keys.unparseable()), (3, 1));
         drop(sink);
         let text = std::fs::read_to_string(&path).expect("read");

@@ -62,7 +62,9 @@ fn keys_read_back_from_the_file_are_answered_as_duplicates() {
     std::fs::write(&file.0, format!("{before}{{\"value\":0.5,\"cli")).expect("write");
 
     let mut sink = FileSink::open(&file.0, Fsync::Always).expect("opens");
-    let keys = sink.read_recorded().expect("reads");
+    let keys = sink
+        .read_recorded(quic_report_core::dedup::DedupConfig::default())
+        .expect("reads");
     assert_eq!((keys.len(), keys.unparseable()), (3, 1));
     let mut opts = server_options();
     opts.recorded = keys;
