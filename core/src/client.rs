@@ -177,6 +177,12 @@ pub enum DisconnectReason {
     /// by a CA it trusts, or a name it cannot use): a TLS alert from the
     /// server; the string names it.
     ClientCertificate(String),
+    /// The server refused our client certificate for its dates only (TLS
+    /// alert certificate_expired): retried with backoff, as
+    /// [`DisconnectReason::CertificateOutOfDate`] is, since the server's
+    /// clock may be the one that is wrong (one server with a bad clock would
+    /// otherwise stop every client of a fleet for good).
+    ClientCertificateOutOfDate(String),
     /// The oldest report had no answer within the response timeout.
     NoResponse,
     /// The network said the server is unreachable (ICMP).
@@ -227,6 +233,11 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::ClientCertificate(why) => {
                 write!(f, "the server refused our client certificate: {why}")
             }
+            DisconnectReason::ClientCertificateOutOfDate(why) => write!(
+                f,
+                "the server refused our client certificate: {why}; retrying \
+                 (has it expired, or is the server's clock wrong?)"
+            ),
             DisconnectReason::NoResponse => f.write_str("no answer within the response timeout"),
             DisconnectReason::Unreachable => f.write_str("server unreachable"),
             DisconnectReason::NoAddress => {
@@ -1226,7 +1237,11 @@ pub(crate) fn classify_close(
                 .checked_sub(0x100)
                 .and_then(client_certificate_alert)
         {
-            return DisconnectReason::ClientCertificate(why);
+            return if e.error_code - 0x100 == ALERT_CERTIFICATE_EXPIRED {
+                DisconnectReason::ClientCertificateOutOfDate(why)
+            } else {
+                DisconnectReason::ClientCertificate(why)
+            };
         }
         if !was_established {
             return DisconnectReason::HandshakeFailed(format!(

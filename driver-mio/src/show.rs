@@ -85,7 +85,9 @@ pub fn client_event(ev: &ClientEvent, stats: &ClientStats) -> Shown {
         }
         // Retried, but nothing gets through until a person or NTP acts.
         ClientEvent::Disconnected {
-            reason: reason @ DisconnectReason::CertificateOutOfDate(_),
+            reason:
+                reason @ (DisconnectReason::CertificateOutOfDate(_)
+                | DisconnectReason::ClientCertificateOutOfDate(_)),
         } => Shown::Warn(format!("disconnected: {reason}")),
         ClientEvent::Disconnected { reason } => Shown::Info(format!("disconnected: {reason}")),
         ClientEvent::ReconnectScheduled { at, attempt } => {

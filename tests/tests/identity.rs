@@ -125,6 +125,37 @@ fn certificate_from_another_ca_is_refused() {
     nothing_read(&sim);
 }
 
+/// From review: a client certificate the server refuses for its dates
+/// (certificate_expired) stopped the client for good, as a server
+/// certificate out of date does not: the server's clock may be the wrong
+/// one, and one server with a bad clock would stop a whole fleet. It is
+/// retried with backoff; nothing is recorded meanwhile.
+#[test]
+fn an_expired_client_certificate_is_refused_and_retried() {
+    let mut sim = mtls_sim(306);
+    let c = run_client_with(&mut sim, Some(test_cert("expired")), 3);
+    assert_eq!(failure(&sim, c), None, "gave up{}", sim.context());
+    let out_of_date = sim.clients[c]
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                ClientEvent::Disconnected {
+                    reason: DisconnectReason::ClientCertificateOutOfDate(_)
+                }
+            )
+        })
+        .count();
+    assert!(
+        out_of_date >= 3,
+        "retried {out_of_date} times{}",
+        sim.context()
+    );
+    assert_eq!(refusals(&sim)[0], CertRefusal::Invalid { alert: 45 });
+    nothing_read(&sim);
+}
+
 #[test]
 fn certificate_with_two_common_names_is_refused() {
     let mut sim = mtls_sim(303);
