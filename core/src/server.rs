@@ -1084,6 +1084,9 @@ impl Server {
                 }
                 if let Some(c) = self.conns.get_mut(h.conn) {
                     c.parked = c.parked.saturating_sub(1);
+                    if c.parked == 0 {
+                        c.parked_keys.clear();
+                    }
                     if let Some(st) = c.streams.get_mut(&h.stream) {
                         st.parked_bytes = st.parked_bytes.saturating_sub(copy.ok.len());
                     }
@@ -1360,9 +1363,11 @@ impl Server {
         if std::mem::take(&mut conn.parked) == 0 {
             return;
         }
-        let awaiting = &mut self.awaiting;
-        // In any order: each copy of `key` goes, whatever the visit order.
-        self.parked.retain(|_, copies| {
+        for k in std::mem::take(&mut conn.parked_keys) {
+            let Some(copies) = self.parked.get_mut(&k) else {
+                continue;
+            };
+            let awaiting = &mut self.awaiting;
             copies.retain(|h| {
                 if h.conn == key {
                     awaiting.remove(h);
@@ -1371,8 +1376,7 @@ impl Server {
                     true
                 }
             });
-            true
-        });
+        }
     }
 
     /// Removes a closed connection and reports it.
@@ -1579,6 +1583,17 @@ impl Server {
                 // meets the unanswered-bytes limit.
                 if let Some(c) = self.conns.get_mut(handle.conn) {
                     c.parked += 1;
+                    c.parked_keys.push(k.clone());
+                    if c.parked_keys.len() > 2 * c.parked + 64 {
+                        // Keys answered since: only those still waiting.
+                        let parked = &self.parked;
+                        c.parked_keys.retain(|k| {
+                            parked
+                                .get(k)
+                                .is_some_and(|hs| hs.iter().any(|h| h.conn == handle.conn))
+                        });
+                        c.parked_keys.dedup();
+                    }
                     if let Some(st) = c.streams.get_mut(&handle.stream) {
                         st.parked_bytes += ok.len();
                     }

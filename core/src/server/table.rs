@@ -71,6 +71,10 @@ pub(super) struct Conn {
     /// Its copies parked on another copy the application holds (their
     /// answers wait in `Server::awaiting` until that one's fate is known).
     pub(super) parked: usize,
+    /// The keys its parked copies wait on (some perhaps answered since,
+    /// while `parked` is not 0): where `Server::forget_parked` looks,
+    /// instead of every key of every connection.
+    pub(super) parked_keys: Vec<crate::RecordKey>,
     /// Its routing entries.
     cids: Vec<ConnectionId<'static>>,
     /// Where its handshake came from ([`origin_of`] of its first address).
@@ -105,6 +109,7 @@ impl Conn {
             fins_due: Vec::new(),
             reports: 0,
             parked: 0,
+            parked_keys: Vec::new(),
             cids: Vec::new(),
             origin: origin_of(peer),
             opened: false,
