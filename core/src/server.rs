@@ -842,28 +842,9 @@ impl Server {
         if len < 1200 {
             return Err(DatagramError::InitialTooSmall(len));
         }
-        if !table::origin_of(from).is_loopback()
-            && self.conns.handshakes_from(from) >= MAX_HANDSHAKES_FROM
-        {
-            self.stats.limits.bump(Limit::HandshakesFrom);
-            return Err(DatagramError::TooManyHandshakes);
-        }
-        if self.conns.len() >= self.cfg.max_connections {
-            // Full: a handshake in progress for longer than any honest one
-            // takes gives its place (peers that answer the Retry and go no
-            // further would otherwise keep every slot from honest clients).
-            let stale = now
-                + self
-                    .cfg
-                    .handshake_timeout
-                    .saturating_sub(HALF_OPEN_EVICTABLE);
-            if let Some(key) = self.conns.stalest_half_open(stale) {
-                let peer = self.conns.get(key).map_or(from, |c| c.peer);
-                self.limit_hit(Some(key), peer, Limit::HandshakeTimeout);
-                self.reap(key, CloseReason::HandshakeTimeout);
-            }
-        }
-        if self.conns.len() >= self.cfg.max_connections {
+        // Full, and no handshake stale enough to give its place (see
+        // `accept`, which takes it only once the new one is accepted).
+        if self.conns.len() >= self.cfg.max_connections && self.stale_half_open(now).is_none() {
             self.stats.limits.bump(Limit::Connections);
             if !self.conn_limit_reported {
                 self.conn_limit_reported = true;
@@ -889,6 +870,14 @@ impl Server {
                     return Err(DatagramError::InvalidToken(e));
                 }
             };
+            // Only handshakes from a proven address count against its
+            // origin: a spoofer cannot use them to lock an address out.
+            if !from.ip().to_canonical().is_loopback()
+                && self.conns.handshakes_from(from) >= MAX_HANDSHAKES_FROM
+            {
+                self.stats.limits.bump(Limit::HandshakesFrom);
+                return Err(DatagramError::TooManyHandshakes);
+            }
             let scid = hdr.dcid.into_owned();
             return self.accept(now, Origin::Retried { scid, odcid }, from, to, data);
         }
@@ -903,6 +892,17 @@ impl Server {
         // destination it picked: route that too.
         let first_dcid = hdr.dcid.into_owned();
         self.accept(now, Origin::Fresh { first_dcid }, from, to, data)
+    }
+
+    /// The oldest handshake in progress for [`HALF_OPEN_EVICTABLE`] or
+    /// more.
+    fn stale_half_open(&mut self, now: Instant) -> Option<ConnKey> {
+        let stale = now
+            + self
+                .cfg
+                .handshake_timeout
+                .saturating_sub(HALF_OPEN_EVICTABLE);
+        self.conns.stalest_half_open(stale)
     }
 
     /// Whether a new client must prove its address first.
@@ -976,10 +976,23 @@ impl Server {
             Ok(_) if quic.stats().recv == 0 => return Err(DatagramError::InvalidInitial),
             Ok(_) => {}
         }
+        if self.conns.len() >= self.cfg.max_connections
+            && let Some(key) = self.stale_half_open(now)
+        {
+            // Full: a handshake in progress for longer than any honest one
+            // takes gives its place, now that the new one is accepted
+            // (peers that answer the Retry and go no further would
+            // otherwise keep every slot from honest clients).
+            let peer = self.conns.get(key).map_or(from, |c| c.peer);
+            self.limit_hit(Some(key), peer, Limit::HandshakeTimeout);
+            self.reap(key, CloseReason::HandshakeTimeout);
+        }
         self.stats.connections_total += 1;
+        let validated = also_route.is_none();
         let mut cids = vec![scid];
         cids.extend(also_route);
-        let conn = Conn::new(quic, from, now + self.cfg.handshake_timeout);
+        let mut conn = Conn::new(quic, from, now + self.cfg.handshake_timeout);
+        conn.validated = validated;
         let key = self.conns.insert(conn, cids);
         self.after_io(now, key);
         Ok(())
@@ -1843,7 +1856,9 @@ const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
 
 /// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
 /// Handshakes in progress from one origin (an IPv4 address, an IPv6 /64:
-/// `table::origin_of`) at most; loopback is not limited (this host's own
+/// `table::origin_of`) whose address a Retry proved, at most (spoofed
+/// Initials cannot count against an address; the Retry threshold bounds
+/// the unproven ones); loopback is not limited (this host's own
 /// processes, the benchmarks' thousands of connections). More from there
 /// are refused until some finish: a host cannot take every connection slot
 /// with handshakes it never completes, while a site behind one NAT still

@@ -79,6 +79,9 @@ pub(super) struct Conn {
     cids: Vec<ConnectionId<'static>>,
     /// Where its handshake came from ([`origin_of`] of its first address).
     origin: IpAddr,
+    /// Its address was proven by a Retry: its handshake counts in
+    /// `handshakes_from`.
+    pub(super) validated: bool,
     /// Its handshake completed.
     opened: bool,
     /// When it next needs `Server::handle_timeout`.
@@ -112,6 +115,7 @@ impl Conn {
             parked_keys: Vec::new(),
             cids: Vec::new(),
             origin: origin_of(peer),
+            validated: false,
             opened: false,
             deadline: None,
             indexed: None,
@@ -199,7 +203,9 @@ impl ConnTable {
         conn.cids = cids;
         if !conn.opened {
             self.handshaking += 1;
-            *self.handshakes_from.entry(conn.origin).or_default() += 1;
+            if conn.validated {
+                *self.handshakes_from.entry(conn.origin).or_default() += 1;
+            }
             self.skip_opened();
             self.half_open.push_back(key);
         }
@@ -207,7 +213,8 @@ impl ConnTable {
         key
     }
 
-    /// Handshakes in progress from the origin of `addr` ([`origin_of`]).
+    /// Handshakes in progress from the origin of `addr` ([`origin_of`])
+    /// whose address a Retry proved.
     pub(super) fn handshakes_from(&self, addr: SocketAddr) -> usize {
         self.handshakes_from
             .get(&origin_of(addr))
@@ -237,9 +244,12 @@ impl ConnTable {
         }
     }
 
-    /// One handshake from `origin` fewer.
-    fn handshake_over(&mut self, origin: IpAddr) {
+    /// One handshake from `origin` fewer (counted there if `validated`).
+    fn handshake_over(&mut self, origin: IpAddr, validated: bool) {
         self.handshaking -= 1;
+        if !validated {
+            return;
+        }
         if let Some(n) = self.handshakes_from.get_mut(&origin) {
             *n -= 1;
             if *n == 0 {
@@ -258,8 +268,8 @@ impl ConnTable {
             return false;
         }
         conn.opened = true;
-        let origin = conn.origin;
-        self.handshake_over(origin);
+        let (origin, validated) = (conn.origin, conn.validated);
+        self.handshake_over(origin, validated);
         true
     }
 
@@ -375,7 +385,7 @@ impl ConnTable {
     pub(super) fn remove(&mut self, key: ConnKey) -> Option<Box<Conn>> {
         let conn = self.conns.remove(&key)?;
         if !conn.opened {
-            self.handshake_over(conn.origin);
+            self.handshake_over(conn.origin, conn.validated);
         }
         if let Some(at) = conn.indexed {
             self.timers.remove(&(at, key));
