@@ -1232,12 +1232,10 @@ pub(crate) fn classify_close(
         // public) can send this close.
         if !e.is_app
             && (was_established || q.is_established())
-            && let Some(why) = e
-                .error_code
-                .checked_sub(0x100)
-                .and_then(client_certificate_alert)
+            && let Some(alert) = e.error_code.checked_sub(0x100)
+            && let Some(why) = client_certificate_alert(alert)
         {
-            return if e.error_code - 0x100 == ALERT_CERTIFICATE_EXPIRED {
+            return if alert == ALERT_CERTIFICATE_EXPIRED {
                 DisconnectReason::ClientCertificateOutOfDate(why)
             } else {
                 DisconnectReason::ClientCertificate(why)

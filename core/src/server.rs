@@ -1641,10 +1641,8 @@ impl Server {
             return false;
         };
         match st.slots.get_mut(pos as usize) {
-            Some(slot @ Slot::Pending(_)) => {
-                if let Slot::Pending(charge) = slot {
-                    st.pending_bytes -= *charge;
-                }
+            Some(slot) if let Slot::Pending(charge) = *slot => {
+                st.pending_bytes -= charge;
                 st.ready_bytes += answer.len();
                 *slot = Slot::Ready(answer);
                 true
@@ -1854,7 +1852,6 @@ const OK_HEAD: &[u8] = b"{\"ok\":true,";
 /// What a duplicate answer has after [`OK_HEAD`].
 const DUPLICATE_FIELD: &[u8] = b"\"duplicate\":true,";
 
-/// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
 /// Handshakes in progress from one origin (an IPv4 address, an IPv6 /64:
 /// `table::origin_of`) whose address a Retry proved, at most (spoofed
 /// Initials cannot count against an address; the Retry threshold bounds
@@ -1897,6 +1894,7 @@ fn read_size(left: usize, scratch: usize) -> usize {
         .min(scratch)
 }
 
+/// `{"ok":true,["duplicate":true,]"received":<received>}` and `\n`.
 fn ok_answer(received: &[u8], duplicate: bool) -> Vec<u8> {
     let mut a = Vec::with_capacity(OK_HEAD.len() + DUPLICATE_FIELD.len() + received.len() + 14);
     a.extend_from_slice(OK_HEAD);
